@@ -1,0 +1,76 @@
+"""Command line: `edgeproxy run | check-config | dev-certs`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_edge_config
+
+log = logging.getLogger("edgeproxy")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_edge_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{args.config}: {len(exc.problems)} error(s); configuration NOT valid",
+              file=sys.stderr)
+        return 1
+    for w in cfg.warnings:
+        print(f"warning: {w}")
+    if cfg.dialback_secret_generated:
+        print("warning: [edge] dialback_secret not set: a random one is made at each start "
+              "(set it when several edge nodes serve the same domain)")
+    print(f"{args.config}: valid; domains {', '.join(cfg.domains)}; "
+          f"{len(cfg.partners)} partner(s)"
+          + (f"; unknown domains federate as {cfg.partners.default.type}"
+             if cfg.partners.default else "; domains without a [[partner]] do not federate"))
+    for p in cfg.partners:
+        print(f"  {p.describe()}")
+    return 0
+
+
+def _dev_certs(args: argparse.Namespace) -> int:
+    from .devcerts import write_dev_certificates
+
+    for path in write_dev_certificates(Path(args.out), args.domains):
+        print(path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_edge_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    from .server import run_forever
+
+    return run_forever(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgeproxy", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the edge proxy in the foreground")
+    p.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_check_config)
+    p = sub.add_parser("dev-certs", help="make a development CA and certificates")
+    p.add_argument("--out", default="var/certs")
+    p.add_argument("domains", nargs="+")
+    p.set_defaults(func=_dev_certs)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.func(args))

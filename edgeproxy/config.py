@@ -1,0 +1,354 @@
+"""TOML configuration -> typed settings, with one clear error line per problem.
+
+The file holds [edge], [edge.component], [dns], [federation], [[partner]] and, for the gateway,
+[gateway]. The edge reads everything but [gateway]; the gateway reads [gateway] and the partners
+through `load_partner_table`, so both use one partner model and one parser.
+Relative paths are relative to the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .partners import (
+    PartnerError,
+    PartnerTable,
+    normalize_domain,
+    parse_host_port,
+    partners_from_config,
+)
+
+MIN_STANZA_SIZE = 10000  # RFC 6120 13.12: a deployed limit MUST NOT be below 10000 bytes
+
+TOP_LEVEL = {"edge", "dns", "federation", "partner", "gateway"}
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSettings:
+    listen: ListenAddress
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty = the system's resolver configuration
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    path: Path | None
+    domains: tuple[str, ...]
+    listen: tuple[ListenAddress, ...]
+    direct_tls_listen: tuple[ListenAddress, ...]
+    certificate: Path | None
+    private_key: Path | None
+    ca_files: tuple[Path, ...]
+    use_system_ca: bool
+    dialback_secret: str
+    dialback_secret_generated: bool
+    stanza_size_limit: int
+    connection_limit: int
+    partner_connection_limit: int
+    keepalive_interval: float
+    stream_establishment_timeout: float
+    stream_inactivity_timeout: float
+    component: ComponentSettings | None
+    dns: DnsSettings
+    partners: PartnerTable
+    warnings: tuple[str, ...] = field(default=())
+
+    def partner_limit(self, domain: str) -> int:
+        p = self.partners.lookup(domain)
+        if p is not None and p.connection_limit is not None:
+            return p.connection_limit
+        return self.partner_connection_limit
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table and records problems instead of raising."""
+
+    def __init__(self, table: Mapping[str, Any], section: str, problems: list[str]):
+        self.table, self.section, self.problems = table, section, problems
+        self.seen: set[str] = set()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        return self.table.get(key, default)
+
+    def problem(self, key: str, text: str) -> None:
+        self.problems.append(f"[{self.section}] {key}: {text}")
+
+    def string(self, key: str, default: str = "") -> str:
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            self.problem(key, f"must be a string (got {v!r})")
+            return default
+        return v
+
+    def integer(self, key: str, default: int, minimum: int = 0) -> int:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.problem(key, f"must be a whole number (got {v!r})")
+            return default
+        if v < minimum:
+            self.problem(key, f"must be at least {minimum} (got {v})")
+            return default
+        return v
+
+    def seconds(self, key: str, default: float) -> float:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            self.problem(key, f"must be a positive number of seconds (got {v!r})")
+            return default
+        return float(v)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            self.problem(key, f"must be true or false (got {v!r})")
+            return default
+        return v
+
+    def strings(self, key: str) -> list[str]:
+        v = self._get(key, [])
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            self.problem(key, f"must be a list of strings (got {v!r})")
+            return []
+        return v
+
+    def unknown_keys(self, also_known: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        for key in self.table:
+            if key not in self.seen and key not in also_known:
+                self.problems.append(f"[{self.section}] unknown key {key!r}")
+
+
+def parse_listen(value: str, default_port: int) -> ListenAddress:
+    host, port = parse_host_port(value, default_port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{value!r}: listen on an IP address such as 127.0.0.1 or [::]"
+                             ) from None
+    return ListenAddress(host, port)
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _check_pem(path: Path, what: str, key: str, problems: list[str]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}")
+        return
+    try:
+        if what == "private key":
+            load_pem_private_key(data, password=None)
+        elif not x509.load_pem_x509_certificates(data):
+            raise ValueError("no certificate")
+    except (ValueError, TypeError) as exc:
+        problems.append(f"[edge] {key}: {path} is not a PEM {what} ({exc})")
+
+
+def load_raw(path: str | Path) -> tuple[dict[str, Any], Path]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read configuration: {exc.strerror}"]) from exc
+    try:
+        return tomllib.loads(text), p.resolve().parent
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+
+
+def load_partner_table(raw: Mapping[str, Any]) -> PartnerTable:
+    """The partner table from a parsed configuration file (used by the edge and the gateway)."""
+    fed = raw.get("federation", {})
+    default_type = fed.get("default_partner", "") if isinstance(fed, Mapping) else ""
+    partners = raw.get("partner", [])
+    if not isinstance(partners, list) or not all(isinstance(p, Mapping) for p in partners):
+        raise ConfigError(["[[partner]] must be an array of tables ([[partner]] sections)"])
+    try:
+        return partners_from_config(partners, default_type if isinstance(default_type, str)
+                                    else str(default_type))
+    except PartnerError as exc:
+        raise ConfigError(str(exc).splitlines()) from exc
+
+
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    raw, base = load_raw(path)
+    return edge_config_from_mapping(raw, base, Path(path))
+
+
+def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
+                             path: Path | None = None) -> EdgeConfig:
+    problems: list[str] = []
+    warnings: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"unknown section or key {key!r} at top level "
+                            f"(known: {', '.join(sorted(TOP_LEVEL))})")
+    edge_t = raw.get("edge")
+    if not isinstance(edge_t, Mapping):
+        problems.append("[edge] section is missing")
+        edge_t = {}
+    e = _Reader(edge_t, "edge", problems)
+
+    domains: list[str] = []
+    for d in e.strings("domains"):
+        try:
+            domains.append(normalize_domain(d))
+        except ValueError as exc:
+            e.problem("domains", str(exc))
+    if not domains and "domains" in edge_t:
+        e.problem("domains", "must list at least one local domain")
+    elif "domains" not in edge_t:
+        e.problem("domains", "is required: the local domain(s) served, e.g. [\"contoso.com\"]")
+
+    def listens(key: str, default: list[str], port: int) -> tuple[ListenAddress, ...]:
+        out = []
+        values = e.strings(key) if key in edge_t else default
+        for v in values:
+            try:
+                out.append(parse_listen(v, port))
+            except ValueError as exc:
+                e.problem(key, str(exc))
+        return tuple(out)
+
+    listen = listens("listen", ["0.0.0.0:5269"], 5269)
+    direct = listens("direct_tls_listen", [], 5270)
+
+    cert_s, key_s = e.string("certificate"), e.string("private_key")
+    certificate = _path(base, cert_s) if cert_s else None
+    private_key = _path(base, key_s) if key_s else None
+    if bool(certificate) != bool(private_key):
+        problems.append("[edge] certificate and private_key go together: set both or neither")
+    if certificate and private_key:
+        _check_pem(certificate, "certificate", "certificate", problems)
+        _check_pem(private_key, "private key", "private_key", problems)
+    ca_files = tuple(_path(base, c) for c in e.strings("ca_files"))
+    for c in ca_files:
+        _check_pem(c, "certificate", "ca_files", problems)
+    use_system_ca = e.boolean("use_system_ca", True)
+
+    secret = e.string("dialback_secret")
+    generated = not secret
+    if generated:
+        secret = secrets.token_hex(32)
+    stanza_limit = e.integer("stanza_size_limit", 262144, MIN_STANZA_SIZE)
+    conn_limit = e.integer("connection_limit", 1000, 1)
+    partner_limit = e.integer("partner_connection_limit", 20, 1)
+    keepalive = e.seconds("keepalive_interval", 300)
+    establish = e.seconds("stream_establishment_timeout", 60)
+    inactivity = e.seconds("stream_inactivity_timeout", 600)
+
+    component = None
+    comp_t = edge_t.get("component")
+    if comp_t is not None:
+        if not isinstance(comp_t, Mapping):
+            problems.append("[edge.component] must be a table")
+        else:
+            c = _Reader(comp_t, "edge.component", problems)
+            try:
+                clisten = parse_listen(c.string("listen", "127.0.0.1:5347"), 5347)
+            except ValueError as exc:
+                c.problem("listen", str(exc))
+                clisten = ListenAddress("127.0.0.1", 5347)
+            csecret = c.string("secret")
+            if not csecret:
+                c.problem("secret", "is required: the shared secret of the gateway component")
+            c.unknown_keys()
+            component = ComponentSettings(clisten, csecret)
+    e.unknown_keys({"component"})
+
+    if (certificate is None) and listen:
+        warnings.append("[edge] no certificate configured: TLS cannot be offered, so only "
+                        "partners with tls = \"not-supported\" or \"optional\" can connect")
+    if direct and certificate is None:
+        problems.append("[edge] direct_tls_listen needs certificate and private_key")
+
+    dns_t = raw.get("dns", {})
+    if not isinstance(dns_t, Mapping):
+        problems.append("[dns] must be a table")
+        dns_t = {}
+    dr = _Reader(dns_t, "dns", problems)
+    nameservers = []
+    for ns in dr.strings("nameservers"):
+        try:
+            host, port = parse_host_port(ns, 53)
+            ipaddress.ip_address(host)
+            nameservers.append((host, port))
+        except ValueError:
+            dr.problem("nameservers", f"{ns!r} is not \"ip\" or \"ip:port\"")
+    dns_timeout = dr.seconds("timeout", 5.0)
+    dr.unknown_keys()
+
+    fed_t = raw.get("federation", {})
+    if not isinstance(fed_t, Mapping):
+        problems.append("[federation] must be a table")
+    else:
+        fr = _Reader(fed_t, "federation", problems)
+        fr.string("default_partner")
+        fr.unknown_keys()
+
+    partners = PartnerTable()
+    try:
+        partners = load_partner_table(raw)
+        warnings.extend(partners.validate())
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    raw_partners = raw.get("partner", [])
+    for rp in raw_partners if isinstance(raw_partners, list) else []:
+        names = [rp.get("domain"), *(rp.get("additional_domains") or [])] \
+            if isinstance(rp, Mapping) else []
+        for d in names:
+            if isinstance(d, str) and d.lower().rstrip(".") in domains:
+                problems.append(f"partner {rp.get('domain')}: {d} is one of our own [edge] "
+                                "domains")
+    if not len(partners) and partners.default is None:
+        warnings.append("no [[partner]] and no [federation] default_partner: no domain can "
+                        "federate with us")
+
+    if problems:
+        raise ConfigError(problems)
+    return EdgeConfig(
+        path=path, domains=tuple(domains), listen=listen, direct_tls_listen=direct,
+        certificate=certificate, private_key=private_key, ca_files=ca_files,
+        use_system_ca=use_system_ca, dialback_secret=secret, dialback_secret_generated=generated,
+        stanza_size_limit=stanza_limit, connection_limit=conn_limit,
+        partner_connection_limit=partner_limit, keepalive_interval=keepalive,
+        stream_establishment_timeout=establish, stream_inactivity_timeout=inactivity,
+        component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
+        partners=partners, warnings=tuple(warnings),
+    )

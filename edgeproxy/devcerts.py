@@ -1,0 +1,165 @@
+"""A small certificate authority for development and tests (real X.509, made with `cryptography`).
+
+`edgeproxy dev-certs` uses it to make a CA and leaf certificates for the example configuration;
+the tests use it to make every certificate they need, the hostile ones included: serverAuth-only,
+expired, wrong name, self-signed, missing intermediate, SRV-ID and XmppAddr identities.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+OID_XMPP_ADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 13.7.1.4
+OID_SRV_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.7")  # id-on-dnsSRV, RFC 4985
+
+EKU_SERVER = (ExtendedKeyUsageOID.SERVER_AUTH,)
+EKU_CLIENT = (ExtendedKeyUsageOID.CLIENT_AUTH,)
+EKU_BOTH = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def _der_string(tag: int, value: str) -> bytes:
+    data = value.encode("utf-8")
+    n = len(data)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        nb = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(nb)]) + nb
+    return bytes([tag]) + length + data
+
+
+def xmpp_addr(domain: str) -> x509.OtherName:
+    return x509.OtherName(OID_XMPP_ADDR, _der_string(0x0C, domain))  # UTF8String
+
+
+def srv_name(service_domain: str) -> x509.OtherName:
+    """SRV-ID such as `_xmpp-server.example.com` (IA5String)."""
+    return x509.OtherName(OID_SRV_NAME, _der_string(0x16, service_domain))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@dataclass
+class Issued:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...] = ()  # intermediates, leaf first order after it
+
+    def cert_pem(self, with_chain: bool = True) -> bytes:
+        certs = (self.cert, *self.chain) if with_chain else (self.cert,)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    def write(self, cert_path: Path, key_path: Path, with_chain: bool = True) -> None:
+        cert_path.write_bytes(self.cert_pem(with_chain))
+        key_path.write_bytes(self.key_pem())
+        key_path.chmod(0o600)
+
+
+class CertificateAuthority:
+    """A root CA with one intermediate; leaves are signed by the intermediate by default."""
+
+    def __init__(self, name: str = "Test", *, with_intermediate: bool = True):
+        self.root = self._make_ca(f"{name} Root CA", None, None)
+        self.intermediate = (self._make_ca(f"{name} Intermediate CA", self.root.cert,
+                                           self.root.key) if with_intermediate else None)
+
+    @staticmethod
+    def _make_ca(cn: str, issuer: x509.Certificate | None,
+                 issuer_key: ec.EllipticCurvePrivateKey | None) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        now = _now()
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject)
+                   .issuer_name(issuer.subject if issuer else subject)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(days=1))
+                   .not_valid_after(now + dt.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                                False, False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False))
+        signer_key = issuer_key or key
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+            critical=False)
+        cert = builder.sign(signer_key, hashes.SHA256())
+        return Issued(cert, key)
+
+    @property
+    def signer(self) -> Issued:
+        return self.intermediate or self.root
+
+    def issue(self, *dns_names: str, other_names: tuple[x509.OtherName, ...] = (),
+              common_name: str | None = None, eku: tuple[ObjectIdentifier, ...] | None = EKU_BOTH,
+              not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+              expired: bool = False, self_signed: bool = False, san: bool = True) -> Issued:
+        """A leaf certificate. `eku=None` omits EKU; `san=False` makes a CN-only certificate."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cn = common_name or (dns_names[0] if dns_names else "leaf")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        now = _now()
+        if expired:
+            not_before = not_before or now - dt.timedelta(days=60)
+            not_after = not_after or now - dt.timedelta(days=1)
+        signer_key = key if self_signed else self.signer.key
+        issuer_name = subject if self_signed else self.signer.cert.subject
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject)
+                   .issuer_name(issuer_name)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(not_before or now - dt.timedelta(days=1))
+                   .not_valid_after(not_after or now + dt.timedelta(days=825))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(True, False, True, False, True, False, False,
+                                                False, False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       signer_key.public_key()), critical=False))
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+        names.extend(other_names)
+        if san and names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if eku is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+        cert = builder.sign(signer_key, hashes.SHA256())
+        chain = () if self_signed else tuple(
+            c.cert for c in (self.intermediate,) if c is not None)
+        return Issued(cert, key, chain)
+
+    def root_pem(self) -> bytes:
+        return self.root.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write_root(self, path: Path) -> Path:
+        path.write_bytes(self.root_pem())
+        return path
+
+
+def write_dev_certificates(out: Path, domains: list[str]) -> list[Path]:
+    """A CA plus one certificate per domain, written as ca.crt, <domain>.crt, <domain>.key."""
+    out.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority("Edge Dev")
+    written = [ca.write_root(out / "ca.crt")]
+    for d in domains:
+        issued = ca.issue(d)
+        issued.write(out / f"{d}.crt", out / f"{d}.key")
+        written += [out / f"{d}.crt", out / f"{d}.key"]
+    return written
