@@ -196,22 +196,24 @@ class _Identities:
     srv: tuple[str, ...]  # full SRV-IDs, e.g. `_xmpp-server.example.com`
     xmpp: tuple[str, ...]
     cn: tuple[str, ...]
-    uri_present: bool
+    other_ids_present: bool  # URI-ID, or an SRV-ID/XmppAddr even if malformed (no CN fallback)
 
 
 def _identities(cert: x509.Certificate) -> _Identities:
     dns: list[str] = []
     srv: list[str] = []
     xmpp: list[str] = []
-    uri_present = False
+    other_present = False
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
     if san is not None:
         dns = list(san.get_values_for_type(x509.DNSName))
-        uri_present = bool(san.get_values_for_type(x509.UniformResourceIdentifier))
+        other_present = bool(san.get_values_for_type(x509.UniformResourceIdentifier))
         for other in san.get_values_for_type(x509.OtherName):
+            if other.type_id in (OID_SRV_NAME, OID_XMPP_ADDR):
+                other_present = True
             try:
                 if other.type_id == OID_SRV_NAME:
                     srv.append(_der_string(other.value, _TAG_IA5STRING))
@@ -223,7 +225,7 @@ def _identities(cert: x509.Certificate) -> _Identities:
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value
         cn.append(value if isinstance(value, str) else value.decode("utf-8", "replace"))
-    return _Identities(tuple(dns), tuple(srv), tuple(xmpp), tuple(cn), uri_present)
+    return _Identities(tuple(dns), tuple(srv), tuple(xmpp), tuple(cn), other_present)
 
 
 def _dns_matches(presented: str, reference: str) -> bool:
@@ -272,7 +274,7 @@ def match_identity(cert: x509.Certificate, domain: str) -> str | None:
         if "@" not in name and "/" not in name and _to_a_label(name) == reference:
             return f"XmppAddr {name}"
     # RFC 6125 6.4.4: CN-ID only when there is no DNS-ID, SRV-ID, URI-ID or XmppAddr at all
-    if not (ids.dns or ids.srv or ids.xmpp or ids.uri_present):
+    if not (ids.dns or ids.srv or ids.xmpp or ids.other_ids_present):
         for name in ids.cn:
             if _dns_matches(name, reference):
                 return f"CN {name}"
