@@ -93,6 +93,14 @@ def test_self_signed_certificate(ca, trust):
     assert result.reason == "certificate is self-signed"
 
 
+def test_leaf_named_like_its_issuer_is_not_taken_for_self_signed(ca, trust):
+    leaf = ca.issue(DOMAIN, common_name="Test Intermediate CA")  # subject == issuer name
+    assert leaf.cert.subject == leaf.cert.issuer
+    assert check(leaf, trust).ok
+    assert verify_certificate(leaf.cert, [], DOMAIN, trust).reason.startswith(
+        "certificate does not chain to a trusted CA")
+
+
 def test_self_signed_certificate_pinned_in_the_store_passes(ca):
     leaf = ca.issue(DOMAIN, self_signed=True)
     assert check(leaf, TrustStore([leaf.cert])).ok

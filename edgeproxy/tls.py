@@ -1,0 +1,346 @@
+"""Sans-I/O TLS over pyOpenSSL memory BIOs: bytes in, bytes out (ARCHITECTURE.md layer 1).
+
+Why not Python's `ssl`: in s2s the connecting server presents its certificate as a TLS *client*
+certificate, and since 2026 public CAs issue serverAuth-only certificates, which `ssl` rejects
+("unsuitable certificate purpose"). Here the server requests a client certificate, accepts
+whatever arrives (or nothing), and the caller judges it after the handshake with
+`identity.verify_certificate(session.peer_certificate, session.peer_intermediates, ...)`.
+The client side does not verify either (VERIFY_NONE): same post-handshake check.
+
+Usage (one object per connection, driven by the asyncio shell):
+    plaintext = session.receive_data(wire_bytes)   # b"" signals TCP EOF
+    session.send(b"<stream:stream ...>")
+    transport.write(session.data_to_send())        # after EVERY call, even when one raised
+This module knows nothing about XMPP streams, sockets or clocks. Facts: ../shared/TLS.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL
+
+log = logging.getLogger(__name__)
+
+ALPN_XMPP_SERVER = b"xmpp-server"  # XEP-0368 Direct TLS for s2s
+TLS1_2 = SSL.TLS1_2_VERSION
+TLS1_3 = SSL.TLS1_3_VERSION
+_BUFSIZE = 65536
+
+
+class TlsError(Exception):
+    """A fatal TLS failure; `reason` says what went wrong in words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _openssl_reasons(error: SSL.Error) -> list[str]:
+    reasons: list[str] = []
+    for arg in error.args:
+        if isinstance(arg, list):
+            reasons.extend(str(item[2]) for item in arg if isinstance(item, tuple) and item)
+    return reasons or [str(error) or error.__class__.__name__]
+
+
+def _describe(error: SSL.Error, *, server_side: bool, handshaking: bool) -> str:
+    if isinstance(error, SSL.SysCallError):
+        return ("connection closed during the TLS handshake" if handshaking
+                else "connection closed without TLS close_notify")
+    reasons = _openssl_reasons(error)
+    reason = reasons[0]
+    if "wrong version number" in reason or "http request" in reason:
+        return ("peer sent plaintext instead of a TLS ClientHello" if server_side
+                else "peer did not answer with TLS (wrong version number)")
+    if "alert" in reason:
+        alert = reason.removeprefix("sslv3 alert ").removeprefix("tlsv13 alert ")
+        alert = alert.removeprefix("tlsv1 alert ")
+        return f"peer sent TLS alert: {alert}" + (" during the handshake" if handshaking else "")
+    return f"handshake failed: {reason}" if handshaking else f"TLS error: {reason}"
+
+
+def _accept_any_certificate(conn: SSL.Connection, cert: object, errno: int, depth: int,
+                            ok: int) -> bool:
+    # OpenSSL's verdict is ignored on purpose (it says "unsuitable certificate purpose" for
+    # serverAuth-only client certificates); identity.verify_certificate judges afterwards.
+    return True
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:  # bytes or NO_OVERLAP
+    return ALPN_XMPP_SERVER if ALPN_XMPP_SERVER in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class TlsContexts:
+    """All SSL contexts, built once at startup and never mutated afterwards (TLS.md pitfall 4).
+
+    certificates: local domain -> (chain PEM, key PEM); default: for other names / no SNI.
+    """
+
+    def __init__(self, certificates: Mapping[str, tuple[Path, Path]] | None,
+                 default: tuple[Path, Path] | None, *, min_version: int = TLS1_2,
+                 max_version: int | None = None):
+        self._min_version = min_version
+        self._max_version = max_version
+        self._server: dict[str, SSL.Context] = {}
+        self._client: dict[str, SSL.Context] = {}
+        for domain, (chain, key) in (certificates or {}).items():
+            name = domain.lower().rstrip(".")
+            self._server[name] = self._server_context(chain, key)
+            self._client[name] = self._client_context((chain, key))
+        self._server_default: SSL.Context | None = (
+            self._server_context(*default) if default else None)
+        self._client_default = self._client_context(default)
+
+    def _base(self, method: int) -> SSL.Context:
+        ctx = SSL.Context(method)
+        ctx.set_min_proto_version(self._min_version)
+        if self._max_version is not None:
+            ctx.set_max_proto_version(self._max_version)
+        return ctx
+
+    @staticmethod
+    def _load(ctx: SSL.Context, chain: Path, key: Path) -> None:
+        try:
+            ctx.use_certificate_chain_file(str(chain))
+        except SSL.Error as e:
+            raise ValueError(f"cannot load certificate chain {chain}: "
+                             f"{'; '.join(_openssl_reasons(e))}") from e
+        mismatch = f"private key {key} does not belong to certificate {chain}"
+        try:
+            ctx.use_privatekey_file(str(key))
+        except SSL.Error as e:
+            reasons = _openssl_reasons(e)
+            if any("mismatch" in r for r in reasons):
+                raise ValueError(mismatch) from e
+            raise ValueError(f"cannot load private key {key}: {'; '.join(reasons)}") from e
+        try:
+            ctx.check_privatekey()
+        except SSL.Error as e:
+            raise ValueError(mismatch) from e
+
+    def _server_context(self, chain: Path, key: Path) -> SSL.Context:
+        ctx = self._base(SSL.TLS_SERVER_METHOD)
+        self._load(ctx, chain, key)
+        # Request, do not require, a client certificate; accept anything (TLS.md section 1).
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+        # No resumption: a resumed session has no peer chain to verify again.
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
+        # On every context: the one switched to by SNI supplies the ALPN callback (pitfall 3).
+        ctx.set_alpn_select_callback(_select_alpn)
+        ctx.set_tlsext_servername_callback(self._on_server_name)
+        return ctx
+
+    def _client_context(self, cert: tuple[Path, Path] | None) -> SSL.Context:
+        ctx = self._base(SSL.TLS_CLIENT_METHOD)
+        if cert is not None:
+            self._load(ctx, *cert)
+        ctx.set_verify(SSL.VERIFY_NONE)  # verified after the handshake (identity.py)
+        return ctx
+
+    def _on_server_name(self, conn: SSL.Connection) -> None:
+        # SNI picks the certificate for Direct TLS; an unknown or absent name keeps the context
+        # chosen from the stream `to` (STARTTLS: Prosody sends no SNI, pitfall 5) or the default.
+        raw = conn.get_servername()
+        if not raw:
+            return
+        ctx = self._server.get(raw.decode("ascii", "replace").lower().rstrip("."))
+        if ctx is not None:
+            conn.set_context(ctx)
+
+    def has_certificate(self) -> bool:
+        return bool(self._server) or self._server_default is not None
+
+    def domains(self) -> tuple[str, ...]:
+        return tuple(self._server)
+
+    def server_context(self, local_domain: str | None) -> SSL.Context:
+        if local_domain:
+            ctx = self._server.get(local_domain.lower().rstrip("."))
+            if ctx is not None:
+                return ctx
+        if self._server_default is not None:
+            return self._server_default
+        if local_domain:
+            raise ValueError(f"no TLS certificate for {local_domain} and no default certificate")
+        raise ValueError("no default TLS certificate configured")
+
+    def client_context(self, local_domain: str) -> SSL.Context:
+        return self._client.get(local_domain.lower().rstrip("."), self._client_default)
+
+
+class TlsSession:
+    """One TLS connection, either role, over memory BIOs. Not thread-safe; no I/O."""
+
+    def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
+                 server_name: str | None = None):
+        self._conn = conn
+        self.server_side = server_side
+        self.local_domain = local_domain
+        self.handshake_complete = False
+        self.peer_closed = False  # close_notify received
+        self.peer_certificate: x509.Certificate | None = None
+        self.peer_intermediates: list[x509.Certificate] = []
+        self.version: str | None = None
+        self.cipher: str | None = None
+        self.alpn_protocol: bytes | None = None
+        self.server_name: str | None = server_name
+        self._pending_plaintext: list[bytes] = []  # written before the handshake completed
+        self._closed = False
+        self._eof = False
+        self._error: TlsError | None = None
+
+    @classmethod
+    def server(cls, contexts: TlsContexts, local_domain: str | None) -> TlsSession:
+        """Accepting side. local_domain: the stream `to` (STARTTLS); SNI overrides it."""
+        conn = SSL.Connection(contexts.server_context(local_domain), None)
+        conn.set_accept_state()
+        return cls(conn, server_side=True, local_domain=local_domain)
+
+    @classmethod
+    def client(cls, contexts: TlsContexts, local_domain: str, server_name: str,
+               alpn: bool = False) -> TlsSession:
+        """Initiating side, presenting the certificate of local_domain (or the default)."""
+        conn = SSL.Connection(contexts.client_context(local_domain), None)
+        conn.set_connect_state()
+        a_label = server_name.rstrip(".").encode("idna").lower()
+        conn.set_tlsext_host_name(a_label)
+        if alpn:
+            conn.set_alpn_protos([ALPN_XMPP_SERVER])
+        session = cls(conn, server_side=False, local_domain=local_domain,
+                      server_name=a_label.decode("ascii"))
+        session._handshake()  # queue the ClientHello
+        return session
+
+    # --- input ---------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Feed bytes from the wire (b"" = TCP EOF); returns decrypted application data.
+
+        Raises TlsError on a fatal error; any alert is then waiting in data_to_send().
+        """
+        if self._error is not None:
+            raise self._error
+        if data:
+            self._conn.bio_write(data)
+        elif not self._eof:
+            self._eof = True
+            if self.peer_closed:
+                return b""
+            self._conn.bio_shutdown()
+        if not self.handshake_complete and not self._handshake():
+            return b""
+        return self._read_plaintext()
+
+    def _fail(self, error: SSL.Error) -> TlsError:
+        self._error = TlsError(_describe(error, server_side=self.server_side,
+                                         handshaking=not self.handshake_complete))
+        return self._error
+
+    def _handshake(self) -> bool:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as e:
+            raise self._fail(e) from e
+        self._on_handshake_complete()
+        return True
+
+    def _on_handshake_complete(self) -> None:
+        conn = self._conn
+        self.handshake_complete = True
+        self.version = conn.get_protocol_version_name()
+        self.cipher = conn.get_cipher_name()
+        self.alpn_protocol = conn.get_alpn_proto_negotiated() or None
+        leaf = conn.get_peer_certificate(as_cryptography=True)
+        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        self.peer_certificate = leaf
+        # server side: chain excludes the leaf; client side: leaf first (pitfall 1)
+        self.peer_intermediates = [c for c in chain if c != leaf]
+        if self.server_side:
+            raw = conn.get_servername()
+            self.server_name = raw.decode("ascii", "replace").lower() if raw else None
+        pending, self._pending_plaintext = self._pending_plaintext, []
+        for chunk in pending:
+            self._write(chunk)
+
+    def _read_plaintext(self) -> bytes:
+        out = []
+        recv = self._conn.recv
+        while True:
+            try:
+                out.append(recv(_BUFSIZE))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.peer_closed = True
+                break
+            except SSL.Error as e:
+                if out:  # hand over what was decrypted before the failure on the next call
+                    self._fail(e)
+                    break
+                raise self._fail(e) from e
+        return b"".join(out)
+
+    # --- output --------------------------------------------------------------------------------
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt application data (queued until the handshake completes)."""
+        if self._closed:
+            raise TlsError("cannot send after close_notify was queued")
+        if self._error is not None:
+            raise self._error
+        if not plaintext:
+            return
+        if not self.handshake_complete:
+            self._pending_plaintext.append(bytes(plaintext))
+            return
+        self._write(plaintext)
+
+    def _write(self, plaintext: bytes) -> None:
+        view = memoryview(plaintext)
+        try:
+            while view:  # a memory BIO never makes SSL_write short; loop for safety
+                n = self._conn.send(view)
+                view = view[n:]
+        except SSL.Error as e:
+            raise self._fail(e) from e
+
+    def data_to_send(self) -> bytes:
+        """Everything pending for the wire (handshake records, alerts, app data, tickets)."""
+        out = []
+        read = self._conn.bio_read
+        while True:
+            try:
+                chunk = read(_BUFSIZE)
+            except SSL.WantReadError:
+                break
+            out.append(chunk)
+            if len(chunk) < _BUFSIZE:  # short read: BIO is empty, skip the exception
+                break
+        return b"".join(out)
+
+    def close(self) -> None:
+        """Queue close_notify (RFC 8446 6.1); the caller closes TCP after data_to_send()."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.handshake_complete or self._error is not None:
+            return
+        try:
+            self._conn.shutdown()
+        except SSL.Error as e:
+            log.debug("TLS shutdown: %s", e)
+
+    def __repr__(self) -> str:
+        role = "server" if self.server_side else "client"
+        state = ("failed" if self._error else "open" if self.handshake_complete
+                 else "handshaking")
+        return (f"<TlsSession {role} {state} {self.version or ''} {self.cipher or ''} "
+                f"sni={self.server_name} alpn={self.alpn_protocol!r}>")
