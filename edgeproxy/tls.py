@@ -16,6 +16,7 @@ This module knows nothing about XMPP streams, sockets or clocks. Facts: ../share
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +76,15 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:  # bytes or
     return ALPN_XMPP_SERVER if ALPN_XMPP_SERVER in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+def _a_label(domain: str) -> str:
+    """Lower-case A-label key for a domain (SNI carries A-labels, RFC 6066 3)."""
+    name = domain.rstrip(".")
+    try:
+        return (name if name.isascii() else name.encode("idna").decode("ascii")).lower()
+    except UnicodeError:
+        return name.lower()
+
+
 class TlsContexts:
     """All SSL contexts, built once at startup and never mutated afterwards (TLS.md pitfall 4).
 
@@ -89,7 +99,7 @@ class TlsContexts:
         self._server: dict[str, SSL.Context] = {}
         self._client: dict[str, SSL.Context] = {}
         for domain, (chain, key) in (certificates or {}).items():
-            name = domain.lower().rstrip(".")
+            name = _a_label(domain)
             self._server[name] = self._server_context(chain, key)
             self._client[name] = self._client_context((chain, key))
         self._server_default: SSL.Context | None = (
@@ -161,7 +171,7 @@ class TlsContexts:
 
     def server_context(self, local_domain: str | None) -> SSL.Context:
         if local_domain:
-            ctx = self._server.get(local_domain.lower().rstrip("."))
+            ctx = self._server.get(_a_label(local_domain))
             if ctx is not None:
                 return ctx
         if self._server_default is not None:
@@ -171,7 +181,15 @@ class TlsContexts:
         raise ValueError("no default TLS certificate configured")
 
     def client_context(self, local_domain: str) -> SSL.Context:
-        return self._client.get(local_domain.lower().rstrip("."), self._client_default)
+        return self._client.get(_a_label(local_domain), self._client_default)
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 class TlsSession:
@@ -208,12 +226,16 @@ class TlsSession:
         """Initiating side, presenting the certificate of local_domain (or the default)."""
         conn = SSL.Connection(contexts.client_context(local_domain), None)
         conn.set_connect_state()
-        a_label = server_name.rstrip(".").encode("idna").lower()
-        conn.set_tlsext_host_name(a_label)
+        try:
+            a_label = server_name.rstrip(".").encode("idna").decode("ascii").lower()
+        except UnicodeError as e:
+            raise ValueError(f"{server_name!r} is not a valid domain name for SNI") from e
+        if not _is_ip_literal(server_name):  # RFC 6066 3: no IP literals in SNI
+            conn.set_tlsext_host_name(a_label.encode("ascii"))
         if alpn:
             conn.set_alpn_protos([ALPN_XMPP_SERVER])
         session = cls(conn, server_side=False, local_domain=local_domain,
-                      server_name=a_label.decode("ascii"))
+                      server_name=a_label)
         session._handshake()  # queue the ClientHello
         return session
 

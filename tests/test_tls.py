@@ -443,3 +443,21 @@ def test_negative_control_stdlib_server_rejects_the_same_client_certificate(pki)
             except ssl.SSLWantReadError:
                 pass
             client.receive_data(outgoing.read())
+
+
+def test_client_sends_no_sni_for_an_ip_literal(server_contexts, pki):
+    server, client = pair(server_contexts, pki, sni="127.0.0.1")
+    transfer(client, server)
+    assert server.handshake_complete and server.server_name is None
+    assert cn(client.peer_certificate) == LOCAL  # chosen from local_domain, not SNI
+
+
+def test_idn_domains_use_a_labels_for_sni_and_certificate_choice(pki):
+    idn = "räksmörgås.test"
+    contexts = TlsContexts({idn: pki.write("idn", pki.ca.issue("xn--rksmrgs-5wao1o.test"))},
+                           pki.write("idn-default", pki.ca.issue("edge.test")))
+    server = TlsSession.server(contexts, None)
+    client = TlsSession.client(client_contexts(pki), REMOTE, "RÄKSMÖRGÅS.test")
+    transfer(client, server)
+    assert client.server_name == server.server_name == "xn--rksmrgs-5wao1o.test"
+    assert cn(client.peer_certificate) == "xn--rksmrgs-5wao1o.test"
