@@ -326,11 +326,12 @@ class TlsSession:
         self._write(plaintext)
 
     def _write(self, plaintext: bytes) -> None:
-        view = memoryview(plaintext)
         try:
-            while view:  # a memory BIO never makes SSL_write short; loop for safety
-                n = self._conn.send(view)
-                view = view[n:]
+            n = self._conn.send(plaintext)
+            if n < len(plaintext):  # a memory BIO never makes SSL_write short; just in case
+                view = memoryview(plaintext)[n:]
+                while view:
+                    view = view[self._conn.send(view):]
         except SSL.Error as e:
             raise self._fail(e) from e
 

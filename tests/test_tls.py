@@ -81,6 +81,17 @@ def transfer(a: TlsSession, b: TlsSession, rounds: int = 10) -> tuple[bytes, byt
     return got_a, got_b
 
 
+def record_lengths(wire: bytes) -> list[int]:
+    """Lengths of the TLS records in `wire` (5-byte headers, RFC 8446 5.1)."""
+    lengths, i = [], 0
+    while i + 5 <= len(wire):
+        n = int.from_bytes(wire[i + 3:i + 5], "big")
+        lengths.append(n)
+        i += 5 + n
+    assert i == len(wire)
+    return lengths
+
+
 def cn(cert) -> str:
     return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
 
@@ -461,3 +472,31 @@ def test_idn_domains_use_a_labels_for_sni_and_certificate_choice(pki):
     transfer(client, server)
     assert client.server_name == server.server_name == "xn--rksmrgs-5wao1o.test"
     assert cn(client.peer_certificate) == "xn--rksmrgs-5wao1o.test"
+
+
+def test_client_against_stdlib_server_digests_session_tickets(pki):
+    """A TLS 1.3 server sends NewSessionTicket records right after the handshake, in the same
+    flight as its first application data; the client must skip them and return the data."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*pki.write("stdlib-tickets", pki.ca.issue(LOCAL)))
+    ctx.num_tickets = 2
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sslobj = ctx.wrap_bio(incoming, outgoing, server_side=True)
+    client = TlsSession.client(client_contexts(pki), REMOTE, LOCAL, alpn=True)
+    got = b""
+    for _ in range(10):
+        incoming.write(client.data_to_send())
+        try:
+            sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            got += client.receive_data(outgoing.read())
+            continue
+        sslobj.write(b"<stream:features/>")
+        flight = outgoing.read()
+        assert len(record_lengths(flight)) == 3  # 2 tickets + the data (all look like app data)
+        got += client.receive_data(flight)
+        break
+    assert sslobj.version() == "TLSv1.3"
+    assert got == b"<stream:features/>"
+    assert client.handshake_complete and client.alpn_protocol is None
+    assert cn(client.peer_certificate) == LOCAL
