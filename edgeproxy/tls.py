@@ -212,13 +212,16 @@ class TlsSession:
         self._closed = False
         self._eof = False
         self._error: TlsError | None = None
+        self._sni_domains: frozenset[str] = frozenset()
 
     @classmethod
     def server(cls, contexts: TlsContexts, local_domain: str | None) -> TlsSession:
         """Accepting side. local_domain: the stream `to` (STARTTLS); SNI overrides it."""
         conn = SSL.Connection(contexts.server_context(local_domain), None)
         conn.set_accept_state()
-        return cls(conn, server_side=True, local_domain=local_domain)
+        session = cls(conn, server_side=True, local_domain=local_domain)
+        session._sni_domains = frozenset(contexts.domains())
+        return session
 
     @classmethod
     def client(cls, contexts: TlsContexts, local_domain: str, server_name: str,
@@ -230,12 +233,14 @@ class TlsSession:
             a_label = server_name.rstrip(".").encode("idna").decode("ascii").lower()
         except UnicodeError as e:
             raise ValueError(f"{server_name!r} is not a valid domain name for SNI") from e
-        if not _is_ip_literal(server_name):  # RFC 6066 3: no IP literals in SNI
+        sni: str | None = a_label
+        if _is_ip_literal(server_name):  # RFC 6066 3: no IP literals in SNI
+            sni = None
+        else:
             conn.set_tlsext_host_name(a_label.encode("ascii"))
         if alpn:
             conn.set_alpn_protos([ALPN_XMPP_SERVER])
-        session = cls(conn, server_side=False, local_domain=local_domain,
-                      server_name=a_label)
+        session = cls(conn, server_side=False, local_domain=local_domain, server_name=sni)
         session._handshake()  # queue the ClientHello
         return session
 
@@ -288,6 +293,8 @@ class TlsSession:
         if self.server_side:
             raw = conn.get_servername()
             self.server_name = raw.decode("ascii", "replace").lower() if raw else None
+            if self.server_name in self._sni_domains:  # SNI chose the certificate
+                self.local_domain = self.server_name
         pending, self._pending_plaintext = self._pending_plaintext, []
         for chunk in pending:
             self._write(chunk)

@@ -183,6 +183,7 @@ def test_sni_picks_the_certificate(server_contexts, pki, sni, local, served):
     transfer(client, server)
     assert cn(client.peer_certificate) == served
     assert server.server_name == sni.lower()
+    assert server.local_domain == (served if served != "edge.contoso.test" else local)
     assert server.peer_certificate is not None  # the client certificate is still requested
 
 
@@ -460,6 +461,7 @@ def test_client_sends_no_sni_for_an_ip_literal(server_contexts, pki):
     server, client = pair(server_contexts, pki, sni="127.0.0.1")
     transfer(client, server)
     assert server.handshake_complete and server.server_name is None
+    assert client.server_name is None
     assert cn(client.peer_certificate) == LOCAL  # chosen from local_domain, not SNI
 
 
