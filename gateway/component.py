@@ -155,12 +155,13 @@ class Gateway(ComponentXMPP):
                                user_exists=user_exists)
         return Verdict(outcome, ptype, contact)
 
-    def _save(self, user: str, jid: str, verdict: Verdict) -> None:
+    def _save(self, user: str, jid: str, verdict: Verdict, name: str | None = None) -> None:
+        """Store the contact's new state; create a contact only when something happened."""
         old = verdict.contact.state if verdict.contact else None
         new = verdict.outcome.state
-        if new != (old or NO_CONTACT) or (old is None and verdict.outcome.decision in (
-                Decision.HOLD_FOR_USER, Decision.AUTO_APPROVE, Decision.PRE_APPROVE)):
-            self.store.set_contact(user, jid, new)
+        if new != (old or NO_CONTACT) or name is not None or (old is None and (
+                verdict.outcome.decision in (Decision.HOLD_FOR_USER, Decision.AUTO_APPROVE))):
+            self.store.set_contact(user, jid, new, name)
 
     def _error(self, stanza: Any, condition: str = "service-unavailable",
                etype: str = "cancel") -> None:
@@ -386,7 +387,7 @@ class Gateway(ComponentXMPP):
 
     # local users: actions (the API calls these) ------------------------------------------------
 
-    def _jid(self, value: str) -> JID:
+    def parse_jid(self, value: str) -> JID:
         try:
             jid = JID(value)
         except InvalidJID as exc:
@@ -406,7 +407,7 @@ class Gateway(ComponentXMPP):
         return v
 
     def send_message(self, user: str, to: str, body: str, mtype: str = "chat") -> str:
-        jid = self._jid(to)
+        jid = self.parse_jid(to)
         self._outbound(user, jid, Kind.MESSAGE)
         msg = self.make_message(mto=jid, mbody=body, mtype=mtype,
                                 mfrom=f"{user}@{self.domain}")
@@ -429,7 +430,7 @@ class Gateway(ComponentXMPP):
             for resource in resources:
                 self._broadcast(user, resource)
             return
-        jid = self._jid(to)  # directed presence (RFC 6121 4.6)
+        jid = self.parse_jid(to)  # directed presence (RFC 6121 4.6)
         v = self._outbound(user, jid, Kind.PRESENCE)
         for resource in resources:
             self._route(self._presence_of(user, resource, jid, v.partner_type,
@@ -438,7 +439,7 @@ class Gateway(ComponentXMPP):
 
     def _subscription(self, user: str, jid: JID, kind: Kind, name: str | None = None) -> Verdict:
         v = self._outbound(user, jid, kind)
-        self.store.set_contact(user, jid.bare, v.outcome.state, name)
+        self._save(user, jid.bare, v, name)
         if v.outcome.decision is Decision.DELIVER:
             self._route(self.make_presence(pto=jid.bare, pfrom=f"{user}@{self.domain}",
                                            ptype=kind.value))
@@ -446,14 +447,14 @@ class Gateway(ComponentXMPP):
 
     def add_contact(self, user: str, to: str, name: str | None = None) -> SubState:
         """Subscribe to the contact and pre-approve (or approve) theirs (RFC 6121 3.1, 3.4)."""
-        jid = self._jid(to)
+        jid = self.parse_jid(to)
         self._subscription(user, jid, Kind.SUBSCRIBE, name)
         state = self.approve(user, to)
         self.store.forget_filtered(user, jid.bare)
         return state
 
     def approve(self, user: str, to: str) -> SubState:
-        jid = self._jid(to)
+        jid = self.parse_jid(to)
         v = self._subscription(user, jid, Kind.SUBSCRIBED)
         if v.outcome.decision is Decision.DELIVER:  # RFC 6121 3.1.5: then current presence
             for resource in self.sessions.get(user, {}):
@@ -461,14 +462,14 @@ class Gateway(ComponentXMPP):
         return v.outcome.state
 
     def deny(self, user: str, to: str) -> SubState:
-        jid = self._jid(to)
+        jid = self.parse_jid(to)
         v = self._subscription(user, jid, Kind.UNSUBSCRIBED)
         self.store.forget_filtered(user, jid.bare)
         return v.outcome.state
 
     def remove_contact(self, user: str, to: str) -> bool:
         """RFC 6121 2.5.2: cancel both directions, then forget the contact."""
-        jid = self._jid(to)
+        jid = self.parse_jid(to)
         if self.store.contact(user, jid.bare) is None:
             return False
         if self.partner_type(jid.domain) is not None:
