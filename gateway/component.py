@@ -22,6 +22,7 @@ from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ComponentXMPP, InvalidJID
 from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -202,7 +203,8 @@ class Gateway(ComponentXMPP):
                 push(event)
         elif msg["type"] == "headline":
             return  # RFC 6121 8.5.4: headlines to offline users are dropped
-        elif msg["type"] == "groupchat" or not self.store.add_offline(user, str(msg)):
+        elif msg["type"] == "groupchat" or not self.store.add_offline(
+                user, tostring(msg.xml, top_level=True)):
             self._error(msg)  # 8.5.4: groupchat gets an error; a full offline store too
 
     # inbound: iq --------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from gateway.rules import (
     Direction,
     Kind,
     Relation,
-    SubState,
     Subscription,
+    SubState,
     decide,
     relation,
 )

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from gateway.rules import SubState, Subscription
+from gateway.rules import Subscription, SubState
 from gateway.store import SCHEMA_VERSION, SqliteStore, StoreError, hash_token
 
 
