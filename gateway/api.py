@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from .component import Gateway, LinkDown, Refused
 from .store import Contact, StoreError
 
-USER = web.AppKey("user", str)
+USER = web.RequestKey("user", str)
 GATEWAY = web.AppKey("gateway", Gateway)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 SOCKETS = web.AppKey("sockets", set)
