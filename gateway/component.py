@@ -74,7 +74,7 @@ def presence_kind(ptype: str) -> Kind | None:
 class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
                  partners: PartnerTable, *, queue_limit: int = 1000,
-                 max_backoff: float = 60.0):
+                 min_backoff: float = 1.0, max_backoff: float = 60.0):
         super().__init__(domain, secret, host, port)
         self.domain = domain
         self.store = store
@@ -83,8 +83,8 @@ class Gateway(ComponentXMPP):
         self.queue_limit = queue_limit
         self.link_up = False
         self.closing = False
-        self.backoff = 1.0
-        self.max_backoff = max_backoff
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
         self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
         self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
@@ -105,7 +105,7 @@ class Gateway(ComponentXMPP):
         log.info("component link to the edge is up (%s:%s)", self.server_host,
                  self.server_port)
         self.link_up = True
-        self.backoff = 1.0
+        self.backoff = self.min_backoff
         while self.queue:
             self.queue.popleft().send()
         for user, resources in self.sessions.items():  # contacts may have lost our presence
@@ -117,7 +117,7 @@ class Gateway(ComponentXMPP):
         if self.closing:
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
-        log.warning("component link to the edge lost (%s); reconnecting in %.0f s",
+        log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
                     reason, delay)
         self.loop.call_later(delay, self._reconnect)
 
