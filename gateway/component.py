@@ -98,6 +98,7 @@ class Gateway(ComponentXMPP):
         self.register_handler(Callback("gateway iq", MatchXPath(f"{{{NS}}}iq"), self.on_iq))
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
+        self.add_event_handler("connection_failed", self._on_connection_failed)
 
     # link to the edge --------------------------------------------------------------------------
 
@@ -120,6 +121,11 @@ class Gateway(ComponentXMPP):
         log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
                     reason, delay)
         self.loop.call_later(delay, self._reconnect)
+
+    def _on_connection_failed(self, error: Any) -> None:
+        # slixmpp retries by itself with a growing delay (XMLStream.reschedule_connection_attempt)
+        log.warning("cannot reach the edge's component port %s:%s (%s); retrying",
+                    self.server_host, self.server_port, error)
 
     def _reconnect(self) -> None:
         if not self.closing and not self.link_up:
