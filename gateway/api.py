@@ -22,7 +22,7 @@ from .store import Contact, StoreError
 USER = web.RequestKey("user", str)
 GATEWAY = web.AppKey("gateway", Gateway)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
-SOCKETS = web.AppKey("sockets", set)
+SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -101,7 +101,8 @@ async def send_message(request: web.Request) -> web.Response:
     mtype = body.get("type", "chat")
     if mtype not in ("chat", "normal", "headline"):
         raise ValueError("type must be chat, normal or headline")
-    msg_id = request.app[GATEWAY].send_message(request[USER], body["to"], body["body"], mtype)
+    msg_id = request.app[GATEWAY].send_user_message(request[USER], body["to"], body["body"],
+                                                    mtype)
     return web.json_response({"id": msg_id, "queued": not request.app[GATEWAY].link_up},
                              status=202)
 
@@ -244,7 +245,8 @@ async def admin_remove_user(request: web.Request) -> web.Response:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"gateway shutting down")
 
 
@@ -252,7 +254,7 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app = web.Application(middlewares=[auth_and_errors])
     app[GATEWAY] = gateway
     app[ADMIN_TOKEN] = admin_token or ""
-    app[SOCKETS] = set()
+    app[SOCKETS] = set[web.WebSocketResponse]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
     app.router.add_put("/api/v1/presence", set_presence)

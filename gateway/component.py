@@ -184,7 +184,7 @@ class Gateway(ComponentXMPP):
 
     # inbound: message ---------------------------------------------------------------------------
 
-    def on_message(self, msg: Message) -> None:
+    def on_message(self, msg: Any) -> None:  # a slixmpp Message
         user, remote = msg["to"].user, msg["from"]
         if not user:  # the domain itself does not chat
             self._error(msg)
@@ -215,7 +215,7 @@ class Gateway(ComponentXMPP):
 
     # inbound: iq --------------------------------------------------------------------------------
 
-    def on_iq(self, iq: Iq) -> None:
+    def on_iq(self, iq: Any) -> None:  # a slixmpp Iq
         if iq["type"] not in ("get", "set"):
             return  # results and errors for us: we send no requests that need them
         payload = next(iter(iq.xml), None)
@@ -267,7 +267,7 @@ class Gateway(ComponentXMPP):
 
     # inbound: presence --------------------------------------------------------------------------
 
-    def on_presence(self, pres: Presence) -> None:
+    def on_presence(self, pres: Any) -> None:  # a slixmpp Presence
         kind = presence_kind(pres["type"])
         user, remote = pres["to"].user, pres["from"]
         if kind is None or not user:
@@ -414,18 +414,21 @@ class Gateway(ComponentXMPP):
                           "them as a contact first (they cannot answer until you do)")
         return v
 
-    def send_message(self, user: str, to: str, body: str, mtype: str = "chat") -> str:
+    def send_user_message(self, user: str, to: str, body: str, mtype: str = "chat") -> str:
         jid = self.parse_jid(to)
         self._outbound(user, jid, Kind.MESSAGE)
-        msg = self.make_message(mto=jid, mbody=body, mtype=mtype,
-                                mfrom=f"{user}@{self.domain}")
+        msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
+        msg["type"] = mtype
         msg["id"] = secrets.token_hex(8)
         self._route(msg)
         return msg["id"]
 
     def _route(self, stanza: Any) -> None:
         if stanza["to"].domain == self.domain:  # local user to local user: no edge involved
-            {"message": self.on_message, "presence": self.on_presence}[stanza.name](stanza)
+            if stanza.name == "message":
+                self.on_message(stanza)
+            else:
+                self.on_presence(stanza)
         else:
             self.emit(stanza)
 
@@ -449,8 +452,9 @@ class Gateway(ComponentXMPP):
         v = self._outbound(user, jid, kind)
         self._save(user, jid.bare, v, name)
         if v.outcome.decision is Decision.DELIVER:
-            self._route(self.make_presence(pto=jid.bare, pfrom=f"{user}@{self.domain}",
-                                           ptype=kind.value))
+            pres = self.make_presence(pto=jid.bare, pfrom=f"{user}@{self.domain}")
+            pres["type"] = kind.value
+            self._route(pres)
         return v
 
     def add_contact(self, user: str, to: str, name: str | None = None) -> SubState:

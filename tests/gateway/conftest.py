@@ -65,7 +65,8 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def gw(store):
+async def gw(store):
+    # async: slixmpp binds the running loop; a sync fixture would make (and leak) a new one
     return CapturingGateway(store)
 
 

@@ -40,7 +40,7 @@ def online(gw, user="bob", show="away", status="In a meeting") -> tuple[Events, 
 
 # federated / public-verified ---------------------------------------------------------------
 
-def test_federated_contact_subscribes_without_approval_and_sees_the_status_note(gw):
+async def test_federated_contact_subscribes_without_approval_and_sees_the_status_note(gw):
     events, resource = online(gw)
     sent = gw.feed(stanza("presence", "alice@fabrikam.test/pc", BOB, "subscribe"))
     assert [(s.name, ptype(s)) for s in sent] == [("presence", "subscribed"),
@@ -52,13 +52,13 @@ def test_federated_contact_subscribes_without_approval_and_sees_the_status_note(
     assert events.of("subscription")[0]["result"] == "auto-approved"
 
 
-def test_federated_additional_domain_shares_the_partner_type(gw):
+async def test_federated_additional_domain_shares_the_partner_type(gw):
     online(gw)
     sent = gw.feed(stanza("presence", "dave@corp.fabrikam.test", BOB, "subscribe"))
     assert sent[0]["type"] == "subscribed" and sent[1]["status"] == "In a meeting"
 
 
-def test_public_verified_contact_sees_presence_without_the_note(gw):
+async def test_public_verified_contact_sees_presence_without_the_note(gw):
     online(gw)
     sent = gw.feed(stanza("presence", "carol@verified.test", BOB, "subscribe"))
     assert sent[0]["type"] == "subscribed"
@@ -68,7 +68,7 @@ def test_public_verified_contact_sees_presence_without_the_note(gw):
     assert len(probe) == 1 and probe[0]["status"] == "" and probe[0]["id"] == "p1"
 
 
-def test_broadcast_strips_the_note_per_subscriber(gw, store):
+async def test_broadcast_strips_the_note_per_subscriber(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.BOTH))
     store.set_contact("bob", "carol@verified.test", SubState(Subscription.FROM))
     store.set_contact("bob", "eve@gmail.test", SubState(Subscription.FROM))
@@ -83,7 +83,7 @@ def test_broadcast_strips_the_note_per_subscriber(gw, store):
 
 # public-unverified ---------------------------------------------------------------------------
 
-def test_public_unverified_stranger_message_gets_service_unavailable(gw, store):
+async def test_public_unverified_stranger_message_gets_service_unavailable(gw, store):
     events, _ = online(gw)
     sent = gw.feed(stanza("message", "eve@gmail.test/x", BOB, "chat", id="m1",
                           inner="<body>hi</body>"))
@@ -94,7 +94,7 @@ def test_public_unverified_stranger_message_gets_service_unavailable(gw, store):
     assert [f.kind for f in store.filtered("bob")] == ["message"]
 
 
-def test_public_unverified_stranger_subscribe_is_filtered_and_recorded(gw, store):
+async def test_public_unverified_stranger_subscribe_is_filtered_and_recorded(gw, store):
     events, _ = online(gw)
     assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
     assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
@@ -106,18 +106,18 @@ def test_public_unverified_stranger_subscribe_is_filtered_and_recorded(gw, store
     assert gw.feed(stanza("presence", "eve@gmail.test/x", BOB)) == []
 
 
-def test_public_unverified_stranger_iq_gets_service_unavailable(gw):
+async def test_public_unverified_stranger_iq_gets_service_unavailable(gw):
     sent = gw.feed(stanza("iq", "eve@gmail.test/x", BOB, "get",
                           inner="<ping xmlns='urn:xmpp:ping'/>"))
     assert error_condition(sent[0]) == "service-unavailable"
 
 
-def test_local_user_cannot_message_a_public_unverified_stranger(gw):
+async def test_local_user_cannot_message_a_public_unverified_stranger(gw):
     with pytest.raises(Refused, match="add them as a contact first"):
-        gw.send_message("bob", "eve@gmail.test", "hello")
+        gw.send_user_message("bob", "eve@gmail.test", "hello")
 
 
-def test_after_the_local_user_adds_them_they_talk_both_ways(gw, store):
+async def test_after_the_local_user_adds_them_they_talk_both_ways(gw, store):
     events, resource = online(gw)
     gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe"))  # filtered first
     gw.sent.clear()
@@ -136,12 +136,12 @@ def test_after_the_local_user_adds_them_they_talk_both_ways(gw, store):
                    inner="<body>hi bob</body>"))
     assert events.of("message")[0]["body"] == "hi bob"
     gw.sent.clear()
-    gw.send_message("bob", "eve@gmail.test", "hi eve")
+    gw.send_user_message("bob", "eve@gmail.test", "hi eve")
     assert gw.sent[0].name == "message" and gw.sent[0]["body"] == "hi eve"
     assert str(gw.sent[0]["from"]) == BOB
 
 
-def test_subscription_after_the_user_only_subscribed_waits_for_approval(gw, store):
+async def test_subscription_after_the_user_only_subscribed_waits_for_approval(gw, store):
     events, _ = online(gw)
     store.set_contact("bob", "eve@gmail.test", SubState(Subscription.TO))
     assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
@@ -153,7 +153,7 @@ def test_subscription_after_the_user_only_subscribed_waits_for_approval(gw, stor
 
 # unknown users, unknown domains --------------------------------------------------------------
 
-def test_unknown_local_user_looks_like_any_refusal(gw):
+async def test_unknown_local_user_looks_like_any_refusal(gw):
     msg = gw.feed(stanza("message", "alice@fabrikam.test/x", "ghost@contoso.test", "chat",
                          inner="<body>hi</body>"))
     assert error_condition(msg[0]) == "service-unavailable"
@@ -165,33 +165,33 @@ def test_unknown_local_user_looks_like_any_refusal(gw):
                               ptype)) == []
 
 
-def test_domain_without_partner_entry_is_refused(gw):
+async def test_domain_without_partner_entry_is_refused(gw):
     sent = gw.feed(stanza("message", "mallory@unlisted.test", BOB, "chat",
                           inner="<body>x</body>"))
     assert error_condition(sent[0]) == "service-unavailable"
     with pytest.raises(Refused, match="unlisted.test is not a federation partner"):
-        gw.send_message("bob", "mallory@unlisted.test", "hi")
+        gw.send_user_message("bob", "mallory@unlisted.test", "hi")
 
 
-def test_errors_are_never_answered_with_errors(gw):
+async def test_errors_are_never_answered_with_errors(gw):
     assert gw.feed(stanza("message", "eve@gmail.test", BOB, "error")) == []
 
 
 # probes (RFC 6121 4.3.2) -------------------------------------------------------------------
 
-def test_probe_from_non_subscriber_gets_unsubscribed_from_the_bare_jid(gw):
+async def test_probe_from_non_subscriber_gets_unsubscribed_from_the_bare_jid(gw):
     online(gw)
     sent = gw.feed(stanza("presence", "alice@fabrikam.test", BOB, "probe"))
     assert [(s["type"], str(s["from"])) for s in sent] == [("unsubscribed", BOB)]
 
 
-def test_probe_from_subscriber_while_offline_gets_unavailable(gw, store):
+async def test_probe_from_subscriber_while_offline_gets_unavailable(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
     sent = gw.feed(stanza("presence", "alice@fabrikam.test", BOB, "probe", id="p7"))
     assert [(s["type"], s["id"]) for s in sent] == [("unavailable", "p7")]
 
 
-def test_probe_from_subscriber_gets_each_resource_with_full_jid(gw, store):
+async def test_probe_from_subscriber_gets_each_resource_with_full_jid(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
     _, r1 = online(gw)
     _, r2 = online(gw)
@@ -202,7 +202,7 @@ def test_probe_from_subscriber_gets_each_resource_with_full_jid(gw, store):
 
 # sessions, offline messages, unavailable --------------------------------------------------
 
-def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connection(tmp_path):
+async def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connection(tmp_path):
     path = tmp_path / "gw.sqlite3"
     store = SqliteStore(path)
     store.add_user("bob")
@@ -220,7 +220,7 @@ def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connection(t
     assert store.take_offline("bob") == []
 
 
-def test_offline_store_full_bounces_with_service_unavailable(tmp_path):
+async def test_offline_store_full_bounces_with_service_unavailable(tmp_path):
     store = SqliteStore(tmp_path / "gw.sqlite3", offline_limit=1)
     store.add_user("bob")
     gw = CapturingGateway(store)
@@ -229,7 +229,7 @@ def test_offline_store_full_bounces_with_service_unavailable(tmp_path):
     assert error_condition(gw.feed(msg)[0]) == "service-unavailable"
 
 
-def test_going_offline_sends_unavailable_to_subscribers_and_directed_recipients(gw, store):
+async def test_going_offline_sends_unavailable_to_subscribers_and_directed_recipients(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
     store.set_contact("bob", "carol@verified.test", SubState(Subscription.TO))  # not a subscriber
     _, resource = online(gw)
@@ -242,7 +242,7 @@ def test_going_offline_sends_unavailable_to_subscribers_and_directed_recipients(
     assert "bob" not in gw.sessions
 
 
-def test_first_connection_probes_contacts_and_redelivers_pending_requests(gw, store):
+async def test_first_connection_probes_contacts_and_redelivers_pending_requests(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.TO))
     store.set_contact("bob", "eve@gmail.test", SubState(Subscription.TO, pending_in=True))
     events, _ = online(gw)
@@ -251,7 +251,7 @@ def test_first_connection_probes_contacts_and_redelivers_pending_requests(gw, st
     assert [e["from"] for e in events.of("subscription")] == ["eve@gmail.test"]
 
 
-def test_inbound_presence_from_contact_reaches_the_user(gw, store):
+async def test_inbound_presence_from_contact_reaches_the_user(gw, store):
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.TO))
     events, _ = online(gw)
     gw.feed(stanza("presence", "alice@fabrikam.test/pc", BOB,
@@ -263,7 +263,7 @@ def test_inbound_presence_from_contact_reaches_the_user(gw, store):
 
 # iq -------------------------------------------------------------------------------------------
 
-def test_domain_answers_disco_info_version_and_ping(gw):
+async def test_domain_answers_disco_info_version_and_ping(gw):
     disco = gw.feed(stanza("iq", "alice@fabrikam.test/pc", "contoso.test", "get",
                            inner="<query xmlns='http://jabber.org/protocol/disco#info'/>"))
     features = {f.get("var") for f in disco[0].xml.iter(
@@ -280,7 +280,7 @@ def test_domain_answers_disco_info_version_and_ping(gw):
     assert error_condition(unknown[0]) == "service-unavailable"
 
 
-def test_user_answers_ping_for_a_federated_partner_but_not_unknown_payloads(gw):
+async def test_user_answers_ping_for_a_federated_partner_but_not_unknown_payloads(gw):
     ping = gw.feed(stanza("iq", "alice@fabrikam.test/pc", BOB, "get",
                           inner="<ping xmlns='urn:xmpp:ping'/>"))
     assert ping[0]["type"] == "result"
@@ -294,13 +294,13 @@ def test_user_answers_ping_for_a_federated_partner_but_not_unknown_payloads(gw):
 
 # link down -----------------------------------------------------------------------------------
 
-def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
+async def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
     gw = CapturingGateway(store, queue_limit=2)
     gw.link_up = False
-    gw.send_message("bob", "alice@fabrikam.test", "one")
-    gw.send_message("bob", "alice@fabrikam.test", "two")
+    gw.send_user_message("bob", "alice@fabrikam.test", "one")
+    gw.send_user_message("bob", "alice@fabrikam.test", "two")
     with pytest.raises(LinkDown, match="link to the edge is down"):
-        gw.send_message("bob", "alice@fabrikam.test", "three")
+        gw.send_user_message("bob", "alice@fabrikam.test", "three")
     assert gw.sent == []
     gw.event("session_start")  # the link comes back: the queue is sent in order
     assert [s["body"] for s in gw.sent] == ["one", "two"] and not gw.queue

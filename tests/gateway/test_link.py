@@ -8,6 +8,7 @@ just enough to prove the gateway's link handling on real sockets. Run inside scr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 
 from gateway.component import Gateway
@@ -22,6 +23,7 @@ class AcceptSide:
         self.received: list[bytes] = []
         self.handshakes_ok: list[bool] = []
         self.server: asyncio.AbstractServer | None = None
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -29,6 +31,7 @@ class AcceptSide:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         number = self.connections
         buf = b""
         while b"<stream:stream" not in buf or not buf.split(b"<stream:stream", 1)[1].count(b">"):
@@ -52,6 +55,11 @@ class AcceptSide:
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self.server.wait_closed()
 
 
 async def test_link_reconnects_with_backoff_and_flushes_the_queue(tmp_path):
@@ -74,7 +82,7 @@ async def test_link_reconnects_with_backoff_and_flushes_the_queue(tmp_path):
         await asyncio.wait_for(lost.wait(), 5)
         dropped_at = loop.time()
         assert not gw.link_up
-        gw.send_message("bob", "alice@fabrikam.test", "sent while the link was down")
+        gw.send_user_message("bob", "alice@fabrikam.test", "sent while the link was down")
         assert len(gw.queue) == 1
         await asyncio.wait_for(sessions.get(), 10)
         assert loop.time() - dropped_at >= 0.25  # waited the backoff, did not spin
