@@ -184,10 +184,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     gw, user = request.app[GATEWAY], request[USER]
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
 
-    def push(event: dict[str, Any]) -> None:
-        if events.full():
-            return  # a stuck client loses live events; messages are not lost only if offline
+    def push(event: dict[str, Any]) -> bool:
+        if events.full():  # a client that stopped reading: close it, the user goes offline
+            asyncio.get_running_loop().create_task(ws.close(code=1008,
+                                                            message=b"not reading events"))
+            return False  # messages then go to the offline store
         events.put_nowait(event)
+        return True
 
     resource = gw.user_online(user, push)
     request.app[SOCKETS].add(ws)

@@ -50,7 +50,15 @@ def _run(cfg: GatewayConfig) -> int:
                 loop.add_signal_handler(sig, stop.set)
         await serve(cfg, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot listen on api_listen {cfg.api_host}:{cfg.api_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

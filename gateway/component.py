@@ -5,7 +5,8 @@ decision carried out here. slixmpp's own roster handling is switched off: it wou
 and subscriptions by itself, outside the partner rules.
 
 Local users are API clients: each open WebSocket is one resource, and `push(event)` callbacks
-registered by the API receive JSON-ready dicts. Stanzas local users send while the link to the
+registered by the API receive JSON-ready dicts; a message no session could take is stored
+offline instead of being lost. Stanzas local users send while the link to the
 edge is down wait in a bounded queue; when it is full the caller gets LinkDown (API: 503).
 """
 
@@ -43,7 +44,7 @@ SOFTWARE_NAME = "xmpp-federation-edge gateway"
 SOFTWARE_VERSION = "0.1.0"
 SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = available
 
-Push = Callable[[dict[str, Any]], None]
+Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
 
 
 class Refused(Exception):
@@ -133,6 +134,7 @@ class Gateway(ComponentXMPP):
 
     async def close(self) -> None:
         self.closing = True
+        self.cancel_connection_attempt()
         if self.transport is not None:
             await self.disconnect(wait=1.0)
 
@@ -180,7 +182,7 @@ class Gateway(ComponentXMPP):
         reply["type"] = "error"
         err = ET.SubElement(reply.xml, f"{{{NS}}}error", {"type": etype})
         ET.SubElement(err, f"{{{NS_STANZAS}}}{condition}")
-        self.emit(reply)
+        self._route(reply)
 
     # inbound: message ---------------------------------------------------------------------------
 
@@ -205,11 +207,11 @@ class Gateway(ComponentXMPP):
             event = message_event(msg)
             targets = [resources[msg["to"].resource]] if msg["to"].resource in resources \
                 else list(resources.values())
-            for push in targets:
-                push(event)
-        elif msg["type"] == "headline":
+            if any([push(event) for push in targets]):
+                return
+        if msg["type"] == "headline":
             return  # RFC 6121 8.5.4: headlines to offline users are dropped
-        elif msg["type"] == "groupchat" or not self.store.add_offline(
+        if msg["type"] == "groupchat" or not self.store.add_offline(
                 user, tostring(msg.xml, top_level=True)):
             self._error(msg)  # 8.5.4: groupchat gets an error; a full offline store too
 
@@ -352,7 +354,8 @@ class Gateway(ComponentXMPP):
         self.sessions.setdefault(user, {})[resource] = push
         self._broadcast(user, resource)
         for contact in self.store.contacts(user):
-            if first and contact.state.sees_contact:  # RFC 6121 4.3.1: probe on first login
+            if first and contact.state.sees_contact and self.partner_type(
+                    JID(contact.jid).domain) is not None:  # RFC 6121 4.3.1: probe on login
                 self._try_emit(self.make_presence(pto=contact.jid, ptype="probe",
                                                   pfrom=f"{user}@{self.domain}"))
             if contact.state.pending_in:  # RFC 6121 3.1.3: redeliver open requests
@@ -424,13 +427,12 @@ class Gateway(ComponentXMPP):
         return msg["id"]
 
     def _route(self, stanza: Any) -> None:
-        if stanza["to"].domain == self.domain:  # local user to local user: no edge involved
-            if stanza.name == "message":
-                self.on_message(stanza)
-            else:
-                self.on_presence(stanza)
-        else:
+        if stanza["to"].domain != self.domain or stanza.name == "iq":
             self.emit(stanza)
+        elif stanza.name == "message":  # local user to local user: no edge involved
+            self.on_message(stanza)
+        else:
+            self.on_presence(stanza)
 
     def set_presence(self, user: str, show: str, status: str, to: str | None = None) -> None:
         if show not in SHOW_VALUES:

@@ -73,5 +73,9 @@ async def gw(store):
 class Events(list):
     """A user's WebSocket stand-in: collects the pushed events."""
 
+    def push(self, event: dict) -> bool:
+        self.append(event)
+        return True
+
     def of(self, event: str) -> list[dict]:
         return [e for e in self if e["event"] == event]

@@ -34,7 +34,7 @@ def ptype(st) -> str:
 def online(gw, user="bob", show="away", status="In a meeting") -> tuple[Events, str]:
     gw.store.set_presence(user, show, status)
     events = Events()
-    resource = gw.user_online(user, events.append)
+    resource = gw.user_online(user, events.push)
     return events, resource
 
 
@@ -213,11 +213,30 @@ async def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connec
     store = SqliteStore(path)  # the gateway restarts
     gw = CapturingGateway(store)
     events = Events()
-    gw.user_online("bob", events.append)
+    gw.user_online("bob", events.push)
     [event] = events.of("message")
     assert event["body"] == "while you were out" and event["offline"] is True
     assert event["from"] == "alice@fabrikam.test/pc" and event["id"] == "o1"
     assert store.take_offline("bob") == []
+
+
+async def test_message_no_session_can_take_goes_to_the_offline_store(gw, store):
+    gw.user_online("bob", lambda event: False)  # a socket whose client stopped reading
+    assert gw.feed(stanza("message", "alice@fabrikam.test/pc", BOB, "chat",
+                          inner="<body>kept</body>")) == []
+    [stored] = store.take_offline("bob")
+    assert "kept" in stored.stanza
+
+
+async def test_local_users_talk_without_the_edge(gw, store):
+    store.add_user("dora")
+    events, _ = online(gw, "dora")
+    gw.send_user_message("bob", "dora@contoso.test", "hi dora")
+    assert gw.sent == []  # nothing went out to the edge
+    [msg] = events.of("message")
+    assert (msg["from"], msg["body"]) == (BOB, "hi dora")
+    gw.send_user_message("bob", "ghost@contoso.test", "anyone?")
+    assert gw.sent == []  # the bounce goes back to bob locally, not out through the edge
 
 
 async def test_offline_store_full_bounces_with_service_unavailable(tmp_path):

@@ -102,3 +102,22 @@ def test_python_dash_m_gateway_reports_config_errors(tmp_path):
                          timeout=30)
     assert run.returncode == 1
     assert "error: [gateway] domain: is required" in run.stderr
+
+
+def test_run_says_when_the_api_port_is_taken(tmp_path):
+    """Inside scripts/netns-run: a real listener holds the port the gateway wants."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        path = write(tmp_path, GOOD.replace("127.0.0.1:8081", f"127.0.0.1:{port}"))
+        run = subprocess.run([sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[2],
+                             timeout=30)
+    finally:
+        holder.close()
+    assert run.returncode == 1
+    assert f"cannot listen on api_listen 127.0.0.1:{port}" in run.stderr
