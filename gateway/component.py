@@ -1,0 +1,508 @@
+"""The gateway component: home of the local domain's users, behind the edge (XEP-0114).
+
+Every stanza the edge relays is classified (`rules.Kind`), looked up in `rules.decide()` and the
+decision carried out here. slixmpp's own roster handling is switched off: it would answer probes
+and subscriptions by itself, outside the partner rules.
+
+Local users are API clients: each open WebSocket is one resource, and `push(event)` callbacks
+registered by the API receive JSON-ready dicts; a message no session could take is stored
+offline instead of being lost. Stanzas local users send while the link to the
+edge is down wait in a bounded queue; when it is full the caller gets LinkDown (API: 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from slixmpp import JID, ComponentXMPP, InvalidJID
+from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import tostring
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from edgeproxy.partners import PartnerTable, PartnerType
+
+from . import rules
+from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
+from .store import Contact, Store
+
+log = logging.getLogger(__name__)
+
+NS = "jabber:component:accept"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_VERSION = "jabber:iq:version"
+NS_PING = "urn:xmpp:ping"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+SOFTWARE_NAME = "xmpp-federation-edge gateway"
+SOFTWARE_VERSION = "0.1.0"
+SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = available
+
+Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
+
+
+class Refused(Exception):
+    """The rules do not let a local user send this; the message says why (API: 403)."""
+
+
+class LinkDown(Exception):
+    """The link to the edge is down and the outbound queue is full (API: 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    outcome: rules.Outcome
+    partner_type: PartnerType | None
+    contact: Contact | None
+
+
+def presence_kind(ptype: str) -> Kind | None:
+    """RFC 6121 4.7.1 presence type -> rules.Kind (None for error and invalid types)."""
+    if ptype in ("", "available", "unavailable", *SHOW_VALUES[1:]):
+        return Kind.PRESENCE
+    try:
+        return Kind(ptype)
+    except ValueError:
+        return None
+
+
+class Gateway(ComponentXMPP):
+    def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
+                 partners: PartnerTable, *, queue_limit: int = 1000,
+                 min_backoff: float = 1.0, max_backoff: float = 60.0):
+        super().__init__(domain, secret, host, port)
+        self.domain = domain
+        self.store = store
+        self.partners = partners
+        self.queue: deque[Any] = deque()
+        self.queue_limit = queue_limit
+        self.link_up = False
+        self.closing = False
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
+        self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
+        self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
+        # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
+        for name in ("IM", "IMError", "Presence"):
+            self.remove_handler(name)
+        self.del_event_handler("presence_probe", self._handle_probe)
+        self.register_handler(Callback("gateway message", MatchXPath(f"{{{NS}}}message"),
+                                       self.on_message))
+        self.register_handler(Callback("gateway presence", MatchXPath(f"{{{NS}}}presence"),
+                                       self.on_presence))
+        self.register_handler(Callback("gateway iq", MatchXPath(f"{{{NS}}}iq"), self.on_iq))
+        self.add_event_handler("session_start", self._on_session_start)
+        self.add_event_handler("disconnected", self._on_disconnected)
+        self.add_event_handler("connection_failed", self._on_connection_failed)
+
+    # link to the edge --------------------------------------------------------------------------
+
+    def _on_session_start(self, _event: Any) -> None:
+        log.info("component link to the edge is up (%s:%s)", self.server_host,
+                 self.server_port)
+        self.link_up = True
+        self.backoff = self.min_backoff
+        while self.queue:
+            self.queue.popleft().send()
+        for user, resources in self.sessions.items():  # contacts may have lost our presence
+            for resource in resources:
+                self._broadcast(user, resource)
+
+    def _on_disconnected(self, reason: Any) -> None:
+        self.link_up = False
+        if self.closing:
+            return
+        delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
+        log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
+                    reason, delay)
+        self.loop.call_later(delay, self._reconnect)
+
+    def _on_connection_failed(self, error: Any) -> None:
+        # slixmpp retries by itself with a growing delay (XMLStream.reschedule_connection_attempt)
+        log.warning("cannot reach the edge's component port %s:%s (%s); retrying",
+                    self.server_host, self.server_port, error)
+
+    def _reconnect(self) -> None:
+        if not self.closing and not self.link_up:
+            self.connect()
+
+    async def close(self) -> None:
+        self.closing = True
+        self.cancel_connection_attempt()
+        if self.transport is not None:
+            await self.disconnect(wait=1.0)
+
+    def emit(self, stanza: Any) -> None:
+        """Send one stanza to the edge, or queue it while the link is down."""
+        if self.link_up:
+            stanza.send()
+            return
+        if len(self.queue) >= self.queue_limit:
+            raise LinkDown(f"the link to the edge is down and {len(self.queue)} stanzas are "
+                           "already waiting; try again when it is back")
+        self.queue.append(stanza)
+
+    # rules --------------------------------------------------------------------------------------
+
+    def partner_type(self, domain: str) -> PartnerType | None:
+        if domain == self.domain:
+            return PartnerType.FEDERATED  # our own users trust each other
+        partner = self.partners.lookup(domain)
+        return partner.type if partner is not None else None
+
+    def verdict(self, user: str, remote: JID, direction: Direction, kind: Kind,
+                *, user_exists: bool = True) -> Verdict:
+        contact = self.store.contact(user, remote.bare) if user_exists else None
+        ptype = self.partner_type(remote.domain)
+        outcome = rules.decide(ptype, direction, kind, contact.state if contact else NO_CONTACT,
+                               user_exists=user_exists)
+        return Verdict(outcome, ptype, contact)
+
+    def _save(self, user: str, jid: str, verdict: Verdict, name: str | None = None) -> None:
+        """Store the contact's new state; create a contact only when something happened."""
+        old = verdict.contact.state if verdict.contact else None
+        new = verdict.outcome.state
+        if new != (old or NO_CONTACT) or name is not None or (old is None and (
+                verdict.outcome.decision in (Decision.HOLD_FOR_USER, Decision.AUTO_APPROVE))):
+            self.store.set_contact(user, jid, new, name)
+
+    def _error(self, stanza: Any, condition: str = "service-unavailable",
+               etype: str = "cancel") -> None:
+        """Bounce a stanza with an RFC 6120 8.3 stanza error; never answer an error."""
+        if stanza["type"] == "error":
+            return
+        reply = stanza.reply(clear=True)
+        reply["id"] = stanza["id"]  # RFC 6120 8.3.1: mirror the id
+        reply["type"] = "error"
+        err = ET.SubElement(reply.xml, f"{{{NS}}}error", {"type": etype})
+        ET.SubElement(err, f"{{{NS_STANZAS}}}{condition}")
+        self._route(reply)
+
+    # inbound: message ---------------------------------------------------------------------------
+
+    def on_message(self, msg: Any) -> None:  # a slixmpp Message
+        user, remote = msg["to"].user, msg["from"]
+        if not user:  # the domain itself does not chat
+            self._error(msg)
+            return
+        v = self.verdict(user, remote, Direction.INBOUND, Kind.MESSAGE,
+                         user_exists=self.store.user_exists(user))
+        decision = v.outcome.decision
+        if decision is Decision.SERVICE_UNAVAILABLE:
+            if v.partner_type is not None and self.store.user_exists(user):
+                self.store.record_filtered(user, remote.bare, "message")
+            self._error(msg)
+        elif decision is Decision.DELIVER and msg["type"] != "error":
+            self._deliver_message(user, msg)
+
+    def _deliver_message(self, user: str, msg: Message) -> None:
+        resources = self.sessions.get(user)
+        if resources:
+            event = message_event(msg)
+            targets = [resources[msg["to"].resource]] if msg["to"].resource in resources \
+                else list(resources.values())
+            if any([push(event) for push in targets]):
+                return
+        if msg["type"] == "headline":
+            return  # RFC 6121 8.5.4: headlines to offline users are dropped
+        if msg["type"] == "groupchat" or not self.store.add_offline(
+                user, tostring(msg.xml, top_level=True)):
+            self._error(msg)  # 8.5.4: groupchat gets an error; a full offline store too
+
+    # inbound: iq --------------------------------------------------------------------------------
+
+    def on_iq(self, iq: Any) -> None:  # a slixmpp Iq
+        if iq["type"] not in ("get", "set"):
+            return  # results and errors for us: we send no requests that need them
+        payload = next(iter(iq.xml), None)
+        tag = payload.tag if payload is not None else ""
+        user = iq["to"].user
+        if not user:
+            self._answer_domain_iq(iq, tag)
+            return
+        v = self.verdict(user, iq["from"], Direction.INBOUND, Kind.IQ,
+                         user_exists=self.store.user_exists(user))
+        if v.outcome.decision is not Decision.DELIVER:
+            if v.outcome.decision is Decision.SERVICE_UNAVAILABLE and v.partner_type is not None \
+                    and self.store.user_exists(user):
+                self.store.record_filtered(user, iq["from"].bare, "iq")
+            self._error(iq)
+            return
+        resource = iq["to"].resource
+        if resource and resource not in self.sessions.get(user, {}):
+            self._error(iq)  # RFC 6121 8.5.3.1 / 8.5.3.2.1: no such resource
+        elif iq["type"] == "get" and tag == f"{{{NS_PING}}}ping":
+            self.emit(iq.reply(clear=True))  # XEP-0199: the account (or resource) answers
+        elif iq["type"] == "get" and tag == f"{{{NS_DISCO_INFO}}}query" and not resource:
+            reply = iq.reply(clear=True)
+            query = ET.SubElement(reply.xml, f"{{{NS_DISCO_INFO}}}query")
+            ET.SubElement(query, f"{{{NS_DISCO_INFO}}}identity",
+                          {"category": "account", "type": "registered"})
+            self.emit(reply)  # XEP-0030 3.1: an account's identity
+        else:
+            self._error(iq)
+
+    def _answer_domain_iq(self, iq: Iq, tag: str) -> None:
+        reply = iq.reply(clear=True)
+        if iq["type"] == "get" and tag == f"{{{NS_PING}}}ping":
+            pass
+        elif iq["type"] == "get" and tag == f"{{{NS_DISCO_INFO}}}query":
+            query = ET.SubElement(reply.xml, f"{{{NS_DISCO_INFO}}}query")
+            ET.SubElement(query, f"{{{NS_DISCO_INFO}}}identity",
+                          {"category": "server", "type": "im", "name": SOFTWARE_NAME})
+            for feature in (NS_DISCO_INFO, NS_VERSION, NS_PING):
+                ET.SubElement(query, f"{{{NS_DISCO_INFO}}}feature", {"var": feature})
+        elif iq["type"] == "get" and tag == f"{{{NS_VERSION}}}query":
+            query = ET.SubElement(reply.xml, f"{{{NS_VERSION}}}query")
+            ET.SubElement(query, f"{{{NS_VERSION}}}name").text = SOFTWARE_NAME
+            ET.SubElement(query, f"{{{NS_VERSION}}}version").text = SOFTWARE_VERSION
+        else:
+            self._error(iq)  # RFC 6120 10.3.3: payload we do not understand
+            return
+        self.emit(reply)
+
+    # inbound: presence --------------------------------------------------------------------------
+
+    def on_presence(self, pres: Any) -> None:  # a slixmpp Presence
+        kind = presence_kind(pres["type"])
+        user, remote = pres["to"].user, pres["from"]
+        if kind is None or not user:
+            return  # errors, bad types, presence to the domain: nothing to do
+        exists = self.store.user_exists(user)
+        v = self.verdict(user, remote, Direction.INBOUND, kind, user_exists=exists)
+        decision, jid = v.outcome.decision, remote.bare
+        if decision in (Decision.DROP, Decision.SERVICE_UNAVAILABLE):
+            return  # presence is never bounced (RFC 6121 8.5.1)
+        if decision is Decision.FILTER:
+            self.store.record_filtered(user, jid, kind.value)
+            return
+        self._save(user, jid, v)
+        if kind is Kind.PROBE:
+            self._answer_probe(user, pres, decision)
+        elif decision is Decision.AUTO_APPROVE:
+            self.emit(self.make_presence(pto=jid, pfrom=f"{user}@{self.domain}",
+                                         ptype="subscribed"))
+            for resource in self.sessions.get(user, {}):  # RFC 6121 3.1.5: then presence
+                self.emit(self._presence_of(user, resource, jid, v.partner_type))
+            self._push(user, {"event": "subscription", "type": "subscribe", "from": jid,
+                              "result": "auto-approved"})
+        elif decision is Decision.HOLD_FOR_USER:
+            self._push(user, {"event": "subscription", "type": "subscribe", "from": jid,
+                              "result": "waiting-for-approval",
+                              "status": pres["status"] or None})
+        elif kind is Kind.PRESENCE:
+            self._push(user, {"event": "presence", "from": str(remote),
+                              "type": "unavailable" if pres["type"] == "unavailable"
+                              else "available", "show": pres["show"] or None,
+                              "status": pres["status"] or None})
+        else:  # subscribed / unsubscribe / unsubscribed that changed the state
+            self._push(user, {"event": "subscription", "type": kind.value, "from": jid,
+                              "subscription": v.outcome.state.subscription.value})
+
+    def _answer_probe(self, user: str, probe: Presence, decision: Decision) -> None:
+        """RFC 6121 4.3.2: unsubscribed to non-subscribers, else the presence of each resource."""
+        bare = f"{user}@{self.domain}"
+        to = probe["from"]
+        if decision is Decision.REPLY_UNSUBSCRIBED:
+            self.emit(self.make_presence(pto=to.bare, pfrom=bare, ptype="unsubscribed"))
+            return
+        resources = list(self.sessions.get(user, {}))
+        wanted = probe["to"].resource
+        if wanted:
+            resources = [r for r in resources if r == wanted]
+        if not resources:
+            reply = self.make_presence(pto=to, pfrom=bare, ptype="unavailable")
+            reply["id"] = probe["id"]
+            self.emit(reply)
+            return
+        for resource in resources:
+            reply = self._presence_of(user, resource, to, self.partner_type(to.domain),
+                                      keep_status=decision is Decision.DELIVER)
+            reply["id"] = probe["id"]
+            self.emit(reply)
+
+    def _presence_of(self, user: str, resource: str, to: str | JID,
+                     ptype: PartnerType | None, keep_status: bool | None = None) -> Presence:
+        """The user's current presence from one resource, `<status/>` only where allowed."""
+        if keep_status is None:
+            keep_status = ptype is PartnerType.FEDERATED
+        last = self.store.presence(user)
+        pres = self.make_presence(pto=to, pfrom=f"{user}@{self.domain}/{resource}")
+        if last is not None:
+            if last.show:
+                pres["show"] = last.show
+            if last.status and keep_status:
+                pres["status"] = last.status  # the Lync status note (SPEC 1.5)
+        return pres
+
+    def _push(self, user: str, event: dict[str, Any]) -> None:
+        for push in list(self.sessions.get(user, {}).values()):
+            push(event)
+
+    # local users: sessions ---------------------------------------------------------------------
+
+    def user_online(self, user: str, push: Push) -> str:
+        """A WebSocket opened: a new resource. Sends presence, probes, stored messages."""
+        resource = "ws-" + secrets.token_hex(4)
+        first = not self.sessions.get(user)
+        self.sessions.setdefault(user, {})[resource] = push
+        self._broadcast(user, resource)
+        for contact in self.store.contacts(user):
+            if first and contact.state.sees_contact and self.partner_type(
+                    JID(contact.jid).domain) is not None:  # RFC 6121 4.3.1: probe on login
+                self._try_emit(self.make_presence(pto=contact.jid, ptype="probe",
+                                                  pfrom=f"{user}@{self.domain}"))
+            if contact.state.pending_in:  # RFC 6121 3.1.3: redeliver open requests
+                push({"event": "subscription", "type": "subscribe", "from": contact.jid,
+                      "result": "waiting-for-approval", "status": None})
+        for stored in self.store.take_offline(user):
+            push(message_event(self.stanza_from_xml(stored.stanza), stamp=stored.stamp))
+        return resource
+
+    def user_offline(self, user: str, resource: str) -> None:
+        """A WebSocket closed: unavailable to subscribers and directed-presence recipients."""
+        self.sessions.get(user, {}).pop(resource, None)
+        if not self.sessions.get(user):
+            self.sessions.pop(user, None)
+        full = f"{user}@{self.domain}/{resource}"
+        recipients = {c.jid for c in self.store.contacts(user) if c.state.contact_sees_user}
+        recipients |= self.directed.pop(full, set())
+        for jid in sorted(recipients):
+            self._try_emit(self.make_presence(pto=jid, pfrom=full, ptype="unavailable"))
+
+    def _try_emit(self, stanza: Any) -> None:
+        try:
+            self.emit(stanza)
+        except LinkDown:
+            log.warning("dropped %s to %s: the link to the edge is down and the queue full",
+                        stanza.name, stanza["to"])
+
+    def _broadcast(self, user: str, resource: str) -> None:
+        """Current presence of one resource to every subscriber (RFC 6121 4.2.2, 4.4.2)."""
+        for contact in self.store.contacts(user):
+            if not contact.state.contact_sees_user:
+                continue
+            ptype = self.partner_type(JID(contact.jid).domain)
+            if ptype is None:
+                continue
+            self._try_emit(self._presence_of(user, resource, contact.jid, ptype))
+
+    def stanza_from_xml(self, text: str) -> Message:
+        return Message(self, ET.fromstring(text))
+
+    # local users: actions (the API calls these) ------------------------------------------------
+
+    def parse_jid(self, value: str) -> JID:
+        try:
+            jid = JID(value)
+        except InvalidJID as exc:
+            raise ValueError(f"{value!r} is not a valid JID: {exc}") from exc
+        if not jid.user or not jid.domain:
+            raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
+        return jid
+
+    def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
+        v = self.verdict(user, to, Direction.OUTBOUND, kind)
+        if v.partner_type is None:
+            raise Refused(f"{to.domain} is not a federation partner of {self.domain}: "
+                          "nobody there can be reached")
+        if v.outcome.decision is Decision.REFUSE:
+            raise Refused(f"{to.bare} is on {to.domain}, a public-unverified partner: add "
+                          "them as a contact first (they cannot answer until you do)")
+        return v
+
+    def send_user_message(self, user: str, to: str, body: str, mtype: str = "chat") -> str:
+        jid = self.parse_jid(to)
+        self._outbound(user, jid, Kind.MESSAGE)
+        msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
+        msg["type"] = mtype
+        msg["id"] = secrets.token_hex(8)
+        self._route(msg)
+        return msg["id"]
+
+    def _route(self, stanza: Any) -> None:
+        if stanza["to"].domain != self.domain or stanza.name == "iq":
+            self.emit(stanza)
+        elif stanza.name == "message":  # local user to local user: no edge involved
+            self.on_message(stanza)
+        else:
+            self.on_presence(stanza)
+
+    def set_presence(self, user: str, show: str, status: str, to: str | None = None) -> None:
+        if show not in SHOW_VALUES:
+            raise ValueError(f"show must be one of available, away, chat, dnd, xa (got {show!r})")
+        self.store.set_presence(user, show, status)
+        resources = list(self.sessions.get(user, {}))
+        if to is None:
+            for resource in resources:
+                self._broadcast(user, resource)
+            return
+        jid = self.parse_jid(to)  # directed presence (RFC 6121 4.6)
+        v = self._outbound(user, jid, Kind.PRESENCE)
+        for resource in resources:
+            self._route(self._presence_of(user, resource, jid, v.partner_type,
+                                          keep_status=v.outcome.decision is Decision.DELIVER))
+            self.directed.setdefault(f"{user}@{self.domain}/{resource}", set()).add(str(jid))
+
+    def _subscription(self, user: str, jid: JID, kind: Kind, name: str | None = None) -> Verdict:
+        v = self._outbound(user, jid, kind)
+        self._save(user, jid.bare, v, name)
+        if v.outcome.decision is Decision.DELIVER:
+            pres = self.make_presence(pto=jid.bare, pfrom=f"{user}@{self.domain}")
+            pres["type"] = kind.value
+            self._route(pres)
+        return v
+
+    def add_contact(self, user: str, to: str, name: str | None = None) -> SubState:
+        """Subscribe to the contact and pre-approve (or approve) theirs (RFC 6121 3.1, 3.4)."""
+        jid = self.parse_jid(to)
+        self._subscription(user, jid, Kind.SUBSCRIBE, name)
+        state = self.approve(user, to)
+        self.store.forget_filtered(user, jid.bare)
+        return state
+
+    def approve(self, user: str, to: str) -> SubState:
+        jid = self.parse_jid(to)
+        v = self._subscription(user, jid, Kind.SUBSCRIBED)
+        if v.outcome.decision is Decision.DELIVER:  # RFC 6121 3.1.5: then current presence
+            for resource in self.sessions.get(user, {}):
+                self._route(self._presence_of(user, resource, jid.bare, v.partner_type))
+        return v.outcome.state
+
+    def deny(self, user: str, to: str) -> SubState:
+        jid = self.parse_jid(to)
+        v = self._subscription(user, jid, Kind.UNSUBSCRIBED)
+        self.store.forget_filtered(user, jid.bare)
+        return v.outcome.state
+
+    def remove_contact(self, user: str, to: str) -> bool:
+        """RFC 6121 2.5.2: cancel both directions, then forget the contact."""
+        jid = self.parse_jid(to)
+        if self.store.contact(user, jid.bare) is None:
+            return False
+        if self.partner_type(jid.domain) is not None:
+            self._subscription(user, jid, Kind.UNSUBSCRIBE)
+            self._subscription(user, jid, Kind.UNSUBSCRIBED)
+        return self.store.remove_contact(user, jid.bare)
+
+
+def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"event": "message", "from": str(msg["from"]), "to": str(msg["to"]),
+                             "id": msg["id"] or None, "type": msg["type"] or "normal",
+                             "body": msg["body"]}
+    if stamp is not None:
+        event["offline"] = True
+        event["stamp"] = stamp
+    return event
+
+
+async def run_until_stopped(gateway: Gateway, stop: asyncio.Event) -> None:
+    gateway.connect()
+    await stop.wait()
+    await gateway.close()

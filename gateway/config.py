@@ -1,0 +1,87 @@
+"""The [gateway] section of the edge's TOML file, and the partners through edgeproxy.config.
+
+One clear error line per problem (ConfigError, as the edge does). The partner table comes from
+`edgeproxy.config.load_partner_table`, so the edge and the gateway share one partner model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeproxy.config import ConfigError, load_partner_table, load_raw
+from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
+
+_KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token"}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    domain: str
+    component_host: str
+    component_port: int
+    secret: str
+    database: Path
+    api_host: str
+    api_port: int
+    admin_token: str | None
+    partners: PartnerTable
+
+
+def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
+    problems: list[str] = []
+    section = raw.get("gateway")
+    if not isinstance(section, Mapping):
+        raise ConfigError(["[gateway] section is missing (domain, component, secret, database)"])
+
+    def string(key: str, required: bool, default: str = "") -> str:
+        value = section.get(key, default)
+        if not isinstance(value, str):
+            problems.append(f"[gateway] {key}: must be a string (got {value!r})")
+            return default
+        if required and not value:
+            problems.append(f"[gateway] {key}: is required")
+        return value
+
+    for key in section:
+        if key not in _KNOWN:
+            problems.append(f"[gateway] unknown key {key!r} (known: {', '.join(sorted(_KNOWN))})")
+    domain = string("domain", True)
+    if domain:
+        try:
+            domain = normalize_domain(domain)
+        except ValueError as exc:
+            problems.append(f"[gateway] domain: {exc}")
+
+    def address(key: str, default: str, port: int) -> tuple[str, int]:
+        try:
+            return parse_host_port(string(key, True, default), port)
+        except ValueError as exc:
+            problems.append(f"[gateway] {key}: {exc}")
+            return "127.0.0.1", port
+
+    comp_host, comp_port = address("component", "127.0.0.1:5347", 5347)
+    api_host, api_port = address("api_listen", "127.0.0.1:8080", 8080)
+    secret = string("secret", True)
+    database = string("database", False, "gateway.sqlite3")
+    admin_token = string("admin_token", False) or None
+    partners = PartnerTable()
+    try:
+        partners = load_partner_table(raw)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    db = Path(database).expanduser()
+    return GatewayConfig(
+        domain=domain, component_host=comp_host, component_port=comp_port, secret=secret,
+        database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
+        admin_token=admin_token, partners=partners,
+    )
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    raw, base = load_raw(path)
+    return gateway_config_from_mapping(raw, base)

@@ -1,0 +1,325 @@
+"""The component carrying out the rules, scenario by scenario (SPEC 1.5, RFC 6121).
+
+The edge's component listener is being written in parallel: these tests drive the component's
+handlers with real slixmpp stanzas and capture what it would send by overriding XMLStream.send
+(see conftest.py). End-to-end runs through the real edge and Prosody are added after the merge.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.component import LinkDown, Refused
+from gateway.rules import Subscription, SubState
+from gateway.store import SqliteStore
+
+from .conftest import CapturingGateway, Events, stanza
+
+BOB = "bob@contoso.test"
+NS_STANZAS = "{urn:ietf:params:xml:ns:xmpp-stanzas}"
+
+
+def error_condition(st) -> str | None:
+    err = st.xml.find("{jabber:component:accept}error")
+    if err is None:
+        return None
+    return next(iter(err)).tag.removeprefix(NS_STANZAS)
+
+
+def ptype(st) -> str:
+    """The presence type attribute ("available" when absent; slixmpp reports the show)."""
+    return st.xml.get("type") or "available"
+
+
+def online(gw, user="bob", show="away", status="In a meeting") -> tuple[Events, str]:
+    gw.store.set_presence(user, show, status)
+    events = Events()
+    resource = gw.user_online(user, events.push)
+    return events, resource
+
+
+# federated / public-verified ---------------------------------------------------------------
+
+async def test_federated_contact_subscribes_without_approval_and_sees_the_status_note(gw):
+    events, resource = online(gw)
+    sent = gw.feed(stanza("presence", "alice@fabrikam.test/pc", BOB, "subscribe"))
+    assert [(s.name, ptype(s)) for s in sent] == [("presence", "subscribed"),
+                                                  ("presence", "available")]
+    assert str(sent[0]["from"]) == BOB and str(sent[0]["to"]) == "alice@fabrikam.test"
+    assert str(sent[1]["from"]) == f"{BOB}/{resource}"
+    assert sent[1]["show"] == "away" and sent[1]["status"] == "In a meeting"
+    assert gw.store.contact("bob", "alice@fabrikam.test").state == SubState(Subscription.FROM)
+    assert events.of("subscription")[0]["result"] == "auto-approved"
+
+
+async def test_federated_additional_domain_shares_the_partner_type(gw):
+    online(gw)
+    sent = gw.feed(stanza("presence", "dave@corp.fabrikam.test", BOB, "subscribe"))
+    assert sent[0]["type"] == "subscribed" and sent[1]["status"] == "In a meeting"
+
+
+async def test_public_verified_contact_sees_presence_without_the_note(gw):
+    online(gw)
+    sent = gw.feed(stanza("presence", "carol@verified.test", BOB, "subscribe"))
+    assert sent[0]["type"] == "subscribed"
+    assert sent[1]["show"] == "away" and sent[1]["status"] == ""
+    assert sent[1].xml.find("{jabber:component:accept}status") is None
+    probe = gw.feed(stanza("presence", "carol@verified.test", BOB, "probe", id="p1"))
+    assert len(probe) == 1 and probe[0]["status"] == "" and probe[0]["id"] == "p1"
+
+
+async def test_broadcast_strips_the_note_per_subscriber(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.BOTH))
+    store.set_contact("bob", "carol@verified.test", SubState(Subscription.FROM))
+    store.set_contact("bob", "eve@gmail.test", SubState(Subscription.FROM))
+    store.set_contact("bob", "nobody@unlisted.test", SubState(Subscription.FROM))
+    online(gw)
+    gw.sent.clear()
+    gw.set_presence("bob", "dnd", "Presenting")
+    notes = {str(s["to"]): s["status"] for s in gw.sent if s.name == "presence"}
+    assert notes == {"alice@fabrikam.test": "Presenting", "carol@verified.test": "",
+                     "eve@gmail.test": ""}  # the unlisted domain gets nothing
+
+
+# public-unverified ---------------------------------------------------------------------------
+
+async def test_public_unverified_stranger_message_gets_service_unavailable(gw, store):
+    events, _ = online(gw)
+    sent = gw.feed(stanza("message", "eve@gmail.test/x", BOB, "chat", id="m1",
+                          inner="<body>hi</body>"))
+    assert len(sent) == 1 and sent[0]["type"] == "error" and sent[0]["id"] == "m1"
+    assert error_condition(sent[0]) == "service-unavailable"
+    assert str(sent[0]["to"]) == "eve@gmail.test/x" and str(sent[0]["from"]) == BOB
+    assert events.of("message") == []
+    assert [f.kind for f in store.filtered("bob")] == ["message"]
+
+
+async def test_public_unverified_stranger_subscribe_is_filtered_and_recorded(gw, store):
+    events, _ = online(gw)
+    assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
+    assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
+    assert events.of("subscription") == []
+    assert store.contact("bob", "eve@gmail.test") is None
+    [f] = store.filtered("bob")
+    assert (f.jid, f.kind, f.count) == ("eve@gmail.test", "subscribe", 2)
+    assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "probe")) == []
+    assert gw.feed(stanza("presence", "eve@gmail.test/x", BOB)) == []
+
+
+async def test_public_unverified_stranger_iq_gets_service_unavailable(gw):
+    sent = gw.feed(stanza("iq", "eve@gmail.test/x", BOB, "get",
+                          inner="<ping xmlns='urn:xmpp:ping'/>"))
+    assert error_condition(sent[0]) == "service-unavailable"
+
+
+async def test_local_user_cannot_message_a_public_unverified_stranger(gw):
+    with pytest.raises(Refused, match="add them as a contact first"):
+        gw.send_user_message("bob", "eve@gmail.test", "hello")
+
+
+async def test_after_the_local_user_adds_them_they_talk_both_ways(gw, store):
+    events, resource = online(gw)
+    gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe"))  # filtered first
+    gw.sent.clear()
+    gw.add_contact("bob", "eve@gmail.test", "Eve")
+    assert [(s["type"], str(s["to"])) for s in gw.sent] == [("subscribe", "eve@gmail.test")]
+    assert store.contact("bob", "eve@gmail.test").state == SubState(pending_out=True,
+                                                                     approved=True)
+    assert store.filtered("bob") == []  # adding them answers the filtered request
+    # eve's server answers our request and asks back: pre-approved, so auto-approved
+    gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribed"))
+    sent = gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe"))
+    assert [ptype(s) for s in sent] == ["subscribed", "available"]
+    assert sent[1]["status"] == ""  # never the note to a public-unverified partner
+    assert store.contact("bob", "eve@gmail.test").state == SubState(Subscription.BOTH)
+    gw.feed(stanza("message", "eve@gmail.test/x", f"{BOB}/{resource}", "chat",
+                   inner="<body>hi bob</body>"))
+    assert events.of("message")[0]["body"] == "hi bob"
+    gw.sent.clear()
+    gw.send_user_message("bob", "eve@gmail.test", "hi eve")
+    assert gw.sent[0].name == "message" and gw.sent[0]["body"] == "hi eve"
+    assert str(gw.sent[0]["from"]) == BOB
+
+
+async def test_subscription_after_the_user_only_subscribed_waits_for_approval(gw, store):
+    events, _ = online(gw)
+    store.set_contact("bob", "eve@gmail.test", SubState(Subscription.TO))
+    assert gw.feed(stanza("presence", "eve@gmail.test", BOB, "subscribe")) == []
+    assert events.of("subscription")[-1]["result"] == "waiting-for-approval"
+    gw.approve("bob", "eve@gmail.test")
+    assert [ptype(s) for s in gw.sent] == ["subscribed", "available"]
+    assert store.contact("bob", "eve@gmail.test").state == SubState(Subscription.BOTH)
+
+
+# unknown users, unknown domains --------------------------------------------------------------
+
+async def test_unknown_local_user_looks_like_any_refusal(gw):
+    msg = gw.feed(stanza("message", "alice@fabrikam.test/x", "ghost@contoso.test", "chat",
+                         inner="<body>hi</body>"))
+    assert error_condition(msg[0]) == "service-unavailable"
+    iq = gw.feed(stanza("iq", "alice@fabrikam.test/x", "ghost@contoso.test", "get",
+                        inner="<ping xmlns='urn:xmpp:ping'/>"))
+    assert error_condition(iq[0]) == "service-unavailable"
+    for ptype in ("subscribe", "probe", "", "unsubscribe"):
+        assert gw.feed(stanza("presence", "alice@fabrikam.test", "ghost@contoso.test",
+                              ptype)) == []
+
+
+async def test_domain_without_partner_entry_is_refused(gw):
+    sent = gw.feed(stanza("message", "mallory@unlisted.test", BOB, "chat",
+                          inner="<body>x</body>"))
+    assert error_condition(sent[0]) == "service-unavailable"
+    with pytest.raises(Refused, match="unlisted.test is not a federation partner"):
+        gw.send_user_message("bob", "mallory@unlisted.test", "hi")
+
+
+async def test_errors_are_never_answered_with_errors(gw):
+    assert gw.feed(stanza("message", "eve@gmail.test", BOB, "error")) == []
+
+
+# probes (RFC 6121 4.3.2) -------------------------------------------------------------------
+
+async def test_probe_from_non_subscriber_gets_unsubscribed_from_the_bare_jid(gw):
+    online(gw)
+    sent = gw.feed(stanza("presence", "alice@fabrikam.test", BOB, "probe"))
+    assert [(s["type"], str(s["from"])) for s in sent] == [("unsubscribed", BOB)]
+
+
+async def test_probe_from_subscriber_while_offline_gets_unavailable(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
+    sent = gw.feed(stanza("presence", "alice@fabrikam.test", BOB, "probe", id="p7"))
+    assert [(s["type"], s["id"]) for s in sent] == [("unavailable", "p7")]
+
+
+async def test_probe_from_subscriber_gets_each_resource_with_full_jid(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
+    _, r1 = online(gw)
+    _, r2 = online(gw)
+    sent = gw.feed(stanza("presence", "alice@fabrikam.test", BOB, "probe", id="p8"))
+    assert sorted(str(s["from"]) for s in sent) == sorted([f"{BOB}/{r1}", f"{BOB}/{r2}"])
+    assert all(s["status"] == "In a meeting" and s["id"] == "p8" for s in sent)
+
+
+# sessions, offline messages, unavailable --------------------------------------------------
+
+async def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connection(tmp_path):
+    path = tmp_path / "gw.sqlite3"
+    store = SqliteStore(path)
+    store.add_user("bob")
+    gw = CapturingGateway(store)
+    assert gw.feed(stanza("message", "alice@fabrikam.test/pc", BOB, "chat", id="o1",
+                          inner="<body>while you were out</body>")) == []
+    store.close()
+    store = SqliteStore(path)  # the gateway restarts
+    gw = CapturingGateway(store)
+    events = Events()
+    gw.user_online("bob", events.push)
+    [event] = events.of("message")
+    assert event["body"] == "while you were out" and event["offline"] is True
+    assert event["from"] == "alice@fabrikam.test/pc" and event["id"] == "o1"
+    assert store.take_offline("bob") == []
+
+
+async def test_message_no_session_can_take_goes_to_the_offline_store(gw, store):
+    gw.user_online("bob", lambda event: False)  # a socket whose client stopped reading
+    assert gw.feed(stanza("message", "alice@fabrikam.test/pc", BOB, "chat",
+                          inner="<body>kept</body>")) == []
+    [stored] = store.take_offline("bob")
+    assert "kept" in stored.stanza
+
+
+async def test_local_users_talk_without_the_edge(gw, store):
+    store.add_user("dora")
+    events, _ = online(gw, "dora")
+    gw.send_user_message("bob", "dora@contoso.test", "hi dora")
+    assert gw.sent == []  # nothing went out to the edge
+    [msg] = events.of("message")
+    assert (msg["from"], msg["body"]) == (BOB, "hi dora")
+    gw.send_user_message("bob", "ghost@contoso.test", "anyone?")
+    assert gw.sent == []  # the bounce goes back to bob locally, not out through the edge
+
+
+async def test_offline_store_full_bounces_with_service_unavailable(tmp_path):
+    store = SqliteStore(tmp_path / "gw.sqlite3", offline_limit=1)
+    store.add_user("bob")
+    gw = CapturingGateway(store)
+    msg = stanza("message", "alice@fabrikam.test/pc", BOB, "chat", inner="<body>x</body>")
+    assert gw.feed(msg) == []
+    assert error_condition(gw.feed(msg)[0]) == "service-unavailable"
+
+
+async def test_going_offline_sends_unavailable_to_subscribers_and_directed_recipients(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
+    store.set_contact("bob", "carol@verified.test", SubState(Subscription.TO))  # not a subscriber
+    _, resource = online(gw)
+    gw.set_presence("bob", "", "", to="dave@verified.test/desk")
+    gw.sent.clear()
+    gw.user_offline("bob", resource)
+    assert sorted((str(s["to"]), s["type"]) for s in gw.sent) == [
+        ("alice@fabrikam.test", "unavailable"), ("dave@verified.test/desk", "unavailable")]
+    assert all(str(s["from"]) == f"{BOB}/{resource}" for s in gw.sent)
+    assert "bob" not in gw.sessions
+
+
+async def test_first_connection_probes_contacts_and_redelivers_pending_requests(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.TO))
+    store.set_contact("bob", "eve@gmail.test", SubState(Subscription.TO, pending_in=True))
+    events, _ = online(gw)
+    probes = sorted(str(s["to"]) for s in gw.sent if s["type"] == "probe")
+    assert probes == ["alice@fabrikam.test", "eve@gmail.test"]
+    assert [e["from"] for e in events.of("subscription")] == ["eve@gmail.test"]
+
+
+async def test_inbound_presence_from_contact_reaches_the_user(gw, store):
+    store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.TO))
+    events, _ = online(gw)
+    gw.feed(stanza("presence", "alice@fabrikam.test/pc", BOB,
+                   inner="<show>xa</show><status>gone fishing</status>"))
+    [p] = events.of("presence")
+    assert (p["from"], p["show"], p["status"]) == ("alice@fabrikam.test/pc", "xa",
+                                                   "gone fishing")
+
+
+# iq -------------------------------------------------------------------------------------------
+
+async def test_domain_answers_disco_info_version_and_ping(gw):
+    disco = gw.feed(stanza("iq", "alice@fabrikam.test/pc", "contoso.test", "get",
+                           inner="<query xmlns='http://jabber.org/protocol/disco#info'/>"))
+    features = {f.get("var") for f in disco[0].xml.iter(
+        "{http://jabber.org/protocol/disco#info}feature")}
+    assert {"urn:xmpp:ping", "jabber:iq:version"} <= features
+    version = gw.feed(stanza("iq", "alice@fabrikam.test/pc", "contoso.test", "get",
+                             inner="<query xmlns='jabber:iq:version'/>"))
+    assert version[0].xml.find(".//{jabber:iq:version}name").text
+    ping = gw.feed(stanza("iq", "alice@fabrikam.test/pc", "contoso.test", "get", id="ping1",
+                          inner="<ping xmlns='urn:xmpp:ping'/>"))
+    assert (ping[0]["type"], ping[0]["id"]) == ("result", "ping1")
+    unknown = gw.feed(stanza("iq", "alice@fabrikam.test/pc", "contoso.test", "get",
+                             inner="<query xmlns='urn:example:unknown'/>"))
+    assert error_condition(unknown[0]) == "service-unavailable"
+
+
+async def test_user_answers_ping_for_a_federated_partner_but_not_unknown_payloads(gw):
+    ping = gw.feed(stanza("iq", "alice@fabrikam.test/pc", BOB, "get",
+                          inner="<ping xmlns='urn:xmpp:ping'/>"))
+    assert ping[0]["type"] == "result"
+    other = gw.feed(stanza("iq", "alice@fabrikam.test/pc", BOB, "set",
+                           inner="<query xmlns='urn:example:unknown'/>"))
+    assert error_condition(other[0]) == "service-unavailable"
+    no_such_resource = gw.feed(stanza("iq", "alice@fabrikam.test/pc", f"{BOB}/nope", "get",
+                                      inner="<ping xmlns='urn:xmpp:ping'/>"))
+    assert error_condition(no_such_resource[0]) == "service-unavailable"
+
+
+# link down -----------------------------------------------------------------------------------
+
+async def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
+    gw = CapturingGateway(store, queue_limit=2)
+    gw.link_up = False
+    gw.send_user_message("bob", "alice@fabrikam.test", "one")
+    gw.send_user_message("bob", "alice@fabrikam.test", "two")
+    with pytest.raises(LinkDown, match="link to the edge is down"):
+        gw.send_user_message("bob", "alice@fabrikam.test", "three")
+    assert gw.sent == []
+    gw.event("session_start")  # the link comes back: the queue is sent in order
+    assert [s["body"] for s in gw.sent] == ["one", "two"] and not gw.queue
