@@ -91,12 +91,11 @@ STANZA_ERROR_TYPES: Final = frozenset({"auth", "cancel", "continue", "modify", "
 
 _STOP_NAMESPACES: Final = frozenset({NS_TLS, NS_SASL})
 _UNPREFIXED_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT})
-_QNAME_END: Final = frozenset(b" \t\r\n/>")
+_PLAIN_ATTRS: Final = frozenset({"to", "from", "type", "id"})
 _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_separator=" "
 
 # A start tag from its '<' to the first '>' outside quotes (the unrolled-loop form keeps re fast).
 _START_TAG = re.compile(rb"<[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
-_DEFAULT_NS_DECL = re.compile(rb"\sxmlns\s*=")
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 _WS = b" \t\r\n"  # XML's S production (RFC 6120 1.4 "whitespace")
 
@@ -266,6 +265,9 @@ class XmlStreamParser:
         self._ns_decls: dict[str | None, str | None] = {}
         self._context = _EMPTY_CONTEXT
         self._prefix_probes: tuple[bytes, ...] = ()
+        self._top_default_decl = False
+        self._chunk = b""  # the bytes last given to expat, and their stream offset
+        self._chunk_start = 0
         self._parser = self._new_expat()
 
     # -- public API ---------------------------------------------------------------------------
@@ -317,9 +319,11 @@ class XmlStreamParser:
         # tag, a long text run) wait here instead of making expat re-scan its partial token.
         if b">" in data:
             if self._given == self._end - len(data):
-                chunk: bytes | bytearray = data
+                chunk = data
             else:
-                chunk = self._buf[self._given - self._base :]
+                chunk = bytes(self._buf[self._given - self._base :])
+            self._chunk = chunk
+            self._chunk_start = self._given
             self._given = self._end
             try:
                 self._parser.Parse(chunk, False)
@@ -374,6 +378,11 @@ class XmlStreamParser:
                         "whitespace may appear between stanzas",
                     )
                 self._mark = self._base + m.start()
+            if self._mark > self._given:
+                # Whitespace expat has not been given (no '>' came with it) is never needed:
+                # skip it and shift the offset mapping, so idle keepalives buffer nothing.
+                self._delta += self._mark - self._given
+                self._given = self._mark
         if self._end - self._mark > self.max_stanza_size:
             raise XmlStreamError(
                 "policy-violation",
@@ -411,6 +420,7 @@ class XmlStreamParser:
 
     def _new_expat(self) -> expat.XMLParserType:
         p = expat.ParserCreate("UTF-8", " ")
+        p.namespace_prefixes = True  # names carry their prefix: "uri local prefix"
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         if hasattr(p, "SetReparseDeferralEnabled"):
             # expat >= 2.6 may hold back a complete tag until more data arrives; a stream
@@ -470,43 +480,54 @@ class XmlStreamParser:
         # expat's index is just past '/>' for an empty-element tag but at '</' for an end tag
         # (TLS.md section 4); tell them apart without scanning in the common cases.
         if not buf.startswith(b"/>", i - 2):
-            end = buf.index(b">", i) + 1
+            end = buf.index(b">", i) + 1 + base
         elif not buf.startswith(b"</", i):
-            end = i
+            end = i + base
         else:
             tag = _START_TAG.match(buf, start - base)
-            end = i if tag is not None and tag.end() == i else buf.index(b">", i) + 1
-        end += base
+            end = base + (i if tag is not None and tag.end() == i else buf.index(b">", i) + 1)
         if end - start > self.max_stanza_size:
             raise XmlStreamError(
                 "policy-violation",
                 f"stanza of {end - start} bytes exceeds the maximum of {self.max_stanza_size}",
             )
-        raw = bytes(buf[start - base : end - base])
-        ns, _, local = self._stanza_name.rpartition(" ")
-        attrs = self._stanza_attrs
-        for key in attrs:
-            if " " in key:
-                attrs = _qualify_attrs(attrs)
-                break
-        self_contained = True
-        for probe in self._prefix_probes:
-            if probe in raw:
-                self_contained = not _uses_undeclared_prefix(raw)
-                break
-        if self_contained and b"xmlns" in raw:
-            tag = _START_TAG.match(raw)
-            if tag is not None and _DEFAULT_NS_DECL.search(raw, 0, tag.end()):
-                self_contained = False
-        if ns in _UNPREFIXED_NAMESPACES:
-            # RFC 6120 4.8.5: elements qualified by jabber:client / jabber:server are never
-            # prefixed; the qualified name right after '<' must be the bare local name.
-            local_b = local.encode()
-            if not raw.startswith(local_b, 1) or raw[len(local_b) + 1] not in _QNAME_END:
+        chunk_start = self._chunk_start
+        if start >= chunk_start:
+            raw = self._chunk[start - chunk_start : end - chunk_start]
+        else:
+            raw = bytes(buf[start - base : end - base])
+        # expat names are "uri local" or, when the element is prefixed, "uri local prefix".
+        parts = self._stanza_name.split(" ")
+        if len(parts) == 2:
+            ns, local = parts
+        elif len(parts) == 1:
+            ns, local = "", parts[0]
+        else:
+            ns, local = parts[0], parts[1]
+            if ns in _UNPREFIXED_NAMESPACES:
+                # RFC 6120 4.8.5: content-namespace elements are never prefixed
                 raise XmlStreamError(
                     "bad-namespace-prefix",
-                    f"<{local}/> in the content namespace {ns} must not carry a prefix",
+                    f"<{parts[2]}:{local}/> in the content namespace {ns} must not be prefixed",
                 )
+        attrs = self._stanza_attrs
+        if not attrs.keys() <= _PLAIN_ATTRS:
+            attrs = _qualify_attrs(attrs)
+        # Self-contained unless it declares its own default namespace (its namespace then
+        # differs from the stream's, or it redeclares the same) or uses a header prefix.
+        if self._top_default_decl:
+            self._top_default_decl = False
+            self_contained = False
+        elif ns != self._context.default_ns:
+            self_contained = False
+        elif raw.find(b":") < 0:  # no prefix can be used without a ':'
+            self_contained = True
+        else:
+            self_contained = True
+            for probe in self._prefix_probes:
+                if raw.find(probe) >= 0:
+                    self_contained = not _uses_undeclared_prefix(raw)
+                    break
         self._events.append(Element(ns, local, attrs, raw, self_contained, self._context))
         self._mark = end
         self._stanza_start = -1
@@ -524,11 +545,9 @@ class XmlStreamParser:
             )
 
     def _open_stream(self, name: str, attrs: dict[str, str]) -> None:
-        p = self._parser
-        p.StartNamespaceDeclHandler = None  # only the header's declarations are wanted
         if self._priming:
             return
-        start = p.CurrentByteIndex + self._delta
+        start = self._parser.CurrentByteIndex + self._delta
         i = start - self._base
         tag = _START_TAG.match(self._buf, i)
         assert tag is not None, "expat reported a start tag the scanner cannot find"
@@ -537,14 +556,15 @@ class XmlStreamParser:
             raise XmlStreamError(
                 "policy-violation", f"stream header exceeds {self.max_header_size} bytes"
             )
-        if name != _STREAM_QNAME:
-            ns, _, local = name.rpartition(" ")
+        parts = name.split(" ")
+        if parts[:2] != [NS_STREAMS, "stream"]:
+            ns = parts[0] if len(parts) > 1 else "(none)"
             raise XmlStreamError(
                 "invalid-namespace",
-                f"root element is <{local}> in namespace {ns or '(none)'!r}, "
+                f"root element is <{parts[min(1, len(parts) - 1)]}> in namespace {ns!r}, "
                 f"not <stream> in {NS_STREAMS}",
             )
-        if not self._buf.startswith(b"<stream:", i):
+        if parts[2:] != ["stream"]:
             raise XmlStreamError(
                 "bad-namespace-prefix",
                 "the stream namespace must use the prefix 'stream' (RFC 6120 4.8.5)",
@@ -560,7 +580,12 @@ class XmlStreamParser:
         self._events.append(StreamOpened(_qualify_attrs(attrs), default_ns, dict(prefixes), raw))
 
     def _on_namespace(self, prefix: str | None, uri: str | None) -> None:
-        self._ns_decls[prefix] = uri
+        # Called before the start handler of the element carrying the declaration.
+        if self._depth == 1:
+            if prefix is None:
+                self._top_default_decl = True
+        elif self._depth == 0 and not self._priming:
+            self._ns_decls[prefix] = uri
 
     def _on_xml_decl(self, version: str, encoding: str | None, standalone: int) -> None:
         if encoding is not None and encoding.lower() != "utf-8":
@@ -593,10 +618,12 @@ def _qualify_attrs(attrs: dict[str, str]) -> dict[str, str]:
     """expat's "uri local" attribute names -> 'xml:lang' / '{uri}local'."""
     out: dict[str, str] = {}
     for key, value in attrs.items():
-        uri, sep, local = key.rpartition(" ")
-        if not sep:
+        parts = key.split(" ")  # "local", "uri local" or "uri local prefix"
+        if len(parts) == 1:
             out[key] = value
-        elif uri == NS_XML:
+            continue
+        uri, local = parts[0], parts[1]
+        if uri == NS_XML:
             out["xml:" + local] = value
         else:
             out[f"{{{uri}}}{local}"] = value
