@@ -266,6 +266,7 @@ class XmlStreamParser:
         self._context = _EMPTY_CONTEXT
         self._prefix_probes: tuple[bytes, ...] = ()
         self._top_default_decl = False
+        self._content_ns = ""
         self._chunk = b""  # the bytes last given to expat, and their stream offset
         self._chunk_start = 0
         self._parser = self._new_expat()
@@ -441,7 +442,7 @@ class XmlStreamParser:
     def _on_start(self, name: str, attrs: dict[str, str]) -> None:
         d = self._depth + 1
         self._depth = d
-        if len(attrs) > self.max_attributes:
+        if attrs and len(attrs) > self.max_attributes:
             raise XmlStreamError(
                 "policy-violation",
                 f"element has {len(attrs)} attributes (limit {self.max_attributes})",
@@ -453,13 +454,12 @@ class XmlStreamParser:
             self._mark = self._stanza_start = start
             self._stanza_name = name
             self._stanza_attrs = attrs
-        elif d > 2:
-            if d > self._depth_limit:
-                raise XmlStreamError(
-                    "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
-                )
-        else:
+        elif d == 1:
             self._open_stream(name, attrs)
+        elif d > self._depth_limit:
+            raise XmlStreamError(
+                "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
+            )
 
     def _on_end(self, name: str) -> None:
         d = self._depth
@@ -518,7 +518,7 @@ class XmlStreamParser:
         if self._top_default_decl:
             self._top_default_decl = False
             self_contained = False
-        elif ns != self._context.default_ns:
+        elif ns != self._content_ns:
             self_contained = False
         elif raw.find(b":") < 0:  # no prefix can be used without a ':'
             self_contained = True
@@ -573,6 +573,7 @@ class XmlStreamParser:
         default_ns = self._ns_decls.pop(None, None)
         prefixes = {k: v for k, v in self._ns_decls.items() if k is not None and v is not None}
         self._context = NamespaceContext(default_ns, prefixes)
+        self._content_ns = default_ns or ""
         self._prefix_probes = tuple(f"{prefix}:".encode() for prefix in prefixes)
         self._header_raw = raw
         self._opened = True

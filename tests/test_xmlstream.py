@@ -6,6 +6,7 @@ byte at a time, and in odd-sized pieces: TCP decides the cuts, not the sender.
 
 from __future__ import annotations
 
+import ssl
 import time
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
@@ -45,7 +46,18 @@ MESSAGE = (
     b"<body>hello &amp; &#x263A; &lt;3</body>"
     b"<active xmlns='http://jabber.org/protocol/chatstates'/></message>"
 )
-CLIENT_HELLO = bytes.fromhex("160301020001") + bytes(range(256)) * 6  # TLS record bytes
+
+
+def real_client_hello() -> bytes:
+    """A real TLS ClientHello from Python's ssl over memory BIOs (no socket needed)."""
+    ctx = ssl.create_default_context()
+    client = ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="x.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+CLIENT_HELLO = real_client_hello()
 
 SPLITS = [None, 1, 7, 64]
 
@@ -416,8 +428,28 @@ def test_pipelined_starttls_cuts_exactly_before_the_client_hello(
     assert (el.ns, el.name, el.raw) == (NS_TLS, "starttls", starttls)
     # everything fed after the element, and nothing of it, is left for the TLS layer
     assert parser.leftover == data[len(DECL + HEADER + starttls) : fed]
+    assert size is not None or parser.leftover == CLIENT_HELLO
+    if parser.leftover:
+        assert parser.leftover[0] == 0x16  # a TLS handshake record: the TLS layer's, not ours
     with pytest.raises(RuntimeError, match="stopped"):
         parser.feed(b"more")
+
+
+def test_each_event_is_delivered_on_the_byte_that_completes_it() -> None:
+    """No deferral: a peer that sends <starttls/> then waits must get its answer."""
+    parser = XmlStreamParser()
+    data = HEADER + MESSAGE + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    ends = {len(HEADER), len(HEADER + MESSAGE), len(data)}
+    for i in range(len(data)):
+        events = parser.feed(data[i : i + 1])
+        assert bool(events) == (i + 1 in ends), f"byte {i}"
+
+
+def test_tls_bytes_fed_to_a_running_parser_are_an_error() -> None:
+    """Negative control (TLS.md section 4): why the cut must be exact."""
+    with pytest.raises(XmlStreamError) as info:
+        XmlStreamParser().feed(HEADER + MESSAGE + CLIENT_HELLO)
+    assert info.value.condition in {"not-well-formed", "unsupported-encoding"}
 
 
 def test_initiating_side_stops_at_proceed_inside_a_chunk_with_features() -> None:
