@@ -40,6 +40,12 @@ Restricted XML (RFC 6120 11.1-11.7) and the choices made where the RFC leaves on
   an oversized stanza is refused as soon as it crosses the limit, and the parser never holds
   more than about `max_stanza_size` + one chunk.
 
+Prompt delivery and re-scan cost: every event is returned by the feed() that brings its final
+'>' (expat >= 2.6 reparse deferral is switched off). Expat re-scans a partial token on each
+Parse, so chunks without a '>' are not parsed at all, and a partial token longer than 1 KiB is
+only re-parsed when a quote-aware scan sees a '>' that can end it or its size has doubled:
+a tag trickled in byte by byte costs linear, not quadratic, time.
+
 Stop points: after a depth-1 element in NS_TLS or NS_SASL, `feed()` stops (`stopped`), keeping
 the unparsed bytes in `leftover`, so TLS bytes never reach expat (TLS.md section 4).
 """
@@ -91,11 +97,13 @@ STANZA_ERROR_TYPES: Final = frozenset({"auth", "cancel", "continue", "modify", "
 
 _STOP_NAMESPACES: Final = frozenset({NS_TLS, NS_SASL})
 _UNPREFIXED_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT})
+_RESCAN_FREE: Final = 1024  # partial tokens up to this size are re-parsed on every '>'
 _PLAIN_ATTRS: Final = frozenset({"to", "from", "type", "id"})
 _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_separator=" "
 
 # A start tag from its '<' to the first '>' outside quotes (the unrolled-loop form keeps re fast).
 _START_TAG = re.compile(rb"<[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
+_QUOTE_OR_GT = re.compile(rb"['\">]")
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 _WS = b" \t\r\n"  # XML's S production (RFC 6120 1.4 "whitespace")
 
@@ -266,6 +274,10 @@ class XmlStreamParser:
         self._context = _EMPTY_CONTEXT
         self._prefix_probes: tuple[bytes, ...] = ()
         self._top_default_decl = False
+        self._partial = 0  # size of the partial token expat holds after the last Parse
+        self._scan_token = -1  # where that token starts, and the quote-aware scan's state
+        self._scan_pos = -1
+        self._scan_quote = 0
         self._content_ns = ""
         self._chunk = b""  # the bytes last given to expat, and their stream offset
         self._chunk_start = 0
@@ -305,6 +317,8 @@ class XmlStreamParser:
             self._priming = False
         self._delta = self._cut - len(self._header_raw)
         self._depth = 1
+        self._partial = 0
+        self._scan_token = self._scan_pos = -1
         return self.feed(data) if data else []
 
     # -- feeding ------------------------------------------------------------------------------
@@ -318,7 +332,17 @@ class XmlStreamParser:
         self._end += len(data)
         # A start or end tag is only ever completed by a '>', so chunks without one (a trickled
         # tag, a long text run) wait here instead of making expat re-scan its partial token.
-        if b">" in data:
+        # Expat re-scans a partial token on every Parse, so a huge tag trickled in with a '>'
+        # in every byte would cost O(n^2). Tokens up to _RESCAN_FREE bytes are re-parsed on
+        # every '>' (prompt: a <starttls/> is followed by silence); a longer one only when an
+        # incremental quote-aware scan finds a '>' that can end it, or once the unparsed bytes
+        # have doubled it - both amortised linear.
+        by_scan = False
+        if b">" in data and (
+            self._partial <= _RESCAN_FREE
+            or self._end - self._given >= self._partial
+            or (by_scan := self._long_tag_may_be_complete())
+        ):
             if self._given == self._end - len(data):
                 chunk = data
             else:
@@ -332,6 +356,15 @@ class XmlStreamParser:
                 self._stop()
             except expat.ExpatError as exc:
                 raise self._translate(exc) from None
+            else:
+                # after Parse, expat's index is where its unconsumed partial token starts
+                token = self._parser.CurrentByteIndex + self._delta
+                self._partial = self._given - token
+                if token != self._scan_token:
+                    self._scan_token = self._scan_pos = token
+                    self._scan_quote = 0
+                elif by_scan:  # the scan said "complete" but expat disagrees: use doubling
+                    self._scan_pos = -1
         if not self.stopped:
             self._check_pending()
             keep = min(self._mark, self._given)
@@ -340,6 +373,37 @@ class XmlStreamParser:
                 self._base = keep
         events, self._events = self._events, []
         return events
+
+    def _long_tag_may_be_complete(self) -> bool:
+        """Is there a '>' outside quotes after the start of expat's partial token?
+
+        Scans each byte once per token (state kept across feeds). Only a guide: a wrong
+        answer costs one extra Parse or a wait for doubling, never a wrong event.
+        """
+        if self._scan_pos < 0:
+            return False
+        buf, i, quote = self._buf, self._scan_pos - self._base, self._scan_quote
+        n = len(buf)
+        found = False
+        while i < n:
+            if quote:
+                j = buf.find(quote, i)
+                if j < 0:
+                    i = n
+                    break
+                quote, i = 0, j + 1
+            else:
+                m = _QUOTE_OR_GT.search(buf, i)
+                if m is None:
+                    i = n
+                    break
+                i = m.end()
+                if buf[m.start()] == 0x3E:
+                    found = True
+                    break
+                quote = buf[m.start()]
+        self._scan_pos, self._scan_quote = self._base + i, quote
+        return found
 
     def _check_first_bytes(self, data: bytes) -> None:
         """RFC 6120 11.6: UTF-8 only, and U+FEFF is never a byte order mark."""
