@@ -1,0 +1,741 @@
+"""Sans-I/O server-to-server negotiation (RFC 6120, XEP-0178, XEP-0220, XEP-0344), both roles.
+
+What this module knows: the partner policy (edgeproxy.partners), the XML events of one stream
+(edgeproxy.xmlstream), the results of certificate checks and dialback verifications that the shell
+hands back to it. What it does not know: sockets, TLS records, DNS, clocks, other streams. It
+returns actions (small dataclasses) that the asyncio shell carries out.
+
+Transitions live in the two tables `_INBOUND` and `_OUTBOUND`: (state, element) -> handler. Any
+pair that is not in a table closes the stream (invalid is the default, as in h2).
+
+The Lync matrix (SPEC 1.7) decides which methods a partner may use; this module offers and accepts
+exactly those: SASL EXTERNAL needs TLS and a certificate valid for the domain; TLS dialback needs
+TLS; TCP dialback happens on a stream without TLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from functools import lru_cache
+from typing import Protocol
+from xml.etree import ElementTree as ET
+
+from slixmpp.jid import JID, InvalidJID
+
+from .dialback import DialbackKeys, new_stream_id
+from .partners import AuthMethod, Negotiation, Partner, PartnerTable
+from .xmlstream import (
+    NS_DIALBACK,
+    NS_DIALBACK_FEATURES,
+    NS_SASL,
+    NS_SERVER,
+    NS_STANZAS,
+    NS_STREAMS,
+    NS_TLS,
+    Element,
+    StreamClosed,
+    StreamOpened,
+    escape_attr,
+    stream_header,
+)
+
+log = logging.getLogger("edgeproxy.s2s")
+
+STANZA_NAMES = frozenset({"message", "presence", "iq"})
+MAX_SASL_ATTEMPTS = 3
+
+
+class CertificateCheckLike(Protocol):
+    ok: bool
+    reason: str
+    matched: str | None
+
+
+CertChecker = Callable[[str], CertificateCheckLike]
+
+
+@lru_cache(maxsize=65536)
+def jid_domain(jid: str) -> str | None:
+    """The domain of a JID string (slixmpp's validating parser), or None if it is not a JID."""
+    try:
+        return JID(jid).domain or None
+    except InvalidJID:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions for the shell
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Switch to TLS now; the bytes the parser left over belong to TLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartStream:
+    """A new XML stream begins on the same transport (after TLS or SASL): new parser."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    local: str
+    remote: str
+    method: AuthMethod
+    label: str  # for logs: sasl-external / dialback / dialback-over-valid-certificate
+
+
+@dataclass(frozen=True, slots=True)
+class DialbackVerify:
+    """Receiving role: ask the authoritative server of `remote` whether `key` is valid."""
+
+    local: str  # receiving (ours)
+    remote: str  # originating (theirs)
+    stream_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialbackVerifyAnswer:
+    """Outbound stream got a <db:verify type=.../> answer for a request we sent on it."""
+
+    local: str
+    remote: str
+    stream_id: str
+    outcome: str  # "valid" | "invalid" | an error condition
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    element: Element
+    local: str
+    remote: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the stream: send a stream error (if condition) and </stream:stream>, then hang up.
+
+    `bounce` (outbound only): the stanza error condition for queued stanzas when it failed.
+    """
+
+    reason: str
+    condition: str | None = None
+    bounce: str | None = None
+    failed: bool = True
+
+
+Action = Send | StartTls | RestartStream | Authenticated | DialbackVerify | DialbackVerifyAnswer \
+    | Deliver | Close
+
+
+@dataclass(slots=True)
+class S2sContext:
+    """What the negotiation needs from the edge's configuration (no I/O)."""
+
+    local_domains: frozenset[str]
+    partners: PartnerTable
+    keys: DialbackKeys
+    has_certificate: bool
+
+
+def _features(*children: str) -> bytes:
+    return (f"<stream:features>{''.join(children)}</stream:features>").encode()
+
+
+_STARTTLS = f"<starttls xmlns='{NS_TLS}'/>"
+_STARTTLS_REQUIRED = f"<starttls xmlns='{NS_TLS}'><required/></starttls>"
+_DIALBACK_FEATURE = f"<dialback xmlns='{NS_DIALBACK_FEATURES}'><errors/></dialback>"
+_EXTERNAL = f"<mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms>"
+
+
+def _db(name: str, from_: str, to: str, *, type_: str | None = None, id_: str | None = None,
+        text: str = "", error: str | None = None) -> bytes:
+    attrs = f" from='{escape_attr(from_)}' to='{escape_attr(to)}'"
+    if id_ is not None:
+        attrs += f" id='{escape_attr(id_)}'"
+    if type_ is not None:
+        attrs += f" type='{type_}'"
+    if error:
+        text = f"<error type='cancel'><{error} xmlns='{NS_STANZAS}'/></error>"
+    return f"<db:{name}{attrs}>{text}</db:{name}>".encode() if text else \
+        f"<db:{name}{attrs}/>".encode()
+
+
+def _sasl_failure(condition: str) -> bytes:
+    return f"<failure xmlns='{NS_SASL}'><{condition}/></failure>".encode()
+
+
+def _text(el: Element) -> str:
+    return (el.xml().text or "").strip()
+
+
+class InState(Enum):
+    WAIT_HEADER = auto()  # before the initiator's (re)started stream header
+    NEGOTIATING = auto()  # features sent, waiting for STARTTLS / SASL / dialback / stanzas
+    CLOSED = auto()
+
+
+class OutState(Enum):
+    WAIT_HEADER = auto()
+    WAIT_FEATURES = auto()
+    WAIT_PROCEED = auto()
+    WAIT_SASL = auto()
+    WAIT_DIALBACK = auto()
+    READY = auto()
+    CLOSED = auto()
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving role: a partner's server connects to us
+
+
+@dataclass(slots=True)
+class InboundS2s:
+    ctx: S2sContext
+    tls: bool = False  # True from the start for Direct TLS (XEP-0368)
+    state: InState = InState.WAIT_HEADER
+    stream_id: str = ""
+    local: str = ""  # the initial header's 'to'
+    header_from: str | None = None
+    partner: Partner | None = None
+    cert_check: CertChecker | None = None
+    offered_tls: bool = False
+    offered_external: bool = False
+    sasl_done: bool = False
+    sasl_attempts: int = 0
+    verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
+    pending: dict[tuple[str, str], str] = field(default_factory=dict)  # pair -> key
+    header_sent: bool = False
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def receive(self, event: StreamOpened | Element | StreamClosed) -> list[Action]:
+        if self.state is InState.CLOSED:
+            return []
+        if isinstance(event, StreamOpened):
+            if self.state is not InState.WAIT_HEADER:
+                return self._close("unexpected second stream header", "not-well-formed")
+            return self._on_header(event)
+        if isinstance(event, StreamClosed):
+            self.state = InState.CLOSED
+            return [Close("peer closed the stream", failed=not self.verified)]
+        if self.state is InState.WAIT_HEADER:
+            return self._close("element before the stream header", "not-well-formed")
+        handler = _INBOUND.get((event.ns, event.name))
+        if handler is None:
+            if event.ns == NS_SERVER and event.name in STANZA_NAMES:
+                return self._on_stanza(event)
+            return self._close(f"unsupported element {{{event.ns}}}{event.name}",
+                               "unsupported-stanza-type")
+        return handler(self, event)
+
+    def tls_established(self, cert_check: CertChecker) -> list[Action]:
+        """The shell finished the TLS handshake; `cert_check(domain)` judges the peer's cert."""
+        self.tls = True
+        self.cert_check = cert_check
+        self.state = InState.WAIT_HEADER
+        return []
+
+    def dialback_result(self, local: str, remote: str, outcome: str) -> list[Action]:
+        """The authoritative server answered (or could not be asked): valid/invalid/condition."""
+        if self.pending.pop((local, remote), None) is None or self.state is InState.CLOSED:
+            return []
+        if outcome == "valid":
+            return self._grant(local, remote, self._dialback_method(), "dialback")
+        if outcome == "invalid":
+            log.warning("dialback key from %s for %s is invalid (authoritative server said so)",
+                        remote, local)
+            out: list[Action] = [Send(_db("result", local, remote, type_="invalid"))]
+            if not self.verified and not self.pending:
+                out += self._close(f"dialback key invalid for {remote} -> {local}",
+                                   "not-authorized")
+            return out
+        return [Send(_db("result", local, remote, type_="error", error=outcome))]
+
+    # -- header and features --------------------------------------------------------------------
+
+    def _on_header(self, ev: StreamOpened) -> list[Action]:
+        self.stream_id = new_stream_id()
+        to = (ev.attrs.get("to") or "").lower().rstrip(".")
+        frm = ev.attrs.get("from")
+        self.header_from = frm.lower().rstrip(".") if frm else None
+        first_local = sorted(self.ctx.local_domains)[0]
+        self.local = to if to in self.ctx.local_domains else first_local
+        header = stream_header(content_ns=NS_SERVER, from_=self.local, to=self.header_from,
+                               id_=self.stream_id, dialback=True,
+                               version="1.0" if ev.attrs.get("version") else None)
+        self.header_sent = True
+        out: list[Action] = [Send(header)]
+        if ev.default_ns != NS_SERVER:
+            return out + self._close(f"content namespace {ev.default_ns!r} is not jabber:server",
+                                     "invalid-namespace")
+        if to and to not in self.ctx.local_domains:
+            return out + self._close(f"{to} is not served here", "host-unknown")
+        if self.header_from is not None:
+            self.partner = self.ctx.partners.lookup(self.header_from)
+            if self.partner is None:
+                return out + self._close(
+                    f"{self.header_from} is not a federation partner of {self.local}",
+                    "policy-violation")
+        if not ev.attrs.get("version"):
+            # RFC 3920-era peer: no stream features; only dialback can authenticate it.
+            self.state = InState.NEGOTIATING
+            return out
+        self.state = InState.NEGOTIATING
+        return out + self._features()
+
+    def _features(self) -> list[Action]:
+        p = self.partner
+        if self.sasl_done:
+            return [Send(_features())]
+        if not self.tls:
+            offer_tls = self.ctx.has_certificate and (
+                p is None or p.tls is not Negotiation.NOT_SUPPORTED)
+            if p is not None and p.tls is Negotiation.REQUIRED and not self.ctx.has_certificate:
+                return self._close(f"partner {p.domain} requires TLS, but this edge has no "
+                                   "certificate configured", "policy-violation")
+            self.offered_tls = offer_tls
+            if offer_tls and p is not None and p.tls is Negotiation.REQUIRED:
+                return [Send(_features(_STARTTLS_REQUIRED))]
+            children = [_STARTTLS] if offer_tls else []
+            if p is None or p.allows(AuthMethod.TCP_DIALBACK):
+                children.append(_DIALBACK_FEATURE)
+            return [Send(_features(*children))]
+        children = []
+        self.offered_external = False
+        if p is not None and p.allows(AuthMethod.SASL_EXTERNAL) and self.cert_check is not None:
+            check = self.cert_check(p.domain if self.header_from is None else self.header_from)
+            if check.ok:
+                self.offered_external = True
+                children.append(_EXTERNAL)
+            else:
+                log.info("inbound %s -> %s: not offering SASL EXTERNAL: %s",
+                         self.header_from, self.local, check.reason)
+                if not p.allows(AuthMethod.TLS_DIALBACK):
+                    return self._close(f"{check.reason}; partner {p.domain} allows only SASL "
+                                       "EXTERNAL (certificates)", "not-authorized")
+        if p is None or p.allows(AuthMethod.TLS_DIALBACK):
+            children.append(_DIALBACK_FEATURE)
+        return [Send(_features(*children))]
+
+    # -- STARTTLS (RFC 6120 5.4) ---------------------------------------------------------------
+
+    def _on_starttls(self, el: Element) -> list[Action]:
+        if not self.offered_tls or self.tls:
+            reason = ("TLS already in place" if self.tls else
+                      f"partner {self.partner.domain if self.partner else self.header_from} is "
+                      "configured with tls = not-supported" if self.ctx.has_certificate else
+                      "no certificate configured")
+            return [Send(f"<failure xmlns='{NS_TLS}'/>".encode())] + self._close(
+                f"refused STARTTLS: {reason}", None)
+        self.state = InState.WAIT_HEADER
+        return [Send(f"<proceed xmlns='{NS_TLS}'/>".encode()), StartTls()]
+
+    # -- SASL EXTERNAL (RFC 6120 6, XEP-0178) ----------------------------------------------------
+
+    def _on_auth(self, el: Element) -> list[Action]:
+        self.sasl_attempts += 1
+        if self.sasl_attempts > MAX_SASL_ATTEMPTS:
+            return self._close("too many SASL attempts", "policy-violation")
+        if el.attrs.get("mechanism") != "EXTERNAL" or not self.offered_external:
+            return [Send(_sasl_failure("invalid-mechanism"))]
+        assert self.header_from is not None and self.cert_check is not None
+        raw = _text(el)
+        if raw not in ("", "="):
+            try:
+                authzid = base64.b64decode(raw, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return [Send(_sasl_failure("incorrect-encoding"))]
+            if authzid.lower().rstrip(".") != self.header_from:
+                log.warning("inbound %s: SASL authzid %r differs from stream from",
+                            self.header_from, authzid)
+                return [Send(_sasl_failure("invalid-authzid"))]
+        check = self.cert_check(self.header_from)
+        if not check.ok:  # re-checked at use (XEP-0344 4: guard against renegotiation)
+            return [Send(_sasl_failure("not-authorized"))]
+        self.sasl_done = True
+        self.state = InState.WAIT_HEADER
+        out: list[Action] = [Send(f"<success xmlns='{NS_SASL}'/>".encode())]
+        out += self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
+                           "sasl-external", notify=False)
+        return out + [RestartStream()]
+
+    def _on_sasl_abort(self, el: Element) -> list[Action]:
+        return [Send(_sasl_failure("aborted"))]
+
+    # -- Dialback (XEP-0220), receiving and authoritative roles -------------------------------
+
+    def _dialback_method(self) -> AuthMethod:
+        return AuthMethod.TLS_DIALBACK if self.tls else AuthMethod.TCP_DIALBACK
+
+    def _on_db_result(self, el: Element) -> list[Action]:
+        local = (el.attrs.get("to") or "").lower()
+        remote = (el.attrs.get("from") or "").lower()
+        key = _text(el)
+        if not local or not remote:
+            return self._close("<db:result/> without from and to", "improper-addressing")
+        if "type" in el.attrs:  # XEP-0220 2.2: no type on inbound db elements (no XEP-0288)
+            return self._close("<db:result/> with a type on an inbound stream", "not-authorized")
+        if local not in self.ctx.local_domains:
+            return [Send(_db("result", local, remote, type_="error", error="item-not-found"))]
+        partner = self.ctx.partners.lookup(remote)
+        method = self._dialback_method()
+        refusal = None
+        if partner is None:
+            refusal = ("forbidden", f"{remote} is not a federation partner of {local}")
+        elif not partner.allows(method):
+            if not self.tls and partner.allows(AuthMethod.TLS_DIALBACK):
+                refusal = ("policy-violation",
+                           f"partner {partner.domain} requires TLS before dialback")
+            elif partner.allows(AuthMethod.SASL_EXTERNAL):
+                refusal = ("not-authorized", f"partner {partner.domain} must authenticate with "
+                           "SASL EXTERNAL (a certificate); dialback is not allowed for it")
+            else:
+                refusal = ("forbidden", f"dialback is disabled for partner {partner.domain}")
+        if refusal is not None:
+            log.warning("inbound dialback %s -> %s refused: %s", remote, local, refusal[1])
+            out: list[Action] = [Send(_db("result", local, remote, type_="error",
+                                          error=refusal[0]))]
+            if not self.verified and not self.pending:
+                out += self._close(refusal[1], "not-authorized" if refusal[0] != "policy-violation"
+                                   else "policy-violation")
+            return out
+        if (local, remote) in self.verified:
+            return [Send(_db("result", local, remote, type_="valid"))]
+        if self.tls and self.cert_check is not None:
+            check = self.cert_check(remote)
+            if check.ok:  # XEP-0344 "dialback without dialback": the certificate proves it
+                return self._grant(local, remote, AuthMethod.TLS_DIALBACK,
+                                   "dialback-over-valid-certificate")
+        self.pending[(local, remote)] = key
+        return [DialbackVerify(local, remote, self.stream_id, key)]
+
+    def _on_db_verify(self, el: Element) -> list[Action]:
+        # Authoritative role: `from` is the receiving server, `to` is us (the originating one).
+        receiving = (el.attrs.get("from") or "").lower()
+        originating = (el.attrs.get("to") or "").lower()
+        sid = el.attrs.get("id") or ""
+        if not receiving or not originating or not sid:
+            return self._close("<db:verify/> without from, to and id", "improper-addressing")
+        if "type" in el.attrs:
+            return self._close("<db:verify/> with a type on an inbound stream", "not-authorized")
+        valid = originating in self.ctx.local_domains and self.ctx.keys.check(
+            _text(el), receiving, originating, sid)
+        log.info("authoritative: db:verify from %s for %s stream %s: %s", receiving, originating,
+                 sid, "valid" if valid else "invalid")
+        return [Send(_db("verify", originating, receiving, id_=sid,
+                         type_="valid" if valid else "invalid"))]
+
+    def _grant(self, local: str, remote: str, method: AuthMethod, label: str,
+               notify: bool = True) -> list[Action]:
+        self.verified.add((local, remote))
+        out: list[Action] = [Send(_db("result", local, remote, type_="valid"))] if notify else []
+        return out + [Authenticated(local, remote, method, label)]
+
+    # -- stanzas (RFC 6120 8.1, 4.9.3) ----------------------------------------------------------
+
+    def _on_stanza(self, el: Element) -> list[Action]:
+        if not self.verified:
+            return self._close(f"<{el.name}/> before authentication", "not-authorized")
+        to, frm = el.attrs.get("to"), el.attrs.get("from")
+        if not to or not frm:
+            return self._close(f"<{el.name}/> without to or from", "improper-addressing")
+        local, remote = jid_domain(to), jid_domain(frm)
+        if local is None or remote is None:
+            return self._close(f"<{el.name}/> with an invalid JID in to or from",
+                               "improper-addressing")
+        if (local, remote) in self.verified:
+            return [Deliver(el, local, remote)]
+        if local not in self.ctx.local_domains:
+            return self._close(f"stanza to {local}, which is not served here", "host-unknown")
+        return self._close(f"stanza from {remote}, which is not authenticated on this stream",
+                           "invalid-from")
+
+    def _on_stream_error(self, el: Element) -> list[Action]:
+        self.state = InState.CLOSED
+        return [Close(f"peer sent a stream error: {describe_stream_error(el)}", None)]
+
+    def _close(self, reason: str, condition: str | None) -> list[Action]:
+        self.state = InState.CLOSED
+        return [Close(reason, condition)]
+
+
+_INBOUND: dict[tuple[str, str], Callable[[InboundS2s, Element], list[Action]]] = {
+    (NS_TLS, "starttls"): InboundS2s._on_starttls,
+    (NS_SASL, "auth"): InboundS2s._on_auth,
+    (NS_SASL, "abort"): InboundS2s._on_sasl_abort,
+    (NS_DIALBACK, "result"): InboundS2s._on_db_result,
+    (NS_DIALBACK, "verify"): InboundS2s._on_db_verify,
+    (NS_STREAMS, "error"): InboundS2s._on_stream_error,
+}
+
+
+def describe_stream_error(el: Element) -> str:
+    tree = el.xml()
+    cond, text = "undefined-condition", ""
+    for child in tree:
+        tag = child.tag.rsplit("}", 1)[-1]
+        if tag == "text":
+            text = child.text or ""
+        else:
+            cond = tag
+    return f"<{cond}/>" + (f" ({text})" if text else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Initiating role: we connect to a partner's server for the pair (local, remote)
+
+
+@dataclass(slots=True)
+class OutboundS2s:
+    ctx: S2sContext
+    local: str
+    remote: str
+    partner: Partner
+    tls: bool = False  # True from the start for Direct TLS
+    state: OutState = OutState.WAIT_HEADER
+    stream_id: str = ""
+    peer_dialback: bool = False  # header declared jabber:server:dialback
+    server_cert: CertificateCheckLike | None = None
+    sasl_ok: bool = False
+    authenticated: bool = False
+    method: AuthMethod | None = None
+    verifies: list[tuple[str, str, str, str]] = field(default_factory=list)  # not yet sent
+    sent_verifies: set[tuple[str, str, str]] = field(default_factory=set)
+    ready_for_db: bool = False
+    tried: list[str] = field(default_factory=list)
+
+    def start(self) -> list[Action]:
+        """Open (or re-open, after TLS/SASL) our stream: the initial header (RFC 6120 4.7)."""
+        self.state = OutState.WAIT_HEADER
+        return [Send(stream_header(content_ns=NS_SERVER, from_=self.local, to=self.remote,
+                                   dialback=self.partner.dialback))]
+
+    def tls_established(self, cert_check: CertChecker) -> list[Action]:
+        self.tls = True
+        self.server_cert = cert_check(self.remote)
+        if not self.server_cert.ok:
+            log.info("outbound %s -> %s: server certificate not valid for %s: %s", self.local,
+                     self.remote, self.remote, self.server_cert.reason)
+            if self.partner.methods == {AuthMethod.SASL_EXTERNAL}:
+                return self._fail(f"certificate of {self.remote}: {self.server_cert.reason}; "
+                                  f"partner {self.partner.domain} allows only SASL EXTERNAL")
+        return self.start()
+
+    def request_verify(self, local: str, remote: str, stream_id: str, key: str) -> list[Action]:
+        """Send a <db:verify/> to this (authoritative) server once the stream allows it."""
+        self.verifies.append((local, remote, stream_id, key))
+        return self._flush_verifies()
+
+    def _flush_verifies(self) -> list[Action]:
+        if not self.ready_for_db or self.state is OutState.CLOSED:
+            return []
+        out: list[Action] = []
+        for local, remote, sid, key in self.verifies:
+            self.sent_verifies.add((local, remote, sid))
+            out.append(Send(_db("verify", local, remote, id_=sid, text=key)))
+        self.verifies.clear()
+        return out
+
+    def receive(self, event: StreamOpened | Element | StreamClosed) -> list[Action]:
+        if self.state is OutState.CLOSED:
+            return []
+        if isinstance(event, StreamOpened):
+            if self.state is not OutState.WAIT_HEADER:
+                return self._fail("unexpected second stream header")
+            self.stream_id = event.attrs.get("id", "")
+            self.peer_dialback = event.prefixes.get("db") == NS_DIALBACK or \
+                NS_DIALBACK in event.prefixes.values()
+            if event.default_ns != NS_SERVER:
+                return self._fail(f"{self.remote} answered with content namespace "
+                                  f"{event.default_ns!r}")
+            if not event.attrs.get("version"):  # pre-1.0 peer: no features, dialback only
+                self.ready_for_db = True
+                return self._authenticate(None) + self._flush_verifies()
+            self.state = OutState.WAIT_FEATURES
+            return []
+        if isinstance(event, StreamClosed):
+            was_ready = self.authenticated
+            self.state = OutState.CLOSED
+            return [Close(f"{self.remote} closed the stream", None,
+                          bounce=None if was_ready else "remote-server-timeout",
+                          failed=not was_ready)]
+        handler = _OUTBOUND.get((self.state, event.ns, event.name)) or \
+            _OUTBOUND_ANY_STATE.get((event.ns, event.name))
+        if handler is None:
+            if event.ns == NS_SERVER and event.name in STANZA_NAMES:
+                log.info("outbound %s -> %s: ignoring a stanza on our outgoing stream", self.local,
+                         self.remote)
+                return []
+            return self._fail(f"unexpected {{{event.ns}}}{event.name} in state {self.state.name}")
+        return handler(self, event)
+
+    # -- features ---------------------------------------------------------------------------------
+
+    def _on_features(self, el: Element) -> list[Action]:
+        tree = el.xml()
+        starttls = tree.find(f"{{{NS_TLS}}}starttls")
+        p = self.partner
+        if not self.tls:
+            if starttls is not None and p.tls is not Negotiation.NOT_SUPPORTED:
+                self.state = OutState.WAIT_PROCEED
+                return [Send(f"<starttls xmlns='{NS_TLS}'/>".encode())]
+            if starttls is not None and starttls.find(f"{{{NS_TLS}}}required") is not None:
+                return self._fail(f"{self.remote} requires TLS, but partner {p.domain} is "
+                                  "configured with tls = not-supported", permanent=True)
+            if p.tls is Negotiation.REQUIRED:
+                return self._fail(f"partner {p.domain} requires TLS, but {self.remote} did not "
+                                  "offer STARTTLS", permanent=True)
+        self.ready_for_db = True
+        out = self._flush_verifies()
+        if self.sasl_ok:  # features after the post-SASL restart
+            return out + self._done(AuthMethod.SASL_EXTERNAL, "sasl-external")
+        return out + self._authenticate(tree)
+
+    def _authenticate(self, features: ET.Element | None) -> list[Action]:
+        p = self.partner
+        mechs = [] if features is None else [
+            (m.text or "").strip() for m in features.iterfind(
+                f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
+        db_offered = self.peer_dialback or (
+            features is not None and features.find(f"{{{NS_DIALBACK_FEATURES}}}dialback")
+            is not None)
+        cert_ok = self.server_cert is not None and self.server_cert.ok
+        if (self.tls and p.allows(AuthMethod.SASL_EXTERNAL) and "EXTERNAL" in mechs
+                and self.ctx.has_certificate and cert_ok and "sasl" not in self.tried):
+            self.tried.append("sasl")
+            self.state = OutState.WAIT_SASL
+            authzid = base64.b64encode(self.local.encode()).decode()
+            return [Send(f"<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>"
+                         .encode())]
+        method = AuthMethod.TLS_DIALBACK if self.tls else AuthMethod.TCP_DIALBACK
+        if p.allows(method) and db_offered and "dialback" not in self.tried:
+            self.tried.append("dialback")
+            self.state = OutState.WAIT_DIALBACK
+            key = self.ctx.keys.key(self.remote, self.local, self.stream_id)
+            return [Send(_db("result", self.local, self.remote, text=key))]
+        offered = ", ".join(([f"SASL {'/'.join(mechs)}"] if mechs else [])
+                            + (["dialback"] if db_offered else [])) or "nothing"
+        allowed = ", ".join(sorted(m.value for m in p.methods))
+        why = ""
+        if "EXTERNAL" in mechs and p.allows(AuthMethod.SASL_EXTERNAL):
+            if not cert_ok and self.server_cert is not None:
+                why = f"; its certificate: {self.server_cert.reason}"
+            elif not self.ctx.has_certificate:
+                why = "; we have no certificate for SASL EXTERNAL"
+        if self.tried:
+            why += f"; already tried {', '.join(self.tried)}"
+        return self._fail(f"no authentication method in common with {self.remote} "
+                          f"({'TLS' if self.tls else 'no TLS'}): it offered {offered}; partner "
+                          f"{p.domain} allows {allowed}{why}", permanent=True)
+
+    def _on_proceed(self, el: Element) -> list[Action]:
+        return [StartTls()]
+
+    def _on_tls_failure(self, el: Element) -> list[Action]:
+        return self._fail(f"{self.remote} refused STARTTLS (<failure/>)")
+
+    def _on_sasl_success(self, el: Element) -> list[Action]:
+        self.sasl_ok = True
+        return [RestartStream()] + self.start()
+
+    def _on_sasl_failure(self, el: Element) -> list[Action]:
+        cond = next((c.tag.rsplit("}", 1)[-1] for c in el.xml()), "failure")
+        log.warning("outbound %s -> %s: %s refused our certificate (SASL EXTERNAL failure: %s)",
+                    self.local, self.remote, self.remote, cond)
+        method = AuthMethod.TLS_DIALBACK if self.tls else AuthMethod.TCP_DIALBACK
+        if self.partner.allows(method) and self.peer_dialback:
+            self.state = OutState.WAIT_DIALBACK
+            self.tried.append("dialback")
+            key = self.ctx.keys.key(self.remote, self.local, self.stream_id)
+            return [Send(_db("result", self.local, self.remote, text=key))]
+        return self._fail(f"{self.remote} refused our certificate (SASL EXTERNAL failure: "
+                          f"{cond}) and dialback is not allowed for partner "
+                          f"{self.partner.domain}", permanent=True)
+
+    def _on_db_result(self, el: Element) -> list[Action]:
+        frm, to = (el.attrs.get("from") or "").lower(), (el.attrs.get("to") or "").lower()
+        if (to, frm) != (self.local, self.remote):
+            log.info("outbound %s -> %s: ignoring unsolicited db:result %s -> %s", self.local,
+                     self.remote, frm, to)
+            return []
+        t = el.attrs.get("type")
+        if t == "valid":
+            method = AuthMethod.TLS_DIALBACK if self.tls else AuthMethod.TCP_DIALBACK
+            return self._done(method, "dialback")
+        if t == "invalid":
+            return self._fail(f"{self.remote} says our dialback key is invalid",
+                              bounce="internal-server-error", permanent=True)
+        cond = _dialback_error_condition(el)
+        return self._fail(f"{self.remote} answered dialback with an error: {cond}",
+                          bounce="remote-server-timeout")
+
+    def _on_db_verify(self, el: Element) -> list[Action]:
+        # answer to our <db:verify/>: from = originating (them), to = receiving (us)
+        frm, to = (el.attrs.get("from") or "").lower(), (el.attrs.get("to") or "").lower()
+        sid = el.attrs.get("id") or ""
+        if (to, frm, sid) not in self.sent_verifies:  # XEP-0220 3.1: correlate with our requests
+            log.warning("outbound %s -> %s: ignoring unsolicited db:verify answer", self.local,
+                        self.remote)
+            return []
+        self.sent_verifies.discard((to, frm, sid))
+        t = el.attrs.get("type")
+        outcome = t if t in ("valid", "invalid") else _dialback_error_condition(el)
+        return [DialbackVerifyAnswer(to, frm, sid, outcome)]
+
+    def _on_stream_error(self, el: Element) -> list[Action]:
+        return self._fail(f"{self.remote} sent a stream error: {describe_stream_error(el)}")
+
+    def _done(self, method: AuthMethod, label: str) -> list[Action]:
+        self.authenticated = True
+        self.method = method
+        self.state = OutState.READY
+        return [Authenticated(self.local, self.remote, method, label)]
+
+    def _fail(self, reason: str, bounce: str = "remote-server-timeout",
+              permanent: bool = False) -> list[Action]:
+        self.state = OutState.CLOSED
+        return [Close(reason, None, bounce=bounce)]
+
+
+def _dialback_error_condition(el: Element) -> str:
+    tree = el.xml()
+    err = tree.find("{jabber:server:dialback}error")
+    if err is None:
+        err = tree.find("error")
+    if err is None:
+        for child in tree:
+            if child.tag.rsplit("}", 1)[-1] == "error":
+                err = child
+    if err is not None:
+        for c in err:
+            if c.tag.startswith(f"{{{NS_STANZAS}}}") and not c.tag.endswith("}text"):
+                return c.tag.rsplit("}", 1)[-1]
+    return "undefined-condition"
+
+
+_O = OutState
+_OUTBOUND: dict[tuple[OutState, str, str], Callable[[OutboundS2s, Element], list[Action]]] = {
+    (_O.WAIT_FEATURES, NS_STREAMS, "features"): OutboundS2s._on_features,
+    (_O.WAIT_PROCEED, NS_TLS, "proceed"): OutboundS2s._on_proceed,
+    (_O.WAIT_PROCEED, NS_TLS, "failure"): OutboundS2s._on_tls_failure,
+    (_O.WAIT_SASL, NS_SASL, "success"): OutboundS2s._on_sasl_success,
+    (_O.WAIT_SASL, NS_SASL, "failure"): OutboundS2s._on_sasl_failure,
+    (_O.WAIT_DIALBACK, NS_DIALBACK, "result"): OutboundS2s._on_db_result,
+}
+# Elements valid whatever the state: dialback verify answers share our outgoing stream.
+_OUTBOUND_ANY_STATE: dict[tuple[str, str], Callable[[OutboundS2s, Element], list[Action]]] = {
+    (NS_DIALBACK, "verify"): OutboundS2s._on_db_verify,
+    (NS_STREAMS, "error"): OutboundS2s._on_stream_error,
+}

@@ -1,0 +1,336 @@
+"""The sans-I/O negotiation machines, paired in memory (h11 / aioquic style).
+
+An OutboundS2s of "contoso.test" talks to an InboundS2s of "fabrikam.test" through real XML
+parsers. TLS itself is tested in test_tls.py; here "TLS" is the machines' view of it: the pump
+switches both sides to a new stream and hands each a certificate check made by the real
+identity checker over real certificates from our test CA. Dialback verification runs through a
+second real pair of machines (fabrikam -> contoso, authoritative role).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+import pytest
+
+from edgeproxy.devcerts import CertificateAuthority
+from edgeproxy.dialback import DialbackKeys
+from edgeproxy.identity import TrustStore, verify_certificate
+from edgeproxy.partners import NEGOTIATION_MATRIX, AuthMethod, Negotiation, Partner, PartnerTable
+from edgeproxy.s2s import (
+    Authenticated,
+    Close,
+    Deliver,
+    DialbackVerify,
+    DialbackVerifyAnswer,
+    InboundS2s,
+    OutboundS2s,
+    RestartStream,
+    S2sContext,
+    Send,
+    StartTls,
+)
+from edgeproxy.xmlstream import XmlStreamParser
+
+CA = CertificateAuthority("S2S Test")
+OTHER_CA = CertificateAuthority("Untrusted")
+
+
+@pytest.fixture(scope="module")
+def trust(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ca")
+    return TrustStore.load([CA.write_root(d / "ca.crt")], use_system=False)
+
+
+CERTS = {
+    "contoso.test": CA.issue("contoso.test"),
+    "fabrikam.test": CA.issue("fabrikam.test"),
+    "corp.fabrikam.test": CA.issue("corp.fabrikam.test"),
+}
+UNTRUSTED = {d: OTHER_CA.issue(d) for d in CERTS}
+
+
+def ctx(local: str, partners: list[Partner], secret: str, cert: bool = True) -> S2sContext:
+    return S2sContext(frozenset({local}), PartnerTable(partners), DialbackKeys(secret), cert)
+
+
+@dataclass
+class Side:
+    machine: object
+    parser: XmlStreamParser  # parses what this side RECEIVES
+    cert: object | None  # Issued: the certificate this side presents in TLS
+    log: list
+    restart: bool = False
+
+
+class Link:
+    """Pumps bytes between an outbound and an inbound machine until nothing moves."""
+
+    def __init__(self, out: OutboundS2s, inb: InboundS2s, trust, out_cert, in_cert,
+                 authority: Link | None = None):
+        self.o = Side(out, XmlStreamParser(), out_cert, [])
+        self.i = Side(inb, XmlStreamParser(), in_cert, [])
+        self.trust = trust
+        self.authority = authority  # a Link from the receiving domain to the originating one
+        self.tls_pending: set[str] = set()
+        self.closed: list[Close] = []
+        self.wire: deque = deque()
+        self.verify_queue: deque = deque()
+        self.pumping = False
+
+    def checker(self, presented):
+        def check(domain):
+            if presented is None:
+                return verify_certificate(None, [], domain, self.trust)
+            return verify_certificate(presented.cert, list(presented.chain), domain, self.trust)
+        return check
+
+    def start(self):
+        self.handle("o", self.o.machine.start())
+        return self
+
+    def handle(self, who: str, actions):
+        """Carry out one side's actions; bytes go on the wire and are delivered by pump()."""
+        side = self.o if who == "o" else self.i
+        for a in actions:
+            side.log.append(a)
+            if isinstance(a, Send):
+                self.wire.append(("i" if who == "o" else "o", a.data))
+            elif isinstance(a, StartTls):
+                self.tls_pending.add(who)
+            elif isinstance(a, RestartStream):
+                side.restart = True
+            elif isinstance(a, Close):
+                self.closed.append(a)
+            elif isinstance(a, DialbackVerify) and self.authority is not None:
+                self.verify_queue.append(a)  # (the reverse link's own dialback stays pending)
+        if self.tls_pending == {"o", "i"}:
+            self.tls_pending.clear()
+            self.o.parser, self.i.parser = XmlStreamParser(), XmlStreamParser()
+            self.handle("i", self.i.machine.tls_established(self.checker(self.o.cert)))
+            self.handle("o", self.o.machine.tls_established(self.checker(self.i.cert)))
+        if not self.pumping:
+            self.pump()
+
+    def pump(self):
+        self.pumping = True
+        try:
+            while self.wire or self.verify_queue:
+                if self.verify_queue:
+                    self.authority.verify(self, self.verify_queue.popleft())
+                    continue
+                who, data = self.wire.popleft()
+                self.deliver(self.o if who == "o" else self.i, who, data)
+        finally:
+            self.pumping = False
+
+    def deliver(self, side: Side, who: str, data: bytes):
+        if who in self.tls_pending:  # bytes after <starttls/>/<proceed/> would be TLS here
+            return
+        events = side.parser.feed(data)
+        while True:
+            for ev in events:
+                self.handle(who, side.machine.receive(ev))
+            if not side.parser.stopped:
+                return
+            leftover = side.parser.leftover
+            if who in self.tls_pending or self.o.parser is not side.parser and \
+                    self.i.parser is not side.parser:
+                return  # TLS took over (new parsers are in place)
+            if side.restart:
+                side.restart = False
+                side.parser = XmlStreamParser()
+                events = side.parser.feed(leftover) if leftover else []
+            else:
+                events = side.parser.resume()
+
+    def verify(self, origin_link: Link, req: DialbackVerify):
+        """Receiving server asks the authoritative one over this (reverse) link."""
+        self.handle("o", self.o.machine.request_verify(req.local, req.remote, req.stream_id,
+                                                        req.key))
+        for a in self.o.log:
+            if isinstance(a, DialbackVerifyAnswer) and a.stream_id == req.stream_id:
+                origin_link.handle("i", origin_link.i.machine.dialback_result(
+                    a.local, a.remote, a.outcome))
+                self.o.log.remove(a)
+                return
+
+    def authenticated(self, side: Side) -> list[Authenticated]:
+        return [a for a in side.log if isinstance(a, Authenticated)]
+
+
+def federation(partner_at_contoso: Partner, partner_at_fabrikam: Partner, trust, *,
+               contoso_cert=True, fabrikam_cert=True, certs=CERTS, secret="contoso-secret"):
+    """contoso.test dials fabrikam.test; fabrikam dials back to contoso to verify dialback."""
+    c_ctx = ctx("contoso.test", [partner_at_contoso], secret, contoso_cert)
+    f_ctx = ctx("fabrikam.test", [partner_at_fabrikam], "fabrikam-secret", fabrikam_cert)
+    reverse = Link(OutboundS2s(f_ctx, "fabrikam.test", "contoso.test", partner_at_contoso_for(
+        partner_at_fabrikam)), InboundS2s(c_ctx), trust,
+        certs["fabrikam.test"] if fabrikam_cert else None,
+        certs["contoso.test"] if contoso_cert else None).start()
+    link = Link(OutboundS2s(c_ctx, "contoso.test", "fabrikam.test", partner_at_contoso),
+                InboundS2s(f_ctx), trust, certs["contoso.test"] if contoso_cert else None,
+                certs["fabrikam.test"] if fabrikam_cert else None, authority=reverse).start()
+    return link
+
+
+def partner_at_contoso_for(p: Partner) -> Partner:
+    # fabrikam's view of contoso for its verification stream uses the same settings
+    return Partner("contoso.test", tls=p.tls, sasl=p.sasl, dialback=p.dialback)
+
+
+def both(tls, sasl, dialback):
+    return (Partner("fabrikam.test", tls=tls, sasl=sasl, dialback=dialback),
+            Partner("contoso.test", tls=tls, sasl=sasl, dialback=dialback))
+
+
+VALID_ROWS = [(k, r) for k, r in NEGOTIATION_MATRIX.items() if r.methods]
+
+
+def expected_label(tls, methods):
+    if tls is not Negotiation.NOT_SUPPORTED and AuthMethod.SASL_EXTERNAL in methods:
+        return "sasl-external"
+    if tls is not Negotiation.NOT_SUPPORTED and AuthMethod.TLS_DIALBACK in methods:
+        return "dialback-over-valid-certificate"
+    return "dialback"
+
+
+@pytest.mark.parametrize("key,row", VALID_ROWS, ids=[f"row{r.number}" for _, r in VALID_ROWS])
+def test_every_valid_matrix_row_authenticates_with_its_method(key, row, trust):
+    tls, sasl, dialback = key
+    at_c, at_f = both(tls, sasl, dialback)
+    link = federation(at_c, at_f, trust)
+    auth_o, auth_i = link.authenticated(link.o), link.authenticated(link.i)
+    assert [a.label for a in auth_o] == ["sasl-external" if expected_label(tls, row.methods)
+                                         == "sasl-external" else "dialback"], link.closed
+    assert len(auth_i) == 1
+    assert auth_i[0].label == expected_label(tls, row.methods)
+    assert auth_i[0].method in row.methods
+    assert (auth_i[0].local, auth_i[0].remote) == ("fabrikam.test", "contoso.test")
+
+
+@pytest.mark.parametrize("key,row", VALID_ROWS, ids=[f"row{r.number}" for _, r in VALID_ROWS])
+def test_every_valid_row_with_untrusted_certificates(key, row, trust):
+    """Certificates from a CA nobody trusts: only dialback can carry it (if the row allows)."""
+    tls, sasl, dialback = key
+    at_c, at_f = both(tls, sasl, dialback)
+    link = federation(at_c, at_f, trust, certs=UNTRUSTED)
+    auth_i = link.authenticated(link.i)
+    dialback_ok = (AuthMethod.TLS_DIALBACK in row.methods and tls is not Negotiation.NOT_SUPPORTED
+                   ) or (AuthMethod.TCP_DIALBACK in row.methods
+                         and tls is Negotiation.NOT_SUPPORTED)
+    if dialback_ok:
+        assert [a.label for a in auth_i] == ["dialback"], link.closed
+    else:
+        assert auth_i == []
+        assert link.closed and link.closed[0].failed
+
+
+def test_dialback_invalid_key_closes_stream(trust):
+    at_c, at_f = both(Negotiation.NOT_SUPPORTED, Negotiation.NOT_SUPPORTED, True)
+    good = federation(at_c, at_f, trust)  # its reverse link reaches the real authority
+    assert good.authenticated(good.i)
+    # an impostor for contoso.test signs keys with a secret contoso's authority does not know
+    impostor = ctx("contoso.test", [at_c], "wrong-secret")
+    bad = Link(OutboundS2s(impostor, "contoso.test", "fabrikam.test", at_c),
+               InboundS2s(ctx("fabrikam.test", [at_f], "x")), trust, None, None,
+               authority=good.authority).start()
+    assert bad.authenticated(bad.i) == []
+    assert any(c.condition == "not-authorized" and "invalid" in c.reason for c in bad.closed)
+    assert any(c.bounce == "internal-server-error" for c in bad.closed)
+
+
+def test_unknown_domain_is_refused_at_the_header(trust):
+    f_ctx = ctx("fabrikam.test", [], "s")
+    inb = InboundS2s(f_ctx)
+    p = XmlStreamParser()
+    header = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+              b"xmlns:stream='http://etherx.jabber.org/streams' from='stranger.test' "
+              b"to='fabrikam.test' version='1.0'>")
+    actions = [a for ev in p.feed(header) for a in inb.receive(ev)]
+    close = [a for a in actions if isinstance(a, Close)]
+    assert close and close[0].condition == "policy-violation"
+    assert "stranger.test is not a federation partner of fabrikam.test" in close[0].reason
+
+
+def _inbound_after(trust, partner: Partner, extra: bytes):
+    inb = InboundS2s(ctx("fabrikam.test", [partner], "s"))
+    p = XmlStreamParser()
+    data = (b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' from='contoso.test' "
+            b"to='fabrikam.test' version='1.0'>") + extra
+    return [a for ev in p.feed(data) for a in inb.receive(ev)]
+
+
+def test_stanza_before_authentication_is_not_authorized(trust):
+    acts = _inbound_after(trust, Partner("contoso.test", tls=Negotiation.OPTIONAL),
+                          b"<message from='a@contoso.test' to='b@fabrikam.test'/>")
+    assert [a.condition for a in acts if isinstance(a, Close)] == ["not-authorized"]
+
+
+def test_tls_required_offers_only_starttls(trust):
+    acts = _inbound_after(trust, Partner("contoso.test"), b"")
+    sent = b"".join(a.data for a in acts if isinstance(a, Send))
+    assert b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>" in sent
+    assert b"dialback xmlns" not in sent
+
+
+def test_tcp_dialback_refused_when_partner_requires_tls(trust):
+    p = Partner("contoso.test", tls=Negotiation.REQUIRED, sasl=Negotiation.NOT_SUPPORTED)
+    acts = _inbound_after(trust, p, b"<db:result from='contoso.test' to='fabrikam.test'>"
+                                    b"abc</db:result>")
+    sent = b"".join(a.data for a in acts if isinstance(a, Send))
+    assert b"type='error'" in sent and b"policy-violation" in sent
+    assert not [a for a in acts if isinstance(a, Authenticated | DialbackVerify)]
+
+
+def test_authoritative_role_answers_db_verify():
+    keys = DialbackKeys("contoso-secret")
+    key = keys.key("fabrikam.test", "contoso.test", "SID1")
+    inb = InboundS2s(ctx("contoso.test", [Partner("fabrikam.test")], "contoso-secret"))
+    p = XmlStreamParser()
+    head = (b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' to='contoso.test' version='1.0'>")
+    out = b""
+    for body in (f"<db:verify from='fabrikam.test' to='contoso.test' id='SID1'>{key}</db:verify>",
+                 "<db:verify from='fabrikam.test' to='contoso.test' id='SID2'>" + key +
+                 "</db:verify>"):
+        for ev in p.feed((head if not out else b"") + body.encode()):
+            out += b"".join(a.data for a in inb.receive(ev) if isinstance(a, Send))
+    assert b"id='SID1' type='valid'" in out
+    assert b"id='SID2' type='invalid'" in out
+
+
+def test_invalid_from_after_authentication(trust):
+    at_c, at_f = both(Negotiation.REQUIRED, Negotiation.REQUIRED, False)
+    link = federation(at_c, at_f, trust)
+    assert link.authenticated(link.i)
+    acts = []
+    for stanza in (b"<message from='a@contoso.test' to='b@fabrikam.test'><body>hi</body></message>",
+                   b"<message from='a@evil.test' to='b@fabrikam.test'/>"):
+        for ev in link.i.parser.feed(stanza):
+            acts += link.i.machine.receive(ev)
+    delivered = [a for a in acts if isinstance(a, Deliver)]
+    assert len(delivered) == 1 and delivered[0].element.raw.endswith(b"</message>")
+    assert [a.condition for a in acts if isinstance(a, Close)] == ["invalid-from"]
+
+
+def test_matrix_pairs_with_mismatched_policies(trust):
+    """contoso insists on TLS; fabrikam does not support it: nothing authenticates."""
+    at_c = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.NOT_SUPPORTED)
+    at_f = Partner("contoso.test", tls=Negotiation.NOT_SUPPORTED,
+                   sasl=Negotiation.NOT_SUPPORTED)
+    link = federation(at_c, at_f, trust)
+    assert link.authenticated(link.o) == []
+    assert "did not offer STARTTLS" in link.closed[0].reason
+
+
+def test_combinations_exhaustive_smoke(trust):
+    """Every (contoso policy, fabrikam policy) pair of valid rows ends authenticated or closed."""
+    for (k1, _), (k2, _) in itertools.product(VALID_ROWS, VALID_ROWS):
+        link = federation(Partner("fabrikam.test", tls=k1[0], sasl=k1[1], dialback=k1[2]),
+                          Partner("contoso.test", tls=k2[0], sasl=k2[1], dialback=k2[2]), trust)
+        done = bool(link.authenticated(link.o)) or bool(link.closed)
+        assert done, (k1, k2)
