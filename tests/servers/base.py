@@ -1,0 +1,179 @@
+"""The common part of every real-server fixture: start a foreground process with its output in
+a log file, wait until it accepts connections, stop it by its pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """A test server is missing, did not come up, or misbehaved (message has its log tail)."""
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ServerError(f"{name} is not installed (run the tests through scripts/test, "
+                          "which installs prosody, ejabberd and dnsmasq)")
+    return path
+
+
+def port_open(address: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """Base class: subclasses set `name`, `log_path`, and implement `_command()` and
+    `_ports()` (the TCP ports that must accept connections before start() returns)."""
+
+    name = "server"
+    start_timeout = 20.0
+    stop_timeout = 10.0
+
+    def __init__(self, workdir: Path, address: str):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.address = address
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.stdout_path = self.workdir / f"{self.name}.stdout"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds: float | None = None
+        self.stop_seconds: float | None = None
+
+    # --- to implement -------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Write configuration files (called by start())."""
+
+    def _command(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def _ports(self) -> Sequence[int]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str] | None:
+        return None
+
+    # --- lifecycle ----------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            raise ServerError(f"{self.name} on {self.address} is already running")
+        self._prepare()
+        t0 = time.monotonic()
+        out = self.stdout_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(list(self._command()), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.workdir, env=self._env(),
+                                         start_new_session=True)
+        finally:
+            out.close()
+        deadline = t0 + self.start_timeout
+        waiting = list(self._ports())
+        while waiting:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.name} on {self.address} exited with code "
+                                  f"{self.proc.returncode} while starting\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"{self.name} on {self.address} did not accept connections "
+                                  f"on port(s) {waiting} within {self.start_timeout:g} s\n"
+                                  f"{self.log_tail()}")
+            if port_open(self.address, waiting[0]):
+                waiting.pop(0)
+            else:
+                time.sleep(0.05)
+        self.start_seconds = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """SIGTERM to the pid we started (and its process group, for wrapper scripts), wait,
+        then SIGKILL."""
+        proc = self.proc
+        if proc is None:
+            return
+        t0 = time.monotonic()
+        if proc.poll() is None:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait(5)
+        self._after_stop()
+        self.proc = None
+        self.stop_seconds = time.monotonic() - t0
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+        # start_new_session=True made the child a group leader: its pgid is its pid, so this
+        # reaches exactly the processes we started (a wrapper script and what it exec'd/forked).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    def _after_stop(self) -> None:
+        """Wait for the ports to close (subclasses may do more)."""
+        deadline = time.monotonic() + 5
+        while any(port_open(self.address, p, 0.05) for p in self._ports()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+
+    # --- logs ---------------------------------------------------------------------------
+    def log_files(self) -> list[Path]:
+        return [p for p in (self.log_path, self.stdout_path) if p.exists()]
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.log_files())
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for p in self.log_files():
+            tail = p.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- last {len(tail)} lines of {p} ---\n" + "\n".join(tail))
+        return "\n".join(parts) or f"(no log written under {self.workdir})"
+
+    def wait_for_log(self, regex: str | re.Pattern[str], timeout: float = 5.0,
+                     since: int = 0) -> re.Match[str]:
+        """Wait until the log (from character offset `since`) matches; return the match."""
+        pattern = re.compile(regex) if isinstance(regex, str) else regex
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pattern.search(self.log_text(), since)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise ServerError(f"{self.name} log never matched {pattern.pattern!r} within "
+                                  f"{timeout:g} s\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_mark(self) -> int:
+        """An offset for wait_for_log(since=...) / log assertions on what follows."""
+        return len(self.log_text())
+
+    def run_checked(self, args: Sequence[str], timeout: float = 30) -> str:
+        r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                           env=self._env(), cwd=self.workdir)
+        if r.returncode != 0:
+            raise ServerError(f"{self.name}: {' '.join(args)} failed ({r.returncode}):\n"
+                              f"{r.stdout}{r.stderr}")
+        return r.stdout

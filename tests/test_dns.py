@@ -1,0 +1,202 @@
+"""edgeproxy.dns against a real dnsmasq (RFC 6120 3.2, RFC 2782, XEP-0368).
+
+dnsmasq listens on a non-standard port (5300) on purpose: the resolver only finds it through
+the configured (ip, port), never through the system configuration (which names 127.0.0.53:53).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+from edgeproxy.dns import DnsError, S2sResolver, Target, parse_proxy_fqdn
+from tests.servers import Dnsmasq
+
+DNS_ADDR = "127.0.0.54"
+DNS_PORT = 5300
+
+
+@pytest.fixture(scope="module")
+def dnsmasq(tmp_path_factory):
+    d = Dnsmasq(tmp_path_factory.mktemp("dnsmasq"), address=DNS_ADDR, port=DNS_PORT)
+    # weights.test: priority 0 with weights 10/30/60, then priority 5
+    for host, w in (("w10", 10), ("w30", 30), ("w60", 60)):
+        d.add_srv("_xmpp-server._tcp.weights.test", f"{host}.weights.test", 5269, 0, w)
+    d.add_srv("_xmpp-server._tcp.weights.test", "backup.weights.test", 5269, 5, 100)
+    # zero.test: a weight-0 record beside a weight-10 one
+    d.add_srv("_xmpp-server._tcp.zero.test", "z0.zero.test", 5269, 0, 0)
+    d.add_srv("_xmpp-server._tcp.zero.test", "z10.zero.test", 5269, 0, 10)
+    # merge.test: Direct TLS at priority 0, STARTTLS at priority 10 (XEP-0368 merge)
+    d.add_srv("_xmpps-server._tcp.merge.test", "tls.merge.test", 5270, 0, 5)
+    d.add_srv("_xmpp-server._tcp.merge.test", "plain.merge.test", 5269, 10, 5)
+    # nodtls.test: "no Direct TLS" ('.') on xmpps, normal xmpp record
+    d.add_srv("_xmpps-server._tcp.nodtls.test", ".", 0, 0, 0)
+    d.add_srv("_xmpp-server._tcp.nodtls.test", "xmpp.nodtls.test", 5269, 0, 5)
+    # dot.test: no service at all
+    d.add_srv("_xmpp-server._tcp.dot.test", ".", 0, 0, 0)
+    # fallback.test: no SRV, only an address
+    d.add_host("fallback.test", "127.0.0.2")
+    # dual.test: A and AAAA
+    d.add_host("dual.test", "127.0.0.7")
+    d.add_host("dual.test", "::7")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def resolver(dnsmasq):
+    return S2sResolver([(DNS_ADDR, DNS_PORT)], timeout=2.0, rng=random.Random(2782))
+
+
+async def test_priority_first_then_weighted_random(resolver):
+    targets = await resolver.resolve("weights.test")
+    assert len(targets) == 4
+    assert {t.host for t in targets[:3]} == {"w10.weights.test", "w30.weights.test",
+                                            "w60.weights.test"}
+    assert targets[3] == Target("backup.weights.test", 5269, False, "srv")
+
+
+async def test_weights_are_respected_over_many_draws(dnsmasq):
+    r = S2sResolver([(DNS_ADDR, DNS_PORT)], rng=random.Random(7))
+    firsts = Counter()
+    n = 2000
+    for _ in range(n):
+        firsts[(await r.resolve("weights.test", direct_tls=False))[0].host] += 1
+    share = {h.split(".")[0]: c / n for h, c in firsts.items()}
+    # RFC 2782: chance to be first = weight / sum of weights (10/30/60 %); 4 % tolerance is
+    # about 4 standard deviations at n=2000.
+    assert share["w10"] == pytest.approx(0.10, abs=0.04)
+    assert share["w30"] == pytest.approx(0.30, abs=0.04)
+    assert share["w60"] == pytest.approx(0.60, abs=0.04)
+    assert "backup" not in share
+
+
+async def test_same_seed_same_order(dnsmasq):
+    def make(seed):
+        return S2sResolver([(DNS_ADDR, DNS_PORT)], rng=random.Random(seed))
+    orders = [[t.host for t in await make(s).resolve("weights.test")] for s in (1, 1)]
+    assert orders[0] == orders[1]
+
+
+async def test_weight_zero_record_is_rarely_first(dnsmasq):
+    r = S2sResolver([(DNS_ADDR, DNS_PORT)], rng=random.Random(11))
+    n = 1000
+    z0_first = sum([(await r.resolve("zero.test"))[0].host == "z0.zero.test"
+                    for _ in range(n)])
+    # RFC 2782: weight 0 records are placed first and chosen only when the draw is 0 (1/11).
+    assert 0.04 < z0_first / n < 0.15
+
+
+async def test_xmpps_and_xmpp_records_are_merged(resolver):
+    assert await resolver.resolve("merge.test") == [
+        Target("tls.merge.test", 5270, True, "srv-direct-tls"),
+        Target("plain.merge.test", 5269, False, "srv"),
+    ]
+
+
+async def test_direct_tls_disabled_skips_xmpps(resolver, dnsmasq):
+    mark = dnsmasq.log_mark()
+    assert await resolver.resolve("merge.test", direct_tls=False) == [
+        Target("plain.merge.test", 5269, False, "srv")]
+    time.sleep(0.1)
+    assert "_xmpps-server._tcp.merge.test" not in dnsmasq.log_text()[mark:]
+
+
+async def test_xmpps_dot_means_use_xmpp_records(resolver):
+    # XEP-0368: '.' on _xmpps-server only says "no Direct TLS"
+    assert await resolver.resolve("nodtls.test") == [
+        Target("xmpp.nodtls.test", 5269, False, "srv")]
+
+
+async def test_srv_dot_target_means_no_service(resolver):
+    with pytest.raises(DnsError) as e:
+        await resolver.resolve("dot.test")
+    assert e.value.kind == "no-service"
+    assert "dot.test" in e.value.text
+
+
+async def test_no_srv_falls_back_to_address_on_5269(resolver):
+    assert await resolver.resolve("fallback.test") == [
+        Target("fallback.test", 5269, False, "fallback-a")]
+
+
+async def test_nxdomain_is_not_found(resolver):
+    with pytest.raises(DnsError) as e:
+        await resolver.resolve("nowhere.test")
+    assert e.value.kind == "not-found"
+    assert e.value.text == "no _xmpp-server._tcp SRV and no A/AAAA for nowhere.test"
+
+
+async def test_addresses_aaaa_first_then_a(resolver):
+    assert await resolver.addresses("dual.test") == ["::7", "127.0.0.7"]
+    assert await resolver.addresses("fallback.test") == ["127.0.0.2"]
+
+
+async def test_addresses_of_unknown_name(resolver):
+    with pytest.raises(DnsError) as e:
+        await resolver.addresses("nowhere.test")
+    assert e.value.kind == "not-found"
+
+
+async def test_ip_literal_needs_no_dns(resolver, dnsmasq):
+    mark = dnsmasq.log_mark()
+    assert await resolver.addresses("127.0.0.2") == ["127.0.0.2"]
+    assert await resolver.addresses("::1") == ["::1"]
+    time.sleep(0.1)
+    assert "query[" not in dnsmasq.log_text()[mark:]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("edge.fabrikam.test", Target("edge.fabrikam.test", 5269, False, "proxy_fqdn")),
+    ("edge.fabrikam.test:5299", Target("edge.fabrikam.test", 5299, False, "proxy_fqdn")),
+    ("127.0.0.2:5270", Target("127.0.0.2", 5270, False, "proxy_fqdn")),
+    ("[::1]:5270", Target("::1", 5270, False, "proxy_fqdn")),
+])
+async def test_proxy_fqdn_overrides_dns(resolver, dnsmasq, value, expected):
+    mark = dnsmasq.log_mark()
+    assert await resolver.resolve("fabrikam.test", proxy_fqdn=value) == [expected]
+    time.sleep(0.1)
+    assert "query[" not in dnsmasq.log_text()[mark:]
+
+
+def test_proxy_fqdn_bad_port():
+    with pytest.raises(ValueError, match="port '99999' is not 1-65535"):
+        parse_proxy_fqdn("edge.fabrikam.test:99999")
+
+
+async def test_silent_nameserver_times_out_quickly():
+    # A real UDP socket that receives queries and never answers.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.99", 0))
+        r = S2sResolver([silent.getsockname()], timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(DnsError) as e:
+            await r.resolve("fabrikam.test")
+        elapsed = time.monotonic() - t0
+    assert e.value.kind == "timeout"
+    assert "within 0.3 s" in e.value.text
+    assert elapsed < 1.5
+
+
+async def test_no_listener_is_an_error_quickly():
+    r = S2sResolver([("127.0.0.98", 53)], timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(DnsError) as e:
+        await r.resolve("fabrikam.test")
+    assert e.value.kind in ("timeout", "failure")
+    assert time.monotonic() - t0 < 2
+
+
+async def test_empty_nameservers_use_system_configuration(dnsmasq):
+    # Inside scripts/netns-run the system resolv.conf names 127.0.0.53:53, where nothing listens
+    # in this module (our dnsmasq is on 127.0.0.54:5300): so the lookup fails, proving that the
+    # configured nameservers above were used and not the system's.
+    r = S2sResolver(timeout=0.5)
+    with pytest.raises(DnsError) as e:
+        await r.resolve("fallback.test")
+    assert e.value.kind in ("timeout", "failure")
