@@ -24,5 +24,6 @@ def netns_guard() -> None:
 def _netns_guard_for_socket_tests(request: pytest.FixtureRequest) -> None:
     # Module scope and autouse, so it runs before the module-scoped server fixtures start.
     path = request.path.as_posix()
-    if "/tests/interop/" in path or path.endswith("/tests/test_dns.py"):
+    if "/tests/interop/" in path or path.endswith(("/tests/test_dns.py",
+                                                   "/tests/test_federation.py")):
         require_netns()
