@@ -25,10 +25,12 @@ def start_peers(workdir: Path, *, trust_ca: bool) -> tuple[ProsodyServer, Ejabbe
     prosody = ProsodyServer(workdir / "prosody", FABRIKAM, FABRIKAM_IP,
                             certificate=ca.issue(FABRIKAM), ca_file=ca_file,
                             s2s_require_encryption=True, s2s_secure_auth=trust_ca,
-                            users={"alice": "alice-pw"}, trust_ca=trust_ca)
+                            users={"alice": "alice-pw"}, trust_ca=trust_ca,
+                            direct_tls_port=5270)
     ejabberd = EjabberdServer(workdir / "ejabberd", NORTHWIND, NORTHWIND_IP,
                               certificate=ca.issue(NORTHWIND), ca_file=ca_file,
-                              starttls="required", users={"bob": "bob-pw"}, trust_ca=trust_ca)
+                              starttls="required", users={"bob": "bob-pw"}, trust_ca=trust_ca,
+                              direct_tls_port=5270)
     t0 = time.monotonic()
     prosody.start()
     try:

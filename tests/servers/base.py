@@ -109,6 +109,12 @@ class ServerProcess:
     def start(self) -> None:
         if self.running:
             raise ServerError(f"{self.name} on {self.address} is already running")
+        busy = [p for p in self._ports() if port_open(self.address, p)]
+        if busy:
+            # Otherwise the port poll below would take another process for ours.
+            raise ServerError(f"{self.name}: {self.address} port(s) {busy} already accept "
+                              "connections: another server (a leftover of an earlier test?) "
+                              "is running there")
         self._prepare()
         t0 = time.monotonic()
         out = self.stdout_path.open("ab")
@@ -134,6 +140,9 @@ class ServerProcess:
                 waiting.pop(0)
             else:
                 time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise ServerError(f"{self.name} on {self.address} exited with code "
+                              f"{self.proc.returncode} right after starting\n{self.log_tail()}")
         # Wrappers such as ejabberdctl (su) start the real server in a new session, outside our
         # process group: remember the whole tree now, to stop exactly these pids later.
         self._tree = [(pid, _start_time(pid)) for pid in _descendants(self.proc.pid)]

@@ -53,6 +53,9 @@ def pattern(software: str, mechanism: Mechanism, peer: str, local: str) -> re.Pa
                                                              local=re.escape(local)))
 
 
+_Mechanism = Mechanism  # for annotations inside MechanismLog
+
+
 class MechanismLog:
     Mechanism = Mechanism  # so tests can write server.Mechanism.TLS
     """Mixin for server fixtures that have `software`, `domain`, `log_text()`, `wait_for_log()`."""
@@ -60,11 +63,11 @@ class MechanismLog:
     software: str
     domain: str
 
-    def saw(self, mechanism: Mechanism, peer: str, since: int = 0) -> bool:
+    def saw(self, mechanism: _Mechanism, peer: str, since: int = 0) -> bool:
         return bool(pattern(self.software, mechanism, peer, self.domain)
                     .search(self.log_text(), since))  # type: ignore[attr-defined]
 
-    def wait_for_mechanism(self, mechanism: Mechanism, peer: str, timeout: float = 5.0,
+    def wait_for_mechanism(self, mechanism: _Mechanism, peer: str, timeout: float = 5.0,
                            since: int = 0) -> None:
         self.wait_for_log(pattern(self.software, mechanism, peer, self.domain), timeout,  # type: ignore[attr-defined]
                           since)
