@@ -12,6 +12,8 @@ from edgeproxy.dns import DnsError, S2sResolver, Target
 from tests.servers import Dnsmasq, ProsodyServer, ServerError
 from tests.servers.base import port_open, require_binary
 
+pytestmark = pytest.mark.interop
+
 
 async def test_dnsmasq_restart_applies_new_records(tmp_path):
     d = Dnsmasq(tmp_path, address="127.0.0.60")

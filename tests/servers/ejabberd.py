@@ -1,34 +1,30 @@
 """ejabberd 23.01 in the foreground with its own config, spool and log under `workdir`.
 
 Started as root, ejabberdctl re-runs itself as the user `ejabberd` (via su), so everything under
-`workdir` is chowned to that user and the directories above it get the "search" (x) bit for
-others: pytest's tmp_path parents are 0700. Only x is added (no listing), and only on
-directories we own.
+`workdir` is chowned to that user. pytest's tmp_path parents are 0700 (and every pytest session
+on the machine resets /tmp/pytest-of-<user> to 0700, so adding x bits there is racy): ejabberd
+therefore sees `workdir` through a bind mount on a fresh directory in the system temp dir. That
+mount exists only in the private mount namespace of scripts/netns-run; the files stay in
+`workdir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
-import stat
+import subprocess
+import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from edgeproxy import devcerts
-from tests.servers.base import ServerProcess, require_binary
+from tests.servers.base import ServerError, ServerProcess, require_binary
 from tests.servers.mechanisms import MechanismLog
 
 RUN_AS = "ejabberd"
-
-
-def _make_traversable(path: Path) -> None:
-    uid = os.getuid()
-    for d in [path, *path.parents]:
-        st = d.stat()
-        if st.st_uid == uid and not st.st_mode & stat.S_IXOTH:
-            d.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
 def _yaml(value: object) -> str:
@@ -70,6 +66,35 @@ class EjabberdServer(MechanismLog, ServerProcess):
         self.spool_dir = self.workdir / "spool"
         self.logs_dir = self.workdir / "logs"
         self.log_path = self.logs_dir / "ejabberd.log"
+        self.alias: Path | None = None  # where ejabberd sees workdir (bind mount)
+
+    def _mount_alias(self) -> Path:
+        if self.alias is not None:
+            return self.alias
+        if os.environ.get("EDGE_IN_NETNS") != "1":
+            raise ServerError("ejabberd fixture: run through scripts/netns-run (it needs the "
+                              "private mount namespace for its bind mount)")
+        alias = Path(tempfile.mkdtemp(prefix=f"ejabberd-{self.domain}-"))
+        r = subprocess.run(["mount", "--bind", str(self.workdir), str(alias)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            alias.rmdir()
+            raise ServerError(f"ejabberd fixture: mount --bind {self.workdir} {alias} failed: "
+                              f"{r.stderr.strip()}")
+        self.alias = alias
+        return alias
+
+    def _unmount_alias(self) -> None:
+        if self.alias is None:
+            return
+        subprocess.run(["umount", str(self.alias)], capture_output=True)
+        with contextlib.suppress(OSError):
+            self.alias.rmdir()
+        self.alias = None
+
+    def _seen(self, path: Path) -> str:
+        """`path` (under workdir) as ejabberd sees it."""
+        return str(self._mount_alias() / path.relative_to(self.workdir))
 
     def _prepare(self) -> None:
         for d in (self.conf_dir, self.spool_dir, self.logs_dir):
@@ -97,8 +122,8 @@ class EjabberdServer(MechanismLog, ServerProcess):
             f"loglevel: {self.loglevel}",
             "log_rotate_count: 0",
             "acme: {auto: false}",
-            f"ca_file: {_yaml(str(cafile))}",
-            f"s2s_cafile: {_yaml(str(cafile))}",
+            f"ca_file: {_yaml(self._seen(cafile))}",
+            f"s2s_cafile: {_yaml(self._seen(cafile))}",
             f"s2s_use_starttls: {self.starttls}",
             "s2s_dns_timeout: 3",
             "s2s_dns_retries: 1",
@@ -110,7 +135,7 @@ class EjabberdServer(MechanismLog, ServerProcess):
         if self.certificate is not None:
             pem = self.conf_dir / f"{self.domain}.pem"
             pem.write_bytes(self.certificate.cert_pem() + self.certificate.key_pem())
-            lines.append(f"certfiles: [{_yaml(str(pem))}]")
+            lines.append(f"certfiles: [{_yaml(self._seen(pem))}]")
         common = f"ip: {_yaml(self.address)}, shaper: none, backlog: 128"
         lines += [
             "listen:",
@@ -125,7 +150,6 @@ class EjabberdServer(MechanismLog, ServerProcess):
         if self.dialback:
             lines.append("  mod_s2s_dialback: {}")
         (self.conf_dir / "ejabberd.yml").write_text("\n".join(lines) + "\n")
-        _make_traversable(self.workdir)
         ids = pwd.getpwnam(RUN_AS)
         for root, dirs, files in os.walk(self.workdir):
             for name in [*dirs, *files]:
@@ -133,10 +157,11 @@ class EjabberdServer(MechanismLog, ServerProcess):
         os.chown(self.workdir, ids.pw_uid, ids.pw_gid)
 
     def _ctl(self, *args: str) -> list[str]:
-        return [self.ejabberdctl, "--config-dir", str(self.conf_dir),
-                "--config", str(self.conf_dir / "ejabberd.yml"),
-                "--ctl-config", str(self.conf_dir / "ejabberdctl.cfg"),
-                "--spool", str(self.spool_dir), "--logs", str(self.logs_dir), *args]
+        return [self.ejabberdctl, "--config-dir", self._seen(self.conf_dir),
+                "--config", self._seen(self.conf_dir / "ejabberd.yml"),
+                "--ctl-config", self._seen(self.conf_dir / "ejabberdctl.cfg"),
+                "--spool", self._seen(self.spool_dir), "--logs", self._seen(self.logs_dir),
+                *args]
 
     def _command(self) -> Sequence[str]:
         return self._ctl("foreground")
@@ -147,8 +172,16 @@ class EjabberdServer(MechanismLog, ServerProcess):
             ports.append(self.direct_tls_port)
         return ports
 
+    def _after_stop(self) -> None:
+        super()._after_stop()
+        self._unmount_alias()
+
     def start(self) -> None:
-        super().start()
+        try:
+            super().start()
+        except BaseException:
+            self._unmount_alias()
+            raise
         for user, password in self.users.items():
             self.register(user, password)
 
