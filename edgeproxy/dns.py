@@ -148,7 +148,18 @@ class S2sResolver:
 
     async def resolve(self, domain: str, proxy_fqdn: str | None = None,
                       direct_tls: bool = True) -> list[Target]:
-        """Targets for an outbound S2S connection to `domain`, in the order to try them."""
+        """Targets for an outbound S2S connection to `domain`, in the order to try them.
+
+        - `proxy_fqdn` set: that host only, no DNS (RFC 6120 3.2.3).
+        - SRV records found: _xmpps-server (if `direct_tls`) and _xmpp-server records merged and
+          ordered together per RFC 2782; "." targets among the xmpps ones are dropped (XEP-0368).
+        - _xmpp-server is a single "." and no usable xmpps record: DnsError("no-service").
+        - No usable SRV record and the _xmpp-server query said "none" (NXDOMAIN / no data):
+          the A/AAAA fallback on 5269 with STARTTLS, also when xmpps said "." (XEP-0368 forbids
+          only a *Direct TLS* fallback to A/AAAA); DnsError("not-found") without addresses.
+        - The _xmpp-server query timed out or failed (and no xmpps record): that DnsError.
+          A failed xmpps query alone is ignored: the xmpp records still work.
+        """
         if proxy_fqdn:
             # RFC 6120 3.2.3: a configured mapping overrides DNS (Lync ProxyFqdn)
             host, port = parse_proxy_fqdn(proxy_fqdn)

@@ -38,6 +38,9 @@ def dnsmasq(tmp_path_factory):
     d.add_srv("_xmpp-server._tcp.nodtls.test", "xmpp.nodtls.test", 5269, 0, 5)
     # dot.test: no service at all
     d.add_srv("_xmpp-server._tcp.dot.test", ".", 0, 0, 0)
+    # dtlsdot.test: only "no Direct TLS" and an address
+    d.add_srv("_xmpps-server._tcp.dtlsdot.test", ".", 0, 0, 0)
+    d.add_host("dtlsdot.test", "127.0.0.8")
     # fallback.test: no SRV, only an address
     d.add_host("fallback.test", "127.0.0.2")
     # dual.test: A and AAAA
@@ -111,6 +114,11 @@ async def test_xmpps_dot_means_use_xmpp_records(resolver):
     # XEP-0368: '.' on _xmpps-server only says "no Direct TLS"
     assert await resolver.resolve("nodtls.test") == [
         Target("xmpp.nodtls.test", 5269, False, "srv")]
+
+
+async def test_xmpps_dot_alone_still_allows_the_starttls_fallback(resolver):
+    assert await resolver.resolve("dtlsdot.test") == [
+        Target("dtlsdot.test", 5269, False, "fallback-a")]
 
 
 async def test_srv_dot_target_means_no_service(resolver):

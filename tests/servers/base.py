@@ -35,6 +35,40 @@ def port_open(address: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat ("" once the process is gone or a zombie): with the pid it
+    identifies a process, so a reused pid is never signalled."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] == "Z" else fields[19]
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
 class ServerProcess:
     """Base class: subclasses set `name`, `log_path`, and implement `_command()` and
     `_ports()` (the TCP ports that must accept connections before start() returns)."""
@@ -51,6 +85,7 @@ class ServerProcess:
         self.stdout_path = self.workdir / f"{self.name}.stdout"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None
+        self._tree: list[tuple[int, str]] = []  # (pid, start time) of every process started
         self.stop_seconds: float | None = None
 
     # --- to implement -------------------------------------------------------------------
@@ -74,6 +109,12 @@ class ServerProcess:
     def start(self) -> None:
         if self.running:
             raise ServerError(f"{self.name} on {self.address} is already running")
+        busy = [p for p in self._ports() if port_open(self.address, p)]
+        if busy:
+            # Otherwise the port poll below would take another process for ours.
+            raise ServerError(f"{self.name}: {self.address} port(s) {busy} already accept "
+                              "connections: another server (a leftover of an earlier test?) "
+                              "is running there")
         self._prepare()
         t0 = time.monotonic()
         out = self.stdout_path.open("ab")
@@ -99,6 +140,12 @@ class ServerProcess:
                 waiting.pop(0)
             else:
                 time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise ServerError(f"{self.name} on {self.address} exited with code "
+                              f"{self.proc.returncode} right after starting\n{self.log_tail()}")
+        # Wrappers such as ejabberdctl (su) start the real server in a new session, outside our
+        # process group: remember the whole tree now, to stop exactly these pids later.
+        self._tree = [(pid, _start_time(pid)) for pid in _descendants(self.proc.pid)]
         self.start_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
@@ -108,13 +155,22 @@ class ServerProcess:
         if proc is None:
             return
         t0 = time.monotonic()
-        if proc.poll() is None:
+        tree = [(pid, st) for pid, st in self._tree if st and _start_time(pid) == st]
+        if proc.poll() is None or tree:
             self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
+            for pid, _ in tree:
+                _kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            while time.monotonic() < deadline and (
+                    proc.poll() is None or any(_start_time(p) == st for p, st in tree)):
+                time.sleep(0.02)
+            if proc.poll() is None or any(_start_time(p) == st for p, st in tree):
                 self._signal(proc, signal.SIGKILL)
-                proc.wait(5)
+                for pid, st in tree:
+                    if _start_time(pid) == st:
+                        _kill(pid, signal.SIGKILL)
+            proc.wait(5)
+        self._tree = []
         self._after_stop()
         self.proc = None
         self.stop_seconds = time.monotonic() - t0

@@ -1,0 +1,97 @@
+"""A slixmpp test client: connects to an explicit address and port (no DNS, no TLS on c2s),
+sends a message and waits for one, everything with timeouts. Use from async tests:
+
+    async with TestClient("alice@fabrikam.test", "pw", "127.0.0.2") as alice:
+        await alice.send_chat("bob@northwind.test", "hi")
+        msg = await bob.wait_for_message(timeout=10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from slixmpp import JID, ClientXMPP
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    sender: JID
+    body: str
+    type: str
+
+
+class TestClient:
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, jid: str, password: str, address: str, port: int = 5222):
+        self.jid = JID(jid)
+        self.address, self.port = address, port
+        self.xmpp = ClientXMPP(jid, password)
+        # The test servers accept plain c2s; never try Direct TLS or STARTTLS, never resolve.
+        self.xmpp.enable_direct_tls = False
+        self.xmpp.enable_starttls = False
+        self.xmpp.enable_plaintext = True
+        mechanisms = self.xmpp.plugin["feature_mechanisms"]
+        mechanisms.unencrypted_plain = True
+        mechanisms.unencrypted_scram = True
+        self.messages: asyncio.Queue[Received] = asyncio.Queue()
+        self.errors: asyncio.Queue[Received] = asyncio.Queue()
+        self._ready: asyncio.Future[None] | None = None
+        self.xmpp.add_event_handler("session_start", self._on_session_start)
+        self.xmpp.add_event_handler("failed_auth", self._on_failed_auth)
+        self.xmpp.add_event_handler("message", self._on_message)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        self._ready = asyncio.get_running_loop().create_future()
+        self.xmpp.connect(self.address, self.port)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            self.xmpp.disconnect()
+            raise TimeoutError(f"{self.jid} could not log in at {self.address}:{self.port} "
+                               f"within {timeout:g} s") from None
+
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self.xmpp.disconnect(wait=1.0), timeout)
+
+    async def __aenter__(self) -> TestClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    def send_chat(self, to: str, body: str) -> None:
+        self.xmpp.send_message(mto=JID(to), mbody=body, mtype="chat")
+
+    async def wait_for_message(self, timeout: float = 10.0) -> Received:
+        """The next chat/normal message with a body."""
+        try:
+            return await asyncio.wait_for(self.messages.get(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.jid} received no message within {timeout:g} s") from None
+
+    async def wait_for_error(self, timeout: float = 10.0) -> Received:
+        """The next message of type error (a bounce); body = the error condition."""
+        try:
+            return await asyncio.wait_for(self.errors.get(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.jid} received no error within {timeout:g} s") from None
+
+    async def _on_session_start(self, _event: object) -> None:
+        self.xmpp.send_presence()
+        await self.xmpp.get_roster()
+        if self._ready and not self._ready.done():
+            self._ready.set_result(None)
+
+    def _on_failed_auth(self, _event: object) -> None:
+        if self._ready and not self._ready.done():
+            self._ready.set_exception(PermissionError(f"{self.jid}: authentication failed"))
+
+    def _on_message(self, msg: object) -> None:
+        m = msg  # slixmpp Message
+        if m["type"] == "error":  # type: ignore[index]
+            self.errors.put_nowait(Received(m["from"], m["error"]["condition"], "error"))  # type: ignore[index]
+        elif m["body"]:  # type: ignore[index]
+            self.messages.put_nowait(Received(m["from"], m["body"], m["type"]))  # type: ignore[index]
