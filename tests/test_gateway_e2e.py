@@ -36,6 +36,7 @@ REMOTES = {  # domain -> (address, contoso's partner type for it)
     "pu.test": ("127.0.0.13", "public-unverified"),
 }
 CA = CertificateAuthority("Gateway E2E Test")
+GONE = "gone.test"  # a partner entry, but no DNS records: the edge bounces what goes there
 BOB = "bob@contoso.test"
 NOTE = "In a meeting until 3"
 
@@ -80,7 +81,8 @@ class World:
 @contextlib.asynccontextmanager
 async def world(tmp: Path, *, gateway: bool = True) -> AsyncIterator[World]:
     cfg_c = edge_config(tmp / "contoso", *CONTOSO, CA,
-                        [partner(dom, ptype) for dom, (_, ptype) in REMOTES.items()])
+                        [*(partner(dom, ptype) for dom, (_, ptype) in REMOTES.items()),
+                         partner(GONE)])
     async with contextlib.AsyncExitStack() as stack:
         contoso = Edge(cfg_c)
         await contoso.start()
@@ -322,4 +324,18 @@ async def test_message_to_a_domain_without_partner_entry_is_refused_by_the_api(w
     assert [e["event"] for e in sock.seen] == ["session"]  # nothing came back
     assert not any(r.got("message", "chat") for r in w.remote.values())
     assert not any(remote == "nowhere.test" for _, remote in w.contoso.router.sessions)
+    await sock.close()
+
+
+async def test_a_bounce_from_the_edge_reaches_the_sender_s_websocket(w):
+    """The API accepts a message to a partner (202); the edge cannot find the partner's server
+    and bounces it (RFC 6120 8.3, <remote-server-not-found/>): the user learns on the socket."""
+    api = w.gw.api
+    token = await bob(w)
+    sock = await api.connect(token)
+    sent = await api.call("POST", "/api/v1/messages", token,
+                          {"to": f"zoe@{GONE}", "body": "anyone there?"}, 202)
+    err = await sock.expect("error", id=sent["id"])
+    assert err["stanza"] == "message" and err["from"] == f"zoe@{GONE}"
+    assert err["condition"] == "remote-server-not-found" and GONE in err["text"]
     await sock.close()
