@@ -198,7 +198,11 @@ class Gateway(ComponentXMPP):
             if v.partner_type is not None and self.store.user_exists(user):
                 self.store.record_filtered(user, remote.bare, "message")
             self._error(msg)
-        elif decision is Decision.DELIVER and msg["type"] != "error":
+        elif decision is Decision.DELIVER and msg["type"] == "error":
+            # RFC 6120 8.3: a bounce of something the user sent (e.g. the edge's
+            # <remote-server-not-found/>) - tell the user's open sockets; never store it.
+            self._push(user, error_event(msg))
+        elif decision is Decision.DELIVER:
             self._deliver_message(user, msg)
 
     def _deliver_message(self, user: str, msg: Message) -> None:
@@ -500,6 +504,22 @@ def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
         event["offline"] = True
         event["stamp"] = stamp
     return event
+
+
+def error_event(stanza: Any) -> dict[str, Any]:
+    """A bounced stanza as a WebSocket event: the RFC 6120 8.3.3 condition and text, read from
+    the XML (on a component stream the error is in jabber:component:accept, which slixmpp's
+    Error plugin does not look for)."""
+    condition, text = "undefined-condition", ""
+    err = stanza.xml.find(f"{{{NS}}}error")
+    for child in err if err is not None else ():
+        tag = child.tag.rsplit("}", 1)[-1]
+        if tag == "text":
+            text = child.text or ""
+        elif child.tag.startswith(f"{{{NS_STANZAS}}}"):
+            condition = tag
+    return {"event": "error", "stanza": stanza.name, "from": str(stanza["from"]),
+            "id": stanza["id"] or None, "condition": condition, "text": text or None}
 
 
 async def run_until_stopped(gateway: Gateway, stop: asyncio.Event) -> None:
