@@ -177,6 +177,8 @@ class StreamConnection(asyncio.Protocol):
 
     def run(self, actions: list[object]) -> None:
         for a in actions:
+            if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
+                return
             if isinstance(a, Send):
                 self.send(a.data)
             elif isinstance(a, StartTls):
