@@ -366,10 +366,9 @@ class InboundS2s:
             return [Send(_sasl_failure("not-authorized"))]
         self.sasl_done = True
         self.state = InState.WAIT_HEADER
-        out: list[Action] = [Send(f"<success xmlns='{NS_SASL}'/>".encode())]
-        out += self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
-                           "sasl-external", notify=False)
-        return out + [RestartStream()]
+        out = self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
+                          "sasl-external", notify=False)
+        return out + [Send(f"<success xmlns='{NS_SASL}'/>".encode()), RestartStream()]
 
     def _on_sasl_abort(self, el: Element) -> list[Action]:
         return [Send(_sasl_failure("aborted"))]
@@ -440,8 +439,10 @@ class InboundS2s:
     def _grant(self, local: str, remote: str, method: AuthMethod, label: str,
                notify: bool = True) -> list[Action]:
         self.verified.add((local, remote))
-        out: list[Action] = [Send(_db("result", local, remote, type_="valid"))] if notify else []
-        return out + [Authenticated(local, remote, method, label)]
+        # Authenticated first: the shell may still refuse the pair (partner connection limit)
+        # and close the stream before the peer is told 'valid'.
+        out: list[Action] = [Authenticated(local, remote, method, label)]
+        return out + ([Send(_db("result", local, remote, type_="valid"))] if notify else [])
 
     # -- stanzas (RFC 6120 8.1, 4.9.3) ----------------------------------------------------------
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .component import ComponentAuthenticated, ComponentStream
 from .config import EdgeConfig
-from .dialback import DialbackKeys
+from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
 from .partners import Partner
@@ -28,6 +28,7 @@ from .s2s import (
     DialbackVerify,
     DialbackVerifyAnswer,
     InboundS2s,
+    InState,
     OutboundS2s,
     RestartStream,
     S2sContext,
@@ -36,7 +37,16 @@ from .s2s import (
     jid_domain,
 )
 from .tls import TlsContexts, TlsError, TlsSession
-from .xmlstream import Element, XmlStreamError, XmlStreamParser, stanza_error, stream_error
+from .xmlstream import (
+    NS_COMPONENT,
+    NS_SERVER,
+    Element,
+    XmlStreamError,
+    XmlStreamParser,
+    stanza_error,
+    stream_error,
+    stream_header,
+)
 
 log = logging.getLogger("edgeproxy")
 
@@ -90,6 +100,11 @@ class StreamConnection(asyncio.Protocol):
 
     def on_lost(self, reason: str) -> None:
         pass
+
+    def error_preamble(self) -> bytes:
+        """Our stream header, if a stream error comes before we answered the peer's header:
+        RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
+        return b""
 
     # -- asyncio -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,11 +172,13 @@ class StreamConnection(asyncio.Protocol):
                 events = self.parser.resume()
         except XmlStreamError as exc:
             log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
-            self.send(stream_error(exc.condition, exc.text))
+            self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
             self.close_soon()
 
     def run(self, actions: list[object]) -> None:
         for a in actions:
+            if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
+                return
             if isinstance(a, Send):
                 self.send(a.data)
             elif isinstance(a, StartTls):
@@ -290,6 +307,12 @@ class InboundConnection(StreamConnection):
     def handle_event(self, event: object) -> list[object]:
         return self.machine.receive(event)  # type: ignore[arg-type]
 
+    def error_preamble(self) -> bytes:
+        if self.machine.state is not InState.WAIT_HEADER:
+            return b""
+        return stream_header(content_ns=NS_SERVER, from_=sorted(self.edge.local_domains)[0],
+                             id_=new_stream_id(), dialback=True)
+
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
 
@@ -334,6 +357,12 @@ class ComponentConnection(StreamConnection):
 
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
+
+    def error_preamble(self) -> bytes:
+        if self.machine.stream_id:
+            return b""
+        return stream_header(content_ns=NS_COMPONENT, from_=sorted(self.edge.local_domains)[0],
+                             id_=new_stream_id(), version=None)
 
     def handle_event(self, event: object) -> list[object]:
         return self.machine.receive(event)  # type: ignore[arg-type]
