@@ -614,8 +614,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=200_000, help="messages per job (default 200000)")
-    ap.add_argument("--window", type=int, default=2000,
-                    help="messages in flight at most (default 2000)")
+    ap.add_argument("--window", type=int, default=500,
+                    help="messages in flight at most (default 500)")
     ap.add_argument("--warmup", type=int, default=5000, help="unmeasured messages first")
     ap.add_argument("--prosody", action="store_true", help="also measure Prosody 0.12")
     ap.add_argument("--profile", action="store_true", help="run the edge under cProfile")
