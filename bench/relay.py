@@ -461,6 +461,7 @@ ssl = {{ certificate = "{crt}"; key = "{key}"; cafile = "{ca}" }}
 unbound = {{ resolvconf = "{d}/resolv.conf"; hoststxt = false;
             options = {{ ["local-zone"] = "test. transparent" }} }}
 log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = "{d}/prosody.log" }} }}
+VirtualHost "prosody.test"  -- Prosody refuses to start without one
 Component "{local}"
     component_secret = "{secret}"
 """
