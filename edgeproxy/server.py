@@ -171,6 +171,10 @@ class StreamConnection(asyncio.Protocol):
                     continue
                 events = self.parser.resume()
         except XmlStreamError as exc:
+            for ev in exc.events:  # complete stanzas that came before the bad bytes
+                self.run(self.handle_event(ev))
+                if self.closing:
+                    return
             log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
             self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
             self.close_soon()

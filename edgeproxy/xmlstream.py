@@ -130,6 +130,9 @@ class XmlStreamError(Exception):
         super().__init__(f"{condition}: {text}")
         self.condition = condition
         self.text = text
+        # Events completed in the same feed() before the error: the caller still handles them
+        # (a good stanza in the same read as bad input must not be lost).
+        self.events: list[Event] = []
 
 
 class _Stop(Exception):
@@ -298,7 +301,7 @@ class XmlStreamParser:
             return self._feed(data)
         except XmlStreamError as exc:
             self._error = exc
-            self._events = []
+            exc.events, self._events = self._events, []
             raise
 
     def resume(self) -> list[Event]:

@@ -424,8 +424,6 @@ async def test_stanza_over_size_limit_gets_policy_violation(h: Harness) -> None:
         assert comp.received.empty()
 
 
-@pytest.mark.xfail(strict=True, reason="XmlStreamParser.feed() drops the events it completed "
-                   "before raising XmlStreamError (edgeproxy/xmlstream.py, not ours to change)")
 @pytest.mark.parametrize("bad", ["x" * 12000, "<oops"], ids=["oversized", "malformed"])
 async def test_stanza_in_same_read_before_bad_input_is_delivered(h: Harness, bad: str) -> None:
     """Loses nothing: a complete stanza that arrived in the same TCP read as the bad bytes was

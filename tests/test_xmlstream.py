@@ -752,3 +752,15 @@ def test_escaping_refuses_characters_xml_cannot_carry(bad: str) -> None:
         escape_text(bad)
     with pytest.raises(ValueError):
         escape_attr(bad)
+
+
+def test_events_before_an_error_travel_with_it():
+    """A complete stanza in the same read as bad bytes is handed over, not lost."""
+    p = XmlStreamParser()
+    data = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+            b" to='a.test' version='1.0'><message to='b@a.test' from='c@d.test'/><!-- x -->")
+    with pytest.raises(XmlStreamError) as e:
+        p.feed(data)
+    assert e.value.condition == "restricted-xml"
+    assert [type(ev).__name__ for ev in e.value.events] == ["StreamOpened", "Element"]
+    assert e.value.events[1].name == "message"
