@@ -282,7 +282,10 @@ class InboundConnection(StreamConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if len(self.edge.connections) > self.edge.cfg.connection_limit:
+        # Lync ConnectionLimit counts server-to-server connections (in and out), not the
+        # gateway's component link.
+        s2s = sum(1 for c in self.edge.connections if not isinstance(c, ComponentConnection))
+        if s2s > self.edge.cfg.connection_limit:
             self.abort(f"connection limit ({self.edge.cfg.connection_limit}) reached")
             return
         log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
