@@ -279,16 +279,16 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         if not isinstance(comp_t, Mapping):
             problems.append("[edge.component] must be a table")
         else:
-            c = _Reader(comp_t, "edge.component", problems)
+            cr = _Reader(comp_t, "edge.component", problems)
             try:
-                clisten = parse_listen(c.string("listen", "127.0.0.1:5347"), 5347)
+                clisten = parse_listen(cr.string("listen", "127.0.0.1:5347"), 5347)
             except ValueError as exc:
-                c.problem("listen", str(exc))
+                cr.problem("listen", str(exc))
                 clisten = ListenAddress("127.0.0.1", 5347)
-            csecret = c.string("secret")
+            csecret = cr.string("secret")
             if not csecret:
-                c.problem("secret", "is required: the shared secret of the gateway component")
-            c.unknown_keys()
+                cr.problem("secret", "is required: the shared secret of the gateway component")
+            cr.unknown_keys()
             component = ComponentSettings(clisten, csecret)
     e.unknown_keys({"component"})
 

@@ -238,9 +238,9 @@ def partner_from_mapping(raw: Mapping[str, object], where: str = "partner") -> P
     def enum(key: str, cls: type[StrEnum], default: StrEnum) -> StrEnum:
         value = raw.get(key, default.value)
         try:
-            if isinstance(value, str):
-                value = value.lower().replace("_", "-")
-            return cls(value)
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return cls(value.lower().replace("_", "-"))
         except ValueError:
             errors.append(f"{label}: {key} must be one of "
                           f"{', '.join(m.value for m in cls)} (got {value!r})")

@@ -51,9 +51,14 @@ MAX_SASL_ATTEMPTS = 3
 
 
 class CertificateCheckLike(Protocol):
-    ok: bool
-    reason: str
-    matched: str | None
+    """What the machines read of identity.CertificateCheck (kept as a protocol: no import)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def matched(self) -> str | None: ...
 
 
 CertChecker = Callable[[str], CertificateCheckLike]

@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .component import ComponentAuthenticated, ComponentStream
@@ -83,10 +83,10 @@ class StreamConnection(asyncio.Protocol):
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=self.edge.cfg.stanza_size_limit)
 
-    def handle_event(self, event: object) -> list[object]:
+    def handle_event(self, event: object) -> Sequence[object]:
         raise NotImplementedError
 
-    def on_tls_ready(self) -> list[object]:
+    def on_tls_ready(self) -> Sequence[object]:
         return []
 
     def make_tls(self) -> TlsSession:
@@ -179,7 +179,7 @@ class StreamConnection(asyncio.Protocol):
             self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
             self.close_soon()
 
-    def run(self, actions: list[object]) -> None:
+    def run(self, actions: Sequence[object]) -> None:
         for a in actions:
             if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
                 return
@@ -301,7 +301,7 @@ class InboundConnection(StreamConnection):
         assert self.edge.tls_contexts is not None
         return TlsSession.server(self.edge.tls_contexts, self.machine.local or None)
 
-    def on_tls_ready(self) -> list[object]:
+    def on_tls_ready(self) -> Sequence[object]:
         assert self.tls is not None
         tls = self.tls
         leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
@@ -311,7 +311,7 @@ class InboundConnection(StreamConnection):
 
         return self.machine.tls_established(check)
 
-    def handle_event(self, event: object) -> list[object]:
+    def handle_event(self, event: object) -> Sequence[object]:
         return self.machine.receive(event)  # type: ignore[arg-type]
 
     def error_preamble(self) -> bytes:
@@ -396,7 +396,7 @@ class ComponentConnection(StreamConnection):
         return stream_header(content_ns=NS_COMPONENT, from_=sorted(self.edge.local_domains)[0],
                              id_=new_stream_id(), version=None)
 
-    def handle_event(self, event: object) -> list[object]:
+    def handle_event(self, event: object) -> Sequence[object]:
         return self.machine.receive(event)  # type: ignore[arg-type]
 
     def is_authenticated(self) -> bool:
@@ -448,13 +448,13 @@ class OutboundConnection(StreamConnection):
         return TlsSession.client(self.edge.tls_contexts, self.session.local, self.session.remote,
                                  alpn=alpn)
 
-    def on_tls_ready(self) -> list[object]:
+    def on_tls_ready(self) -> Sequence[object]:
         assert self.tls is not None
         leaf, chain = self.tls.peer_certificate, list(self.tls.peer_intermediates)
         return self.machine.tls_established(
             lambda domain: verify_certificate(leaf, chain, domain, self.edge.trust))
 
-    def handle_event(self, event: object) -> list[object]:
+    def handle_event(self, event: object) -> Sequence[object]:
         return self.machine.receive(event)  # type: ignore[arg-type]
 
     def is_authenticated(self) -> bool:
@@ -479,6 +479,10 @@ class OutboundConnection(StreamConnection):
     def on_lost(self, reason: str) -> None:
         self.session.failed(self, f"connection to {self.session.remote} lost: {reason}",
                             None if self.machine.authenticated else "remote-server-timeout")
+
+
+def _factory(conn: OutboundConnection) -> Callable[[], OutboundConnection]:
+    return lambda: conn
 
 
 @dataclass
@@ -549,7 +553,7 @@ class OutboundSession:
                 conn = OutboundConnection(edge, self, target.direct_tls)
                 try:
                     await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                        lambda c=conn: c, ip, target.port), CONNECT_TIMEOUT)
+                        _factory(conn), ip, target.port), CONNECT_TIMEOUT)
                 except (OSError, TimeoutError) as exc:
                     errors.append(f"{ip}:{target.port}: {exc or 'timeout'}")
                     continue
