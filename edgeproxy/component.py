@@ -12,7 +12,7 @@ import hmac
 from dataclasses import dataclass
 
 from .dialback import new_stream_id
-from .s2s import Close, Deliver, Send, describe_stream_error, jid_domain
+from .s2s import Close, Deliver, Send, describe_stream_error, stanza_domains
 from .xmlstream import NS_COMPONENT, NS_STREAMS, Element, StreamClosed, StreamOpened, stream_header
 
 STANZA_NAMES = frozenset({"message", "presence", "iq"})
@@ -59,12 +59,10 @@ class ComponentStream:
                                "unsupported-stanza-type")
         if not self.authenticated:
             return self._close(f"<{event.name}/> before the handshake", "not-authorized")
-        frm, to = event.attrs.get("from"), event.attrs.get("to")
-        if not frm or not to:
-            return self._close(f"<{event.name}/> without to or from", "improper-addressing")
-        frm_domain, to_domain = jid_domain(frm), jid_domain(to)
-        if frm_domain is None or to_domain is None:
-            return self._close(f"<{event.name}/> with an invalid JID", "improper-addressing")
+        domains = stanza_domains(event)
+        if isinstance(domains, str):
+            return self._close(domains, "improper-addressing")
+        to_domain, frm_domain = domains
         if frm_domain != self.domain:
             return self._close(f"component for {self.domain} sent a stanza from {frm_domain}",
                                "invalid-from")

@@ -40,6 +40,7 @@ from .xmlstream import (
     Element,
     StreamClosed,
     StreamOpened,
+    error_condition,
     escape_attr,
     stream_header,
 )
@@ -71,6 +72,17 @@ def jid_domain(jid: str) -> str | None:
         return JID(jid).domain or None
     except InvalidJID:
         return None
+
+
+def stanza_domains(el: Element) -> tuple[str, str] | str:
+    """(to domain, from domain) of a stanza, or why it is improperly addressed (RFC 6120 8.1)."""
+    to, frm = el.attrs.get("to"), el.attrs.get("from")
+    if not to or not frm:
+        return f"<{el.name}/> without to or from"
+    to_domain, from_domain = jid_domain(to), jid_domain(frm)
+    if to_domain is None or from_domain is None:
+        return f"<{el.name}/> with an invalid JID in to or from"
+    return to_domain, from_domain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,13 +466,10 @@ class InboundS2s:
     def _on_stanza(self, el: Element) -> list[Action]:
         if not self.verified:
             return self._close(f"<{el.name}/> before authentication", "not-authorized")
-        to, frm = el.attrs.get("to"), el.attrs.get("from")
-        if not to or not frm:
-            return self._close(f"<{el.name}/> without to or from", "improper-addressing")
-        local, remote = jid_domain(to), jid_domain(frm)
-        if local is None or remote is None:
-            return self._close(f"<{el.name}/> with an invalid JID in to or from",
-                               "improper-addressing")
+        domains = stanza_domains(el)
+        if isinstance(domains, str):
+            return self._close(domains, "improper-addressing")
+        local, remote = domains
         if (local, remote) in self.verified:
             return [Deliver(el, local, remote)]
         if local not in self.ctx.local_domains:
@@ -488,14 +497,7 @@ _INBOUND: dict[tuple[str, str], Callable[[InboundS2s, Element], list[Action]]] =
 
 
 def describe_stream_error(el: Element) -> str:
-    tree = el.xml()
-    cond, text = "undefined-condition", ""
-    for child in tree:
-        tag = child.tag.rsplit("}", 1)[-1]
-        if tag == "text":
-            text = child.text or ""
-        else:
-            cond = tag
+    cond, text = error_condition(el.xml())
     return f"<{cond}/>" + (f" ({text})" if text else "")
 
 
@@ -716,19 +718,9 @@ class OutboundS2s:
 
 
 def _dialback_error_condition(el: Element) -> str:
-    tree = el.xml()
-    err = tree.find("{jabber:server:dialback}error")
-    if err is None:
-        err = tree.find("error")
-    if err is None:
-        for child in tree:
-            if child.tag.rsplit("}", 1)[-1] == "error":
-                err = child
-    if err is not None:
-        for c in err:
-            if c.tag.startswith(f"{{{NS_STANZAS}}}") and not c.tag.endswith("}text"):
-                return c.tag.rsplit("}", 1)[-1]
-    return "undefined-condition"
+    """The condition of a `<db:result/>` or `<db:verify/>` of type error (XEP-0220 2.5)."""
+    err = next((c for c in el.xml() if c.tag.rsplit("}", 1)[-1] == "error"), None)
+    return error_condition(err)[0] if err is not None else "undefined-condition"
 
 
 _O = OutState

@@ -784,6 +784,19 @@ def escape_attr(s: str) -> str:
     )
 
 
+def error_condition(error: ET.Element) -> tuple[str, str]:
+    """(condition, text) of a `<stream:error/>` or a stanza's `<error/>` element (RFC 6120 4.9,
+    8.3): the defined-condition child's local name, and the human-readable `<text/>` if any."""
+    cond, text = "undefined-condition", ""
+    for child in error:
+        tag = child.tag.rsplit("}", 1)[-1]
+        if tag == "text":
+            text = child.text or ""
+        elif child.tag.startswith(("{" + NS_STREAM_ERRORS, "{" + NS_STANZAS)):
+            cond = tag
+    return cond, text
+
+
 def stream_header(
     *,
     content_ns: str,

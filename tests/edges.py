@@ -12,6 +12,7 @@ from slixmpp import ComponentXMPP
 from edgeproxy.config import edge_config_from_mapping
 from edgeproxy.devcerts import CertificateAuthority, Issued
 from edgeproxy.server import Edge
+from edgeproxy.xmlstream import error_condition as xml_error_condition
 
 COMPONENT_SECRET = "component-secret"
 
@@ -91,11 +92,4 @@ def error_condition(stanza) -> tuple[str, str]:
     the jabber:client namespace and returns its default on a component stream."""
     err = stanza.xml.find("{*}error")
     assert err is not None, f"not an error: {stanza}"
-    cond, text = "", ""
-    for child in err:
-        tag = child.tag.rsplit("}", 1)[-1]
-        if tag == "text":
-            text = child.text or ""
-        else:
-            cond = tag
-    return cond, text
+    return xml_error_condition(err)

@@ -45,6 +45,7 @@ from edgeproxy.xmlstream import (
     StreamClosed,
     StreamOpened,
     XmlStreamParser,
+    error_condition,
     stream_header,
 )
 from tests.conftest import require_netns
@@ -206,14 +207,7 @@ class Peer:
 
 
 def _condition(el: Element) -> tuple[str, str]:
-    cond, text = "", ""
-    for child in el.xml():
-        tag = child.tag.rsplit("}", 1)[-1]
-        if tag == "text":
-            text = child.text or ""
-        else:
-            cond = tag
-    return cond, text
+    return error_condition(el.xml())
 
 
 def _child_names(features: Element) -> set[str]:
