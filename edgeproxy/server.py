@@ -74,8 +74,10 @@ class StreamConnection(asyncio.Protocol):
         self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
-        self.last_received = self.created
-        self.last_sent = self.created
+        self.last_sent = self.created  # anything, keepalives included
+        # the last stanza or negotiation data in either direction (not whitespace keepalives):
+        # outbound streams receive next to nothing, so inactivity cannot be "nothing received"
+        self.last_activity = self.created
         self._start_tls = False
         self._restart = False
 
@@ -121,7 +123,6 @@ class StreamConnection(asyncio.Protocol):
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
 
     def data_received(self, data: bytes) -> None:
-        self.last_received = self.edge.clock()
         if self.closing:
             return
         if self.tls is None:
@@ -146,6 +147,8 @@ class StreamConnection(asyncio.Protocol):
             self.abort("peer closed TLS")
 
     def feed(self, data: bytes) -> None:
+        if not data.isspace():
+            self.last_activity = self.edge.clock()
         try:
             events = self.parser.feed(data)
             while True:
@@ -212,6 +215,8 @@ class StreamConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self.last_sent = self.edge.clock()
+        if data != b" ":
+            self.last_activity = self.last_sent
         if self.tls is not None:
             self.tls.send(data)
             self._flush_tls()
@@ -261,7 +266,7 @@ class StreamConnection(asyncio.Protocol):
         if not self.is_authenticated() and now - self.created > cfg.stream_establishment_timeout:
             self.on_close(Close(f"stream not established within "
                                 f"{cfg.stream_establishment_timeout:g} s", "connection-timeout"))
-        elif now - self.last_received > cfg.stream_inactivity_timeout:
+        elif now - self.last_activity > cfg.stream_inactivity_timeout:
             self.graceful_close(f"no traffic for {cfg.stream_inactivity_timeout:g} s")
         elif (self.is_authenticated() and self.keepalive()
               and now - self.last_sent > cfg.keepalive_interval):

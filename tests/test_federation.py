@@ -153,3 +153,19 @@ async def test_component_wrong_secret_is_refused(dns, tmp_path):
         await asyncio.wait_for(failed, 10)
         comp.abort()
         assert C[0] not in edge.router.components
+
+
+async def test_busy_outbound_stream_is_not_closed_as_inactive(dns, tmp_path, caplog):
+    """Outbound streams receive next to nothing: inactivity means no stanzas either way."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(F[0])], stream_inactivity_timeout=2)
+    cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0])], stream_inactivity_timeout=60)
+    async with running(cfg_c, C[1]) as (_, comp_c), running(cfg_f, F[1]) as (_, comp_f):
+        for i in range(8):  # 4 s of traffic, twice the inactivity timeout
+            await exchange(comp_c, comp_f, C[0], F[0], f"busy {i}")
+            await asyncio.sleep(0.5)
+        assert caplog.text.count("outbound contoso.test -> fabrikam.test: connected") == 1
+        assert "no traffic for 2 s" not in caplog.text
+        await asyncio.sleep(3.5)  # now idle: closed by the housekeeping tick
+        assert "outbound contoso.test -> fabrikam.test (" in caplog.text
+        assert "no traffic for 2 s" in caplog.text
