@@ -334,3 +334,26 @@ def test_combinations_exhaustive_smoke(trust):
                           Partner("contoso.test", tls=k2[0], sasl=k2[1], dialback=k2[2]), trust)
         done = bool(link.authenticated(link.o)) or bool(link.closed)
         assert done, (k1, k2)
+
+
+def test_additional_domain_multiplexed_on_one_stream(trust):
+    """XEP-0220 2.6: after SASL for contoso.test, corp.contoso.test (an additional domain of the
+    same partner, covered by the same certificate) is added with <db:result/> on the stream."""
+    both_names = {**CERTS, "contoso.test": CA.issue("contoso.test", "corp.contoso.test")}
+    at_c = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.OPTIONAL)
+    at_f = Partner("contoso.test", additional_domains=("corp.contoso.test",),
+                   tls=Negotiation.REQUIRED, sasl=Negotiation.OPTIONAL)
+    link = federation(at_c, at_f, trust, certs=both_names)
+    assert [a.label for a in link.authenticated(link.i)] == ["sasl-external"]
+    acts = []
+    for data in (b"<db:result from='corp.contoso.test' to='fabrikam.test'>k</db:result>",
+                 b"<message from='a@corp.contoso.test' to='b@fabrikam.test'/>",
+                 b"<message from='a@contoso.test' to='b@fabrikam.test'/>",
+                 b"<message from='a@other.contoso.test' to='b@fabrikam.test'/>"):
+        for ev in link.i.parser.feed(data):
+            acts += link.i.machine.receive(ev)
+    assert [(a.remote, a.label) for a in acts if isinstance(a, Authenticated)] == [
+        ("corp.contoso.test", "dialback-over-valid-certificate")]
+    assert [a.remote for a in acts if isinstance(a, Deliver)] == ["corp.contoso.test",
+                                                                  "contoso.test"]
+    assert [a.condition for a in acts if isinstance(a, Close)] == ["invalid-from"]
