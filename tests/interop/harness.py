@@ -282,22 +282,30 @@ async def _next_of(queue: asyncio.Queue[Any], ptype: str, sender: str, timeout: 
 
 
 async def mismatch(slot: PeerSlot, mode: str, label: str, tmp: Path,
-                   caplog: pytest.LogCaptureFixture, reason: str, **policy: Any) -> None:
+                   caplog: pytest.LogCaptureFixture, reason_in: str, reason_out: str,
+                   **policy: Any) -> None:
     """Our partner policy cannot be met by the peer in `mode`: nothing crosses either way, the
-    sender on each side gets an error back, and our log says why (`reason`, a regex)."""
+    sender on each side gets an error back, and our log says why (regexes `reason_in`,
+    `reason_out`: one per direction)."""
     _log(caplog)
     peer = slot.peer
     server = slot.use(mode)
     async with running(edge_cfg(tmp, peer, mode, **policy), EDGE_IP) as (_, comp), \
             TestClient(peer.jid, peer.password, peer.ip) as alice:
+        # A bounce may carry no body, so TestClient.wait_for_error would not see it.
+        bounces: asyncio.Queue[Any] = asyncio.Queue()
+        alice.xmpp.add_event_handler("message_error", bounces.put_nowait)
         with cell(peer.name, label, IN):
             alice.send_chat(BOB, "must not cross")
-            err = await alice.wait_for_error(40)
-            assert err.type == "error"
+            try:
+                err = await asyncio.wait_for(bounces.get(), 40)
+            except TimeoutError:
+                raise TimeoutError(f"{peer.jid} got no error back within 40 s") from None
+            assert err["type"] == "error" and err["from"].bare == BOB, str(err)
             await asyncio.sleep(0.5)
             assert comp.received.empty(), f"component got {comp.received.get_nowait()}"
-            assert re.search(reason, caplog.text), \
-                f"our log lacks /{reason}/:\n{caplog.text[-2500:]}"
+            assert re.search(reason_in, caplog.text), \
+                f"our log lacks /{reason_in}/:\n{caplog.text[-2500:]}"
         with cell(peer.name, label, OUT):
             comp.send_message(mto=peer.jid, mfrom=BOB, mbody="must not cross either")
             bounce = await comp.next(40)
@@ -306,6 +314,8 @@ async def mismatch(slot: PeerSlot, mode: str, label: str, tmp: Path,
             assert cond in ("remote-server-timeout", "remote-server-not-found",
                             "policy-violation", "not-allowed"), (cond, text)
             assert alice.messages.empty(), "the peer's user received the message"
+            assert re.search(reason_out, caplog.text), \
+                f"our log lacks /{reason_out}/:\n{caplog.text[-2500:]}"
     if hasattr(server, "stop_s2s_connections"):
         server.stop_s2s_connections()  # ejabberd bounces this domain for minutes otherwise
 
