@@ -90,8 +90,10 @@ class PeerSlot:
 def start_dns(workdir: Path, peers: list[Peer]) -> Dnsmasq:
     d = Dnsmasq(workdir)
     d.add_host(EDGE, EDGE_IP)
-    d.add_srv(f"_xmpp-server._tcp.{EDGE}", EDGE, 5269)
-    d.add_srv(f"_xmpps-server._tcp.{EDGE}", EDGE, 5270)  # XEP-0368 Direct TLS
+    # XEP-0368: Direct TLS preferred (lower priority value), STARTTLS as the fallback. With
+    # equal priorities ejabberd picked either at random.
+    d.add_srv(f"_xmpps-server._tcp.{EDGE}", EDGE, 5270, priority=0)
+    d.add_srv(f"_xmpp-server._tcp.{EDGE}", EDGE, 5269, priority=10)
     for p in peers:
         d.add_host(p.domain, p.ip)
         d.add_srv(f"_xmpp-server._tcp.{p.domain}", p.domain, 5269)

@@ -84,5 +84,7 @@ async def test_mismatch_tls_required_peer_without_tls(slot, tmp_path, caplog):
                      # ejabberd gives up itself when our features demand STARTTLS:
                      r"northwind.test -> contoso.test: closing: peer sent a stream error: "
                      r"<unsupported-feature/> \(STARTTLS is disabled",
-                     r"requires TLS, but northwind.test did not offer STARTTLS; bouncing 1",
+                     r"outbound contoso.test -> northwind.test .*: closing: "
+                     r"partner northwind.test requires TLS, "
+                     r"but northwind.test did not offer STARTTLS",
                      tls="required", sasl="optional", dialback=True)

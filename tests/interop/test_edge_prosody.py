@@ -85,5 +85,7 @@ async def test_tcp_edge_to_peer(slot, tmp_path, caplog):
 async def test_mismatch_tls_required_peer_without_tls(slot, tmp_path, caplog):
     await h.mismatch(slot, h.TCP, "mismatch tls=required, peer no TLS", tmp_path, caplog,
                      r"closing: partner fabrikam.test requires TLS before dialback",
-                     r"requires TLS, but fabrikam.test did not offer STARTTLS; bouncing 1",
+                     r"outbound contoso.test -> fabrikam.test .*: closing: "
+                     r"partner fabrikam.test requires TLS, "
+                     r"but fabrikam.test did not offer STARTTLS",
                      tls="required", sasl="optional", dialback=True)
