@@ -15,9 +15,8 @@ pytestmark = pytest.mark.interop
 
 
 def make_prosody(workdir: Path, mode: str) -> ProsodyServer:
-    ca_file = h.CA.write_root(Path(workdir, "ca.crt")) if Path(workdir).mkdir(
-        parents=True, exist_ok=True) is None else None
-    assert ca_file is not None
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    ca_file = h.CA.write_root(Path(workdir, "ca.crt"))
     return ProsodyServer(
         workdir, PEER.domain, PEER.ip,
         certificate=None if mode == h.TCP else h.CA.issue(PEER.domain), ca_file=ca_file,
