@@ -2,7 +2,7 @@
 
 Started as root, ejabberdctl re-runs itself as the user `ejabberd` (via su), so everything under
 `workdir` is chowned to that user. pytest's tmp_path parents are 0700 (and every pytest session
-on the machine resets the temp dir pytest-of-<user> to 0700, so adding x bits there is racy): ejabberd
+on the machine resets pytest-of-<user> to 0700, so adding x bits there is racy): ejabberd
 therefore sees `workdir` through a bind mount on a fresh directory in the system temp dir. That
 mount exists only in the private mount namespace of scripts/netns-run; the files stay in
 `workdir`.
