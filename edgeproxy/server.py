@@ -80,6 +80,7 @@ class StreamConnection(asyncio.Protocol):
         self.last_activity = self.created
         self._start_tls = False
         self._restart = False
+        self._out: list[bytes] = []
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -161,6 +162,7 @@ class StreamConnection(asyncio.Protocol):
                 leftover = self.parser.leftover
                 if self._start_tls:
                     self._start_tls = False
+                    self.flush()  # <proceed/> / <starttls/> go out in plaintext
                     self.parser = self._new_parser()
                     self.tls = self.make_tls()
                     self._flush_tls()
@@ -211,12 +213,26 @@ class StreamConnection(asyncio.Protocol):
             self.send(b"</stream:stream>")
         self.close_soon()
 
+    # Writes are gathered and go out once per event-loop turn: a partner's 64 KiB read holds
+    # ~300 stanzas, and one socket write (one TLS record) per stanza was a quarter of the relay's
+    # CPU (bench/relay.py). Order is kept; the buffer is flushed before TLS starts and on close.
     def send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.last_sent = self.edge.clock()
         if data != b" ":
             self.last_activity = self.last_sent
+        self._out.append(data)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        if self.transport is None or self.transport.is_closing():
+            return
         if self.tls is not None:
             self.tls.send(data)
             self._flush_tls()
@@ -230,6 +246,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.write(out)
 
     def close_soon(self) -> None:
+        self.flush()
         if self.closing:
             return
         self.closing = True
@@ -363,34 +380,9 @@ class ComponentConnection(StreamConnection):
         super().__init__(edge)
         assert edge.cfg.component is not None
         self.machine = ComponentStream(frozenset(edge.cfg.domains), edge.cfg.component.secret)
-        self._out: list[bytes] = []
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
-
-    # Stanzas for the component are written once per event-loop turn, not once each: a partner's
-    # read of 64 KiB holds ~300 messages, and a socket send per stanza was a quarter of the
-    # relay's CPU (bench/relay.py). The link has no TLS, so the bytes are final here; every
-    # send goes through the buffer, so order is kept, and it is flushed before any close.
-    def send(self, data: bytes) -> None:
-        if self.closing or not self.machine.authenticated:
-            self._flush_out()
-            super().send(data)
-            return
-        out = self._out
-        out.append(data)
-        if len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_out)
-
-    def _flush_out(self) -> None:
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            super().send(data)
-
-    def close_soon(self) -> None:
-        self._flush_out()
-        super().close_soon()
 
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
