@@ -232,7 +232,7 @@ class InboundS2s:
     sasl_done: bool = False
     sasl_attempts: int = 0
     verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
-    pending: dict[tuple[str, str], str] = field(default_factory=dict)  # pair -> key
+    pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
     header_sent: bool = False
 
     # -- inputs -------------------------------------------------------------------------------
@@ -266,8 +266,9 @@ class InboundS2s:
 
     def dialback_result(self, local: str, remote: str, outcome: str) -> list[Action]:
         """The authoritative server answered (or could not be asked): valid/invalid/condition."""
-        if self.pending.pop((local, remote), None) is None or self.state is InState.CLOSED:
+        if (local, remote) not in self.pending or self.state is InState.CLOSED:
             return []
+        self.pending.discard((local, remote))
         if outcome == "valid":
             return self._grant(local, remote, self._dialback_method(), "dialback")
         if outcome == "invalid":
@@ -434,7 +435,7 @@ class InboundS2s:
             if check.ok:  # XEP-0344 "dialback without dialback": the certificate proves it
                 return self._grant(local, remote, AuthMethod.TLS_DIALBACK,
                                    "dialback-over-valid-certificate")
-        self.pending[(local, remote)] = key
+        self.pending.add((local, remote))
         return [DialbackVerify(local, remote, self.stream_id, key)]
 
     def _on_db_verify(self, el: Element) -> list[Action]:
@@ -601,10 +602,10 @@ class OutboundS2s:
                 return [Send(f"<starttls xmlns='{NS_TLS}'/>".encode())]
             if starttls is not None and starttls.find(f"{{{NS_TLS}}}required") is not None:
                 return self._fail(f"{self.remote} requires TLS, but partner {p.domain} is "
-                                  "configured with tls = not-supported", permanent=True)
+                                  "configured with tls = not-supported")
             if p.tls is Negotiation.REQUIRED:
                 return self._fail(f"partner {p.domain} requires TLS, but {self.remote} did not "
-                                  "offer STARTTLS", permanent=True)
+                                  "offer STARTTLS")
         self.ready_for_db = True
         out = self._flush_verifies()
         if self.sasl_ok:  # features after the post-SASL restart
@@ -646,7 +647,7 @@ class OutboundS2s:
             why += f"; already tried {', '.join(self.tried)}"
         return self._fail(f"no authentication method in common with {self.remote} "
                           f"({'TLS' if self.tls else 'no TLS'}): it offered {offered}; partner "
-                          f"{p.domain} allows {allowed}{why}", permanent=True)
+                          f"{p.domain} allows {allowed}{why}")
 
     def _on_proceed(self, el: Element) -> list[Action]:
         return [StartTls()]
@@ -670,7 +671,7 @@ class OutboundS2s:
             return [Send(_db("result", self.local, self.remote, text=key))]
         return self._fail(f"{self.remote} refused our certificate (SASL EXTERNAL failure: "
                           f"{cond}) and dialback is not allowed for partner "
-                          f"{self.partner.domain}", permanent=True)
+                          f"{self.partner.domain}")
 
     def _on_db_result(self, el: Element) -> list[Action]:
         frm, to = (el.attrs.get("from") or "").lower(), (el.attrs.get("to") or "").lower()
@@ -684,7 +685,7 @@ class OutboundS2s:
             return self._done(method, "dialback")
         if t == "invalid":
             return self._fail(f"{self.remote} says our dialback key is invalid",
-                              bounce="internal-server-error", permanent=True)
+                              bounce="internal-server-error")
         cond = _dialback_error_condition(el)
         return self._fail(f"{self.remote} answered dialback with an error: {cond}",
                           bounce="remote-server-timeout")
@@ -711,8 +712,7 @@ class OutboundS2s:
         self.state = OutState.READY
         return [Authenticated(self.local, self.remote, method, label)]
 
-    def _fail(self, reason: str, bounce: str = "remote-server-timeout",
-              permanent: bool = False) -> list[Action]:
+    def _fail(self, reason: str, bounce: str = "remote-server-timeout") -> list[Action]:
         self.state = OutState.CLOSED
         return [Close(reason, None, bounce=bounce)]
 
