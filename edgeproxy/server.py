@@ -20,7 +20,7 @@ from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
-from .partners import Partner
+from .partners import Negotiation, Partner
 from .s2s import (
     Authenticated,
     Close,
@@ -532,14 +532,17 @@ class OutboundSession:
     async def _connect(self) -> None:
         edge = self.edge
         try:
+            # Direct TLS is TLS: never for a partner whose TLS setting is not-supported.
+            direct = (edge.tls_contexts is not None
+                      and self.partner.tls is not Negotiation.NOT_SUPPORTED)
             targets = await edge.resolver.resolve(self.remote, self.partner.proxy_fqdn,
-                                                  direct_tls=edge.tls_contexts is not None)
+                                                  direct_tls=direct)
         except DnsError as exc:
             self._give_up(f"DNS: {exc.text}", "remote-server-not-found")
             return
         errors = []
         for target in targets:
-            if target.direct_tls and edge.tls_contexts is None:
+            if target.direct_tls and not direct:
                 continue
             try:
                 addresses = await edge.resolver.addresses(target.host)

@@ -88,6 +88,21 @@ async def test_direct_tls_outbound(dns, tmp_path, caplog):
     assert "ALPN xmpp-server" in caplog.text
 
 
+async def test_no_direct_tls_to_a_partner_without_tls(dns, tmp_path, caplog):
+    """fabrikam publishes and listens on _xmpps-server, but contoso's partner entry says TLS
+    not-supported: contoso must dial the plain STARTTLS-less port, never TLS at connect."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    plain = partner(F[0], "not-supported", "not-supported", True)
+    cfg_c = edge_config(tmp_path / "c", *C, CA, [plain])
+    cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0], "not-supported", "not-supported",
+                                                         True)], direct_tls=True)
+    async with running(cfg_c, C[1]) as (_, comp_c), running(cfg_f, F[1]) as (_, comp_f):
+        await exchange(comp_c, comp_f, C[0], F[0], "plain TCP only")
+    dialed = re.findall(r"outbound contoso.test -> fabrikam.test: connected to (\S+) \(([^)]*)\)",
+                        caplog.text)
+    assert dialed == [("127.0.0.11:5269", "srv")], dialed
+
+
 async def test_untrusted_certificate_falls_back_to_dialback(dns, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="edgeproxy")
     cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(F[0], "required", "optional")],
