@@ -32,6 +32,10 @@ def _yaml(value: object) -> str:
 
 
 class EjabberdServer(MechanismLog, ServerProcess):
+    """`direct_tls_port`: also listen there for XEP-0368 Direct TLS s2s (an `ejabberd_s2s_in`
+    listener with `tls: true`): TLS at once (no ALPN selected, SNI not checked), then
+    jabber:server without STARTTLS."""
+
     name = "ejabberd"
     software = "ejabberd"
     start_timeout = 40.0

@@ -15,6 +15,10 @@ def _lua(value: str) -> str:
 
 
 class ProsodyServer(MechanismLog, ServerProcess):
+    """`direct_tls_port`: also listen there for XEP-0368 Direct TLS s2s (`s2s_direct_tls_ports`):
+    TLS at once (no ALPN selected; a client SNI naming no host of this server is refused with
+    an unrecognized_name alert), then jabber:server without STARTTLS."""
+
     name = "prosody"
     software = "prosody"
 
@@ -79,8 +83,9 @@ class ProsodyServer(MechanismLog, ServerProcess):
             f"s2s_ports = {{ {self.s2s_port} }}",
             f"component_ports = {{ {self.component_port} }}",
             f"component_interfaces = {{ {_lua(self.address)} }}",
-            (f"s2s_direct_tls_ports = {{ {self.direct_tls_port} }}" if self.direct_tls_port
-             else ""),
+            *((f"s2s_direct_tls_ports = {{ {self.direct_tls_port} }}",
+               f"s2s_direct_tls_interfaces = {{ {_lua(self.address)} }}")
+              if self.direct_tls_port else ()),
             # Test clients log in without TLS (tests/servers/client.py).
             "c2s_require_encryption = false",
             "allow_unencrypted_plain_auth = true",
