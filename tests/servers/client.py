@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from slixmpp import JID, ClientXMPP
 
@@ -37,6 +38,15 @@ class TestClient:
         mechanisms.unencrypted_scram = True
         self.messages: asyncio.Queue[Received] = asyncio.Queue()
         self.errors: asyncio.Queue[Received] = asyncio.Queue()
+        self.presences: asyncio.Queue[Any] = asyncio.Queue()  # every presence stanza
+        self.bounces: asyncio.Queue[Any] = asyncio.Queue()  # message errors, body or not
+        # A subscription request is approved (as a user would), but never answered with a
+        # request of our own: tests subscribe explicitly.
+        self.xmpp.auto_authorize = True
+        self.xmpp.auto_subscribe = False
+        self.xmpp.register_plugin("xep_0199")
+        self.xmpp.add_event_handler("presence", self.presences.put_nowait)
+        self.xmpp.add_event_handler("message_error", self.bounces.put_nowait)
         self._ready: asyncio.Future[None] | None = None
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("failed_auth", self._on_failed_auth)
@@ -71,6 +81,31 @@ class TestClient:
             return await asyncio.wait_for(self.messages.get(), timeout)
         except TimeoutError:
             raise TimeoutError(f"{self.jid} received no message within {timeout:g} s") from None
+
+    def ping(self, to: str, timeout: float = 10.0) -> Any:
+        """XEP-0199 ping (a coroutine): returns the round-trip time, raises on error/timeout."""
+        return self.xmpp.plugin["xep_0199"].ping(JID(to), timeout=timeout)
+
+    async def expect_presence(self, ptype: str, sender: str, timeout: float = 10.0) -> Any:
+        """The next presence of `ptype` ("available", "subscribed", ...) whose sender's bare JID
+        is `sender`; other presence is skipped."""
+        async def find() -> Any:
+            while True:
+                p = await self.presences.get()
+                if p["type"] == ptype and p["from"].bare == sender:
+                    return p
+        try:
+            return await asyncio.wait_for(find(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.jid} got no presence type={ptype} from {sender} within "
+                               f"{timeout:g} s") from None
+
+    async def wait_for_bounce(self, timeout: float = 10.0) -> Any:
+        """The next message of type error, with or without a body."""
+        try:
+            return await asyncio.wait_for(self.bounces.get(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.jid} got no message error within {timeout:g} s") from None
 
     async def wait_for_error(self, timeout: float = 10.0) -> Received:
         """The next message of type error (a bounce); body = the error condition."""
