@@ -38,6 +38,11 @@ OTHER_CA = CertificateAuthority("Interop Untrusted")  # a CA the other side does
 
 IN, OUT = "peer -> edge", "edge -> peer"
 
+# Partner domains that cannot be reached: no DNS records at all, and a host that accepts TCP
+# connections and then never says a word (tests/interop/test_policy.py runs that listener).
+NOWHERE = "nowhere.test"
+SILENT, SILENT_IP = "silent.test", "127.0.0.98"
+
 # Certificate defects, on our side or the peer's (the "certificate cases").
 WRONG_NAME, EXPIRED, SELF_SIGNED, SERVER_ONLY = ("wrong name", "expired", "self-signed",
                                                  "serverAuth-only EKU")
@@ -115,7 +120,8 @@ class Dns:
             return
         self.stop()
         d = Dnsmasq(self.workdir)
-        for domain, ip in ((EDGE, EDGE_IP), *((p.domain, p.ip) for p in self.peers)):
+        hosts = ((EDGE, EDGE_IP), (SILENT, SILENT_IP), *((p.domain, p.ip) for p in self.peers))
+        for domain, ip in hosts:
             d.add_host(domain, ip)
             # XEP-0368: Direct TLS preferred (lower priority value), STARTTLS as the fallback.
             d.add_srv(f"_xmpp-server._tcp.{domain}", domain, 5269, priority=10)
