@@ -1,7 +1,8 @@
 """The local users' HTTP API (aiohttp): REST plus one WebSocket per user session.
 
 Every request carries `Authorization: Bearer <token>`: a user's token for /api/v1/..., the admin
-token for /api/v1/admin/... Errors are JSON `{"error": "<what went wrong, in words>"}`.
+token for /api/v1/admin/... Errors are JSON `{"error": "<what went wrong, in words>"}` (a
+failed ping adds `to` and, for an error answer, its `condition` and `text`).
 docs/api.md lists every endpoint with examples.
 """
 

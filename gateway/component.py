@@ -63,11 +63,11 @@ class LinkDown(Exception):
 
 
 class StanzaError(Exception):
-    """The addressee (or the edge on its behalf) answered with an RFC 6120 8.3 stanza error
-    (API: 502)."""
+    """The answer was an RFC 6120 8.3 stanza error, from the addressee or from a server on the
+    way (the edge: remote-server-not-found, remote-server-timeout) (API: 502)."""
 
     def __init__(self, to: str, condition: str, text: str):
-        super().__init__(f"{to} answered with an error: {condition}"
+        super().__init__(f"the ping to {to} came back with an error: {condition}"
                          + (f" ({text})" if text else ""))
         self.condition, self.text = condition, text
 

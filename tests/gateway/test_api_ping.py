@@ -114,8 +114,8 @@ async def test_an_error_answer_is_502_with_the_condition_and_text(api, gw, token
     resp = await request
     assert resp.status == 502
     assert await resp.json() == {
-        "error": "alice@corp.fabrikam.test answered with an error: remote-server-not-found "
-                 "(DNS: no such domain)",
+        "error": "the ping to alice@corp.fabrikam.test came back with an error: "
+                 "remote-server-not-found (DNS: no such domain)",
         "condition": "remote-server-not-found", "text": "DNS: no such domain",
         "to": "alice@corp.fabrikam.test"}
 
