@@ -1,7 +1,8 @@
 """The local users' HTTP API (aiohttp): REST plus one WebSocket per user session.
 
 Every request carries `Authorization: Bearer <token>`: a user's token for /api/v1/..., the admin
-token for /api/v1/admin/... Errors are JSON `{"error": "<what went wrong, in words>"}`.
+token for /api/v1/admin/... Errors are JSON `{"error": "<what went wrong, in words>"}` (a
+failed ping adds `to` and, for an error answer, its `condition` and `text`).
 docs/api.md lists every endpoint with examples.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .component import Gateway, LinkDown, Refused
+from .component import Gateway, LinkDown, NoAnswer, Refused, StanzaError
 from .store import Contact, StoreError
 
 USER = web.RequestKey("user", str)
@@ -24,14 +25,17 @@ GATEWAY = web.AppKey("gateway", Gateway)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+PING_TIMEOUT, PING_TIMEOUT_MAX = 10.0, 60.0  # seconds
 
 
-def error(status: int, message: str) -> web.HTTPException:
+def error(status: int, message: str, **fields: Any) -> web.HTTPException:
+    """A JSON error response: {"error": message} plus any further fields."""
     cls: type[web.HTTPException] = {
         400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-        404: web.HTTPNotFound, 409: web.HTTPConflict, 503: web.HTTPServiceUnavailable,
+        404: web.HTTPNotFound, 409: web.HTTPConflict, 502: web.HTTPBadGateway,
+        503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
     }[status]
-    return cls(text=json.dumps({"error": message}), content_type="application/json")
+    return cls(text=json.dumps({"error": message, **fields}), content_type="application/json")
 
 
 def _bearer(request: web.Request) -> str:
@@ -119,6 +123,26 @@ async def set_presence(request: web.Request) -> web.Response:
     request.app[GATEWAY].set_presence(request[USER], "" if show == "available" else show,
                                       status, to)
     return web.json_response({"show": show, "status": status})
+
+
+async def ping(request: web.Request) -> web.Response:
+    """XEP-0199 ping of a user, a resource or a server; waits for the answer."""
+    body = await _json(request, "to")
+    timeout = body.get("timeout", PING_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+            or not 0 < timeout <= PING_TIMEOUT_MAX:
+        raise ValueError(f"timeout must be a number of seconds above 0 and at most "
+                         f"{PING_TIMEOUT_MAX:g}")
+    gw = request.app[GATEWAY]
+    to = str(gw.parse_target(body["to"]))
+    try:
+        rtt = await gw.ping(request[USER], to, float(timeout))
+    except StanzaError as exc:
+        raise error(502, str(exc), condition=exc.condition, text=exc.text or None,
+                    to=to) from None
+    except NoAnswer as exc:
+        raise error(504, str(exc), to=to) from None
+    return web.json_response({"to": to, "rtt_ms": round(rtt * 1000, 3)})
 
 
 async def list_contacts(request: web.Request) -> web.Response:
@@ -261,6 +285,7 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
     app.router.add_put("/api/v1/presence", set_presence)
+    app.router.add_post("/api/v1/ping", ping)
     app.router.add_get("/api/v1/contacts", list_contacts)
     app.router.add_post("/api/v1/contacts", add_contact)
     app.router.add_delete("/api/v1/contacts/{jid}", _contact_action("remove"))

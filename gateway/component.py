@@ -8,6 +8,7 @@ Local users are API clients: each open WebSocket is one resource, and `push(even
 registered by the API receive JSON-ready dicts; a message no session could take is stored
 offline instead of being lost. Stanzas local users send while the link to the
 edge is down wait in a bounded queue; when it is full the caller gets LinkDown (API: 503).
+A ping (XEP-0199) does not wait in that queue: it needs the link now, and its answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ComponentXMPP, InvalidJID
+from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq, Message, Presence
 from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
@@ -43,6 +46,9 @@ NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 SOFTWARE_NAME = "xmpp-federation-edge gateway"
 SOFTWARE_VERSION = "0.1.0"
 SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = available
+# Local users' pings leave from this fixed resource: a ping needs no open WebSocket, and the
+# answer is taken by the waiting request whatever resource it is addressed to.
+PING_RESOURCE = "api"
 
 Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
 
@@ -52,7 +58,22 @@ class Refused(Exception):
 
 
 class LinkDown(Exception):
-    """The link to the edge is down and the outbound queue is full (API: 503)."""
+    """The link to the edge is down and the outbound queue is full, or a ping cannot wait for
+    the link (API: 503)."""
+
+
+class StanzaError(Exception):
+    """The answer was an RFC 6120 8.3 stanza error, from the addressee or from a server on the
+    way (the edge: remote-server-not-found, remote-server-timeout) (API: 502)."""
+
+    def __init__(self, to: str, condition: str, text: str):
+        super().__init__(f"the ping to {to} came back with an error: {condition}"
+                         + (f" ({text})" if text else ""))
+        self.condition, self.text = condition, text
+
+
+class NoAnswer(Exception):
+    """No answer within the time the caller was willing to wait (API: 504)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +244,7 @@ class Gateway(ComponentXMPP):
 
     def on_iq(self, iq: Any) -> None:  # a slixmpp Iq
         if iq["type"] not in ("get", "set"):
-            return  # results and errors for us: we send no requests that need them
+            return  # answers to our pings: Iq.send's own handler takes them (or they are late)
         payload = next(iter(iq.xml), None)
         tag = payload.tag if payload is not None else ""
         user = iq["to"].user
@@ -411,6 +432,17 @@ class Gateway(ComponentXMPP):
             raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
         return jid
 
+    def parse_target(self, value: str) -> JID:
+        """A JID to ping: a user's bare or full JID, or a bare domain (a server)."""
+        try:
+            jid = JID(value)
+        except InvalidJID as exc:
+            raise ValueError(f"{value!r} is not a valid JID: {exc}") from exc
+        if not jid.domain:
+            raise ValueError(f"{value!r} is not a JID (expected domain, name@domain or "
+                             "name@domain/resource)")
+        return jid
+
     def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
         v = self.verdict(user, to, Direction.OUTBOUND, kind)
         if v.partner_type is None:
@@ -429,6 +461,33 @@ class Gateway(ComponentXMPP):
         msg["id"] = secrets.token_hex(8)
         self._route(msg)
         return msg["id"]
+
+    async def ping(self, user: str, to: str, timeout: float) -> float:
+        """XEP-0199 ping from user@domain/api; the round trip in seconds.
+
+        Raises Refused (partner rules), LinkDown, StanzaError (an error answer, e.g. the edge's
+        <remote-server-not-found/>) or NoAnswer. Iq.send removes its answer handler when the
+        answer comes or the timeout passes, so a late answer finds no waiter and on_iq drops it.
+        slixmpp's xep_0199 plugin is not loaded: it would answer every ping itself, outside the
+        partner rules; the request is built here and sent with Iq.send.
+        """
+        jid = self.parse_target(to)
+        if jid.user or self.partner_type(jid.domain) is None:
+            # The partner rules are about users; a partner's server is nobody's stranger.
+            self._outbound(user, jid, Kind.IQ)
+        if not self.link_up:
+            raise LinkDown("the link to the edge is down; try again when it is back")
+        iq = self.make_iq_get(ito=jid, ifrom=f"{user}@{self.domain}/{PING_RESOURCE}")
+        ET.SubElement(iq.xml, f"{{{NS_PING}}}ping")
+        start = time.monotonic()
+        try:
+            await iq.send(timeout=timeout)
+        except IqError as exc:
+            condition, text = stanza_error(exc.iq)
+            raise StanzaError(str(jid), condition, text) from None
+        except IqTimeout:
+            raise NoAnswer(f"{jid} did not answer within {timeout:g} s") from None
+        return time.monotonic() - start
 
     def _route(self, stanza: Any) -> None:
         if stanza["to"].domain != self.domain or stanza.name == "iq":
@@ -506,10 +565,10 @@ def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
     return event
 
 
-def error_event(stanza: Any) -> dict[str, Any]:
-    """A bounced stanza as a WebSocket event: the RFC 6120 8.3.3 condition and text, read from
-    the XML (on a component stream the error is in jabber:component:accept, which slixmpp's
-    Error plugin does not look for)."""
+def stanza_error(stanza: Any) -> tuple[str, str]:
+    """An error stanza's RFC 6120 8.3.3 condition and text, read from the XML (on a component
+    stream the error is in jabber:component:accept, which slixmpp's Error plugin does not look
+    for)."""
     condition, text = "undefined-condition", ""
     err = stanza.xml.find(f"{{{NS}}}error")
     for child in err if err is not None else ():
@@ -518,6 +577,12 @@ def error_event(stanza: Any) -> dict[str, Any]:
             text = child.text or ""
         elif child.tag.startswith(f"{{{NS_STANZAS}}}"):
             condition = tag
+    return condition, text
+
+
+def error_event(stanza: Any) -> dict[str, Any]:
+    """A bounced stanza as a WebSocket event."""
+    condition, text = stanza_error(stanza)
     return {"event": "error", "stanza": stanza.name, "from": str(stanza["from"]),
             "id": stanza["id"] or None, "condition": condition, "text": text or None}
 

@@ -2,7 +2,8 @@
 
 `running_gateway` runs `gateway.component.Gateway` with its aiohttp API on a real SQLite file;
 `RemoteUsers` is a slixmpp component behind a remote edge that speaks for every user of its
-domain and records every stanza it is sent; `UserSocket` is a local user's WebSocket.
+domain, records every stanza it is sent and answers pings; `UserSocket` is a local user's
+WebSocket.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gateway.store import SqliteStore
 from tests.edges import COMPONENT_SECRET
 
 NS = "jabber:component:accept"
+NS_PING = "urn:xmpp:ping"
 API_PORT = 8080
 ADMIN_TOKEN = "e2e-admin-token"
 
@@ -41,7 +43,8 @@ class RemoteUsers(ComponentXMPP):
     """The users of a remote domain: sends as any user@domain, records every stanza it gets.
 
     slixmpp's own roster and presence handling are removed (as the gateway does), so nothing
-    answers subscriptions or probes behind the test's back.
+    answers subscriptions or probes behind the test's back. XEP-0199 pings to the domain or
+    any of its users are answered while `answer_pings` is true (and recorded either way).
     """
 
     def __init__(self, domain: str, address: str):
@@ -50,6 +53,7 @@ class RemoteUsers(ComponentXMPP):
         self.address = address
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.seen: list[Any] = []  # everything received, in order
+        self.answer_pings = True
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
         self.del_event_handler("presence_probe", self._handle_probe)
@@ -62,6 +66,9 @@ class RemoteUsers(ComponentXMPP):
     def _got(self, stanza: Any) -> None:
         self.seen.append(stanza)
         self.inbox.put_nowait(stanza)
+        if (self.answer_pings and stanza.name == "iq" and stanza.xml.get("type") == "get"
+                and stanza.xml.find(f"{{{NS_PING}}}ping") is not None):
+            stanza.reply(clear=True).send()
 
     async def start(self) -> None:
         self.connect(self.address, 5347)
