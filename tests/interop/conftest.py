@@ -1,8 +1,9 @@
 """Interop suite fixtures and hooks.
 
-`world` is parametrized over the peers (session scope: pytest runs every test of one peer
-before starting the other), and the run ends with the pass/fail matrix
-(tests/interop/matrix.py).
+`world` is parametrized over the peers with module scope: pytest runs a module's tests of one
+peer before starting the other, and every module leaves 127.0.0.2/.3 and 127.0.0.53 free for
+the next (test_peers_smoke.py starts its own servers there). The run ends with the pass/fail
+matrix (tests/interop/matrix.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from tests.interop.harness import Dns, Peer, World
 from tests.interop.peers import PEERS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dns]:
-    require_netns()  # session fixtures start before the module-scoped netns guard
+    require_netns()
     d = Dns(tmp_path_factory.mktemp("dns"), list(PEERS))
     yield d
     d.stop()
 
 
-@pytest.fixture(scope="session", params=PEERS, ids=[p.name for p in PEERS])
+@pytest.fixture(scope="module", params=PEERS, ids=[p.name for p in PEERS])
 def world(request: pytest.FixtureRequest, dns: Dns,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     peer: Peer = request.param

@@ -143,13 +143,15 @@ class World:
         self.peer, self.workroot, self.dns = peer, workroot, dns
         self.setup: PeerSetup | None = None
         self.server: Any = None
+        self.starts = 0
 
     def use(self, setup: PeerSetup) -> Any:
         self.dns.configure(setup.direct_tls)
         if self.setup == setup and self.server is not None and self.server.running:
             return self.server
         self.close()
-        server = self.peer.make(self.workroot / setup.key, setup)
+        self.starts += 1  # a fresh directory per start: no accounts or state carried over
+        server = self.peer.make(self.workroot / f"{self.starts:02d}-{setup.key}", setup)
         server.start()
         self.server, self.setup = server, setup
         return server

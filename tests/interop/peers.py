@@ -22,9 +22,7 @@ def make_prosody(workdir: Path, setup: PeerSetup) -> ProsodyServer:
         ca_file=CA.write_root(workdir / "ca.crt"), trust_ca=setup.trust_ca,
         s2s_require_encryption=setup.tls, s2s_secure_auth=setup.certificates_only,
         direct_tls_port=DIRECT_TLS_PORT if setup.direct_tls else None,
-        users={PROSODY.user: PROSODY.password},
-        # Without a certificate Prosody still found one and offered STARTTLS: no mod_tls at all.
-        extra_config="" if setup.tls else 'modules_disabled = { "posix"; "tls" }')
+        users={PROSODY.user: PROSODY.password}, tls=setup.tls)
 
 
 def make_ejabberd(workdir: Path, setup: PeerSetup) -> EjabberdServer:

@@ -186,8 +186,12 @@ class EjabberdServer(MechanismLog, ServerProcess):
         except BaseException:
             self._unmount_alias()
             raise
-        for user, password in self.users.items():
-            self.register(user, password)
+        try:
+            for user, password in self.users.items():
+                self.register(user, password)
+        except BaseException:
+            self.stop()  # a half-set-up server must not outlive the failed start
+            raise
 
     def register(self, user: str, password: str) -> None:
         """Create an account (needs the server running; ~1 s: ejabberdctl starts an Erlang VM)."""

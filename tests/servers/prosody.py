@@ -27,7 +27,7 @@ class ProsodyServer(MechanismLog, ServerProcess):
                  s2s_require_encryption: bool, s2s_secure_auth: bool, dialback: bool = True,
                  direct_tls_port: int | None = None, components: Mapping[str, str] | None = None,
                  users: Mapping[str, str] | None = None, trust_ca: bool = True,
-                 extra_config: str = "", nameserver: str = "127.0.0.53",
+                 tls: bool = True, extra_config: str = "", nameserver: str = "127.0.0.53",
                  c2s_port: int = 5222, s2s_port: int = 5269, component_port: int = 5347):
         super().__init__(workdir, address)
         self.binary = require_binary("prosody")
@@ -42,6 +42,7 @@ class ProsodyServer(MechanismLog, ServerProcess):
         self.components = dict(components or {})
         self.users = dict(users or {})
         self.trust_ca = trust_ca
+        self.tls = tls
         self.extra_config = extra_config
         self.nameserver = nameserver
         self.c2s_port, self.s2s_port, self.component_port = c2s_port, s2s_port, component_port
@@ -77,7 +78,10 @@ class ProsodyServer(MechanismLog, ServerProcess):
             f"log = {{ {{ levels = {{ min = \"debug\" }}, to = \"file\", "
             f"filename = {_lua(str(self.log_path))} }} }}",
             "modules_enabled = { " + "; ".join(_lua(m) for m in modules) + " }",
-            'modules_disabled = { "posix" }',
+            # Without a certificate Prosody still finds one and offers STARTTLS: tls=False
+            # removes mod_tls altogether.
+            'modules_disabled = { "posix" }' if self.tls else
+            'modules_disabled = { "posix"; "tls" }',
             f"interfaces = {{ {_lua(self.address)} }}",
             f"c2s_ports = {{ {self.c2s_port} }}",
             f"s2s_ports = {{ {self.s2s_port} }}",
