@@ -538,8 +538,11 @@ class OutboundS2s:
             log.info("outbound %s -> %s: server certificate not valid for %s: %s", self.local,
                      self.remote, self.remote, self.server_cert.reason)
             if self.partner.methods == {AuthMethod.SASL_EXTERNAL}:
-                return self._fail(f"certificate of {self.remote}: {self.server_cert.reason}; "
-                                  f"partner {self.partner.domain} allows only SASL EXTERNAL")
+                # The pre-TLS stream is gone (RFC 6120 5.4.3.3): open ours, so that the error
+                # (4.9.1.1) and </stream:stream> are well-formed and tell the peer why.
+                return self.start() + self._fail(
+                    f"certificate of {self.remote}: {self.server_cert.reason}; partner "
+                    f"{self.partner.domain} allows only SASL EXTERNAL", condition="not-authorized")
         return self.start()
 
     def request_verify(self, local: str, remote: str, stream_id: str, key: str) -> list[Action]:
@@ -712,9 +715,10 @@ class OutboundS2s:
         self.state = OutState.READY
         return [Authenticated(self.local, self.remote, method, label)]
 
-    def _fail(self, reason: str, bounce: str = "remote-server-timeout") -> list[Action]:
+    def _fail(self, reason: str, bounce: str = "remote-server-timeout",
+              condition: str | None = None) -> list[Action]:
         self.state = OutState.CLOSED
-        return [Close(reason, None, bounce=bounce)]
+        return [Close(reason, condition, bounce=bounce)]
 
 
 def _dialback_error_condition(el: Element) -> str:

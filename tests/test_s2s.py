@@ -32,7 +32,7 @@ from edgeproxy.s2s import (
     Send,
     StartTls,
 )
-from edgeproxy.xmlstream import XmlStreamParser
+from edgeproxy.xmlstream import XmlStreamParser, stream_error
 
 CA = CertificateAuthority("S2S Test")
 OTHER_CA = CertificateAuthority("Untrusted")
@@ -357,3 +357,28 @@ def test_additional_domain_multiplexed_on_one_stream(trust):
     assert [a.remote for a in acts if isinstance(a, Deliver)] == ["corp.contoso.test",
                                                                   "contoso.test"]
     assert [a.condition for a in acts if isinstance(a, Close)] == ["invalid-from"]
+
+
+def test_outbound_refusing_the_server_certificate_opens_the_stream_before_its_error(trust):
+    """After STARTTLS the old stream is gone (RFC 6120 5.4.3.3): refusing the server's
+    certificate must not send a bare </stream:stream> on the new TLS layer (real Prosody answered
+    that with <not-well-formed/>) but open our stream and close it with a stream error, so the
+    peer sees why (RFC 6120 4.9.1.1)."""
+    sasl_only = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.REQUIRED,
+                        dialback=False)
+    out = OutboundS2s(ctx("contoso.test", [sasl_only], "s"), "contoso.test", "fabrikam.test",
+                      sasl_only)
+    wrong_name = CA.issue("not-fabrikam.test")
+    actions = out.tls_established(
+        lambda domain: verify_certificate(wrong_name.cert, list(wrong_name.chain), domain, trust))
+    closes = [a for a in actions if isinstance(a, Close)]
+    assert len(closes) == 1 and closes[0].condition == "not-authorized", actions
+    assert closes[0].bounce == "remote-server-timeout"
+    assert "does not match fabrikam.test" in closes[0].reason
+    # what the shell writes: every Send, then the stream error for the Close
+    wire = b"".join(a.data for a in actions if isinstance(a, Send))
+    wire += stream_error(closes[0].condition, closes[0].reason)
+    events = XmlStreamParser().feed(wire)
+    assert [type(e).__name__ for e in events] == ["StreamOpened", "Element", "StreamClosed"]
+    assert events[0].attrs["from"] == "contoso.test" and events[0].attrs["to"] == "fabrikam.test"
+    assert events[1].name == "error"

@@ -199,7 +199,11 @@ class ServerProcess:
         return [p for p in (self.log_path, self.stdout_path) if p.exists()]
 
     def log_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.log_files())
+        """The server's log file (its stdout until that exists). One file only: offsets from
+        log_mark() must index one growing text, and ejabberd copies every log line to stdout, so
+        the two files joined put old lines after any mark. log_tail() shows both files."""
+        path = self.log_path if self.log_path.exists() else self.stdout_path
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def log_tail(self, lines: int = 40) -> str:
         parts = []
