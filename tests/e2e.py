@@ -139,12 +139,16 @@ class UserSocket:
                 self.seen.append(event)
                 await self.events.put(event)
 
-    async def expect(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
-        """The next event of this kind whose fields match - others are skipped."""
+    async def expect(self, event: str, timeout: float = 10.0,
+                     where: Callable[[dict[str, Any]], bool] = lambda e: True,
+                     **fields: Any) -> dict[str, Any]:
+        """The next event of this kind whose fields match and for which `where` holds - others
+        are skipped."""
         async def find() -> dict[str, Any]:
             while True:
                 e = await self.events.get()
-                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
+                if (e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+                        and where(e)):
                     return e
         try:
             return await asyncio.wait_for(find(), timeout)

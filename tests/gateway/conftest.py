@@ -12,8 +12,10 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from edgeproxy.partners import Partner, PartnerTable, PartnerType
+from gateway.api import make_app
 from gateway.component import Gateway
 from gateway.store import SqliteStore
 
@@ -79,3 +81,27 @@ class Events(list):
 
     def of(self, event: str) -> list[dict]:
         return [e for e in self if e["event"] == event]
+
+
+ADMIN = "admin-secret-token"
+
+
+@pytest.fixture
+async def api(gw):
+    """The API over real HTTP on loopback. The live link sets session_bind_event at the
+    handshake; with it Iq.send accepts an answer only from the addressee (or its domain), as on
+    the real link."""
+    gw.session_bind_event.set()
+    client = TestClient(TestServer(make_app(gw, ADMIN), host="127.0.0.1"))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def token(store):
+    return store.add_user("carl")
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.api import make_app
 from gateway.rules import Subscription, SubState
 
-from .conftest import stanza
+from .conftest import ADMIN, auth, stanza
 
-ADMIN = "admin-secret-token"
 BOB = "bob@contoso.test"
-
-
-@pytest.fixture
-async def api(gw):
-    client = TestClient(TestServer(make_app(gw, ADMIN), host="127.0.0.1"))
-    await client.start_server()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def token(store):
-    return store.add_user("carl")
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def expect_error(resp, status: int, words: str) -> None:

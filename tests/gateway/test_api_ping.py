@@ -13,34 +13,10 @@ import logging
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.api import make_app
 from gateway.component import NS_PING, NS_STANZAS
 
-from .conftest import CapturingGateway, stanza
-
-ADMIN = "admin-secret-token"
-
-
-@pytest.fixture
-async def api(gw):
-    # The live link sets this at the handshake; with it Iq.send accepts the answer only from
-    # the addressee (or its domain), as on the real link.
-    gw.session_bind_event.set()
-    client = TestClient(TestServer(make_app(gw, ADMIN), host="127.0.0.1"))
-    await client.start_server()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def token(store):
-    return store.add_user("carl")
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from .conftest import CapturingGateway, auth, stanza
 
 
 async def sent_ping(gw: CapturingGateway, timeout: float = 5.0) -> Any:

@@ -187,18 +187,10 @@ async def _sees_bob(alice: TestClient, ptype: str, detail: list[str]) -> None:
         detail.append("note removed")
 
 
-async def _presence_of(bob: h.LocalSide, jid: str, timeout: float = 20) -> dict[str, object]:
+async def _presence_of(bob: h.LocalSide, jid: str) -> dict[str, object]:
     """The next presence event on bob's socket from any resource of `jid`."""
-    async def find() -> dict[str, object]:
-        while True:
-            e = await bob.ws.events.get()
-            if e.get("event") == "presence" and str(e["from"]).split("/")[0] == jid:
-                return e
-    try:
-        return await asyncio.wait_for(find(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"bob saw no presence from {jid} within {timeout:g} s; "
-                             f"got: {bob.ws.seen}") from None
+    return await bob.ws.expect("presence", timeout=20,
+                               where=lambda e: str(e["from"]).split("/")[0] == jid)
 
 
 def _direct_tls(peer: h.Peer, mode: str, direction: str, log: str) -> str:

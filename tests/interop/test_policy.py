@@ -39,17 +39,23 @@ MESSAGE = "message"
 BOUNCE_WAIT = 40.0
 
 
+async def _bounced_to_alice(bob: h.LocalSide, alice: TestClient, peer: h.Peer,
+                            body: str) -> str:
+    """alice writes to bob and gets an error back; nobody receives anything."""
+    alice.send_chat(BOB, body)
+    bounce = await alice.wait_for_bounce(BOUNCE_WAIT)
+    assert bounce["from"].bare == BOB, str(bounce)
+    await h.nothing_more(bob, alice)
+    return f"{peer.name} bounced <{bounce['error']['condition']}/>"
+
+
 async def _refused_both_ways(cells: Cells, bob: h.LocalSide, alice: TestClient, peer: h.Peer,
                              reason_in: str, reason_out: str,
                              conditions_out: tuple[str, ...]) -> None:
     """alice -> bob and bob -> alice both bounce; nobody receives anything; our log has the
     reason for each direction (regexes)."""
     async with cells(MESSAGE, IN) as detail:
-        alice.send_chat(BOB, "must not cross")
-        bounce = await alice.wait_for_bounce(BOUNCE_WAIT)
-        assert bounce["from"].bare == BOB, str(bounce)
-        detail.append(f"{peer.name} bounced <{bounce['error']['condition']}/>")
-        await h.nothing_more(bob, alice)
+        detail.append(await _bounced_to_alice(bob, alice, peer, "must not cross"))
         assert re.search(reason_in, bob.our_log()), \
             f"our log lacks /{reason_in}/:\n{bob.our_log()[-2500:]}"
     async with cells(MESSAGE, OUT) as detail:
@@ -111,11 +117,7 @@ async def test_no_partner_entry(world: h.World, tmp_path: Path,
     try:
         async with h.local_side(tmp_path, caplog, [other]) as bob, peer.client() as alice:
             async with cells(MESSAGE, IN) as detail:
-                alice.send_chat(BOB, "may I?")
-                bounce = await alice.wait_for_bounce(BOUNCE_WAIT)
-                assert bounce["from"].bare == BOB, str(bounce)
-                detail.append(f"{peer.name} bounced <{bounce['error']['condition']}/>")
-                await h.nothing_more(bob, alice)
+                detail.append(await _bounced_to_alice(bob, alice, peer, "may I?"))
                 reason = (f"{peer.domain} is not a federation partner of {h.EDGE}")
                 assert reason in bob.our_log(), bob.our_log()[-2500:]
             async with cells(MESSAGE, OUT) as detail:
