@@ -707,7 +707,16 @@ class OutboundS2s:
         return [DialbackVerifyAnswer(to, frm, sid, outcome)]
 
     def _on_stream_error(self, el: Element) -> list[Action]:
-        return self._fail(f"{self.remote} sent a stream error: {describe_stream_error(el)}")
+        # Say what the error answered: a peer that rejects our certificate often closes the
+        # stream instead of sending a SASL <failure/>, and that is what the admin needs to know.
+        answered = {
+            OutState.WAIT_SASL: " in answer to our SASL EXTERNAL (it did not accept our "
+                                "certificate)",
+            OutState.WAIT_DIALBACK: " in answer to our dialback key",
+            OutState.WAIT_PROCEED: " in answer to our STARTTLS",
+        }.get(self.state, "")
+        return self._fail(f"{self.remote} sent a stream error{answered}: "
+                          f"{describe_stream_error(el)}")
 
     def _done(self, method: AuthMethod, label: str) -> list[Action]:
         self.authenticated = True

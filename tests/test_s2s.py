@@ -382,3 +382,29 @@ def test_outbound_refusing_the_server_certificate_opens_the_stream_before_its_er
     assert [type(e).__name__ for e in events] == ["StreamOpened", "Element", "StreamClosed"]
     assert events[0].attrs["from"] == "contoso.test" and events[0].attrs["to"] == "fabrikam.test"
     assert events[1].name == "error"
+
+
+def test_outbound_stream_error_says_what_it_answered(trust):
+    """ejabberd rejects a certificate it does not accept by closing the stream with
+    <not-authorized/> right after our SASL EXTERNAL <auth/>: the reason we log and bounce with
+    must say so, not only quote the stream error."""
+    sasl_only = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.REQUIRED,
+                        dialback=False)
+    out = OutboundS2s(ctx("contoso.test", [sasl_only], "s"), "contoso.test", "fabrikam.test",
+                      sasl_only, tls=True)  # Direct TLS: TLS from the start
+    good = CA.issue("fabrikam.test")
+    out.tls_established(
+        lambda domain: verify_certificate(good.cert, list(good.chain), domain, trust))
+    parser = XmlStreamParser()
+    wire = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+            b" from='fabrikam.test' to='contoso.test' id='s1' version='1.0'><stream:features>"
+            b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>EXTERNAL"
+            b"</mechanism></mechanisms></stream:features>")
+    sent = [a for ev in parser.feed(wire) for a in out.receive(ev) if isinstance(a, Send)]
+    assert any(b"mechanism='EXTERNAL'" in a.data for a in sent), sent
+    error = (b"<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+             b"</stream:error>")
+    closes = [a for ev in parser.feed(error) for a in out.receive(ev) if isinstance(a, Close)]
+    assert len(closes) == 1, closes
+    assert closes[0].reason == ("fabrikam.test sent a stream error in answer to our SASL EXTERNAL "
+                                "(it did not accept our certificate): <not-authorized/>")
