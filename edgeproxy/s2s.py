@@ -518,6 +518,7 @@ class OutboundS2s:
     peer_dialback: bool = False  # header declared jabber:server:dialback
     server_cert: CertificateCheckLike | None = None
     sasl_ok: bool = False
+    sasl_failure: str = ""  # the condition of the peer's SASL <failure/>, if it sent one
     authenticated: bool = False
     method: AuthMethod | None = None
     verifies: list[tuple[str, str, str, str]] = field(default_factory=list)  # not yet sent
@@ -664,6 +665,7 @@ class OutboundS2s:
 
     def _on_sasl_failure(self, el: Element) -> list[Action]:
         cond = next((c.tag.rsplit("}", 1)[-1] for c in el.xml()), "failure")
+        self.sasl_failure = cond
         log.warning("outbound %s -> %s: %s refused our certificate (SASL EXTERNAL failure: %s)",
                     self.local, self.remote, self.remote, cond)
         method = AuthMethod.TLS_DIALBACK if self.tls else AuthMethod.TCP_DIALBACK
@@ -715,8 +717,10 @@ class OutboundS2s:
             OutState.WAIT_DIALBACK: " in answer to our dialback key",
             OutState.WAIT_PROCEED: " in answer to our STARTTLS",
         }.get(self.state, "")
+        before = (f"; before that it refused our certificate (SASL EXTERNAL failure: "
+                  f"{self.sasl_failure})" if self.sasl_failure else "")
         return self._fail(f"{self.remote} sent a stream error{answered}: "
-                          f"{describe_stream_error(el)}")
+                          f"{describe_stream_error(el)}{before}")
 
     def _done(self, method: AuthMethod, label: str) -> list[Action]:
         self.authenticated = True

@@ -408,3 +408,32 @@ def test_outbound_stream_error_says_what_it_answered(trust):
     assert len(closes) == 1, closes
     assert closes[0].reason == ("fabrikam.test sent a stream error in answer to our SASL EXTERNAL "
                                 "(it did not accept our certificate): <not-authorized/>")
+
+
+def test_outbound_stream_error_after_sasl_failure_keeps_both_reasons(trust):
+    """ejabberd without dialback: SASL <failure/>, we try dialback, it closes the stream. The
+    reason names the dialback answer and the certificate refusal before it."""
+    row7 = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.OPTIONAL,
+                   dialback=True)
+    out = OutboundS2s(ctx("contoso.test", [row7], "s"), "contoso.test", "fabrikam.test", row7,
+                      tls=True)
+    good = CA.issue("fabrikam.test")
+    out.tls_established(
+        lambda domain: verify_certificate(good.cert, list(good.chain), domain, trust))
+    parser = XmlStreamParser()
+    wire = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+            b" xmlns:db='jabber:server:dialback' from='fabrikam.test' to='contoso.test' id='s1'"
+            b" version='1.0'><stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+            b"<mechanism>EXTERNAL</mechanism></mechanisms></stream:features>")
+    for ev in parser.feed(wire):
+        out.receive(ev)
+    failure = (b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>")
+    sent = [a for ev in parser.feed(failure) for a in out.receive(ev) if isinstance(a, Send)]
+    assert any(b"<db:result" in a.data for a in sent), sent
+    parser.resume()  # the parser pauses after SASL elements (a success would restart the stream)
+    error = (b"<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+             b"</stream:error>")
+    closes = [a for ev in parser.feed(error) for a in out.receive(ev) if isinstance(a, Close)]
+    assert [c.reason for c in closes] == [
+        "fabrikam.test sent a stream error in answer to our dialback key: <not-authorized/>; "
+        "before that it refused our certificate (SASL EXTERNAL failure: not-authorized)"]
