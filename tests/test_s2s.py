@@ -384,17 +384,23 @@ def test_outbound_refusing_the_server_certificate_opens_the_stream_before_its_er
     assert events[1].name == "error"
 
 
+def _direct_tls_outbound(trust, sasl: Negotiation, dialback: bool) -> OutboundS2s:
+    """contoso.test dialing fabrikam.test over Direct TLS (TLS from the start), fabrikam's
+    certificate checked and valid: the next thing is fabrikam's stream header."""
+    partner = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=sasl, dialback=dialback)
+    out = OutboundS2s(ctx("contoso.test", [partner], "s"), "contoso.test", "fabrikam.test",
+                      partner, tls=True)
+    good = CA.issue("fabrikam.test")
+    out.tls_established(
+        lambda domain: verify_certificate(good.cert, list(good.chain), domain, trust))
+    return out
+
+
 def test_outbound_stream_error_says_what_it_answered(trust):
     """ejabberd rejects a certificate it does not accept by closing the stream with
     <not-authorized/> right after our SASL EXTERNAL <auth/>: the reason we log and bounce with
     must say so, not only quote the stream error."""
-    sasl_only = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.REQUIRED,
-                        dialback=False)
-    out = OutboundS2s(ctx("contoso.test", [sasl_only], "s"), "contoso.test", "fabrikam.test",
-                      sasl_only, tls=True)  # Direct TLS: TLS from the start
-    good = CA.issue("fabrikam.test")
-    out.tls_established(
-        lambda domain: verify_certificate(good.cert, list(good.chain), domain, trust))
+    out = _direct_tls_outbound(trust, Negotiation.REQUIRED, dialback=False)
     parser = XmlStreamParser()
     wire = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
             b" from='fabrikam.test' to='contoso.test' id='s1' version='1.0'><stream:features>"
@@ -413,13 +419,7 @@ def test_outbound_stream_error_says_what_it_answered(trust):
 def test_outbound_stream_error_after_sasl_failure_keeps_both_reasons(trust):
     """ejabberd without dialback: SASL <failure/>, we try dialback, it closes the stream. The
     reason names the dialback answer and the certificate refusal before it."""
-    row7 = Partner("fabrikam.test", tls=Negotiation.REQUIRED, sasl=Negotiation.OPTIONAL,
-                   dialback=True)
-    out = OutboundS2s(ctx("contoso.test", [row7], "s"), "contoso.test", "fabrikam.test", row7,
-                      tls=True)
-    good = CA.issue("fabrikam.test")
-    out.tls_established(
-        lambda domain: verify_certificate(good.cert, list(good.chain), domain, trust))
+    out = _direct_tls_outbound(trust, Negotiation.OPTIONAL, dialback=True)
     parser = XmlStreamParser()
     wire = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
             b" xmlns:db='jabber:server:dialback' from='fabrikam.test' to='contoso.test' id='s1'"
