@@ -72,6 +72,7 @@ NS_XML: Final = "http://www.w3.org/XML/1998/namespace"
 
 # Namespaces a stanza may be in; a stanza moved between streams takes the new stream's one.
 CONTENT_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT, NS_COMPONENT})
+STREAM_LANG: Final = "en"  # the xml:lang of every stream header we send (RFC 6120 4.7.4)
 STANZA_KINDS: Final = frozenset({"message", "presence", "iq"})
 
 # RFC 6120 4.9.3
@@ -103,6 +104,7 @@ _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_sep
 
 # A start tag from its '<' to the first '>' outside quotes (the unrolled-loop form keeps re fast).
 _START_TAG = re.compile(rb"<[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
+_TAG_NAME = re.compile(rb"<[^\s/>]+")  # '<' and the element's qualified name
 _QUOTE_OR_GT = re.compile(rb"['\">]")
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 _WS = b" \t\r\n"  # XML's S production (RFC 6120 1.4 "whitespace")
@@ -141,10 +143,12 @@ class _Stop(Exception):
 
 @dataclass(frozen=True, slots=True)
 class NamespaceContext:
-    """The namespaces a stream header puts in scope for everything inside the stream."""
+    """The namespaces and the default language (RFC 6120 4.7.4) a stream header puts in scope
+    for everything inside the stream."""
 
     default_ns: str | None
     prefixes: dict[str, str]
+    lang: str | None = None
 
     def wrapper_start(self) -> bytes:
         decls = "".join(
@@ -220,13 +224,23 @@ class Element:
         the content namespaces (e.g. db:result) keeps its namespace explicitly.
         """
         if self.self_contained:
-            return self.raw
-        tree = self.xml()
-        ns = _split_tag(tree.tag)[0]
-        inherited = ns if ns in CONTENT_NAMESPACES or ns == self.context.default_ns else None
-        out: list[str] = []
-        _serialise(tree, out, inherited if inherited is not None else "\0")
-        return "".join(out).encode()
+            data = self.raw
+        else:
+            tree = self.xml()
+            ns = _split_tag(tree.tag)[0]
+            inherited = ns if ns in CONTENT_NAMESPACES or ns == self.context.default_ns else None
+            out: list[str] = []
+            _serialise(tree, out, inherited if inherited is not None else "\0")
+            data = "".join(out).encode()
+        # RFC 6120 4.7.4: a stanza without xml:lang is in its stream's language. The streams we
+        # open say STREAM_LANG, so another language must travel on the stanza itself.
+        lang = self.context.lang
+        if lang and lang != STREAM_LANG and "xml:lang" not in self.attrs:
+            name = _TAG_NAME.match(data)
+            assert name is not None, "a forwarded element starts with its tag name"
+            data = b"".join((data[: name.end()], f" xml:lang='{escape_attr(lang)}'".encode(),
+                             data[name.end():]))
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,13 +653,14 @@ class XmlStreamParser:
         raw = bytes(self._buf[i : tag.end()])
         default_ns = self._ns_decls.pop(None, None)
         prefixes = {k: v for k, v in self._ns_decls.items() if k is not None and v is not None}
-        self._context = NamespaceContext(default_ns, prefixes)
+        qualified = _qualify_attrs(attrs)
+        self._context = NamespaceContext(default_ns, prefixes, qualified.get("xml:lang") or None)
         self._content_ns = default_ns or ""
         self._prefix_probes = tuple(f"{prefix}:".encode() for prefix in prefixes)
         self._header_raw = raw
         self._opened = True
         self._mark = end
-        self._events.append(StreamOpened(_qualify_attrs(attrs), default_ns, dict(prefixes), raw))
+        self._events.append(StreamOpened(qualified, default_ns, dict(prefixes), raw))
 
     def _on_namespace(self, prefix: str | None, uri: str | None) -> None:
         # Called before the start handler of the element carrying the declaration.
@@ -804,7 +819,7 @@ def stream_header(
     to: str | None = None,
     id_: str | None = None,
     version: str | None = "1.0",
-    lang: str | None = "en",
+    lang: str | None = STREAM_LANG,
     dialback: bool = False,
 ) -> bytes:
     """An XML declaration and a `<stream:stream>` start tag (RFC 6120 4.7)."""

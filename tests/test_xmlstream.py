@@ -698,6 +698,33 @@ def test_stream_error_is_a_stream_error_element_then_the_close() -> None:
         stream_error("not-a-condition")
 
 
+GERMAN_HEADER = HEADER.replace(b"xml:lang='en'", b"xml:lang='de'")
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+
+
+@pytest.mark.parametrize("stanza", [MESSAGE, b"<message to='b@y'><body>hi</body><db:x/></message>",
+                                    b"<presence/>"])
+def test_forwarding_carries_the_stream_language_onto_the_stanza(stanza: bytes) -> None:
+    """RFC 6120 4.7.4: a stanza without xml:lang is in its stream's language. Our streams say
+    'en', so a stanza from a German stream must say 'de' itself once forwarded - raw or
+    re-serialised."""
+    (el,) = elements(XmlStreamParser().feed(GERMAN_HEADER + stanza))
+    tree = reparse_in_component_stream(el.forwardable())
+    assert tree.get(XML_LANG) == "de"
+    assert tree.tag == f"{{{NS_COMPONENT}}}{el.name}"
+
+
+def test_forwarding_keeps_the_stanza_language_and_adds_none_for_ours() -> None:
+    french = b"<message to='b@y' xml:lang='fr'><body>salut</body></message>"
+    (el,) = elements(XmlStreamParser().feed(GERMAN_HEADER + french))
+    assert el.forwardable() == french  # its own language wins (4.7.4)
+    (el,) = elements(XmlStreamParser().feed(HEADER + MESSAGE))  # the stream says 'en' as ours
+    assert el.forwardable() is el.raw
+    no_lang = HEADER.replace(b" xml:lang='en'", b"")
+    (el,) = elements(XmlStreamParser().feed(no_lang + MESSAGE))
+    assert el.forwardable() is el.raw
+
+
 def parse_stanza(raw: bytes) -> Element:
     return elements(XmlStreamParser().feed(HEADER + raw))[0]
 
