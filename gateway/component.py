@@ -109,6 +109,7 @@ class Gateway(ComponentXMPP):
         self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
         self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
         self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
+        self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -137,6 +138,9 @@ class Gateway(ComponentXMPP):
 
     def _on_disconnected(self, reason: Any) -> None:
         self.link_up = False
+        for lost in self.link_lost:  # their answers cannot come any more
+            if not lost.done():
+                lost.set_result(None)
         if self.closing:
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
@@ -465,9 +469,12 @@ class Gateway(ComponentXMPP):
     async def ping(self, user: str, to: str, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
 
-        Raises Refused (partner rules), LinkDown, StanzaError (an error answer, e.g. the edge's
+        Raises Refused (partner rules), LinkDown (also when the link drops while we wait: the
+        answer cannot come any more), StanzaError (an error answer, e.g. the edge's
         <remote-server-not-found/>) or NoAnswer. Iq.send removes its answer handler when the
-        answer comes or the timeout passes, so a late answer finds no waiter and on_iq drops it.
+        answer comes or the timeout passes, and this method removes them itself (by the names
+        Iq.send gives them) when it stops waiting earlier; a late answer finds no waiter and
+        on_iq drops it.
         slixmpp's xep_0199 plugin is not loaded: it would answer every ping itself, outside the
         partner rules; the request is built here and sent with Iq.send.
         """
@@ -480,13 +487,26 @@ class Gateway(ComponentXMPP):
         iq = self.make_iq_get(ito=jid, ifrom=f"{user}@{self.domain}/{PING_RESOURCE}")
         ET.SubElement(iq.xml, f"{{{NS_PING}}}ping")
         start = time.monotonic()
+        lost: asyncio.Future[None] = self.loop.create_future()
+        answer: asyncio.Future[Any] = iq.send(timeout=timeout)
+        self.link_lost.add(lost)
         try:
-            await iq.send(timeout=timeout)
+            await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                raise LinkDown("the link to the edge went down while waiting for the answer")
+            answer.result()
         except IqError as exc:
             condition, text = stanza_error(exc.iq)
             raise StanzaError(str(jid), condition, text) from None
         except IqTimeout:
             raise NoAnswer(f"{jid} did not answer within {timeout:g} s") from None
+        finally:
+            self.link_lost.discard(lost)
+            lost.cancel()
+            if not answer.done():  # link lost or caller gone: drop Iq.send's waiter and timer
+                answer.cancel()
+                self.remove_handler(f"IqCallback_{iq['id']}")
+                self.cancel_schedule(f"IqTimeout_{iq['id']}")
         return time.monotonic() - start
 
     def _route(self, stanza: Any) -> None:

@@ -118,9 +118,9 @@ async def test_a_ping_given_up_by_its_caller_leaves_nothing_behind(gw, caplog):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert waiters(gw) == before  # the handler and timer went with the caller
     with caplog.at_level(logging.WARNING):
         assert gw.feed(answer(iq)) == []
-    assert waiters(gw) == before  # the answer took the handler, which cancelled the timer
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -151,6 +151,21 @@ async def test_ping_with_the_link_down_is_503_and_is_not_queued(api, gw, token):
     assert resp.status == 503
     assert "link to the edge is down" in (await resp.json())["error"]
     assert gw.sent == [] and not gw.queue
+
+
+async def test_ping_waiting_when_the_link_drops_is_503_at_once(api, gw, token):
+    """The answer cannot come over a lost link: say so now, not after the 30 s timeout."""
+    before = waiters(gw)
+    request = asyncio.create_task(api.post("/api/v1/ping", headers=auth(token),
+                                           json={"to": "alice@fabrikam.test", "timeout": 30}))
+    await sent_ping(gw)
+    gw.closing = True  # no reconnection attempt from the test
+    gw.event("disconnected", "test: link lost")
+    resp = await asyncio.wait_for(request, 5)
+    assert resp.status == 503
+    assert "went down while waiting" in (await resp.json())["error"]
+    assert not gw.link_lost
+    assert waiters(gw) == before
 
 
 async def test_ping_needs_a_user_token(api):
