@@ -134,9 +134,10 @@ async def ping(request: web.Request) -> web.Response:
         raise ValueError(f"timeout must be a number of seconds above 0 and at most "
                          f"{PING_TIMEOUT_MAX:g}")
     gw = request.app[GATEWAY]
-    to = str(gw.parse_target(body["to"]))
+    jid = gw.parse_jid(body["to"], server_ok=True)
+    to = str(jid)
     try:
-        rtt = await gw.ping(request[USER], to, float(timeout))
+        rtt = await gw.ping(request[USER], jid, float(timeout))
     except StanzaError as exc:
         raise error(502, str(exc), condition=exc.condition, text=exc.text or None,
                     to=to) from None

@@ -31,6 +31,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from edgeproxy.partners import PartnerTable, PartnerType
+from edgeproxy.xmlstream import error_condition
 
 from . import rules
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
@@ -427,24 +428,18 @@ class Gateway(ComponentXMPP):
 
     # local users: actions (the API calls these) ------------------------------------------------
 
-    def parse_jid(self, value: str) -> JID:
+    def parse_jid(self, value: str, *, server_ok: bool = False) -> JID:
+        """A user's JID (name@domain[/resource]); with server_ok also a bare domain (a server,
+        e.g. to ping)."""
         try:
             jid = JID(value)
         except InvalidJID as exc:
             raise ValueError(f"{value!r} is not a valid JID: {exc}") from exc
-        if not jid.user or not jid.domain:
-            raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
-        return jid
-
-    def parse_target(self, value: str) -> JID:
-        """A JID to ping: a user's bare or full JID, or a bare domain (a server)."""
-        try:
-            jid = JID(value)
-        except InvalidJID as exc:
-            raise ValueError(f"{value!r} is not a valid JID: {exc}") from exc
-        if not jid.domain:
+        if server_ok and not jid.domain:
             raise ValueError(f"{value!r} is not a JID (expected domain, name@domain or "
                              "name@domain/resource)")
+        if not server_ok and (not jid.user or not jid.domain):
+            raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
         return jid
 
     def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
@@ -466,7 +461,7 @@ class Gateway(ComponentXMPP):
         self._route(msg)
         return msg["id"]
 
-    async def ping(self, user: str, to: str, timeout: float) -> float:
+    async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
 
         Raises Refused (partner rules), LinkDown (also when the link drops while we wait: the
@@ -478,7 +473,6 @@ class Gateway(ComponentXMPP):
         slixmpp's xep_0199 plugin is not loaded: it would answer every ping itself, outside the
         partner rules; the request is built here and sent with Iq.send.
         """
-        jid = self.parse_target(to)
         if jid.user or self.partner_type(jid.domain) is None:
             # The partner rules are about users; a partner's server is nobody's stranger.
             self._outbound(user, jid, Kind.IQ)
@@ -496,7 +490,7 @@ class Gateway(ComponentXMPP):
                 raise LinkDown("the link to the edge went down while waiting for the answer")
             answer.result()
         except IqError as exc:
-            condition, text = stanza_error(exc.iq)
+            condition, text = error_of(exc.iq)
             raise StanzaError(str(jid), condition, text) from None
         except IqTimeout:
             raise NoAnswer(f"{jid} did not answer within {timeout:g} s") from None
@@ -585,24 +579,17 @@ def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
     return event
 
 
-def stanza_error(stanza: Any) -> tuple[str, str]:
+def error_of(stanza: Any) -> tuple[str, str]:
     """An error stanza's RFC 6120 8.3.3 condition and text, read from the XML (on a component
     stream the error is in jabber:component:accept, which slixmpp's Error plugin does not look
     for)."""
-    condition, text = "undefined-condition", ""
     err = stanza.xml.find(f"{{{NS}}}error")
-    for child in err if err is not None else ():
-        tag = child.tag.rsplit("}", 1)[-1]
-        if tag == "text":
-            text = child.text or ""
-        elif child.tag.startswith(f"{{{NS_STANZAS}}}"):
-            condition = tag
-    return condition, text
+    return error_condition(err if err is not None else ET.Element("error"))
 
 
 def error_event(stanza: Any) -> dict[str, Any]:
     """A bounced stanza as a WebSocket event."""
-    condition, text = stanza_error(stanza)
+    condition, text = error_of(stanza)
     return {"event": "error", "stanza": stanza.name, "from": str(stanza["from"]),
             "id": stanza["id"] or None, "condition": condition, "text": text or None}
 

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import pytest
+from slixmpp import JID
 
 from gateway.component import NS_PING, NS_STANZAS
 
@@ -113,7 +114,7 @@ async def test_no_answer_is_504_and_a_late_answer_is_dropped(api, gw, token, cap
 async def test_a_ping_given_up_by_its_caller_leaves_nothing_behind(gw, caplog):
     gw.session_bind_event.set()
     before = waiters(gw)
-    task = asyncio.create_task(gw.ping("bob", "alice@fabrikam.test", 30))
+    task = asyncio.create_task(gw.ping("bob", JID("alice@fabrikam.test"), 30))
     iq = await sent_ping(gw)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
