@@ -24,14 +24,10 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:100]
 
 
-def record(peer: str, mode: str, kind: str, direction: str, result: str) -> None:
-    RESULTS[(peer, mode, kind, direction)] = result
-
-
 def not_supported(peer: str, version: str, mode: str, kind: str, direction: str,
                   reason: str) -> str:
     text = f"not supported by {peer} {version}: {reason}"
-    record(peer, mode, kind, direction, text)
+    RESULTS[(peer, mode, kind, direction)] = text
     return text
 
 

@@ -1,5 +1,6 @@
 """A slixmpp test client: connects to an explicit address and port (no DNS, no TLS on c2s),
-sends a message and waits for one, everything with timeouts. Use from async tests:
+sends a message and waits for one (or for its bounce), everything with timeouts. Use from
+async tests:
 
     async with TestClient("alice@fabrikam.test", "pw", "127.0.0.2") as alice:
         await alice.send_chat("bob@northwind.test", "hi")
@@ -37,7 +38,6 @@ class TestClient:
         mechanisms.unencrypted_plain = True
         mechanisms.unencrypted_scram = True
         self.messages: asyncio.Queue[Received] = asyncio.Queue()
-        self.errors: asyncio.Queue[Received] = asyncio.Queue()
         self.presences: asyncio.Queue[Any] = asyncio.Queue()  # every presence stanza
         self.bounces: asyncio.Queue[Any] = asyncio.Queue()  # message errors, body or not
         # A subscription request is approved (as a user would), but never answered with a
@@ -107,13 +107,6 @@ class TestClient:
         except TimeoutError:
             raise TimeoutError(f"{self.jid} got no message error within {timeout:g} s") from None
 
-    async def wait_for_error(self, timeout: float = 10.0) -> Received:
-        """The next message of type error (a bounce); body = the error condition."""
-        try:
-            return await asyncio.wait_for(self.errors.get(), timeout)
-        except TimeoutError:
-            raise TimeoutError(f"{self.jid} received no error within {timeout:g} s") from None
-
     async def _on_session_start(self, _event: object) -> None:
         self.xmpp.send_presence()
         await self.xmpp.get_roster()
@@ -126,7 +119,5 @@ class TestClient:
 
     def _on_message(self, msg: object) -> None:
         m = msg  # slixmpp Message
-        if m["type"] == "error":  # type: ignore[index]
-            self.errors.put_nowait(Received(m["from"], m["error"]["condition"], "error"))  # type: ignore[index]
-        elif m["body"]:  # type: ignore[index]
+        if m["type"] != "error" and m["body"]:  # type: ignore[index]  # errors: bounces
             self.messages.put_nowait(Received(m["from"], m["body"], m["type"]))  # type: ignore[index]
