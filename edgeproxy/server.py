@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import sdnotify
 from .component import ComponentAuthenticated, ComponentStream
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
@@ -787,8 +788,10 @@ def run_forever(cfg: EdgeConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
+        sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.domains)}")
         await stop.wait()
         log.info("stopping: closing %d stream(s)", len(edge.connections))
+        sdnotify.notify("STOPPING=1")
         await edge.stop()
 
     try:
