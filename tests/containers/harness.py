@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,9 +40,11 @@ EDGE = "contoso.test"
 BOB = f"bob@{EDGE}"
 ADMIN_TOKEN = e2e.ADMIN_TOKEN  # so tests.e2e.Api can create users
 COMPONENT_SECRET = "container-component-secret"
-IMAGE = "localhost/xmpp-federation-edge"
-PEER_IMAGES = {"prosody": "localhost/xmpp-edge-prosody", "ejabberd": "localhost/xmpp-edge-ejabberd",
-               "dns": "localhost/xmpp-edge-dnsmasq"}
+TAG = os.environ.get("EDGE_IMAGE_TAG", "latest")  # scripts/test: this run's own images
+IMAGE = f"localhost/xmpp-federation-edge:{TAG}"
+PEER_IMAGES = {"prosody": f"localhost/xmpp-edge-prosody:{TAG}",
+               "ejabberd": f"localhost/xmpp-edge-ejabberd:{TAG}",
+               "dns": f"localhost/xmpp-edge-dnsmasq:{TAG}"}
 LABEL = "xmpp-edge-tests"
 WAIT = 60.0  # seconds; generous, the machine is shared
 
@@ -117,8 +120,24 @@ def remove_leftovers() -> None:
                     else item.get("Name") or item.get("name"))
             if name and not _alive(labels.get(LABEL, "")):
                 rm = ["network", "rm", "-f"] if kind == "network" else (
-                    ["volume", "rm", "-f"] if kind == "volume" else ["rm", "-f", "-t", "1"])
+                    ["volume", "rm", "-f"] if kind == "volume" else ["rm", "-f", "-v", "-t", "1"])
                 podman(*rm, name, check=False)
+
+
+AARDVARK_PID = Path("/run/containers/networks/aardvark-dns/aardvark.pid")
+
+
+def stop_our_aardvark() -> None:
+    """netavark starts aardvark-dns for our network inside this run's network namespace and
+    leaves it running; end it (by its pid file) if it is ours, so no run leaves one behind."""
+    try:
+        pid = int(AARDVARK_PID.read_text().strip())
+        theirs, ours = os.readlink(f"/proc/{pid}/ns/net"), os.readlink("/proc/self/ns/net")
+    except (OSError, ValueError):
+        return
+    if theirs == ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def require_images() -> None:
@@ -166,6 +185,10 @@ class Federation:
         remove_leftovers()
         require_images()
         label = f"{LABEL}={os.getpid()}"
+        # Names come from our dnsmasq (--dns), never from podman's aardvark-dns: that keeps one
+        # process per machine (a pid file under /run), which a run in another network
+        # namespace cannot reach. Its address on the bridge is what routes the host to the
+        # internal network, so it stays enabled.
         podman("network", "create", "--internal", "--label", label, self.network)
         info = json.loads(podman("network", "inspect", self.network).stdout)[0]
         subnet = ipaddress.ip_network(info["subnets"][0]["subnet"])
@@ -425,9 +448,10 @@ admin_token = "{ADMIN_TOKEN}"
 
     def close(self) -> None:
         for name in reversed(self.started):
-            podman("rm", "-f", "-t", "1", name, check=False)
+            podman("rm", "-f", "-v", "-t", "1", name, check=False)
         podman("network", "rm", "-f", self.network, check=False)
         podman("volume", "rm", "-f", self.volume, check=False)
+        stop_our_aardvark()
 
     @property
     def api(self) -> str:
