@@ -73,8 +73,9 @@ def alice(fed: Federation, domain: str) -> TestClient:
     return TestClient(f"{USER}@{domain}", PASSWORD, fed.ip[BY_NAME[domain].server])
 
 
-def peer_name(domain: str) -> str:
-    return f"{BY_NAME[domain].server} {CONTAINER}"
+def peer_name(fed: Federation, domain: str) -> str:
+    server = BY_NAME[domain].server
+    return f"{server} {fed.versions[server]} {CONTAINER}"
 
 
 def test_image_runs_as_shipped(fed: Federation) -> None:
@@ -96,7 +97,7 @@ async def test_federation(fed: Federation, domain: str) -> None:
     peer = h.Peer(d.server, domain, fed.ip[d.server], make=lambda *_: None)
     mode = d.domain.split(".")[0] if d.domain.count(".") > 1 else "sasl"
     mode = {"db": "dialback", "direct": "direct-tls"}.get(mode, mode)
-    cells = Cells(peer_name(domain), mode)
+    cells = Cells(peer_name(fed, domain), mode)
     mark = len(fed.logs("edge"))
     jid = f"{USER}@{domain}"
     async with bob(fed) as b, alice(fed, domain) as a:
@@ -143,7 +144,7 @@ async def test_policy_mismatch_is_refused_both_ways(fed: Federation) -> None:
     used); Prosody requires encryption (s2s_require_encryption). No stream can be set up and
     each side's message comes back as an error (RFC 6120 8.3.3.16 remote-server-not-found /
     8.3.3.17 remote-server-timeout), nothing is delivered."""
-    cells = Cells(peer_name(MISMATCH), "policy mismatch")
+    cells = Cells(peer_name(fed, MISMATCH), "policy mismatch")
     jid = f"{USER}@{MISMATCH}"
     mark = len(fed.logs("edge"))
     async with bob(fed) as b, alice(fed, MISMATCH) as a:
@@ -168,7 +169,7 @@ async def test_policy_mismatch_is_refused_both_ways(fed: Federation) -> None:
 async def test_gateway_restart_keeps_a_stored_message(fed: Federation) -> None:
     """bob is offline; alice's message is stored in the gateway's SQLite file on its volume;
     `podman stop` (SIGTERM) and `podman start` the gateway; bob's next connection gets it."""
-    cells = Cells(peer_name("prosody.test"), "gateway restart")
+    cells = Cells(peer_name(fed, "prosody.test"), "gateway restart")
     jid = f"{USER}@prosody.test"
     async with alice(fed, "prosody.test") as a, cells(MESSAGE, IN) as detail:
         a.send_chat(BOB, "sent while bob was away")
