@@ -20,6 +20,7 @@ h counts modulo 2^32 (XEP-0198 section 4); `delta()` takes care of the wrap.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from typing import Generic, TypeVar
 from .xmlstream import escape_attr
 
 NS_SM = "urn:xmpp:sm:3"
+LINK_PING = 5.0  # an idle acknowledged link is asked for an <a/> this often (seconds)
+LINK_TIMEOUT = 10.0  # an unanswered <r/> (and TCP_USER_TIMEOUT) after this: the link is dead
 H_MOD = 1 << 32
 SM_NAMES = frozenset({"enable", "enabled", "resume", "resumed", "failed", "r", "a"})
 
@@ -136,3 +139,14 @@ class Inbox:
 
     def handled(self, n: int = 1) -> None:
         self.h = (self.h + n) % H_MOD
+
+
+def set_tcp_user_timeout(transport: object, seconds: float) -> None:
+    """RFC 5482 TCP_USER_TIMEOUT on a transport's socket: unacknowledged data for this long ends
+    the connection, so a half-open peer is found in seconds, not after the kernel's ~15 minutes
+    of retransmissions."""
+    get = getattr(transport, "get_extra_info", None)
+    sock = get("socket") if get is not None else None
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is not None and option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
-from .link import Inbox, SmError
+from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .partners import Negotiation, Partner
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .s2s import (
@@ -56,17 +55,6 @@ log = logging.getLogger("edgeproxy")
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
-LINK_PING = 5.0  # an idle acknowledged link is asked for an <a/> this often
-LINK_TIMEOUT = 10.0  # an unanswered <r/> (and TCP_USER_TIMEOUT) after this: the link is dead
-
-
-def set_tcp_user_timeout(transport: asyncio.BaseTransport, seconds: float) -> None:
-    """RFC 5482 TCP_USER_TIMEOUT: unacknowledged data for this long ends the connection, so a
-    half-open peer is found in seconds, not after the kernel's ~15 minutes of retransmits."""
-    sock = transport.get_extra_info("socket")
-    option = getattr(socket, "TCP_USER_TIMEOUT", None)
-    if sock is not None and option is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
 
 
 class StreamConnection(asyncio.Protocol):
@@ -583,6 +571,11 @@ class ComponentConnection(StreamConnection):
                               "unsupported-stanza-type")
         except SmError as exc:  # XEP-0198 section 4: a bad count is a stream error
             self.on_close(Close(f"component for {domain}: {exc.text}", exc.condition))
+
+    def graceful_close(self, reason: str) -> None:
+        if self.link is not None and not self.closing:  # our last count first (XEP-0198 4)
+            self.send(link.ack(self.link.inbox.h))
+        super().graceful_close(reason)
 
     def _cancel_plain(self) -> None:
         if self._plain_timer is not None:

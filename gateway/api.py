@@ -111,6 +111,16 @@ async def send_message(request: web.Request) -> web.Response:
                              status=202)
 
 
+async def message_status(request: web.Request) -> web.Response:
+    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced."""
+    status = request.app[GATEWAY].outbound.status(request[USER], request.match_info["id"])
+    if status is None:
+        raise error(404, f"no message {request.match_info['id']!r} from you")
+    return web.json_response({"id": status.id, "to": status.to, "state": status.state,
+                              "condition": status.condition, "text": status.text,
+                              "updated": status.updated})
+
+
 async def set_presence(request: web.Request) -> web.Response:
     body = await _json(request)
     show = body.get("show", "available")
@@ -285,6 +295,7 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app[SOCKETS] = set[web.WebSocketResponse]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
+    app.router.add_get("/api/v1/messages/{id}", message_status)
     app.router.add_put("/api/v1/presence", set_presence)
     app.router.add_post("/api/v1/ping", ping)
     app.router.add_get("/api/v1/contacts", list_contacts)
