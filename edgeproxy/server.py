@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import assert_never
 
-from . import link
+from . import link, sdnotify
 from .component import ComponentAuthenticated, ComponentStream, LinkControl
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
@@ -1010,8 +1010,10 @@ def run_forever(cfg: EdgeConfig) -> int:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
             "SIGHUP: configuration reload is not implemented yet; still running unchanged"))
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
+        sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.domains)}")
         await stop.wait()
         log.info("stopping: draining %d stream(s)", len(edge.connections))
+        sdnotify.notify("STOPPING=1")
         await edge.stop()
         r = edge.router.relay
         log.info("stopped: %d stanza(s) delivered, bounced %s", r.delivered,
