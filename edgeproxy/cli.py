@@ -1,13 +1,13 @@
-"""Command line: `edgeproxy run | check-config | dev-certs`."""
+"""Command line: `edgeproxy run | check-config | certs ... | check-dns | probe DOMAIN`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from .config import ConfigError, load_edge_config
+from .setup_cli import add_commands
 
 log = logging.getLogger("edgeproxy")
 
@@ -35,14 +35,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_certs(args: argparse.Namespace) -> int:
-    from .devcerts import write_dev_certificates
-
-    for path in write_dev_certificates(Path(args.out), args.domains):
-        print(path)
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_edge_config(args.config)
@@ -65,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=_check_config)
-    p = sub.add_parser("dev-certs", help="make a development CA and certificates")
-    p.add_argument("--out", default="var/certs")
-    p.add_argument("domains", nargs="+")
-    p.set_defaults(func=_dev_certs)
+    add_commands(sub)  # certs, dev-certs, check-dns, probe (setup_cli.py)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
