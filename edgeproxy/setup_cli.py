@@ -199,6 +199,44 @@ def _certs_show(args: argparse.Namespace) -> int:
     return status
 
 
+# --- probe -------------------------------------------------------------------------------------
+
+def _probe(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .probe import ERROR, OK, WARNING, Prober, Step
+
+    try:
+        cfg = load_edge_config(args.config)
+    except ConfigError as exc:
+        return _errors(exc)
+    colour = sys.stdout.isatty() and not args.json
+    marks = {OK: "\033[32m", WARNING: "\033[33m", ERROR: "\033[31m"}
+
+    def show(step: Step) -> None:  # progress: each step as soon as it is known
+        if args.json:
+            return
+        line = step.line()
+        if colour and step.status in marks:
+            line = f"{marks[step.status]}{line[:7]}\033[0m{line[7:]}"
+        print(line, flush=True)
+
+    try:
+        prober = Prober(cfg, args.domain, local=args.local, timeout=args.timeout,
+                        dialback=not args.no_dialback, on_step=show)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = asyncio.run(prober.run())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        for line in report.lines():
+            print(line)
+    return 0 if report.recommendations else 1
+
+
 # --- registration ------------------------------------------------------------------------------
 
 def add_commands(sub: Any) -> None:
@@ -236,6 +274,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--remote", nargs="?", const=True, default=None, metavar="HOST:PORT",
                    help="ask the running edge over STARTTLS (default: its first listener)")
     p.set_defaults(func=_certs_show)
+
+    p = sub.add_parser("probe", help="why does federation with DOMAIN (not) work? connect the "
+                                     "way the edge would, never sending a stanza, and say")
+    p.add_argument("domain")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--local", help="our domain to probe from (default: the first local domain)")
+    p.add_argument("--json", action="store_true", help="the whole report as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per answer (10)")
+    p.add_argument("--no-dialback", action="store_true",
+                   help="do not try a dialback round trip (it makes the partner dial our edge)")
+    p.set_defaults(func=_probe)
 
     for name, parent in (("dev", csub), ("dev-certs", sub)):
         p = parent.add_parser(name, help="development CA (kept with its key, reused) and "
