@@ -80,6 +80,9 @@ class EdgeConfig:
     dns: DnsSettings
     partners: PartnerTable
     warnings: tuple[str, ...] = field(default=())
+    # The addresses partners reach this edge at, when they are not the listen addresses (NAT,
+    # a load balancer): what `check-dns` expects the SRV targets to resolve to.
+    public_addresses: tuple[str, ...] = field(default=())
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -261,6 +264,12 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     for c in ca_files:
         _check_pem(c, "certificate", "ca_files", problems)
     use_system_ca = e.boolean("use_system_ca", True)
+    public_addresses = []
+    for a in e.strings("public_addresses"):
+        try:
+            public_addresses.append(str(ipaddress.ip_address(a)))
+        except ValueError:
+            e.problem("public_addresses", f"{a!r} is not an IP address")
 
     secret = e.string("dialback_secret")
     generated = not secret
@@ -350,5 +359,5 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         partner_connection_limit=partner_limit, keepalive_interval=keepalive,
         stream_establishment_timeout=establish, stream_inactivity_timeout=inactivity,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
-        partners=partners, warnings=tuple(warnings),
+        partners=partners, warnings=tuple(warnings), public_addresses=tuple(public_addresses),
     )

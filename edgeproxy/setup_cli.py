@@ -199,6 +199,35 @@ def _certs_show(args: argparse.Namespace) -> int:
     return status
 
 
+# --- check-dns ---------------------------------------------------------------------------------
+
+def _check_dns(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .certs import CertificateStepError, load_certificates
+    from .checkdns import ERROR, DnsChecker
+
+    try:
+        cfg = load_edge_config(args.config)
+    except ConfigError as exc:
+        return _errors(exc)
+    leaf = None
+    if cfg.certificate is not None:
+        try:
+            leaf = load_certificates(cfg.certificate)[0]
+        except (CertificateStepError, IndexError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    checks = asyncio.run(DnsChecker(cfg, certificate=leaf).run())
+    for c in checks:
+        for line in c.lines():
+            print(line)
+    errors = sum(c.status == ERROR for c in checks)
+    print(f"{len(cfg.domains)} domain(s): {errors} error(s), "
+          f"{sum(c.status == 'warning' for c in checks)} warning(s)")
+    return 1 if errors else 0
+
+
 # --- probe -------------------------------------------------------------------------------------
 
 def _probe(args: argparse.Namespace) -> int:
@@ -274,6 +303,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--remote", nargs="?", const=True, default=None, metavar="HOST:PORT",
                    help="ask the running edge over STARTTLS (default: its first listener)")
     p.set_defaults(func=_certs_show)
+
+    p = sub.add_parser("check-dns", help="check what partners find in DNS for our domains "
+                                         "(SRV, A/AAAA, ports, certificate)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_check_dns)
 
     p = sub.add_parser("probe", help="why does federation with DOMAIN (not) work? connect the "
                                      "way the edge would, never sending a stanza, and say")
