@@ -305,3 +305,43 @@ def test_show_expired_and_uncovered_domain_fail(site, capsys):
     rc, out, _ = run(capsys, "certs", "show", "-c", str(site["config"]))
     assert rc == 1
     assert "EXPIRED" in out and "error   corp.contoso.test: not covered" in out
+
+
+# --- certs show --remote: what a running edge serves -----------------------------------------
+
+async def test_show_remote_asks_the_running_edge_over_starttls(netns_guard, tmp_path):
+    """The served chain comes from a real edge's STARTTLS listener (RFC 6120 5.4), fetched with
+    a header without `from`, so no partner entry is needed; the CLI prints its fingerprint."""
+    import asyncio
+    import sys
+
+    from edgeproxy.probe import fetch_served_certificate
+    from tests.edges import edge_config, running
+
+    issued = CA.issue("contoso.test")
+    cfg = edge_config(tmp_path, "contoso.test", "127.0.0.40", CA, [], cert=issued)
+    async with running(cfg):
+        chain, where = await fetch_served_certificate(cfg)
+        assert chain[0] == issued.cert and chain[1:] == [CA.intermediate.cert]  # type: ignore[union-attr]
+        assert where.startswith("127.0.0.40:5269 (STARTTLS, TLSv1.3")
+        config = tmp_path / "edge.toml"
+        config.write_text(f"""
+[edge]
+domains = ["contoso.test"]
+listen = ["127.0.0.40:5269"]
+certificate = "{cfg.certificate}"
+private_key = "{cfg.private_key}"
+use_system_ca = false
+ca_files = ["{cfg.ca_files[0]}"]
+""")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeproxy", "certs", "show", "-c", str(config), "--remote",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1])
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert text.startswith("served by 127.0.0.40:5269 (STARTTLS")
+    assert fingerprint_sha256(issued.cert) in text
+    assert "chain:       CN=Public Intermediate CA" in text
+    assert "ok      contoso.test: matched DNS-ID contoso.test" in text
