@@ -826,3 +826,53 @@ def served_certificate(cfg: EdgeConfig, where: str | None) -> tuple[list[x509.Ce
         return asyncio.run(fetch_served_certificate(cfg, where))
     except ProbeFailed as e:
         raise ValueError(e.text) from None
+
+
+# --- automatic probes (rate-limited) -----------------------------------------------------------
+
+@dataclass
+class _PartnerProbes:
+    failures: int = 0
+    last_probe: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ProbeScheduler:
+    """When to probe a partner on its own (no I/O, the clock is passed in): after `failures`
+    failed outbound connections in a row, at most once per `interval` seconds per partner. The
+    last `keep` results per partner are kept as its history (newest last).
+
+    The shell calls `connection_failed` where it gives up on a partner's stream, starts
+    `probe(cfg, domain)` when told to, and hands the report's `to_json()` to `record`.
+    """
+
+    def __init__(self, failures: int = 3, interval: float = 3600.0, keep: int = 5):
+        if failures < 1 or interval <= 0 or keep < 1:
+            raise ValueError("failures and keep must be at least 1, interval positive")
+        self.failures, self.interval, self.keep = failures, interval, keep
+        self._partners: dict[str, _PartnerProbes] = {}
+
+    def _get(self, domain: str) -> _PartnerProbes:
+        return self._partners.setdefault(domain.lower(), _PartnerProbes())
+
+    def connection_failed(self, domain: str, now: float) -> bool:
+        """Count a failure; True when a probe should start now."""
+        p = self._get(domain)
+        p.failures += 1
+        if p.failures < self.failures:
+            return False
+        if p.last_probe is not None and now - p.last_probe < self.interval:
+            return False
+        p.last_probe = now
+        return True
+
+    def connection_succeeded(self, domain: str) -> None:
+        self._get(domain).failures = 0
+
+    def record(self, domain: str, report: dict[str, Any], when: str | None = None) -> None:
+        p = self._get(domain)
+        p.history.append({"when": when or dt.datetime.now(dt.UTC).isoformat(), **report})
+        del p.history[:-self.keep]
+
+    def history(self, domain: str) -> list[dict[str, Any]]:
+        return list(self._get(domain).history)
