@@ -620,6 +620,8 @@ class Recommendation:
                f"    why: {self.why}"]
         out += [f"    warning: {w}" for w in self.warnings]
         out.append(f"    {self.command}")
+        out.append("    or in the configuration: [[partner]] " + ", ".join(
+            line.replace(" = ", "=") for line in self.toml.splitlines()[1:]))
         return out
 
 
