@@ -29,7 +29,15 @@ from .config import EdgeConfig
 from .dialback import DialbackKeys
 from .dns import DnsError, S2sResolver, Target
 from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
-from .partners import NEGOTIATION_MATRIX, AuthMethod, Negotiation, Partner, PartnerTable, Verdict
+from .partners import (
+    NEGOTIATION_MATRIX,
+    AuthMethod,
+    Negotiation,
+    Partner,
+    PartnerTable,
+    Verdict,
+    normalize_domain,
+)
 from .s2s import (
     Authenticated,
     Close,
@@ -230,6 +238,37 @@ class Attempt:
     failure: str | None = None
 
 
+def identity_checks(cert: x509.Certificate, domain: str) -> list[str]:
+    """Each RFC 6125 / RFC 6120 13.7.1.2.1 identity check by name, with what it found, using
+    identity.py's own matchers (match_identity returns only the first match)."""
+    from .identity import SRV_SERVICE, _dns_matches, _identities, _to_a_label
+
+    reference = _to_a_label(domain) or domain
+    try:
+        ids = _identities(cert)
+    except ValueError as e:
+        return [f"identities: the certificate's extensions cannot be parsed ({e})"]
+
+    def verdict(found: list[str], hits: list[str]) -> str:
+        if not found:
+            return "none in the certificate"
+        return (f"{', '.join(hits)} matches" if hits else
+                f"{', '.join(found)}: no match")
+
+    dns_hits = [n for n in ids.dns if _dns_matches(n, reference)]
+    srv_hits = [n for n in ids.srv if n.partition(".")[0].lower() == SRV_SERVICE
+                and _to_a_label(n.partition(".")[2]) == reference]
+    xmpp_hits = [n for n in ids.xmpp if "@" not in n and "/" not in n
+                 and _to_a_label(n) == reference]
+    has_san_ids = bool(ids.dns or ids.srv or ids.xmpp or ids.other_ids_present)
+    cn = ("not consulted: the certificate has SAN identities (RFC 6125 6.4.4)" if has_san_ids
+          else verdict(list(ids.cn), [n for n in ids.cn if _dns_matches(n, reference)]))
+    return [f"DNS-ID (RFC 6125 6.4.1, wildcard 6.4.3): {verdict(list(ids.dns), dns_hits)}",
+            f"SRV-ID {SRV_SERVICE}.{domain} (RFC 4985): {verdict(list(ids.srv), srv_hits)}",
+            f"XmppAddr (RFC 6120 13.7.1.4): {verdict(list(ids.xmpp), xmpp_hits)}",
+            f"CN-ID: {cn}"]
+
+
 def _feature_names(tree: Any) -> list[str]:
     names = []
     for child in tree:
@@ -247,14 +286,22 @@ class Prober:
                  resolver: S2sResolver | None = None,
                  on_step: StepCallback | None = None):
         self.cfg = cfg
-        self.remote = remote.strip().rstrip(".").lower()
-        self.local = (local or cfg.domains[0]).lower()
+        self.remote = normalize_domain(remote)  # ValueError: not a domain name
+        self.local = normalize_domain(local) if local else cfg.domains[0]
+        if self.local not in cfg.domains:
+            raise ValueError(f"--local {self.local} is not one of [edge] domains "
+                             f"({', '.join(cfg.domains)})")
+        if self.remote in cfg.domains:
+            raise ValueError(f"{self.remote} is one of our own domains; probe a partner")
         self.timeout = timeout
         self.allow_dialback = dialback
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)
+        # Without a certificate of our own, STARTTLS still works (no client certificate): the
+        # probe then shows what TLS the partner has, and that SASL EXTERNAL cannot be used.
+        self.client_contexts = self.tls_contexts or TlsContexts(None, None)
         self.configured = cfg.partners.lookup(self.remote)
         self.steps: list[Step] = []
         self.attempts: list[Attempt] = []
@@ -399,8 +446,7 @@ class Prober:
             if isinstance(action, Send):
                 wire.send(action.data)
             elif isinstance(action, StartTls):
-                assert self.tls_contexts is not None
-                wire.start_tls(TlsSession.client(self.tls_contexts, self.local, self.remote))
+                wire.start_tls(TlsSession.client(self.client_contexts, self.local, self.remote))
             elif isinstance(action, RestartStream):
                 wire.restart()
             elif isinstance(action, Authenticated):
@@ -457,6 +503,8 @@ class Prober:
                   f"({left} days), EKU {', '.join(eku) or 'any'}", **data)
         self.step("certificate", OK if c.chain_ok else ERROR,
                   "chain: valid to our trust store" if c.chain_ok else f"chain: {c.reason}")
+        for line in identity_checks(leaf, self.remote):
+            self.step("certificate", INFO, line)
         presented = ", ".join(dict.fromkeys(n.split(" ", 1)[1] for n in c.names)) or "no name"
         self.step("certificate", OK if c.identity_ok else ERROR,
                   f"identity (RFC 6125): {c.matched} matches {self.remote}" if c.identity_ok
