@@ -201,6 +201,40 @@ def expiry_warning(cert: x509.Certificate, now: dt.datetime) -> str | None:
     return None
 
 
+class CertificateWatch:
+    """The running edge's expiry warning (issue 13: "a metric and a log line daily"), without a
+    clock of its own: the shell calls `check(now)` from its timer and logs what it returns; a
+    metrics endpoint reads `days_left(now)`.
+
+    A warning line is returned at most once per `every` seconds while the certificate is within
+    30 days of its end (or expired); None otherwise.
+    """
+
+    def __init__(self, cert: x509.Certificate, every: float = 86400.0):
+        self.cert = cert
+        self.every = every
+        self._last: dt.datetime | None = None
+
+    @classmethod
+    def from_file(cls, path: Path, every: float = 86400.0) -> CertificateWatch:
+        certs = load_certificates(path)
+        if not certs:
+            raise CertificateStepError(f"{path} contains no certificate")
+        return cls(certs[0], every)
+
+    def days_left(self, now: dt.datetime) -> float:
+        return days_left(self.cert, now)
+
+    def check(self, now: dt.datetime) -> str | None:
+        warning = expiry_warning(self.cert, now)
+        if warning is None:
+            return None
+        if self._last is not None and (now - self._last).total_seconds() < self.every:
+            return None
+        self._last = now
+        return warning
+
+
 def describe(cert: x509.Certificate, intermediates: Sequence[x509.Certificate] = (),
              now: dt.datetime | None = None) -> list[str]:
     """Lines for `certs show`: names, issuer, validity, key type, fingerprint, chain."""

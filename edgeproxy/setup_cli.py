@@ -212,7 +212,18 @@ def _check_dns(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _errors(exc)
     leaf = None
-    if cfg.certificate is not None:
+    if args.remote:
+        from .probe import served_certificate
+
+        try:
+            chain, where = served_certificate(cfg, args.remote if args.remote is not True
+                                              else None)
+        except (OSError, ValueError) as e:
+            print(f"error: cannot fetch the served certificate: {e}", file=sys.stderr)
+            return 1
+        leaf = chain[0] if chain else None
+        print(f"certificate served by {where}")
+    elif cfg.certificate is not None:
         try:
             leaf = load_certificates(cfg.certificate)[0]
         except (CertificateStepError, IndexError) as e:
@@ -307,6 +318,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("check-dns", help="check what partners find in DNS for our domains "
                                          "(SRV, A/AAAA, ports, certificate)")
     p.add_argument("-c", "--config", required=True)
+    p.add_argument("--remote", nargs="?", const=True, default=None, metavar="HOST:PORT",
+                   help="check the certificate the running edge serves, not the file")
     p.set_defaults(func=_check_dns)
 
     p = sub.add_parser("probe", help="why does federation with DOMAIN (not) work? connect the "

@@ -345,3 +345,23 @@ ca_files = ["{cfg.ca_files[0]}"]
     assert fingerprint_sha256(issued.cert) in text
     assert "chain:       CN=Public Intermediate CA" in text
     assert "ok      contoso.test: matched DNS-ID contoso.test" in text
+
+
+def test_certificate_watch_warns_once_a_day_from_30_days_before_expiry():
+    """The running edge's daily log line and metric value (fake clock)."""
+    from edgeproxy.certs import CertificateWatch
+
+    start = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    issued = CA.issue("contoso.test", not_before=start - dt.timedelta(days=1),
+                      not_after=start + dt.timedelta(days=40))
+    watch = CertificateWatch(issued.cert)
+    assert watch.check(start) is None  # 40 days left
+    day = dt.timedelta(days=1)
+    at_30 = start + 10 * day + dt.timedelta(hours=1)  # 29.96 days left
+    warning = watch.check(at_30)
+    assert warning is not None and "less than 30 days" in warning
+    assert watch.check(at_30 + dt.timedelta(hours=23)) is None  # once a day
+    assert "less than 30 days" in (watch.check(at_30 + day) or "")
+    assert "less than 7 days" in (watch.check(start + 34 * day) or "")
+    assert "EXPIRED" in (watch.check(start + 41 * day) or "")
+    assert watch.days_left(start) == pytest.approx(40)

@@ -161,3 +161,49 @@ def test_public_addresses_must_be_ip_addresses(tmp_path):
         edge_config_from_mapping({"edge": {"domains": ["contoso.test"],
                                            "public_addresses": ["edge.contoso.test"]}}, tmp_path)
     assert "[edge] public_addresses: 'edge.contoso.test' is not an IP address" in e.value.problems
+
+
+async def test_check_dns_remote_judges_the_certificate_the_running_edge_serves(dnsmasq,
+                                                                               tmp_path):
+    """--remote: the served certificate (fetched over STARTTLS) is judged, not the file; here
+    the file on disk is stale (for another name) while the edge serves the right one."""
+    import asyncio
+    import sys
+
+    from tests.edges import edge_config, running
+
+    served = CA.issue("good.test")
+    cfg = edge_config(tmp_path / "edge", "good.test", EDGE_IP, CA, [], cert=served)
+    stale = CA.issue("stale.test")
+    stale.write(tmp_path / "stale.crt", tmp_path / "stale.key")
+    config = tmp_path / "edge.toml"
+    config.write_text(f"""
+[edge]
+domains = ["good.test"]
+listen = ["{EDGE_IP}:5269"]
+certificate = "stale.crt"
+private_key = "stale.key"
+use_system_ca = false
+ca_files = ["{cfg.ca_files[0]}"]
+[dns]
+nameservers = ["{DNS_ADDR}:{DNS_PORT}"]
+timeout = 2
+""")
+
+    async def check_dns(*extra: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeproxy", "check-dns", "-c", str(config), *extra,
+            stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    async with running(cfg):
+        rc_file, from_file = await check_dns()
+        rc_remote, from_edge = await check_dns("--remote")
+    assert rc_file == 1 and "error   good.test: the served certificate does not cover " \
+        "good.test" in from_file, from_file
+    assert rc_remote == 0, from_edge
+    assert from_edge.startswith(f"certificate served by {EDGE_IP}:5269 (STARTTLS")
+    assert "ok      good.test: the served certificate covers good.test (DNS-ID good.test)" \
+        in from_edge
