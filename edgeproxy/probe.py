@@ -284,7 +284,8 @@ class Prober:
     def __init__(self, cfg: EdgeConfig, remote: str, *, local: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, dialback: bool = True,
                  resolver: S2sResolver | None = None,
-                 on_step: StepCallback | None = None):
+                 on_step: StepCallback | None = None,
+                 on_progress: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.remote = normalize_domain(remote)  # ValueError: not a domain name
         self.local = normalize_domain(local) if local else cfg.domains[0]
@@ -307,7 +308,12 @@ class Prober:
         self.attempts: list[Attempt] = []
         self.targets: list[Target] = []
         self.on_step = on_step
+        self.on_progress = on_progress  # "what it is waiting for now", for a terminal
         self.dialback_skipped = ""
+
+    def progress(self, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(text)
 
     def step(self, topic: str, status: str, text: str, **data: Any) -> None:
         s = Step(topic, status, text, data)
@@ -325,6 +331,7 @@ class Prober:
         else:
             for service in ("_xmpp-server", "_xmpps-server"):
                 name = f"{service}._tcp.{self.remote}"
+                self.progress(f"asking DNS for {name} SRV")
                 try:
                     records = await self.resolver.srv_records(name,
                                                               direct_tls=service == "_xmpps-server")
@@ -365,6 +372,7 @@ class Prober:
     async def _reachable(self, t: Target, ip: str) -> bool:
         where = f"[{ip}]:{t.port}" if ":" in ip else f"{ip}:{t.port}"
         start = time.monotonic()
+        self.progress(f"connecting to {where}")
         try:
             _, w = await asyncio.wait_for(asyncio.open_connection(ip, t.port), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as e:
@@ -396,6 +404,7 @@ class Prober:
         ctx = S2sContext(frozenset(self.cfg.domains), PartnerTable(),
                          DialbackKeys(self.cfg.dialback_secret), self.tls_contexts is not None)
         machine = OutboundS2s(ctx, self.local, self.remote, self._partner(sasl, dialback))
+        self.progress(f"negotiating with {ip}:{t.port} ({purpose})")
         try:
             wire = await Wire.open(ip, t.port, self.cfg.stanza_size_limit, self.timeout)
         except (OSError, TimeoutError) as e:

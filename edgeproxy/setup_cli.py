@@ -254,21 +254,28 @@ def _probe(args: argparse.Namespace) -> int:
     colour = sys.stdout.isatty() and not args.json
     marks = {OK: "\033[32m", WARNING: "\033[33m", ERROR: "\033[31m"}
 
-    def show(step: Step) -> None:  # progress: each step as soon as it is known
+    def show(step: Step) -> None:  # each step as soon as it is known
         if args.json:
             return
         line = step.line()
-        if colour and step.status in marks:
-            line = f"{marks[step.status]}{line[:7]}\033[0m{line[7:]}"
+        if colour:  # a terminal: clear the "waiting for" line, colour the verdict
+            line = "\r\033[K" + (f"{marks[step.status]}{line[:7]}\033[0m{line[7:]}"
+                                 if step.status in marks else line)
         print(line, flush=True)
+
+    def waiting(text: str) -> None:  # on a terminal only: overwritten by the next line
+        if colour:
+            print(f"\r\033[K... {text}", end="", flush=True)
 
     try:
         prober = Prober(cfg, args.domain, local=args.local, timeout=args.timeout,
-                        dialback=not args.no_dialback, on_step=show)
+                        dialback=not args.no_dialback, on_step=show, on_progress=waiting)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = asyncio.run(prober.run())
+    if colour:
+        print("\r\033[K", end="")
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:

@@ -173,3 +173,42 @@ timeout = 2
     assert any(line.startswith("error   tcp") for line in lines), r.stdout
     assert "diagnosis: nothing accepts connections" in r.stdout
     assert "no dialback round trip: [edge] dialback_secret is not set" in r.stdout
+
+
+def test_probe_on_a_terminal_shows_what_it_waits_for(dns: h.Dns, tmp_path: Path) -> None:
+    """On a TTY each wait is shown ("... connecting to") and overwritten by the step's verdict,
+    in colour; piped output (above) has neither."""
+    import pty
+
+    dns.configure(direct_tls=False)
+    config = tmp_path / "edge.toml"
+    config.write_text(f"""
+[edge]
+domains = ["{h.EDGE}"]
+listen = ["{h.EDGE_IP}:5269"]
+use_system_ca = false
+ca_files = ["{h.CA.write_root(tmp_path / 'ca.crt')}"]
+dialback_secret = "s"
+[dns]
+nameservers = ["127.0.0.53"]
+timeout = 2
+""")
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeproxy", "probe", h.SILENT, "-c",
+                             str(config)], stdout=follower, stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=60) == 1
+    out = b"".join(chunks).decode()
+    assert "\r\x1b[K... connecting to 127.0.0.98:5269" in out, out
+    assert "\r\x1b[K\x1b[31merror  \x1b[0m tcp" in out, out
