@@ -1,14 +1,14 @@
-"""Command line: `edgeproxy run | check-config | healthcheck | dev-certs`."""
+"""Command line: `edgeproxy run | check-config | healthcheck | certs ... | check-dns | probe`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, load_edge_config
+from .setup_cli import add_commands
 
 log = logging.getLogger("edgeproxy")
 
@@ -33,14 +33,6 @@ def _check_config(args: argparse.Namespace) -> int:
              if cfg.partners.default else "; domains without a [[partner]] do not federate"))
     for p in cfg.partners:
         print(f"  {p.describe()}")
-    return 0
-
-
-def _dev_certs(args: argparse.Namespace) -> int:
-    from .devcerts import write_dev_certificates
-
-    for path in write_dev_certificates(Path(args.out), args.domains):
-        print(path)
     return 0
 
 
@@ -85,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=_healthcheck)
-    p = sub.add_parser("dev-certs", help="make a development CA and certificates")
-    p.add_argument("--out", default="var/certs")
-    p.add_argument("domains", nargs="+")
-    p.set_defaults(func=_dev_certs)
+    add_commands(sub)  # certs, dev-certs, check-dns, probe (setup_cli.py)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -85,6 +85,9 @@ class EdgeConfig:
     queue_bytes_per_domain: int = 64 << 20
     queue_bytes_per_partner: int = 8 << 20
     component_wait: float = 30.0
+    # The addresses partners reach this edge at, when they are not the listen addresses (NAT,
+    # a load balancer): what `check-dns` expects the SRV targets to resolve to.
+    public_addresses: tuple[str, ...] = field(default=())
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -266,6 +269,12 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     for c in ca_files:
         _check_pem(c, "certificate", "ca_files", problems)
     use_system_ca = e.boolean("use_system_ca", True)
+    public_addresses = []
+    for a in e.strings("public_addresses"):
+        try:
+            public_addresses.append(str(ipaddress.ip_address(a)))
+        except ValueError:
+            e.problem("public_addresses", f"{a!r} is not an IP address")
 
     secret = e.string("dialback_secret")
     generated = not secret
@@ -368,5 +377,5 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
         partners=partners, warnings=tuple(warnings), queue_bytes_total=q_total,
         queue_bytes_per_domain=q_domain, queue_bytes_per_partner=q_partner,
-        component_wait=component_wait,
+        component_wait=component_wait, public_addresses=tuple(public_addresses),
     )
