@@ -415,7 +415,8 @@ class ComponentConnection(StreamConnection):
 
     def on_lost(self, reason: str) -> None:
         if self.machine.authenticated:
-            log.warning("component for %s disconnected: %s", self.machine.domain, reason)
+            log.log(logging.INFO if self.machine.closed else logging.WARNING,  # closed = clean
+                    "component for %s disconnected: %s", self.machine.domain, reason)
             self.edge.router.component_down(self.machine.domain, self)
 
 

@@ -18,13 +18,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .component import Gateway, LinkDown, NoAnswer, Refused, StanzaError
-from .store import Contact, StoreError
+from .store import Contact, StoreError, hash_token
 
 USER = web.RequestKey("user", str)
 GATEWAY = web.AppKey("gateway", Gateway)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+CLOSING = web.AppKey("closing", set[asyncio.Task[Any]])  # sockets being closed by the gateway
 PING_TIMEOUT, PING_TIMEOUT_MAX = 10.0, 60.0  # seconds
 
 
@@ -75,8 +75,13 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
         if exc.content_type == "application/json":
             raise
         raise error(404, f"no such endpoint: {request.method} {request.path}") from None
-    except web.HTTPMethodNotAllowed:
-        raise error(400, f"{request.method} is not supported on {request.path}") from None
+    except web.HTTPMethodNotAllowed as exc:
+        # RFC 9110 15.5.6: 405 with the methods the resource does support in Allow
+        allowed = sorted(exc.allowed_methods)
+        raise web.HTTPMethodNotAllowed(
+            request.method, allowed, content_type="application/json",
+            text=json.dumps({"error": f"{request.method} is not supported on {request.path}; "
+                                      f"use {' or '.join(allowed)}"})) from None
 
 
 async def _json(request: web.Request, *required: str) -> dict[str, Any]:
@@ -123,6 +128,15 @@ async def set_presence(request: web.Request) -> web.Response:
     request.app[GATEWAY].set_presence(request[USER], "" if show == "available" else show,
                                       status, to)
     return web.json_response({"show": show, "status": status})
+
+
+async def get_presence(request: web.Request) -> web.Response:
+    """The user's stored broadcast presence (what contacts see while a socket is open)."""
+    gw, user = request.app[GATEWAY], request[USER]
+    last = gw.store.presence(user)
+    show, status = (last.show, last.status) if last is not None else ("", "")
+    return web.json_response({"show": show or "available", "status": status,
+                              "resources": sorted(gw.sessions.get(user, {}))})
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -217,7 +231,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         events.put_nowait(event)
         return True
 
-    resource = gw.user_online(user, push)
+    def close(code: int, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(ws.close(code=code,
+                                                               message=reason.encode()))
+        request.app[CLOSING].add(task)
+        task.add_done_callback(request.app[CLOSING].discard)
+
+    resource = gw.user_online(user, push, close, hash_token(_bearer(request)))
     request.app[SOCKETS].add(ws)
     await ws.send_json({"event": "session", "jid": f"{user}@{gw.domain}/{resource}"})
 
@@ -242,19 +262,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 # admin endpoints ------------------------------------------------------------------------------
 
-def _check_name(name: str) -> str:
-    name = name.strip().lower()
-    if not name or not set(name) <= NAME_CHARS or len(name) > 64:
-        raise ValueError(f"{name!r} is not a valid user name (letters, digits, '.', '_', '-')")
-    return name
-
-
 async def admin_create_user(request: web.Request) -> web.Response:
     body = await _json(request, "name")
-    name = _check_name(body["name"])
+    name = body["name"]
     gw = request.app[GATEWAY]
     try:
-        token = gw.store.add_user(name)
+        token = gw.store.add_user(name)  # ValueError (400) for a name that is no localpart
     except StoreError as exc:
         raise error(409, str(exc)) from None
     return web.json_response({"name": name, "jid": f"{name}@{gw.domain}", "token": token},
@@ -267,9 +280,19 @@ async def admin_list_users(request: web.Request) -> web.Response:
 
 async def admin_remove_user(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if not request.app[GATEWAY].store.remove_user(name):
+    if not request.app[GATEWAY].remove_user(name):
         raise error(404, f"no user named {name!r}")
     return web.json_response({"removed": name})
+
+
+async def admin_new_token(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    gw = request.app[GATEWAY]
+    try:
+        token = gw.rotate_token(name)
+    except StoreError as exc:
+        raise error(404, str(exc)) from None
+    return web.json_response({"name": name, "jid": f"{name}@{gw.domain}", "token": token})
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -283,9 +306,11 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app[GATEWAY] = gateway
     app[ADMIN_TOKEN] = admin_token or ""
     app[SOCKETS] = set[web.WebSocketResponse]()
+    app[CLOSING] = set[asyncio.Task[Any]]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
     app.router.add_put("/api/v1/presence", set_presence)
+    app.router.add_get("/api/v1/presence", get_presence)
     app.router.add_post("/api/v1/ping", ping)
     app.router.add_get("/api/v1/contacts", list_contacts)
     app.router.add_post("/api/v1/contacts", add_contact)
@@ -298,4 +323,5 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_post("/api/v1/admin/users", admin_create_user)
     app.router.add_get("/api/v1/admin/users", admin_list_users)
     app.router.add_delete("/api/v1/admin/users/{name}", admin_remove_user)
+    app.router.add_post("/api/v1/admin/users/{name}/token", admin_new_token)
     return app

@@ -35,7 +35,7 @@ from edgeproxy.xmlstream import error_condition
 
 from . import rules
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
-from .store import Contact, Store
+from .store import Contact, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = availa
 PING_RESOURCE = "api"
 
 Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
+CloseSocket = Callable[[int, str], None]  # WebSocket close code and reason
+# RFC 6455 7.4.1: 1008 policy violation - the credentials the socket was opened with are gone.
+CLOSE_USER_REMOVED = (1008, "user removed")
+CLOSE_TOKEN_REPLACED = (1008, "token replaced")
+WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
 
 
 class Refused(Exception):
@@ -75,6 +80,19 @@ class StanzaError(Exception):
 
 class NoAnswer(Exception):
     """No answer within the time the caller was willing to wait (API: 504)."""
+
+
+class Session:
+    """One open WebSocket of a local user: one XMPP resource (RFC 6120 7.1)."""
+
+    def __init__(self, user: str, resource: str, push: Push, close: CloseSocket,
+                 token_hash: str):
+        self.user, self.resource = user, resource
+        self.push, self.close = push, close
+        self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
+        # Everyone this resource sent available presence to: they get unavailable when it goes
+        # (RFC 6121 4.5.2), even if the contact was deleted meanwhile (with the user).
+        self.announced: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +126,9 @@ class Gateway(ComponentXMPP):
         self.closing = False
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
-        self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
-        self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
+        self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
+        self.watch_interval = WATCH_INTERVAL
+        self._watching: asyncio.TimerHandle | None = None
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -143,6 +162,7 @@ class Gateway(ComponentXMPP):
             if not lost.done():
                 lost.set_result(None)
         if self.closing:
+            log.info("component link to the edge closed (the gateway is stopping)")
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
         log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
@@ -160,9 +180,21 @@ class Gateway(ComponentXMPP):
 
     async def close(self) -> None:
         self.closing = True
+        if self._watching is not None:
+            self._watching.cancel()
         self.cancel_connection_attempt()
         if self.transport is not None:
             await self.disconnect(wait=1.0)
+
+    def commit_point(self) -> None:
+        """Make every store write the handlers have done so far durable, now.
+
+        The component link calls this before it acknowledges inbound stanzas to the edge
+        (XEP-0198 <a h=''/>): everything a handler stored for a stanza (a message for a local
+        user, a bounce, a contact's new state) is then on disk, so an acknowledged stanza
+        survives a gateway crash. The store otherwise commits once per event-loop turn.
+        """
+        self.store.commit()
 
     def emit(self, stanza: Any) -> None:
         """Send one stanza to the edge, or queue it while the link is down."""
@@ -237,7 +269,7 @@ class Gateway(ComponentXMPP):
             event = message_event(msg)
             targets = [resources[msg["to"].resource]] if msg["to"].resource in resources \
                 else list(resources.values())
-            if any([push(event) for push in targets]):
+            if any([session.push(event) for session in targets]):
                 return
         if msg["type"] == "headline":
             return  # RFC 6121 8.5.4: headlines to offline users are dropped
@@ -319,7 +351,8 @@ class Gateway(ComponentXMPP):
             self.emit(self.make_presence(pto=jid, pfrom=f"{user}@{self.domain}",
                                          ptype="subscribed"))
             for resource in self.sessions.get(user, {}):  # RFC 6121 3.1.5: then presence
-                self.emit(self._presence_of(user, resource, jid, v.partner_type))
+                self.emit(self._announce(self._presence_of(user, resource, jid,
+                                                           v.partner_type)))
             self._push(user, {"event": "subscription", "type": "subscribe", "from": jid,
                               "result": "auto-approved"})
         elif decision is Decision.HOLD_FOR_USER:
@@ -358,30 +391,47 @@ class Gateway(ComponentXMPP):
             self.emit(reply)
 
     def _presence_of(self, user: str, resource: str, to: str | JID,
-                     ptype: PartnerType | None, keep_status: bool | None = None) -> Presence:
-        """The user's current presence from one resource, `<status/>` only where allowed."""
+                     ptype: PartnerType | None, keep_status: bool | None = None,
+                     show_status: tuple[str, str] | None = None) -> Presence:
+        """The user's presence from one resource, `<status/>` only where allowed: the stored
+        broadcast presence, or `show_status` for a directed one."""
         if keep_status is None:
             keep_status = ptype is PartnerType.FEDERATED
-        last = self.store.presence(user)
+        if show_status is None:
+            last = self.store.presence(user)
+            show_status = (last.show, last.status) if last is not None else ("", "")
+        show, status = show_status
         pres = self.make_presence(pto=to, pfrom=f"{user}@{self.domain}/{resource}")
-        if last is not None:
-            if last.show:
-                pres["show"] = last.show
-            if last.status and keep_status:
-                pres["status"] = last.status  # the Lync status note (SPEC 1.5)
+        if show:
+            pres["show"] = show
+        if status and keep_status:
+            pres["status"] = status  # the Lync status note (SPEC 1.5)
+        return pres
+
+    def _announce(self, pres: Presence) -> Presence:
+        """Note who is sent available presence from which resource (RFC 6121 4.5.2)."""
+        frm = pres["from"]
+        session = self.sessions.get(frm.user, {}).get(frm.resource)
+        if session is not None:
+            session.announced.add(str(pres["to"]))
         return pres
 
     def _push(self, user: str, event: dict[str, Any]) -> None:
-        for push in list(self.sessions.get(user, {}).values()):
-            push(event)
+        for session in list(self.sessions.get(user, {}).values()):
+            session.push(event)
 
     # local users: sessions ---------------------------------------------------------------------
 
-    def user_online(self, user: str, push: Push) -> str:
-        """A WebSocket opened: a new resource. Sends presence, probes, stored messages."""
+    def user_online(self, user: str, push: Push, close: CloseSocket | None = None,
+                    token_hash: str = "") -> str:
+        """A WebSocket opened: a new resource. Sends presence, probes, stored messages.
+        `close(code, reason)` closes the socket (user removed, token replaced); `token_hash`
+        is that of the token it was opened with."""
         resource = "ws-" + secrets.token_hex(4)
         first = not self.sessions.get(user)
-        self.sessions.setdefault(user, {})[resource] = push
+        self.sessions.setdefault(user, {})[resource] = Session(
+            user, resource, push, close or (lambda code, reason: None), token_hash)
+        self._watch()
         self._broadcast(user, resource)
         for contact in self.store.contacts(user):
             if first and contact.state.sees_contact and self.partner_type(
@@ -396,15 +446,67 @@ class Gateway(ComponentXMPP):
         return resource
 
     def user_offline(self, user: str, resource: str) -> None:
-        """A WebSocket closed: unavailable to subscribers and directed-presence recipients."""
-        self.sessions.get(user, {}).pop(resource, None)
+        """A WebSocket closed: unavailable to subscribers and to everyone else this resource
+        sent presence to (directed presence, RFC 6121 4.6.3). A second call does nothing."""
+        session = self.sessions.get(user, {}).pop(resource, None)
+        if session is None:
+            return
         if not self.sessions.get(user):
             self.sessions.pop(user, None)
         full = f"{user}@{self.domain}/{resource}"
         recipients = {c.jid for c in self.store.contacts(user) if c.state.contact_sees_user}
-        recipients |= self.directed.pop(full, set())
+        recipients |= session.announced
         for jid in sorted(recipients):
             self._try_emit(self.make_presence(pto=jid, pfrom=full, ptype="unavailable"))
+
+    def _end_sessions(self, user: str, why: tuple[int, str]) -> None:
+        """Close every socket of the user (code and reason) and take its resource offline."""
+        for session in list(self.sessions.get(user, {}).values()):
+            log.info("closing %s@%s/%s: %s", user, self.domain, session.resource, why[1])
+            session.close(*why)
+            self.user_offline(user, session.resource)
+
+    def remove_user(self, user: str) -> bool:
+        """Close the user's sockets and send unavailable first, then delete everything stored
+        for them. False if there is no such user."""
+        if not self.store.user_exists(user):
+            return False
+        self._end_sessions(user, CLOSE_USER_REMOVED)
+        return self.store.remove_user(user)
+
+    def rotate_token(self, user: str) -> str:
+        """Give the user a new API token; the sockets opened with the old one are closed.
+        StoreError if there is no such user."""
+        token = self.store.set_token(user)
+        self._end_sessions(user, CLOSE_TOKEN_REPLACED)
+        return token
+
+    def _watch(self) -> None:
+        if self._watching is None and self.sessions and not self.closing:
+            self._watching = self.loop.call_later(self.watch_interval, self._check_users)
+
+    def _check_users(self) -> None:
+        """`gateway user remove|token` run in another process change the database under us:
+        end the sockets of users removed and those opened with a replaced token."""
+        self._watching = None
+        if self.closing:
+            return
+        try:
+            if self.store.changed_elsewhere():
+                for user, sessions in list(self.sessions.items()):
+                    current = self.store.token_hash_of(user)
+                    if current is None:
+                        log.info("user %s@%s was removed from the command line", user,
+                                 self.domain)
+                        self._end_sessions(user, CLOSE_USER_REMOVED)
+                    elif any(s.token_hash and s.token_hash != current
+                             for s in sessions.values()):
+                        log.info("the token of %s@%s was replaced from the command line",
+                                 user, self.domain)
+                        self._end_sessions(user, CLOSE_TOKEN_REPLACED)
+        except StoreError as exc:
+            log.error("cannot look for user changes: %s", exc)
+        self._watch()
 
     def _try_emit(self, stanza: Any) -> None:
         try:
@@ -421,7 +523,8 @@ class Gateway(ComponentXMPP):
             ptype = self.partner_type(JID(contact.jid).domain)
             if ptype is None:
                 continue
-            self._try_emit(self._presence_of(user, resource, contact.jid, ptype))
+            self._try_emit(self._announce(self._presence_of(user, resource, contact.jid,
+                                                            ptype)))
 
     def stanza_from_xml(self, text: str) -> Message:
         return Message(self, ET.fromstring(text))
@@ -512,20 +615,22 @@ class Gateway(ComponentXMPP):
             self.on_presence(stanza)
 
     def set_presence(self, user: str, show: str, status: str, to: str | None = None) -> None:
+        """Broadcast presence (stored, RFC 6121 4.4), or with `to` directed presence to one
+        JID, which leaves the stored broadcast presence alone (RFC 6121 4.6)."""
         if show not in SHOW_VALUES:
             raise ValueError(f"show must be one of available, away, chat, dnd, xa (got {show!r})")
-        self.store.set_presence(user, show, status)
         resources = list(self.sessions.get(user, {}))
         if to is None:
+            self.store.set_presence(user, show, status)
             for resource in resources:
                 self._broadcast(user, resource)
             return
-        jid = self.parse_jid(to)  # directed presence (RFC 6121 4.6)
+        jid = self.parse_jid(to)
         v = self._outbound(user, jid, Kind.PRESENCE)
         for resource in resources:
-            self._route(self._presence_of(user, resource, jid, v.partner_type,
-                                          keep_status=v.outcome.decision is Decision.DELIVER))
-            self.directed.setdefault(f"{user}@{self.domain}/{resource}", set()).add(str(jid))
+            self._route(self._announce(self._presence_of(
+                user, resource, jid, v.partner_type, show_status=(show, status),
+                keep_status=v.outcome.decision is Decision.DELIVER)))
 
     def _subscription(self, user: str, jid: JID, kind: Kind, name: str | None = None) -> Verdict:
         v = self._outbound(user, jid, kind)
@@ -549,7 +654,8 @@ class Gateway(ComponentXMPP):
         v = self._subscription(user, jid, Kind.SUBSCRIBED)
         if v.outcome.decision is Decision.DELIVER:  # RFC 6121 3.1.5: then current presence
             for resource in self.sessions.get(user, {}):
-                self._route(self._presence_of(user, resource, jid.bare, v.partner_type))
+                self._route(self._announce(self._presence_of(user, resource, jid.bare,
+                                                             v.partner_type)))
         return v.outcome.state
 
     def deny(self, user: str, to: str) -> SubState:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from slixmpp import JID, InvalidJID
+
 from .rules import Subscription, SubState
 
 SCHEMA_VERSION = 1
@@ -98,6 +100,24 @@ class LastPresence:
     stamp: float
 
 
+def check_user_name(name: str) -> str:
+    """A local user's name is the localpart of their JID: it must pass nodeprep (RFC 6122
+    Appendix A, as slixmpp's JID applies it) and already be in its prepared form, so `Bob`
+    cannot sit beside `bob`. Raises ValueError saying why (the CLI and the API show it as is)."""
+    if not name:
+        raise ValueError("the user name is empty")
+    jid = JID("localhost")
+    try:
+        jid.user = name
+    except InvalidJID as exc:
+        raise ValueError(f"{name!r} is not a valid user name: {exc} (RFC 6122 2.3: no spaces "
+                         "and none of \" & ' / : < > @)") from None
+    if jid.user != name:
+        raise ValueError(f"{name!r} is not a valid user name: a JID localpart is compared "
+                         f"in its nodeprep form (RFC 6122 2.3); use {jid.user!r}")
+    return name
+
+
 def hash_token(token: str) -> str:
     # Tokens are 256 random bits, so a plain SHA-256 is enough (no password stretching needed).
     return hashlib.sha256(token.encode()).hexdigest()
@@ -106,6 +126,8 @@ def hash_token(token: str) -> str:
 class Store(Protocol):
     def add_user(self, name: str) -> str: ...
     def remove_user(self, name: str) -> bool: ...
+    def set_token(self, name: str) -> str: ...
+    def token_hash_of(self, name: str) -> str | None: ...
     def list_users(self) -> list[str]: ...
     def user_exists(self, name: str) -> bool: ...
     def user_for_token(self, token: str) -> str | None: ...
@@ -121,6 +143,8 @@ class Store(Protocol):
     def forget_filtered(self, user: str, jid: str) -> None: ...
     def set_presence(self, user: str, show: str, status: str) -> None: ...
     def presence(self, user: str) -> LastPresence | None: ...
+    def changed_elsewhere(self) -> bool: ...
+    def commit(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -142,6 +166,19 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
         self._migrate()
+        self._data_version = self._version()
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed_elsewhere(self) -> bool:
+        """True once after another connection (`gateway user ...`) committed a change."""
+        try:
+            version = self._version()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -152,13 +189,20 @@ class SqliteStore:
             self._db.executescript("BEGIN;" + _SCHEMA
                                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
+    def commit(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
     def close(self) -> None:
+        self.commit()
         self._db.close()
 
     # users ------------------------------------------------------------------------------------
 
     def add_user(self, name: str) -> str:
-        """Create a user; return the new API token (only its hash is stored)."""
+        """Create a user; return the new API token (only its hash is stored). ValueError for a
+        name that is not a JID localpart in nodeprep form (check_user_name)."""
+        check_user_name(name)
         token = secrets.token_urlsafe(32)
         try:
             self._db.execute("INSERT INTO users(name, token_hash, created) VALUES (?, ?, ?)",
@@ -169,6 +213,18 @@ class SqliteStore:
 
     def remove_user(self, name: str) -> bool:
         return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    def set_token(self, name: str) -> str:
+        """Replace the user's API token; return the new one (the old one stops working)."""
+        token = secrets.token_urlsafe(32)
+        if self._db.execute("UPDATE users SET token_hash = ? WHERE name = ?",
+                            (hash_token(token), name)).rowcount == 0:
+            raise StoreError(f"no user named {name!r}")
+        return token
+
+    def token_hash_of(self, name: str) -> str | None:
+        row = self._db.execute("SELECT token_hash FROM users WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM users ORDER BY name")]

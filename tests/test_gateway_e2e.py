@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -339,3 +340,22 @@ async def test_a_bounce_from_the_edge_reaches_the_sender_s_websocket(w):
     assert err["stanza"] == "message" and err["from"] == f"zoe@{GONE}"
     assert err["condition"] == "remote-server-not-found" and GONE in err["text"]
     await sock.close()
+
+
+async def test_a_clean_gateway_stop_is_info_on_both_sides(w, caplog):
+    """The gateway closes its stream (RFC 6120 4.4, </stream:stream>) when it stops: the edge
+    logs that as INFO, not as a WARNING, and the gateway says it closed the link."""
+    caplog.set_level(logging.INFO)
+    await w.gw.stop()
+
+    def gone() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "edgeproxy"
+                and f"component for {CONTOSO[0]} disconnected" in r.getMessage()]
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not gone():
+        assert asyncio.get_running_loop().time() < deadline, "the edge did not see it go"
+        await asyncio.sleep(0.05)
+    assert all(r.levelno == logging.INFO for r in gone()), caplog.text
+    assert any(r.name == "gateway.component" and r.levelno == logging.INFO
+               and "link to the edge closed" in r.getMessage() for r in caplog.records)

@@ -211,3 +211,53 @@ async def test_two_sockets_are_two_resources(api, gw, token):
         jids = {(await one.receive_json())["jid"], (await two.receive_json())["jid"]}
         assert len(jids) == 2 and len(gw.sessions["carl"]) == 2
 
+
+
+# HTTP semantics and presence (issue 16) ----------------------------------------------------------
+
+def allow(resp) -> set[str]:
+    return {m.strip() for m in resp.headers["Allow"].split(",")}
+
+
+async def test_wrong_method_is_405_with_allow(api, token):
+    """RFC 9110 15.5.6: 405 Method Not Allowed carries Allow with the supported methods."""
+    resp = await api.delete("/api/v1/presence", headers=auth(token))
+    assert resp.status == 405
+    assert allow(resp) >= {"GET", "PUT"}
+    assert "DELETE is not supported on /api/v1/presence" in (await resp.json())["error"]
+    resp = await api.put("/api/v1/contacts", headers=auth(token))
+    assert resp.status == 405 and {"GET", "POST"} <= allow(resp)
+
+
+async def test_get_presence_returns_the_stored_broadcast_presence(api, token):
+    got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+    assert got == {"show": "available", "status": "", "resources": []}
+    await api.put("/api/v1/presence", headers=auth(token),
+                  json={"show": "away", "status": "In a meeting until 3"})
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        resource = (await ws.receive_json())["jid"].split("/", 1)[1]
+        got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+    assert got == {"show": "away", "status": "In a meeting until 3", "resources": [resource]}
+
+
+async def test_directed_presence_leaves_the_broadcast_presence_alone(api, gw, store, token):
+    """RFC 6121 4.6: directed presence goes to one JID and does not change broadcast presence
+    (what subscribers see and what is sent on the next connection)."""
+    store.set_contact("carl", "alice@fabrikam.test", SubState(Subscription.FROM))
+    await api.put("/api/v1/presence", headers=auth(token),
+                  json={"show": "away", "status": "In a meeting until 3"})
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        await ws.receive_json()
+        gw.sent.clear()
+        resp = await api.put("/api/v1/presence", headers=auth(token),
+                             json={"show": "dnd", "to": "dora@fabrikam.test"})
+        assert resp.status == 200
+        [directed] = gw.sent
+        assert (str(directed["to"]), directed["show"]) == ("dora@fabrikam.test", "dnd")
+        got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+        assert (got["show"], got["status"]) == ("away", "In a meeting until 3")
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        await ws.receive_json()
+        to_alice = [s for s in gw.sent if str(s["to"]) == "alice@fabrikam.test"
+                    and s.xml.get("type") is None]
+        assert (to_alice[-1]["show"], to_alice[-1]["status"]) == ("away", "In a meeting until 3")

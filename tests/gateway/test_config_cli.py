@@ -121,3 +121,34 @@ def test_run_says_when_the_api_port_is_taken(tmp_path):
         holder.close()
     assert run.returncode == 1
     assert f"cannot listen on api_listen 127.0.0.1:{port}" in run.stderr
+
+
+def test_run_logs_a_clean_stop(tmp_path):
+    """SIGTERM: the gateway says it is stopping and that it stopped, and exits 0. Inside
+    scripts/netns-run (nothing listens on the component port: the link keeps retrying)."""
+    import signal
+    import socket
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    path = write(tmp_path, GOOD.replace("127.0.0.1:8081", f"127.0.0.1:{port}"))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "API on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "INFO gateway: gateway for contoso.test stopping" in rest
+    assert "INFO gateway: gateway for contoso.test stopped" in rest
