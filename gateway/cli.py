@@ -25,7 +25,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     from .api import make_app
     from .component import Gateway
 
-    store = SqliteStore(cfg.database)
+    store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
     runner = web.AppRunner(make_app(gateway, cfg.admin_token))

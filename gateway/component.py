@@ -4,16 +4,21 @@ Every stanza the edge relays is classified (`rules.Kind`), looked up in `rules.d
 decision carried out here. slixmpp's own roster handling is switched off: it would answer probes
 and subscriptions by itself, outside the partner rules.
 
-Local users are API clients: each open WebSocket is one resource, and `push(event)` callbacks
-registered by the API receive JSON-ready dicts; a message no session could take is stored
-offline instead of being lost. Stanzas local users send while the link to the
-edge is down wait in a bounded queue; when it is full the caller gets LinkDown (API: 503).
-A ping (XEP-0199) does not wait in that queue: it needs the link now, and its answer.
+Local users are API clients: each open WebSocket is one resource (a `Session`). Every message
+and every bounce for a local user is first kept in the store's inbox (committed once per
+event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
+(`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
+closed and nothing waits in memory but one batch per socket. Presence and subscription events
+are not stored: the latest per contact waits in the session (`Session.notify`). Stanzas local
+users send while the link to the edge is down wait in a bounded queue; when it is full the
+caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait in that queue: it needs the
+link now, and its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -35,7 +40,7 @@ from edgeproxy.xmlstream import error_condition
 
 from . import rules
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
-from .store import Contact, Store, StoreError
+from .store import Contact, InboxFull, Store, StoredEvent, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +56,13 @@ SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = availa
 # answer is taken by the waiting request whatever resource it is addressed to.
 PING_RESOURCE = "api"
 
-Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
 CloseSocket = Callable[[int, str], None]  # WebSocket close code and reason
 # RFC 6455 7.4.1: 1008 policy violation - the credentials the socket was opened with are gone.
 CLOSE_USER_REMOVED = (1008, "user removed")
 CLOSE_TOKEN_REPLACED = (1008, "token replaced")
 WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
+EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
+MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
 class Refused(Exception):
@@ -83,16 +89,42 @@ class NoAnswer(Exception):
 
 
 class Session:
-    """One open WebSocket of a local user: one XMPP resource (RFC 6120 7.1)."""
+    """One open WebSocket of a local user: one XMPP resource (RFC 6120 7.1).
 
-    def __init__(self, user: str, resource: str, push: Push, close: CloseSocket,
-                 token_hash: str):
+    `sent`: every stored event for this resource up to this id has been taken for the socket;
+    `acked`: the client acknowledged up to this id; `ready` is set when there is something to
+    take (a stored event, a notice) or the session was closed.
+    """
+
+    def __init__(self, user: str, domain: str, resource: str, close: CloseSocket,
+                 token_hash: str, first_live: int):
         self.user, self.resource = user, resource
-        self.push, self.close = push, close
+        self.jid = f"{user}@{domain}/{resource}"
+        self._close = close
         self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
+        self.first_live = first_live  # events up to this id were stored before it connected
+        self.sent = self.acked = 0
+        self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
+        self.ready = asyncio.Event()
+        self.closed = False
         # Everyone this resource sent available presence to: they get unavailable when it goes
         # (RFC 6121 4.5.2), even if the contact was deleted meanwhile (with the user).
         self.announced: set[str] = set()
+
+    def notify(self, key: str, event: dict[str, Any]) -> None:
+        """A presence or subscription event; a newer one from the same contact replaces it."""
+        self.notices.pop(key, None)
+        self.notices[key] = json.dumps(event)
+        if len(self.notices) > MAX_NOTICES:
+            dropped = next(iter(self.notices))
+            del self.notices[dropped]
+            log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
+        self.ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = True
+        self.ready.set()
+        self._close(code, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +159,8 @@ class Gateway(ComponentXMPP):
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
+        self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        store.batch_commits(self._schedule_commit)
         self.watch_interval = WATCH_INTERVAL
         self._watching: asyncio.TimerHandle | None = None
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
@@ -185,6 +219,9 @@ class Gateway(ComponentXMPP):
         self.cancel_connection_attempt()
         if self.transport is not None:
             await self.disconnect(wait=1.0)
+
+    def _schedule_commit(self) -> None:
+        self.loop.call_soon(self.commit_point)  # the batch ends with this event-loop turn
 
     def commit_point(self) -> None:
         """Make every store write the handlers have done so far durable, now.
@@ -258,24 +295,45 @@ class Gateway(ComponentXMPP):
             self._error(msg)
         elif decision is Decision.DELIVER and msg["type"] == "error":
             # RFC 6120 8.3: a bounce of something the user sent (e.g. the edge's
-            # <remote-server-not-found/>) - tell the user's open sockets; never store it.
-            self._push(user, error_event(msg))
+            # <remote-server-not-found/>): kept like a message, so a REST-only user reads it.
+            # If the inbox is full it is only logged: an error is never answered (8.3.1).
+            self._keep(user, "error", msg, error_event(msg), None)
         elif decision is Decision.DELIVER:
             self._deliver_message(user, msg)
 
     def _deliver_message(self, user: str, msg: Message) -> None:
-        resources = self.sessions.get(user)
-        if resources:
-            event = message_event(msg)
-            targets = [resources[msg["to"].resource]] if msg["to"].resource in resources \
-                else list(resources.values())
-            if any([session.push(event) for session in targets]):
-                return
-        if msg["type"] == "headline":
-            return  # RFC 6121 8.5.4: headlines to offline users are dropped
-        if msg["type"] == "groupchat" or not self.store.add_offline(
-                user, tostring(msg.xml, top_level=True)):
-            self._error(msg)  # 8.5.4: groupchat gets an error; a full offline store too
+        sessions = self.sessions.get(user)
+        if not sessions and msg["type"] == "headline":
+            return  # RFC 6121 8.5.2.2.1: headlines to a user with no resource are dropped
+        if not sessions and msg["type"] == "groupchat":
+            self._error(msg)  # 8.5.2.2.1: groupchat to a user with no resource: an error
+            return
+        resource = msg["to"].resource
+        if not self._keep(user, "message", msg, message_event(msg),
+                          resource if sessions and resource in sessions else None):
+            self._error(msg, "resource-constraint", "wait")  # RFC 6120 8.3.3.18
+
+    def _keep(self, user: str, kind: str, stanza: Any, event: dict[str, Any],
+              resource: str | None) -> bool:
+        """Store an event in the user's inbox and wake the sockets that may take it; False
+        (logged once per spell) when the inbox is at its limit."""
+        try:
+            self.store.add_event(user, kind, tostring(stanza.xml, top_level=True),
+                                 json.dumps(event), resource)
+        except InboxFull as exc:
+            self.refused[user] = self.refused.get(user, 0) + 1
+            if self.refused[user] == 1:
+                log.warning("inbox of %s@%s is full: %s; refusing what comes for it "
+                            "(messages bounce with <resource-constraint/>, bounces are "
+                            "dropped) until a client acknowledges", user, self.domain, exc)
+            return False
+        if user in self.refused:
+            log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
+                        user, self.domain, self.refused.pop(user))
+        sessions = self.sessions.get(user, {})
+        for session in [sessions[resource]] if resource else sessions.values():
+            session.ready.set()
+        return True
 
     # inbound: iq --------------------------------------------------------------------------------
 
@@ -417,20 +475,23 @@ class Gateway(ComponentXMPP):
         return pres
 
     def _push(self, user: str, event: dict[str, Any]) -> None:
-        for session in list(self.sessions.get(user, {}).values()):
-            session.push(event)
+        """A presence or subscription event to the user's sockets (not stored)."""
+        key = f"{event['event']} {event['from']}"
+        for session in self.sessions.get(user, {}).values():
+            session.notify(key, event)
 
     # local users: sessions ---------------------------------------------------------------------
 
-    def user_online(self, user: str, push: Push, close: CloseSocket | None = None,
-                    token_hash: str = "") -> str:
-        """A WebSocket opened: a new resource. Sends presence, probes, stored messages.
-        `close(code, reason)` closes the socket (user removed, token replaced); `token_hash`
-        is that of the token it was opened with."""
+    def user_online(self, user: str, close: CloseSocket | None = None,
+                    token_hash: str = "") -> Session:
+        """A WebSocket opened: a new resource. Sends presence and probes; the socket then
+        takes the stored events (`take_events`). `close(code, reason)` closes the socket (user
+        removed, token replaced); `token_hash` is that of the token it was opened with."""
         resource = "ws-" + secrets.token_hex(4)
         first = not self.sessions.get(user)
-        self.sessions.setdefault(user, {})[resource] = Session(
-            user, resource, push, close or (lambda code, reason: None), token_hash)
+        session = self.sessions.setdefault(user, {})[resource] = Session(
+            user, self.domain, resource, close or (lambda code, reason: None), token_hash,
+            self.store.last_event_id(user))
         self._watch()
         self._broadcast(user, resource)
         for contact in self.store.contacts(user):
@@ -439,21 +500,75 @@ class Gateway(ComponentXMPP):
                 self._try_emit(self.make_presence(pto=contact.jid, ptype="probe",
                                                   pfrom=f"{user}@{self.domain}"))
             if contact.state.pending_in:  # RFC 6121 3.1.3: redeliver open requests
-                push({"event": "subscription", "type": "subscribe", "from": contact.jid,
-                      "result": "waiting-for-approval", "status": None})
-        for stored in self.store.take_offline(user):
-            push(message_event(self.stanza_from_xml(stored.stanza), stamp=stored.stamp))
-        return resource
+                session.notify(f"subscription {contact.jid}", {
+                    "event": "subscription", "type": "subscribe", "from": contact.jid,
+                    "result": "waiting-for-approval", "status": None})
+        session.ready.set()  # the stored events
+        return session
 
-    def user_offline(self, user: str, resource: str) -> None:
+    def take_events(self, session: Session, limit: int = EVENT_BATCH) -> list[str]:
+        """The next events for the socket, as JSON texts: waiting notices, then up to `limit`
+        stored events in order, each with its `seq` (and `offline`, `stamp` if it was stored
+        before the socket opened). They stay stored until acknowledged."""
+        out = list(session.notices.values())
+        session.notices.clear()
+        rows = self.store.events(session.user, session.sent, session.resource, limit)
+        out += [self._event_text(row, row.id <= session.first_live) for row in rows]
+        if rows:
+            session.sent = rows[-1].id
+        if len(rows) < limit:  # all of them: later ids not for this resource need no look
+            session.sent = max(session.sent, self.store.last_event_id(session.user))
+        return out
+
+    def _event_text(self, row: StoredEvent, offline: bool) -> str:
+        body = row.event or json.dumps(message_event(self.stanza_from_xml(row.stanza)))
+        head = f'{{"seq": {row.id}, '
+        if offline:
+            head += f'"offline": true, "stamp": {json.dumps(row.stamp)}, '
+        return head + body[1:]
+
+    def ack(self, session: Session, upto: int) -> None:
+        """The client has every event up to `seq` upto that its socket was sent
+        (cumulative): they are deleted, except those another open socket of the user has not
+        been sent yet (it gets them; its own acknowledgement deletes them)."""
+        if upto > session.sent:
+            raise ValueError(f"ack {upto} is beyond the last event this socket was sent "
+                             f"({session.sent})")
+        if upto > session.acked:
+            session.acked = upto
+            self._delete_acked(session.user)
+
+    def _delete_acked(self, user: str) -> None:
+        sessions = list(self.sessions.get(user, {}).values())
+        for s in sessions:
+            if s.acked:
+                self.store.ack_events(user, min([s.acked, *(t.sent for t in sessions
+                                                             if t is not s)]), s.resource)
+
+    def read_inbox(self, user: str, after: int, limit: int) -> tuple[list[str], bool]:
+        """REST: up to `limit` stored events after seq `after`, and whether more follow."""
+        rows = self.store.events(user, after, None, limit + 1)
+        return [self._event_text(row, True) for row in rows[:limit]], len(rows) > limit
+
+    def ack_inbox(self, user: str, upto: int) -> int:
+        """REST: delete every stored event up to seq `upto`; how many went."""
+        return self.store.ack_events(user, upto, None)
+
+    def user_offline(self, session: Session) -> None:
         """A WebSocket closed: unavailable to subscribers and to everyone else this resource
-        sent presence to (directed presence, RFC 6121 4.6.3). A second call does nothing."""
-        session = self.sessions.get(user, {}).pop(resource, None)
-        if session is None:
+        sent presence to (directed presence, RFC 6121 4.6.3). What was stored for this
+        resource alone stays stored for the others. A second call does nothing."""
+        user, resource = session.user, session.resource
+        if self.sessions.get(user, {}).get(resource) is not session:
             return
-        if not self.sessions.get(user):
-            self.sessions.pop(user, None)
-        full = f"{user}@{self.domain}/{resource}"
+        del self.sessions[user][resource]
+        if not self.sessions[user]:
+            del self.sessions[user]
+        if self.store.release_resource(user, resource):
+            for other in self.sessions.get(user, {}).values():
+                other.ready.set()
+        self._delete_acked(user)
+        full = session.jid
         recipients = {c.jid for c in self.store.contacts(user) if c.state.contact_sees_user}
         recipients |= session.announced
         for jid in sorted(recipients):
@@ -464,7 +579,7 @@ class Gateway(ComponentXMPP):
         for session in list(self.sessions.get(user, {}).values()):
             log.info("closing %s@%s/%s: %s", user, self.domain, session.resource, why[1])
             session.close(*why)
-            self.user_offline(user, session.resource)
+            self.user_offline(session)
 
     def remove_user(self, user: str) -> bool:
         """Close the user's sockets and send unavailable first, then delete everything stored
@@ -675,14 +790,9 @@ class Gateway(ComponentXMPP):
         return self.store.remove_contact(user, jid.bare)
 
 
-def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
-    event: dict[str, Any] = {"event": "message", "from": str(msg["from"]), "to": str(msg["to"]),
-                             "id": msg["id"] or None, "type": msg["type"] or "normal",
-                             "body": msg["body"]}
-    if stamp is not None:
-        event["offline"] = True
-        event["stamp"] = stamp
-    return event
+def message_event(msg: Message) -> dict[str, Any]:
+    return {"event": "message", "from": str(msg["from"]), "to": str(msg["to"]),
+            "id": msg["id"] or None, "type": msg["type"] or "normal", "body": msg["body"]}
 
 
 def error_of(stanza: Any) -> tuple[str, str]:

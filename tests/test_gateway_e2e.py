@@ -297,17 +297,18 @@ async def test_offline_messages_are_kept_and_survive_a_gateway_restart(w):
                            {"to": "alice@fed.test", "body": "back"}, 202)
         got = await fed.expect("message", "chat", to="alice@fed.test")
         assert got["body"] == "back"
-        assert (await gw2.api.call("POST", "/api/v1/offline", token))["messages"] == []
+        assert (await gw2.api.call("GET", "/api/v1/inbox", token))["events"] == []
         await sock.close()
     assert not fed.got("message", "error") and not pv.got("message", "error")
 
 
 async def _stored(database: Path, count: int, timeout: float = 10.0) -> None:
-    """Wait until the SQLite file holds `count` offline messages (read on its own connection)."""
+    """Wait until the SQLite file holds `count` stored messages (read on its own connection:
+    committed)."""
     deadline = asyncio.get_running_loop().time() + timeout
     db = sqlite3.connect(database)
     try:
-        while db.execute("SELECT count(*) FROM offline").fetchone()[0] < count:
+        while db.execute("SELECT count(*) FROM inbox").fetchone()[0] < count:
             assert asyncio.get_running_loop().time() < deadline, "message not stored offline"
             await asyncio.sleep(0.05)
     finally:
