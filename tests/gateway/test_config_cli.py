@@ -152,3 +152,18 @@ def test_run_logs_a_clean_stop(tmp_path):
     assert proc.returncode == 0, "".join(lines) + rest
     assert "INFO gateway: gateway for contoso.test stopping" in rest
     assert "INFO gateway: gateway for contoso.test stopped" in rest
+
+
+def test_inbox_limits_default_generous_and_are_validated(tmp_path):
+    cfg = load_gateway_config(write(tmp_path, GOOD))
+    assert (cfg.inbox.messages, cfg.inbox.bytes) == (10_000, 64 * 1024 * 1024)
+    cfg = load_gateway_config(write(tmp_path, GOOD.replace(
+        'api_listen', 'offline_messages = 50000\noffline_bytes = 2097152\napi_listen')))
+    assert (cfg.inbox.messages, cfg.inbox.bytes) == (50_000, 2 * 1024 * 1024)
+    bad = GOOD.replace('api_listen', 'offline_messages = 0\noffline_bytes = true\napi_listen')
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(write(tmp_path, bad))
+    problems = "\n".join(info.value.problems)
+    assert "[gateway] offline_messages: must be an integer from 1 to" in problems
+    assert "[gateway] offline_bytes: must be an integer from 1048576" in problems
+    assert len(info.value.problems) == 2
