@@ -221,7 +221,14 @@ class Gateway(ComponentXMPP):
             await self.disconnect(wait=1.0)
 
     def _schedule_commit(self) -> None:
-        self.loop.call_soon(self.commit_point)  # the batch ends with this event-loop turn
+        self.loop.call_soon(self._commit_turn)  # the batch ends with this event-loop turn
+
+    def _commit_turn(self) -> None:
+        try:
+            self.commit_point()
+        except StoreError as exc:  # e.g. the disk is full: keep the batch, try again
+            log.error("%s; retrying in 1 s", exc)
+            self.loop.call_later(1.0, self._commit_turn)
 
     def commit_point(self) -> None:
         """Make every store write the handlers have done so far durable, now.
@@ -229,7 +236,10 @@ class Gateway(ComponentXMPP):
         The component link calls this before it acknowledges inbound stanzas to the edge
         (XEP-0198 <a h=''/>): everything a handler stored for a stanza (a message for a local
         user, a bounce, a contact's new state) is then on disk, so an acknowledged stanza
-        survives a gateway crash. The store otherwise commits once per event-loop turn.
+        survives a gateway crash. The store otherwise commits once per event-loop turn (the
+        first write of a turn opens the batch). Cheap when nothing is pending. Raises
+        StoreError if the commit fails: then acknowledge nothing (the batch stays open and is
+        retried).
         """
         self.store.commit()
 

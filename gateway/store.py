@@ -273,7 +273,10 @@ class SqliteStore:
     def commit(self) -> None:
         """End the open batch (if any): its writes are then durable."""
         if not self._closed and self._db.in_transaction:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self.commit()
