@@ -328,8 +328,8 @@ class Gateway(ComponentXMPP):
         """Store an event in the user's inbox and wake the sockets that may take it; False
         (logged once per spell) when the inbox is at its limit."""
         try:
-            self.store.add_event(user, kind, tostring(stanza.xml, top_level=True),
-                                 json.dumps(event), resource)
+            self.store.add_event(user, kind, serialize(stanza.xml), json.dumps(event),
+                                 resource)
         except InboxFull as exc:
             self.refused[user] = self.refused.get(user, 0) + 1
             if self.refused[user] == 1:
@@ -798,6 +798,15 @@ class Gateway(ComponentXMPP):
             self._subscription(user, jid, Kind.UNSUBSCRIBE)
             self._subscription(user, jid, Kind.UNSUBSCRIBED)
         return self.store.remove_contact(user, jid.bare)
+
+
+def serialize(element: ET.Element) -> str:
+    """A stanza as text, in jabber:component:accept as the default namespace (ElementTree's C
+    serializer; slixmpp's pure-Python tostring cost a fifth of the inbound path)."""
+    try:
+        return ET.tostring(element, encoding="unicode", default_namespace=NS)
+    except ValueError:  # an element without a namespace somewhere inside
+        return str(tostring(element, top_level=True))
 
 
 def message_event(msg: Message) -> dict[str, Any]:

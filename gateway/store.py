@@ -365,26 +365,29 @@ class SqliteStore:
     def add_event(self, user: str, kind: str, stanza: str, event: str,
                   resource: str | None = None) -> int:
         """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit."""
+        size = len(stanza.encode())
+        self._write()
+        # One statement in the common case: the row goes in only if the limits allow it.
+        cur = self._db.execute(
+            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
+            "SELECT name, ?, ?, ?, ?, ?, ? FROM users WHERE name = ? AND inbox_count < ? "
+            "AND inbox_bytes + ? <= ?",
+            (kind, resource, stanza, event, size, time.time(), user, self.limits.messages,
+             size, self.limits.bytes))
+        if cur.rowcount == 1:
+            assert cur.lastrowid is not None
+            return cur.lastrowid
         row = self._db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = ?",
                                (user,)).fetchone()
         if row is None:
             raise StoreError(f"no user named {user!r}")
-        size = len(stanza.encode())
         count, used = row
         if count >= self.limits.messages:
             raise InboxFull(f"{user} has {count} unacknowledged messages and bounces (limit "
                             f"{self.limits.messages}, [gateway] offline_messages)")
-        if used + size > self.limits.bytes:
-            raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
-                            f"{size} more would pass the limit of {self.limits.bytes} "
-                            "([gateway] offline_bytes)")
-        self._write()
-        cur = self._db.execute(
-            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (user, kind, resource, stanza, event, size,
-                                             time.time()))
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
+                        f"{size} more would pass the limit of {self.limits.bytes} "
+                        "([gateway] offline_bytes)")
 
     def events(self, user: str, after: int, resource: str | None,
                limit: int) -> list[StoredEvent]:
