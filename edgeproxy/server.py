@@ -585,8 +585,9 @@ class ComponentConnection(StreamConnection):
     def on_lost(self, reason: str) -> None:
         self._cancel_plain()
         if self.machine.authenticated:
-            level = logging.INFO if self.link is not None else logging.WARNING
-            log.log(level, "component for %s disconnected: %s%s", self.machine.domain, reason,
+            clean = self.machine.closed or self.link is not None  # closed = it said goodbye
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "component for %s disconnected: %s%s", self.machine.domain, reason,
                     f" ({self.edge.router.relay.unacked(self.machine.domain)} stanza(s) "
                     "unacknowledged, kept for its return)" if self.link is not None else "")
             self.edge.router.component_down(self.machine.domain, self)

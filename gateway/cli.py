@@ -1,5 +1,5 @@
-"""Command line: `gateway run | healthcheck | user add NAME | user list | user remove NAME`, all
-with -c FILE."""
+"""Command line: `gateway run | healthcheck | user add NAME | user list | user remove NAME |
+user token NAME`, all with -c FILE."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     from .api import make_app
     from .component import Gateway
 
-    store = SqliteStore(cfg.database)
+    store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
     runner = web.AppRunner(make_app(gateway, cfg.admin_token))
@@ -38,11 +38,14 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     sdnotify.notify("READY=1", f"STATUS=API on {cfg.api_host}:{cfg.api_port}")
     try:
         await stop.wait()
+        log.info("gateway for %s stopping: closing the users' sockets and the link to the edge",
+                 cfg.domain)
     finally:
         sdnotify.notify("STOPPING=1")
         await runner.cleanup()
         await gateway.close()
         store.close()
+    log.info("gateway for %s stopped", cfg.domain)
 
 
 def _run(cfg: GatewayConfig) -> int:
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     user_sub = user.add_subparsers(dest="action", required=True)
     for action, text in (("add", "create a user and print its API token"),
                          ("remove", "delete a user and everything stored for it"),
+                         ("token", "give a user a new API token (the old one stops working)"),
                          ("list", "list the users")):
         p = user_sub.add_parser(action, help=text)
         if action != "list":
@@ -144,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             token = store.add_user(args.name)
             print(f"created {args.name}@{cfg.domain}; API token (shown only once):")
             print(token)
+        elif args.action == "token":
+            # A running gateway notices within a second and closes the old token's sockets.
+            token = store.set_token(args.name)
+            print(f"new API token for {args.name}@{cfg.domain} (shown only once; the old one "
+                  "no longer works):")
+            print(token)
         elif not store.remove_user(args.name):
             print(f"error: no user named {args.name!r}", file=sys.stderr)
             return 1
         else:
             print(f"removed {args.name}@{cfg.domain}")
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -64,15 +64,25 @@ class MessageStatus:
 
 
 class Outbound:
-    """The outbox and the link's XEP-0198 counters, on their own SQLite connection (WAL) to the
-    gateway's database file."""
+    """The outbox and the link's XEP-0198 counters, in the gateway's SQLite database.
 
-    def __init__(self, path: str | Path, limit: int = DEFAULT_OUTBOX_LIMIT):
+    Give it the store's own connection: SQLite has one writer, and the h recorded for an inbound
+    stanza must be committed in the same transaction as what its handler stored (the store's
+    batch of the event-loop turn), so that a killed gateway resumes with a count that matches
+    its store exactly. A path opens a connection of its own (tests, tools)."""
+
+    def __init__(self, db: sqlite3.Connection | str | Path, limit: int = DEFAULT_OUTBOX_LIMIT):
         self.limit = limit
-        self._db = sqlite3.connect(str(path), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._own = not isinstance(db, sqlite3.Connection)
+        if isinstance(db, sqlite3.Connection):
+            self._db = db
+        else:
+            self._db = sqlite3.connect(str(db), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT a batch
+            if statement.strip():
+                self._db.execute(statement)
         state = dict(self._db.execute("SELECT key, value FROM link_state"))
         self.link_id: str | None = state.get("link_id")
         self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
@@ -80,7 +90,8 @@ class Outbound:
         self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        if self._own:
+            self._db.close()
 
     # -- rows --------------------------------------------------------------------------------------
     def add(self, stanza: str, *, user: str | None = None, msg_id: str | None = None,
@@ -142,7 +153,8 @@ class Outbound:
         self.sent.rewind()
 
     def handled(self) -> None:
-        """One more of the edge's stanzas is committed: our h, kept for a resumption."""
+        """One more of the edge's stanzas is handled: our h, written in the same transaction as
+        what the handler stored (the caller commits both before its next <a h=''/>)."""
         self.inbox.handled()
         self._save(h_in=str(self.inbox.h))
 

@@ -58,7 +58,8 @@ async def until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
 def offline_bodies(gw: RunningGateway, user: str = "bob") -> list[str]:
     db = gw.store._db  # the test reads the real file's rows; nothing is taken
     return [row[0] for row in db.execute(
-        "SELECT stanza FROM offline WHERE user = ? ORDER BY id", (user,))]
+        "SELECT stanza FROM inbox WHERE user = ? AND kind = 'message' ORDER BY id",
+        (user,))]
 
 
 def numbers(texts: list[str], tag: str) -> list[int]:

@@ -8,6 +8,7 @@ overriding XMLStream.send. End-to-end tests through the edge and Prosody come af
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from edgeproxy.partners import Partner, PartnerTable, PartnerType
 from gateway.api import make_app
-from gateway.component import Gateway
+from gateway.component import Gateway, Session
 from gateway.store import SqliteStore
 
 DOMAIN = "contoso.test"
@@ -86,13 +87,19 @@ async def gw(store):
 
 
 class Events(list):
-    """A user's WebSocket stand-in: collects the pushed events."""
+    """A user's WebSocket stand-in: takes the session's events as the socket's pump does."""
 
-    def push(self, event: dict) -> bool:
-        self.append(event)
-        return True
+    def __init__(self, gw: Gateway, session: Session):
+        super().__init__()
+        self.gw, self.session = gw, session
+
+    def take(self) -> list[dict]:
+        new = [json.loads(t) for t in self.gw.take_events(self.session, 1 << 30)]
+        self.extend(new)
+        return new
 
     def of(self, event: str) -> list[dict]:
+        self.take()
         return [e for e in self if e["event"] == event]
 
 
