@@ -867,6 +867,9 @@ class Router:
     # carrying out the relay's actions ----------------------------------------------------------
     def _apply(self) -> None:
         for action in self.relay.actions():
+            if type(action) is Write:  # the hot path, first
+                action.link.relay_write(action.data)  # type: ignore[attr-defined]
+                continue
             match action:
                 case Write(link, data):
                     assert isinstance(link, StreamConnection)
@@ -884,7 +887,9 @@ class Router:
                     link.resume_reading()
                 case _:
                     assert_never(action)
-        self._arm()
+        if self.relay.timers_changed:
+            self.relay.timers_changed = False
+            self._arm()
 
     def _arm(self) -> None:
         deadline = self.relay.next_deadline()
