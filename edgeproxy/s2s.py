@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -166,6 +167,24 @@ class S2sContext:
     has_certificate: bool
 
 
+_VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
+
+
+def answer_version(offered: str | None) -> str | None:
+    """The version for our response header (RFC 6120 4.7.5): none to a peer that sent none
+    (RFC 3920-era), the peer's own when it is below 1.0 (the lower one wins), else 1.0.
+
+    ValueError when `offered` is not "major.minor" (4.7.5: two integers; leading zeros ignored).
+    """
+    if offered is None:
+        return None
+    m = _VERSION.fullmatch(offered)
+    if m is None:
+        raise ValueError(f"version {offered!r} is not of the form major.minor")
+    major, minor = int(m[1]), int(m[2])
+    return "1.0" if major >= 1 else f"{major}.{minor}"
+
+
 def _features(*children: str) -> bytes:
     return (f"<stream:features>{''.join(children)}</stream:features>").encode()
 
@@ -233,7 +252,7 @@ class InboundS2s:
     sasl_attempts: int = 0
     verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
     pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
-    header_sent: bool = False
+    header_sent: bool = False  # our response header for the current stream (RFC 6120 4.7)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -262,6 +281,7 @@ class InboundS2s:
         self.tls = True
         self.cert_check = cert_check
         self.state = InState.WAIT_HEADER
+        self.header_sent = False
         return []
 
     def dialback_result(self, local: str, remote: str, outcome: str) -> list[Action]:
@@ -290,11 +310,18 @@ class InboundS2s:
         self.header_from = frm.lower().rstrip(".") if frm else None
         first_local = sorted(self.ctx.local_domains)[0]
         self.local = to if to in self.ctx.local_domains else first_local
+        try:
+            version = answer_version(ev.attrs.get("version"))
+        except ValueError as exc:
+            version, bad_version = "1.0", str(exc)
+        else:
+            bad_version = ""
         header = stream_header(content_ns=NS_SERVER, from_=self.local, to=self.header_from,
-                               id_=self.stream_id, dialback=True,
-                               version="1.0" if ev.attrs.get("version") else None)
+                               id_=self.stream_id, dialback=True, version=version)
         self.header_sent = True
         out: list[Action] = [Send(header)]
+        if bad_version:
+            return out + self._close(bad_version, "unsupported-version")
         if ev.default_ns != NS_SERVER:
             return out + self._close(f"content namespace {ev.default_ns!r} is not jabber:server",
                                      "invalid-namespace")
@@ -306,8 +333,9 @@ class InboundS2s:
                 return out + self._close(
                     f"{self.header_from} is not a federation partner of {self.local}",
                     "policy-violation")
-        if not ev.attrs.get("version"):
-            # RFC 3920-era peer: no stream features; only dialback can authenticate it.
+        if version != "1.0":
+            # Pre-1.0 peer (RFC 6120 4.7.5): no stream features; only dialback can
+            # authenticate it.
             self.state = InState.NEGOTIATING
             return out
         self.state = InState.NEGOTIATING
@@ -316,6 +344,7 @@ class InboundS2s:
     def _features(self) -> list[Action]:
         p = self.partner
         if self.sasl_done:
+            self.offered_external = False  # RFC 6120 6.4.6: no SASL after <success/>
             return [Send(_features())]
         if not self.tls:
             offer_tls = self.ctx.has_certificate and (
@@ -358,6 +387,7 @@ class InboundS2s:
             return [Send(f"<failure xmlns='{NS_TLS}'/>".encode())] + self._close(
                 f"refused STARTTLS: {reason}", None)
         self.state = InState.WAIT_HEADER
+        self.header_sent = False  # the pre-TLS stream is gone (RFC 6120 5.4.3.3)
         return [Send(f"<proceed xmlns='{NS_TLS}'/>".encode()), StartTls()]
 
     # -- SASL EXTERNAL (RFC 6120 6, XEP-0178) ----------------------------------------------------
@@ -366,6 +396,8 @@ class InboundS2s:
         self.sasl_attempts += 1
         if self.sasl_attempts > MAX_SASL_ATTEMPTS:
             return self._close("too many SASL attempts", "policy-violation")
+        if self.sasl_done:  # RFC 6120 6.4.6: SASL happens once per stream pair
+            return self._close("SASL already succeeded on this stream", "policy-violation")
         if el.attrs.get("mechanism") != "EXTERNAL" or not self.offered_external:
             return [Send(_sasl_failure("invalid-mechanism"))]
         assert self.header_from is not None and self.cert_check is not None
@@ -384,6 +416,7 @@ class InboundS2s:
             return [Send(_sasl_failure("not-authorized"))]
         self.sasl_done = True
         self.state = InState.WAIT_HEADER
+        self.header_sent = False
         out = self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
                           "sasl-external", notify=False)
         return out + [Send(f"<success xmlns='{NS_SASL}'/>".encode()), RestartStream()]
@@ -573,7 +606,11 @@ class OutboundS2s:
             if event.default_ns != NS_SERVER:
                 return self._fail(f"{self.remote} answered with content namespace "
                                   f"{event.default_ns!r}")
-            if not event.attrs.get("version"):  # pre-1.0 peer: no features, dialback only
+            try:
+                version = answer_version(event.attrs.get("version"))
+            except ValueError as exc:
+                return self._fail(f"{self.remote} answered with {exc}")
+            if version != "1.0":  # pre-1.0 peer (RFC 6120 4.7.5): no features, dialback only
                 self.ready_for_db = True
                 return self._authenticate(None) + self._flush_verifies()
             self.state = OutState.WAIT_FEATURES

@@ -28,7 +28,6 @@ from .s2s import (
     DialbackVerify,
     DialbackVerifyAnswer,
     InboundS2s,
-    InState,
     OutboundS2s,
     RestartStream,
     S2sContext,
@@ -208,7 +207,7 @@ class StreamConnection(asyncio.Protocol):
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
                 f" (<{action.condition}/>)" if action.condition else "")
         if action.condition:
-            self.send(stream_error(action.condition, action.reason))
+            self.send(self.error_preamble() + stream_error(action.condition, action.reason))
         else:
             self.send(b"</stream:stream>")
         self.close_soon()
@@ -321,7 +320,8 @@ class InboundConnection(StreamConnection):
 
     def make_tls(self) -> TlsSession:
         assert self.edge.tls_contexts is not None
-        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None)
+        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None,
+                                 direct_tls=self.direct_tls)
 
     def on_tls_ready(self) -> Sequence[object]:
         assert self.tls is not None
@@ -337,7 +337,7 @@ class InboundConnection(StreamConnection):
         return self.machine.receive(event)  # type: ignore[arg-type]
 
     def error_preamble(self) -> bytes:
-        if self.machine.state is not InState.WAIT_HEADER:
+        if self.machine.header_sent:
             return b""
         return stream_header(content_ns=NS_SERVER, from_=sorted(self.edge.local_domains)[0],
                              id_=new_stream_id(), dialback=True)

@@ -30,6 +30,7 @@ from edgeproxy.xmlstream import (
     XmlStreamParser,
     escape_attr,
     escape_text,
+    is_language_tag,
     stanza_error,
     stream_error,
     stream_header,
@@ -723,6 +724,27 @@ def test_forwarding_keeps_the_stanza_language_and_adds_none_for_ours() -> None:
     no_lang = HEADER.replace(b" xml:lang='en'", b"")
     (el,) = elements(XmlStreamParser().feed(no_lang + MESSAGE))
     assert el.forwardable() is el.raw
+
+
+@pytest.mark.parametrize("lang", ["!!bogus language!!", "en_US", "de-", "x", "' onload='x"])
+def test_an_invalid_stream_language_is_ignored_not_forwarded(lang: str) -> None:
+    """RFC 6120 4.7.4: xml:lang is a BCP 47 tag (RFC 5646); an invalid one is not the
+    stream's language, so it must not be stamped on forwarded stanzas."""
+    header = HEADER.replace(b"xml:lang='en'", f"xml:lang='{escape_attr(lang)}'".encode())
+    events = XmlStreamParser().feed(header + MESSAGE)
+    assert isinstance(events[0], StreamOpened) and events[0].attrs["xml:lang"] == lang
+    (el,) = elements(events)
+    assert el.forwardable() is el.raw
+
+
+@pytest.mark.parametrize("tag,valid", [
+    ("en", True), ("de-CH-1901", True), ("zh-Hant-TW", True), ("es-419", True),
+    ("sr-Latn-RS", True), ("en-US-x-twain", True), ("x-klingon", True), ("i-klingon", True),
+    ("en-a-bbb-x-a", True), ("", False), ("e", False), ("en--us", False), ("en_US", False),
+    ("toolonglanguage", False), ("en-x", False), ("1en", False),
+])
+def test_language_tag_syntax_follows_rfc_5646(tag: str, valid: bool) -> None:
+    assert is_language_tag(tag) is valid
 
 
 def parse_stanza(raw: bytes) -> Element:
