@@ -38,7 +38,6 @@ from .s2s import (
 from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
-    NS_SERVER,
     Element,
     XmlStreamError,
     XmlStreamParser,
@@ -337,10 +336,7 @@ class InboundConnection(StreamConnection):
         return self.machine.receive(event)  # type: ignore[arg-type]
 
     def error_preamble(self) -> bytes:
-        if self.machine.header_sent:
-            return b""
-        return stream_header(content_ns=NS_SERVER, from_=sorted(self.edge.local_domains)[0],
-                             id_=new_stream_id(), dialback=True)
+        return self.machine.error_preamble()
 
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
