@@ -161,6 +161,15 @@ Action = Send | StartTls | RestartStream | Authenticated | DialbackVerify | Dial
     | Deliver | Close
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The stream timers, in seconds (Lync StreamEstablishmentTimeout and friends, SPEC 4.8)."""
+
+    establishment: float = 60.0  # header to authenticated
+    inactivity: float = 600.0  # no stanza or negotiation data in either direction
+    keepalive: float = 60.0  # RFC 6120 4.6.1: whitespace after this long without sending
+
+
 @dataclass(slots=True)
 class S2sContext:
     """What the negotiation needs from the edge's configuration (no I/O)."""
@@ -169,6 +178,59 @@ class S2sContext:
     partners: PartnerTable
     keys: DialbackKeys
     has_certificate: bool
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+class Timer(Enum):
+    ESTABLISHMENT = auto()
+    INACTIVITY = auto()
+    KEEPALIVE = auto()
+
+
+@dataclass(slots=True)
+class StreamTimers:
+    """When each timer of one stream falls due, on the clock the shell injects (aioquic's
+    `get_timer()`): the machines answer `next_deadline()` and act in `handle_timer(now)`."""
+
+    timeouts: Timeouts
+    created: float = 0.0
+    last_activity: float = 0.0  # stanzas and negotiation data either way, not keepalives
+    last_sent: float = 0.0  # anything, keepalives included
+
+    def received(self, now: float, whitespace_only: bool) -> None:
+        if not whitespace_only:
+            self.last_activity = now
+
+    def sent(self, now: float, keepalive: bool = False) -> None:
+        self.last_sent = now
+        if not keepalive:
+            self.last_activity = now
+
+    def deadlines(self, authenticated: bool, keepalive: bool) -> list[tuple[float, Timer]]:
+        t = self.timeouts
+        out = [(self.last_activity + t.inactivity, Timer.INACTIVITY)]
+        if not authenticated:
+            out.append((self.created + t.establishment, Timer.ESTABLISHMENT))
+        elif keepalive:
+            out.append((self.last_sent + t.keepalive, Timer.KEEPALIVE))
+        return out
+
+    def due(self, now: float, authenticated: bool, keepalive: bool) -> Timer | None:
+        """The timer to act on at `now`, establishment first (it is the stricter one)."""
+        due = [timer for at, timer in self.deadlines(authenticated, keepalive) if now >= at]
+        return min(due, key=lambda timer: timer.value) if due else None
+
+
+def _timer_actions(machine: InboundS2s | OutboundS2s, timer: Timer | None) -> list[Action]:
+    t = machine.ctx.timeouts
+    if timer is Timer.ESTABLISHMENT:
+        return machine.fail("connection-timeout",
+                            f"stream not established within {t.establishment:g} s")
+    if timer is Timer.INACTIVITY:  # RFC 6120 4.6.3: a plain close, not an error
+        return machine.quiet_close(f"no traffic for {t.inactivity:g} s")
+    if timer is Timer.KEEPALIVE:
+        return [Send(b" ")]  # RFC 6120 4.6.1 whitespace keepalive
+    return []
 
 
 _VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
@@ -284,6 +346,31 @@ class InboundS2s:
     sasl_attempts: int = 0
     verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
     pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
+    created: float = 0.0  # on the shell's clock
+    timers: StreamTimers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timers = StreamTimers(self.ctx.timeouts, self.created, self.created, self.created)
+
+    # -- deadlines (the shell arms one timer at next_deadline() and calls handle_timer) --------
+
+    def keepalive(self) -> bool:
+        lookup = self.ctx.partners.lookup
+        return any(p.keepalive for p in (lookup(remote) for _, remote in self.verified) if p)
+
+    def next_deadline(self) -> float | None:
+        if self.state is InState.CLOSED:
+            return None
+        return min(self.timers.deadlines(bool(self.verified), self.keepalive()))[0]
+
+    def handle_timer(self, now: float) -> list[Action]:
+        if self.state is InState.CLOSED:
+            return []
+        timer = self.timers.due(now, bool(self.verified), self.keepalive())
+        out = _timer_actions(self, timer)
+        if timer is Timer.KEEPALIVE:
+            self.timers.sent(now, keepalive=True)
+        return out
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -307,6 +394,13 @@ class InboundS2s:
         if self.state is InState.CLOSED:
             return []
         return self._close(text, condition)
+
+    def quiet_close(self, reason: str) -> list[Action]:
+        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
+        if self.state is InState.CLOSED:
+            return []
+        self.state = InState.CLOSED
+        return [Close(reason, None, failed=False)]
 
     def error_preamble(self) -> bytes:
         """Our stream header when the current stream has none from us yet (RFC 6120 4.9.1.2)."""
@@ -642,6 +736,38 @@ class OutboundS2s:
     verifies: list[tuple[str, str, str, str]] = field(default_factory=list)  # not yet sent
     sent_verifies: set[tuple[str, str, str]] = field(default_factory=set)
     tried: list[str] = field(default_factory=list)
+    created: float = 0.0  # on the shell's clock
+    timers: StreamTimers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timers = StreamTimers(self.ctx.timeouts, self.created, self.created, self.created)
+
+    def next_deadline(self) -> float | None:
+        if self.state is OutState.CLOSED:
+            return None
+        return min(self.timers.deadlines(self.authenticated, self.partner.keepalive))[0]
+
+    def handle_timer(self, now: float) -> list[Action]:
+        if self.state is OutState.CLOSED:
+            return []
+        timer = self.timers.due(now, self.authenticated, self.partner.keepalive)
+        out = _timer_actions(self, timer)
+        if timer is Timer.KEEPALIVE:
+            self.timers.sent(now, keepalive=True)
+        return out
+
+    def fail(self, condition: str, text: str) -> list[Action]:
+        """The stream below the machine failed (bad XML, a limit, a timer): close."""
+        if self.state is OutState.CLOSED:
+            return []
+        return self._fail(text, condition=condition)
+
+    def quiet_close(self, reason: str) -> list[Action]:
+        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
+        if self.state is OutState.CLOSED:
+            return []
+        self.state = OutState.CLOSED
+        return [Close(reason, None, failed=False)]
 
     @property
     def authenticated(self) -> bool:

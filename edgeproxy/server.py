@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from .s2s import (
     S2sContext,
     Send,
     StartTls,
+    StreamTimers,
+    Timeouts,
     jid_domain,
 )
 from .tls import TlsContexts, TlsError, TlsSession
@@ -72,10 +75,11 @@ class StreamConnection(asyncio.Protocol):
         self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
-        self.last_sent = self.created  # anything, keepalives included
-        # the last stanza or negotiation data in either direction (not whitespace keepalives):
-        # outbound streams receive next to nothing, so inactivity cannot be "nothing received"
-        self.last_activity = self.created
+        # The machine's timers (None: the component link): fed with what is received and sent.
+        # Outbound streams receive next to nothing, so inactivity counts both directions.
+        self.timers: StreamTimers | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._start_tls = False
         self._restart = False
         self._out: list[bytes] = []
@@ -107,6 +111,39 @@ class StreamConnection(asyncio.Protocol):
         RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
         return b""
 
+    def next_deadline(self) -> float | None:
+        """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
+        return None
+
+    def handle_timer(self, now: float) -> Sequence[object]:
+        return []
+
+    # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
+    def arm_timer(self) -> None:
+        """Arm the loop timer for the next deadline when it is earlier than the one armed.
+        Activity only moves deadlines later, so a timer that fires early just re-arms."""
+        if self.closing:
+            return
+        deadline = self.next_deadline()
+        if deadline is None or deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
+                                   self.timer_fired)
+
+    def timer_fired(self) -> None:
+        """The loop timer's callback (tests on a fake clock call it after advancing it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        if self.closing:
+            return
+        self.run(self.handle_timer(self.edge.clock()))
+        self.arm_timer()
+
     # -- asyncio -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -115,13 +152,21 @@ class StreamConnection(asyncio.Protocol):
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         self.edge.connections.add(self)
+        self.arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connections.discard(self)
         self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
 
     def data_received(self, data: bytes) -> None:
+        self._data_received(data)
+        self.arm_timer()
+
+    def _data_received(self, data: bytes) -> None:
         if self.closing:
             return
         if self.tls is None:
@@ -146,8 +191,8 @@ class StreamConnection(asyncio.Protocol):
             self.abort("peer closed TLS")
 
     def feed(self, data: bytes) -> None:
-        if not data.isspace():
-            self.last_activity = self.edge.clock()
+        if self.timers is not None:
+            self.timers.received(self.edge.clock(), data.isspace())
         try:
             events = self.parser.feed(data)
             while True:
@@ -165,7 +210,7 @@ class StreamConnection(asyncio.Protocol):
                     self.tls = self.make_tls()
                     self._flush_tls()
                     if leftover:  # bytes that came in the same read as <starttls/>/<proceed/>
-                        self.data_received(leftover)
+                        self._data_received(leftover)
                     return
                 if self._restart:
                     self._restart = False
@@ -217,9 +262,8 @@ class StreamConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self.last_sent = self.edge.clock()
-        if data != b" ":
-            self.last_activity = self.last_sent
+        if self.timers is not None:
+            self.timers.sent(self.edge.clock(), keepalive=data == b" ")
         self._out.append(data)
         if len(self._out) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -274,29 +318,14 @@ class StreamConnection(asyncio.Protocol):
             self.send(b"</stream:stream>")
             self.close_soon()
 
-    def check_timers(self, now: float) -> None:
-        cfg = self.edge.cfg
-        if self.closing:
-            return
-        if not self.is_authenticated() and now - self.created > cfg.stream_establishment_timeout:
-            self.on_close(Close(f"stream not established within "
-                                f"{cfg.stream_establishment_timeout:g} s", "connection-timeout"))
-        elif now - self.last_activity > cfg.stream_inactivity_timeout:
-            self.graceful_close(f"no traffic for {cfg.stream_inactivity_timeout:g} s")
-        elif (self.is_authenticated() and self.keepalive()
-              and now - self.last_sent > cfg.keepalive_interval):
-            self.send(b" ")  # RFC 6120 4.6.1 whitespace keepalive
-
-    def keepalive(self) -> bool:
-        return False
-
 
 class InboundConnection(StreamConnection):
     kind = "inbound"
 
     def __init__(self, edge: Edge, direct_tls: bool = False):
         super().__init__(edge)
-        self.machine = InboundS2s(edge.s2s_ctx)
+        self.machine = InboundS2s(edge.s2s_ctx, created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
 
@@ -341,8 +370,11 @@ class InboundConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
 
-    def keepalive(self) -> bool:
-        return any(p.keepalive for p in map(self.edge.cfg.partners.lookup, self.partners) if p)
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
+
+    def handle_timer(self, now: float) -> Sequence[object]:
+        return self.machine.handle_timer(now)
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, Deliver):
@@ -367,6 +399,7 @@ class InboundConnection(StreamConnection):
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
             self.run(self.machine.dialback_result(local, remote, outcome))
+            self.arm_timer()  # authenticated now: the keepalive deadline replaces establishment
 
 
 class ComponentConnection(StreamConnection):
@@ -395,10 +428,16 @@ class ComponentConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def check_timers(self, now: float) -> None:  # the gateway link idles freely
-        if not self.is_authenticated() and not self.closing and \
-                now - self.created > self.edge.cfg.stream_establishment_timeout:
-            self.on_close(Close("component handshake not done in time", "connection-timeout"))
+    def next_deadline(self) -> float | None:  # the gateway link idles freely once up
+        if self.is_authenticated():
+            return None
+        return self.created + self.edge.cfg.stream_establishment_timeout
+
+    def handle_timer(self, now: float) -> Sequence[object]:
+        deadline = self.next_deadline()
+        if deadline is None or now < deadline:
+            return []
+        return [Close("component handshake not done in time", "connection-timeout")]
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, ComponentAuthenticated):
@@ -421,7 +460,9 @@ class OutboundConnection(StreamConnection):
     def __init__(self, edge: Edge, session: OutboundSession, direct_tls: bool):
         super().__init__(edge)
         self.session = session
-        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner)
+        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner,
+                                   created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -453,8 +494,11 @@ class OutboundConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def keepalive(self) -> bool:
-        return self.session.partner.keepalive
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
+
+    def handle_timer(self, now: float) -> Sequence[object]:
+        return self.machine.handle_timer(now)
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, Authenticated):
@@ -714,7 +758,9 @@ class Edge:
                              if cfg.certificate and cfg.private_key else None)
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.s2s_ctx = S2sContext(self.local_domains, cfg.partners,
-                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None)
+                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None,
+                                  Timeouts(cfg.stream_establishment_timeout,
+                                           cfg.stream_inactivity_timeout, cfg.keepalive_interval))
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
         self.router = Router(self)
         self.connections: set[StreamConnection] = set()
@@ -747,10 +793,7 @@ class Edge:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            now = self.clock()
-            for c in list(self.connections):
-                c.check_timers(now)
-            self.router.expire(now)
+            self.router.expire(self.clock())  # streams arm their own timers (arm_timer)
 
     async def stop(self) -> None:
         for s in self.servers:

@@ -186,6 +186,14 @@ class Peer:
             await self.closed(timeout)
             return cond, text
 
+    async def read_bytes(self, timeout: float = 5.0) -> bytes:
+        """The next bytes the edge sends, events or not (whitespace keepalives make none)."""
+        before = len(self.received)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.received) == before and not self.eof:
+            await self._read(deadline)
+        return bytes(self.received[before:])
+
     async def closed(self, timeout: float = 5.0) -> None:
         """Wait for TCP EOF; nothing more may arrive after the stream was closed."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -277,12 +285,30 @@ def partner(domain: str, policy: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return {"domain": domain, **policy, "proxy_fqdn": f"{AUTH_IP}:{S2S}", **kw}
 
 
+class FakeClock:
+    """The edge's injected clock: time moves only when a test says so (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Harness:
     def __init__(self, tmp: Path, auth: Authoritative):
         self.tmp, self.auth = tmp, auth
         self.peers: list[Peer] = []
         self.edge: Edge | None = None
         self.component: Component | None = None
+        self.clock = FakeClock()
+
+    def advance(self, seconds: float) -> None:
+        """Move the edge's clock on and fire every stream's timer, as loop.call_at would."""
+        assert self.edge is not None
+        self.clock.now += seconds
+        for c in list(self.edge.connections):
+            c.timer_fired()
 
     @contextlib.asynccontextmanager
     async def edge_running(self, fab_policy: dict[str, Any] | None = TCP_DIALBACK,
@@ -292,7 +318,7 @@ class Harness:
         if fab_policy is not None:
             partners.append(partner(FAB, fab_policy, **(fab_extra or {})))
         cfg = edge_config(self.tmp / "edge", CONTOSO, EDGE_IP, CA, partners, **edge)
-        self.edge = Edge(cfg)
+        self.edge = Edge(cfg, clock=self.clock)
         await self.edge.start()
         try:
             yield self.edge
@@ -307,6 +333,13 @@ class Harness:
         p = await Peer.connect(port)
         self.peers.append(p)
         return p
+
+    async def accepted(self, p: Peer) -> None:
+        """Wait until the edge has accepted `p`'s connection (before driving its timers)."""
+        host, port = p.writer.get_extra_info("sockname")[:2]
+        assert self.edge is not None
+        edge = self.edge
+        await wait_for(lambda: any(c.peer == f"{host}:{port}" for c in edge.connections))
 
     async def authenticated(self, frm: str = FAB) -> Peer:
         """A plain-TCP stream authenticated by dialback for (contoso, frm)."""

@@ -9,8 +9,6 @@ in tests/test_hostile_*.py.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -397,13 +395,17 @@ async def test_per_partner_connection_limit_overrides_edge_default(h: Harness) -
 
 
 async def test_stream_establishment_timeout_gets_connection_timeout(h: Harness) -> None:
-    async with h.edge_running(stream_establishment_timeout=1):
+    """Lync StreamEstablishmentTimeout (SPEC 4.8) on the fake clock: alive just before the
+    deadline, <connection-timeout/> (RFC 6120 4.9.3.4) once it passes."""
+    async with h.edge_running(stream_establishment_timeout=60):
         p = await h.peer()
         await p.open(FAB, CONTOSO)
-        started = asyncio.get_running_loop().time()
-        cond, text = await p.stream_error(timeout=4)
-        assert cond == "connection-timeout" and "not established within 1 s" in text
-        assert asyncio.get_running_loop().time() - started < 3.5
+        h.advance(59.5)
+        err = await p.dialback(FAB, to="elsewhere.test", key="k")  # the stream still answers
+        assert err.attrs.get("type") == "error"
+        h.advance(1)
+        cond, text = await p.stream_error()
+        assert cond == "connection-timeout" and "not established within 60 s" in text
         await h.still_serves()
 
 
@@ -411,26 +413,35 @@ async def test_stream_inactivity_timeout_closes_idle_stream(h: Harness,
                                                             caplog: pytest.LogCaptureFixture
                                                             ) -> None:
     caplog.set_level(logging.INFO, logger="edgeproxy")
-    async with h.edge_running(stream_inactivity_timeout=2):
+    async with h.edge_running(stream_inactivity_timeout=600):
         p = await h.authenticated()
-        ev = await p.next(timeout=5)
+        h.advance(599)
+        assert (await p.dialback(FAB)).attrs.get("type") == "valid"  # activity: clock restarts
+        h.advance(599)
+        await p.send(" ")  # whitespace is no activity (RFC 6120 4.6.1)
+        h.advance(2)
+        ev = await p.next()
         assert isinstance(ev, StreamClosed)  # a plain close, not an error (RFC 6120 4.6.3)
         await p.closed()
-    assert "no traffic for 2 s" in caplog.text
+        await h.still_serves()
+    assert "no traffic for 600 s" in caplog.text
 
 
 @pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive-on", "keepalive-off"])
 async def test_keepalive_whitespace_follows_partner_setting(h: Harness, keepalive: bool) -> None:
-    async with h.edge_running(fab_extra={"keepalive": keepalive}, keepalive_interval=1):
+    """RFC 6120 4.6.1: a single space after keepalive_interval without sending, for partners
+    with keepalive on; none for the others."""
+    async with h.edge_running(fab_extra={"keepalive": keepalive}, keepalive_interval=60):
         p = await h.authenticated()
-        after_auth = len(p.received)
-        with contextlib.suppress(TimeoutError):
-            await p.next(timeout=2.6)  # whitespace makes no event; we only collect the bytes
-        extra = bytes(p.received[after_auth:])
+        h.advance(61)
+        await p.send(f"<db:result from='{FAB}' to='elsewhere.test'>k</db:result>")
+        got = await p.read_bytes()
         if keepalive:
-            assert extra and extra.strip(b" ") == b"", extra  # RFC 6120 4.6.1: single spaces
-        else:
-            assert extra == b""
+            assert got.startswith(b" "), got
+            if got == b" ":  # the answer came in its own read
+                got += await p.read_bytes()
+        assert got.lstrip(b" ").startswith(b"<db:result"), got
+        assert got.startswith(b" ") is keepalive
 
 
 # ---------------------------------------------------------------------------------------------
