@@ -1,6 +1,6 @@
 """The asyncio shell: listeners, the dialer, the router, timers. Thin around the sans-I/O core.
 
-Bytes flow: socket -> (TlsSession) -> XmlStreamParser -> machine (s2s / component) -> actions.
+Bytes flow: socket -> XmppStream (TlsSession -> XmlStreamParser -> machine) -> actions.
 Stanzas of authenticated domains are forwarded as their raw bytes (Element.forwardable()):
 partner -> component for the local domain, component -> the outbound stream for (local, remote).
 """
@@ -8,15 +8,17 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, assert_never
 
-from .component import ComponentAuthenticated, ComponentStream
+from .component import ComponentAction, ComponentAuthenticated, ComponentStream
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
@@ -24,6 +26,7 @@ from .identity import TrustStore, verify_certificate
 from .partners import Negotiation, Partner
 from .s2s import (
     Authenticated,
+    CertChecker,
     Close,
     Deliver,
     DialbackVerify,
@@ -38,11 +41,11 @@ from .s2s import (
     Timeouts,
     jid_domain,
 )
-from .tls import TlsContexts, TlsError, TlsSession
+from .stream import TlsEstablished, TransportFailed, XmppStream
+from .tls import TlsContexts, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
     Element,
-    XmlStreamError,
     XmlStreamParser,
     stanza_error,
     stream_error,
@@ -56,13 +59,21 @@ COMPONENT_QUEUE = 10000  # stanzas waiting per local domain
 OUTBOUND_QUEUE = 10000  # stanzas waiting per outbound domain pair
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
+# What a stream's machine may ask the shell for besides bytes (Send) and closing (Close).
+Effect = Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
+StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
 ERROR_TYPES = {"remote-server-not-found": "cancel", "remote-server-timeout": "wait",
                "internal-server-error": "cancel", "service-unavailable": "cancel",
                "policy-violation": "modify", "resource-constraint": "wait"}
 
 
 class StreamConnection(asyncio.Protocol):
-    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL)."""
+    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL).
+
+    The stack below the machine (TLS, the parser, their handovers) is an `XmppStream`; this
+    class moves bytes between it and the socket, carries out the actions it yields, and arms
+    one loop timer at the machine's next deadline.
+    """
 
     kind = "stream"
 
@@ -70,9 +81,6 @@ class StreamConnection(asyncio.Protocol):
         self.edge = edge
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.tls: TlsSession | None = None
-        self.tls_reported = False
-        self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
         # The machine's timers (None: the component link): fed with what is received and sent.
@@ -80,21 +88,22 @@ class StreamConnection(asyncio.Protocol):
         self.timers: StreamTimers | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self._start_tls = False
-        self._restart = False
-        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._pending: Iterator[StreamAction] | None = None  # left when reading paused
+        self.stream: XmppStream[Any]  # made by the subclass, around its machine
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=self.edge.cfg.stanza_size_limit)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        raise NotImplementedError
+    def check_certificate(self, tls: TlsSession) -> CertChecker:
+        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
+        trust = self.edge.trust
+        return lambda domain: verify_certificate(leaf, chain, domain, trust)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        return []
-
-    def make_tls(self) -> TlsSession:
+    def handle_action(self, action: Effect) -> None:
+        """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
         raise NotImplementedError
 
     def label(self) -> str:
@@ -115,8 +124,158 @@ class StreamConnection(asyncio.Protocol):
         """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
         return None
 
-    def handle_timer(self, now: float) -> Sequence[object]:
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
         return []
+
+    @property
+    def tls(self) -> TlsSession | None:
+        return self.stream.tls
+
+    # -- asyncio -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        self.edge.connections.add(self)
+        self.arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.edge.connections.discard(self)
+        self.closing = True
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        actions = self.stream.receive_data(data, self.edge.clock())
+        if self._pending is not None:  # data while paused (already read by the transport)
+            actions = itertools.chain(self._pending, actions)
+            self._pending = None
+        self._drain(actions)
+
+    def _drain(self, actions: Iterator[StreamAction]) -> None:
+        for a in actions:
+            self._carry_out(a)
+            if self.closing:
+                return
+            if self._paused:  # backpressure: the rest of this read waits for resume_reading
+                self._pending = actions
+                break
+        if self.tls is not None:  # handshake records and alerts go out at once
+            self.flush()
+        self.arm_timer()
+
+    # -- backpressure (transport.pause_reading; what was read but not handled waits too) -----
+    def pause_reading(self) -> None:
+        if self._paused or self.closing or self.transport is None:
+            return
+        self._paused = True
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._paused or self.closing or self.transport is None:
+            return
+        self._paused = False
+        self.transport.resume_reading()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._drain(pending)
+
+    # -- actions ---------------------------------------------------------------------------------
+    def run(self, actions: Sequence[StreamAction]) -> None:
+        """Carry out actions that came from outside a read (timers, dialback answers)."""
+        for a in actions:
+            if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
+                return
+            self._carry_out(a)
+
+    def _carry_out(self, action: StreamAction) -> None:
+        match action:
+            case Deliver():  # first: one per relayed stanza
+                self.handle_action(action)
+            case Send(data):
+                self.send(data)
+            case StartTls() | RestartStream():  # the stream object switches; bytes must flow
+                self._schedule_flush()
+            case TlsEstablished(tls):
+                log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
+                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "")
+            case TransportFailed(reason):
+                self.flush()  # a TLS alert may be waiting
+                self.abort(reason)
+            case Close():
+                self.on_close(action)
+            case _:
+                self.handle_action(action)
+
+    def on_close(self, action: Close) -> None:
+        level = logging.WARNING if action.failed else logging.INFO
+        log.log(level, "%s: closing: %s%s", self.label(), action.reason,
+                f" (<{action.condition}/>)" if action.condition else "")
+        if action.condition:
+            self.send(self.error_preamble() + stream_error(action.condition, action.reason))
+        else:
+            self.send(b"</stream:stream>")
+        self.close_soon()
+
+    # Writes are gathered and go out once per event-loop turn: a partner's 64 KiB read holds
+    # ~300 stanzas, and one socket write (one TLS record) per stanza was a quarter of the relay's
+    # CPU (bench/relay.py). Order is kept; the buffer is flushed before TLS starts and on close.
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.timers is not None:
+            self.timers.sent(self.edge.clock(), keepalive=data == b" ")
+        self.stream.send(data)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = self.stream.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def close_soon(self) -> None:
+        self.flush()
+        if self.closing:
+            return
+        self.closing = True
+        self._pending = None
+        self.stream.close()
+        self.flush()
+        if self.transport is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, self._hang_up)
+
+    def _hang_up(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        log.warning("%s: %s", self.label(), reason)
+        self.closing = True
+        self._pending = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def graceful_close(self, reason: str) -> None:
+        if not self.closing:
+            log.info("%s: closing: %s", self.label(), reason)
+            self.send(b"</stream:stream>")
+            self.close_soon()
 
     # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
     def arm_timer(self) -> None:
@@ -144,180 +303,6 @@ class StreamConnection(asyncio.Protocol):
         self.run(self.handle_timer(self.edge.clock()))
         self.arm_timer()
 
-    # -- asyncio -------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        self.edge.connections.add(self)
-        self.arm_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.edge.connections.discard(self)
-        self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
-
-    def data_received(self, data: bytes) -> None:
-        self._data_received(data)
-        self.arm_timer()
-
-    def _data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self.tls is None:
-            self.feed(data)
-            return
-        try:
-            plain = self.tls.receive_data(data)
-        except TlsError as exc:
-            self._flush_tls()
-            self.abort(f"TLS failed: {exc.reason}")
-            return
-        self._flush_tls()
-        if self.tls.handshake_complete and not self.tls_reported:
-            self.tls_reported = True
-            log.info("%s: TLS established (%s, %s%s)", self.label(), self.tls.version,
-                     self.tls.cipher, f", ALPN {self.tls.alpn_protocol.decode()}"
-                     if self.tls.alpn_protocol else "")
-            self.run(self.on_tls_ready())
-        if plain and not self.closing:
-            self.feed(plain)
-        if self.tls.peer_closed and not self.closing:
-            self.abort("peer closed TLS")
-
-    def feed(self, data: bytes) -> None:
-        if self.timers is not None:
-            self.timers.received(self.edge.clock(), data.isspace())
-        try:
-            events = self.parser.feed(data)
-            while True:
-                for ev in events:
-                    self.run(self.handle_event(ev))
-                    if self.closing:
-                        return
-                if not self.parser.stopped:
-                    return
-                leftover = self.parser.leftover
-                if self._start_tls:
-                    self._start_tls = False
-                    self.flush()  # <proceed/> / <starttls/> go out in plaintext
-                    self.parser = self._new_parser()
-                    self.tls = self.make_tls()
-                    self._flush_tls()
-                    if leftover:  # bytes that came in the same read as <starttls/>/<proceed/>
-                        self._data_received(leftover)
-                    return
-                if self._restart:
-                    self._restart = False
-                    self.parser = self._new_parser()
-                    events = self.parser.feed(leftover) if leftover else []
-                    continue
-                events = self.parser.resume()
-        except XmlStreamError as exc:
-            for ev in exc.events:  # complete stanzas that came before the bad bytes
-                self.run(self.handle_event(ev))
-                if self.closing:
-                    return
-            log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
-            self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
-            self.close_soon()
-
-    def run(self, actions: Sequence[object]) -> None:
-        for a in actions:
-            if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
-                return
-            if isinstance(a, Send):
-                self.send(a.data)
-            elif isinstance(a, StartTls):
-                self._start_tls = True
-            elif isinstance(a, RestartStream):
-                self._restart = True
-            else:
-                self.handle_action(a)
-
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Close):
-            self.on_close(action)
-        else:
-            raise RuntimeError(f"unhandled action {action!r}")
-
-    def on_close(self, action: Close) -> None:
-        level = logging.WARNING if action.failed else logging.INFO
-        log.log(level, "%s: closing: %s%s", self.label(), action.reason,
-                f" (<{action.condition}/>)" if action.condition else "")
-        if action.condition:
-            self.send(self.error_preamble() + stream_error(action.condition, action.reason))
-        else:
-            self.send(b"</stream:stream>")
-        self.close_soon()
-
-    # Writes are gathered and go out once per event-loop turn: a partner's 64 KiB read holds
-    # ~300 stanzas, and one socket write (one TLS record) per stanza was a quarter of the relay's
-    # CPU (bench/relay.py). Order is kept; the buffer is flushed before TLS starts and on close.
-    def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        if self.timers is not None:
-            self.timers.sent(self.edge.clock(), keepalive=data == b" ")
-        self._out.append(data)
-        if len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out)
-        self._out.clear()
-        if self.transport is None or self.transport.is_closing():
-            return
-        if self.tls is not None:
-            self.tls.send(data)
-            self._flush_tls()
-        else:
-            self.transport.write(data)
-
-    def _flush_tls(self) -> None:
-        assert self.tls is not None
-        out = self.tls.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
-
-    def close_soon(self) -> None:
-        self.flush()
-        if self.closing:
-            return
-        self.closing = True
-        if self.tls is not None:
-            try:
-                self.tls.close()
-                self._flush_tls()
-            except TlsError:
-                pass
-        if self.transport is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.05, self._hang_up)
-
-    def _hang_up(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self, reason: str) -> None:
-        log.warning("%s: %s", self.label(), reason)
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def graceful_close(self, reason: str) -> None:
-        if not self.closing:
-            log.info("%s: closing: %s", self.label(), reason)
-            self.send(b"</stream:stream>")
-            self.close_soon()
-
 
 class InboundConnection(StreamConnection):
     kind = "inbound"
@@ -328,6 +313,10 @@ class InboundConnection(StreamConnection):
         self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -339,7 +328,7 @@ class InboundConnection(StreamConnection):
             return
         log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
         if self.direct_tls:
-            self.tls = self.make_tls()
+            self.stream.start_tls_now(self.make_tls())
 
     def label(self) -> str:
         m = self.machine
@@ -351,19 +340,6 @@ class InboundConnection(StreamConnection):
         return TlsSession.server(self.edge.tls_contexts, self.machine.local or None,
                                  direct_tls=self.direct_tls)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        tls = self.tls
-        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-
-        def check(domain: str):  # noqa: ANN202 - CertificateCheck
-            return verify_certificate(leaf, chain, domain, self.edge.trust)
-
-        return self.machine.tls_established(check)
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def error_preamble(self) -> bytes:
         return self.machine.error_preamble()
 
@@ -373,28 +349,34 @@ class InboundConnection(StreamConnection):
     def next_deadline(self) -> float | None:
         return self.machine.next_deadline()
 
-    def handle_timer(self, now: float) -> Sequence[object]:
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
         return self.machine.handle_timer(now)
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Deliver):
-            self.edge.router.from_partner(action.element, action.local, action.remote)
-        elif isinstance(action, Authenticated):
-            partner = self.edge.cfg.partners.lookup(action.remote)
-            limit = self.edge.cfg.partner_limit(action.remote)
-            key = partner.domain if partner else action.remote
-            if self.edge.partner_connections(key) >= limit and key not in self.partners:
-                self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
-                                    "policy-violation"))
-                return
-            self.partners.add(key)
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                     action.local, action.label, tls)
-        elif isinstance(action, DialbackVerify):
-            self.edge.router.verify_dialback(self, action)
-        else:
-            super().handle_action(action)
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Deliver(element, local, remote):
+                self.edge.router.from_partner(element, local, remote)
+            case Authenticated():
+                self._authenticated(action)
+            case DialbackVerify():
+                self.edge.router.verify_dialback(self, action)
+            case DialbackVerifyAnswer() | ComponentAuthenticated():
+                raise AssertionError(f"{action!r} on an inbound stream")
+            case _:
+                assert_never(action)
+
+    def _authenticated(self, action: Authenticated) -> None:
+        partner = self.edge.cfg.partners.lookup(action.remote)
+        limit = self.edge.cfg.partner_limit(action.remote)
+        key = partner.domain if partner else action.remote
+        if self.edge.partner_connections(key) >= limit and key not in self.partners:
+            self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
+                                "policy-violation"))
+            return
+        self.partners.add(key)
+        tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+        log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
+                 action.local, action.label, tls)
 
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
@@ -409,9 +391,14 @@ class ComponentConnection(StreamConnection):
         super().__init__(edge)
         assert edge.cfg.component is not None
         self.machine = ComponentStream(frozenset(edge.cfg.domains), edge.cfg.component.secret)
+        self.stream = XmppStream(self.machine.receive, self._failed, new_parser=self._new_parser)
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
+
+    def _failed(self, condition: str, text: str) -> list[ComponentAction]:
+        self.machine.closed = True
+        return [Close(text, condition)]
 
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
@@ -422,9 +409,6 @@ class ComponentConnection(StreamConnection):
         return stream_header(content_ns=NS_COMPONENT, from_=sorted(self.edge.local_domains)[0],
                              id_=new_stream_id(), version=None)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
@@ -433,20 +417,23 @@ class ComponentConnection(StreamConnection):
             return None
         return self.created + self.edge.cfg.stream_establishment_timeout
 
-    def handle_timer(self, now: float) -> Sequence[object]:
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
         deadline = self.next_deadline()
         if deadline is None or now < deadline:
             return []
         return [Close("component handshake not done in time", "connection-timeout")]
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, ComponentAuthenticated):
-            log.info("component for %s connected from %s", action.domain, self.peer)
-            self.edge.router.component_up(action.domain, self)
-        elif isinstance(action, Deliver):
-            self.edge.router.from_component(action.element, action.local, action.remote)
-        else:
-            super().handle_action(action)
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case ComponentAuthenticated(domain):
+                log.info("component for %s connected from %s", domain, self.peer)
+                self.edge.router.component_up(domain, self)
+            case Deliver(element, local, remote):
+                self.edge.router.from_component(element, local, remote)
+            case Authenticated() | DialbackVerify() | DialbackVerifyAnswer():
+                raise AssertionError(f"{action!r} on the component stream")
+            case _:
+                assert_never(action)
 
     def on_lost(self, reason: str) -> None:
         if self.machine.authenticated:
@@ -465,15 +452,19 @@ class OutboundConnection(StreamConnection):
         self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def label(self) -> str:
         return f"outbound {self.session.local} -> {self.session.remote} ({self.peer})"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.direct_tls:
-            self.tls = self.make_tls(alpn=True)
-            self._flush_tls()
+        if self.direct_tls:  # XEP-0368: TLS first, ALPN xmpp-server; our header after it
+            self.stream.start_tls_now(self.make_tls(alpn=True))
+            self.flush()
         else:
             self.run(self.machine.start())
 
@@ -482,36 +473,31 @@ class OutboundConnection(StreamConnection):
         return TlsSession.client(self.edge.tls_contexts, self.session.local, self.session.remote,
                                  alpn=alpn)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        leaf, chain = self.tls.peer_certificate, list(self.tls.peer_intermediates)
-        return self.machine.tls_established(
-            lambda domain: verify_certificate(leaf, chain, domain, self.edge.trust))
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
     def next_deadline(self) -> float | None:
         return self.machine.next_deadline()
 
-    def handle_timer(self, now: float) -> Sequence[object]:
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
         return self.machine.handle_timer(now)
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Authenticated):
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls)
-            self.session.ready(self)
-        elif isinstance(action, DialbackVerifyAnswer):
-            self.edge.router.dialback_answered(action)
-        elif isinstance(action, Close):
-            super().handle_action(action)
-            self.session.failed(self, action.reason, action.bounce if action.failed else None)
-        else:
-            super().handle_action(action)
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Authenticated(label=label):
+                tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+                log.info("%s: authenticated via %s (%s)", self.label(), label, tls)
+                self.session.ready(self)
+            case DialbackVerifyAnswer():
+                self.edge.router.dialback_answered(action)
+            case Deliver() | DialbackVerify() | ComponentAuthenticated():
+                raise AssertionError(f"{action!r} on an outbound stream")
+            case _:
+                assert_never(action)
+
+    def on_close(self, action: Close) -> None:
+        super().on_close(action)
+        self.session.failed(self, action.reason, action.bounce if action.failed else None)
 
     def on_lost(self, reason: str) -> None:
         self.session.failed(self, f"connection to {self.session.remote} lost: {reason}",
