@@ -411,6 +411,8 @@ class InboundS2s:
 
     def tls_established(self, cert_check: CertChecker) -> list[Action]:
         """The shell finished the TLS handshake; `cert_check(domain)` judges the peer's cert."""
+        if self.state is InState.CLOSED:
+            return []
         if self.state not in (InState.WAIT_HEADER, InState.TLS_STARTING):
             return self._close(f"TLS completed in state {self.state.name}", "policy-violation")
         self.tls = True
@@ -782,6 +784,8 @@ class OutboundS2s:
                                    dialback=self.partner.dialback))]
 
     def tls_established(self, cert_check: CertChecker) -> list[Action]:
+        if self.state is OutState.CLOSED:
+            return []
         if self.state not in (OutState.WAIT_HEADER, OutState.TLS_STARTING):
             return self._fail(f"TLS completed in state {self.state.name}")
         self.tls = True

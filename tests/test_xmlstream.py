@@ -813,3 +813,23 @@ def test_events_before_an_error_travel_with_it():
     assert e.value.condition == "restricted-xml"
     assert [type(ev).__name__ for ev in e.value.events] == ["StreamOpened", "Element"]
     assert e.value.events[1].name == "message"
+
+
+@pytest.mark.parametrize("split", [None, 10, 60, 200])
+def test_condition_of_a_syntax_error_does_not_depend_on_later_bytes_or_the_split(
+        split: int | None) -> None:
+    """RFC 6120 4.9.3.13 vs 4.9.3.22: the first problem decides. Invalid UTF-8 after a syntax
+    error used to turn the error into unsupported-encoding when both came in one read, and
+    not-well-formed when TCP cut between them (found by bench/fuzz.py)."""
+    data = HEADER + b"<message to='a@b'x><body/></message>" + b"\xff" * 40 + b"<x/>"
+    parser = XmlStreamParser()
+    with pytest.raises(XmlStreamError) as err:
+        if split is None:
+            parser.feed(data)
+        else:
+            parser.feed(data[: len(HEADER) + split])
+            parser.feed(data[len(HEADER) + split:])
+    assert err.value.condition == "not-well-formed"
+    with pytest.raises(XmlStreamError) as err:  # invalid UTF-8 first: that one decides
+        XmlStreamParser().feed(HEADER + b"<message to='a@b'>\xff\xfe<x'/></message>")
+    assert err.value.condition == "unsupported-encoding"
