@@ -361,7 +361,7 @@ class InboundS2s:
     def next_deadline(self) -> float | None:
         if self.state is InState.CLOSED:
             return None
-        return min(self.timers.deadlines(bool(self.verified), self.keepalive()))[0]
+        return min(at for at, _ in self.timers.deadlines(bool(self.verified), self.keepalive()))
 
     def handle_timer(self, now: float) -> list[Action]:
         if self.state is InState.CLOSED:
@@ -519,7 +519,12 @@ class InboundS2s:
     # -- STARTTLS (RFC 6120 5.4) ---------------------------------------------------------------
 
     def _on_starttls(self, el: Element) -> list[Action]:
-        self.state = InState.TLS_STARTING  # the pre-TLS stream is gone (RFC 6120 5.4.3.3)
+        # RFC 6120 5.4.3.3: the pre-TLS stream is gone, and what was learnt on it in the clear
+        # is discarded: pairs verified by TCP dialback, and verifications still under way
+        # (their answer would land in the new stream before its header; found by bench/fuzz.py).
+        self.state = InState.TLS_STARTING
+        self.verified.clear()
+        self.pending.clear()
         return [Send(f"<proceed xmlns='{NS_TLS}'/>".encode()), StartTls()]
 
     def _refuse_starttls(self, el: Element) -> list[Action]:
@@ -534,10 +539,13 @@ class InboundS2s:
     # -- SASL EXTERNAL (RFC 6120 6, XEP-0178) ----------------------------------------------------
 
     def _refuse_auth(self, el: Element) -> list[Action]:
-        """RFC 6120 6.4.2: a mechanism we did not offer gets <invalid-mechanism/>."""
+        """RFC 6120 6.4.2: a mechanism we did not offer gets <invalid-mechanism/> (6.5.7), and
+        EXTERNAL before TLS <encryption-required/> (6.5.4, as ejabberd answers)."""
         self.sasl_attempts += 1
         if self.sasl_attempts > MAX_SASL_ATTEMPTS:
             return self._close("too many SASL attempts", "policy-violation")
+        if not self.tls and el.attrs.get("mechanism") == "EXTERNAL":
+            return [Send(_sasl_failure("encryption-required"))]
         return [Send(_sasl_failure("invalid-mechanism"))]
 
     def _on_auth(self, el: Element) -> list[Action]:
@@ -561,6 +569,7 @@ class InboundS2s:
         if not check.ok:  # re-checked at use (XEP-0344 4: guard against renegotiation)
             return [Send(_sasl_failure("not-authorized"))]
         self.state = InState.WAIT_SASL_HEADER
+        self.pending.clear()  # their answers belong to the stream that just ended (6.4.6)
         out = self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
                           "sasl-external", notify=False)
         return out + [Send(f"<success xmlns='{NS_SASL}'/>".encode()), RestartStream()]
@@ -747,7 +756,8 @@ class OutboundS2s:
     def next_deadline(self) -> float | None:
         if self.state is OutState.CLOSED:
             return None
-        return min(self.timers.deadlines(self.authenticated, self.partner.keepalive))[0]
+        return min(at for at, _ in self.timers.deadlines(self.authenticated,
+                                                         self.partner.keepalive))
 
     def handle_timer(self, now: float) -> list[Action]:
         if self.state is OutState.CLOSED:

@@ -263,14 +263,18 @@ async def test_starttls_when_tls_is_not_supported_for_the_partner_gets_failure(
         await h.still_serves()
 
 
-async def test_sasl_before_tls_gets_invalid_mechanism_and_the_stream_goes_on(
+async def test_sasl_before_tls_gets_encryption_required_and_the_stream_goes_on(
         h: Harness) -> None:
-    """RFC 6120 5.3.1: TLS before SASL; an <auth/> on the plaintext stream names a mechanism
-    that was not offered (6.4.2: <invalid-mechanism/>); dialback still works."""
+    """RFC 6120 5.3.1: TLS before SASL; EXTERNAL on the plaintext stream gets
+    <encryption-required/> (6.5.4), another mechanism <invalid-mechanism/> (6.5.7); the
+    failure does not end the stream (6.4.5) and dialback still works."""
     async with h.edge_running():
         p = await h.peer()
         await p.open(FAB, CONTOSO)
         await p.send(f"<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>")
+        failure = await p.expect(NS_SASL, "failure")
+        assert [c.tag.rsplit("}", 1)[-1] for c in failure.xml()] == ["encryption-required"]
+        await p.send(f"<auth xmlns='{NS_SASL}' mechanism='PLAIN'>AGEAYg==</auth>")
         failure = await p.expect(NS_SASL, "failure")
         assert [c.tag.rsplit("}", 1)[-1] for c in failure.xml()] == ["invalid-mechanism"]
         assert (await p.dialback(FAB)).attrs["type"] == "valid"  # 6.4.5: the stream goes on

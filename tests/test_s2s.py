@@ -516,3 +516,31 @@ def test_outbound_establishment_deadline_bounces_as_remote_server_timeout():
     (close,) = out.handle_timer(110)
     assert isinstance(close, Close) and close.condition == "connection-timeout"
     assert close.bounce == "remote-server-timeout" and not out.authenticated
+
+
+def test_equal_deadlines_do_not_break_next_deadline():
+    """Two timers due at the same instant (found by bench/fuzz.py: a TypeError comparing them)."""
+    partner = Partner("fabrikam.test", tls=Negotiation.NOT_SUPPORTED,
+                      sasl=Negotiation.NOT_SUPPORTED)
+    c = S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]), DialbackKeys("s"),
+                   False, Timeouts(establishment=60, inactivity=60, keepalive=60))
+    m = InboundS2s(c, created=5.0)
+    assert m.next_deadline() == 65
+    (close,) = [a for a in m.handle_timer(65) if isinstance(a, Close)]
+    assert close.condition == "connection-timeout"  # establishment wins the tie
+
+
+def test_dialback_under_way_at_starttls_dies_with_the_pre_tls_stream():
+    """RFC 6120 5.4.3.3: what was learnt in the clear is discarded at STARTTLS, and a late
+    authoritative answer must not write <db:result/> into the new stream before its header
+    (found by bench/fuzz.py)."""
+    partner = Partner("fabrikam.test", tls=Negotiation.OPTIONAL, sasl=Negotiation.OPTIONAL)
+    m = InboundS2s(S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]),
+                              DialbackKeys("s"), True))
+    p = XmlStreamParser()
+    acts = [a for ev in p.feed(HEAD + b"<db:result from='fabrikam.test' to='contoso.test'>k"
+                               b"</db:result><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            for a in m.receive(ev)]
+    assert any(isinstance(a, DialbackVerify) for a in acts) and isinstance(acts[-1], StartTls)
+    assert m.dialback_result("contoso.test", "fabrikam.test", "valid") == []
+    assert not m.authenticated
