@@ -26,7 +26,9 @@ from .partners import (
 
 MIN_STANZA_SIZE = 10000  # RFC 6120 13.12: a deployed limit MUST NOT be below 10000 bytes
 
-TOP_LEVEL = {"edge", "dns", "federation", "partner", "gateway"}
+TOP_LEVEL = {"edge", "dns", "federation", "partner", "gateway", "log"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,16 @@ class DnsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """[log]: read by both daemons (edgeproxy.logs sets logging up from it)."""
+
+    level: str = "info"
+    format: str = "text"  # "text" | "json": one JSON object per line
+    file: Path | None = None  # None: standard error
+    message_bodies: bool = False  # Lync EnableLoggingAllMessageBodies: off, bodies never logged
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     path: Path | None
     domains: tuple[str, ...]
@@ -80,6 +92,7 @@ class EdgeConfig:
     dns: DnsSettings
     partners: PartnerTable
     warnings: tuple[str, ...] = field(default=())
+    log: LogSettings = field(default=LogSettings())
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -190,6 +203,28 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], Path]:
         return tomllib.loads(text), p.resolve().parent
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+
+
+def log_settings_from_mapping(raw: Mapping[str, Any], base: Path,
+                              problems: list[str]) -> LogSettings:
+    """The [log] section (shared by the edge and the gateway), problems appended."""
+    table = raw.get("log", {})
+    if not isinstance(table, Mapping):
+        problems.append("[log] must be a table")
+        return LogSettings()
+    r = _Reader(table, "log", problems)
+    level = r.string("level", "info").lower()
+    if level not in LOG_LEVELS:
+        r.problem("level", f"must be one of {', '.join(LOG_LEVELS)} (got {level!r})")
+        level = "info"
+    fmt = r.string("format", "text").lower()
+    if fmt not in LOG_FORMATS:
+        r.problem("format", f"must be \"text\" or \"json\" (got {fmt!r})")
+        fmt = "text"
+    file_s = r.string("file")
+    bodies = r.boolean("message_bodies", False)
+    r.unknown_keys()
+    return LogSettings(level, fmt, _path(base, file_s) if file_s else None, bodies)
 
 
 def load_partner_table(raw: Mapping[str, Any]) -> PartnerTable:
@@ -340,6 +375,8 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         warnings.append("no [[partner]] and no [federation] default_partner: no domain can "
                         "federate with us")
 
+    log = log_settings_from_mapping(raw, base, problems)
+
     if problems:
         raise ConfigError(problems)
     return EdgeConfig(
@@ -350,5 +387,5 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         partner_connection_limit=partner_limit, keepalive_interval=keepalive,
         stream_establishment_timeout=establish, stream_inactivity_timeout=inactivity,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
-        partners=partners, warnings=tuple(warnings),
+        partners=partners, warnings=tuple(warnings), log=log,
     )

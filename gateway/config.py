@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeproxy.config import ConfigError, load_partner_table, load_raw
+from edgeproxy.config import (
+    ConfigError,
+    LogSettings,
+    load_partner_table,
+    load_raw,
+    log_settings_from_mapping,
+)
 from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
 
-_KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token"}
+_KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
+          "subscription_refresh_interval"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +35,9 @@ class GatewayConfig:
     api_port: int
     admin_token: str | None
     partners: PartnerTable
+    # Lync SubscriptionRefreshInterval (SPEC 1.4): seconds between presence probes to contacts
+    subscription_refresh_interval: float = 28800.0
+    log: LogSettings = LogSettings()
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -67,6 +77,12 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
     secret = string("secret", True)
     database = string("database", False, "gateway.sqlite3")
     admin_token = string("admin_token", False) or None
+    refresh = section.get("subscription_refresh_interval", 28800)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh <= 0:
+        problems.append("[gateway] subscription_refresh_interval: must be a positive number of "
+                        f"seconds (got {refresh!r})")
+        refresh = 28800
+    log = log_settings_from_mapping(raw, base, problems)
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -79,6 +95,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         domain=domain, component_host=comp_host, component_port=comp_port, secret=secret,
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
         admin_token=admin_token, partners=partners,
+        subscription_refresh_interval=float(refresh), log=log,
     )
 
 
