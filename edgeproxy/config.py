@@ -55,6 +55,20 @@ class ComponentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """[edge.admin]: the admin listener (control panel, /api/v1, /metrics, /health, /ready)."""
+
+    listen: ListenAddress
+    token: str | None = None  # Authorization: Bearer <token>
+    password_hash: str | None = None  # adminauth.hash_password(); the panel's login form
+
+    @property
+    def loopback(self) -> bool:
+        host = self.listen.host
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
 class DnsSettings:
     nameservers: tuple[tuple[str, int], ...] = ()  # empty = the system's resolver configuration
     timeout: float = 5.0
@@ -92,6 +106,7 @@ class EdgeConfig:
     dns: DnsSettings
     partners: PartnerTable
     warnings: tuple[str, ...] = field(default=())
+    admin: AdminSettings | None = None
     log: LogSettings = field(default=LogSettings())
 
     def partner_limit(self, domain: str) -> int:
@@ -325,7 +340,8 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
                 cr.problem("secret", "is required: the shared secret of the gateway component")
             cr.unknown_keys()
             component = ComponentSettings(clisten, csecret)
-    e.unknown_keys({"component"})
+    admin = _admin_settings(edge_t.get("admin"), problems, warnings)
+    e.unknown_keys({"component", "admin"})
 
     if (certificate is None) and listen:
         warnings.append("[edge] no certificate configured: TLS cannot be offered, so only "
@@ -387,5 +403,45 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         partner_connection_limit=partner_limit, keepalive_interval=keepalive,
         stream_establishment_timeout=establish, stream_inactivity_timeout=inactivity,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
-        partners=partners, warnings=tuple(warnings), log=log,
+        partners=partners, warnings=tuple(warnings), log=log, admin=admin,
     )
+
+
+def _admin_settings(table: object, problems: list[str],
+                    warnings: list[str]) -> AdminSettings | None:
+    """[edge.admin]; absent means no admin listener. A non-loopback address needs a token or a
+    password hash (the panel and /api/v1 are never open; /health, /ready and /metrics answer
+    without credentials only on loopback)."""
+    from .adminauth import parse_hash
+
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        problems.append("[edge.admin] must be a table")
+        return None
+    r = _Reader(table, "edge.admin", problems)
+    try:
+        listen = parse_listen(r.string("listen", "127.0.0.1:5280"), 5280)
+    except ValueError as exc:
+        r.problem("listen", str(exc))
+        listen = ListenAddress("127.0.0.1", 5280)
+    token = r.string("token") or None
+    if token is not None and len(token) < 16:
+        r.problem("token", "must be at least 16 characters (make one with "
+                  "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    password_hash = r.string("password_hash") or None
+    if password_hash is not None:
+        try:
+            parse_hash(password_hash)
+        except ValueError as exc:
+            r.problem("password_hash", str(exc))
+    r.unknown_keys()
+    settings = AdminSettings(listen, token, password_hash)
+    if token is None and password_hash is None:
+        if not settings.loopback:
+            r.problem("listen", f"{listen} is not a loopback address: set token or "
+                      "password_hash, or listen on 127.0.0.1")
+        else:
+            warnings.append("[edge.admin] no token or password_hash: only /health, /ready and "
+                            "/metrics answer; the control panel and /api/v1 are refused")
+    return settings
