@@ -13,14 +13,26 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .checks import check_text
 from .component import ComponentAuthenticated, ComponentStream
-from .config import EdgeConfig
+from .config import ComponentSettings, ConfigError, EdgeConfig
+from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
-from .partners import Negotiation, Partner
+from .partners import AuthMethod, Negotiation, Partner
+from .reload import (
+    POLICY_VIOLATION,
+    RESET,
+    FileWatch,
+    ReloadResult,
+    diff_partners,
+    restart_only_changes,
+    sighup,
+    stream_verdict,
+)
 from .s2s import (
     Authenticated,
     Close,
@@ -301,6 +313,7 @@ class InboundConnection(StreamConnection):
         self.machine = InboundS2s(edge.s2s_ctx)
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
+        self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -360,6 +373,7 @@ class InboundConnection(StreamConnection):
                                     "policy-violation"))
                 return
             self.partners.add(key)
+            self.methods.append((action.remote, action.method))
             tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
             log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
                      action.local, action.label, tls)
@@ -697,6 +711,16 @@ class Router:
             return
         self.session(target, domain, partner).send(reply, None)
 
+    def partner_removed(self, domain: str, condition: str, text: str) -> None:
+        """`domain` no longer federates (live reload): forget its sessions and bounce what
+        waits for it with `condition`; Edge.apply closes the streams themselves."""
+        for key in [k for k in self.sessions if k[1] == domain]:
+            s = self.sessions.pop(key)
+            s.conn = None
+            if s.connecting is not None:
+                s.connecting.cancel()
+            s._give_up(text, condition)
+
     def expire(self, now: float) -> None:
         for domain, q in list(self.waiting.items()):
             while q and now - q[0].since > COMPONENT_WAIT:
@@ -720,10 +744,139 @@ class Edge:
         self.s2s_ctx = S2sContext(self.local_domains, cfg.partners,
                                   DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None)
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
+        self._own_resolver = resolver is None
+        self.config_version = version_of(cfg.path.read_bytes()) if cfg.path else ""
+        self.last_reload: ReloadResult | None = None
+        self.reload_counts = {"ok": 0, "failed": 0}
         self.router = Router(self)
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
+
+    # -- live reload (issue 12 section 2) -------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Read and check the configuration file again; apply it if valid, else keep running
+        with the current one. The result is logged and kept in `last_reload`."""
+        path = self.cfg.path
+        if path is None:
+            return ReloadResult(False, "", ("the edge was not started from a file",))
+        version = ""
+        try:
+            data = path.read_bytes()
+            version = version_of(data)
+            checked = check_text(data.decode("utf-8"), path)
+        except (OSError, UnicodeDecodeError) as exc:
+            result = ReloadResult(False, version, (f"{path}: cannot read configuration: {exc}",))
+        except ConfigError as exc:
+            result = ReloadResult(False, version, tuple(exc.problems))
+        else:
+            try:
+                changes = self.apply(checked.edge)
+            except (TlsError, OSError, ValueError) as exc:
+                result = ReloadResult(False, version, (f"cannot apply: {exc}",))
+            else:
+                self.config_version = version
+                result = ReloadResult(True, version, warnings=checked.warnings,
+                                      changes=tuple(changes))
+        if result.ok:
+            log.info("configuration %s reloaded (version %s): %s", path, version[:12],
+                     "; ".join(result.changes) or "nothing changed")
+            for w in result.warnings:
+                log.warning("%s", w)
+        else:
+            log.error("configuration %s NOT reloaded, the running one stays: %s", path,
+                      "; ".join(result.errors))
+        self.last_reload = result
+        self.reload_counts["ok" if result.ok else "failed"] += 1
+        return result
+
+    def apply(self, new: EdgeConfig) -> list[str]:
+        """Take over a checked configuration without dropping streams that may stay; returns
+        what changed, in words. Streams of a removed partner close with <policy-violation/>,
+        streams the new policy no longer allows with <reset/> (reload.stream_verdict)."""
+        old = self.cfg
+        later = restart_only_changes(old, new)
+        keep: dict[str, object] = {"domains": old.domains, "listen": old.listen,
+                                   "direct_tls_listen": old.direct_tls_listen}
+        if new.dialback_secret_generated and old.dialback_secret_generated:
+            keep["dialback_secret"] = old.dialback_secret  # random per start, not per reload
+        if old.component is None or new.component is None:
+            keep["component"] = old.component
+        elif old.component.listen != new.component.listen:
+            keep["component"] = ComponentSettings(old.component.listen, new.component.secret)
+        new = replace(new, **keep)  # type: ignore[arg-type]
+        diff = diff_partners(old.partners, new.partners)
+        changes = diff.describe()
+        # A new certificate and key serve the next handshake; open TLS sessions keep theirs.
+        tls = (TlsContexts(None, (new.certificate, new.private_key))
+               if new.certificate and new.private_key else None)
+        trust = TrustStore.load(new.ca_files, new.use_system_ca)
+        if (old.certificate, old.private_key) != (new.certificate, new.private_key):
+            changes.append("certificate and key changed")
+        if new.dns != old.dns and self._own_resolver:
+            self.resolver = S2sResolver(new.dns.nameservers, new.dns.timeout)
+            changes.append("DNS settings changed")
+        for name in ("connection_limit", "partner_connection_limit", "keepalive_interval",
+                     "stream_establishment_timeout", "stream_inactivity_timeout",
+                     "stanza_size_limit", "dialback_secret", "log"):
+            if getattr(old, name) != getattr(new, name):
+                changes.append(f"{name} changed" if name != "dialback_secret"
+                               else "dialback secret changed")
+        changes += [f"{what} changed: takes effect at the next start" for what in later]
+
+        self.cfg = new
+        self.tls_contexts, self.trust = tls, trust
+        ctx = self.s2s_ctx
+        ctx.partners, ctx.has_certificate = new.partners, tls is not None
+        if new.dialback_secret != old.dialback_secret:
+            ctx.keys = DialbackKeys(new.dialback_secret)
+
+        for s in list(self.router.sessions.values()):
+            p = new.partners.lookup(s.remote)
+            if p is None:
+                self.router.partner_removed(
+                    s.remote, "service-unavailable",
+                    f"{s.remote} was removed from the federation partners of {s.local}")
+            else:
+                s.partner = p
+        for c in list(self.connections):
+            if c.closing:
+                continue
+            verdict: tuple[str, str] | None = None
+            if isinstance(c, InboundConnection):
+                m = c.machine
+                if c.is_authenticated():
+                    verdict = stream_verdict(c.methods, new.partners)
+                elif m.header_from is not None and m.partner is not None:
+                    p = new.partners.lookup(m.header_from)
+                    verdict = (stream_verdict([], new.partners) if p == m.partner else
+                               (POLICY_VIOLATION, f"{m.header_from} is no longer a federation "
+                                                  "partner") if p is None else
+                               (RESET, f"partner {p.domain}'s policy changed during "
+                                       "negotiation; negotiate again"))
+            elif isinstance(c, OutboundConnection):
+                m2 = c.machine
+                p = new.partners.lookup(c.session.remote)
+                if m2.authenticated and m2.method is not None:
+                    verdict = stream_verdict([(c.session.remote, m2.method)], new.partners)
+                elif p is None:
+                    verdict = (POLICY_VIOLATION,
+                               f"{c.session.remote} is no longer a federation partner")
+                elif p != m2.partner:
+                    verdict = (RESET, f"partner {p.domain}'s policy changed during "
+                                      "negotiation; negotiate again")
+                if verdict is None and p is not None:
+                    m2.partner = p
+                elif verdict is not None and c.session.conn is c:
+                    c.session.conn = None  # the session dials again for what it holds
+            if verdict is not None:
+                condition, reason = verdict
+                c.on_close(Close(f"configuration reloaded: {reason}", condition, failed=False))
+                if isinstance(c, OutboundConnection) and c.session.queue and \
+                        self.router.sessions.get((c.session.local, c.session.remote)) is c.session:
+                    c.session.ensure_connecting()
+        return changes
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
@@ -773,7 +926,7 @@ class Edge:
             await s.wait_closed()
 
 
-def run_forever(cfg: EdgeConfig) -> int:
+def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
     if cfg.dialback_secret_generated:
@@ -787,7 +940,15 @@ def run_forever(cfg: EdgeConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
-        await stop.wait()
+        watch = None
+        if cfg.path is not None:
+            # the file is the source of truth: a change is applied at once; SIGHUP = reload now
+            watch = FileWatch(cfg.path, edge.reload, watch_interval)
+            watch.start()
+        with sighup(edge.reload):
+            await stop.wait()
+        if watch is not None:
+            watch.stop()
         log.info("stopping: closing %d stream(s)", len(edge.connections))
         await edge.stop()
 
