@@ -22,6 +22,7 @@ from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
+from .logs import setup_logging
 from .partners import AuthMethod, Negotiation, Partner
 from .reload import (
     POLICY_VIOLATION,
@@ -935,6 +936,11 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     async def main() -> None:
         edge = Edge(cfg)
         await edge.start()
+
+        def reload() -> None:
+            before = edge.cfg.log
+            if edge.reload().ok and edge.cfg.log != before:
+                setup_logging(edge.cfg.log)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -943,9 +949,9 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
         watch = None
         if cfg.path is not None:
             # the file is the source of truth: a change is applied at once; SIGHUP = reload now
-            watch = FileWatch(cfg.path, edge.reload, watch_interval)
+            watch = FileWatch(cfg.path, reload, watch_interval)
             watch.start()
-        with sighup(edge.reload):
+        with sighup(reload):
             await stop.wait()
         if watch is not None:
             watch.stop()
