@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from .admin import AdminListener
 from .checks import check_text
 from .component import ComponentAuthenticated, ComponentStream
 from .config import ComponentSettings, ConfigError, EdgeConfig
@@ -23,6 +24,7 @@ from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
 from .logs import setup_logging
+from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner
 from .reload import (
     POLICY_VIOLATION,
@@ -87,6 +89,7 @@ class StreamConnection(asyncio.Protocol):
         self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
+        self.stats = StreamStats(edge.monitor.wall())
         self.last_sent = self.created  # anything, keepalives included
         # the last stanza or negotiation data in either direction (not whitespace keepalives):
         # outbound streams receive next to nothing, so inactivity cannot be "nothing received"
@@ -135,6 +138,7 @@ class StreamConnection(asyncio.Protocol):
         self.edge.connections.discard(self)
         self.closing = True
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
+        self.edge.monitor.lost(self, f"connection lost ({exc})" if exc else "connection closed")
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -161,6 +165,7 @@ class StreamConnection(asyncio.Protocol):
             self.abort("peer closed TLS")
 
     def feed(self, data: bytes) -> None:
+        self.stats.bytes_in += len(data)
         if not data.isspace():
             self.last_activity = self.edge.clock()
         try:
@@ -194,6 +199,7 @@ class StreamConnection(asyncio.Protocol):
                 if self.closing:
                     return
             log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
+            self.edge.monitor.closing(self, exc.text, exc.condition)
             self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
             self.close_soon()
 
@@ -220,6 +226,7 @@ class StreamConnection(asyncio.Protocol):
         level = logging.WARNING if action.failed else logging.INFO
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
                 f" (<{action.condition}/>)" if action.condition else "")
+        self.edge.monitor.closing(self, action.reason, action.condition)
         if action.condition:
             self.send(stream_error(action.condition, action.reason))
         else:
@@ -244,6 +251,7 @@ class StreamConnection(asyncio.Protocol):
             return
         data = b"".join(self._out)
         self._out.clear()
+        self.stats.bytes_out += len(data)
         if self.transport is None or self.transport.is_closing():
             return
         if self.tls is not None:
@@ -279,6 +287,7 @@ class StreamConnection(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         log.warning("%s: %s", self.label(), reason)
+        self.edge.monitor.closing(self, reason, None)
         self.closing = True
         if self.transport is not None:
             self.transport.close()
@@ -364,6 +373,7 @@ class InboundConnection(StreamConnection):
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, Deliver):
+            self.stats.stanzas_in += 1
             self.edge.router.from_partner(action.element, action.local, action.remote)
         elif isinstance(action, Authenticated):
             partner = self.edge.cfg.partners.lookup(action.remote)
@@ -378,6 +388,7 @@ class InboundConnection(StreamConnection):
             tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
             log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
                      action.local, action.label, tls)
+            self.edge.monitor.authenticated(self, action)
         elif isinstance(action, DialbackVerify):
             self.edge.router.verify_dialback(self, action)
         else:
@@ -424,6 +435,7 @@ class ComponentConnection(StreamConnection):
             log.info("component for %s connected from %s", action.domain, self.peer)
             self.edge.router.component_up(action.domain, self)
         elif isinstance(action, Deliver):
+            self.stats.stanzas_in += 1
             self.edge.router.from_component(action.element, action.local, action.remote)
         else:
             super().handle_action(action)
@@ -479,6 +491,7 @@ class OutboundConnection(StreamConnection):
         if isinstance(action, Authenticated):
             tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
             log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls)
+            self.edge.monitor.authenticated(self, action)
             self.session.ready(self)
         elif isinstance(action, DialbackVerifyAnswer):
             self.edge.router.dialback_answered(action)
@@ -521,6 +534,7 @@ class OutboundSession:
     def send(self, data: bytes, element: Element | None) -> None:
         c = self.conn
         if c is not None and c.machine.authenticated and not c.closing:
+            c.stats.stanzas_out += 1
             c.send(data)
             return
         if len(self.queue) >= OUTBOUND_QUEUE:
@@ -553,6 +567,7 @@ class OutboundSession:
             targets = await edge.resolver.resolve(self.remote, self.partner.proxy_fqdn,
                                                   direct_tls=direct)
         except DnsError as exc:
+            edge.monitor.dial_failed(self.local, self.remote, f"DNS: {exc.text}")
             self._give_up(f"DNS: {exc.text}", "remote-server-not-found")
             return
         errors = []
@@ -580,11 +595,14 @@ class OutboundSession:
                     conn.run(conn.machine.request_verify(req.local, req.remote, req.stream_id,
                                                          req.key))
                 return
+        edge.monitor.dial_failed(self.local, self.remote, "could not connect: "
+                                 + ("; ".join(errors) or "no usable target"))
         self._give_up("could not connect: " + ("; ".join(errors) or "no usable target"),
                       "remote-server-timeout")
 
     def ready(self, conn: OutboundConnection) -> None:
         self.last_error = ""
+        conn.stats.stanzas_out += len(self.queue)
         while self.queue:
             conn.send(self.queue.popleft().data)
 
@@ -631,6 +649,7 @@ class Router:
     def from_partner(self, element: Element, local: str, remote: str) -> None:
         comp = self.components.get(local)
         if comp is not None and not comp.closing:
+            comp.stats.stanzas_out += 1
             comp.send(element.forwardable())
             return
         q = self.waiting.setdefault(local, deque())
@@ -685,6 +704,7 @@ class Router:
                                failed=False))
         self.components[domain] = conn
         q = self.waiting.pop(domain, deque())
+        conn.stats.stanzas_out += len(q)
         while q:
             conn.send(q.popleft().data)
 
@@ -697,6 +717,7 @@ class Router:
         reply = stanza_error(element, condition, ERROR_TYPES.get(condition, "cancel"), text)
         if reply is None:
             return
+        self.edge.monitor.bounced(condition)
         sender = element.attrs.get("from", "")
         domain = jid_domain(sender) if sender else None
         if domain is None:
@@ -750,9 +771,11 @@ class Edge:
         self.last_reload: ReloadResult | None = None
         self.reload_counts = {"ok": 0, "failed": 0}
         self.router = Router(self)
+        self.monitor = Monitor(self)
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
+        self.admin: AdminListener | None = None
 
     # -- live reload (issue 12 section 2) -------------------------------------------------------
 
@@ -901,6 +924,9 @@ class Edge:
                 lambda: ComponentConnection(self), addr.host, addr.port, reuse_address=True))
             log.info("listening for the gateway component (XEP-0114) on %s", addr)
         self._ticker = loop.create_task(self._tick())
+        if cfg.admin is not None:
+            self.admin = AdminListener(self)
+            await self.admin.start()
 
     async def _tick(self) -> None:
         while True:
@@ -911,6 +937,8 @@ class Edge:
             self.router.expire(now)
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         for s in self.servers:
             s.close()
         if self._ticker is not None:

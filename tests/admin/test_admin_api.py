@@ -1,0 +1,307 @@
+"""The edge's admin listener over real HTTP: credentials, the partner API writing the real file
+through edgeproxy.configfile, gateway settings, certificates, and the live data (streams,
+partner history, /metrics) of two real edges federating through real TLS and a real DNS server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from edgeproxy.adminauth import hash_password
+from edgeproxy.config import load_edge_config
+from edgeproxy.devcerts import CertificateAuthority
+from edgeproxy.server import Edge
+from tests.admin.helpers import TOKEN, AdminClient, write_edge_file
+from tests.conftest import require_netns
+from tests.edges import Component
+from tests.servers.dnsmasq import Dnsmasq
+
+CA = CertificateAuthority("Admin Test")
+C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
+BASE = f"http://{C[1]}:5280"
+
+
+def fabrikam(**kw):
+    return {"domain": F[0], "type": "federated", "tls": "required", "sasl": "optional",
+            "dialback": True, **kw}
+
+
+@pytest.fixture
+async def edge(tmp_path):
+    require_netns()
+    path = write_edge_file(tmp_path / "edge.toml", *C, CA, [fabrikam()])
+    e = Edge(load_edge_config(path))
+    await e.start()
+    yield e
+    await e.stop()
+
+
+@pytest.fixture
+async def api(edge):
+    client = AdminClient(BASE)
+    yield client
+    await client.close()
+
+
+async def test_health_ready_metrics_answer_on_loopback_without_credentials(edge):
+    anon = AdminClient(BASE, token=None)
+    try:
+        assert (await anon.call("GET", "/health"))["status"] == "ok"
+        ready = await anon.call("GET", "/ready")
+        assert ready["ready"] is True and ready["listeners"] == 2
+        metrics = await anon.call("GET", "/metrics")
+        assert "# TYPE xmpp_edge_streams gauge" in metrics
+        assert "# TYPE xmpp_edge_stream_setup_seconds histogram" in metrics
+        refused = await anon.call("GET", "/api/v1/partners", status=401)
+        assert "Authorization: Bearer" in refused["error"]
+        async with anon.http.get(BASE + "/partners", allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/login?next=/partners"
+    finally:
+        await anon.close()
+    wrong = AdminClient(BASE, token="not-the-token-at-all-000")
+    try:
+        await wrong.call("GET", "/api/v1/streams", status=401)
+    finally:
+        await wrong.close()
+
+
+async def test_ready_is_503_when_the_listeners_are_closed(edge, api):
+    for s in edge.servers:
+        s.close()
+    ready = await api.call("GET", "/ready", status=503)
+    assert ready["ready"] is False
+
+
+async def test_partner_crud_goes_through_the_file_with_version_checks(edge, api, tmp_path):
+    path = tmp_path / "edge.toml"
+    listing = await api.call("GET", "/api/v1/partners")
+    version = listing["version"]
+    [p] = listing["partners"]
+    assert (p["domain"], p["type"], p["matrix"]["row"]) == (F[0], "federated", 7)
+    assert p["matrix"]["methods"] == ["sasl-external", "tls-dialback"]
+    assert p["streams"] == 0 and p["last_failure"] is None
+
+    # Dry run: the diff and the warnings, the file untouched (Lync defaults are row 1: warning).
+    dry = await api.call("POST", "/api/v1/partners?dry_run=1",
+                         {"version": version, "partner": {"domain": "northwind.test"}})
+    assert "+domain = \"northwind.test\"" in dry["diff"]
+    assert any("row 1" in w for w in dry["warnings"])
+    assert await api.version() == version
+
+    made = await api.call("POST", "/api/v1/partners", {
+        "version": version, "partner": {"domain": "northwind.test", "type": "public-verified",
+                                        "description": "Northwind"}}, status=201)
+    text = path.read_text()
+    assert "northwind.test" in text and "# the admin listener" in text  # comments kept
+    assert made["version"] == await api.version() != version
+
+    # The old version is stale now: RFC 7232-style conflict, nothing written.
+    stale = await api.call("PUT", "/api/v1/partners/northwind.test",
+                           {"version": version, "partner": {"type": "federated"}}, status=409)
+    assert "changed since it was read" in stale["error"]
+    assert stale["current_version"] == made["version"]
+
+    # Lync matrix row 14 (TLS required, SASL not supported, no dialback) cannot be committed.
+    bad = await api.call("PUT", "/api/v1/partners/northwind.test", {
+        "version": made["version"],
+        "partner": {"tls": "required", "sasl": "not-supported", "dialback": False}},
+        status=422)
+    assert any("Lync matrix row 14" in e and "SASL or dialback must be enabled" in e
+               for e in bad["errors"]), bad
+    assert 'type = "public-verified"' in path.read_text()
+
+    changed = await api.call("PUT", "/api/v1/partners/northwind.test", {
+        "version": made["version"], "partner": {"type": "federated"}})
+    one = await api.call("GET", "/api/v1/partners/northwind.test")
+    assert one["partner"]["type"] == "federated" and one["version"] == changed["version"]
+
+    await api.call("DELETE", "/api/v1/partners/nobody.test",
+                   {"version": changed["version"]}, status=404)
+    gone = await api.call("DELETE", "/api/v1/partners/northwind.test",
+                          {"version": changed["version"]})
+    assert "northwind.test" not in path.read_text()
+    assert (path.parent / "edge.toml.bak").exists()
+    await api.call("GET", "/api/v1/partners/northwind.test", status=404)
+
+    # Every write needs the version it read.
+    missing = await api.call("POST", "/api/v1/partners", {"partner": {"domain": "x.test"}},
+                             status=400)
+    assert "'version' is required" in missing["error"]
+    assert (await api.call("POST", "/api/v1/partners", [1], status=400))["error"] == \
+        "the request body must be a JSON object"
+    assert gone["version"] == await api.version()
+
+
+async def test_gateway_settings_and_certificates(edge, api, tmp_path):
+    s = await api.call("GET", "/api/v1/settings")
+    by_key = {x["key"]: x for x in s["settings"]}
+    assert by_key["keepalive_interval"]["lync"] == "KeepAliveInterval"
+    assert by_key["keepalive_interval"]["value"] == 300
+    assert by_key["dialback_secret"]["value"] == "(set)"  # never shown
+    await api.call("PUT", "/api/v1/settings",
+                   {"version": s["version"], "settings": {"keepalive_interval": 120}})
+    assert "keepalive_interval = 120" in (tmp_path / "edge.toml").read_text()
+    unknown = await api.call("PUT", "/api/v1/settings", {
+        "version": await api.version(), "settings": {"colour": 1}}, status=422)
+    assert "unknown gateway setting 'colour'" in unknown["error"]
+
+    certs = await api.call("GET", "/api/v1/certificates")
+    leaf = certs["chain"][0]
+    assert leaf["role"] == "leaf" and "DNS-ID contoso.test" in leaf["names"]
+    assert leaf["covers"] == {"contoso.test": "DNS-ID contoso.test"}
+    assert leaf["days_left"] > 30 and not leaf["expired"]
+
+
+async def test_password_login_sets_a_session_and_cookie_writes_need_the_csrf_token(tmp_path):
+    require_netns()
+    line = hash_password("s3cret-passw0rd", n=1 << 12)
+    path = write_edge_file(tmp_path / "edge.toml", *C, CA, [fabrikam()],
+                           admin={"listen": f"{C[1]}:5280", "password_hash": line})
+    e = Edge(load_edge_config(path))
+    await e.start()
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address host
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        try:
+            async with http.post(BASE + "/login", data={"secret": "wrong", "next": "/"}) as r:
+                assert r.status == 401 and "not the token or the password" in await r.text()
+            async with http.post(BASE + "/login", data={"secret": "s3cret-passw0rd",
+                                                        "next": "/connections"}) as r:
+                assert r.status == 200 and r.url.path == "/connections"
+            for page in ("/partners", "/partners/new", f"/partners/{F[0]}", "/connections",
+                         "/history", f"/history/{F[0]}", "/settings", "/certificates"):
+                async with http.get(BASE + page) as r:
+                    html = await r.text()
+                    assert r.status == 200, (page, html)
+                    assert "XMPP Federated Partners" in html  # the navigation
+                    assert "https://" not in html and "http://" not in html  # no CDN
+            async with http.get(BASE + "/partners") as r:
+                html = await r.text()
+            csrf = re.search(r'name="csrf-token" content="([^"]+)"', html)
+            assert csrf is not None
+            version = (await (await http.get(BASE + "/api/v1/partners")).json())["version"]
+            body = {"version": version, "partner": {"type": "public-verified"}}
+            async with http.put(BASE + f"/api/v1/partners/{F[0]}", json=body) as r:
+                assert r.status == 403 and "X-CSRF-Token" in (await r.json())["error"]
+            async with http.put(BASE + f"/api/v1/partners/{F[0]}", json=body,
+                                headers={"X-CSRF-Token": csrf.group(1)}) as r:
+                assert r.status == 200, await r.text()
+            async with http.get(BASE + "/static/panel.js") as r:
+                assert r.status == 200 and "partnerFormPage" in await r.text()
+            async with http.post(BASE + "/logout", allow_redirects=False) as r:
+                assert r.status == 303
+            async with http.get(BASE + "/api/v1/partners") as r:
+                assert r.status == 401
+        finally:
+            await e.stop()
+
+
+@pytest.fixture(scope="module")
+def dns(tmp_path_factory):
+    require_netns()
+    d = Dnsmasq(tmp_path_factory.mktemp("dns"))
+    for domain, ip in (C, F):
+        d.add_host(domain, ip)
+        d.add_srv(f"_xmpp-server._tcp.{domain}", domain, 5269)
+    d.start()
+    yield d
+    d.stop()
+
+
+async def test_streams_history_and_metrics_of_real_federation(dns, tmp_path):
+    """contoso (with the admin listener) sends to fabrikam over real TLS: the Connections data
+    shows the authenticated outbound stream, /metrics counts it, and a partner that has no DNS
+    records shows up in its history with the reason in words and a bounce."""
+    pc = write_edge_file(tmp_path / "c" / "edge.toml", *C, CA,
+                         [fabrikam(), {"domain": "nowhere.test", "tls": "required",
+                                       "sasl": "optional", "dialback": True}])
+    pf = write_edge_file(tmp_path / "f" / "edge.toml", *F, CA,
+                         [{"domain": C[0], "tls": "required", "sasl": "optional",
+                           "dialback": True}], admin={"listen": f"{F[1]}:5280",
+                                                      "token": TOKEN})
+    ec, ef = Edge(load_edge_config(pc)), Edge(load_edge_config(pf))
+    await ec.start()
+    await ef.start()
+    comp_c, comp_f = Component(C[0], C[1]), Component(F[0], F[1])
+    api = AdminClient(BASE)
+    try:
+        await comp_c.start(C[1])
+        await comp_f.start(F[1])
+        for i in range(3):
+            comp_c.send_message(mto=f"alice@{F[0]}", mfrom=f"bob@{C[0]}", mbody=f"hi {i}")
+            msg = await comp_f.next(15)
+            assert msg["body"] == f"hi {i}"
+        streams = (await api.call("GET", "/api/v1/streams"))["streams"]
+        out = [s for s in streams if s["direction"] == "outbound"]
+        assert len(out) == 1, streams
+        s = out[0]
+        assert (s["local"], s["remote"], s["mechanism"]) == (C[0], F[0], "sasl-external")
+        assert s["tls_version"] in ("TLSv1.2", "TLSv1.3") and s["tls_cipher"]
+        assert s["stanzas_out"] == 3 and s["bytes_out"] > 0 and s["queue"] == 0
+        [link] = [x for x in streams if x["direction"] == "component"]
+        assert link["local"] == C[0] and link["stanzas_in"] == 3
+
+        listing = (await api.call("GET", "/api/v1/partners"))["partners"]
+        assert {p["domain"]: p["streams"] for p in listing} == {F[0]: 1, "nowhere.test": 0}
+        [ok] = (await api.call("GET", f"/api/v1/history/{F[0]}"))["attempts"]
+        assert ok["outcome"] == "authenticated" and ok["direction"] == "outbound"
+        assert ok["reason"].startswith("authenticated via sasl-external (TLSv1.")
+
+        comp_c.send_message(mto="carol@nowhere.test", mfrom=f"bob@{C[0]}", mbody="anyone?")
+        bounce = await comp_c.next(15)
+        assert bounce["type"] == "error"
+        [failed] = (await api.call("GET", "/api/v1/history/nowhere.test"))["attempts"]
+        assert failed["outcome"] == "failed" and failed["reason"].startswith("DNS: ")
+        listing = (await api.call("GET", "/api/v1/partners"))["partners"]
+        assert [p["last_failure"]["reason"] for p in listing if p["domain"] == "nowhere.test"] \
+            == [failed["reason"]]
+
+        metrics = await api.call("GET", "/metrics")
+        assert re.search(r'xmpp_edge_streams\{direction="outbound",mechanism="sasl-external",'
+                         r'partner="fabrikam.test"\} 1.0', metrics), metrics
+        assert re.search(r'xmpp_edge_stanzas_total\{direction="out",partner="fabrikam.test"\} '
+                         r'3.0', metrics)
+        assert 'xmpp_edge_bounces_total{condition="remote-server-not-found"} 1.0' in metrics
+        assert 'xmpp_edge_negotiation_failures_total{direction="outbound",reason="dns"} 1.0' \
+            in metrics
+        assert re.search(r'xmpp_edge_stream_setup_seconds_count\{direction="outbound"\} 1.0',
+                         metrics)
+        assert 'xmpp_edge_gateway_links{domain="contoso.test"} 1.0' in metrics
+
+        # fabrikam's side: the inbound stream, authenticated by SASL EXTERNAL.
+        fab = AdminClient(f"http://{F[1]}:5280")
+        try:
+            [inb] = [x for x in (await fab.call("GET", "/api/v1/streams"))["streams"]
+                     if x["direction"] == "inbound"]
+            assert (inb["remote"], inb["stanzas_in"]) == (C[0], 3)
+            assert inb["pairs"] == [{"local": F[0], "remote": C[0], "method": "sasl-external"}]
+        finally:
+            await fab.close()
+
+        # When fabrikam goes away, contoso's stream ends and its history says so.
+        await comp_f.stop()
+        await ef.stop()
+        for _ in range(100):
+            attempts = (await api.call("GET", f"/api/v1/history/{F[0]}"))["attempts"]
+            if attempts[0]["ended_after"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert attempts[0]["end_reason"], attempts
+        metrics = await api.call("GET", "/metrics")
+        assert re.search(r'xmpp_edge_stanzas_total\{direction="out",partner="fabrikam.test"\} '
+                         r'3.0', metrics), "the closed stream's totals are kept"
+    finally:
+        await api.close()
+        await comp_c.stop()
+        await comp_f.stop()
+        await ec.stop()
+        await ef.stop()
+
+
+def test_templates_and_assets_are_package_data():
+    root = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    assert 'edgeproxy = ["templates/*.html", "static/*"]' in root.read_text()
