@@ -8,10 +8,12 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
 from edgeproxy.config import ConfigError
+from edgeproxy.logs import setup_logging
 
 from .config import GatewayConfig, load_gateway_config
 from .store import SqliteStore, StoreError
@@ -19,10 +21,13 @@ from .store import SqliteStore, StoreError
 log = logging.getLogger("gateway")
 
 
-async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
-    """Run the component link and the API until `stop` is set."""
+async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = None,
+                *, own_logging: bool = False) -> None:
+    """Run the component link and the API until `stop` is set; with `path`, the file is
+    watched and SIGHUP reloads it (gateway.live)."""
     from .api import make_app
     from .component import Gateway
+    from .live import GatewayReload, SubscriptionRefresh
 
     store = SqliteStore(cfg.database)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
@@ -33,22 +38,32 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s", cfg.domain,
              cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port)
     gateway.connect()
+    refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
+    refresh.start()
+    live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
     try:
-        await stop.wait()
+        if live is not None:
+            with live.watching():
+                await stop.wait()
+        else:
+            await stop.wait()
+        log.info("gateway for %s stopping: closing the API and the component link", cfg.domain)
     finally:
+        await refresh.stop()
         await runner.cleanup()
         await gateway.close()
         store.close()
+    log.info("gateway for %s stopped cleanly", cfg.domain)
 
 
-def _run(cfg: GatewayConfig) -> int:
+def _run(cfg: GatewayConfig, path: Path) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
+        await serve(cfg, stop, path, own_logging=True)
 
     try:
         asyncio.run(main())
@@ -87,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 1
     if args.command == "run":
-        return _run(cfg)
+        try:
+            setup_logging(cfg.log, args.verbose)
+        except OSError as exc:
+            print(f"error: [log] file: cannot open {cfg.log.file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        return _run(cfg, Path(args.config))
     try:
         store = SqliteStore(cfg.database)
     except StoreError as exc:

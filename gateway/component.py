@@ -34,6 +34,7 @@ from edgeproxy.partners import PartnerTable, PartnerType
 from edgeproxy.xmlstream import error_condition
 
 from . import rules
+from .live import log_message
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
 from .store import Contact, Store
 
@@ -94,6 +95,15 @@ def presence_kind(ptype: str) -> Kind | None:
         return None
 
 
+LINK_REFUSALS = {  # the edge's stream error on the component link -> what the admin should do
+    "not-authorized": "the component secret is wrong ([gateway] secret must equal "
+                      "[edge.component] secret)",
+    "host-unknown": "the edge does not serve {domain} ([gateway] domain must be one of the "
+                    "[edge] domains)",
+    "conflict": "another gateway is connected for {domain}",
+}
+
+
 class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
                  partners: PartnerTable, *, queue_limit: int = 1000,
@@ -111,6 +121,8 @@ class Gateway(ComponentXMPP):
         self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
         self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
+        self.log_bodies = False  # Lync EnableLoggingAllMessageBodies ([log] message_bodies)
+        self.link_refused = ""  # why the edge last refused the link, in words
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -123,6 +135,7 @@ class Gateway(ComponentXMPP):
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("connection_failed", self._on_connection_failed)
+        self.add_event_handler("stream_error", self._on_link_refused)
 
     # link to the edge --------------------------------------------------------------------------
 
@@ -148,6 +161,19 @@ class Gateway(ComponentXMPP):
         log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
                     reason, delay)
         self.loop.call_later(delay, self._reconnect)
+
+    def _on_link_refused(self, error: Any) -> None:
+        """The edge closed the link with a stream error (RFC 6120 4.9.3): say why in words,
+        and wait the longest backoff where retrying at once cannot help (XEP-0114 handshake
+        refusals, another gateway holding the domain)."""
+        condition, text = error_condition(error.xml)
+        reason = LINK_REFUSALS.get(condition, "").format(domain=self.domain)
+        self.link_refused = f"<{condition}/>" + (f": {reason}" if reason else "") + (
+            f" (edge says: {text})" if text else "")
+        log.error("component link refused by the edge %s:%s: %s", self.server_host,
+                  self.server_port, self.link_refused)
+        if condition in LINK_REFUSALS:
+            self.backoff = self.max_backoff
 
     def _on_connection_failed(self, error: Any) -> None:
         # slixmpp retries by itself with a growing delay (XMLStream.reschedule_connection_attempt)
@@ -213,6 +239,7 @@ class Gateway(ComponentXMPP):
     # inbound: message ---------------------------------------------------------------------------
 
     def on_message(self, msg: Any) -> None:  # a slixmpp Message
+        log_message(self, "inbound", msg)
         user, remote = msg["to"].user, msg["from"]
         if not user:  # the domain itself does not chat
             self._error(msg)
@@ -458,6 +485,7 @@ class Gateway(ComponentXMPP):
         msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
         msg["type"] = mtype
         msg["id"] = secrets.token_hex(8)
+        log_message(self, "outbound", msg)
         self._route(msg)
         return msg["id"]
 
