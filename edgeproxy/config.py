@@ -190,14 +190,19 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _check_pem(path: Path, what: str, key: str, problems: list[str]) -> None:
+def _check_pem(path: Path, what: str, key: str, problems: list[str],
+               domains: list[str] | None = None) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
         data = path.read_bytes()
     except OSError as exc:
-        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}")
+        hint = ""
+        if isinstance(exc, FileNotFoundError):  # say how to make one for a test setup
+            hint = (" (for a test setup make it with: edgeproxy dev-certs --out "
+                    f"{path.parent} {' '.join(domains or ['DOMAIN'])})")
+        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}{hint}")
         return
     try:
         if what == "private key":
@@ -305,11 +310,11 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     if bool(certificate) != bool(private_key):
         problems.append("[edge] certificate and private_key go together: set both or neither")
     if certificate and private_key:
-        _check_pem(certificate, "certificate", "certificate", problems)
-        _check_pem(private_key, "private key", "private_key", problems)
+        _check_pem(certificate, "certificate", "certificate", problems, domains)
+        _check_pem(private_key, "private key", "private_key", problems, domains)
     ca_files = tuple(_path(base, c) for c in e.strings("ca_files"))
     for c in ca_files:
-        _check_pem(c, "certificate", "ca_files", problems)
+        _check_pem(c, "certificate", "ca_files", problems, domains)
     use_system_ca = e.boolean("use_system_ca", True)
 
     secret = e.string("dialback_secret")

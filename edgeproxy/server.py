@@ -988,7 +988,7 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
 
     try:
         asyncio.run(main())
-    except OSError as exc:
+    except (OSError, TlsError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0
