@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from . import observability
 from .component import Gateway, LinkDown, NoAnswer, Refused, StanzaError
 from .store import Contact, StoreError
 
@@ -298,4 +299,5 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_post("/api/v1/admin/users", admin_create_user)
     app.router.add_get("/api/v1/admin/users", admin_list_users)
     app.router.add_delete("/api/v1/admin/users/{name}", admin_remove_user)
+    observability.add_routes(app, gateway, lambda: len(app[SOCKETS]))
     return app

@@ -1,0 +1,61 @@
+"""/health, /ready and /metrics on the gateway's HTTP API (issue 12 s6).
+
+/health answers while the process runs, with whether the component link to the edge is up;
+/ready is 200 only while the link is up (a gateway without its link cannot deliver to
+partners). /metrics (prometheus-client, prefix `xmpp_gateway_`) is computed at scrape time
+from the gateway's state: no counters on the message path. None of them needs a token: the API
+listens on loopback by default, as a Prometheus scrape expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .component import Gateway
+
+
+class _GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway, websockets: Callable[[], int]):
+        self.gw, self.websockets = gateway, websockets
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gw
+        yield GaugeMetricFamily("xmpp_gateway_link_up", "1 while the component link to the "
+                                "edge (XEP-0114) is up", value=1 if gw.link_up else 0)
+        yield GaugeMetricFamily("xmpp_gateway_link_queue_depth", "Stanzas waiting for the "
+                                "link to the edge", value=len(gw.queue))
+        yield GaugeMetricFamily("xmpp_gateway_user_sessions", "Online resources of local "
+                                "users", value=sum(len(r) for r in gw.sessions.values()))
+        yield GaugeMetricFamily("xmpp_gateway_websockets", "Open user WebSockets",
+                                value=self.websockets())
+        yield GaugeMetricFamily("xmpp_gateway_users", "Local users in the store",
+                                value=len(gw.store.list_users()))
+
+
+def add_routes(app: web.Application, gateway: Gateway, websockets: Callable[[], int]) -> None:
+    registry = CollectorRegistry()
+    registry.register(_GatewayCollector(gateway, websockets))
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "link_up": gateway.link_up})
+
+    async def ready(_request: web.Request) -> web.Response:
+        body = {"ready": gateway.link_up, "link_up": gateway.link_up,
+                "link_refused": getattr(gateway, "link_refused", "")}
+        return web.json_response(body, status=200 if gateway.link_up else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
