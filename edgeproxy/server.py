@@ -120,6 +120,14 @@ class StreamConnection(asyncio.Protocol):
     def on_lost(self, reason: str) -> None:
         pass
 
+    def log_fields(self) -> dict[str, str]:
+        """The stable keys of JSON log lines (edgeproxy.logs): direction, partner, stream id."""
+        m = getattr(self, "machine", None)
+        partner = (getattr(m, "header_from", None) or getattr(m, "remote", None)
+                   or getattr(m, "domain", None) or "")
+        return {"direction": self.kind, "partner": partner,
+                "stream": getattr(m, "stream_id", "") or ""}
+
     def error_preamble(self) -> bytes:
         """Our stream header, if a stream error comes before we answered the peer's header:
         RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
@@ -157,7 +165,7 @@ class StreamConnection(asyncio.Protocol):
             self.tls_reported = True
             log.info("%s: TLS established (%s, %s%s)", self.label(), self.tls.version,
                      self.tls.cipher, f", ALPN {self.tls.alpn_protocol.decode()}"
-                     if self.tls.alpn_protocol else "")
+                     if self.tls.alpn_protocol else "", extra=self.log_fields())
             self.run(self.on_tls_ready())
         if plain and not self.closing:
             self.feed(plain)
@@ -198,7 +206,8 @@ class StreamConnection(asyncio.Protocol):
                 self.run(self.handle_event(ev))
                 if self.closing:
                     return
-            log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
+            log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition,
+                        extra=self.log_fields())
             self.edge.monitor.closing(self, exc.text, exc.condition)
             self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
             self.close_soon()
@@ -225,7 +234,7 @@ class StreamConnection(asyncio.Protocol):
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
-                f" (<{action.condition}/>)" if action.condition else "")
+                f" (<{action.condition}/>)" if action.condition else "", extra=self.log_fields())
         self.edge.monitor.closing(self, action.reason, action.condition)
         if action.condition:
             self.send(stream_error(action.condition, action.reason))
@@ -286,7 +295,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self, reason: str) -> None:
-        log.warning("%s: %s", self.label(), reason)
+        log.warning("%s: %s", self.label(), reason, extra=self.log_fields())
         self.edge.monitor.closing(self, reason, None)
         self.closing = True
         if self.transport is not None:
@@ -294,7 +303,7 @@ class StreamConnection(asyncio.Protocol):
 
     def graceful_close(self, reason: str) -> None:
         if not self.closing:
-            log.info("%s: closing: %s", self.label(), reason)
+            log.info("%s: closing: %s", self.label(), reason, extra=self.log_fields())
             self.send(b"</stream:stream>")
             self.close_soon()
 
@@ -333,7 +342,8 @@ class InboundConnection(StreamConnection):
         if s2s > self.edge.cfg.connection_limit:
             self.abort(f"connection limit ({self.edge.cfg.connection_limit}) reached")
             return
-        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
+        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
+                 extra=self.log_fields())
         if self.direct_tls:
             self.tls = self.make_tls()
 
@@ -387,7 +397,7 @@ class InboundConnection(StreamConnection):
             self.methods.append((action.remote, action.method))
             tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
             log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                     action.local, action.label, tls)
+                     action.local, action.label, tls, extra=self.log_fields())
             self.edge.monitor.authenticated(self, action)
         elif isinstance(action, DialbackVerify):
             self.edge.router.verify_dialback(self, action)
@@ -490,7 +500,8 @@ class OutboundConnection(StreamConnection):
     def handle_action(self, action: object) -> None:
         if isinstance(action, Authenticated):
             tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls)
+            log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls,
+                     extra=self.log_fields())
             self.edge.monitor.authenticated(self, action)
             self.session.ready(self)
         elif isinstance(action, DialbackVerifyAnswer):

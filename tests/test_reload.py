@@ -9,6 +9,7 @@ partner sees is read from its own log: the stream error it received.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -47,7 +48,8 @@ def partner(domain, tls="required", sasl="optional", dialback=True, **kw):
     return {"domain": domain, "tls": tls, "sasl": sasl, "dialback": dialback, **kw}
 
 
-def edge_file(tmp: Path, domain: str, address: str, partners: list[dict]) -> ConfigFile:
+def edge_file(tmp: Path, domain: str, address: str, partners: list[dict],
+              **sections: dict) -> ConfigFile:
     """contoso's configuration as a real TOML file (what `edgeproxy run -c` would read)."""
     tmp.mkdir(parents=True, exist_ok=True)
     crt, key = write_cert(tmp, domain, CA.issue(domain))
@@ -59,6 +61,7 @@ def edge_file(tmp: Path, domain: str, address: str, partners: list[dict]) -> Con
                  "component": {"listen": f"{address}:5347", "secret": COMPONENT_SECRET}},
         "dns": {"nameservers": ["127.0.0.53"], "timeout": 2},
         "partner": partners,
+        **sections,
     }
     path = tmp / "edge.toml"
     path.write_text("# contoso's edge\n" + tomlkit.dumps(doc))
@@ -216,15 +219,16 @@ async def test_invalid_new_file_keeps_the_running_configuration(dns, tmp_path, c
 
 def test_run_reloads_on_sighup_and_on_file_change_and_survives(dns, tmp_path):
     """The daemon itself: SIGHUP used to kill it; now it reloads, as does a changed file."""
-    cf = edge_file(tmp_path / "c", *C, [partner(F[0])])
-    log_path = tmp_path / "edge.log"
-    with log_path.open("w") as out:
+    log_path = tmp_path / "edge.log"  # [log] file, one JSON object per line
+    cf = edge_file(tmp_path / "c", *C, [partner(F[0])],
+                   log={"format": "json", "file": str(log_path)})
+    with (tmp_path / "stderr").open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "edgeproxy", "run", "-c", str(cf.path)],
                                 stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         def wait_for(text: str, count: int = 1) -> None:
             deadline = time.monotonic() + 20
-            while log_path.read_text().count(text) < count:
+            while not log_path.exists() or log_path.read_text().count(text) < count:
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)
@@ -238,6 +242,39 @@ def test_run_reloads_on_sighup_and_on_file_change_and_survives(dns, tmp_path):
         cf.path.write_text(cf.path.read_text() + "\n[edge.colour]\n")
         wait_for("NOT reloaded")
         assert proc.poll() is None
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert {"ts", "level", "logger", "event"} <= set(lines[0])
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_json_log_lines_carry_partner_direction_and_stream(dns, tmp_path):
+    """[log] format = "json": stable keys an aggregator can filter on (issue 12 section 6)."""
+    from edgeproxy.logs import JsonFormatter
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("edgeproxy")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(F[0])])
+        cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0])])
+        async with running(cfg_c, C[1]) as (_, comp_c), running(cfg_f, F[1]) as (_, comp_f):
+            await exchange(comp_c, comp_f, C[0], F[0], "logged")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    records = [json.loads(x) for x in lines]
+    auth = [r for r in records if "authenticated" in r["event"]]
+    assert {r["direction"] for r in auth} == {"inbound", "outbound"}
+    assert {r["partner"] for r in auth} == {C[0], F[0]}
+    assert all(len(r["stream"]) >= 16 for r in auth)  # the stream id (RFC 6120 4.7.3)
