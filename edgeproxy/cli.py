@@ -77,6 +77,25 @@ def _run(args: argparse.Namespace) -> int:
     return run_forever(checked.edge)
 
 
+def _admin_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .adminauth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password for the control panel: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 10:
+        print("error: use at least 10 characters", file=sys.stderr)
+        return 1
+    print(f'password_hash = "{hash_password(password)}"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # -v is accepted before and after the subcommand (parents=[common]).
     common = argparse.ArgumentParser(add_help=False)
@@ -99,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                    "var/certs)")
     p.add_argument("domains", nargs="+", help="the domains to issue certificates for")
     p.set_defaults(func=_dev_certs)
+    p = sub.add_parser("admin-password", parents=[common],
+                       help="print a password_hash line for [edge.admin] (the password is "
+                       "read from the terminal, or as one line from standard input)")
+    p.set_defaults(func=_admin_password)
     add_commands(sub, common)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)

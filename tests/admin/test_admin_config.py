@@ -73,3 +73,19 @@ def test_hash_with_out_of_range_parameters_is_refused():
     line[1] = "1000"  # not a power of two
     with pytest.raises(ValueError, match="out of range"):
         parse_hash("$".join(line))
+
+
+def test_admin_password_command_prints_a_line_for_the_file():
+    import subprocess
+    import sys
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "edgeproxy", "admin-password"],
+                         input="correct horse battery\n", capture_output=True, text=True,
+                         check=True).stdout
+    line = tomllib.loads(out)["password_hash"]
+    assert verify_password("correct horse battery", line)
+    assert config({"password_hash": line}).admin is not None
+    short = subprocess.run([sys.executable, "-m", "edgeproxy", "admin-password"], input="abc\n",
+                           capture_output=True, text=True)
+    assert short.returncode == 1 and "at least 10 characters" in short.stderr
