@@ -85,8 +85,9 @@ def restart_only_changes(old: EdgeConfig, new: EdgeConfig) -> list[str]:
             out.append(f"[edge] {name}")
     if (old.component and old.component.listen) != (new.component and new.component.listen):
         out.append("[edge.component] listen")
-    if getattr(old, "admin", None) != getattr(new, "admin", None):
-        out.append("[edge.admin]")
+    old_admin, new_admin = getattr(old, "admin", None), getattr(new, "admin", None)
+    if (old_admin and old_admin.listen) != (new_admin and new_admin.listen):
+        out.append("[edge.admin] listen")  # its credentials are read live by the listener
     return out
 
 
