@@ -30,8 +30,13 @@ class CheckedConfig:
     warnings: tuple[str, ...]
 
 
-def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None) -> CheckedConfig:
-    """Every problem of the file in one ConfigError (one line each), or the checked config."""
+def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None, *,
+                  gateway_host: bool = False) -> CheckedConfig:
+    """Every problem of the file in one ConfigError (one line each), or the checked config.
+
+    `gateway_host`: also check what only exists where the gateway runs (its database
+    directory). check-config does; the edge (run, reload, file writes) does not, since the
+    gateway may run on another host with the same file."""
     from gateway.config import gateway_config_from_mapping
 
     problems: list[str] = []
@@ -52,7 +57,7 @@ def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None) 
     if edge is not None:
         _check_certificate(edge, problems, warnings)
         if gateway is not None:
-            _check_gateway(edge, gateway, problems, warnings)
+            _check_gateway(edge, gateway, problems, warnings, gateway_host)
         _check_example_secrets(raw, warnings)
     if problems or edge is None:
         raise ConfigError(problems)
@@ -113,7 +118,7 @@ def _loopback(host: str) -> bool:
 
 
 def _check_gateway(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
-                   warnings: list[str]) -> None:
+                   warnings: list[str], gateway_host: bool) -> None:
     """What `gateway run` and the edge's XEP-0114 accept side must agree on."""
     if gw.domain and gw.domain not in edge.domains:
         problems.append(f"[gateway] domain: {gw.domain} is not one of the [edge] domains "
@@ -140,7 +145,7 @@ def _check_gateway(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
     if not _loopback(gw.api_host) and not gw.admin_token:
         problems.append(f"[gateway] api_listen: {gw.api_host}:{gw.api_port} is not a loopback "
                         "address: set admin_token, or listen on 127.0.0.1")
-    if not gw.database.parent.is_dir():
+    if gateway_host and not gw.database.parent.is_dir():
         problems.append(f"[gateway] database: directory {gw.database.parent} does not exist "
                         "(create it, or point database elsewhere)")
 
@@ -155,19 +160,19 @@ def _check_example_secrets(raw: Mapping[str, Any], warnings: list[str]) -> None:
                             "a secret of your own")
 
 
-def check_text(text: str, path: Path) -> CheckedConfig:
+def check_text(text: str, path: Path, *, gateway_host: bool = False) -> CheckedConfig:
     """Check the text of a configuration file that is (or will be) at `path`."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    return check_mapping(raw, path.resolve().parent, path)
+    return check_mapping(raw, path.resolve().parent, path, gateway_host=gateway_host)
 
 
-def check_file(path: str | Path) -> CheckedConfig:
+def check_file(path: str | Path, *, gateway_host: bool = False) -> CheckedConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read configuration: {exc.strerror}"]) from exc
-    return check_text(text, p)
+    return check_text(text, p, gateway_host=gateway_host)

@@ -25,7 +25,7 @@ def _version() -> str:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        checked = check_file(args.config)
+        checked = check_file(args.config, gateway_host=True)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)

@@ -126,3 +126,13 @@ def test_run_refuses_a_bad_file_in_one_line_per_problem_without_traceback(conf, 
     check = cli("check-config", "-c", str(conf))
     assert check.returncode == 1
     assert r.stderr.splitlines()[0] == check.stderr.splitlines()[0]  # the same words
+
+
+def test_gateway_database_directory_is_checked_where_the_gateway_runs(conf):
+    """check-config reports it; the edge (which may run on another host) does not refuse it."""
+    edit(conf, 'database = "../var/gateway.sqlite3"', 'database = "/nonexistent/dir/g.sqlite3"')
+    check_file(conf)
+    with pytest.raises(ConfigError, match="directory /nonexistent/dir does not exist"):
+        check_file(conf, gateway_host=True)
+    r = cli("check-config", "-c", str(conf))
+    assert r.returncode == 1 and "[gateway] database: directory /nonexistent/dir" in r.stderr
