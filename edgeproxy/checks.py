@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,9 +146,17 @@ def _check_gateway(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
     if not _loopback(gw.api_host) and not gw.admin_token:
         problems.append(f"[gateway] api_listen: {gw.api_host}:{gw.api_port} is not a loopback "
                         "address: set admin_token, or listen on 127.0.0.1")
-    if gateway_host and not gw.database.parent.is_dir():
-        problems.append(f"[gateway] database: directory {gw.database.parent} does not exist "
-                        "(create it, or point database elsewhere)")
+    if gateway_host:
+        # the store creates missing directories: the nearest existing one must allow that
+        where = gw.database.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            problems.append(f"[gateway] database: {where} is not a directory, so "
+                            f"{gw.database} cannot be created")
+        elif not os.access(where, os.W_OK | os.X_OK):
+            problems.append(f"[gateway] database: cannot create {gw.database}: {where} is not "
+                            "writable")
 
 
 def _check_example_secrets(raw: Mapping[str, Any], warnings: list[str]) -> None:
