@@ -778,6 +778,7 @@ class Edge:
                                   DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None)
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
         self._own_resolver = resolver is None
+        self._tls_stamp = _tls_stamp(cfg)
         self.config_version = version_of(cfg.path.read_bytes()) if cfg.path else ""
         self.last_reload: ReloadResult | None = None
         self.reload_counts = {"ok": 0, "failed": 0}
@@ -847,7 +848,8 @@ class Edge:
         tls = (TlsContexts(None, (new.certificate, new.private_key))
                if new.certificate and new.private_key else None)
         trust = TrustStore.load(new.ca_files, new.use_system_ca)
-        if (old.certificate, old.private_key) != (new.certificate, new.private_key):
+        stamp = _tls_stamp(new)
+        if stamp != self._tls_stamp:  # new paths, or renewed in place (then SIGHUP)
             changes.append("certificate and key changed")
         if new.dns != old.dns and self._own_resolver:
             self.resolver = S2sResolver(new.dns.nameservers, new.dns.timeout)
@@ -861,7 +863,7 @@ class Edge:
         changes += [f"{what} changed: takes effect at the next start" for what in later]
 
         self.cfg = new
-        self.tls_contexts, self.trust = tls, trust
+        self.tls_contexts, self.trust, self._tls_stamp = tls, trust, stamp
         ctx = self.s2s_ctx
         ctx.partners, ctx.has_certificate = new.partners, tls is not None
         if new.dialback_secret != old.dialback_secret:
@@ -964,6 +966,14 @@ class Edge:
                 c.transport.abort()
         for s in self.servers:
             await s.wait_closed()
+
+
+def _tls_stamp(cfg: EdgeConfig) -> bytes:
+    """What the served certificate and key files hold now (to tell a renewal on reload)."""
+    try:
+        return b"".join(p.read_bytes() for p in (cfg.certificate, cfg.private_key) if p)
+    except OSError:
+        return b""
 
 
 def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:

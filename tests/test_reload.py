@@ -278,3 +278,41 @@ async def test_json_log_lines_carry_partner_direction_and_stream(dns, tmp_path):
     assert {r["direction"] for r in auth} == {"inbound", "outbound"}
     assert {r["partner"] for r in auth} == {C[0], F[0]}
     assert all(len(r["stream"]) >= 16 for r in auth)  # the stream id (RFC 6120 4.7.3)
+
+
+async def test_new_certificate_serves_the_next_handshake(dns, tmp_path):
+    """A renewed certificate and key (checked as check-config does) are served from the next
+    TLS handshake on, without a restart; Direct TLS (XEP-0368) shows what is served."""
+    import ssl
+
+    from cryptography import x509
+
+    cf = edge_file(tmp_path / "c", *C, [partner(F[0])])
+    cf.path.write_text(cf.path.read_text().replace(
+        'listen = ["127.0.0.10:5269"]',
+        'listen = ["127.0.0.10:5269"]\ndirect_tls_listen = ["127.0.0.10:5270"]'))
+
+    async def served() -> x509.Certificate:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "c" / "ca.crt"))
+        ctx.set_alpn_protocols(["xmpp-server"])
+        _, writer = await asyncio.open_connection(C[1], 5270, ssl=ctx, server_hostname=C[0])
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return x509.load_der_x509_certificate(der)
+
+    async with running(check_file(cf.path).edge) as (edge_c, _):
+        first = await served()
+        renewed = CA.issue(C[0])
+        renewed.write(tmp_path / "c" / "renewed.crt", tmp_path / "c" / "renewed.key")
+        cf.path.write_text(cf.path.read_text().replace(f"{C[0]}.crt", "renewed.crt")
+                           .replace(f"{C[0]}.key", "renewed.key"))
+        result = edge_c.reload()
+        assert result.ok and "certificate and key changed" in result.changes
+        second = await served()
+        assert second.serial_number == renewed.cert.serial_number != first.serial_number
+        # renewed in place (same paths, as certbot does), then SIGHUP: served as well
+        again = CA.issue(C[0])
+        again.write(tmp_path / "c" / "renewed.crt", tmp_path / "c" / "renewed.key")
+        result = edge_c.reload()
+        assert result.ok and "certificate and key changed" in result.changes
+        assert (await served()).serial_number == again.cert.serial_number
