@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,7 @@ class Monitor:
         # (partner, direction, kind) -> total from streams already closed; kind: stanzas/bytes
         self.totals: dict[tuple[str, str, str], int] = {}
         self.registry.register(_EdgeCollector(self))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
 
     # -- hooks called by the shell -----------------------------------------------------------
 

@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,6 +48,7 @@ class _GatewayCollector(Collector):
 def add_routes(app: web.Application, gateway: Gateway, websockets: Callable[[], int]) -> None:
     registry = CollectorRegistry()
     registry.register(_GatewayCollector(gateway, websockets))
+    ProcessCollector(registry=registry)
 
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "link_up": gateway.link_up})

@@ -57,6 +57,7 @@ async def test_health_ready_metrics_answer_on_loopback_without_credentials(edge)
         metrics = await anon.call("GET", "/metrics")
         assert "# TYPE xmpp_edge_streams gauge" in metrics
         assert "# TYPE xmpp_edge_stream_setup_seconds histogram" in metrics
+        assert "process_resident_memory_bytes" in metrics
         refused = await anon.call("GET", "/api/v1/partners", status=401)
         assert "Authorization: Bearer" in refused["error"]
         async with anon.http.get(BASE + "/partners", allow_redirects=False) as resp:
@@ -135,6 +136,22 @@ async def test_partner_crud_goes_through_the_file_with_version_checks(edge, api,
     assert (await api.call("POST", "/api/v1/partners", [1], status=400))["error"] == \
         "the request body must be a JSON object"
     assert gone["version"] == await api.version()
+
+
+async def test_a_broken_file_is_shown_with_its_problems_and_nothing_is_written(edge, api,
+                                                                              tmp_path):
+    path = tmp_path / "edge.toml"
+    path.write_text(path.read_text() + "\n[[partner]]\ndomain = 'x.test'\ncolour = 1\n")
+    listing = await api.call("GET", "/api/v1/partners")
+    assert listing["problems"][0].endswith("is not valid now; showing the running "
+                                           "configuration:")
+    assert any("unknown key 'colour'" in p for p in listing["problems"])
+    assert [p["domain"] for p in listing["partners"]] == [F[0]]  # what the edge runs
+    before = path.read_text()
+    refused = await api.call("POST", "/api/v1/partners", {
+        "version": listing["version"], "partner": {"domain": "northwind.test"}}, status=422)
+    assert any("unknown key 'colour'" in e for e in refused["errors"])
+    assert path.read_text() == before
 
 
 async def test_gateway_settings_and_certificates(edge, api, tmp_path):
