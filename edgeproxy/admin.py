@@ -150,6 +150,7 @@ class AdminListener:
         assert edge.cfg.admin is not None
         self._started_with = edge.cfg.admin
         self.sessions: dict[str, Session] = {}
+        self._sessions_for = self._credentials()  # sessions end when the credentials change
         self.runner: web.AppRunner | None = None
         self._password_lock = asyncio.Lock()
         self.templates = jinja2.Environment(
@@ -217,7 +218,13 @@ class AdminListener:
 
     # -- credentials ---------------------------------------------------------------------------
 
+    def _credentials(self) -> tuple[str | None, str | None]:
+        return self.settings.token, self.settings.password_hash
+
     def _session(self, request: web.Request) -> str | None:
+        if self._credentials() != self._sessions_for:  # a reload changed them
+            self.sessions.clear()
+            self._sessions_for = self._credentials()
         sid = request.cookies.get(COOKIE)
         s = self.sessions.get(sid or "")
         if sid is None or s is None:

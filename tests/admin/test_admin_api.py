@@ -217,6 +217,25 @@ async def test_password_login_sets_a_session_and_cookie_writes_need_the_csrf_tok
             await e.stop()
 
 
+async def test_credentials_are_read_live_and_a_change_ends_the_sessions(edge, api, tmp_path):
+    path = tmp_path / "edge.toml"
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(BASE + "/login", data={"secret": TOKEN, "next": "/history"}) as r:
+            assert r.status == 200 and r.url.path == "/history"
+        new_token = "a-brand-new-token-after-the-leak"
+        path.write_text(path.read_text().replace(TOKEN, new_token))
+        assert edge.reload().ok  # what the file watch or SIGHUP does
+        await api.call("GET", "/api/v1/streams", status=401)  # the old token is gone
+        async with http.get(BASE + "/api/v1/streams") as r:
+            assert r.status == 401  # and so is the session made with it
+    fresh = AdminClient(BASE, token=new_token)
+    try:
+        await fresh.call("GET", "/api/v1/streams")
+    finally:
+        await fresh.close()
+
+
 @pytest.fixture(scope="module")
 def dns(tmp_path_factory):
     require_netns()

@@ -73,6 +73,10 @@ async def test_administrator_adds_edits_and_removes_prosody_in_the_browser(tmp_p
             b.driver.get(BASE + "/partners")
             b.wait("the login page", lambda: "/login" in b.driver.current_url)
             b.screenshot("login")
+            b.css("#secret").send_keys("not the token")
+            b.css("#sign-in").click()
+            b.wait("the refusal", lambda: "not the token or the password" in
+                   b.css("#login-error").text)
             b.css("#secret").send_keys(TOKEN)
             b.css("#sign-in").click()
             b.wait("the partners page", lambda: b.css("h1").text == "XMPP Federated Partners")
@@ -101,6 +105,11 @@ async def test_administrator_adds_edits_and_removes_prosody_in_the_browser(tmp_p
             row = b.css(f'#partners tr[data-domain="{FAB}"]')
             assert "federated" in row.text and "sasl-external, tls-dialback" in row.text
             b.screenshot("partners-added")
+            b.css("#filter").send_keys("north*")  # a glob: fabrikam.test is hidden
+            b.wait("the filter", lambda: not row.is_displayed())
+            b.css("#filter").clear()
+            b.css("#filter").send_keys("fabri")
+            b.wait("the filter", lambda: row.is_displayed())
 
         await asyncio.to_thread(sign_in)
         await asyncio.to_thread(new_partner)
