@@ -27,6 +27,21 @@ function flash(text) {
   sessionStorage.setItem("flash", text);
 }
 
+// After a commit: wait (a few seconds) for the running edge's live reload of that version and
+// say what it did, or that it refused the file, or that it has not picked it up yet.
+async function applied(version) {
+  for (let i = 0; i < 25; i++) {
+    const r = await api("GET", "/api/v1/status");
+    const last = r.status === 200 ? r.data.last_reload : null;
+    if (last && last.version === version) {
+      return last.ok ? `applied by the running edge: ${last.changes.join("; ") || "nothing changed"}.`
+        : `the running edge refused it and keeps the previous configuration: ${last.errors.join("; ")}`;
+    }
+    await new Promise((done) => setTimeout(done, 200));
+  }
+  return "written; the running edge has not reloaded it yet (its file watch or SIGHUP applies it).";
+}
+
 function showFlash() {
   const el = document.getElementById("flash");
   const text = sessionStorage.getItem("flash");
@@ -68,7 +83,7 @@ function partnersPage() {
     const r = await api("DELETE", `/api/v1/partners/${encodeURIComponent(target)}`,
                         { version: fileVersion });
     if (r.status === 200) {
-      flash(`Partner ${target} removed; the edge applies the change by its live reload.`);
+      flash(`Partner ${target} removed; ${await applied(r.data.version)}`);
       location.reload();
     } else {
       document.getElementById("remove-error").textContent = r.data.error;
@@ -87,6 +102,7 @@ function formFields(form) {
   };
   if (form.dataset.mode === "new") fields.domain = v("domain");
   if (fields.description === "") fields.description = null;
+  if (!fields.additional_domains.length) fields.additional_domains = null;  // key left out
   return fields;
 }
 
@@ -139,7 +155,7 @@ function partnerFormPage() {
     if (r.status === 200 || r.status === 201) {
       const name = form.dataset.mode === "new" ? formFields(form).domain : form.dataset.domain;
       flash(`Partner ${name} committed` + (r.data.warnings.length ? ` (warnings: ${r.data.warnings.join("; ")})` : "")
-            + "; the edge applies it by its live reload.");
+            + `; ${await applied(r.data.version)}`);
       location.href = "/partners";
     } else if (r.status === 409) {
       result.textContent = `${r.data.error} - reload the page to see the current file.`;
@@ -213,7 +229,7 @@ function settingsPage() {
     if (r.status === 200) {
       fileVersion = r.data.version;
       out.className = "ok";
-      out.textContent = "Committed; the edge and the gateway apply it by their live reload.";
+      out.textContent = `Committed; ${await applied(r.data.version)}`;
       list(document.getElementById("settings-errors"), []);
     } else {
       out.className = "error";

@@ -1,6 +1,6 @@
 """A real headless Chromium (Debian's `chromium` + `chromium-driver`) driven by Selenium, for the
-control panel's end-to-end tests. Screenshots go to test-artifacts/panel/ (or
-$EDGE_TEST_ARTIFACTS/panel/).
+control panel's end-to-end tests. Screenshots go to test-artifacts/panel/<prefix>-NN-<step>.png
+(or under $EDGE_TEST_ARTIFACTS/panel/).
 
 Selenium's calls block: the tests run each browser step in a thread (asyncio.to_thread), so
 the edge, in the test's event loop, keeps serving the pages the browser asks for.
@@ -26,7 +26,7 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-backgroun
 
 
 class Browser:
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
         for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
             if not os.access(binary, os.X_OK):
                 pytest.fail(f"{binary} is missing: install Debian's {package} (scripts/test "
@@ -42,6 +42,9 @@ class Browser:
         self.driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER),
                                        options=opts)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        for old in ARTIFACTS.glob(f"{prefix}-*.png"):  # a previous run's
+            old.unlink()
         self.shots: list[Path] = []
 
     def css(self, selector: str) -> Any:
@@ -69,7 +72,7 @@ class Browser:
                                  f"(page {self.driver.current_url})") from None
 
     def screenshot(self, name: str) -> Path:
-        path = ARTIFACTS / f"{len(self.shots) + 1:02d}-{name}.png"
+        path = ARTIFACTS / f"{self.prefix}-{len(self.shots) + 1:02d}-{name}.png"
         self.driver.save_screenshot(str(path))
         self.shots.append(path)
         return path
