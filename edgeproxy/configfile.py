@@ -235,6 +235,32 @@ class ConfigFile:
 
         return self._change(edit, version, dry_run)
 
+    def set_federation(self, user: str, allowed: bool, version: str, *,
+                       dry_run: bool = False) -> Change:
+        """Lync External Access Policy EnableXmppAccess for one local user: [gateway]
+        federation_denied lists the users who may not federate."""
+        name = user.strip().lower()
+        if not name or "@" in name or "/" in name:
+            raise ConfigRejected([f"{user!r} is not a local user name (give the part before @)"])
+
+        def edit(doc: TOMLDocument) -> None:
+            table = doc.get("gateway")
+            if not isinstance(table, Table):
+                raise ConfigRejected(["the file has no [gateway] section"])
+            current = [u for u in _plain(table.get("federation_denied", []))
+                       if isinstance(u, str)]
+            rest = [u for u in current if u.lower() != name]
+            new = rest if allowed else [*rest, name]
+            _update(table, {"federation_denied": sorted(new) or None})
+
+        return self._change(edit, version, dry_run)
+
+    def federation_denied(self) -> list[str]:
+        doc = tomlkit.parse(self.read()[0])
+        table = doc.get("gateway")
+        value = table.get("federation_denied", []) if isinstance(table, Mapping) else []
+        return [u for u in _plain(value) if isinstance(u, str)]
+
     # -- internals ------------------------------------------------------------------------
 
     def _find_partner(self, doc: TOMLDocument, domain: str) -> tuple[int, Table]:

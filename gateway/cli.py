@@ -15,6 +15,7 @@ from aiohttp import web
 from edgeproxy.config import ConfigError
 from edgeproxy.logs import setup_logging
 
+from .access import add_federation_commands, run_federation_command
 from .config import GatewayConfig, load_gateway_config
 from .store import SqliteStore, StoreError
 
@@ -32,6 +33,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     store = SqliteStore(cfg.database)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
+    gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
     runner = web.AppRunner(make_app(gateway, cfg.admin_token))
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         if action != "list":
             p.add_argument("name")
         p.add_argument("-c", "--config", required=True, help="the edge's TOML file")
+    add_federation_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "federation":
+        return run_federation_command(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -123,6 +123,8 @@ class Gateway(ComponentXMPP):
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
         self.log_bodies = False  # Lync EnableLoggingAllMessageBodies ([log] message_bodies)
         self.link_refused = ""  # why the edge last refused the link, in words
+        # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
+        self.federation_denied: frozenset[str] = frozenset()
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -210,6 +212,8 @@ class Gateway(ComponentXMPP):
 
     def verdict(self, user: str, remote: JID, direction: Direction, kind: Kind,
                 *, user_exists: bool = True) -> Verdict:
+        if user_exists and remote.domain != self.domain and self.may_not_federate(user):
+            user_exists = False  # partners see no such user (RFC 6121: never reveal it)
         contact = self.store.contact(user, remote.bare) if user_exists else None
         ptype = self.partner_type(remote.domain)
         outcome = rules.decide(ptype, direction, kind, contact.state if contact else NO_CONTACT,
@@ -445,8 +449,9 @@ class Gateway(ComponentXMPP):
         for contact in self.store.contacts(user):
             if not contact.state.contact_sees_user:
                 continue
-            ptype = self.partner_type(JID(contact.jid).domain)
-            if ptype is None:
+            domain = JID(contact.jid).domain
+            ptype = self.partner_type(domain)
+            if ptype is None or (domain != self.domain and self.may_not_federate(user)):
                 continue
             self._try_emit(self._presence_of(user, resource, contact.jid, ptype))
 
@@ -469,7 +474,13 @@ class Gateway(ComponentXMPP):
             raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
         return jid
 
+    def may_not_federate(self, user: str) -> bool:
+        return user.lower() in self.federation_denied
+
     def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
+        if to.domain != self.domain and self.may_not_federate(user):
+            raise Refused(f"{user}@{self.domain} is not allowed to federate (external access "
+                          "policy: [gateway] federation_denied); ask your administrator")
         v = self.verdict(user, to, Direction.OUTBOUND, kind)
         if v.partner_type is None:
             raise Refused(f"{to.domain} is not a federation partner of {self.domain}: "

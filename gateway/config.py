@@ -21,7 +21,7 @@ from edgeproxy.config import (
 from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
-          "subscription_refresh_interval"}
+          "subscription_refresh_interval", "federation_denied"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,8 @@ class GatewayConfig:
     # Lync SubscriptionRefreshInterval (SPEC 1.4): seconds between presence probes to contacts
     subscription_refresh_interval: float = 28800.0
     log: LogSettings = LogSettings()
+    # Lync External Access Policy with EnableXmppAccess off: local users who may not federate
+    federation_denied: frozenset[str] = frozenset()
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -83,6 +85,12 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
                         f"seconds (got {refresh!r})")
         refresh = 28800
     log = log_settings_from_mapping(raw, base, problems)
+    denied = section.get("federation_denied", [])
+    if not isinstance(denied, list) or not all(isinstance(u, str) and u and "@" not in u
+                                               for u in denied):
+        problems.append("[gateway] federation_denied: must be a list of local user names "
+                        f"(got {denied!r})")
+        denied = []
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -96,6 +104,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
         admin_token=admin_token, partners=partners,
         subscription_refresh_interval=float(refresh), log=log,
+        federation_denied=frozenset(u.lower() for u in denied),
     )
 
 

@@ -46,6 +46,8 @@ def refresh_subscriptions(gateway: Gateway) -> int:
     """Probe every partner contact a local user is subscribed to; returns the probes sent."""
     sent = 0
     for user in gateway.store.list_users():
+        if gateway.may_not_federate(user):
+            continue
         for contact in gateway.store.contacts(user):
             domain = contact.jid.partition("@")[2]
             if not contact.state.sees_contact or domain == gateway.domain \
@@ -56,6 +58,18 @@ def refresh_subscriptions(gateway: Gateway) -> int:
             gateway.emit(probe)
             sent += 1
     return sent
+
+
+def went_unavailable(gateway: Gateway, user: str) -> None:
+    """A user just denied federation: partner contacts that saw them online now see them
+    unavailable (RFC 6121 4.5), as if they had logged off."""
+    for contact in gateway.store.contacts(user):
+        domain = contact.jid.partition("@")[2]
+        if not contact.state.contact_sees_user or domain == gateway.domain:
+            continue
+        for resource in gateway.sessions.get(user, {}):
+            gateway.emit(gateway.make_presence(pto=contact.jid, ptype="unavailable",
+                                               pfrom=f"{user}@{gateway.domain}/{resource}"))
 
 
 class SubscriptionRefresh:
@@ -104,6 +118,7 @@ class GatewayReload:
         self.own_logging = own_logging  # the daemon's logging, not a test's
         self.last: ReloadResult | None = None
         gateway.log_bodies = cfg.log.message_bodies
+        gateway.federation_denied = cfg.federation_denied
 
     def reload(self) -> ReloadResult:
         try:
@@ -120,6 +135,12 @@ class GatewayReload:
                     for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         self.gateway.partners = new.partners  # the next stanza is judged by the new types
         self.gateway.log_bodies = new.log.message_bodies
+        newly_denied = new.federation_denied - old.federation_denied
+        if new.federation_denied != old.federation_denied:
+            changes.append("federation_denied changed")
+            self.gateway.federation_denied = new.federation_denied
+            for user in sorted(newly_denied):
+                went_unavailable(self.gateway, user)
         if new.subscription_refresh_interval != old.subscription_refresh_interval:
             changes.append("subscription_refresh_interval changed")
             if self.refresh is not None:
