@@ -79,11 +79,25 @@ def _run(cfg: GatewayConfig, path: Path) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xmpp-federation-edge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="connect to the edge and serve the users' API")
+    run = sub.add_parser("run", help="connect to the edge and serve the users' API; SIGHUP "
+                         "or a change of the file reloads it live")
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="debug logging")
     run.add_argument("-c", "--config", required=True, help="the edge's TOML file")
     user = sub.add_parser("user", help="manage local users")
     user_sub = user.add_subparsers(dest="action", required=True)

@@ -229,3 +229,14 @@ def test_gateway_run_reloads_on_sighup_and_logs_a_clean_stop(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_gateway_version_and_verbose_after_run(capsys):
+    from gateway.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("gateway ")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-v", "--help"])
+    assert e.value.code == 0 and "-v, --verbose" in capsys.readouterr().out
