@@ -101,6 +101,10 @@ def partner_json(p: Partner, edge: Edge) -> dict[str, Any]:
     }
 
 
+def _path(p: Path | None) -> str:
+    return str(p.resolve()) if p is not None else ""
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -111,9 +115,9 @@ def certificates_json(cfg: EdgeConfig, wall: float) -> dict[str, Any]:
 
     from .identity import certificate_names, fingerprint_sha256, match_identity
 
-    out: dict[str, Any] = {"certificate_file": str(cfg.certificate or ""),
-                           "private_key_file": str(cfg.private_key or ""), "chain": [],
-                           "ca_files": [str(c) for c in cfg.ca_files],
+    out: dict[str, Any] = {"certificate_file": _path(cfg.certificate),
+                           "private_key_file": _path(cfg.private_key), "chain": [],
+                           "ca_files": [_path(c) for c in cfg.ca_files],
                            "use_system_ca": cfg.use_system_ca, "error": None}
     if cfg.certificate is None:
         out["error"] = ("no certificate configured: TLS cannot be offered ([edge] certificate "
