@@ -8,6 +8,7 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -990,6 +991,14 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
             before = edge.cfg.log
             if edge.reload().ok and edge.cfg.log != before:
                 setup_logging(edge.cfg.log)
+
+        def file_changed() -> None:
+            # a writer that reloaded the edge itself (the admin API) already applied it
+            with contextlib.suppress(OSError):
+                if cfg.path is not None and \
+                        version_of(cfg.path.read_bytes()) == edge.config_version:
+                    return
+            reload()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -998,7 +1007,7 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
         watch = None
         if cfg.path is not None:
             # the file is the source of truth: a change is applied at once; SIGHUP = reload now
-            watch = FileWatch(cfg.path, reload, watch_interval)
+            watch = FileWatch(cfg.path, file_changed, watch_interval)
             watch.start()
         with sighup(reload):
             await stop.wait()
