@@ -99,6 +99,24 @@ async def test_wrong_secret_is_explained_and_backs_off(dns, tmp_path, caplog):
             store.close()
 
 
+async def test_domain_the_edge_does_not_serve_is_explained(dns, tmp_path):
+    """XEP-0114 / RFC 6120 4.9.3.6 <host-unknown/>: the gateway's domain is not the edge's."""
+    cfg = edge_config(tmp_path / "c", *C, CA, [partner(F[0])])
+    async with running(cfg):
+        store = SqliteStore(tmp_path / "g.sqlite3")
+        gw = Gateway("elsewhere.test", COMPONENT_SECRET, C[1], 5347, store, cfg.partners,
+                     max_backoff=30.0)
+        gw.connect()
+        try:
+            await until(lambda: gw.link_refused)
+            assert gw.link_refused.startswith("<host-unknown/>: the edge does not serve "
+                                              "elsewhere.test")
+            assert gw.backoff == 30.0
+        finally:
+            await gw.close()
+            store.close()
+
+
 async def test_second_gateway_conflict_is_named_and_backs_off(dns, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     cfg = edge_config(tmp_path / "c", *C, CA, [partner(F[0])])
