@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     if args.command in ("partner", "gateway-settings"):
+        # `edgeproxy partner list | head`: end quietly when the reader goes away
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
         return run_admin_command(args)
     if args.command != "run":
