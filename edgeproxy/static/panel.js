@@ -27,10 +27,10 @@ function flash(text) {
   sessionStorage.setItem("flash", text);
 }
 
-// After a commit: wait (a few seconds) for the running edge's live reload of that version and
+// After a commit: wait (up to 10 seconds) for the running edge's live reload of that version and
 // say what it did, or that it refused the file, or that it has not picked it up yet.
 async function applied(version) {
-  for (let i = 0; i < 25; i++) {
+  for (let i = 0; i < 50; i++) {  // up to 10 s: a file watch polls every second
     const r = await api("GET", "/api/v1/status");
     const last = r.status === 200 ? r.data.last_reload : null;
     if (last && last.version === version) {
