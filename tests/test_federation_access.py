@@ -130,3 +130,34 @@ def test_gateway_federation_cli(tmp_path, capsys):
     assert load_gateway_config(cf.path).federation_denied == frozenset({"eve"})
     rc, _, err = cli("deny", "eve@fed.test")
     assert rc == 1 and "is not a local user name" in err
+
+
+async def test_partner_type_change_applies_to_the_next_stanza(dns, tmp_path):
+    """SPEC 1.5: a federated partner's stranger reaches a local user; once the partner is
+    public-unverified (a live reload), the next message from a stranger gets
+    <service-unavailable/> and is recorded as filtered."""
+    cf = config_file(tmp_path / "conf", [])
+    cfg = load_gateway_config(cf.path)
+    cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(R[0])])
+    cfg_r = edge_config(tmp_path / "r", *R, CA, [partner(C[0])])
+    async with running(cfg_c), running(cfg_r):
+        users = RemoteUsers(R[0], R[1])
+        await users.start()
+        try:
+            async with running_gateway(tmp_path / "g.sqlite3", C[0], C[1],
+                                       cfg.partners) as gw:
+                live = GatewayReload(cf.path, cfg, gw.gateway)
+                bob = await gw.api.add_user("bob")
+                sock = await gw.api.connect(bob)
+                users.message("carol", f"bob@{C[0]}", "hello, stranger")
+                got = await sock.expect("message")
+                assert got["body"] == "hello, stranger"
+                cf.set_partner(R[0], {"type": "public-unverified"}, cf.load()[1])
+                assert live.reload().ok
+                users.message("carol", f"bob@{C[0]}", "hello again")
+                err = await users.expect("message", "error", to=f"carol@{R[0]}")
+                assert error_condition(err)[0] == "service-unavailable"
+                assert [f.jid for f in gw.store.filtered("bob")] == [f"carol@{R[0]}"]
+                await sock.close()
+        finally:
+            await users.stop()

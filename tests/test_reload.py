@@ -316,3 +316,21 @@ async def test_new_certificate_serves_the_next_handshake(dns, tmp_path):
         result = edge_c.reload()
         assert result.ok and "certificate and key changed" in result.changes
         assert (await served()).serial_number == again.cert.serial_number
+
+
+def test_listen_and_domains_changes_wait_for_the_next_start(tmp_path):
+    """Sockets are bound once: a reload keeps them and says so instead of half-applying."""
+    from dataclasses import replace
+
+    from edgeproxy.config import ListenAddress
+    from edgeproxy.server import Edge
+
+    cfg = edge_config(tmp_path / "c", *C, CA, [partner(F[0])])
+    edge = Edge(cfg)
+    new = replace(cfg, listen=(ListenAddress("127.0.0.10", 5999),), domains=("other.test",),
+                  keepalive_interval=42.0)
+    changes = edge.apply(new)
+    assert "[edge] listen changed: takes effect at the next start" in changes
+    assert "[edge] domains changed: takes effect at the next start" in changes
+    assert edge.cfg.listen == cfg.listen and edge.cfg.domains == cfg.domains
+    assert edge.cfg.keepalive_interval == 42.0  # the rest applies at once
