@@ -44,6 +44,7 @@ class StreamStats:
     close_reason: str = ""  # the first reason given for closing (later ones are consequences)
     close_condition: str = ""
     attempts: list[Attempt] = field(default_factory=list)
+    failure_recorded: bool = False
     done: bool = False
 
 
@@ -100,6 +101,22 @@ class Monitor:
         st = conn.stats
         if not st.close_reason:
             st.close_reason, st.close_condition = reason, condition or ""
+        self._failed(conn)
+
+    def _failed(self, conn: StreamConnection) -> None:
+        """An S2S stream closing before any pair was authenticated is a failed attempt; it is
+        recorded at once (before the bounces it causes), with the first reason given."""
+        st = conn.stats
+        if st.failure_recorded or st.authenticated_at is not None or \
+                conn.kind not in ("inbound", "outbound"):
+            return
+        st.failure_recorded = True
+        local, remote = _pair_of(conn)
+        self.failures.labels(conn.kind, failure_kind(st.close_reason,
+                                                     st.close_condition)).inc()
+        self.history.record(self._partner_of(remote), Attempt(
+            st.opened, conn.kind, local, remote, conn.peer, Outcome.FAILED, st.close_reason,
+            self.wall() - st.opened, "", _tls_text(conn), st.close_condition))
 
     def lost(self, conn: StreamConnection, reason: str) -> None:
         st = conn.stats
@@ -107,16 +124,11 @@ class Monitor:
             return
         st.done = True
         now = self.wall()
-        why = st.close_reason or reason
-        if conn.kind in ("inbound", "outbound"):
-            if st.authenticated_at is None:
-                local, remote = _pair_of(conn)
-                self.failures.labels(conn.kind, failure_kind(why, st.close_condition)).inc()
-                self.history.record(self._partner_of(remote), Attempt(
-                    st.opened, conn.kind, local, remote, conn.peer, Outcome.FAILED, why,
-                    now - st.opened, "", _tls_text(conn), st.close_condition))
-            for a in st.attempts:
-                a.ended_after, a.end_reason = now - a.at, why
+        if not st.close_reason:
+            st.close_reason = reason
+        self._failed(conn)
+        for a in st.attempts:
+            a.ended_after, a.end_reason = now - a.at, st.close_reason
         partner = self._stream_partner(conn)
         for kind, value_in, value_out in (("stanzas", st.stanzas_in, st.stanzas_out),
                                           ("bytes", st.bytes_in, st.bytes_out)):

@@ -305,6 +305,7 @@ class StreamConnection(asyncio.Protocol):
     def graceful_close(self, reason: str) -> None:
         if not self.closing:
             log.info("%s: closing: %s", self.label(), reason, extra=self.log_fields())
+            self.edge.monitor.closing(self, reason, None)
             self.send(b"</stream:stream>")
             self.close_soon()
 

@@ -23,6 +23,7 @@ from tests.servers.dnsmasq import Dnsmasq
 
 CA = CertificateAuthority("Admin Test")
 C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
+N = ("northwind.test", "127.0.0.12")
 BASE = f"http://{C[1]}:5280"
 
 
@@ -240,7 +241,7 @@ async def test_credentials_are_read_live_and_a_change_ends_the_sessions(edge, ap
 def dns(tmp_path_factory):
     require_netns()
     d = Dnsmasq(tmp_path_factory.mktemp("dns"))
-    for domain, ip in (C, F):
+    for domain, ip in (C, F, N):
         d.add_host(domain, ip)
         d.add_srv(f"_xmpp-server._tcp.{domain}", domain, 5269)
     d.start()
@@ -326,7 +327,7 @@ async def test_streams_history_and_metrics_of_real_federation(dns, tmp_path):
             if attempts[0]["ended_after"] is not None:
                 break
             await asyncio.sleep(0.1)
-        assert attempts[0]["end_reason"], attempts
+        assert attempts[0]["end_reason"] == f"{F[0]} closed the stream", attempts
         metrics = await api.call("GET", "/metrics")
         assert re.search(r'xmpp_edge_stanzas_total\{direction="out",partner="fabrikam.test"\} '
                          r'3.0', metrics), "the closed stream's totals are kept"
@@ -341,3 +342,50 @@ async def test_streams_history_and_metrics_of_real_federation(dns, tmp_path):
 def test_templates_and_assets_are_package_data():
     root = Path(__file__).resolve().parents[2] / "pyproject.toml"
     assert 'edgeproxy = ["templates/*.html", "static/*"]' in root.read_text()
+
+
+async def test_history_names_the_certificate_that_does_not_match(dns, tmp_path):
+    """northwind.test presents a certificate for mail.northwind.test; contoso's partner entry
+    allows only SASL EXTERNAL (matrix row 2), so the stream fails, and the history says which
+    certificate did not match which name (RFC 6125 6.4)."""
+    from edgeproxy.config import edge_config_from_mapping
+    from tests.edges import write_cert
+
+    pc = write_edge_file(tmp_path / "c" / "edge.toml", *C, CA, [
+        {"domain": N[0], "tls": "required", "sasl": "required", "dialback": False}])
+    (tmp_path / "n").mkdir()
+    crt, key = write_cert(tmp_path / "n", "mail", CA.issue(f"mail.{N[0]}"))
+    ca_file = tmp_path / "n" / "ca.crt"
+    CA.write_root(ca_file)
+    cfg_n = edge_config_from_mapping({"edge": {
+        "domains": [N[0]], "listen": [f"{N[1]}:5269"], "certificate": crt, "private_key": key,
+        "ca_files": [str(ca_file)], "use_system_ca": False, "dialback_secret": "n"},
+        "dns": {"nameservers": ["127.0.0.53"]},
+        "partner": [{"domain": C[0], "tls": "required", "sasl": "required",
+                     "dialback": False}]}, tmp_path / "n")
+    ec, en = Edge(load_edge_config(pc)), Edge(cfg_n)
+    await ec.start()
+    await en.start()
+    comp = Component(C[0], C[1])
+    api = AdminClient(BASE)
+    try:
+        await comp.start(C[1])
+        comp.send_message(mto=f"dora@{N[0]}", mfrom=f"bob@{C[0]}", mbody="hello?")
+        bounce = await comp.next(15)
+        assert bounce["type"] == "error"
+        [failed] = (await api.call("GET", f"/api/v1/history/{N[0]}"))["attempts"]
+        assert failed["outcome"] == "failed" and failed["direction"] == "outbound"
+        assert failed["reason"].startswith(
+            f"certificate of {N[0]}: certificate for mail.{N[0]} does not match {N[0]}; "
+            f"partner {N[0]} allows only SASL EXTERNAL"), failed["reason"]
+        assert failed["condition"] == "not-authorized" and failed["tls"].startswith("TLSv1.")
+        page = await api.call("GET", f"/history/{N[0]}")
+        assert f"does not match {N[0]}" in page
+        metrics = await api.call("GET", "/metrics")
+        assert 'xmpp_edge_negotiation_failures_total{direction="outbound",' \
+               'reason="not-authorized"} 1.0' in metrics
+    finally:
+        await api.close()
+        await comp.stop()
+        await ec.stop()
+        await en.stop()
