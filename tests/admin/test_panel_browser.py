@@ -19,6 +19,7 @@ import pytest
 
 from edgeproxy.config import load_edge_config
 from edgeproxy.configfile import ConfigFile
+from edgeproxy.partners import NEGOTIATION_MATRIX, Verdict
 from edgeproxy.reload import FileWatch
 from edgeproxy.server import Edge
 from tests.admin.browser import Browser
@@ -163,6 +164,20 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
             b.wait("the server's refusal", lambda: "Lync matrix row 14" in
                    b.css("#server-errors").text)
             b.screenshot("edit-invalid-row-refused")
+            # Each of the matrix's five invalid rows disables Commit as soon as it is chosen.
+            for (tls, sasl, dialback), row in NEGOTIATION_MATRIX.items():
+                Select(b.css("#f-tls")).select_by_value(tls.value)
+                Select(b.css("#f-sasl")).select_by_value(sasl.value)
+                if b.css("#f-dialback").is_selected() != dialback:
+                    b.css("#f-dialback").click()
+                shown = b.css("#matrix-row").text
+                assert shown.startswith(f"Row {row.number}: {row.verdict.value}"), shown
+                if row.verdict is Verdict.INVALID:
+                    assert not b.css("#commit").is_enabled(), shown
+            Select(b.css("#f-tls")).select_by_value("required")
+            Select(b.css("#f-sasl")).select_by_value("not-supported")
+            if b.css("#f-dialback").is_selected():
+                b.css("#f-dialback").click()
 
         version_before = cf.read()[1]
         await asyncio.to_thread(invalid_edit)
