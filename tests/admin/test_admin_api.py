@@ -72,6 +72,33 @@ async def test_health_ready_metrics_answer_on_loopback_without_credentials(edge)
         await wrong.close()
 
 
+async def test_metrics_are_valid_prometheus_text(edge, api):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(await api.call("GET", "/metrics"))}
+    assert {"xmpp_edge_streams", "xmpp_edge_stanzas", "xmpp_edge_bytes", "xmpp_edge_bounces",
+            "xmpp_edge_negotiation_failures", "xmpp_edge_queue_depth", "xmpp_edge_reloads",
+            "xmpp_edge_stream_setup_seconds", "xmpp_edge_gateway_links"} <= names
+
+
+async def test_off_loopback_even_health_and_metrics_need_the_token(tmp_path):
+    require_netns()
+    path = write_edge_file(tmp_path / "edge.toml", *C, CA, [fabrikam()],
+                           admin={"listen": "0.0.0.0:5281", "token": TOKEN})
+    e = Edge(load_edge_config(path))
+    await e.start()
+    anon, admin = AdminClient("http://127.0.0.1:5281", token=None), \
+        AdminClient("http://127.0.0.1:5281")
+    try:
+        for page in ("/health", "/ready", "/metrics"):
+            await anon.call("GET", page, status=401)
+            await admin.call("GET", page)
+    finally:
+        await anon.close()
+        await admin.close()
+        await e.stop()
+
+
 async def test_ready_is_503_when_the_listeners_are_closed(edge, api):
     for s in edge.servers:
         s.close()
