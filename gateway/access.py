@@ -1,6 +1,7 @@
 """Who may federate: Lync's External Access Policy (EnableXmppAccess) per local user.
 
-`gateway federation list | allow NAME | deny NAME -c FILE [--dry-run]` edits [gateway]
+`gateway federation list | allow NAME | deny NAME -c FILE [--dry-run]` and the admin API
+(`GET /api/v1/admin/federation`, `PUT /api/v1/admin/users/{name}/federation`) edit [gateway]
 federation_denied through `edgeproxy.configfile` (validated, atomic, comments kept); the running
 gateway applies it live. A denied user's messages and subscriptions to partners are refused
 (the API answers 403 with the reason); partners see the user as unavailable and get what a
@@ -13,8 +14,55 @@ import argparse
 import sys
 from typing import Any
 
+from aiohttp import web
+
 from edgeproxy.config import ConfigError
 from edgeproxy.configfile import ConfigFile, ConfigRejected, StaleVersion
+
+from .live import GatewayReload
+
+LIVE = web.AppKey("gateway_reload", GatewayReload)
+
+
+def add_federation_routes(app: web.Application, live: GatewayReload) -> None:
+    """The admin API's part (behind the [gateway] admin_token, like every /api/v1/admin/)."""
+    app[LIVE] = live
+    app.router.add_get("/api/v1/admin/federation", admin_federation_list)
+    app.router.add_put("/api/v1/admin/users/{name}/federation", admin_set_federation)
+
+
+async def admin_federation_list(request: web.Request) -> web.Response:
+    cf = ConfigFile(request.app[LIVE].path)
+    _, version = cf.read()
+    return web.json_response({"denied": cf.federation_denied(), "version": version})
+
+
+async def admin_set_federation(request: web.Request) -> web.Response:
+    """Body {"allowed": true|false, "version": optional, the file's version read before}."""
+    from .api import GATEWAY, error
+
+    name = request.match_info["name"].lower()
+    try:
+        body = await request.json()
+    except ValueError:
+        raise error(400, "the body must be JSON: {\"allowed\": true|false}") from None
+    allowed = body.get("allowed") if isinstance(body, dict) else None
+    if not isinstance(allowed, bool):
+        raise error(400, "\"allowed\" must be true or false")
+    if not request.app[GATEWAY].store.user_exists(name):
+        raise error(404, f"no user named {name!r}")
+    live = request.app[LIVE]
+    cf = ConfigFile(live.path)
+    version = body.get("version") or cf.read()[1]
+    try:
+        change = cf.set_federation(name, allowed, str(version))
+    except StaleVersion as exc:
+        raise error(409, str(exc)) from None
+    except ConfigRejected as exc:
+        raise error(400, "; ".join(exc.errors), errors=exc.errors) from None
+    applied = live.reload()
+    return web.json_response({"user": name, "federation": "allowed" if allowed else "denied",
+                              "version": change.version, "applied": applied.ok})
 
 
 def add_federation_commands(sub: Any) -> None:

@@ -15,7 +15,7 @@ from aiohttp import web
 from edgeproxy.config import ConfigError
 from edgeproxy.logs import setup_logging
 
-from .access import add_federation_commands, run_federation_command
+from .access import add_federation_commands, add_federation_routes, run_federation_command
 from .config import GatewayConfig, load_gateway_config
 from .store import SqliteStore, StoreError
 
@@ -34,15 +34,18 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
     gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
-    runner = web.AppRunner(make_app(gateway, cfg.admin_token))
+    refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
+    live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
+    app = make_app(gateway, cfg.admin_token)
+    if live is not None:
+        add_federation_routes(app, live)
+    runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
     log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s", cfg.domain,
              cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port)
     gateway.connect()
-    refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
     refresh.start()
-    live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
     try:
         if live is not None:
             with live.watching():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeproxy.config import ConfigError
+from edgeproxy.configfile import version_of
 from edgeproxy.logs import setup_logging
 from edgeproxy.reload import FileWatch, ReloadResult, diff_partners, sighup
 
@@ -117,14 +118,26 @@ class GatewayReload:
         self.path, self.cfg, self.gateway, self.refresh = path, cfg, gateway, refresh
         self.own_logging = own_logging  # the daemon's logging, not a test's
         self.last: ReloadResult | None = None
+        self.version = self._file_version()
         gateway.log_bodies = cfg.log.message_bodies
         gateway.federation_denied = cfg.federation_denied
 
+    def _file_version(self) -> str:
+        try:
+            return version_of(self.path.read_bytes())
+        except OSError:
+            return ""
+
+    def _file_changed(self) -> None:
+        if self._file_version() != self.version:  # not already applied (by the admin API)
+            self.reload()
+
     def reload(self) -> ReloadResult:
+        version = self._file_version()
         try:
             new = load_gateway_config(self.path)  # what `gateway run` accepts
         except ConfigError as exc:
-            result = ReloadResult(False, "", tuple(exc.problems))
+            result = ReloadResult(False, version, tuple(exc.problems))
             log.error("configuration %s NOT reloaded, the running one stays: %s", self.path,
                       "; ".join(exc.problems))
             self.last = result
@@ -149,8 +162,8 @@ class GatewayReload:
             changes.append("[log] changed")
             if self.own_logging:
                 setup_logging(new.log)
-        self.cfg = new
-        result = ReloadResult(True, "", changes=tuple(changes))
+        self.cfg, self.version = new, version
+        result = ReloadResult(True, version, changes=tuple(changes))
         log.info("configuration %s reloaded: %s", self.path, "; ".join(changes) or
                  "nothing changed")
         self.last = result
@@ -158,7 +171,7 @@ class GatewayReload:
 
     @contextlib.contextmanager
     def watching(self, interval: float = 1.0) -> Any:
-        watch = FileWatch(self.path, self.reload, interval)
+        watch = FileWatch(self.path, self._file_changed, interval)
         watch.start()
         try:
             with sighup(self.reload):

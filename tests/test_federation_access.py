@@ -43,13 +43,14 @@ def partner(domain):
             "dialback": True}
 
 
-def config_file(tmp, denied: list[str]) -> ConfigFile:
+def config_file(tmp, denied: list[str], **gateway: str) -> ConfigFile:
     tmp.mkdir(parents=True, exist_ok=True)
     doc = {"edge": {"domains": [C[0]], "listen": [f"{C[1]}:5269"],
                     "component": {"listen": f"{C[1]}:5347", "secret": COMPONENT_SECRET}},
            "partner": [partner(R[0])],
            "gateway": {"domain": C[0], "component": f"{C[1]}:5347", "secret": COMPONENT_SECRET,
-                       "database": str(tmp / "g.sqlite3"), "federation_denied": denied}}
+                       "database": str(tmp / "g.sqlite3"), "federation_denied": denied,
+                       **gateway}}
     (tmp / "edge.toml").write_text(tomlkit.dumps(doc))
     return ConfigFile(tmp / "edge.toml")
 
@@ -161,3 +162,62 @@ async def test_partner_type_change_applies_to_the_next_stanza(dns, tmp_path):
                 await sock.close()
         finally:
             await users.stop()
+
+
+def test_admin_api_denies_and_allows_federation_live(tmp_path, capsys):
+    """The gateway's admin API (behind admin_token): the change goes through the file and is
+    applied by the running gateway at once; a stale version gets 409."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from gateway.cli import main
+
+    require_netns()
+    token = "admin-token-for-federation-tests"
+    cf = config_file(tmp_path, [], admin_token=token, api_listen="127.0.0.1:8080")
+    assert main(["user", "add", "bob", "-c", str(cf.path)]) == 0
+    capsys.readouterr()
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(cf.path)],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+    def call(method: str, path: str, body: object = None, auth: bool = True):
+        req = urllib.request.Request(f"http://127.0.0.1:8080{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None
+                                     else None,
+                                     headers={"Authorization": f"Bearer {token}"} if auth
+                                     else {})
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        deadline = time.monotonic() + 30
+        while "API on http://" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        status, listed = call("GET", "/api/v1/admin/federation")
+        assert status == 200 and listed["denied"] == []
+        status, body = call("PUT", "/api/v1/admin/users/bob/federation", {"allowed": False})
+        assert status == 200 and body == {"user": "bob", "federation": "denied",
+                                          "version": body["version"], "applied": True}
+        assert cf.federation_denied() == ["bob"]
+        assert "federation_denied changed" in log_path.read_text()  # applied, and logged
+        status, body = call("PUT", "/api/v1/admin/users/bob/federation",
+                            {"allowed": True, "version": listed["version"]})
+        assert status == 409 and "changed since it was read" in body["error"]
+        assert call("PUT", "/api/v1/admin/users/nobody/federation", {"allowed": True})[0] == 404
+        assert call("PUT", "/api/v1/admin/users/bob/federation", {"allowed": "no"})[0] == 400
+        assert call("GET", "/api/v1/admin/federation", auth=False)[0] == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
