@@ -405,7 +405,8 @@ class AdminListener:
         return fields
 
     @staticmethod
-    def _change(fn: Callable[[], Any], status: int = 200) -> web.Response:
+    def _change(request: web.Request, fn: Callable[[], Any], dry: bool,
+                status: int = 200) -> web.Response:
         try:
             change = fn()
         except StaleVersion as exc:
@@ -417,6 +418,10 @@ class AdminListener:
                            errors=exc.errors) from None
         except ConfigError as exc:
             raise ApiError(422, "; ".join(exc.problems), errors=exc.problems) from None
+        if not dry:  # an audit line per change: who, what, the file's new version
+            who = "a panel session" if SESSION in request else "the API token"
+            log.info("admin: %s %s by %s from %s: file version now %s", request.method,
+                     request.path, who, request.remote, change.version[:12])
         return web.json_response({"version": change.version, "warnings": change.warnings,
                                   "diff": change.diff}, status=status)
 
@@ -444,15 +449,16 @@ class AdminListener:
         fields, version = self._fields(body, "partner"), self._version(body, request)
         dry = _dry_run(request, body)
         cf = self._writer()
-        return self._change(lambda: cf.new_partner(fields, version, dry_run=dry),
-                            200 if dry else 201)
+        return self._change(request, lambda: cf.new_partner(fields, version, dry_run=dry),
+                            dry, 200 if dry else 201)
 
     async def api_set_partner(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         fields, version = self._fields(body, "partner"), self._version(body, request)
         domain, dry = request.match_info["domain"], _dry_run(request, body)
         cf = self._writer()
-        return self._change(lambda: cf.set_partner(domain, fields, version, dry_run=dry))
+        return self._change(request, lambda: cf.set_partner(domain, fields, version,
+                                                            dry_run=dry), dry)
 
     async def api_remove_partner(self, request: web.Request) -> web.Response:
         body = await self._body(request) if request.can_read_body else {}
@@ -460,7 +466,8 @@ class AdminListener:
             body, request)
         domain, dry = request.match_info["domain"], _dry_run(request, body)
         cf = self._writer()
-        return self._change(lambda: cf.remove_partner(domain, version, dry_run=dry))
+        return self._change(request, lambda: cf.remove_partner(domain, version, dry_run=dry),
+                            dry)
 
     async def api_matrix(self, request: web.Request) -> web.Response:
         return web.json_response({"matrix": matrix_json()})
@@ -500,7 +507,8 @@ class AdminListener:
         fields, version = self._fields(body, "settings"), self._version(body, request)
         dry = _dry_run(request, body)
         cf = self._writer()
-        return self._change(lambda: cf.set_gateway_settings(fields, version, dry_run=dry))
+        return self._change(request, lambda: cf.set_gateway_settings(fields, version,
+                                                                     dry_run=dry), dry)
 
     async def api_certificates(self, request: web.Request) -> web.Response:
         return web.json_response(certificates_json(self.edge.cfg, self.edge.monitor.wall()))

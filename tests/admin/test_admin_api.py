@@ -6,6 +6,7 @@ partner history, /metrics) of two real edges federating through real TLS and a r
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 
@@ -106,7 +107,9 @@ async def test_ready_is_503_when_the_listeners_are_closed(edge, api):
     assert ready["ready"] is False
 
 
-async def test_partner_crud_goes_through_the_file_with_version_checks(edge, api, tmp_path):
+async def test_partner_crud_goes_through_the_file_with_version_checks(edge, api, tmp_path,
+                                                                    caplog):
+    caplog.set_level(logging.INFO, logger="edgeproxy.admin")
     path = tmp_path / "edge.toml"
     listing = await api.call("GET", "/api/v1/partners")
     version = listing["version"]
@@ -164,6 +167,10 @@ async def test_partner_crud_goes_through_the_file_with_version_checks(edge, api,
     assert (await api.call("POST", "/api/v1/partners", [1], status=400))["error"] == \
         "the request body must be a JSON object"
     assert gone["version"] == await api.version()
+    audit = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admin: ")]
+    assert audit[0] == (f"admin: POST /api/v1/partners by the API token from 127.0.0.1: file "
+                        f"version now {made['version'][:12]}")
+    assert len(audit) == 3  # new, set, remove; dry runs and refusals change nothing
 
 
 async def test_a_broken_file_is_shown_with_its_problems_and_nothing_is_written(edge, api,
