@@ -29,6 +29,18 @@ def add_federation_routes(app: web.Application, live: GatewayReload) -> None:
     app[LIVE] = live
     app.router.add_get("/api/v1/admin/federation", admin_federation_list)
     app.router.add_put("/api/v1/admin/users/{name}/federation", admin_set_federation)
+    app.router.add_get("/api/v1/admin/reload", admin_last_reload)
+
+
+async def admin_last_reload(request: web.Request) -> web.Response:
+    """The running configuration's version and the last reload: why a change did not apply."""
+    live = request.app[LIVE]
+    last = live.last
+    return web.json_response({
+        "version": live.version,
+        "last_reload": None if last is None else {
+            "ok": last.ok, "version": last.version, "errors": list(last.errors),
+            "changes": list(last.changes), "at": last.at}})
 
 
 async def admin_federation_list(request: web.Request) -> web.Response:

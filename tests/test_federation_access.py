@@ -218,6 +218,13 @@ def test_admin_api_denies_and_allows_federation_live(tmp_path, capsys):
         assert call("PUT", "/api/v1/admin/users/nobody/federation", {"allowed": True})[0] == 404
         assert call("PUT", "/api/v1/admin/users/bob/federation", {"allowed": "no"})[0] == 400
         assert call("GET", "/api/v1/admin/federation", auth=False)[0] == 401
+        cf.path.write_text(cf.path.read_text() + "\n[gateway.colour]\n")  # a bad hand edit
+        deadline = time.monotonic() + 20
+        while (body := call("GET", "/api/v1/admin/reload")[1])["last_reload"]["ok"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+        assert any("colour" in e for e in body["last_reload"]["errors"])
+        assert body["version"] != body["last_reload"]["version"]  # the running one stayed
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

@@ -334,3 +334,17 @@ def test_listen_and_domains_changes_wait_for_the_next_start(tmp_path):
     assert "[edge] domains changed: takes effect at the next start" in changes
     assert edge.cfg.listen == cfg.listen and edge.cfg.domains == cfg.domains
     assert edge.cfg.keepalive_interval == 42.0  # the rest applies at once
+
+
+async def test_timers_apply_live(dns, tmp_path, caplog):
+    """Lync StreamInactivityTimeout lowered by a reload closes an idle stream on the next
+    housekeeping tick, without a restart."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    cf = edge_file(tmp_path / "c", *C, [partner(F[0])])
+    cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0])])
+    async with running(check_file(cf.path).edge, C[1]) as (edge_c, comp_c), \
+            running(cfg_f, F[1]) as (_, comp_f):
+        await exchange(comp_c, comp_f, C[0], F[0], "then silence")
+        cf.set_gateway_settings({"stream_inactivity_timeout": 1}, cf.load()[1])
+        assert edge_c.reload().ok
+        await until(lambda: "no traffic for 1 s" in caplog.text, timeout=15)
