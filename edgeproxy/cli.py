@@ -73,6 +73,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: [log] file: cannot open {checked.edge.log.file}: {exc.strerror}",
               file=sys.stderr)
         return 1
+    for w in checked.warnings:  # run_forever logs the edge's own; these are the file's others
+        if w not in checked.edge.warnings:
+            log.warning("%s", w)
     from .server import run_forever
 
     return run_forever(checked.edge)
