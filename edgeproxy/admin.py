@@ -35,14 +35,13 @@ from .adminauth import token_matches, verify_password
 from .config import AdminSettings, ConfigError, EdgeConfig
 from .configfile import (
     GATEWAY_SETTINGS,
-    PARTNER_KEYS,
     ConfigFile,
     ConfigRejected,
     NoSuchPartner,
     StaleVersion,
 )
 from .history import Attempt
-from .partners import NEGOTIATION_MATRIX, Negotiation, Partner, PartnerType, Verdict
+from .partners import NEGOTIATION_MATRIX, Negotiation, Partner, PartnerType
 
 if TYPE_CHECKING:
     from .server import Edge
@@ -259,7 +258,7 @@ class AdminListener:
         path = request.path
         api = path.startswith("/api/")
         try:
-            if path in OPEN_ON_LOOPBACK and self.settings.loopback:
+            if path in OPEN_ON_LOOPBACK and self._started_with.loopback:  # the bound address
                 return await handler(request)
             if path in ("/login", "/logout") or path.startswith("/static/"):
                 return await handler(request)
@@ -551,9 +550,9 @@ class AdminListener:
         return self._render(
             "partner_form.html", request, partner=partner, version=version, problems=problems,
             matrix=matrix_json(), types=[t.value for t in PartnerType],
-            negotiations=[n.value for n in Negotiation], keys=PARTNER_KEYS,
+            negotiations=[n.value for n in Negotiation],
             default=partner_json(Partner(domain=""), self.edge),
-            partner_limit=cfg.partner_connection_limit, Verdict=Verdict)
+            partner_limit=cfg.partner_connection_limit)
 
     async def page_connections(self, request: web.Request) -> web.Response:
         return self._render("connections.html", request, streams=self.edge.monitor.streams())

@@ -94,6 +94,13 @@ async def test_off_loopback_even_health_and_metrics_need_the_token(tmp_path):
         for page in ("/health", "/ready", "/metrics"):
             await anon.call("GET", page, status=401)
             await admin.call("GET", page)
+        # A reload to a loopback address applies at the next start: until then the socket
+        # still listens on every address, so nothing opens up.
+        path.write_text(path.read_text().replace("0.0.0.0:5281", "127.0.0.1:5281"))
+        result = e.reload()
+        assert result.ok and "[edge.admin] listen changed: takes effect at the next start" \
+            in result.changes, result
+        await anon.call("GET", "/metrics", status=401)
     finally:
         await anon.close()
         await admin.close()
