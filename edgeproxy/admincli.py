@@ -216,7 +216,7 @@ def _report(change: Change, args: argparse.Namespace, done: str) -> int:
 
 def _new(args: argparse.Namespace) -> int:
     cf = ConfigFile(args.config)
-    _, version = cf.load()
+    _, version = cf.read()  # a broken file can be mended by the change itself
     fields = {"domain": args.domain, **_fields(args)}
     if args.additional_domain:
         fields["additional_domains"] = args.additional_domain
@@ -226,7 +226,7 @@ def _new(args: argparse.Namespace) -> int:
 
 def _set(args: argparse.Namespace) -> int:
     cf = ConfigFile(args.config)
-    _, version = cf.load()
+    _, version = cf.read()  # a broken file can be mended by the change itself
     fields = _fields(args)
     if args.add_domain or args.remove_domain or args.clear_domains:
         current = [] if args.clear_domains else list(
@@ -245,7 +245,7 @@ def _set(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     cf = ConfigFile(args.config)
-    _, version = cf.load()
+    _, version = cf.read()  # a broken file can be mended by the change itself
     change = cf.remove_partner(args.domain, version, dry_run=args.dry_run)
     return _report(change, args, f"partner {args.domain} removed")
 
@@ -270,7 +270,7 @@ def _settings_show(args: argparse.Namespace) -> int:
 
 def _settings_set(args: argparse.Namespace) -> int:
     cf = ConfigFile(args.config)
-    _, version = cf.load()
+    _, version = cf.read()  # a broken file can be mended by the change itself
     fields: dict[str, Any] = {k: getattr(args, k) for k in GATEWAY_SETTINGS
                               if getattr(args, k) is not None}
     for k in args.default:

@@ -100,7 +100,7 @@ def run_federation_command(args: argparse.Namespace) -> int:
             for name in cf.federation_denied():
                 print(f"{name}  denied")
             return 0
-        _, version = cf.check()
+        _, version = cf.read()  # a broken file can be mended by the change itself
         change = cf.set_federation(args.name, args.action == "allow", version,
                                    dry_run=args.dry_run)
     except ConfigRejected as exc:

@@ -131,3 +131,16 @@ def test_help_version_and_verbose_after_the_subcommand(conf):
     assert cli("--version").stdout.startswith("edgeproxy ")
     r = cli("partner", "list", "-v", "-c", str(conf))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_hand_broken_file_can_be_mended_by_the_cli(conf, capsys):
+    """Someone wrote Lync matrix row 12 (invalid, SPEC 1.7) by hand: set can repair it."""
+    text = conf.read_text()
+    conf.write_text(text.replace('sasl = "optional"', 'sasl = "optional"\ndialback = false', 1)
+                    .replace("dialback = true\nkeepalive = true", "keepalive = true", 1)
+                    .replace('tls = "required"', 'tls = "not-supported"', 1))
+    rc, _, err = run(capsys, "partner", "list", "-c", str(conf))
+    assert rc == 1 and "Lync matrix row 12" in err and "check-config" in err
+    rc, out, err = run(capsys, "partner", "set", "fabrikam.test", "--dialback", "-c", str(conf))
+    assert rc == 0, err
+    assert ConfigFile(conf).load()[0].partners.lookup("fabrikam.test").matrix_row.number == 11
