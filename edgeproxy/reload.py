@@ -103,6 +103,9 @@ class ReloadResult:
     at: float = field(default_factory=time.time)
 
 
+SETTLE = 0.2  # seconds a changed file must stay unchanged before it is read
+
+
 class FileWatch:
     """Calls `on_change` when the file at `path` changes (stat poll: size, mtime, inode).
 
@@ -134,6 +137,13 @@ class FileWatch:
             await asyncio.sleep(self.interval)
             now = self._stat()
             if now != self._last and now is not None:
+                # an editor that rewrites in place: wait until the file stops changing
+                while True:
+                    await asyncio.sleep(SETTLE)
+                    settled = self._stat()
+                    if settled == now or settled is None:
+                        break
+                    now = settled
                 self._last = now
                 try:
                     self.on_change()
