@@ -244,6 +244,8 @@ class _EdgeCollector(Collector):
 
     def __init__(self, monitor: Monitor):
         self.m = monitor
+        self._cert_key: tuple[str, int, int] | None = None
+        self._not_after: float | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # no collection at registration time
@@ -298,3 +300,25 @@ class _EdgeCollector(Collector):
         for result, n in sorted(getattr(m.edge, "reload_counts", {}).items()):
             reloads.add_metric([result], n)
         yield reloads
+        not_after = self._certificate_not_after()
+        if not_after is not None:
+            yield GaugeMetricFamily("xmpp_edge_certificate_expiry_timestamp_seconds", "When "
+                                    "the served certificate ([edge] certificate) expires, unix "
+                                    "time: alert on it minus time()", value=not_after)
+
+    def _certificate_not_after(self) -> float | None:
+        """The leaf's notAfter, re-read only when the file changes (a renewal in place)."""
+        path = self.m.edge.cfg.certificate
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            if key != self._cert_key:
+                from cryptography import x509
+
+                leaf = x509.load_pem_x509_certificate(path.read_bytes())
+                self._cert_key, self._not_after = key, leaf.not_valid_after_utc.timestamp()
+        except (OSError, ValueError):
+            return None
+        return self._not_after

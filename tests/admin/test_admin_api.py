@@ -214,6 +214,14 @@ async def test_gateway_settings_and_certificates(edge, api, tmp_path):
     assert leaf["role"] == "leaf" and "DNS-ID contoso.test" in leaf["names"]
     assert leaf["covers"] == {"contoso.test": "DNS-ID contoso.test"}
     assert leaf["days_left"] > 30 and not leaf["expired"]
+    from cryptography import x509
+    from prometheus_client.parser import text_string_to_metric_families
+
+    not_after = x509.load_pem_x509_certificate(
+        Path(certs["certificate_file"]).read_bytes()).not_valid_after_utc.timestamp()
+    [expiry] = [f for f in text_string_to_metric_families(await api.call("GET", "/metrics"))
+                if f.name == "xmpp_edge_certificate_expiry_timestamp_seconds"]
+    assert expiry.samples[0].value == not_after
 
 
 async def test_password_login_sets_a_session_and_cookie_writes_need_the_csrf_token(tmp_path):
