@@ -118,6 +118,7 @@ class GatewayReload:
         self.path, self.cfg, self.gateway, self.refresh = path, cfg, gateway, refresh
         self.own_logging = own_logging  # the daemon's logging, not a test's
         self.last: ReloadResult | None = None
+        self.counts = {"ok": 0, "failed": 0}  # for /metrics, as Edge.reload_counts
         self.version = self._file_version()
         gateway.log_bodies = cfg.log.message_bodies
         gateway.federation_denied = cfg.federation_denied
@@ -141,6 +142,7 @@ class GatewayReload:
             log.error("configuration %s NOT reloaded, the running one stays: %s", self.path,
                       "; ".join(exc.problems))
             self.last = result
+            self.counts["failed"] += 1
             return result
         old = self.cfg
         changes = diff_partners(old.partners, new.partners).describe()
@@ -167,6 +169,7 @@ class GatewayReload:
         log.info("configuration %s reloaded: %s", self.path, "; ".join(changes) or
                  "nothing changed")
         self.last = result
+        self.counts["ok"] += 1
         return result
 
     @contextlib.contextmanager

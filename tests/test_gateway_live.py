@@ -189,6 +189,7 @@ async def test_reload_changes_partner_type_for_the_next_stanza(tmp_path, caplog)
         assert not result.ok and "type must be one of" in result.errors[0]
         assert gw.partner_type(F[0]) is PartnerType.PUBLIC_UNVERIFIED  # running one stays
         assert "NOT reloaded, the running one stays" in caplog.text
+        assert live.counts == {"ok": 2, "failed": 1}
     finally:
         store.close()
 
