@@ -552,7 +552,8 @@ class AdminListener:
             matrix=matrix_json(), types=[t.value for t in PartnerType],
             negotiations=[n.value for n in Negotiation],
             default=partner_json(Partner(domain=""), self.edge),
-            partner_limit=cfg.partner_connection_limit)
+            partner_limit=cfg.partner_connection_limit,
+            recent=self.edge.monitor.history.attempts(domain)[:5] if domain else [])
 
     async def page_connections(self, request: web.Request) -> web.Response:
         return self._render("connections.html", request, streams=self.edge.monitor.streams())

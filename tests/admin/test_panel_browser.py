@@ -155,6 +155,7 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
 
             b.driver.get(f"{BASE}/partners/{FAB}")
             b.wait("the Edit form", lambda: b.css("#f-domain").get_attribute("value") == FAB)
+            assert "authenticated via sasl-external" in b.css("#recent").text
             Select(b.css("#f-sasl")).select_by_value("not-supported")
             b.css("#f-dialback").click()
             b.wait("row 14 refused", lambda: b.css("#matrix-row").text ==
