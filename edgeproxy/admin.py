@@ -274,7 +274,8 @@ class AdminListener:
                                    "Bearer <token>' ([edge.admin] token)")
                 raise web.HTTPSeeOther(f"/login?next={path}")
             if request.method not in ("GET", "HEAD") and not secrets.compare_digest(
-                    request.headers.get("X-CSRF-Token", ""), self.sessions[sid].csrf):
+                    request.headers.get("X-CSRF-Token", "").encode(),
+                    self.sessions[sid].csrf.encode()):
                 raise ApiError(403, "missing or wrong X-CSRF-Token for a cookie-authenticated "
                                "change (reload the page)")
             request[SESSION] = sid
@@ -592,7 +593,8 @@ def _dry_run(request: web.Request, body: dict[str, Any]) -> bool:
 
 def _safe_next(target: str) -> str:
     """Only our own paths after login (no open redirect)."""
-    return target if target.startswith("/") and not target.startswith("//") else "/partners"
+    ok = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return target if ok else "/partners"
 
 
 def _ago(seconds: float) -> str:

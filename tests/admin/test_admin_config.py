@@ -89,3 +89,11 @@ def test_admin_password_command_prints_a_line_for_the_file():
     short = subprocess.run([sys.executable, "-m", "edgeproxy", "admin-password"], input="abc\n",
                            capture_output=True, text=True)
     assert short.returncode == 1 and "at least 10 characters" in short.stderr
+
+
+def test_login_redirects_only_to_our_own_paths():
+    from edgeproxy.admin import _safe_next
+
+    assert _safe_next("/history/fabrikam.test") == "/history/fabrikam.test"
+    for target in ("//evil.example", "/\\evil.example", "https://evil.example", "evil"):
+        assert _safe_next(target) == "/partners", target
