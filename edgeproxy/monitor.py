@@ -194,6 +194,7 @@ class Monitor:
                 "tls_version": tls.version if tls is not None and tls.handshake_complete
                 else None,
                 "tls_cipher": tls.cipher if tls is not None and tls.handshake_complete else None,
+                "direct_tls": bool(getattr(conn, "direct_tls", False)),  # XEP-0368
                 "since": st.opened, "authenticated_at": st.authenticated_at,
                 "stanzas_in": st.stanzas_in, "stanzas_out": st.stanzas_out,
                 "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,

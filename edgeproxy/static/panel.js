@@ -187,7 +187,8 @@ function connectionsPage() {
       tr.dataset.direction = s.direction;
       tr.dataset.remote = s.remote;
       const cells = [s.direction, s.local, s.remote, s.peer, s.mechanism,
-        s.tls_version ? `${s.tls_version} ${s.tls_cipher || ""}` : "no TLS", ago(r.data.now, s.since),
+        (s.tls_version ? `${s.tls_version} ${s.tls_cipher || ""}` : "no TLS") + (s.direct_tls ? " (Direct TLS)" : ""),
+        ago(r.data.now, s.since),
         `${s.stanzas_in} / ${s.stanzas_out}`, `${s.bytes_in} / ${s.bytes_out}`, String(s.queue)];
       cells.forEach((text, i) => {
         const td = document.createElement("td");

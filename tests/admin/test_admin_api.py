@@ -328,6 +328,7 @@ async def test_streams_history_and_metrics_of_real_federation(dns, tmp_path):
         assert (s["local"], s["remote"], s["mechanism"]) == (C[0], F[0], "sasl-external")
         assert s["tls_version"] in ("TLSv1.2", "TLSv1.3") and s["tls_cipher"]
         assert s["stanzas_out"] == 3 and s["bytes_out"] > 0 and s["queue"] == 0
+        assert s["direct_tls"] is False  # no _xmpps-server record: STARTTLS
         [link] = [x for x in streams if x["direction"] == "component"]
         assert link["local"] == C[0] and link["stanzas_in"] == 3
 
