@@ -26,6 +26,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
                 *, own_logging: bool = False) -> None:
     """Run the component link and the API until `stop` is set; with `path`, the file is
     watched and SIGHUP reloads it (gateway.live)."""
+    from . import observability
     from .api import make_app
     from .component import Gateway
     from .live import GatewayReload, SubscriptionRefresh
@@ -39,6 +40,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     app = make_app(gateway, cfg.admin_token)
     if live is not None:
         add_federation_routes(app, live)
+        observability.track_reloads(app, live.counts)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()

@@ -9,7 +9,7 @@ listens on loopback by default, as a Prometheus scrape expects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import (
@@ -18,15 +18,29 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .component import Gateway
 
 
+class _Reloads:
+    """Where the reload counts live: set by `track_reloads` once the daemon watches its file."""
+
+    counts: Mapping[str, int] = {}
+
+
+RELOADS = web.AppKey("reloads", _Reloads)
+
+
+def track_reloads(app: web.Application, counts: Mapping[str, int]) -> None:
+    """Export a GatewayReload's counts ({"ok": n, "failed": n}) as xmpp_gateway_reloads_total."""
+    app[RELOADS].counts = counts
+
+
 class _GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway, websockets: Callable[[], int]):
-        self.gw, self.websockets = gateway, websockets
+    def __init__(self, gateway: Gateway, websockets: Callable[[], int], reloads: _Reloads):
+        self.gw, self.websockets, self.reloads = gateway, websockets, reloads
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -43,11 +57,17 @@ class _GatewayCollector(Collector):
                                 value=self.websockets())
         yield GaugeMetricFamily("xmpp_gateway_users", "Local users in the store",
                                 value=len(gw.store.list_users()))
+        reloads = CounterMetricFamily("xmpp_gateway_reloads", "Configuration reloads (file "
+                                      "watch, SIGHUP), by result", labels=["result"])
+        for result, n in sorted(self.reloads.counts.items()):
+            reloads.add_metric([result], n)
+        yield reloads
 
 
 def add_routes(app: web.Application, gateway: Gateway, websockets: Callable[[], int]) -> None:
     registry = CollectorRegistry()
-    registry.register(_GatewayCollector(gateway, websockets))
+    app[RELOADS] = _Reloads()
+    registry.register(_GatewayCollector(gateway, websockets, app[RELOADS]))
     ProcessCollector(registry=registry)
 
     async def health(_request: web.Request) -> web.Response:

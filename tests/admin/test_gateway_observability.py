@@ -4,6 +4,7 @@ only while the component link (XEP-0114) is up; metrics read from the gateway's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import aiohttp
@@ -64,3 +65,42 @@ async def _scenario(edge: Edge, gw: RunningGateway, http: aiohttp.ClientSession)
     assert re.search(r"^xmpp_gateway_link_up 0\.0$", (await get(http, "/metrics"))[1],
                      re.M)
     return True
+
+
+async def test_gateway_run_exports_its_reloads(tmp_path):
+    """`gateway run`'s serve(): a change of the watched file shows in xmpp_gateway_reloads."""
+    require_netns()
+    from edgeproxy.config import load_edge_config
+    from edgeproxy.configfile import ConfigFile
+    from gateway.cli import serve
+    from gateway.config import load_gateway_config
+    from tests.admin.helpers import write_edge_file
+
+    path = write_edge_file(tmp_path / "edge.toml", DOMAIN, IP, CertificateAuthority("GW"),
+                           [{"domain": "fabrikam.test"}], gateway=True)
+    edge = Edge(load_edge_config(path))
+    await edge.start()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(load_gateway_config(path), stop, path))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await get(http, "/ready"))[0] == 200:
+                        break
+                await asyncio.sleep(0.1)
+            metrics = (await get(http, "/metrics"))[1]
+            assert 'xmpp_gateway_reloads_total{result="ok"} 0.0' in metrics, metrics
+            cf = ConfigFile(path)
+            cf.new_partner({"domain": "northwind.test"}, cf.read()[1])
+            for _ in range(100):
+                metrics = (await get(http, "/metrics"))[1]
+                if 'xmpp_gateway_reloads_total{result="ok"} 1.0' in metrics:
+                    break
+                await asyncio.sleep(0.1)
+            assert 'xmpp_gateway_reloads_total{result="ok"} 1.0' in metrics, metrics
+            assert 'xmpp_gateway_reloads_total{result="failed"} 0.0' in metrics
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await edge.stop()
