@@ -1,6 +1,6 @@
 """The asyncio shell: listeners, the dialer, the router, timers. Thin around the sans-I/O core.
 
-Bytes flow: socket -> (TlsSession) -> XmlStreamParser -> machine (s2s / component) -> actions.
+Bytes flow: socket -> XmppStream (TlsSession -> XmlStreamParser -> machine) -> actions.
 Stanzas of authenticated domains are forwarded as their raw bytes (Element.forwardable()):
 partner -> component for the local domain, component -> the outbound stream for (local, remote).
 """
@@ -8,61 +8,84 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import math
 import signal
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, assert_never
 
-from . import sdnotify
-from .component import ComponentAuthenticated, ComponentStream
-from .config import EdgeConfig
+from . import link, sdnotify
+from .admin import AdminListener
+from .checks import check_text
+from .component import ComponentAction, ComponentAuthenticated, ComponentStream, LinkControl
+from .config import ComponentSettings, ConfigError, EdgeConfig
+from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
-from .partners import Negotiation, Partner
+from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
+from .logs import setup_logging
+from .monitor import Monitor, StreamStats
+from .partners import AuthMethod, Negotiation, Partner
+from .relay import Budgets, Dial, Pause, Relay, Resume, Write
+from .reload import (
+    POLICY_VIOLATION,
+    RESET,
+    FileWatch,
+    ReloadResult,
+    diff_partners,
+    restart_only_changes,
+    sighup,
+    stream_verdict,
+)
 from .s2s import (
     Authenticated,
+    CertChecker,
     Close,
     Deliver,
     DialbackVerify,
     DialbackVerifyAnswer,
     InboundS2s,
-    InState,
     OutboundS2s,
     RestartStream,
     S2sContext,
     Send,
     StartTls,
-    jid_domain,
+    StreamTimers,
+    Timeouts,
 )
+from .stream import TlsEstablished, TransportFailed, XmppStream
 from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
-    NS_SERVER,
     Element,
-    XmlStreamError,
     XmlStreamParser,
-    stanza_error,
     stream_error,
     stream_header,
 )
 
 log = logging.getLogger("edgeproxy")
 
-COMPONENT_WAIT = 30.0  # seconds a stanza waits for the local domain's component
-COMPONENT_QUEUE = 10000  # stanzas waiting per local domain
-OUTBOUND_QUEUE = 10000  # stanzas waiting per outbound domain pair
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
-ERROR_TYPES = {"remote-server-not-found": "cancel", "remote-server-timeout": "wait",
-               "internal-server-error": "cancel", "service-unavailable": "cancel",
-               "policy-violation": "modify", "resource-constraint": "wait"}
+SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
+# What a stream's machine may ask the shell for besides bytes (Send) and closing (Close).
+Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
+          | LinkControl)
+StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
 
 
 class StreamConnection(asyncio.Protocol):
-    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL)."""
+    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL).
+
+    The stack below the machine (TLS, the parser, their handovers) is an `XmppStream`; this
+    class moves bytes between it and the socket, carries out the actions it yields, and arms
+    one loop timer at the machine's next deadline.
+    """
 
     kind = "stream"
 
@@ -70,30 +93,31 @@ class StreamConnection(asyncio.Protocol):
         self.edge = edge
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.tls: TlsSession | None = None
-        self.tls_reported = False
-        self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
-        self.last_sent = self.created  # anything, keepalives included
-        # the last stanza or negotiation data in either direction (not whitespace keepalives):
-        # outbound streams receive next to nothing, so inactivity cannot be "nothing received"
-        self.last_activity = self.created
-        self._start_tls = False
-        self._restart = False
-        self._out: list[bytes] = []
+        # The machine's timers (None: the component link): fed with what is received and sent.
+        # Outbound streams receive next to nothing, so inactivity counts both directions.
+        self.timers: StreamTimers | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._flush_scheduled = False
+        self._paused = False
+        self._pending: Iterator[StreamAction] | None = None  # left when reading paused
+        self.stream: XmppStream[Any]  # made by the subclass, around its machine
+        self.sent_close = False  # our close is out; the peer's stanzas still count (4.4)
+        self.stats = StreamStats(edge.monitor.wall())
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=self.edge.cfg.stanza_size_limit)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        raise NotImplementedError
+    def check_certificate(self, tls: TlsSession) -> CertChecker:
+        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
+        trust = self.edge.trust
+        return lambda domain: verify_certificate(leaf, chain, domain, trust)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        return []
-
-    def make_tls(self) -> TlsSession:
+    def handle_action(self, action: Effect) -> None:
+        """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
         raise NotImplementedError
 
     def label(self) -> str:
@@ -110,6 +134,25 @@ class StreamConnection(asyncio.Protocol):
         RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
         return b""
 
+    def log_fields(self) -> dict[str, str]:
+        """The stable keys of JSON log lines (edgeproxy.logs): direction, partner, stream id."""
+        m = getattr(self, "machine", None)
+        partner = (getattr(m, "header_from", None) or getattr(m, "remote", None)
+                   or getattr(m, "domain", None) or "")
+        return {"direction": self.kind, "partner": partner,
+                "stream": getattr(m, "stream_id", "") or ""}
+
+    def next_deadline(self) -> float | None:
+        """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
+        return None
+
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return []
+
+    @property
+    def tls(self) -> TlsSession | None:
+        return self.stream.tls
+
     # -- asyncio -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -118,98 +161,110 @@ class StreamConnection(asyncio.Protocol):
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         self.edge.connections.add(self)
+        self.arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connections.discard(self)
         self.closing = True
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.edge.monitor.lost(self, f"connection lost ({exc})" if exc else "connection closed")
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
+        self.edge.router.connection_gone(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.tls is None:
-            self.feed(data)
-            return
-        try:
-            plain = self.tls.receive_data(data)
-        except TlsError as exc:
-            self._flush_tls()
-            self.abort(f"TLS failed: {exc.reason}")
-            return
-        self._flush_tls()
-        if self.tls.handshake_complete and not self.tls_reported:
-            self.tls_reported = True
-            log.info("%s: TLS established (%s, %s%s)", self.label(), self.tls.version,
-                     self.tls.cipher, f", ALPN {self.tls.alpn_protocol.decode()}"
-                     if self.tls.alpn_protocol else "")
-            self.run(self.on_tls_ready())
-        if plain and not self.closing:
-            self.feed(plain)
-        if self.tls.peer_closed and not self.closing:
-            self.abort("peer closed TLS")
+        self.stats.bytes_in += len(data)
+        actions = self.stream.receive_data(data, self.edge.clock())
+        if self._pending is not None:  # data while paused (already read by the transport)
+            actions = itertools.chain(self._pending, actions)
+            self._pending = None
+        self._drain(actions)
 
-    def feed(self, data: bytes) -> None:
-        if not data.isspace():
-            self.last_activity = self.edge.clock()
-        try:
-            events = self.parser.feed(data)
-            while True:
-                for ev in events:
-                    self.run(self.handle_event(ev))
-                    if self.closing:
-                        return
-                if not self.parser.stopped:
-                    return
-                leftover = self.parser.leftover
-                if self._start_tls:
-                    self._start_tls = False
-                    self.flush()  # <proceed/> / <starttls/> go out in plaintext
-                    self.parser = self._new_parser()
-                    self.tls = self.make_tls()
-                    self._flush_tls()
-                    if leftover:  # bytes that came in the same read as <starttls/>/<proceed/>
-                        self.data_received(leftover)
-                    return
-                if self._restart:
-                    self._restart = False
-                    self.parser = self._new_parser()
-                    events = self.parser.feed(leftover) if leftover else []
-                    continue
-                events = self.parser.resume()
-        except XmlStreamError as exc:
-            for ev in exc.events:  # complete stanzas that came before the bad bytes
-                self.run(self.handle_event(ev))
-                if self.closing:
-                    return
-            log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
-            self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
-            self.close_soon()
+    def _drain(self, actions: Iterator[StreamAction]) -> None:
+        for a in actions:
+            self._carry_out(a)
+            if self.closing:
+                return
+            if self._paused:  # backpressure: the rest of this read waits for resume_reading
+                self._pending = actions
+                break
+        if self.tls is not None:  # handshake records and alerts go out at once
+            self.flush()
+        self.arm_timer()
 
-    def run(self, actions: Sequence[object]) -> None:
+    # -- backpressure (transport.pause_reading; what was read but not handled waits too) -----
+    def pause_reading(self) -> None:
+        if self._paused or self.closing or self.transport is None:
+            return
+        self._paused = True
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._paused or self.closing or self.transport is None:
+            return
+        self._paused = False
+        # after the relay's current action list: handling the stanzas that waited feeds it again
+        asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self._paused or self.closing or self.transport is None:
+            return
+        self.transport.resume_reading()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._drain(pending)
+
+    # the relay core does not write to a link whose transport buffer is over its high-water mark
+    def pause_writing(self) -> None:
+        self.edge.router.writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.edge.router.writable(self, True)
+
+    def relay_write(self, data: bytes) -> None:
+        """A stanza the relay core hands to this stream."""
+        self.stats.stanzas_out += 1
+        self.send(data)
+
+    # -- actions ---------------------------------------------------------------------------------
+    def run(self, actions: Sequence[StreamAction]) -> None:
+        """Carry out actions that came from outside a read (timers, dialback answers)."""
         for a in actions:
             if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
                 return
-            if isinstance(a, Send):
-                self.send(a.data)
-            elif isinstance(a, StartTls):
-                self._start_tls = True
-            elif isinstance(a, RestartStream):
-                self._restart = True
-            else:
-                self.handle_action(a)
+            self._carry_out(a)
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Close):
-            self.on_close(action)
-        else:
-            raise RuntimeError(f"unhandled action {action!r}")
+    def _carry_out(self, action: StreamAction) -> None:
+        match action:
+            case Deliver():  # first: one per relayed stanza
+                self.handle_action(action)
+            case Send(data):
+                self.send(data)
+            case StartTls() | RestartStream():  # the stream object switches; bytes must flow
+                self._schedule_flush()
+            case TlsEstablished(tls):
+                log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
+                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "",
+                         extra=self.log_fields())
+            case TransportFailed(reason):
+                self.flush()  # a TLS alert may be waiting
+                self.abort(reason)
+            case Close():
+                self.on_close(action)
+            case _:
+                self.handle_action(action)
 
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
-                f" (<{action.condition}/>)" if action.condition else "")
+                f" (<{action.condition}/>)" if action.condition else "", extra=self.log_fields())
+        self.edge.monitor.closing(self, action.reason, action.condition)
         if action.condition:
-            self.send(stream_error(action.condition, action.reason))
+            self.send(self.error_preamble() + stream_error(action.condition, action.reason))
         else:
             self.send(b"</stream:stream>")
         self.close_soon()
@@ -218,45 +273,35 @@ class StreamConnection(asyncio.Protocol):
     # ~300 stanzas, and one socket write (one TLS record) per stanza was a quarter of the relay's
     # CPU (bench/relay.py). Order is kept; the buffer is flushed before TLS starts and on close.
     def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.sent_close:
             return
-        self.last_sent = self.edge.clock()
-        if data != b" ":
-            self.last_activity = self.last_sent
-        self._out.append(data)
-        if len(self._out) == 1:
+        if self.timers is not None:
+            self.timers.sent(self.edge.clock(), keepalive=data == b" ")
+        self.stream.send(data)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out)
-        self._out.clear()
+        self._flush_scheduled = False
         if self.transport is None or self.transport.is_closing():
             return
-        if self.tls is not None:
-            self.tls.send(data)
-            self._flush_tls()
-        else:
+        data = self.stream.data_to_send()
+        if data:
+            self.stats.bytes_out += len(data)
             self.transport.write(data)
-
-    def _flush_tls(self) -> None:
-        assert self.tls is not None
-        out = self.tls.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
 
     def close_soon(self) -> None:
         self.flush()
         if self.closing:
             return
         self.closing = True
-        if self.tls is not None:
-            try:
-                self.tls.close()
-                self._flush_tls()
-            except TlsError:
-                pass
+        self._pending = None
+        self.stream.close()
+        self.flush()
         if self.transport is not None:
             loop = asyncio.get_running_loop()
             loop.call_later(0.05, self._hang_up)
@@ -266,32 +311,57 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self, reason: str) -> None:
-        log.warning("%s: %s", self.label(), reason)
+        log.warning("%s: %s", self.label(), reason, extra=self.log_fields())
+        self.edge.monitor.closing(self, reason, None)
         self.closing = True
+        self._pending = None
         if self.transport is not None:
             self.transport.close()
 
+    def shutdown_stream(self, reason: str) -> None:
+        """RFC 6120 4.9.3.19 <system-shutdown/>, then keep reading: what the peer sent before
+        it saw our close is still processed (4.4) until it closes too."""
+        if self.closing or self.sent_close:
+            return
+        log.info("%s: closing: %s (<system-shutdown/>)", self.label(), reason,
+                 extra=self.log_fields())
+        self.edge.monitor.closing(self, reason, "system-shutdown")
+        self.send(self.error_preamble() + stream_error("system-shutdown", reason))
+        self.flush()
+        self.sent_close = True
+
     def graceful_close(self, reason: str) -> None:
         if not self.closing:
-            log.info("%s: closing: %s", self.label(), reason)
+            log.info("%s: closing: %s", self.label(), reason, extra=self.log_fields())
+            self.edge.monitor.closing(self, reason, None)
             self.send(b"</stream:stream>")
             self.close_soon()
 
-    def check_timers(self, now: float) -> None:
-        cfg = self.edge.cfg
+    # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
+    def arm_timer(self) -> None:
+        """Arm the loop timer for the next deadline when it is earlier than the one armed.
+        Activity only moves deadlines later, so a timer that fires early just re-arms."""
         if self.closing:
             return
-        if not self.is_authenticated() and now - self.created > cfg.stream_establishment_timeout:
-            self.on_close(Close(f"stream not established within "
-                                f"{cfg.stream_establishment_timeout:g} s", "connection-timeout"))
-        elif now - self.last_activity > cfg.stream_inactivity_timeout:
-            self.graceful_close(f"no traffic for {cfg.stream_inactivity_timeout:g} s")
-        elif (self.is_authenticated() and self.keepalive()
-              and now - self.last_sent > cfg.keepalive_interval):
-            self.send(b" ")  # RFC 6120 4.6.1 whitespace keepalive
+        deadline = self.next_deadline()
+        if deadline is None or deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
+                                   self.timer_fired)
 
-    def keepalive(self) -> bool:
-        return False
+    def timer_fired(self) -> None:
+        """The loop timer's callback (tests on a fake clock call it after advancing it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        if self.closing:
+            return
+        self.run(self.handle_timer(self.edge.clock()))
+        self.arm_timer()
 
 
 class InboundConnection(StreamConnection):
@@ -299,9 +369,15 @@ class InboundConnection(StreamConnection):
 
     def __init__(self, edge: Edge, direct_tls: bool = False):
         super().__init__(edge)
-        self.machine = InboundS2s(edge.s2s_ctx)
+        self.machine = InboundS2s(edge.s2s_ctx, created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
+        self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -311,9 +387,10 @@ class InboundConnection(StreamConnection):
         if s2s > self.edge.cfg.connection_limit:
             self.abort(f"connection limit ({self.edge.cfg.connection_limit}) reached")
             return
-        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
+        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
+                 extra=self.log_fields())
         if self.direct_tls:
-            self.tls = self.make_tls()
+            self.stream.start_tls_now(self.make_tls())
 
     def label(self) -> str:
         m = self.machine
@@ -322,71 +399,90 @@ class InboundConnection(StreamConnection):
 
     def make_tls(self) -> TlsSession:
         assert self.edge.tls_contexts is not None
-        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None)
-
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        tls = self.tls
-        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-
-        def check(domain: str):  # noqa: ANN202 - CertificateCheck
-            return verify_certificate(leaf, chain, domain, self.edge.trust)
-
-        return self.machine.tls_established(check)
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
+        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None,
+                                 direct_tls=self.direct_tls)
 
     def error_preamble(self) -> bytes:
-        if self.machine.state is not InState.WAIT_HEADER:
-            return b""
-        return stream_header(content_ns=NS_SERVER, from_=sorted(self.edge.local_domains)[0],
-                             id_=new_stream_id(), dialback=True)
+        return self.machine.error_preamble()
 
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
 
-    def keepalive(self) -> bool:
-        return any(p.keepalive for p in map(self.edge.cfg.partners.lookup, self.partners) if p)
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Deliver):
-            self.edge.router.from_partner(action.element, action.local, action.remote)
-        elif isinstance(action, Authenticated):
-            partner = self.edge.cfg.partners.lookup(action.remote)
-            limit = self.edge.cfg.partner_limit(action.remote)
-            key = partner.domain if partner else action.remote
-            if self.edge.partner_connections(key) >= limit and key not in self.partners:
-                self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
-                                    "policy-violation"))
-                return
-            self.partners.add(key)
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                     action.local, action.label, tls)
-        elif isinstance(action, DialbackVerify):
-            self.edge.router.verify_dialback(self, action)
-        else:
-            super().handle_action(action)
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return self.machine.handle_timer(now)
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Deliver(element, local, remote):
+                self.stats.stanzas_in += 1
+                self.edge.router.from_partner(element, local, remote, self)
+            case Authenticated():
+                self._authenticated(action)
+            case DialbackVerify():
+                self.edge.router.verify_dialback(self, action)
+            case DialbackVerifyAnswer() | ComponentAuthenticated() | LinkControl():
+                raise AssertionError(f"{action!r} on an inbound stream")
+            case _:
+                assert_never(action)
+
+    def _authenticated(self, action: Authenticated) -> None:
+        partner = self.edge.cfg.partners.lookup(action.remote)
+        limit = self.edge.cfg.partner_limit(action.remote)
+        key = partner.domain if partner else action.remote
+        if self.edge.partner_connections(key) >= limit and key not in self.partners:
+            self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
+                                "policy-violation"))
+            return
+        self.partners.add(key)
+        self.methods.append((action.remote, action.method))
+        tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+        log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
+                 action.local, action.label, tls, extra=self.log_fields())
+        self.edge.monitor.authenticated(self, action)
 
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
             self.run(self.machine.dialback_result(local, remote, outcome))
+            self.arm_timer()  # authenticated now: the keepalive deadline replaces establishment
 
 
 class ComponentConnection(StreamConnection):
+    """The gateway's link (XEP-0114), acknowledged with XEP-0198 when the gateway enables it."""
+
     kind = "component"
 
     def __init__(self, edge: Edge):
         super().__init__(edge)
         assert edge.cfg.component is not None
         self.machine = ComponentStream(frozenset(edge.cfg.domains), edge.cfg.component.secret)
+        self.stream = XmppStream(self.machine.receive, self._failed, new_parser=self._new_parser)
+        self.link: LinkSession | None = None  # XEP-0198 enabled or resumed
+        self.up = False  # handed to the router (acknowledged or plain)
+        self._plain_timer: asyncio.TimerHandle | None = None
+        self._want_ack = False  # a <r/> goes out with this turn's writes
+        self.ack_requested: float | None = None  # when our unanswered <r/> went out
+        self.last_heard = self.created
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
 
+    def _failed(self, condition: str, text: str) -> list[ComponentAction]:
+        self.machine.closed = True
+        return [Close(text, condition)]
+
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        set_tcp_user_timeout(transport, LINK_TIMEOUT)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = self.edge.clock()
+        super().data_received(data)
 
     def error_preamble(self) -> bytes:
         if self.machine.stream_id:
@@ -394,29 +490,155 @@ class ComponentConnection(StreamConnection):
         return stream_header(content_ns=NS_COMPONENT, from_=sorted(self.edge.local_domains)[0],
                              id_=new_stream_id(), version=None)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def check_timers(self, now: float) -> None:  # the gateway link idles freely
-        if not self.is_authenticated() and not self.closing and \
-                now - self.created > self.edge.cfg.stream_establishment_timeout:
-            self.on_close(Close("component handshake not done in time", "connection-timeout"))
+    # timers: the handshake in time; an acknowledged link is asked for <a/> when idle and taken
+    # for dead when an <r/> stays unanswered
+    def next_deadline(self) -> float | None:
+        if not self.is_authenticated():
+            return self.created + self.edge.cfg.stream_establishment_timeout
+        if self.link is None:
+            return None
+        if self.ack_requested is not None:
+            return self.ack_requested + LINK_TIMEOUT
+        return self.last_heard + LINK_PING
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, ComponentAuthenticated):
-            log.info("component for %s connected from %s", action.domain, self.peer)
-            self.edge.router.component_up(action.domain, self)
-        elif isinstance(action, Deliver):
-            self.edge.router.from_component(action.element, action.local, action.remote)
-        else:
-            super().handle_action(action)
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        if not self.is_authenticated():
+            if now >= self.created + self.edge.cfg.stream_establishment_timeout:
+                return [Close("component handshake not done in time", "connection-timeout")]
+            return []
+        if self.link is None:
+            return []
+        if self.ack_requested is not None and now >= self.ack_requested + LINK_TIMEOUT:
+            self.abort(f"the gateway did not answer <r/> within {LINK_TIMEOUT:g} s: "
+                       "taking the link for dead")
+        elif self.ack_requested is None and now >= self.last_heard + LINK_PING:
+            self._request_ack(now)
+        return []
+
+    # writes from the relay: one <r/> after each turn's batch, never one per stanza
+    def relay_write(self, data: bytes) -> None:
+        self.send(data)
+        if self.link is not None and not self._want_ack:
+            self._want_ack = True
+            asyncio.get_running_loop().call_soon(self._request_ack_soon)
+
+    def _request_ack_soon(self) -> None:
+        self._want_ack = False
+        if self.ack_requested is None:
+            self._request_ack(self.edge.clock())
+
+    def _request_ack(self, now: float) -> None:
+        if self.closing:
+            return
+        self.ack_requested = now
+        self.send(link.REQUEST)
+        self.arm_timer()
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Deliver(element, local, remote):
+                self.stats.stanzas_in += 1
+                if not self.up:
+                    self._cancel_plain()
+                    self._plain()
+                if self.link is not None:
+                    self.link.inbox.handled()
+                self.edge.router.from_component(element, local, remote, self)
+            case LinkControl(name, attrs):
+                self._link_control(name, attrs)
+            case ComponentAuthenticated(domain):
+                log.info("component for %s connected from %s", domain, self.peer)
+                # XEP-0198 comes right after the handshake, or never (plain XEP-0114). A grace
+                # on the wire, not a protocol timer: real time, whatever the edge's clock says.
+                self._plain_timer = asyncio.get_running_loop().call_later(SM_GRACE, self._plain)
+            case Authenticated() | DialbackVerify() | DialbackVerifyAnswer():
+                raise AssertionError(f"{action!r} on the component stream")
+            case _:
+                assert_never(action)
+
+    def _plain(self) -> None:
+        if self.up or self.closing:
+            return
+        self.up = True
+        log.info("component for %s did not enable stream management (XEP-0198): stanzas to it "
+                 "count as delivered once written", self.machine.domain)
+        self.edge.router.component_up(self.machine.domain, self, acked=False)
+
+    def _link_control(self, name: str, attrs: dict[str, str]) -> None:
+        domain, router = self.machine.domain, self.edge.router
+        try:
+            if name in ("enable", "resume") and self.up:
+                raise SmError(f"<{name}/> after the link was set up", "unsupported-stanza-type")
+            if name in ("enable", "resume"):
+                self._cancel_plain()
+            if name == "enable":
+                self.link = router.link_sessions[domain] = LinkSession(new_stream_id(), domain)
+                self.send(link.enabled(self.link.id, resume=True, max_seconds=int(
+                    self.edge.cfg.component_wait)))
+                self.up = True
+                log.info("component for %s: stream management enabled (link %s)", domain,
+                         self.link.id)
+                router.component_up(domain, self, acked=True)
+            elif name == "resume":
+                old = router.link_sessions.get(domain)
+                if old is None or old.id != attrs.get("previd"):
+                    log.info("component for %s asked to resume link %s, which this edge does "
+                             "not hold (restarted, or expired): a new link", domain,
+                             attrs.get("previd"))
+                    self.send(link.failed())
+                    return  # the gateway enables a new session next
+                h = link.parse_h(attrs.get("h"))
+                count = link.delta(h, old.acked_h)
+                if count > router.relay.unacked(domain):
+                    raise SmError(f"resume with h={h} acknowledges more than was sent")
+                old.acked_h = h
+                self.link, self.up = old, True
+                self.send(link.resumed(old.id, old.inbox.h))
+                log.info("component for %s resumed link %s (%d acknowledged, %d to resend)",
+                         domain, old.id, count, router.relay.unacked(domain) - count)
+                router.component_up(domain, self, acked=True, resumed_h=count)
+            elif self.link is None:
+                raise SmError(f"<{name}/> before stream management was enabled",
+                              "unsupported-stanza-type")
+            elif name == "r":
+                self.send(link.ack(self.link.inbox.h))
+            elif name == "a":
+                h = link.parse_h(attrs.get("h"))
+                count = link.delta(h, self.link.acked_h)
+                if count > router.relay.unacked(domain):
+                    raise SmError(f"<a h='{h}'/> acknowledges {count} stanzas, but only "
+                                  f"{router.relay.unacked(domain)} are unacknowledged")
+                self.link.acked_h = h
+                self.ack_requested = None
+                router.component_acked(domain, count)
+            else:
+                raise SmError(f"<{name}/> is not for the gateway to send",
+                              "unsupported-stanza-type")
+        except SmError as exc:  # XEP-0198 section 4: a bad count is a stream error
+            self.on_close(Close(f"component for {domain}: {exc.text}", exc.condition))
+        self.arm_timer()
+
+    def graceful_close(self, reason: str) -> None:
+        if self.link is not None and not self.closing:  # our last count first (XEP-0198 4)
+            self.send(link.ack(self.link.inbox.h))
+        super().graceful_close(reason)
+
+    def _cancel_plain(self) -> None:
+        if self._plain_timer is not None:
+            self._plain_timer.cancel()
+            self._plain_timer = None
 
     def on_lost(self, reason: str) -> None:
+        self._cancel_plain()
         if self.machine.authenticated:
-            log.warning("component for %s disconnected: %s", self.machine.domain, reason)
+            clean = self.machine.closed or self.link is not None  # closed = it said goodbye
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "component for %s disconnected: %s%s", self.machine.domain, reason,
+                    f" ({self.edge.router.relay.unacked(self.machine.domain)} stanza(s) "
+                    "unacknowledged, kept for its return)" if self.link is not None else "")
             self.edge.router.component_down(self.machine.domain, self)
 
 
@@ -426,18 +648,24 @@ class OutboundConnection(StreamConnection):
     def __init__(self, edge: Edge, session: OutboundSession, direct_tls: bool):
         super().__init__(edge)
         self.session = session
-        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner)
+        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner,
+                                   created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def label(self) -> str:
         return f"outbound {self.session.local} -> {self.session.remote} ({self.peer})"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.direct_tls:
-            self.tls = self.make_tls(alpn=True)
-            self._flush_tls()
+        if self.direct_tls:  # XEP-0368: TLS first, ALPN xmpp-server; our header after it
+            self.stream.start_tls_now(self.make_tls(alpn=True))
+            self.flush()
         else:
             self.run(self.machine.start())
 
@@ -446,33 +674,33 @@ class OutboundConnection(StreamConnection):
         return TlsSession.client(self.edge.tls_contexts, self.session.local, self.session.remote,
                                  alpn=alpn)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        leaf, chain = self.tls.peer_certificate, list(self.tls.peer_intermediates)
-        return self.machine.tls_established(
-            lambda domain: verify_certificate(leaf, chain, domain, self.edge.trust))
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def keepalive(self) -> bool:
-        return self.session.partner.keepalive
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Authenticated):
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls)
-            self.session.ready(self)
-        elif isinstance(action, DialbackVerifyAnswer):
-            self.edge.router.dialback_answered(action)
-        elif isinstance(action, Close):
-            super().handle_action(action)
-            self.session.failed(self, action.reason, action.bounce if action.failed else None)
-        else:
-            super().handle_action(action)
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return self.machine.handle_timer(now)
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Authenticated(label=label):
+                tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+                log.info("%s: authenticated via %s (%s)", self.label(), label, tls,
+                         extra=self.log_fields())
+                self.edge.monitor.authenticated(self, action)
+                self.session.ready(self)
+            case DialbackVerifyAnswer():
+                self.edge.router.dialback_answered(action)
+            case Deliver() | DialbackVerify() | ComponentAuthenticated() | LinkControl():
+                raise AssertionError(f"{action!r} on an outbound stream")
+            case _:
+                assert_never(action)
+
+    def on_close(self, action: Close) -> None:
+        super().on_close(action)
+        self.session.failed(self, action.reason, action.bounce if action.failed else None)
 
     def on_lost(self, reason: str) -> None:
         self.session.failed(self, f"connection to {self.session.remote} lost: {reason}",
@@ -484,38 +712,22 @@ def _factory(conn: OutboundConnection) -> Callable[[], OutboundConnection]:
 
 
 @dataclass
-class Pending:
-    data: bytes
-    element: Element | None  # None for our own error replies: those are never bounced
-    since: float
-
-
-@dataclass
 class OutboundSession:
-    """Everything for one (local, remote) domain pair: the stream and the stanzas waiting for it."""
+    """The dialer of one (local, remote) domain pair: its stream and the dialback verifications
+    waiting for it. The stanzas waiting for it are the relay core's (`Relay.pairs`)."""
 
     edge: Edge
     local: str
     remote: str
     partner: Partner
     conn: OutboundConnection | None = None
-    queue: deque[Pending] = field(default_factory=deque)
     verifies: list[tuple[InboundConnection, DialbackVerify]] = field(default_factory=list)
     connecting: asyncio.Task[None] | None = None
     last_error: str = ""
 
-    def send(self, data: bytes, element: Element | None) -> None:
-        c = self.conn
-        if c is not None and c.machine.authenticated and not c.closing:
-            c.send(data)
-            return
-        if len(self.queue) >= OUTBOUND_QUEUE:
-            if element is not None:
-                self.edge.router.bounce(element, "resource-constraint",
-                                        f"too many stanzas waiting for {self.remote}")
-            return
-        self.queue.append(Pending(data, element, self.edge.clock()))
-        self.ensure_connecting()
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.local, self.remote)
 
     def ensure_connecting(self) -> None:
         if (self.conn is None or self.conn.closing) and (
@@ -539,6 +751,7 @@ class OutboundSession:
             targets = await edge.resolver.resolve(self.remote, self.partner.proxy_fqdn,
                                                   direct_tls=direct)
         except DnsError as exc:
+            edge.monitor.dial_failed(self.local, self.remote, f"DNS: {exc.text}")
             self._give_up(f"DNS: {exc.text}", "remote-server-not-found")
             return
         errors = []
@@ -566,79 +779,148 @@ class OutboundSession:
                     conn.run(conn.machine.request_verify(req.local, req.remote, req.stream_id,
                                                          req.key))
                 return
+        edge.monitor.dial_failed(self.local, self.remote, "could not connect: "
+                                 + ("; ".join(errors) or "no usable target"))
         self._give_up("could not connect: " + ("; ".join(errors) or "no usable target"),
                       "remote-server-timeout")
 
     def ready(self, conn: OutboundConnection) -> None:
         self.last_error = ""
-        while self.queue:
-            conn.send(self.queue.popleft().data)
+        self.edge.router.pair_up(self.pair, conn)
 
     def failed(self, conn: OutboundConnection, reason: str, bounce: str | None) -> None:
         if conn is not self.conn:
             return
         self.conn = None
-        if bounce is None and not self.queue and not self.verifies:
+        if conn.machine.authenticated:  # an established stream ended: dial again if needed
+            self.edge.router.pair_down(self.pair, conn)
+            if self.verifies:
+                self.ensure_connecting()
             return
         self._give_up(reason, bounce or "remote-server-timeout")
 
     def _give_up(self, reason: str, condition: str) -> None:
         self.last_error = reason
-        log.warning("outbound %s -> %s: %s; bouncing %d stanza(s) with <%s/>", self.local,
-                    self.remote, reason, len(self.queue), condition)
-        while self.queue:
-            p = self.queue.popleft()
-            if p.element is not None:
-                self.edge.router.bounce(p.element, condition, reason)
+        self.edge.router.pair_failed(self.pair, reason, condition)
         verifies, self.verifies = self.verifies, []
         db_condition = ("remote-server-not-found" if condition == "remote-server-not-found"
                         else "remote-connection-failed")
         for inbound, req in verifies:
             inbound.dialback_answer(req.local, req.remote, db_condition)
 
-    def expire(self, now: float, limit: float) -> None:
-        while self.queue and now - self.queue[0].since > limit:
-            p = self.queue.popleft()
-            if p.element is not None:
-                self.edge.router.bounce(p.element, "remote-server-timeout",
-                                        f"no stream to {self.remote} within {limit:g} s")
+
+@dataclass(slots=True)
+class LinkSession:
+    """The edge's side of one XEP-0198 session of a gateway link, kept across a disconnect so
+    the gateway can resume it."""
+
+    id: str
+    domain: str
+    inbox: Inbox = field(default_factory=Inbox)  # stanzas of the gateway's we handled
+    acked_h: int = 0  # the gateway's last h for our stanzas
 
 
 class Router:
-    """Domain pairs -> streams; queues while connecting; bounces when delivery is impossible."""
+    """The shell around the relay core: feeds it, carries out its actions, arms its deadline.
+
+    The relay core (`relay.Relay`) owns every stanza; this class only connects it to
+    connections (component links, partner streams), dialers and the event loop's timer.
+    """
 
     def __init__(self, edge: Edge):
         self.edge = edge
+        cfg = edge.cfg
+        self.relay = Relay(edge.local_domains, cfg.partners, Budgets(
+            total=cfg.queue_bytes_total, per_domain=cfg.queue_bytes_per_domain,
+            per_partner=cfg.queue_bytes_per_partner, component_wait=cfg.component_wait,
+            establishment=cfg.stream_establishment_timeout))
         self.components: dict[str, ComponentConnection] = {}
-        self.waiting: dict[str, deque[Pending]] = {}
         self.sessions: dict[tuple[str, str], OutboundSession] = {}
+        self.link_sessions: dict[str, LinkSession] = {}  # local domain -> its gateway's session
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
-    # partner -> local domain
-    def from_partner(self, element: Element, local: str, remote: str) -> None:
-        comp = self.components.get(local)
-        if comp is not None and not comp.closing:
-            comp.send(element.forwardable())
-            return
-        q = self.waiting.setdefault(local, deque())
-        if len(q) >= COMPONENT_QUEUE:
-            self.bounce(element, "service-unavailable", f"{local} is not reachable")
-            return
-        q.append(Pending(element.forwardable(), element, self.edge.clock()))
+    # relay inputs ---------------------------------------------------------------------------
+    def from_partner(self, element: Element, local: str, remote: str,
+                     source: StreamConnection | None = None) -> None:
+        self.relay.from_partner(source, element, local, self.edge.clock())
+        self._apply()
 
-    # local domain -> partner (or another local domain)
-    def from_component(self, element: Element, remote: str, local: str) -> None:
-        if remote in self.edge.local_domains:
-            self.from_partner(element, remote, local)
-            return
-        partner = self.edge.cfg.partners.lookup(remote)
-        if partner is None:
-            log.info("refusing stanza from %s to %s: no partner entry for %s", local, remote,
-                     remote)
-            self.bounce(element, "service-unavailable",
-                        f"{remote} is not a federation partner of {local}")
-            return
-        self.session(local, remote, partner).send(element.forwardable(), element)
+    def from_component(self, element: Element, remote: str, local: str,
+                       source: ComponentConnection | None = None) -> None:
+        self.relay.from_component(source, element, remote, local, self.edge.clock())
+        self._apply()
 
+    def pair_up(self, pair: tuple[str, str], conn: OutboundConnection) -> None:
+        self.relay.pair_up(pair, conn)
+        self._apply()
+
+    def pair_down(self, pair: tuple[str, str], conn: OutboundConnection) -> None:
+        self.relay.pair_down(pair, conn, self.edge.clock())
+        self._apply()
+
+    def pair_failed(self, pair: tuple[str, str], reason: str, condition: str) -> None:
+        self.relay.pair_failed(pair, reason, condition)
+        self._apply()
+
+    def writable(self, conn: StreamConnection, ok: bool) -> None:
+        self.relay.writable(conn, ok)
+        self._apply()
+
+    def component_up(self, domain: str, conn: ComponentConnection, *, acked: bool,
+                     resumed_h: int | None = None) -> None:
+        old = self.components.get(domain)
+        if old is not None and old is not conn:
+            old.on_close(Close("replaced by a new component connection", "conflict",
+                               failed=False))
+            self.relay.component_down(domain, old, self.edge.clock())
+        self.components[domain] = conn
+        self.relay.component_up(domain, conn, acked=acked, now=self.edge.clock(),
+                                resumed_h=resumed_h)
+        self._apply()
+
+    def component_down(self, domain: str, conn: ComponentConnection) -> None:
+        if self.components.get(domain) is conn:
+            del self.components[domain]
+        self.relay.component_down(domain, conn, self.edge.clock())
+        self._apply()
+
+    def component_acked(self, domain: str, count: int) -> None:
+        self.relay.acked(domain, count)
+        self._apply()
+
+    def partner_removed(self, domain: str, condition: str, text: str) -> None:
+        """`domain` no longer federates (live reload): forget its dialers, answer their
+        dialback verifications, and bounce what waits for it with `condition`; Edge.apply
+        closes the streams themselves."""
+        for key in [k for k in self.sessions if k[1] == domain]:
+            s = self.sessions.pop(key)
+            s.conn = None
+            if s.connecting is not None:
+                s.connecting.cancel()
+            s._give_up(text, condition)
+        self.relay.partners = self.edge.cfg.partners
+        self._apply()
+
+    def reconfigure(self) -> None:
+        """A reloaded configuration: the relay's partner table and byte budgets follow it."""
+        cfg = self.edge.cfg
+        self.relay.partners = cfg.partners
+        self.relay.budgets = Budgets(
+            total=cfg.queue_bytes_total, per_domain=cfg.queue_bytes_per_domain,
+            per_partner=cfg.queue_bytes_per_partner, component_wait=cfg.component_wait,
+            establishment=cfg.stream_establishment_timeout)
+        self.relay.timers_changed = True
+        self._apply()
+
+    def connection_gone(self, conn: StreamConnection) -> None:
+        self.relay.link_gone(conn)
+
+    def bounce(self, element: Element, condition: str, text: str) -> None:
+        self.relay.bounce(element, condition, text, self.edge.clock())
+        self._apply()
+
+    # dialback: verifications travel on the pair's outbound stream ------------------------------
     def session(self, local: str, remote: str, partner: Partner) -> OutboundSession:
         s = self.sessions.get((local, remote))
         if s is None:
@@ -664,49 +946,55 @@ class Router:
                 inbound.dialback_answer(ans.local, ans.remote, ans.outcome)
                 return
 
-    def component_up(self, domain: str, conn: ComponentConnection) -> None:
-        old = self.components.get(domain)
-        if old is not None and old is not conn:
-            old.on_close(Close("replaced by a new component connection", "conflict",
-                               failed=False))
-        self.components[domain] = conn
-        q = self.waiting.pop(domain, deque())
-        while q:
-            conn.send(q.popleft().data)
+    # carrying out the relay's actions ----------------------------------------------------------
+    def _apply(self) -> None:
+        for action in self.relay.actions():
+            if type(action) is Write:  # the hot path, first
+                action.link.relay_write(action.data)  # type: ignore[attr-defined]
+                continue
+            match action:
+                case Write(link, data):
+                    assert isinstance(link, StreamConnection)
+                    link.relay_write(data)
+                case Dial((local, remote)):
+                    partner = self.edge.cfg.partners.lookup(remote)
+                    if partner is None:  # removed since: the relay bounces at the deadline
+                        continue
+                    self.session(local, remote, partner).ensure_connecting()
+                case Pause(link):
+                    assert isinstance(link, StreamConnection)
+                    link.pause_reading()
+                case Resume(link):
+                    assert isinstance(link, StreamConnection)
+                    link.resume_reading()
+                case _:
+                    assert_never(action)
+        if self.relay.timers_changed:
+            self.relay.timers_changed = False
+            self._arm()
 
-    def component_down(self, domain: str, conn: ComponentConnection) -> None:
-        if self.components.get(domain) is conn:
-            del self.components[domain]
+    def _arm(self) -> None:
+        deadline = self.relay.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - self.edge.clock())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
 
-    def bounce(self, element: Element, condition: str, text: str) -> None:
-        """RFC 6120 8.3: return an error to the sender; never answer an error with an error."""
-        reply = stanza_error(element, condition, ERROR_TYPES.get(condition, "cancel"), text)
-        if reply is None:
-            return
-        sender = element.attrs.get("from", "")
-        domain = jid_domain(sender) if sender else None
-        if domain is None:
-            return
-        target = jid_domain(element.attrs.get("to", "")) or sorted(self.edge.local_domains)[0]
-        if domain in self.edge.local_domains:
-            comp = self.components.get(domain)
-            if comp is not None:
-                comp.send(reply)
-            return
-        partner = self.edge.cfg.partners.lookup(domain)
-        if partner is None or target not in self.edge.local_domains:
-            return
-        self.session(target, domain, partner).send(reply, None)
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.relay.handle_timer(self.edge.clock())
+        self._apply()
 
-    def expire(self, now: float) -> None:
-        for domain, q in list(self.waiting.items()):
-            while q and now - q[0].since > COMPONENT_WAIT:
-                p = q.popleft()
-                assert p.element is not None
-                self.bounce(p.element, "service-unavailable",
-                            f"{domain} is not reachable (its gateway is not connected)")
-        for s in self.sessions.values():
-            s.expire(now, self.edge.cfg.stream_establishment_timeout)
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, None
 
 
 class Edge:
@@ -719,12 +1007,159 @@ class Edge:
                              if cfg.certificate and cfg.private_key else None)
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.s2s_ctx = S2sContext(self.local_domains, cfg.partners,
-                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None)
+                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None,
+                                  Timeouts(cfg.stream_establishment_timeout,
+                                           cfg.stream_inactivity_timeout, cfg.keepalive_interval))
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
+        self._own_resolver = resolver is None
+        self._tls_stamp = _tls_stamp(cfg)
+        self.config_version = version_of(cfg.path.read_bytes()) if cfg.path else ""
+        self.last_reload: ReloadResult | None = None
+        self.reload_counts = {"ok": 0, "failed": 0}
         self.router = Router(self)
+        self.monitor = Monitor(self)
+        self.router.relay.on_bounce = self.monitor.bounced
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        self._ticker: asyncio.Task[None] | None = None
+        self.admin: AdminListener | None = None
+
+    # -- live reload (issue 12 section 2) -------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Read and check the configuration file again; apply it if valid, else keep running
+        with the current one. The result is logged and kept in `last_reload`."""
+        path = self.cfg.path
+        if path is None:
+            return ReloadResult(False, "", ("the edge was not started from a file",))
+        version = ""
+        try:
+            data = path.read_bytes()
+            version = version_of(data)
+            checked = check_text(data.decode("utf-8"), path)
+        except (OSError, UnicodeDecodeError) as exc:
+            result = ReloadResult(False, version, (f"{path}: cannot read configuration: {exc}",))
+        except ConfigError as exc:
+            result = ReloadResult(False, version, tuple(exc.problems))
+        else:
+            try:
+                changes = self.apply(checked.edge)
+            except (TlsError, OSError, ValueError) as exc:
+                result = ReloadResult(False, version, (f"cannot apply: {exc}",))
+            else:
+                self.config_version = version
+                result = ReloadResult(True, version, warnings=checked.warnings,
+                                      changes=tuple(changes))
+        if result.ok:
+            log.info("configuration %s reloaded (version %s): %s", path, version[:12],
+                     "; ".join(result.changes) or "nothing changed")
+            for w in result.warnings:
+                log.warning("%s", w)
+        else:
+            log.error("configuration %s NOT reloaded, the running one stays: %s", path,
+                      "; ".join(result.errors))
+        self.last_reload = result
+        self.reload_counts["ok" if result.ok else "failed"] += 1
+        return result
+
+    def apply(self, new: EdgeConfig) -> list[str]:
+        """Take over a checked configuration without dropping streams that may stay; returns
+        what changed, in words. Streams of a removed partner close with <policy-violation/>,
+        streams the new policy no longer allows with <reset/> (reload.stream_verdict)."""
+        old = self.cfg
+        later = restart_only_changes(old, new)
+        keep: dict[str, object] = {"domains": old.domains, "listen": old.listen,
+                                   "direct_tls_listen": old.direct_tls_listen}
+        if new.dialback_secret_generated and old.dialback_secret_generated:
+            keep["dialback_secret"] = old.dialback_secret  # random per start, not per reload
+        if old.component is None or new.component is None:
+            keep["component"] = old.component
+        elif old.component.listen != new.component.listen:
+            keep["component"] = ComponentSettings(old.component.listen, new.component.secret)
+        new = replace(new, **keep)  # type: ignore[arg-type]
+        diff = diff_partners(old.partners, new.partners)
+        changes = diff.describe()
+        # A new certificate and key serve the next handshake; open TLS sessions keep theirs.
+        tls = (TlsContexts(None, (new.certificate, new.private_key))
+               if new.certificate and new.private_key else None)
+        trust = TrustStore.load(new.ca_files, new.use_system_ca)
+        stamp = _tls_stamp(new)
+        if stamp != self._tls_stamp:  # new paths, or renewed in place (then SIGHUP)
+            changes.append("certificate and key changed")
+        if new.dns != old.dns and self._own_resolver:
+            self.resolver = S2sResolver(new.dns.nameservers, new.dns.timeout)
+            changes.append("DNS settings changed")
+        for name in ("connection_limit", "partner_connection_limit", "keepalive_interval",
+                     "stream_establishment_timeout", "stream_inactivity_timeout",
+                     "stanza_size_limit", "dialback_secret", "log"):
+            if getattr(old, name) != getattr(new, name):
+                changes.append(f"{name} changed" if name != "dialback_secret"
+                               else "dialback secret changed")
+        changes += [f"{what} changed: takes effect at the next start" for what in later]
+
+        self.cfg = new
+        self.tls_contexts, self.trust, self._tls_stamp = tls, trust, stamp
+        ctx = self.s2s_ctx
+        ctx.partners, ctx.has_certificate = new.partners, tls is not None
+        timeouts = Timeouts(new.stream_establishment_timeout, new.stream_inactivity_timeout,
+                            new.keepalive_interval)
+        if timeouts != ctx.timeouts:  # open streams take the new timers at once
+            ctx.timeouts = timeouts
+            for c in list(self.connections):
+                if c.timers is not None:
+                    c.timers.timeouts = timeouts
+                    c.arm_timer()
+        if new.dialback_secret != old.dialback_secret:
+            ctx.keys = DialbackKeys(new.dialback_secret)
+
+        self.router.reconfigure()
+        for s in list(self.router.sessions.values()):
+            p = new.partners.lookup(s.remote)
+            if p is None:
+                self.router.partner_removed(
+                    s.remote, "service-unavailable",
+                    f"{s.remote} was removed from the federation partners of {s.local}")
+            else:
+                s.partner = p
+        for local, remote in list(self.router.relay.pairs):  # queued, never dialed
+            if new.partners.lookup(remote) is None:
+                self.router.relay.pair_failed(
+                    (local, remote), f"{remote} was removed from the federation partners of "
+                    f"{local}", "service-unavailable")
+        self.router._apply()
+        for c in list(self.connections):
+            if c.closing:
+                continue
+            verdict: tuple[str, str] | None = None
+            if isinstance(c, InboundConnection):
+                m = c.machine
+                if c.is_authenticated():
+                    verdict = stream_verdict(c.methods, new.partners)
+                elif m.header_from is not None and m.partner is not None:
+                    p = new.partners.lookup(m.header_from)
+                    verdict = (stream_verdict([], new.partners) if p == m.partner else
+                               (POLICY_VIOLATION, f"{m.header_from} is no longer a federation "
+                                                  "partner") if p is None else
+                               (RESET, f"partner {p.domain}'s policy changed during "
+                                       "negotiation; negotiate again"))
+            elif isinstance(c, OutboundConnection):
+                m2 = c.machine
+                p = new.partners.lookup(c.session.remote)
+                if m2.authenticated and m2.method is not None:
+                    verdict = stream_verdict([(c.session.remote, m2.method)], new.partners)
+                elif p is None:
+                    verdict = (POLICY_VIOLATION,
+                               f"{c.session.remote} is no longer a federation partner")
+                elif p != m2.partner:
+                    verdict = (RESET, f"partner {p.domain}'s policy changed during "
+                                      "negotiation; negotiate again")
+                if verdict is None and p is not None:
+                    m2.partner = p
+            if verdict is not None:
+                # an outbound stream closed here ends in its dialer's failed(): the relay core
+                # dials again for what still waits for the pair (or bounces it at its deadline)
+                condition, reason = verdict
+                c.on_close(Close(f"configuration reloaded: {reason}", condition, failed=False))
+        return changes
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
@@ -747,34 +1182,57 @@ class Edge:
             self.servers.append(await loop.create_server(
                 lambda: ComponentConnection(self), addr.host, addr.port, reuse_address=True))
             log.info("listening for the gateway component (XEP-0114) on %s", addr)
-        self._ticker = loop.create_task(self._tick())
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = self.clock()
-            for c in list(self.connections):
-                c.check_timers(now)
-            self.router.expire(now)
+        if cfg.admin is not None:
+            self.admin = AdminListener(self)
+            await self.admin.start()
 
     async def stop(self) -> None:
+        """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
+        (RFC 6120 4.9.3.19) and what they sent before they saw it is still relayed (4.4); what
+        waits for a partner stream is bounced; the gateways get what is theirs and acknowledge
+        it; then the component links close."""
+        if self.admin is not None:
+            await self.admin.stop()
         for s in self.servers:
             s.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
+        partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
+        for c in partners:
+            c.shutdown_stream("edge shutting down")
+        self.router.relay.shutdown("the edge is shutting down")
+        self.router._apply()
+        deadline = self.clock() + CLOSE_GRACE
+        while self.clock() < deadline and (
+                any(c in self.connections for c in partners)
+                or any(self.router.relay.unacked(d) for d in self.router.components)):
+            await asyncio.sleep(0.02)
+        # Whatever a gateway has not acknowledged by now is bounced (its link is going).
+        for domain, comp in list(self.router.components.items()):
+            self.router.component_down(domain, comp)
+        self.router.relay.budgets = replace(self.router.relay.budgets, component_wait=0.0)
+        self.router.relay.handle_timer(self.clock())
+        self.router._apply()
         for c in list(self.connections):
             c.graceful_close("edge shutting down")
         deadline = self.clock() + CLOSE_GRACE
         while self.connections and self.clock() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.abort()
+        self.router.stop_timer()
         for s in self.servers:
             await s.wait_closed()
 
 
-def run_forever(cfg: EdgeConfig) -> int:
+def _tls_stamp(cfg: EdgeConfig) -> bytes:
+    """What the served certificate and key files hold now (to tell a renewal on reload)."""
+    try:
+        return b"".join(p.read_bytes() for p in (cfg.certificate, cfg.private_key) if p)
+    except OSError:
+        return b""
+
+
+def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
     if cfg.dialback_secret_generated:
@@ -783,20 +1241,44 @@ def run_forever(cfg: EdgeConfig) -> int:
     async def main() -> None:
         edge = Edge(cfg)
         await edge.start()
+
+        def reload() -> None:
+            before = edge.cfg.log
+            if edge.reload().ok and edge.cfg.log != before:
+                setup_logging(edge.cfg.log)
+
+        def file_changed() -> None:
+            # a writer that reloaded the edge itself (the admin API) already applied it
+            with contextlib.suppress(OSError):
+                if cfg.path is not None and \
+                        version_of(cfg.path.read_bytes()) == edge.config_version:
+                    return
+            reload()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
         sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.domains)}")
-        await stop.wait()
-        log.info("stopping: closing %d stream(s)", len(edge.connections))
+        watch = None
+        if cfg.path is not None:
+            # the file is the source of truth: a change is applied at once; SIGHUP = reload now
+            watch = FileWatch(cfg.path, file_changed, watch_interval)
+            watch.start()
+        with sighup(reload):
+            await stop.wait()
+        if watch is not None:
+            watch.stop()
+        log.info("stopping: draining %d stream(s)", len(edge.connections))
         sdnotify.notify("STOPPING=1")
         await edge.stop()
+        r = edge.router.relay
+        log.info("stopped: %d stanza(s) delivered, bounced %s", r.delivered,
+                 ", ".join(f"{n} with <{c}/>" for c, n in sorted(r.bounced.items())) or "none")
 
     try:
         asyncio.run(main())
-    except OSError as exc:
+    except (OSError, TlsError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -152,7 +152,7 @@ def test_edge_is_ready_healthy_and_closes_streams_on_sigterm(tmp_path):
         assert any(isinstance(ev, StreamClosed) for ev in parser.feed(received)), received
         assert edge.proc.wait(WAIT) == 0, edge.output()
         assert "STOPPING=1" in edge.next_notification()
-        assert "stopping: closing 1 stream(s)" in edge.output()
+        assert "stopping: draining 1 stream(s)" in edge.output()
 
     down = healthcheck("edgeproxy", config)
     assert down.returncode == 1
