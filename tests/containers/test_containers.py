@@ -194,7 +194,7 @@ async def test_edge_stops_cleanly_and_the_gateway_follows(fed: Federation) -> No
         code = fed.stop("edge")
     logs = fed.logs("edge")
     assert code == 0, f"edge exit code {code} (137 = killed: SIGTERM not handled):\n{logs}"
-    closing = re.findall(r"stopping: closing (\d+) stream\(s\)", logs)
+    closing = re.findall(r"stopping: draining (\d+) stream\(s\)", logs)
     assert closing and int(closing[-1]) >= 2, logs  # the S2S stream(s) and the component link
 
     deadline = asyncio.get_running_loop().time() + 60
