@@ -136,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     if args.command in ("partner", "gateway-settings"):
-        # `edgeproxy partner list | head`: end quietly when the reader goes away
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # `edgeproxy partner list | head`: end quietly when the reader goes away. Restored
+        # afterwards: a caller in the same process (the tests call main()) must not die of
+        # SIGPIPE on a later write to a closed socket.
+        previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
-        return run_admin_command(args)
+        try:
+            return run_admin_command(args)
+        finally:
+            signal.signal(signal.SIGPIPE, previous)
     if args.command != "run":
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

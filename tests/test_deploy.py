@@ -117,7 +117,7 @@ def test_compose_configuration_is_valid(tmp_path):
     compose = ROOT / "deploy" / "compose"
     work = tmp_path / "compose"
     shutil.copytree(compose, work, ignore=shutil.ignore_patterns("certs"))
-    subprocess.run([sys.executable, "-m", "edgeproxy", "dev-certs", "--out", str(work / "certs"),
+    subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--out", str(work / "certs"),
                     "contoso.test", "fabrikam.test", "northwind.test"], check=True,
                    capture_output=True, timeout=60)
     check = subprocess.run([sys.executable, "-m", "edgeproxy", "check-config", "-c",

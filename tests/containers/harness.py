@@ -291,7 +291,7 @@ class Federation:
     def _write_files(self) -> None:
         certs = self.workdir / "certs"
         # The project's own certificate command makes the CA and every certificate.
-        subprocess.run([sys.executable, "-m", "edgeproxy", "dev-certs", "--out", str(certs),
+        subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--out", str(certs),
                         EDGE, *(d.domain for d in DOMAINS)], check=True, capture_output=True)
         ca = (certs / "ca.crt").read_bytes()
         for role in ("edge", "prosody", "ejabberd"):
