@@ -9,7 +9,8 @@ records from a dnsmasq container) and the partners' real certificates.
                            Prosody and ejabberd each in SASL EXTERNAL and in dialback mode, and
                            Prosody reached with Direct TLS (XEP-0368)
   policy mismatch          our entry says no TLS, Prosody requires it: refused both ways
-  gateway restart          a message stored for an offline user survives `podman stop/start`
+  gateway restart          a message stored for an offline user survives `podman stop/start`;
+                           one sent while the gateway is stopped waits at the edge
   SIGTERM                  the edge container stops cleanly (exit 0, streams closed), the
                            gateway's health follows its link and it reconnects by itself
 """
@@ -184,6 +185,28 @@ async def test_gateway_restart_keeps_a_stored_message(fed: Federation) -> None:
                                     where=lambda e: e["from"].split("/")[0] == jid)
             assert got["body"] == "sent while bob was away" and got.get("offline"), got
         detail.append("stored message delivered after podman stop/start")
+    cells.check()
+
+
+async def test_message_to_a_stopped_gateway_waits_at_the_edge(fed: Federation) -> None:
+    """The gateway container is stopped; a partner's message for bob is held by the edge (its
+    relay keeps stanzas for an absent gateway until a deadline) and delivered once the
+    gateway is started again and its link is back: bob, online afterwards, gets it."""
+    cells = Cells(peer_name(fed, "ejabberd.test"), "gateway down")
+    jid = f"{USER}@ejabberd.test"
+    async with alice(fed, "ejabberd.test") as a, cells(MESSAGE, IN) as detail:
+        assert fed.stop("gateway") == 0, fed.logs("gateway")
+        # `podman start` and the gateway's own start take seconds: the message reaches the
+        # edge while no gateway is connected.
+        a.send_chat(BOB, "sent while the gateway was stopped")
+        fed.restart("gateway")
+        fed.wait_gateway_link()
+        async with bob(fed) as b:
+            got = await b.ws.expect("message", timeout=60,
+                                    where=lambda e: e["from"].split("/")[0] == jid)
+            assert got["body"] == "sent while the gateway was stopped", got
+        assert a.bounces.empty(), a.bounces.get_nowait()
+        detail.append("held by the edge while the gateway was stopped")
     cells.check()
 
 
