@@ -563,12 +563,26 @@ async def test_chaos_numbered_messages_both_ways_while_the_daemons_die(
                 matrix.PASS + f": {c['delivered']} delivered, {c['bounced']} bounced"
                 if not c["lost"] and not c["duplicates"] else
                 f"FAIL: {len(c['lost'])} lost, {len(c['duplicates'])} duplicates")
+        # GET /api/v1/messages/{id} agrees with the inbox: bounced with the same condition;
+        # a sample of the delivered ones: accepted (the edge acknowledged them)
+        bounced_ids = [i for i in [*ledger.bob_accepted.values(), *ledger.unreachable_ids]
+                       if ledger.bob_bounces.get(i)]
+        wrong_status = [(i, st) for i in bounced_ids if (st := await bob.status(i))
+                        != f"bounced {ledger.bob_bounces[i][0]}"]
+        delivered_sample = [i for k, i in sorted(ledger.bob_accepted.items())
+                            if ledger.alice_got[k]][::50]
+        wrong_status += [(i, st) for i in delivered_sample
+                         if (st := await bob.status(i)) != "accepted"]
+        details.append(f"message status checked: {len(bounced_ids)} bounced, "
+                       f"{len(delivered_sample)} delivered; wrong: {wrong_status[:10]}")
+        print(details[-1])
         report = "\n".join([*TABLE, *details, edge.tail(), gateway.tail()])
         assert a2b["sent"] == ALICE_COUNT and b2a["sent"] == BOB_COUNT, report
         assert down["delivered"] == 0, report  # Prosody was down: nothing can have arrived
         for c in (a2b, b2a, down):
             assert c["lost"] == [] and c["duplicates"] == [], report
         assert not ledger.strays, report
+        assert not wrong_status, report
     finally:
         with contextlib.suppress(Exception):
             await alice.logout()
