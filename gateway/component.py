@@ -271,6 +271,10 @@ class Gateway(ComponentXMPP):
             self.abort()
             return
         self.ack_requested = None
+        if self.outbound.sent.unacked:
+            # rows written after the <r/> this answers: ask again now (XEP-0198 4), so they
+            # are 'accepted' without waiting for an idle link's ping
+            self._request_ack()
 
     def incoming_filter(self, xml: ET.Element) -> ET.Element:
         self.last_heard = time.monotonic()
