@@ -1,6 +1,7 @@
 """A small certificate authority for development and tests (real X.509, made with `cryptography`).
 
-`edgeproxy dev-certs` uses it to make a CA and leaf certificates for the example configuration;
+`edgeproxy certs dev` (alias `dev-certs`) uses it to make a CA, kept with its key and reused for
+new domains, and leaf certificates for the example configuration;
 the tests use it to make every certificate they need, the hostile ones included: serverAuth-only,
 expired, wrong name, self-signed, missing intermediate, SRV-ID and XmppAddr identities.
 """
@@ -8,6 +9,7 @@ expired, wrong name, self-signed, missing intermediate, SRV-ID and XmppAddr iden
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,13 @@ class CertificateAuthority:
         cert = builder.sign(signer_key, hashes.SHA256())
         return Issued(cert, key)
 
+    @classmethod
+    def from_root(cls, root: Issued) -> CertificateAuthority:
+        """A CA around an existing root (certificate and key), without intermediate."""
+        ca = cls.__new__(cls)
+        ca.root, ca.intermediate = root, None
+        return ca
+
     @property
     def signer(self) -> Issued:
         return self.intermediate or self.root
@@ -153,13 +162,75 @@ class CertificateAuthority:
         return path
 
 
-def write_dev_certificates(out: Path, domains: list[str]) -> list[Path]:
-    """A CA plus one certificate per domain, written as ca.crt, <domain>.crt, <domain>.key."""
-    out.mkdir(parents=True, exist_ok=True)
-    ca = CertificateAuthority("Edge Dev")
-    written = [ca.write_root(out / "ca.crt")]
+class DevCertificateError(ValueError):
+    """`certs dev` refused: a bad domain name, or files it would overwrite without --force."""
+
+
+DEV_CA_CERT, DEV_CA_KEY = "ca.crt", "ca.key"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write key material with mode 0600 from the first byte (never world-readable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_dev_ca(out: Path) -> CertificateAuthority | None:
+    """The development CA kept in `out` (ca.crt + ca.key), or None if there is none yet."""
+    crt, key = out / DEV_CA_CERT, out / DEV_CA_KEY
+    if not crt.exists() and not key.exists():
+        return None
+    if not (crt.exists() and key.exists()):
+        have, missing = (crt, key) if crt.exists() else (key, crt)
+        raise DevCertificateError(f"{have} exists but {missing} does not: the development CA is "
+                                  "incomplete (remove both, or use --force for a new CA)")
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    public = cert.public_key()
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or \
+            not isinstance(public, ec.EllipticCurvePublicKey) or \
+            private.public_key().public_numbers() != public.public_numbers():
+        raise DevCertificateError(f"{key} is not the key of {crt}")
+    return CertificateAuthority.from_root(Issued(cert, private))
+
+
+def write_dev_certificates(out: Path, domains: list[str], *, force: bool = False) -> list[Path]:
+    """A development CA (kept in `out` with its key, reused on later calls) and one certificate
+    per domain: ca.crt, ca.key, <domain>.crt (leaf + chain), <domain>.key.
+
+    Domain names are validated (A-labels, RFC 5890) before anything is written; an existing
+    certificate is never overwritten without `force`, and `force` is also what replaces the CA.
+    """
+    from .partners import normalize_domain
+
+    names = []
     for d in domains:
-        issued = ca.issue(d)
-        issued.write(out / f"{d}.crt", out / f"{d}.key")
-        written += [out / f"{d}.crt", out / f"{d}.key"]
+        try:
+            names.append(normalize_domain(d))
+        except ValueError as e:
+            raise DevCertificateError(str(e)) from None
+    if not names:
+        raise DevCertificateError("give at least one domain")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [out / f"{n}{ext}" for n in names for ext in (".crt", ".key")
+                if (out / f"{n}{ext}").exists()]
+    if existing and not force:
+        raise DevCertificateError(
+            f"{', '.join(str(p) for p in existing)} already exist(s); not overwritten "
+            "(use --force to replace them)")
+    ca = None if force else load_dev_ca(out)
+    written = []
+    if ca is None:
+        ca = CertificateAuthority("Edge Dev", with_intermediate=False)
+        ca.write_root(out / DEV_CA_CERT)
+        _write_private(out / DEV_CA_KEY, ca.root.key_pem())
+        written += [out / DEV_CA_CERT, out / DEV_CA_KEY]
+    for n in names:
+        issued = ca.issue(n)
+        (out / f"{n}.crt").write_bytes(issued.cert_pem())
+        _write_private(out / f"{n}.key", issued.key_pem())
+        written += [out / f"{n}.crt", out / f"{n}.key"]
     return written

@@ -68,6 +68,9 @@ class _Srv:
     direct_tls: bool
 
 
+SrvRecord = _Srv  # priority, weight, host ("" for the "." target), port, direct_tls
+
+
 def rfc2782_order(records: Sequence[_Srv], rng: random.Random) -> list[_Srv]:
     """Order SRV records per RFC 2782 ("Usage rules"): lowest priority first; within a priority,
     repeatedly pick one at random with probability proportional to its weight. Weight-0 records
@@ -228,6 +231,11 @@ class S2sResolver:
         if hard:
             raise hard[0]
         raise DnsError("not-found", f"no A/AAAA records for {host}")
+
+    async def srv_records(self, name: str, direct_tls: bool = False) -> list[SrvRecord]:
+        """The SRV records of `name` as published, unordered (for diagnosis: probe and
+        check-dns); [] when there are none, DnsError when the lookup failed."""
+        return await self._srv(name, direct_tls)
 
     async def _srv(self, name: str, direct_tls: bool) -> list[_Srv]:
         """SRV records of `name` ([] when there are none); target "." becomes host ""."""

@@ -119,6 +119,16 @@ async def send_message(request: web.Request) -> web.Response:
                              status=202)
 
 
+async def message_status(request: web.Request) -> web.Response:
+    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced."""
+    status = request.app[GATEWAY].outbound.status(request[USER], request.match_info["id"])
+    if status is None:
+        raise error(404, f"no message {request.match_info['id']!r} from you")
+    return web.json_response({"id": status.id, "to": status.to, "state": status.state,
+                              "condition": status.condition, "text": status.text,
+                              "updated": status.updated})
+
+
 async def set_presence(request: web.Request) -> web.Response:
     body = await _json(request)
     show = body.get("show", "available")
@@ -338,6 +348,12 @@ async def _close_sockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"gateway shutting down")
 
 
+async def health(request: web.Request) -> web.Response:
+    """Liveness for `gateway healthcheck` and monitoring; no credentials (it reveals no user)."""
+    gw = request.app[GATEWAY]
+    return web.json_response({"status": "ok", "link_up": gw.link_up})
+
+
 def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors])
     app[GATEWAY] = gateway
@@ -346,6 +362,7 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app[CLOSING] = set[asyncio.Task[Any]]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
+    app.router.add_get("/api/v1/messages/{id}", message_status)
     app.router.add_put("/api/v1/presence", set_presence)
     app.router.add_get("/api/v1/presence", get_presence)
     app.router.add_post("/api/v1/ping", ping)
@@ -358,6 +375,7 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_get("/api/v1/inbox", read_inbox)
     app.router.add_post("/api/v1/inbox/ack", ack_inbox)
     app.router.add_get("/api/v1/ws", websocket)
+    app.router.add_get("/health", health)
     app.router.add_post("/api/v1/admin/users", admin_create_user)
     app.router.add_get("/api/v1/admin/users", admin_list_users)
     app.router.add_delete("/api/v1/admin/users/{name}", admin_remove_user)

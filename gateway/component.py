@@ -9,10 +9,11 @@ and every bounce for a local user is first kept in the store's inbox (committed 
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
 closed and nothing waits in memory but one batch per socket. Presence and subscription events
-are not stored: the latest per contact waits in the session (`Session.notify`). Stanzas local
-users send while the link to the edge is down wait in a bounded queue; when it is full the
-caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait in that queue: it needs the
-link now, and its answer.
+are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
+users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
+across link drops and restarts of either daemon; when the outbox is full the caller gets
+LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
+now, and its answer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +31,17 @@ from xml.etree import ElementTree as ET
 from slixmpp import JID, ComponentXMPP, InvalidJID
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from edgeproxy import link
+from edgeproxy.link import LINK_PING, LINK_TIMEOUT, NS_SM, set_tcp_user_timeout
 from edgeproxy.partners import PartnerTable, PartnerType
 from edgeproxy.xmlstream import error_condition
 
 from . import rules
+from .link import DEFAULT_OUTBOX_LIMIT, Outbound
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
 from .store import Contact, InboxFull, Store, StoredEvent, StoreError
 
@@ -54,6 +58,8 @@ SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = availa
 # Local users' pings leave from this fixed resource: a ping needs no open WebSocket, and the
 # answer is taken by the waiting request whatever resource it is addressed to.
 PING_RESOURCE = "api"
+_COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
+_STANZA_STARTS = ("<message", "<presence", "<iq")
 
 CloseSocket = Callable[[int, str], None]  # WebSocket close code and reason
 # RFC 6455 7.4.1: 1008 policy violation - the credentials the socket was opened with are gone.
@@ -145,18 +151,26 @@ def presence_kind(ptype: str) -> Kind | None:
 
 class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
-                 partners: PartnerTable, *, queue_limit: int = 1000,
-                 min_backoff: float = 1.0, max_backoff: float = 60.0):
+                 partners: PartnerTable, *, queue_limit: int = DEFAULT_OUTBOX_LIMIT,
+                 min_backoff: float = 0.25, max_backoff: float = 10.0,
+                 outbound: Outbound | None = None):
         super().__init__(domain, secret, host, port)
         self.domain = domain
         self.store = store
         self.partners = partners
-        self.queue: deque[Any] = deque()
-        self.queue_limit = queue_limit
-        self.link_up = False
+        # what local users send waits here (SQLite) until the edge acknowledges it
+        self.outbound = outbound or Outbound(store.connection(), queue_limit)
+        self.link_up = False  # the XEP-0114 handshake is done
+        self.sm_active = False  # XEP-0198 enabled or resumed: outbox rows may be written
+        self._counting = False  # the edge's stanzas count toward our h
+        self._last_row = 0  # the outbox row written last on this link
+        self._want_ack = False
+        self.ack_requested: float | None = None
+        self.last_heard = 0.0
+        self._keepalive: asyncio.TimerHandle | None = None
         self.closing = False
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
-        self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
+        self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
         self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
         store.batch_commits(self._schedule_commit)
@@ -172,40 +186,173 @@ class Gateway(ComponentXMPP):
         self.register_handler(Callback("gateway presence", MatchXPath(f"{{{NS}}}presence"),
                                        self.on_presence))
         self.register_handler(Callback("gateway iq", MatchXPath(f"{{{NS}}}iq"), self.on_iq))
+        for name in ("enabled", "resumed", "failed", "r", "a"):
+            self.register_handler(Callback(f"link {name}", MatchXPath(f"{{{NS_SM}}}{name}"),
+                                           getattr(self, f"_sm_{name}")))
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("connection_failed", self._on_connection_failed)
 
-    # link to the edge --------------------------------------------------------------------------
+    @property
+    def queue_limit(self) -> int:
+        return self.outbound.limit
+
+    @queue_limit.setter
+    def queue_limit(self, value: int) -> None:
+        self.outbound.limit = value
+
+    # link to the edge (XEP-0114, acknowledged with XEP-0198: gateway/link.py) -----------------
 
     def _on_session_start(self, _event: Any) -> None:
-        log.info("component link to the edge is up (%s:%s)", self.server_host,
-                 self.server_port)
         self.link_up = True
         self.backoff = self.min_backoff
-        while self.queue:
-            self.queue.popleft().send()
+        self.last_heard = time.monotonic()
+        # XEP-0198 right after the handshake: resume the link we had, or start one
+        if self.outbound.link_id:
+            self._raw(link.resume(self.outbound.link_id, self.outbound.inbox.h))
+        else:
+            self._raw(link.enable())
+        self._schedule_keepalive()
+
+    def _sm_enabled(self, stanza: Any) -> None:
+        link_id = stanza.xml.get("id", "")
+        self.outbound.new_link(link_id)
+        log.info("component link to the edge is up (%s:%s), link %s; %d stanza(s) to send",
+                 self.server_host, self.server_port, link_id, self.outbound.waiting)
+        self._link_ready()
+
+    def _sm_resumed(self, stanza: Any) -> None:
+        h = link.parse_h(stanza.xml.get("h"))
+        done = self.outbound.resumed(h)
+        self.outbound.rewind()
+        log.info("component link to the edge resumed (link %s): the edge had %d more of ours; "
+                 "%d stanza(s) to send", self.outbound.link_id, done, self.outbound.waiting)
+        self._link_ready()
+
+    def _sm_failed(self, _stanza: Any) -> None:
+        log.info("the edge no longer holds link %s (it restarted): starting a new one",
+                 self.outbound.link_id)
+        self._raw(link.enable())
+
+    def _link_ready(self) -> None:
+        self.sm_active = self._counting = True
+        self._last_row = 0
+        self.ack_requested = None
+        self._pump()
         for user, resources in self.sessions.items():  # contacts may have lost our presence
             for resource in resources:
                 self._broadcast(user, resource)
 
+    def _sm_r(self, _stanza: Any) -> None:
+        self.commit_point()  # what we acknowledge is on disk first
+        self._raw(link.ack(self.outbound.inbox.h))
+
+    def _sm_a(self, stanza: Any) -> None:
+        try:
+            self.outbound.acked(link.parse_h(stanza.xml.get("h")))
+        except link.SmError as exc:
+            log.error("the edge's acknowledgement is wrong (%s): reconnecting", exc)
+            self.abort()
+            return
+        self.ack_requested = None
+
+    def incoming_filter(self, xml: ET.Element) -> ET.Element:
+        self.last_heard = time.monotonic()
+        return xml
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        super()._spawn_event(xml)  # the handlers run (and write to the store's batch) here
+        if self._counting and xml.tag in _COUNTED:
+            # XEP-0198 h, in the same transaction as what the handler stored: a gateway killed
+            # at any point resumes with a count that matches its store exactly
+            self.outbound.handled()
+
+    def send_raw(self, data: str | bytes) -> None:
+        """Every stanza slixmpp writes (iq replies, pings) goes through the outbox too, so the
+        rows stay in the order the edge counts them."""
+        text = data.decode() if isinstance(data, bytes) else data
+        if text.lstrip().startswith(_STANZA_STARTS):
+            self.outbound.add(text, force=True)
+            self._pump()
+            return
+        super().send_raw(data)
+
+    def _raw(self, data: bytes) -> None:
+        if self.transport is not None:
+            super().send_raw(data)
+
+    def _pump(self) -> None:
+        """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
+        if not self.sm_active:
+            return
+        rows = self.outbound.unsent(self._last_row)
+        for row, text in rows:
+            self._transmit(text)
+            self.outbound.written(row)
+            self._last_row = row
+        if rows and not self._want_ack:
+            self._want_ack = True
+            self.loop.call_soon(self._request_ack)
+
+    def _transmit(self, text: str) -> None:
+        super().send_raw(text)
+
+    def _request_ack(self) -> None:
+        self._want_ack = False
+        if self.sm_active and self.ack_requested is None:
+            self.ack_requested = time.monotonic()
+            self._raw(link.REQUEST)
+
+    def _schedule_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._keepalive = self.loop.call_later(1.0, self._check_link)
+
+    def _check_link(self) -> None:
+        """An unanswered <r/> for LINK_TIMEOUT: the edge is gone (half-open link); an idle link
+        is asked every LINK_PING."""
+        self._keepalive = None
+        if not self.link_up or self.closing:
+            return
+        now = time.monotonic()
+        if self.ack_requested is not None and now - self.ack_requested > LINK_TIMEOUT:
+            log.warning("the edge did not answer <r/> within %g s: the link is dead, "
+                        "reconnecting", LINK_TIMEOUT)
+            self.abort()
+            return
+        if self.sm_active and self.ack_requested is None and now - self.last_heard > LINK_PING:
+            self.ack_requested = now
+            self._raw(link.REQUEST)
+        self._schedule_keepalive()
+
+    def connection_made(self, transport: Any, send_event: bool = True) -> None:
+        super().connection_made(transport, send_event)
+        set_tcp_user_timeout(transport, LINK_TIMEOUT)
+
     def _on_disconnected(self, reason: Any) -> None:
-        self.link_up = False
+        self.link_up = self.sm_active = self._counting = False
+        self.ack_requested = None
         for lost in self.link_lost:  # their answers cannot come any more
             if not lost.done():
                 lost.set_result(None)
         if self.closing:
             log.info("component link to the edge closed (the gateway is stopping)")
             return
-        delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
-        log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
-                    reason, delay)
-        self.loop.call_later(delay, self._reconnect)
+        log.warning("component link to the edge lost (%s); %d stanza(s) kept for it; "
+                    "reconnecting in %.2f s", reason or "connection closed",
+                    self.outbound.waiting, self.min_backoff)
+        self.backoff = self.min_backoff
+        self.loop.call_later(self.min_backoff, self._reconnect)
 
     def _on_connection_failed(self, error: Any) -> None:
-        # slixmpp retries by itself with a growing delay (XMLStream.reschedule_connection_attempt)
-        log.warning("cannot reach the edge's component port %s:%s (%s); retrying",
-                    self.server_host, self.server_port, error)
+        # our own schedule, short first: the edge is often back within a second (a restart)
+        self.cancel_connection_attempt()
+        if self.closing:
+            return
+        delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
+        log.warning("cannot reach the edge's component port %s:%s (%s); retrying in %.2f s",
+                    self.server_host, self.server_port, error, delay)
+        self.loop.call_later(delay, self._reconnect)
 
     def _reconnect(self) -> None:
         if not self.closing and not self.link_up:
@@ -216,8 +363,24 @@ class Gateway(ComponentXMPP):
         if self._watching is not None:
             self._watching.cancel()
         self.cancel_connection_attempt()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self.transport is not None:
+            if self.sm_active:  # our last count, so the edge can let go of what we have
+                self.commit_point()
+                self._raw(link.ack(self.outbound.inbox.h))
             await self.disconnect(wait=1.0)
+
+    def emit(self, stanza: Any, *, user: str | None = None) -> None:
+        """Keep one stanza in the outbox (durable before the caller answers) and send it when
+        the link is ready; LinkDown when the outbox is full."""
+        text = tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True)
+        row = self.outbound.add(text, user=user, msg_id=stanza["id"] or None,
+                                to=str(stanza["to"]))
+        if row is None:
+            raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} stanzas "
+                           "are already waiting; try again when it is back")
+        self._pump()
 
     def _schedule_commit(self) -> None:
         self.loop.call_soon(self._commit_turn)  # the batch ends with this event-loop turn
@@ -241,16 +404,6 @@ class Gateway(ComponentXMPP):
         retried).
         """
         self.store.commit()
-
-    def emit(self, stanza: Any) -> None:
-        """Send one stanza to the edge, or queue it while the link is down."""
-        if self.link_up:
-            stanza.send()
-            return
-        if len(self.queue) >= self.queue_limit:
-            raise LinkDown(f"the link to the edge is down and {len(self.queue)} stanzas are "
-                           "already waiting; try again when it is back")
-        self.queue.append(stanza)
 
     # rules --------------------------------------------------------------------------------------
 
@@ -306,7 +459,10 @@ class Gateway(ComponentXMPP):
             # RFC 6120 8.3: a bounce of something the user sent (e.g. the edge's
             # <remote-server-not-found/>): kept like a message, so a REST-only user reads it.
             # If the inbox is full it is only logged: an error is never answered (8.3.1).
-            self._keep(user, "error", error_event(msg), None)
+            if msg["id"]:
+                condition, text = error_of(msg)
+                self.outbound.bounced(user, msg["id"], condition, text or None)
+            self._keep(user, "error", msg, error_event(msg), None)
         elif decision is Decision.DELIVER:
             self._deliver_message(user, msg)
 
@@ -318,17 +474,19 @@ class Gateway(ComponentXMPP):
             self._error(msg)  # 8.5.2.2.1: groupchat to a user with no resource: an error
             return
         resource = msg["to"].resource
-        if not self._keep(user, "message", message_event(msg),
+        if not self._keep(user, "message", msg, message_event(msg),
                           resource if sessions and resource in sessions else None):
             self._error(msg, "resource-constraint", "wait")  # RFC 6120 8.3.3.18
 
-    def _keep(self, user: str, kind: str, event: dict[str, Any], resource: str | None) -> bool:
-        """Store an event in the user's inbox and wake the sockets that may take it; False
-        (logged once per spell) when the inbox is at its limit."""
+    def _keep(self, user: str, kind: str, stanza: Any, event: dict[str, Any],
+              resource: str | None) -> bool:
+        """Store an event (and its stanza) in the user's inbox and wake the sockets that may
+        take it; False (logged once per spell) when the inbox is at its limit."""
         try:
-            # Only the event is kept: serialising the stanza again (ElementTree's writer is
-            # Python) cost a fifth of the inbound path; the raw bytes come with issue 10's link.
-            self.store.add_event(user, kind, "", json.dumps(event), resource)
+            # Serialising the stanza again is a fifth of this path (slixmpp's tostring, faster
+            # here than ElementTree's writer); it goes when the link hands over raw bytes.
+            self.store.add_event(user, kind, tostring(stanza.xml, top_level=True),
+                                 json.dumps(event), resource)
         except InboxFull as exc:
             self.refused[user] = self.refused.get(user, 0) + 1
             if self.refused[user] == 1:
@@ -685,7 +843,10 @@ class Gateway(ComponentXMPP):
         msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
         msg["type"] = mtype
         msg["id"] = secrets.token_hex(8)
-        self._route(msg)
+        if jid.domain == self.domain:
+            self._route(msg)
+        else:
+            self.emit(msg, user=user)
         return msg["id"]
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:

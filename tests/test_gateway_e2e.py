@@ -278,7 +278,7 @@ async def test_offline_messages_are_kept_and_survive_a_gateway_restart(w):
     # while no gateway is connected the edge holds what arrives (for COMPONENT_WAIT seconds)
     fed.message("alice", BOB, "while the gateway was down", mid="m-off-4")
     deadline = asyncio.get_running_loop().time() + 10
-    while not w.contoso.router.waiting.get(CONTOSO[0]):
+    while not w.contoso.router.relay.waiting(CONTOSO[0]):
         assert asyncio.get_running_loop().time() < deadline, "the edge did not hold it"
         await asyncio.sleep(0.05)
     async with w.restarted_gateway() as gw2:

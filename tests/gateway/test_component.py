@@ -304,5 +304,9 @@ async def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
     with pytest.raises(LinkDown, match="link to the edge is down"):
         gw.send_user_message("bob", "alice@fabrikam.test", "three")
     assert gw.sent == []
-    gw.event("session_start")  # the link comes back: the queue is sent in order
-    assert [s["body"] for s in gw.sent] == ["one", "two"] and not gw.queue
+    gw.link_up = True
+    gw._link_ready()  # the link is back (XEP-0198 enabled): the outbox is written in order
+    assert [s["body"] for s in gw.sent] == ["one", "two"]
+    assert gw.outbound.waiting == 2  # until the edge acknowledges them
+    gw.outbound.acked(2)
+    assert gw.outbound.waiting == 0
