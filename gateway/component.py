@@ -483,10 +483,8 @@ class Gateway(ComponentXMPP):
         """Store an event (and its stanza) in the user's inbox and wake the sockets that may
         take it; False (logged once per spell) when the inbox is at its limit."""
         try:
-            # Serialising the stanza again is a fifth of this path (slixmpp's tostring, faster
-            # here than ElementTree's writer); it goes when the link hands over raw bytes.
-            self.store.add_event(user, kind, tostring(stanza.xml, top_level=True),
-                                 json.dumps(event), resource)
+            self.store.add_event(user, kind, stanza_text(stanza.xml), json.dumps(event),
+                                 resource)
         except InboxFull as exc:
             self.refused[user] = self.refused.get(user, 0) + 1
             if self.refused[user] == 1:
@@ -958,6 +956,35 @@ class Gateway(ComponentXMPP):
             self._subscription(user, jid, Kind.UNSUBSCRIBE)
             self._subscription(user, jid, Kind.UNSUBSCRIBED)
         return self.store.remove_contact(user, jid.bare)
+
+
+_BODY = f"{{{NS}}}body"
+_PLAIN_TAGS = {f"{{{NS}}}message": "message"}
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") \
+        .replace("\r", "&#13;")
+
+
+def _escape_attr(value: str) -> str:
+    # XML 1.0 3.3.3: a literal tab or newline in an attribute would be read back as a space
+    return _escape(value).replace('"', "&quot;").replace("\t", "&#9;").replace("\n", "&#10;")
+
+
+def stanza_text(xml: ET.Element) -> str:
+    """A received stanza as text again, for the store. The common chat message (plain
+    attributes, one <body/>) is written directly; anything else by slixmpp's tostring, which
+    cost a quarter of the inbound path when used for every message."""
+    name = _PLAIN_TAGS.get(xml.tag)
+    body = xml[0] if len(xml) == 1 else None
+    if (name is None or body is None or body.tag != _BODY or len(body) or body.attrib
+            or (xml.text or "").strip() or (body.tail or "").strip()
+            or any(k[0] == "{" for k in xml.attrib)):
+        return str(tostring(xml, top_level=True))
+    attrs = "".join(f' {k}="{_escape_attr(v)}"' for k, v in xml.attrib.items())
+    return (f'<{name} xmlns="{NS}"{attrs}><body>{_escape(body.text or "")}</body>'
+            f"</{name}>")
 
 
 def message_event(msg: Message) -> dict[str, Any]:
