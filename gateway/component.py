@@ -173,6 +173,7 @@ class Gateway(ComponentXMPP):
         self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
         self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        self.inbox_kept = self.inbox_refused = 0  # since start, for metrics
         store.batch_commits(self._schedule_commit)
         self.watch_interval = WATCH_INTERVAL
         self._watching: asyncio.TimerHandle | None = None
@@ -486,12 +487,14 @@ class Gateway(ComponentXMPP):
             self.store.add_event(user, kind, stanza_text(stanza.xml), json.dumps(event),
                                  resource)
         except InboxFull as exc:
+            self.inbox_refused += 1
             self.refused[user] = self.refused.get(user, 0) + 1
             if self.refused[user] == 1:
                 log.warning("inbox of %s@%s is full: %s; refusing what comes for it "
                             "(messages bounce with <resource-constraint/>, bounces are "
                             "dropped) until a client acknowledges", user, self.domain, exc)
             return False
+        self.inbox_kept += 1
         if user in self.refused:
             log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
                         user, self.domain, self.refused.pop(user))

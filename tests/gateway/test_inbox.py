@@ -220,6 +220,31 @@ async def test_a_burst_of_20000_reaches_a_reading_client_complete_and_in_order(a
         assert not ws.closed
 
 
+async def test_a_client_that_stops_reading_is_not_closed_and_gets_everything_later(
+        api, gw, store, token):
+    """Issue 10: a socket whose client stops reading is not taken for a dead one. 5,000
+    messages of 4 KiB (more than the kernel's socket buffers) wait in the inbox - the gateway
+    sends only as the socket drains - and arrive complete and in order once it reads again."""
+    total, text = 5_000, "x" * 4096
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        await ws.receive_json(timeout=5)
+        for start in range(0, total, 500):
+            for n in range(start, start + 500):
+                gw.feed(stanza("message", "alice@fabrikam.test/pc", "carl@contoso.test",
+                               "chat", id=f"m{n}", inner=f"<body>{n} {text}</body>"))
+            await asyncio.sleep(0)
+        assert store.inbox_usage("carl")[0] == total and errors(gw) == []
+        [session] = gw.sessions["carl"].values()
+        bodies = []
+        while len(bodies) < total:
+            event = await ws.receive_json(timeout=60)
+            bodies.append(event["body"].split(" ", 1)[0])
+            if len(bodies) % 1000 == 0:
+                await ws.send_json({"ack": event["seq"]})
+        assert bodies == [str(n) for n in range(total)] and not ws.closed
+        assert session.notices == {}
+
+
 def _element(xml: str):
     from xml.etree import ElementTree as ET
     return ET.fromstring(xml)
