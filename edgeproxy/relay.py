@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from .partners import PartnerTable
 from .s2s import jid_domain
@@ -56,8 +57,7 @@ class Budgets:
 
 # -- actions -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Write:
+class Write(NamedTuple):  # a tuple: built once per relayed stanza, so it must be cheap
     link: Link
     data: bytes
 
@@ -231,12 +231,29 @@ class Relay:
         """The gateway acknowledged `count` more stanzas (the delta of XEP-0198 h); returns how
         many were released (fewer only if it acknowledged more than was written)."""
         r = self.components.get(domain)
-        n = 0
-        while r is not None and n < count and r.unacked:
-            h = r.unacked.popleft()
-            self._release(h, r)
-            self.delivered += 1
-            n += 1
+        if r is None:
+            return 0
+        n = min(count, len(r.unacked))
+        if self.paused:  # one by one: any release may resume a sender
+            for _ in range(n):
+                self._release(r.unacked.popleft(), r)
+        else:  # the common case, in bulk
+            by = self.by_source
+            total = 0
+            for _ in range(n):
+                h = r.unacked.popleft()
+                size = len(h.data)
+                total += size
+                src = h.source
+                if src is not None:
+                    left = by.get(src, 0) - size
+                    if left > 0:
+                        by[src] = left
+                    else:
+                        by.pop(src, None)
+            r.bytes -= total
+            self.held_bytes -= total
+        self.delivered += n
         return n
 
     def unacked(self, domain: str) -> int:
@@ -434,9 +451,10 @@ class Relay:
             else:
                 self.by_source.pop(src, None)
         # any release may be the one that lets a paused sender go on (not only its own)
-        for paused in [p for p in self.paused if self._below_low_water(p)]:
-            self.paused.discard(paused)
-            self._actions.append(Resume(paused))
+        if self.paused:
+            for paused in [p for p in self.paused if self._below_low_water(p)]:
+                self.paused.discard(paused)
+                self._actions.append(Resume(paused))
 
     def _below_low_water(self, src: Link) -> bool:
         b = self.budgets
