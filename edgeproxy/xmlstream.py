@@ -496,6 +496,16 @@ class XmlStreamParser:
 
     def _translate(self, exc: expat.ExpatError) -> XmlStreamError:
         position = self._parser.ErrorByteIndex + self._delta
+        if self._depth == 1 and self._opened:
+            # Text at the stream level before the failing token is the first problem; a feed
+            # that ends after that text reports it, so one that does not must too (the
+            # condition may not depend on how TCP cut the stream; found by bench/fuzz.py).
+            window = self._buf[self._mark - self._base : max(0, position - self._base)]
+            token = max(window.rfind(b"<"), window.rfind(b"&"))
+            try:
+                self._check_gap(self._mark + (token if token >= 0 else len(window)))
+            except XmlStreamError as text_first:
+                return text_first
         message = f"{expat.ErrorString(exc.code)} at byte {position}"
         if exc.code in _RESTRICTED_ERRORS:
             return XmlStreamError(
