@@ -835,12 +835,14 @@ def test_condition_of_a_syntax_error_does_not_depend_on_later_bytes_or_the_split
     assert err.value.condition == "unsupported-encoding"
 
 
-@pytest.mark.parametrize("split", [None, 12, 30])
-def test_text_at_stream_level_before_a_bad_token_is_reported_first(split: int | None) -> None:
+@pytest.mark.parametrize("split", [None, 1, 12, 30])
+@pytest.mark.parametrize("text", [b"ms xmlns='x'>", b"\xc1\xc1\x06"], ids=["ascii", "bad-utf8"])
+def test_text_at_stream_level_before_a_bad_token_is_reported_first(
+        split: int | None, text: bytes) -> None:
     """RFC 6120 4.9.3.13: text between stanzas is not-well-formed; when a broken token
-    follows in the same read, the text still comes first, as when TCP cut between them
-    (found by bench/fuzz.py)."""
-    data = HEADER + b"ms xmlns='x'><dialback a='\xd9\xd0\xc1'/>"
+    follows in the same read, or the text itself is not UTF-8, the text still comes first, as
+    when TCP cut right after it (found by bench/fuzz.py)."""
+    data = HEADER + text + b"<dialback a='\xd9\xd0\xc1'/>"
     parser = XmlStreamParser()
     with pytest.raises(XmlStreamError) as err:
         if split is None:
