@@ -589,3 +589,17 @@ def test_every_element_a_state_does_not_list_closes_the_stream(state):
             assert len(closes) == 1 and closes[0].condition in (
                 "policy-violation", "unsupported-stanza-type", "not-well-formed"), (raw, acts)
             assert m.state is InState.CLOSED
+
+
+def test_no_keepalive_between_sasl_success_and_our_new_header():
+    """RFC 6120 4.6.1 / 6.4.6: after <success/> the next bytes we send begin a new stream with
+    its XML declaration; a whitespace keepalive there would come before it (found by
+    bench/fuzz.py). The keepalive waits until our new header is out."""
+    m = timed_inbound(keepalive=True)
+    authenticate_by_dialback(m)
+    m.timers.sent(1010)
+    m.state = InState.WAIT_SASL_HEADER  # where <success/> leaves an authenticated stream
+    assert m.handle_timer(1041) == []
+    assert m.next_deadline() == 1610  # inactivity only
+    m.state = InState.SASL_DONE
+    assert m.handle_timer(1041) == [Send(b" ")]
