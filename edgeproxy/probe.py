@@ -219,8 +219,10 @@ class Attempt:
     target: Target
     ip: str
     purpose: str  # "negotiate" | "dialback"
+    dialback_allowed: bool = True  # False: the probe stops where dialback would start
     header: dict[str, Any] | None = None
     features: list[str] = field(default_factory=list)  # first features, before TLS
+    features_seen: bool = False  # the stream got as far as <stream:features/>
     features_after_tls: list[str] = field(default_factory=list)
     starttls_offered: bool = False
     starttls_required: bool = False
@@ -326,8 +328,8 @@ class Prober:
     async def _dns(self) -> list[tuple[Target, list[str]]]:
         proxy = self.configured.proxy_fqdn if self.configured else None
         if proxy:
-            self.step("dns", INFO, f"partner {self.configured.domain} has proxy_fqdn {proxy}: "  # type: ignore[union-attr]
-                      "no SRV lookup (RFC 6120 3.2.3)")
+            self.step("dns", INFO, f"partner {self.remote} has proxy_fqdn {proxy}: no SRV "
+                      "lookup (RFC 6120 3.2.3)")
         else:
             for service in ("_xmpp-server", "_xmpps-server"):
                 name = f"{service}._tcp.{self.remote}"
@@ -399,7 +401,7 @@ class Prober:
 
     async def _negotiate(self, t: Target, ip: str, purpose: str, *, sasl: bool,
                          dialback: bool) -> Attempt:
-        a = Attempt(t, ip, purpose)
+        a = Attempt(t, ip, purpose, dialback_allowed=dialback)
         self.attempts.append(a)
         ctx = S2sContext(frozenset(self.cfg.domains), PartnerTable(),
                          DialbackKeys(self.cfg.dialback_secret), self.tls_contexts is not None)
@@ -465,11 +467,21 @@ class Prober:
                               f"EXTERNAL succeeded for {self.local}", accepted=True)
                 else:
                     a.dialback = "valid"
-                    self.step("dialback", OK, f"{self.remote} checked our dialback key with "
-                              f"{self.local}'s authoritative server (our edge): valid "
-                              f"({'TLS' if machine.tls else 'no TLS'})", result="valid")
+                    # Over TLS a peer may skip the callback when our certificate already
+                    # proves the domain (XEP-0344); on plain TCP it must call back (XEP-0220 2.1).
+                    how = (f"it checked the key with {self.local}'s authoritative server (our "
+                           "edge) or took our certificate as proof (XEP-0344)" if machine.tls
+                           else f"it checked the key with {self.local}'s authoritative server "
+                           "(our edge)")
+                    self.step("dialback", OK, f"{self.remote} accepted our dialback key: valid "
+                              f"({'TLS' if machine.tls else 'no TLS'}); {how}", result="valid")
                 return True
             elif isinstance(action, Close):
+                if not a.dialback_allowed and a.sasl is None and a.dialback_offered:
+                    # our probe policy ended it, not the peer: dialback was next
+                    self.step("dialback", INFO, "stopped where dialback would start (no round "
+                              "trip, see below)")
+                    return True
                 a.failure = action.reason
                 self.step("dialback" if a.dialback not in (None, "valid") else "stream", ERROR,
                           action.reason)
@@ -559,6 +571,7 @@ class Prober:
                 a.dialback_offered = True
                 a.dialback_errors = \
                     db_feature.find(f"{{{NS_DIALBACK_FEATURES}}}errors") is not None
+            a.features_seen = True
             if not machine.tls:
                 a.features = names
                 a.starttls_offered = starttls is not None
@@ -704,6 +717,10 @@ class ProbeReport:
         return any(a.starttls_required for a in self.attempts)
 
     @property
+    def features_seen(self) -> bool:
+        return any(a.features_seen for a in self.attempts)
+
+    @property
     def tls_offered(self) -> bool:
         return any(a.starttls_offered or a.target.direct_tls for a in self.attempts)
 
@@ -794,7 +811,7 @@ class ProbeReport:
                 recs.append(self._row(R, N, True, why, warn))
                 recs.append(self._row(R, OPT, True, "as above, and SASL EXTERNAL is used in the "
                                       "directions where a certificate is accepted", warn))
-        elif not self.tls_offered and (db or db_untested):
+        elif self.features_seen and not self.tls_offered and (db or db_untested):
             recs.append(self._row(N, N, True, f"{self.remote} offers no TLS; only TCP dialback "
                                   "can authenticate it", warn
                                   + ["no encryption: everything crosses in clear text"]))

@@ -1,0 +1,133 @@
+"""The probe against our own edge (real TLS, real certificates, a real dnsmasq): the probe and
+the edge share their DNS, TLS, identity and negotiation code, so what the probe reports about
+fabrikam.test's edge must be what that edge did, as its log says.
+
+contoso.test (127.0.0.42) probes fabrikam.test (127.0.0.43); both are this project's edge.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeproxy.devcerts import CertificateAuthority
+from edgeproxy.probe import ERROR, INFO, OK, WARNING, Prober, ProbeReport
+from tests.edges import edge_config, running
+from tests.servers import Dnsmasq
+
+DNS_ADDR, DNS_PORT = "127.0.0.56", 5303
+CONTOSO, CONTOSO_IP = "contoso.test", "127.0.0.42"
+FABRIKAM, FABRIKAM_IP = "fabrikam.test", "127.0.0.43"
+CA = CertificateAuthority("Probe edges")
+
+
+@pytest.fixture(scope="module")
+def dnsmasq(netns_guard, tmp_path_factory):
+    d = Dnsmasq(tmp_path_factory.mktemp("dnsmasq"), address=DNS_ADDR, port=DNS_PORT)
+    for domain, ip in ((CONTOSO, CONTOSO_IP), (FABRIKAM, FABRIKAM_IP)):
+        d.add_host(domain, ip)
+        d.add_srv(f"_xmpp-server._tcp.{domain}", domain, 5269, 0, 5)
+    d.start()
+    yield d
+    d.stop()
+
+
+def partner(domain: str, tls: str, sasl: str, dialback: bool) -> dict[str, Any]:
+    return {"domain": domain, "type": "federated", "tls": tls, "sasl": sasl,
+            "dialback": dialback}
+
+
+def config(tmp: Path, domain: str, ip: str, partners: list[dict[str, Any]], **kw: Any):
+    return edge_config(tmp / domain, domain, ip, CA, partners, dns=f"{DNS_ADDR}:{DNS_PORT}",
+                       **kw)
+
+
+def has(report: ProbeReport, topic: str, status: str, fragment: str) -> bool:
+    return any(s.topic == topic and s.status == status and fragment in s.text
+               for s in report.steps)
+
+
+def text(report: ProbeReport) -> str:
+    return "\n".join([*(s.line() for s in report.steps), *report.lines()])
+
+
+async def test_probe_agrees_with_the_edge_it_probes(dnsmasq, tmp_path, caplog):
+    """fabrikam's edge allows SASL EXTERNAL and dialback for contoso (Lync row 7): the probe
+    sees SASL EXTERNAL succeed on one stream and dialback on a second, and fabrikam's log has
+    the same two authentications."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    ours = config(tmp_path, CONTOSO, CONTOSO_IP, [partner(FABRIKAM, "optional", "optional", True)])
+    theirs = config(tmp_path, FABRIKAM, FABRIKAM_IP, [partner(CONTOSO, "required", "optional",
+                                                              True)])
+    async with running(ours), running(theirs):
+        report = await Prober(ours, FABRIKAM, timeout=10).run()
+    t = text(report)
+    assert has(report, "stream", OK, "STARTTLS offered, required"), t
+    assert has(report, "dialback", INFO, "dialback offered with <errors/> (XEP-0220 2.5)"), t
+    assert has(report, "sasl", OK, "SASL mechanisms offered: EXTERNAL"), t
+    assert has(report, "sasl", OK, "SASL EXTERNAL succeeded for contoso.test"), t
+    assert has(report, "dialback", OK, "valid (TLS)"), t
+    assert [r.row for r in report.recommendations] == [7, 2], t
+    log = caplog.text
+    assert f"authenticated {CONTOSO} -> {FABRIKAM} via sasl-external" in log
+    # fabrikam dialed contoso's edge to check the key: the authoritative answer was valid
+    # Our certificate is valid for fabrikam's edge, so it took it as proof of the dialback key
+    # (XEP-0344) instead of calling contoso's edge back - as the probe's wording allows.
+    assert f"authenticated {CONTOSO} -> {FABRIKAM} via dialback-over-valid-certificate" in log
+    assert "authoritative: db:verify" not in log
+
+
+async def test_probe_of_an_edge_that_does_not_know_us(dnsmasq, tmp_path, caplog):
+    """fabrikam has no partner entry for contoso: its edge closes with <policy-violation/>
+    (RFC 6120 4.9.3.13) right after the header, and the probe says so and recommends nothing."""
+    ours = config(tmp_path, CONTOSO, CONTOSO_IP, [partner(FABRIKAM, "optional", "optional", True)])
+    theirs = config(tmp_path, FABRIKAM, FABRIKAM_IP, [])
+    async with running(ours), running(theirs):
+        report = await Prober(ours, FABRIKAM, timeout=10).run()
+    t = text(report)
+    assert has(report, "stream", ERROR, "sent a stream error: <policy-violation/> (contoso.test "
+               "is not a federation partner of fabrikam.test)"), t
+    assert not report.recommendations
+    assert report.diagnosis.startswith("no partner setting can federate with fabrikam.test"), t
+
+
+async def test_probe_without_a_partner_entry_skips_the_dialback_round_trip(dnsmasq, tmp_path):
+    """Not yet a [[partner]] on our side: the running edge would refuse fabrikam's verification
+    stream (XEP-0220 2.1 needs it), so the probe does not ask for a round trip and says why; it
+    still finds SASL EXTERNAL working with our certificate."""
+    ours = config(tmp_path, CONTOSO, CONTOSO_IP, [])
+    theirs = config(tmp_path, FABRIKAM, FABRIKAM_IP, [partner(CONTOSO, "required", "optional",
+                                                              True)])
+    async with running(ours), running(theirs):
+        report = await Prober(ours, FABRIKAM, timeout=10).run()
+    t = text(report)
+    assert has(report, "probe", INFO, "(not a configured partner)"), t
+    assert has(report, "sasl", OK, "SASL EXTERNAL succeeded"), t
+    assert has(report, "dialback", WARNING, "no dialback round trip: fabrikam.test is not a "
+               "[[partner]] yet"), t
+    assert not has(report, "dialback", OK, "valid"), t
+    assert [r.row for r in report.recommendations] == [2, 7], t
+    assert "dialback is offered but its round trip was not tried" in " ".join(
+        report.recommendations[1].warnings), t
+
+
+async def test_probe_with_their_certificate_for_another_name(dnsmasq, tmp_path, caplog):
+    """fabrikam's edge presents a certificate for mail.fabrikam.test (RFC 6125 6.4.1: no
+    match): the probe names the failed identity check, SASL EXTERNAL cannot be used towards it,
+    and only dialback rows are recommended - the round trip being valid."""
+    ours = config(tmp_path, CONTOSO, CONTOSO_IP, [partner(FABRIKAM, "optional", "optional", True)])
+    theirs = config(tmp_path, FABRIKAM, FABRIKAM_IP, [partner(CONTOSO, "required", "optional",
+                                                              True)],
+                    cert=CA.issue("mail.fabrikam.test"))
+    async with running(ours), running(theirs):
+        report = await Prober(ours, FABRIKAM, timeout=10).run()
+    t = text(report)
+    assert has(report, "certificate", ERROR, "certificate for mail.fabrikam.test does not match "
+               "fabrikam.test"), t
+    assert has(report, "certificate", INFO, "DNS-ID (RFC 6125 6.4.1, wildcard 6.4.3): "
+               "mail.fabrikam.test: no match"), t
+    assert has(report, "dialback", OK, "valid (TLS)"), t
+    assert [r.row for r in report.recommendations] == [13, 7], t
