@@ -365,3 +365,21 @@ def test_certificate_watch_warns_once_a_day_from_30_days_before_expiry():
     assert "less than 7 days" in (watch.check(start + 34 * day) or "")
     assert "EXPIRED" in (watch.check(start + 41 * day) or "")
     assert watch.days_left(start) == pytest.approx(40)
+
+
+def test_install_keeps_owner_group_and_mode_of_the_files_it_replaces(site, capsys):
+    """An edge running as its own user reads the key through its group: a renewal installed by
+    root must not take that away (and never makes the key readable by others)."""
+    key_path, csr = request(capsys, site)
+    first = CA.issue("contoso.test", "corp.contoso.test")
+    install_issued(site, first)
+    os.chown(site["key"], 4321, 4321)
+    os.chmod(site["key"], 0o644)  # too open: the install narrows it
+    os.chown(site["cert"], 4321, 4321)
+    (site["dir"] / "new.crt").write_bytes(pem(sign(CA, csr), CA.intermediate.cert))  # type: ignore[union-attr]
+    rc, out, err = run(capsys, "certs", "install", "-c", str(site["config"]),
+                       str(site["dir"] / "new.crt"), "--key", str(key_path))
+    assert rc == 0, err
+    key_st, cert_st = os.stat(site["key"]), os.stat(site["cert"])
+    assert (key_st.st_uid, key_st.st_gid, stat.S_IMODE(key_st.st_mode)) == (4321, 4321, 0o640)
+    assert (cert_st.st_uid, cert_st.st_gid) == (4321, 4321)
