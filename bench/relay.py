@@ -255,8 +255,10 @@ class ComponentCounter(asyncio.Protocol):
 
     STAMP = re.compile(rb"<body>(\d+) ")
 
-    def __init__(self, domain: str, secret: str):
-        self.domain, self.secret = domain, secret
+    REQUEST = re.compile(rb"<r xmlns=['\"]urn:xmpp:sm:3['\"]/>")
+
+    def __init__(self, domain: str, secret: str, acked: bool = False):
+        self.domain, self.secret, self.acked = domain, secret, acked
         self.ready = asyncio.get_running_loop().create_future()
         self.progress = asyncio.Event()
         self.count = 0
@@ -289,17 +291,33 @@ class ComponentCounter(asyncio.Protocol):
                     self.ready.set_exception(StreamFailed(f"component: {self.pending!r}"))
                 return
             self.pending = self.pending[i + 12:]
+            if self.acked:  # XEP-0198 on the link, as the gateway does
+                self.t.write(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
             self.ready.set_result(None)
             data, self.pending = self.pending, b""
         now = time.monotonic_ns()
         buf = self.pending + data
+        if self.acked:  # answer each <r/> with the count of messages before it, batched
+            answers = []
+            while m := self.REQUEST.search(buf):
+                self._count(buf[:m.start()], now)
+                answers.append(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self.count)
+                buf = buf[m.end():]
+            if answers:
+                self.t.write(answers[-1])
         end = buf.rfind(b"</message>")
         if end < 0:
             self.pending = buf
             return
         end += 10
         done, self.pending = buf[:end], buf[end:]
-        self.count += done.count(b"</message>")
+        self._count(done, now)
+
+    def _count(self, done: bytes, now: int) -> None:
+        n = done.count(b"</message>")
+        if not n:
+            return
+        self.count += n
         self.latencies.extend([now - int(s) for s in self.STAMP.findall(done)])
         self.progress.set()
         if self.count >= self.target >= 0:
@@ -535,8 +553,8 @@ def expat_baseline(n: int, rounds: int = 3) -> tuple[float, float]:
 async def run_relay(name: str, host: str, pid: int, args: argparse.Namespace,
                     tls_contexts: TlsContexts) -> list[Result]:
     loop = asyncio.get_running_loop()
-    _, comp = await loop.create_connection(lambda: ComponentCounter(LOCAL, COMPONENT_SECRET),
-                                           host, 5347)
+    _, comp = await loop.create_connection(
+        lambda: ComponentCounter(LOCAL, COMPONENT_SECRET, acked=args.acked), host, 5347)
     assert isinstance(comp, ComponentCounter)
     await asyncio.wait_for(comp.ready, 15)
     results = []
@@ -619,6 +637,8 @@ def main() -> None:
                     help="messages in flight at most (default 500)")
     ap.add_argument("--warmup", type=int, default=5000, help="unmeasured messages first")
     ap.add_argument("--prosody", action="store_true", help="also measure Prosody 0.12")
+    ap.add_argument("--acked", action="store_true",
+                    help="the component enables XEP-0198 and acknowledges, as the gateway does")
     ap.add_argument("--profile", action="store_true", help="run the edge under cProfile")
     args = ap.parse_args()
     if os.environ.get("EDGE_IN_NETNS") != "1":

@@ -12,6 +12,7 @@ import hmac
 from dataclasses import dataclass
 
 from .dialback import new_stream_id
+from .link import NS_SM, SM_NAMES
 from .s2s import Close, Deliver, Send, describe_stream_error, stanza_domains
 from .xmlstream import NS_COMPONENT, NS_STREAMS, Element, StreamClosed, StreamOpened, stream_header
 
@@ -23,7 +24,15 @@ class ComponentAuthenticated:
     domain: str
 
 
-ComponentAction = Send | Close | Deliver | ComponentAuthenticated
+@dataclass(frozen=True, slots=True)
+class LinkControl:
+    """An XEP-0198 element on the authenticated link (enable, resume, r, a): the shell's."""
+
+    name: str
+    attrs: dict[str, str]
+
+
+ComponentAction = Send | Close | Deliver | ComponentAuthenticated | LinkControl
 
 
 def handshake_digest(stream_id: str, secret: str) -> str:
@@ -54,6 +63,8 @@ class ComponentStream:
         if event.ns == NS_STREAMS and event.name == "error":
             self.closed = True
             return [Close(f"component sent a stream error: {describe_stream_error(event)}")]
+        if event.ns == NS_SM and event.name in SM_NAMES and self.authenticated:
+            return [LinkControl(event.name, event.attrs)]
         if event.ns != NS_COMPONENT or event.name not in STANZA_NAMES:
             return self._close(f"unsupported element {{{event.ns}}}{event.name}",
                                "unsupported-stanza-type")

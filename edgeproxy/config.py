@@ -80,6 +80,11 @@ class EdgeConfig:
     dns: DnsSettings
     partners: PartnerTable
     warnings: tuple[str, ...] = field(default=())
+    # the relay core's byte budgets (docs/delivery.md) and how long stanzas wait for a gateway
+    queue_bytes_total: int = 256 << 20
+    queue_bytes_per_domain: int = 64 << 20
+    queue_bytes_per_partner: int = 8 << 20
+    component_wait: float = 30.0
     # The addresses partners reach this edge at, when they are not the listen addresses (NAT,
     # a load balancer): what `check-dns` expects the SRV targets to resolve to.
     public_addresses: tuple[str, ...] = field(default=())
@@ -281,6 +286,17 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     keepalive = e.seconds("keepalive_interval", 300)
     establish = e.seconds("stream_establishment_timeout", 60)
     inactivity = e.seconds("stream_inactivity_timeout", 600)
+    q_total = e.integer("queue_bytes_total", 256 << 20, 1 << 20)
+    q_domain = e.integer("queue_bytes_per_domain", 64 << 20, 1 << 16)
+    q_partner = e.integer("queue_bytes_per_partner", 8 << 20, 1 << 16)
+    for key, value in (("queue_bytes_per_domain", q_domain),
+                       ("queue_bytes_per_partner", q_partner)):
+        if value < stanza_limit:
+            e.problem(key, f"must hold at least one stanza of stanza_size_limit ({stanza_limit} "
+                      f"bytes), got {value}")
+        if value > q_total:
+            e.problem(key, f"cannot exceed queue_bytes_total ({q_total}), got {value}")
+    component_wait = e.seconds("component_wait", 30)
 
     component = None
     comp_t = edge_t.get("component")
@@ -359,5 +375,7 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         partner_connection_limit=partner_limit, keepalive_interval=keepalive,
         stream_establishment_timeout=establish, stream_inactivity_timeout=inactivity,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
-        partners=partners, warnings=tuple(warnings), public_addresses=tuple(public_addresses),
+        partners=partners, warnings=tuple(warnings), queue_bytes_total=q_total,
+        queue_bytes_per_domain=q_domain, queue_bytes_per_partner=q_partner,
+        component_wait=component_wait, public_addresses=tuple(public_addresses),
     )

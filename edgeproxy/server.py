@@ -13,14 +13,18 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import assert_never
 
-from .component import ComponentAuthenticated, ComponentStream
+from . import link, sdnotify
+from .component import ComponentAuthenticated, ComponentStream, LinkControl
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
+from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .partners import Negotiation, Partner
+from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .s2s import (
     Authenticated,
     Close,
@@ -34,7 +38,6 @@ from .s2s import (
     S2sContext,
     Send,
     StartTls,
-    jid_domain,
 )
 from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
@@ -43,21 +46,15 @@ from .xmlstream import (
     Element,
     XmlStreamError,
     XmlStreamParser,
-    stanza_error,
     stream_error,
     stream_header,
 )
 
 log = logging.getLogger("edgeproxy")
 
-COMPONENT_WAIT = 30.0  # seconds a stanza waits for the local domain's component
-COMPONENT_QUEUE = 10000  # stanzas waiting per local domain
-OUTBOUND_QUEUE = 10000  # stanzas waiting per outbound domain pair
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
-ERROR_TYPES = {"remote-server-not-found": "cancel", "remote-server-timeout": "wait",
-               "internal-server-error": "cancel", "service-unavailable": "cancel",
-               "policy-violation": "modify", "resource-constraint": "wait"}
+SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
 
 
 class StreamConnection(asyncio.Protocol):
@@ -81,6 +78,9 @@ class StreamConnection(asyncio.Protocol):
         self._start_tls = False
         self._restart = False
         self._out: list[bytes] = []
+        self.sent_close = False  # our </stream:stream> is out; the peer's stanzas still count
+        self.reading = True
+        self._stalled: deque[object] = deque()  # parsed while paused, handled on resume
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -122,6 +122,37 @@ class StreamConnection(asyncio.Protocol):
         self.edge.connections.discard(self)
         self.closing = True
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
+        self.edge.router.connection_gone(self)
+
+    # flow control: the relay core pauses a sender whose stanzas it cannot take yet, and stops
+    # writing to a link whose transport buffer is full (asyncio's high-water mark)
+    def pause_reading(self) -> None:
+        if self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = False
+            self.transport.pause_reading()
+            log.info("%s: paused reading (relay queues full)", self.label())
+
+    def resume_reading(self) -> None:
+        if not self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = True
+            log.info("%s: resumed reading", self.label())
+            asyncio.get_running_loop().call_soon(self._handle_stalled)
+
+    def _handle_stalled(self) -> None:
+        while self._stalled and self.reading and not self.closing:
+            self.run(self.handle_event(self._stalled.popleft()))
+        if self.reading and not self._stalled and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.edge.router.writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.edge.router.writable(self, True)
+
+    def relay_write(self, data: bytes) -> None:
+        self.send(data)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -152,8 +183,16 @@ class StreamConnection(asyncio.Protocol):
             self.last_activity = self.edge.clock()
         try:
             events = self.parser.feed(data)
+            if self._stalled:  # paused mid-read: these wait behind the stalled ones
+                self._stalled.extend(events)
+                return
             while True:
-                for ev in events:
+                for i, ev in enumerate(events):
+                    if not self.reading and not self.parser.stopped:
+                        # the relay paused us: the rest of this read waits, parsed (bounded by
+                        # one read) instead of growing the relay's queues
+                        self._stalled.extend(events[i:])
+                        return
                     self.run(self.handle_event(ev))
                     if self.closing:
                         return
@@ -217,7 +256,7 @@ class StreamConnection(asyncio.Protocol):
     # ~300 stanzas, and one socket write (one TLS record) per stanza was a quarter of the relay's
     # CPU (bench/relay.py). Order is kept; the buffer is flushed before TLS starts and on close.
     def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.sent_close:
             return
         self.last_sent = self.edge.clock()
         if data != b" ":
@@ -269,6 +308,19 @@ class StreamConnection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def shutdown_stream(self, reason: str) -> None:
+        """RFC 6120 4.9.3.19 <system-shutdown/>, then keep reading: what the peer sent before
+        it saw our close is still processed (4.4) until it closes too."""
+        if self.closing or self.sent_close:
+            return
+        log.info("%s: closing: %s (<system-shutdown/>)", self.label(), reason)
+        if self.is_authenticated():
+            self.send(stream_error("system-shutdown", reason))
+        else:
+            self.send(self.error_preamble() + stream_error("system-shutdown", reason))
+        self.flush()
+        self.sent_close = True
 
     def graceful_close(self, reason: str) -> None:
         if not self.closing:
@@ -350,7 +402,7 @@ class InboundConnection(StreamConnection):
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, Deliver):
-            self.edge.router.from_partner(action.element, action.local, action.remote)
+            self.edge.router.from_partner(action.element, action.local, action.remote, self)
         elif isinstance(action, Authenticated):
             partner = self.edge.cfg.partners.lookup(action.remote)
             limit = self.edge.cfg.partner_limit(action.remote)
@@ -374,18 +426,29 @@ class InboundConnection(StreamConnection):
 
 
 class ComponentConnection(StreamConnection):
+    """The gateway's link (XEP-0114), acknowledged with XEP-0198 when the gateway enables it."""
+
     kind = "component"
 
     def __init__(self, edge: Edge):
         super().__init__(edge)
         assert edge.cfg.component is not None
         self.machine = ComponentStream(frozenset(edge.cfg.domains), edge.cfg.component.secret)
+        self.link: LinkSession | None = None  # XEP-0198 enabled or resumed
+        self.up = False  # handed to the router (acknowledged or plain)
+        self._plain_timer: asyncio.TimerHandle | None = None
+        self._want_ack = False  # a <r/> goes out with this turn's writes
+        self.ack_requested: float | None = None  # when our oldest unanswered <r/> went out
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
 
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        set_tcp_user_timeout(transport, LINK_TIMEOUT)
 
     def error_preamble(self) -> bytes:
         if self.machine.stream_id:
@@ -399,23 +462,134 @@ class ComponentConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def check_timers(self, now: float) -> None:  # the gateway link idles freely
-        if not self.is_authenticated() and not self.closing and \
-                now - self.created > self.edge.cfg.stream_establishment_timeout:
-            self.on_close(Close("component handshake not done in time", "connection-timeout"))
+    def check_timers(self, now: float) -> None:  # the gateway link idles, but must answer <r/>
+        if self.closing:
+            return
+        if not self.is_authenticated():
+            if now - self.created > self.edge.cfg.stream_establishment_timeout:
+                self.on_close(Close("component handshake not done in time", "connection-timeout"))
+            return
+        if self.link is None:
+            return
+        if self.ack_requested is not None and now - self.ack_requested > LINK_TIMEOUT:
+            self.abort(f"the gateway did not answer <r/> within {LINK_TIMEOUT:g} s: "
+                       "taking the link for dead")
+        elif self.ack_requested is None and now - self.last_activity > LINK_PING:
+            self._request_ack(now)
+
+    # writes from the relay: one <r/> after each turn's batch, never one per stanza
+    def relay_write(self, data: bytes) -> None:
+        self.send(data)
+        if self.link is not None and not self._want_ack:
+            self._want_ack = True
+            asyncio.get_running_loop().call_soon(self._request_ack_soon)
+
+    def _request_ack_soon(self) -> None:
+        self._want_ack = False
+        if self.ack_requested is None:
+            self._request_ack(self.edge.clock())
+
+    def _request_ack(self, now: float) -> None:
+        if self.closing:
+            return
+        self.ack_requested = now
+        self.send(link.REQUEST)
 
     def handle_action(self, action: object) -> None:
         if isinstance(action, ComponentAuthenticated):
             log.info("component for %s connected from %s", action.domain, self.peer)
-            self.edge.router.component_up(action.domain, self)
+            # XEP-0198 comes right after the handshake, or never (a plain XEP-0114 component)
+            self._plain_timer = asyncio.get_running_loop().call_later(SM_GRACE, self._plain)
         elif isinstance(action, Deliver):
-            self.edge.router.from_component(action.element, action.local, action.remote)
+            if not self.up:
+                self._plain()
+            if self.link is not None:
+                self.link.inbox.handled()
+            self.edge.router.from_component(action.element, action.local, action.remote, self)
+        elif isinstance(action, LinkControl):
+            self._link_control(action.name, action.attrs)
         else:
             super().handle_action(action)
 
+    def _plain(self) -> None:
+        if self.up or self.closing:
+            return
+        self.up = True
+        log.info("component for %s did not enable stream management (XEP-0198): stanzas to it "
+                 "count as delivered once written", self.machine.domain)
+        self.edge.router.component_up(self.machine.domain, self, acked=False)
+
+    def _link_control(self, name: str, attrs: dict[str, str]) -> None:
+        domain, router = self.machine.domain, self.edge.router
+        try:
+            if name in ("enable", "resume") and self.up:
+                raise SmError(f"<{name}/> after the link was set up", "unsupported-stanza-type")
+            if name == "enable":
+                self._cancel_plain()
+                self.link = router.link_sessions[domain] = LinkSession(new_stream_id(), domain)
+                self.send(link.enabled(self.link.id, resume=True, max_seconds=int(
+                    self.edge.cfg.component_wait)))
+                self.up = True
+                log.info("component for %s: stream management enabled (link %s)", domain,
+                         self.link.id)
+                router.component_up(domain, self, acked=True)
+            elif name == "resume":
+                self._cancel_plain()
+                old = router.link_sessions.get(domain)
+                if old is None or old.id != attrs.get("previd"):
+                    log.info("component for %s asked to resume link %s, which this edge does "
+                             "not hold (restarted, or expired): a new link", domain,
+                             attrs.get("previd"))
+                    self.send(link.failed())
+                    return  # the gateway enables a new session next
+                h = link.parse_h(attrs.get("h"))
+                count = link.delta(h, old.acked_h)
+                if count > router.relay.unacked(domain):
+                    raise SmError(f"resume with h={h} acknowledges more than was sent")
+                old.acked_h = h
+                self.link, self.up = old, True
+                self.send(link.resumed(old.id, old.inbox.h))
+                log.info("component for %s resumed link %s (%d acknowledged, %d to resend)",
+                         domain, old.id, count, router.relay.unacked(domain) - count)
+                router.component_up(domain, self, acked=True, resumed_h=count)
+            elif self.link is None:
+                raise SmError(f"<{name}/> before stream management was enabled",
+                              "unsupported-stanza-type")
+            elif name == "r":
+                self.send(link.ack(self.link.inbox.h))
+            elif name == "a":
+                h = link.parse_h(attrs.get("h"))
+                count = link.delta(h, self.link.acked_h)
+                if count > router.relay.unacked(domain):
+                    raise SmError(f"<a h='{h}'/> acknowledges {count} stanzas, but only "
+                                  f"{router.relay.unacked(domain)} are unacknowledged")
+                self.link.acked_h = h
+                self.ack_requested = None
+                router.component_acked(domain, count)
+            else:
+                raise SmError(f"<{name}/> is not for the gateway to send",
+                              "unsupported-stanza-type")
+        except SmError as exc:  # XEP-0198 section 4: a bad count is a stream error
+            self.on_close(Close(f"component for {domain}: {exc.text}", exc.condition))
+
+    def graceful_close(self, reason: str) -> None:
+        if self.link is not None and not self.closing:  # our last count first (XEP-0198 4)
+            self.send(link.ack(self.link.inbox.h))
+        super().graceful_close(reason)
+
+    def _cancel_plain(self) -> None:
+        if self._plain_timer is not None:
+            self._plain_timer.cancel()
+            self._plain_timer = None
+
     def on_lost(self, reason: str) -> None:
+        self._cancel_plain()
         if self.machine.authenticated:
-            log.warning("component for %s disconnected: %s", self.machine.domain, reason)
+            clean = self.machine.closed or self.link is not None  # closed = it said goodbye
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "component for %s disconnected: %s%s", self.machine.domain, reason,
+                    f" ({self.edge.router.relay.unacked(self.machine.domain)} stanza(s) "
+                    "unacknowledged, kept for its return)" if self.link is not None else "")
             self.edge.router.component_down(self.machine.domain, self)
 
 
@@ -483,38 +657,22 @@ def _factory(conn: OutboundConnection) -> Callable[[], OutboundConnection]:
 
 
 @dataclass
-class Pending:
-    data: bytes
-    element: Element | None  # None for our own error replies: those are never bounced
-    since: float
-
-
-@dataclass
 class OutboundSession:
-    """Everything for one (local, remote) domain pair: the stream and the stanzas waiting for it."""
+    """The dialer of one (local, remote) domain pair: its stream and the dialback verifications
+    waiting for it. The stanzas waiting for it are the relay core's (`Relay.pairs`)."""
 
     edge: Edge
     local: str
     remote: str
     partner: Partner
     conn: OutboundConnection | None = None
-    queue: deque[Pending] = field(default_factory=deque)
     verifies: list[tuple[InboundConnection, DialbackVerify]] = field(default_factory=list)
     connecting: asyncio.Task[None] | None = None
     last_error: str = ""
 
-    def send(self, data: bytes, element: Element | None) -> None:
-        c = self.conn
-        if c is not None and c.machine.authenticated and not c.closing:
-            c.send(data)
-            return
-        if len(self.queue) >= OUTBOUND_QUEUE:
-            if element is not None:
-                self.edge.router.bounce(element, "resource-constraint",
-                                        f"too many stanzas waiting for {self.remote}")
-            return
-        self.queue.append(Pending(data, element, self.edge.clock()))
-        self.ensure_connecting()
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.local, self.remote)
 
     def ensure_connecting(self) -> None:
         if (self.conn is None or self.conn.closing) and (
@@ -570,74 +728,117 @@ class OutboundSession:
 
     def ready(self, conn: OutboundConnection) -> None:
         self.last_error = ""
-        while self.queue:
-            conn.send(self.queue.popleft().data)
+        self.edge.router.pair_up(self.pair, conn)
 
     def failed(self, conn: OutboundConnection, reason: str, bounce: str | None) -> None:
         if conn is not self.conn:
             return
         self.conn = None
-        if bounce is None and not self.queue and not self.verifies:
+        if conn.machine.authenticated:  # an established stream ended: dial again if needed
+            self.edge.router.pair_down(self.pair, conn)
+            if self.verifies:
+                self.ensure_connecting()
             return
         self._give_up(reason, bounce or "remote-server-timeout")
 
     def _give_up(self, reason: str, condition: str) -> None:
         self.last_error = reason
-        log.warning("outbound %s -> %s: %s; bouncing %d stanza(s) with <%s/>", self.local,
-                    self.remote, reason, len(self.queue), condition)
-        while self.queue:
-            p = self.queue.popleft()
-            if p.element is not None:
-                self.edge.router.bounce(p.element, condition, reason)
+        self.edge.router.pair_failed(self.pair, reason, condition)
         verifies, self.verifies = self.verifies, []
         db_condition = ("remote-server-not-found" if condition == "remote-server-not-found"
                         else "remote-connection-failed")
         for inbound, req in verifies:
             inbound.dialback_answer(req.local, req.remote, db_condition)
 
-    def expire(self, now: float, limit: float) -> None:
-        while self.queue and now - self.queue[0].since > limit:
-            p = self.queue.popleft()
-            if p.element is not None:
-                self.edge.router.bounce(p.element, "remote-server-timeout",
-                                        f"no stream to {self.remote} within {limit:g} s")
+
+@dataclass(slots=True)
+class LinkSession:
+    """The edge's side of one XEP-0198 session of a gateway link, kept across a disconnect so
+    the gateway can resume it."""
+
+    id: str
+    domain: str
+    inbox: Inbox = field(default_factory=Inbox)  # stanzas of the gateway's we handled
+    acked_h: int = 0  # the gateway's last h for our stanzas
 
 
 class Router:
-    """Domain pairs -> streams; queues while connecting; bounces when delivery is impossible."""
+    """The shell around the relay core: feeds it, carries out its actions, arms its deadline.
+
+    The relay core (`relay.Relay`) owns every stanza; this class only connects it to
+    connections (component links, partner streams), dialers and the event loop's timer.
+    """
 
     def __init__(self, edge: Edge):
         self.edge = edge
+        cfg = edge.cfg
+        self.relay = Relay(edge.local_domains, cfg.partners, Budgets(
+            total=cfg.queue_bytes_total, per_domain=cfg.queue_bytes_per_domain,
+            per_partner=cfg.queue_bytes_per_partner, component_wait=cfg.component_wait,
+            establishment=cfg.stream_establishment_timeout))
         self.components: dict[str, ComponentConnection] = {}
-        self.waiting: dict[str, deque[Pending]] = {}
         self.sessions: dict[tuple[str, str], OutboundSession] = {}
+        self.link_sessions: dict[str, LinkSession] = {}  # local domain -> its gateway's session
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
-    # partner -> local domain
-    def from_partner(self, element: Element, local: str, remote: str) -> None:
-        comp = self.components.get(local)
-        if comp is not None and not comp.closing:
-            comp.send(element.forwardable())
-            return
-        q = self.waiting.setdefault(local, deque())
-        if len(q) >= COMPONENT_QUEUE:
-            self.bounce(element, "service-unavailable", f"{local} is not reachable")
-            return
-        q.append(Pending(element.forwardable(), element, self.edge.clock()))
+    # relay inputs ---------------------------------------------------------------------------
+    def from_partner(self, element: Element, local: str, remote: str,
+                     source: StreamConnection | None = None) -> None:
+        self.relay.from_partner(source, element, local, self.edge.clock())
+        self._apply()
 
-    # local domain -> partner (or another local domain)
-    def from_component(self, element: Element, remote: str, local: str) -> None:
-        if remote in self.edge.local_domains:
-            self.from_partner(element, remote, local)
-            return
-        partner = self.edge.cfg.partners.lookup(remote)
-        if partner is None:
-            log.info("refusing stanza from %s to %s: no partner entry for %s", local, remote,
-                     remote)
-            self.bounce(element, "service-unavailable",
-                        f"{remote} is not a federation partner of {local}")
-            return
-        self.session(local, remote, partner).send(element.forwardable(), element)
+    def from_component(self, element: Element, remote: str, local: str,
+                       source: ComponentConnection | None = None) -> None:
+        self.relay.from_component(source, element, remote, local, self.edge.clock())
+        self._apply()
 
+    def pair_up(self, pair: tuple[str, str], conn: OutboundConnection) -> None:
+        self.relay.pair_up(pair, conn)
+        self._apply()
+
+    def pair_down(self, pair: tuple[str, str], conn: OutboundConnection) -> None:
+        self.relay.pair_down(pair, conn, self.edge.clock())
+        self._apply()
+
+    def pair_failed(self, pair: tuple[str, str], reason: str, condition: str) -> None:
+        self.relay.pair_failed(pair, reason, condition)
+        self._apply()
+
+    def writable(self, conn: StreamConnection, ok: bool) -> None:
+        self.relay.writable(conn, ok)
+        self._apply()
+
+    def component_up(self, domain: str, conn: ComponentConnection, *, acked: bool,
+                     resumed_h: int | None = None) -> None:
+        old = self.components.get(domain)
+        if old is not None and old is not conn:
+            old.on_close(Close("replaced by a new component connection", "conflict",
+                               failed=False))
+            self.relay.component_down(domain, old, self.edge.clock())
+        self.components[domain] = conn
+        self.relay.component_up(domain, conn, acked=acked, now=self.edge.clock(),
+                                resumed_h=resumed_h)
+        self._apply()
+
+    def component_down(self, domain: str, conn: ComponentConnection) -> None:
+        if self.components.get(domain) is conn:
+            del self.components[domain]
+        self.relay.component_down(domain, conn, self.edge.clock())
+        self._apply()
+
+    def component_acked(self, domain: str, count: int) -> None:
+        self.relay.acked(domain, count)
+        self._apply()
+
+    def connection_gone(self, conn: StreamConnection) -> None:
+        self.relay.link_gone(conn)
+
+    def bounce(self, element: Element, condition: str, text: str) -> None:
+        self.relay.bounce(element, condition, text, self.edge.clock())
+        self._apply()
+
+    # dialback: verifications travel on the pair's outbound stream ------------------------------
     def session(self, local: str, remote: str, partner: Partner) -> OutboundSession:
         s = self.sessions.get((local, remote))
         if s is None:
@@ -663,49 +864,50 @@ class Router:
                 inbound.dialback_answer(ans.local, ans.remote, ans.outcome)
                 return
 
-    def component_up(self, domain: str, conn: ComponentConnection) -> None:
-        old = self.components.get(domain)
-        if old is not None and old is not conn:
-            old.on_close(Close("replaced by a new component connection", "conflict",
-                               failed=False))
-        self.components[domain] = conn
-        q = self.waiting.pop(domain, deque())
-        while q:
-            conn.send(q.popleft().data)
+    # carrying out the relay's actions ----------------------------------------------------------
+    def _apply(self) -> None:
+        for action in self.relay.actions():
+            match action:
+                case Write(link, data):
+                    assert isinstance(link, StreamConnection)
+                    link.relay_write(data)
+                case Dial((local, remote)):
+                    partner = self.edge.cfg.partners.lookup(remote)
+                    if partner is None:  # removed since: the relay bounces at the deadline
+                        continue
+                    self.session(local, remote, partner).ensure_connecting()
+                case Pause(link):
+                    assert isinstance(link, StreamConnection)
+                    link.pause_reading()
+                case Resume(link):
+                    assert isinstance(link, StreamConnection)
+                    link.resume_reading()
+                case _:
+                    assert_never(action)
+        self._arm()
 
-    def component_down(self, domain: str, conn: ComponentConnection) -> None:
-        if self.components.get(domain) is conn:
-            del self.components[domain]
+    def _arm(self) -> None:
+        deadline = self.relay.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - self.edge.clock())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
 
-    def bounce(self, element: Element, condition: str, text: str) -> None:
-        """RFC 6120 8.3: return an error to the sender; never answer an error with an error."""
-        reply = stanza_error(element, condition, ERROR_TYPES.get(condition, "cancel"), text)
-        if reply is None:
-            return
-        sender = element.attrs.get("from", "")
-        domain = jid_domain(sender) if sender else None
-        if domain is None:
-            return
-        target = jid_domain(element.attrs.get("to", "")) or sorted(self.edge.local_domains)[0]
-        if domain in self.edge.local_domains:
-            comp = self.components.get(domain)
-            if comp is not None:
-                comp.send(reply)
-            return
-        partner = self.edge.cfg.partners.lookup(domain)
-        if partner is None or target not in self.edge.local_domains:
-            return
-        self.session(target, domain, partner).send(reply, None)
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.relay.handle_timer(self.edge.clock())
+        self._apply()
 
-    def expire(self, now: float) -> None:
-        for domain, q in list(self.waiting.items()):
-            while q and now - q[0].since > COMPONENT_WAIT:
-                p = q.popleft()
-                assert p.element is not None
-                self.bounce(p.element, "service-unavailable",
-                            f"{domain} is not reachable (its gateway is not connected)")
-        for s in self.sessions.values():
-            s.expire(now, self.edge.cfg.stream_establishment_timeout)
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, None
 
 
 class Edge:
@@ -754,21 +956,41 @@ class Edge:
             now = self.clock()
             for c in list(self.connections):
                 c.check_timers(now)
-            self.router.expire(now)
 
     async def stop(self) -> None:
+        """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
+        (RFC 6120 4.9.3.19) and what they sent before they saw it is still relayed (4.4); what
+        waits for a partner stream is bounced; the gateways get what is theirs and acknowledge
+        it; then the component links close."""
         for s in self.servers:
             s.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
+        for c in partners:
+            c.shutdown_stream("edge shutting down")
+        self.router.relay.shutdown("the edge is shutting down")
+        self.router._apply()
+        deadline = self.clock() + CLOSE_GRACE
+        while self.clock() < deadline and (
+                any(c in self.connections for c in partners)
+                or any(self.router.relay.unacked(d) for d in self.router.components)):
+            await asyncio.sleep(0.02)
+        # Whatever a gateway has not acknowledged by now is bounced (its link is going).
+        for domain, comp in list(self.router.components.items()):
+            self.router.component_down(domain, comp)
+        self.router.relay.budgets = replace(self.router.relay.budgets, component_wait=0.0)
+        self.router.relay.handle_timer(self.clock())
+        self.router._apply()
         for c in list(self.connections):
             c.graceful_close("edge shutting down")
         deadline = self.clock() + CLOSE_GRACE
         while self.connections and self.clock() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.abort()
+        self.router.stop_timer()
         for s in self.servers:
             await s.wait_closed()
 
@@ -786,10 +1008,17 @@ def run_forever(cfg: EdgeConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "SIGHUP: configuration reload is not implemented yet; still running unchanged"))
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
+        sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.domains)}")
         await stop.wait()
-        log.info("stopping: closing %d stream(s)", len(edge.connections))
+        log.info("stopping: draining %d stream(s)", len(edge.connections))
+        sdnotify.notify("STOPPING=1")
         await edge.stop()
+        r = edge.router.relay
+        log.info("stopped: %d stanza(s) delivered, bounced %s", r.delivered,
+                 ", ".join(f"{n} with <{c}/>" for c, n in sorted(r.bounced.items())) or "none")
 
     try:
         asyncio.run(main())

@@ -17,15 +17,16 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .component import Gateway, LinkDown, NoAnswer, Refused, StanzaError
-from .store import Contact, StoreError
+from .component import Gateway, LinkDown, NoAnswer, Refused, Session, StanzaError
+from .store import Contact, StoreError, hash_token
 
 USER = web.RequestKey("user", str)
 GATEWAY = web.AppKey("gateway", Gateway)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+CLOSING = web.AppKey("closing", set[asyncio.Task[Any]])  # sockets being closed by the gateway
 PING_TIMEOUT, PING_TIMEOUT_MAX = 10.0, 60.0  # seconds
+INBOX_PAGE, INBOX_PAGE_MAX = 100, 1000  # events per GET /api/v1/inbox
 
 
 def error(status: int, message: str, **fields: Any) -> web.HTTPException:
@@ -64,7 +65,9 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
             if user is None:
                 raise error(401, "the token is not valid (no user has it)")
             request[USER] = user
-        return await handler(request)
+        response = await handler(request)
+        gw.commit_point()  # what the request changed is on disk before the client hears 2xx
+        return response
     except Refused as exc:
         raise error(403, str(exc)) from None
     except LinkDown as exc:
@@ -75,8 +78,13 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
         if exc.content_type == "application/json":
             raise
         raise error(404, f"no such endpoint: {request.method} {request.path}") from None
-    except web.HTTPMethodNotAllowed:
-        raise error(400, f"{request.method} is not supported on {request.path}") from None
+    except web.HTTPMethodNotAllowed as exc:
+        # RFC 9110 15.5.6: 405 with the methods the resource does support in Allow
+        allowed = sorted(exc.allowed_methods)
+        raise web.HTTPMethodNotAllowed(
+            request.method, allowed, content_type="application/json",
+            text=json.dumps({"error": f"{request.method} is not supported on {request.path}; "
+                                      f"use {' or '.join(allowed)}"})) from None
 
 
 async def _json(request: web.Request, *required: str) -> dict[str, Any]:
@@ -111,6 +119,16 @@ async def send_message(request: web.Request) -> web.Response:
                              status=202)
 
 
+async def message_status(request: web.Request) -> web.Response:
+    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced."""
+    status = request.app[GATEWAY].outbound.status(request[USER], request.match_info["id"])
+    if status is None:
+        raise error(404, f"no message {request.match_info['id']!r} from you")
+    return web.json_response({"id": status.id, "to": status.to, "state": status.state,
+                              "condition": status.condition, "text": status.text,
+                              "updated": status.updated})
+
+
 async def set_presence(request: web.Request) -> web.Response:
     body = await _json(request)
     show = body.get("show", "available")
@@ -123,6 +141,15 @@ async def set_presence(request: web.Request) -> web.Response:
     request.app[GATEWAY].set_presence(request[USER], "" if show == "available" else show,
                                       status, to)
     return web.json_response({"show": show, "status": status})
+
+
+async def get_presence(request: web.Request) -> web.Response:
+    """The user's stored broadcast presence (what contacts see while a socket is open)."""
+    gw, user = request.app[GATEWAY], request[USER]
+    last = gw.store.presence(user)
+    show, status = (last.show, last.status) if last is not None else ("", "")
+    return web.json_response({"show": show or "available", "status": status,
+                              "resources": sorted(gw.sessions.get(user, {}))})
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -189,17 +216,62 @@ async def list_filtered(request: web.Request) -> web.Response:
         for f in items]})
 
 
-async def take_offline(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    messages = [{**_message_json(gw, m.stanza), "stamp": m.stamp}
-                for m in gw.store.take_offline(request[USER])]
-    return web.json_response({"messages": messages})
+def _seq(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a seq number (an integer >= 0)")
+    return value
 
 
-def _message_json(gw: Gateway, stanza: str) -> dict[str, Any]:
-    msg = gw.stanza_from_xml(stanza)
-    return {"from": str(msg["from"]), "id": msg["id"] or None, "type": msg["type"] or "normal",
-            "body": msg["body"]}
+async def read_inbox(request: web.Request) -> web.Response:
+    """Stored messages and bounces, oldest first; they stay until acknowledged."""
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", str(INBOX_PAGE)))
+    except ValueError:
+        raise ValueError("after and limit must be integers") from None
+    if after < 0 or not 1 <= limit <= INBOX_PAGE_MAX:
+        raise ValueError(f"after must be >= 0 and limit from 1 to {INBOX_PAGE_MAX}")
+    events, more = request.app[GATEWAY].read_inbox(request[USER], after, limit)
+    return web.Response(text=f'{{"events": [{", ".join(events)}], '
+                             f'"more": {"true" if more else "false"}}}',
+                        content_type="application/json")
+
+
+async def ack_inbox(request: web.Request) -> web.Response:
+    body = await _json(request)
+    upto = _seq(body.get("ack"), "ack")
+    gw, user = request.app[GATEWAY], request[USER]
+    acked = gw.ack_inbox(user, upto)
+    return web.json_response({"acked": acked, "remaining": gw.store.inbox_usage(user)[0]})
+
+
+def _client_frame(gw: Gateway, session: Session, data: str) -> str | None:
+    """A frame from the client: an acknowledgement, or the error to answer."""
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        frame = None
+    if not isinstance(frame, dict) or set(frame) != {"ack"}:
+        return ('this socket takes only acknowledgements, {"ack": SEQ}; use the REST '
+                "endpoints to act")
+    try:
+        gw.ack(session, _seq(frame["ack"], "ack"))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+async def _pump(ws: web.WebSocketResponse, gw: Gateway, session: Session) -> None:
+    """Hand the session's events to the socket as it drains (send_str waits while aiohttp's
+    write buffer is over its limit): at most one batch per socket is held in memory."""
+    while not ws.closed and not session.closed:
+        texts = gw.take_events(session)
+        if not texts:
+            session.ready.clear()
+            await session.ready.wait()
+            continue
+        for text in texts:
+            await ws.send_str(text)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -207,54 +279,42 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     gw, user = request.app[GATEWAY], request[USER]
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
 
-    def push(event: dict[str, Any]) -> bool:
-        if events.full():  # a client that stopped reading: close it, the user goes offline
-            asyncio.get_running_loop().create_task(ws.close(code=1008,
-                                                            message=b"not reading events"))
-            return False  # messages then go to the offline store
-        events.put_nowait(event)
-        return True
+    def close(code: int, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(ws.close(code=code,
+                                                               message=reason.encode()))
+        request.app[CLOSING].add(task)
+        task.add_done_callback(request.app[CLOSING].discard)
 
-    resource = gw.user_online(user, push)
+    session = gw.user_online(user, close, hash_token(_bearer(request)))
     request.app[SOCKETS].add(ws)
-    await ws.send_json({"event": "session", "jid": f"{user}@{gw.domain}/{resource}"})
-
-    async def pump() -> None:
-        while True:
-            await ws.send_json(await events.get())
-
-    sender = asyncio.create_task(pump())
+    sender: asyncio.Task[None] | None = None
     try:
+        await ws.send_json({"event": "session", "jid": session.jid})
+        sender = asyncio.create_task(_pump(ws, gw, session))
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
-                await ws.send_json({"error": "this socket only streams events; use the REST "
-                                             "endpoints to act"})
+                problem = _client_frame(gw, session, msg.data)
+                if problem:
+                    await ws.send_json({"error": problem})
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sender
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sender
         request.app[SOCKETS].discard(ws)
-        gw.user_offline(user, resource)
+        gw.user_offline(session)
     return ws
 
 
 # admin endpoints ------------------------------------------------------------------------------
 
-def _check_name(name: str) -> str:
-    name = name.strip().lower()
-    if not name or not set(name) <= NAME_CHARS or len(name) > 64:
-        raise ValueError(f"{name!r} is not a valid user name (letters, digits, '.', '_', '-')")
-    return name
-
-
 async def admin_create_user(request: web.Request) -> web.Response:
     body = await _json(request, "name")
-    name = _check_name(body["name"])
+    name = body["name"]
     gw = request.app[GATEWAY]
     try:
-        token = gw.store.add_user(name)
+        token = gw.store.add_user(name)  # ValueError (400) for a name that is no localpart
     except StoreError as exc:
         raise error(409, str(exc)) from None
     return web.json_response({"name": name, "jid": f"{name}@{gw.domain}", "token": token},
@@ -267,9 +327,19 @@ async def admin_list_users(request: web.Request) -> web.Response:
 
 async def admin_remove_user(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if not request.app[GATEWAY].store.remove_user(name):
+    if not request.app[GATEWAY].remove_user(name):
         raise error(404, f"no user named {name!r}")
     return web.json_response({"removed": name})
+
+
+async def admin_new_token(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    gw = request.app[GATEWAY]
+    try:
+        token = gw.rotate_token(name)
+    except StoreError as exc:
+        raise error(404, str(exc)) from None
+    return web.json_response({"name": name, "jid": f"{name}@{gw.domain}", "token": token})
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -278,14 +348,23 @@ async def _close_sockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"gateway shutting down")
 
 
+async def health(request: web.Request) -> web.Response:
+    """Liveness for `gateway healthcheck` and monitoring; no credentials (it reveals no user)."""
+    gw = request.app[GATEWAY]
+    return web.json_response({"status": "ok", "link_up": gw.link_up})
+
+
 def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors])
     app[GATEWAY] = gateway
     app[ADMIN_TOKEN] = admin_token or ""
     app[SOCKETS] = set[web.WebSocketResponse]()
+    app[CLOSING] = set[asyncio.Task[Any]]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
+    app.router.add_get("/api/v1/messages/{id}", message_status)
     app.router.add_put("/api/v1/presence", set_presence)
+    app.router.add_get("/api/v1/presence", get_presence)
     app.router.add_post("/api/v1/ping", ping)
     app.router.add_get("/api/v1/contacts", list_contacts)
     app.router.add_post("/api/v1/contacts", add_contact)
@@ -293,9 +372,12 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_post("/api/v1/contacts/{jid}/approve", _contact_action("approve"))
     app.router.add_post("/api/v1/contacts/{jid}/deny", _contact_action("deny"))
     app.router.add_get("/api/v1/filtered", list_filtered)
-    app.router.add_post("/api/v1/offline", take_offline)
+    app.router.add_get("/api/v1/inbox", read_inbox)
+    app.router.add_post("/api/v1/inbox/ack", ack_inbox)
     app.router.add_get("/api/v1/ws", websocket)
+    app.router.add_get("/health", health)
     app.router.add_post("/api/v1/admin/users", admin_create_user)
     app.router.add_get("/api/v1/admin/users", admin_list_users)
     app.router.add_delete("/api/v1/admin/users/{name}", admin_remove_user)
+    app.router.add_post("/api/v1/admin/users/{name}/token", admin_new_token)
     return app

@@ -1,4 +1,5 @@
-"""Command line: `gateway run | user add NAME | user list | user remove NAME`, all with -c FILE."""
+"""Command line: `gateway run | healthcheck | user add NAME | user list | user remove NAME |
+user token NAME`, all with -c FILE."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 from aiohttp import web
 
+from edgeproxy import __version__, sdnotify
 from edgeproxy.config import ConfigError
 
 from .config import GatewayConfig, load_gateway_config
@@ -24,7 +26,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     from .api import make_app
     from .component import Gateway
 
-    store = SqliteStore(cfg.database)
+    store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
     runner = web.AppRunner(make_app(gateway, cfg.admin_token))
@@ -33,12 +35,17 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s", cfg.domain,
              cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port)
     gateway.connect()
+    sdnotify.notify("READY=1", f"STATUS=API on {cfg.api_host}:{cfg.api_port}")
     try:
         await stop.wait()
+        log.info("gateway for %s stopping: closing the users' sockets and the link to the edge",
+                 cfg.domain)
     finally:
+        sdnotify.notify("STOPPING=1")
         await runner.cleanup()
         await gateway.close()
         store.close()
+    log.info("gateway for %s stopped", cfg.domain)
 
 
 def _run(cfg: GatewayConfig) -> int:
@@ -62,16 +69,54 @@ def _run(cfg: GatewayConfig) -> int:
     return 0
 
 
+def _healthcheck(cfg: GatewayConfig, timeout: float) -> int:
+    """Ask the running gateway's API (GET /health); healthy = it answers and its link is up."""
+    import ipaddress
+    import json
+    import urllib.error
+    import urllib.request
+
+    host = cfg.api_host
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "::1" if ":" in host else "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.api_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: {url}: HTTP {exc.code} {exc.reason}")
+        return 1
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        print(f"unhealthy: {url}: {reason}")
+        return 1
+    if not isinstance(body, dict) or body.get("status") != "ok":
+        print(f"unhealthy: {url}: unexpected answer {body!r}")
+        return 1
+    if not body.get("link_up"):
+        print(f"unhealthy: {url}: the API answers, but the component link to the edge "
+              f"({cfg.component_host}:{cfg.component_port}) is down")
+        return 1
+    print(f"healthy: {url}: API answers, component link to the edge is up")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="connect to the edge and serve the users' API")
     run.add_argument("-c", "--config", required=True, help="the edge's TOML file")
+    check = sub.add_parser("healthcheck", help="ask the running gateway's API (GET /health); "
+                           "exit 0 when it answers and its link to the edge is up")
+    check.add_argument("-c", "--config", required=True, help="the edge's TOML file")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     user = sub.add_parser("user", help="manage local users")
     user_sub = user.add_subparsers(dest="action", required=True)
     for action, text in (("add", "create a user and print its API token"),
                          ("remove", "delete a user and everything stored for it"),
+                         ("token", "give a user a new API token (the old one stops working)"),
                          ("list", "list the users")):
         p = user_sub.add_parser(action, help=text)
         if action != "list":
@@ -88,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "run":
         return _run(cfg)
+    if args.command == "healthcheck":
+        return _healthcheck(cfg, args.timeout)
     try:
         store = SqliteStore(cfg.database)
     except StoreError as exc:
@@ -101,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             token = store.add_user(args.name)
             print(f"created {args.name}@{cfg.domain}; API token (shown only once):")
             print(token)
+        elif args.action == "token":
+            # A running gateway notices within a second and closes the old token's sockets.
+            token = store.set_token(args.name)
+            print(f"new API token for {args.name}@{cfg.domain} (shown only once; the old one "
+                  "no longer works):")
+            print(token)
         elif not store.remove_user(args.name):
             print(f"error: no user named {args.name!r}", file=sys.stderr)
             return 1
         else:
             print(f"removed {args.name}@{cfg.domain}")
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -4,20 +4,25 @@ Every stanza the edge relays is classified (`rules.Kind`), looked up in `rules.d
 decision carried out here. slixmpp's own roster handling is switched off: it would answer probes
 and subscriptions by itself, outside the partner rules.
 
-Local users are API clients: each open WebSocket is one resource, and `push(event)` callbacks
-registered by the API receive JSON-ready dicts; a message no session could take is stored
-offline instead of being lost. Stanzas local users send while the link to the
-edge is down wait in a bounded queue; when it is full the caller gets LinkDown (API: 503).
-A ping (XEP-0199) does not wait in that queue: it needs the link now, and its answer.
+Local users are API clients: each open WebSocket is one resource (a `Session`). Every message
+and every bounce for a local user is first kept in the store's inbox (committed once per
+event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
+(`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
+closed and nothing waits in memory but one batch per socket. Presence and subscription events
+are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
+users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
+across link drops and restarts of either daemon; when the outbox is full the caller gets
+LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
+now, and its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +35,15 @@ from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from edgeproxy import link
+from edgeproxy.link import LINK_PING, LINK_TIMEOUT, NS_SM, set_tcp_user_timeout
 from edgeproxy.partners import PartnerTable, PartnerType
 from edgeproxy.xmlstream import error_condition
 
 from . import rules
+from .link import DEFAULT_OUTBOX_LIMIT, Outbound
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
-from .store import Contact, Store
+from .store import Contact, InboxFull, Store, StoredEvent, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,16 @@ SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = availa
 # Local users' pings leave from this fixed resource: a ping needs no open WebSocket, and the
 # answer is taken by the waiting request whatever resource it is addressed to.
 PING_RESOURCE = "api"
+_COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
+_STANZA_STARTS = ("<message", "<presence", "<iq")
 
-Push = Callable[[dict[str, Any]], bool]  # False: this session could not take the event
+CloseSocket = Callable[[int, str], None]  # WebSocket close code and reason
+# RFC 6455 7.4.1: 1008 policy violation - the credentials the socket was opened with are gone.
+CLOSE_USER_REMOVED = (1008, "user removed")
+CLOSE_TOKEN_REPLACED = (1008, "token replaced")
+WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
+EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
+MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
 class Refused(Exception):
@@ -77,6 +93,45 @@ class NoAnswer(Exception):
     """No answer within the time the caller was willing to wait (API: 504)."""
 
 
+class Session:
+    """One open WebSocket of a local user: one XMPP resource (RFC 6120 7.1).
+
+    `sent`: every stored event for this resource up to this id has been taken for the socket;
+    `acked`: the client acknowledged up to this id; `ready` is set when there is something to
+    take (a stored event, a notice) or the session was closed.
+    """
+
+    def __init__(self, user: str, domain: str, resource: str, close: CloseSocket,
+                 token_hash: str, first_live: int):
+        self.user, self.resource = user, resource
+        self.jid = f"{user}@{domain}/{resource}"
+        self._close = close
+        self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
+        self.first_live = first_live  # events up to this id were stored before it connected
+        self.sent = self.acked = 0
+        self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
+        self.ready = asyncio.Event()
+        self.closed = False
+        # Everyone this resource sent available presence to: they get unavailable when it goes
+        # (RFC 6121 4.5.2), even if the contact was deleted meanwhile (with the user).
+        self.announced: set[str] = set()
+
+    def notify(self, key: str, event: dict[str, Any]) -> None:
+        """A presence or subscription event; a newer one from the same contact replaces it."""
+        self.notices.pop(key, None)
+        self.notices[key] = json.dumps(event)
+        if len(self.notices) > MAX_NOTICES:
+            dropped = next(iter(self.notices))
+            del self.notices[dropped]
+            log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
+        self.ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = True
+        self.ready.set()
+        self._close(code, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     outcome: rules.Outcome
@@ -96,20 +151,31 @@ def presence_kind(ptype: str) -> Kind | None:
 
 class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
-                 partners: PartnerTable, *, queue_limit: int = 1000,
-                 min_backoff: float = 1.0, max_backoff: float = 60.0):
+                 partners: PartnerTable, *, queue_limit: int = DEFAULT_OUTBOX_LIMIT,
+                 min_backoff: float = 0.25, max_backoff: float = 10.0,
+                 outbound: Outbound | None = None):
         super().__init__(domain, secret, host, port)
         self.domain = domain
         self.store = store
         self.partners = partners
-        self.queue: deque[Any] = deque()
-        self.queue_limit = queue_limit
-        self.link_up = False
+        # what local users send waits here (SQLite) until the edge acknowledges it
+        self.outbound = outbound or Outbound(store.connection(), queue_limit)
+        self.link_up = False  # the XEP-0114 handshake is done
+        self.sm_active = False  # XEP-0198 enabled or resumed: outbox rows may be written
+        self._counting = False  # the edge's stanzas count toward our h
+        self._last_row = 0  # the outbox row written last on this link
+        self._want_ack = False
+        self.ack_requested: float | None = None
+        self.last_heard = 0.0
+        self._keepalive: asyncio.TimerHandle | None = None
         self.closing = False
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
-        self.backoff = min_backoff  # doubles after each lost link, up to max_backoff
-        self.sessions: dict[str, dict[str, Push]] = {}  # user -> resource -> push
-        self.directed: dict[str, set[str]] = {}  # user full JID -> directed-presence recipients
+        self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
+        self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
+        self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        store.batch_commits(self._schedule_commit)
+        self.watch_interval = WATCH_INTERVAL
+        self._watching: asyncio.TimerHandle | None = None
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -120,39 +186,173 @@ class Gateway(ComponentXMPP):
         self.register_handler(Callback("gateway presence", MatchXPath(f"{{{NS}}}presence"),
                                        self.on_presence))
         self.register_handler(Callback("gateway iq", MatchXPath(f"{{{NS}}}iq"), self.on_iq))
+        for name in ("enabled", "resumed", "failed", "r", "a"):
+            self.register_handler(Callback(f"link {name}", MatchXPath(f"{{{NS_SM}}}{name}"),
+                                           getattr(self, f"_sm_{name}")))
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("connection_failed", self._on_connection_failed)
 
-    # link to the edge --------------------------------------------------------------------------
+    @property
+    def queue_limit(self) -> int:
+        return self.outbound.limit
+
+    @queue_limit.setter
+    def queue_limit(self, value: int) -> None:
+        self.outbound.limit = value
+
+    # link to the edge (XEP-0114, acknowledged with XEP-0198: gateway/link.py) -----------------
 
     def _on_session_start(self, _event: Any) -> None:
-        log.info("component link to the edge is up (%s:%s)", self.server_host,
-                 self.server_port)
         self.link_up = True
         self.backoff = self.min_backoff
-        while self.queue:
-            self.queue.popleft().send()
+        self.last_heard = time.monotonic()
+        # XEP-0198 right after the handshake: resume the link we had, or start one
+        if self.outbound.link_id:
+            self._raw(link.resume(self.outbound.link_id, self.outbound.inbox.h))
+        else:
+            self._raw(link.enable())
+        self._schedule_keepalive()
+
+    def _sm_enabled(self, stanza: Any) -> None:
+        link_id = stanza.xml.get("id", "")
+        self.outbound.new_link(link_id)
+        log.info("component link to the edge is up (%s:%s), link %s; %d stanza(s) to send",
+                 self.server_host, self.server_port, link_id, self.outbound.waiting)
+        self._link_ready()
+
+    def _sm_resumed(self, stanza: Any) -> None:
+        h = link.parse_h(stanza.xml.get("h"))
+        done = self.outbound.resumed(h)
+        self.outbound.rewind()
+        log.info("component link to the edge resumed (link %s): the edge had %d more of ours; "
+                 "%d stanza(s) to send", self.outbound.link_id, done, self.outbound.waiting)
+        self._link_ready()
+
+    def _sm_failed(self, _stanza: Any) -> None:
+        log.info("the edge no longer holds link %s (it restarted): starting a new one",
+                 self.outbound.link_id)
+        self._raw(link.enable())
+
+    def _link_ready(self) -> None:
+        self.sm_active = self._counting = True
+        self._last_row = 0
+        self.ack_requested = None
+        self._pump()
         for user, resources in self.sessions.items():  # contacts may have lost our presence
             for resource in resources:
                 self._broadcast(user, resource)
 
+    def _sm_r(self, _stanza: Any) -> None:
+        self.commit_point()  # what we acknowledge is on disk first
+        self._raw(link.ack(self.outbound.inbox.h))
+
+    def _sm_a(self, stanza: Any) -> None:
+        try:
+            self.outbound.acked(link.parse_h(stanza.xml.get("h")))
+        except link.SmError as exc:
+            log.error("the edge's acknowledgement is wrong (%s): reconnecting", exc)
+            self.abort()
+            return
+        self.ack_requested = None
+
+    def incoming_filter(self, xml: ET.Element) -> ET.Element:
+        self.last_heard = time.monotonic()
+        return xml
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        super()._spawn_event(xml)  # the handlers run (and write to the store's batch) here
+        if self._counting and xml.tag in _COUNTED:
+            # XEP-0198 h, in the same transaction as what the handler stored: a gateway killed
+            # at any point resumes with a count that matches its store exactly
+            self.outbound.handled()
+
+    def send_raw(self, data: str | bytes) -> None:
+        """Every stanza slixmpp writes (iq replies, pings) goes through the outbox too, so the
+        rows stay in the order the edge counts them."""
+        text = data.decode() if isinstance(data, bytes) else data
+        if text.lstrip().startswith(_STANZA_STARTS):
+            self.outbound.add(text, force=True)
+            self._pump()
+            return
+        super().send_raw(data)
+
+    def _raw(self, data: bytes) -> None:
+        if self.transport is not None:
+            super().send_raw(data)
+
+    def _pump(self) -> None:
+        """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
+        if not self.sm_active:
+            return
+        rows = self.outbound.unsent(self._last_row)
+        for row, text in rows:
+            self._transmit(text)
+            self.outbound.written(row)
+            self._last_row = row
+        if rows and not self._want_ack:
+            self._want_ack = True
+            self.loop.call_soon(self._request_ack)
+
+    def _transmit(self, text: str) -> None:
+        super().send_raw(text)
+
+    def _request_ack(self) -> None:
+        self._want_ack = False
+        if self.sm_active and self.ack_requested is None:
+            self.ack_requested = time.monotonic()
+            self._raw(link.REQUEST)
+
+    def _schedule_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._keepalive = self.loop.call_later(1.0, self._check_link)
+
+    def _check_link(self) -> None:
+        """An unanswered <r/> for LINK_TIMEOUT: the edge is gone (half-open link); an idle link
+        is asked every LINK_PING."""
+        self._keepalive = None
+        if not self.link_up or self.closing:
+            return
+        now = time.monotonic()
+        if self.ack_requested is not None and now - self.ack_requested > LINK_TIMEOUT:
+            log.warning("the edge did not answer <r/> within %g s: the link is dead, "
+                        "reconnecting", LINK_TIMEOUT)
+            self.abort()
+            return
+        if self.sm_active and self.ack_requested is None and now - self.last_heard > LINK_PING:
+            self.ack_requested = now
+            self._raw(link.REQUEST)
+        self._schedule_keepalive()
+
+    def connection_made(self, transport: Any, send_event: bool = True) -> None:
+        super().connection_made(transport, send_event)
+        set_tcp_user_timeout(transport, LINK_TIMEOUT)
+
     def _on_disconnected(self, reason: Any) -> None:
-        self.link_up = False
+        self.link_up = self.sm_active = self._counting = False
+        self.ack_requested = None
         for lost in self.link_lost:  # their answers cannot come any more
             if not lost.done():
                 lost.set_result(None)
         if self.closing:
+            log.info("component link to the edge closed (the gateway is stopping)")
             return
-        delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
-        log.warning("component link to the edge lost (%s); reconnecting in %.1f s",
-                    reason, delay)
-        self.loop.call_later(delay, self._reconnect)
+        log.warning("component link to the edge lost (%s); %d stanza(s) kept for it; "
+                    "reconnecting in %.2f s", reason or "connection closed",
+                    self.outbound.waiting, self.min_backoff)
+        self.backoff = self.min_backoff
+        self.loop.call_later(self.min_backoff, self._reconnect)
 
     def _on_connection_failed(self, error: Any) -> None:
-        # slixmpp retries by itself with a growing delay (XMLStream.reschedule_connection_attempt)
-        log.warning("cannot reach the edge's component port %s:%s (%s); retrying",
-                    self.server_host, self.server_port, error)
+        # our own schedule, short first: the edge is often back within a second (a restart)
+        self.cancel_connection_attempt()
+        if self.closing:
+            return
+        delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
+        log.warning("cannot reach the edge's component port %s:%s (%s); retrying in %.2f s",
+                    self.server_host, self.server_port, error, delay)
+        self.loop.call_later(delay, self._reconnect)
 
     def _reconnect(self) -> None:
         if not self.closing and not self.link_up:
@@ -160,19 +360,50 @@ class Gateway(ComponentXMPP):
 
     async def close(self) -> None:
         self.closing = True
+        if self._watching is not None:
+            self._watching.cancel()
         self.cancel_connection_attempt()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self.transport is not None:
+            if self.sm_active:  # our last count, so the edge can let go of what we have
+                self.commit_point()
+                self._raw(link.ack(self.outbound.inbox.h))
             await self.disconnect(wait=1.0)
 
-    def emit(self, stanza: Any) -> None:
-        """Send one stanza to the edge, or queue it while the link is down."""
-        if self.link_up:
-            stanza.send()
-            return
-        if len(self.queue) >= self.queue_limit:
-            raise LinkDown(f"the link to the edge is down and {len(self.queue)} stanzas are "
-                           "already waiting; try again when it is back")
-        self.queue.append(stanza)
+    def emit(self, stanza: Any, *, user: str | None = None) -> None:
+        """Keep one stanza in the outbox (durable before the caller answers) and send it when
+        the link is ready; LinkDown when the outbox is full."""
+        text = tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True)
+        row = self.outbound.add(text, user=user, msg_id=stanza["id"] or None,
+                                to=str(stanza["to"]))
+        if row is None:
+            raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} stanzas "
+                           "are already waiting; try again when it is back")
+        self._pump()
+
+    def _schedule_commit(self) -> None:
+        self.loop.call_soon(self._commit_turn)  # the batch ends with this event-loop turn
+
+    def _commit_turn(self) -> None:
+        try:
+            self.commit_point()
+        except StoreError as exc:  # e.g. the disk is full: keep the batch, try again
+            log.error("%s; retrying in 1 s", exc)
+            self.loop.call_later(1.0, self._commit_turn)
+
+    def commit_point(self) -> None:
+        """Make every store write the handlers have done so far durable, now.
+
+        The component link calls this before it acknowledges inbound stanzas to the edge
+        (XEP-0198 <a h=''/>): everything a handler stored for a stanza (a message for a local
+        user, a bounce, a contact's new state) is then on disk, so an acknowledged stanza
+        survives a gateway crash. The store otherwise commits once per event-loop turn (the
+        first write of a turn opens the batch). Cheap when nothing is pending. Raises
+        StoreError if the commit fails: then acknowledge nothing (the batch stays open and is
+        retried).
+        """
+        self.store.commit()
 
     # rules --------------------------------------------------------------------------------------
 
@@ -226,24 +457,48 @@ class Gateway(ComponentXMPP):
             self._error(msg)
         elif decision is Decision.DELIVER and msg["type"] == "error":
             # RFC 6120 8.3: a bounce of something the user sent (e.g. the edge's
-            # <remote-server-not-found/>) - tell the user's open sockets; never store it.
-            self._push(user, error_event(msg))
+            # <remote-server-not-found/>): kept like a message, so a REST-only user reads it.
+            # If the inbox is full it is only logged: an error is never answered (8.3.1).
+            if msg["id"]:
+                condition, text = error_of(msg)
+                self.outbound.bounced(user, msg["id"], condition, text or None)
+            self._keep(user, "error", msg, error_event(msg), None)
         elif decision is Decision.DELIVER:
             self._deliver_message(user, msg)
 
     def _deliver_message(self, user: str, msg: Message) -> None:
-        resources = self.sessions.get(user)
-        if resources:
-            event = message_event(msg)
-            targets = [resources[msg["to"].resource]] if msg["to"].resource in resources \
-                else list(resources.values())
-            if any([push(event) for push in targets]):
-                return
-        if msg["type"] == "headline":
-            return  # RFC 6121 8.5.4: headlines to offline users are dropped
-        if msg["type"] == "groupchat" or not self.store.add_offline(
-                user, tostring(msg.xml, top_level=True)):
-            self._error(msg)  # 8.5.4: groupchat gets an error; a full offline store too
+        sessions = self.sessions.get(user)
+        if not sessions and msg["type"] == "headline":
+            return  # RFC 6121 8.5.2.2.1: headlines to a user with no resource are dropped
+        if not sessions and msg["type"] == "groupchat":
+            self._error(msg)  # 8.5.2.2.1: groupchat to a user with no resource: an error
+            return
+        resource = msg["to"].resource
+        if not self._keep(user, "message", msg, message_event(msg),
+                          resource if sessions and resource in sessions else None):
+            self._error(msg, "resource-constraint", "wait")  # RFC 6120 8.3.3.18
+
+    def _keep(self, user: str, kind: str, stanza: Any, event: dict[str, Any],
+              resource: str | None) -> bool:
+        """Store an event in the user's inbox and wake the sockets that may take it; False
+        (logged once per spell) when the inbox is at its limit."""
+        try:
+            self.store.add_event(user, kind, serialize(stanza.xml), json.dumps(event),
+                                 resource)
+        except InboxFull as exc:
+            self.refused[user] = self.refused.get(user, 0) + 1
+            if self.refused[user] == 1:
+                log.warning("inbox of %s@%s is full: %s; refusing what comes for it "
+                            "(messages bounce with <resource-constraint/>, bounces are "
+                            "dropped) until a client acknowledges", user, self.domain, exc)
+            return False
+        if user in self.refused:
+            log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
+                        user, self.domain, self.refused.pop(user))
+        sessions = self.sessions.get(user, {})
+        for session in [sessions[resource]] if resource else sessions.values():
+            session.ready.set()
+        return True
 
     # inbound: iq --------------------------------------------------------------------------------
 
@@ -319,7 +574,8 @@ class Gateway(ComponentXMPP):
             self.emit(self.make_presence(pto=jid, pfrom=f"{user}@{self.domain}",
                                          ptype="subscribed"))
             for resource in self.sessions.get(user, {}):  # RFC 6121 3.1.5: then presence
-                self.emit(self._presence_of(user, resource, jid, v.partner_type))
+                self.emit(self._announce(self._presence_of(user, resource, jid,
+                                                           v.partner_type)))
             self._push(user, {"event": "subscription", "type": "subscribe", "from": jid,
                               "result": "auto-approved"})
         elif decision is Decision.HOLD_FOR_USER:
@@ -358,30 +614,50 @@ class Gateway(ComponentXMPP):
             self.emit(reply)
 
     def _presence_of(self, user: str, resource: str, to: str | JID,
-                     ptype: PartnerType | None, keep_status: bool | None = None) -> Presence:
-        """The user's current presence from one resource, `<status/>` only where allowed."""
+                     ptype: PartnerType | None, keep_status: bool | None = None,
+                     show_status: tuple[str, str] | None = None) -> Presence:
+        """The user's presence from one resource, `<status/>` only where allowed: the stored
+        broadcast presence, or `show_status` for a directed one."""
         if keep_status is None:
             keep_status = ptype is PartnerType.FEDERATED
-        last = self.store.presence(user)
+        if show_status is None:
+            last = self.store.presence(user)
+            show_status = (last.show, last.status) if last is not None else ("", "")
+        show, status = show_status
         pres = self.make_presence(pto=to, pfrom=f"{user}@{self.domain}/{resource}")
-        if last is not None:
-            if last.show:
-                pres["show"] = last.show
-            if last.status and keep_status:
-                pres["status"] = last.status  # the Lync status note (SPEC 1.5)
+        if show:
+            pres["show"] = show
+        if status and keep_status:
+            pres["status"] = status  # the Lync status note (SPEC 1.5)
+        return pres
+
+    def _announce(self, pres: Presence) -> Presence:
+        """Note who is sent available presence from which resource (RFC 6121 4.5.2)."""
+        frm = pres["from"]
+        session = self.sessions.get(frm.user, {}).get(frm.resource)
+        if session is not None:
+            session.announced.add(str(pres["to"]))
         return pres
 
     def _push(self, user: str, event: dict[str, Any]) -> None:
-        for push in list(self.sessions.get(user, {}).values()):
-            push(event)
+        """A presence or subscription event to the user's sockets (not stored)."""
+        key = f"{event['event']} {event['from']}"
+        for session in self.sessions.get(user, {}).values():
+            session.notify(key, event)
 
     # local users: sessions ---------------------------------------------------------------------
 
-    def user_online(self, user: str, push: Push) -> str:
-        """A WebSocket opened: a new resource. Sends presence, probes, stored messages."""
+    def user_online(self, user: str, close: CloseSocket | None = None,
+                    token_hash: str = "") -> Session:
+        """A WebSocket opened: a new resource. Sends presence and probes; the socket then
+        takes the stored events (`take_events`). `close(code, reason)` closes the socket (user
+        removed, token replaced); `token_hash` is that of the token it was opened with."""
         resource = "ws-" + secrets.token_hex(4)
         first = not self.sessions.get(user)
-        self.sessions.setdefault(user, {})[resource] = push
+        session = self.sessions.setdefault(user, {})[resource] = Session(
+            user, self.domain, resource, close or (lambda code, reason: None), token_hash,
+            self.store.last_event_id(user))
+        self._watch()
         self._broadcast(user, resource)
         for contact in self.store.contacts(user):
             if first and contact.state.sees_contact and self.partner_type(
@@ -389,22 +665,128 @@ class Gateway(ComponentXMPP):
                 self._try_emit(self.make_presence(pto=contact.jid, ptype="probe",
                                                   pfrom=f"{user}@{self.domain}"))
             if contact.state.pending_in:  # RFC 6121 3.1.3: redeliver open requests
-                push({"event": "subscription", "type": "subscribe", "from": contact.jid,
-                      "result": "waiting-for-approval", "status": None})
-        for stored in self.store.take_offline(user):
-            push(message_event(self.stanza_from_xml(stored.stanza), stamp=stored.stamp))
-        return resource
+                session.notify(f"subscription {contact.jid}", {
+                    "event": "subscription", "type": "subscribe", "from": contact.jid,
+                    "result": "waiting-for-approval", "status": None})
+        session.ready.set()  # the stored events
+        return session
 
-    def user_offline(self, user: str, resource: str) -> None:
-        """A WebSocket closed: unavailable to subscribers and directed-presence recipients."""
-        self.sessions.get(user, {}).pop(resource, None)
-        if not self.sessions.get(user):
-            self.sessions.pop(user, None)
-        full = f"{user}@{self.domain}/{resource}"
+    def take_events(self, session: Session, limit: int = EVENT_BATCH) -> list[str]:
+        """The next events for the socket, as JSON texts: waiting notices, then up to `limit`
+        stored events in order, each with its `seq` (and `offline`, `stamp` if it was stored
+        before the socket opened). They stay stored until acknowledged."""
+        out = list(session.notices.values())
+        session.notices.clear()
+        rows = self.store.events(session.user, session.sent, session.resource, limit)
+        out += [self._event_text(row, row.id <= session.first_live) for row in rows]
+        if rows:
+            session.sent = rows[-1].id
+        if len(rows) < limit:  # all of them: later ids not for this resource need no look
+            session.sent = max(session.sent, self.store.last_event_id(session.user))
+        return out
+
+    def _event_text(self, row: StoredEvent, offline: bool) -> str:
+        body = row.event or json.dumps(message_event(self.stanza_from_xml(row.stanza)))
+        head = f'{{"seq": {row.id}, '
+        if offline:
+            head += f'"offline": true, "stamp": {json.dumps(row.stamp)}, '
+        return head + body[1:]
+
+    def ack(self, session: Session, upto: int) -> None:
+        """The client has every event up to `seq` upto that its socket was sent
+        (cumulative): they are deleted, except those another open socket of the user has not
+        been sent yet (it gets them; its own acknowledgement deletes them)."""
+        if upto > session.sent:
+            raise ValueError(f"ack {upto} is beyond the last event this socket was sent "
+                             f"({session.sent})")
+        if upto > session.acked:
+            session.acked = upto
+            self._delete_acked(session.user)
+
+    def _delete_acked(self, user: str) -> None:
+        sessions = list(self.sessions.get(user, {}).values())
+        for s in sessions:
+            if s.acked:
+                self.store.ack_events(user, min([s.acked, *(t.sent for t in sessions
+                                                             if t is not s)]), s.resource)
+
+    def read_inbox(self, user: str, after: int, limit: int) -> tuple[list[str], bool]:
+        """REST: up to `limit` stored events after seq `after`, and whether more follow."""
+        rows = self.store.events(user, after, None, limit + 1)
+        return [self._event_text(row, True) for row in rows[:limit]], len(rows) > limit
+
+    def ack_inbox(self, user: str, upto: int) -> int:
+        """REST: delete every stored event up to seq `upto`; how many went."""
+        return self.store.ack_events(user, upto, None)
+
+    def user_offline(self, session: Session) -> None:
+        """A WebSocket closed: unavailable to subscribers and to everyone else this resource
+        sent presence to (directed presence, RFC 6121 4.6.3). What was stored for this
+        resource alone stays stored for the others. A second call does nothing."""
+        user, resource = session.user, session.resource
+        if self.sessions.get(user, {}).get(resource) is not session:
+            return
+        del self.sessions[user][resource]
+        if not self.sessions[user]:
+            del self.sessions[user]
+        if self.store.release_resource(user, resource):
+            for other in self.sessions.get(user, {}).values():
+                other.ready.set()
+        self._delete_acked(user)
+        full = session.jid
         recipients = {c.jid for c in self.store.contacts(user) if c.state.contact_sees_user}
-        recipients |= self.directed.pop(full, set())
+        recipients |= session.announced
         for jid in sorted(recipients):
             self._try_emit(self.make_presence(pto=jid, pfrom=full, ptype="unavailable"))
+
+    def _end_sessions(self, user: str, why: tuple[int, str]) -> None:
+        """Close every socket of the user (code and reason) and take its resource offline."""
+        for session in list(self.sessions.get(user, {}).values()):
+            log.info("closing %s@%s/%s: %s", user, self.domain, session.resource, why[1])
+            session.close(*why)
+            self.user_offline(session)
+
+    def remove_user(self, user: str) -> bool:
+        """Close the user's sockets and send unavailable first, then delete everything stored
+        for them. False if there is no such user."""
+        if not self.store.user_exists(user):
+            return False
+        self._end_sessions(user, CLOSE_USER_REMOVED)
+        return self.store.remove_user(user)
+
+    def rotate_token(self, user: str) -> str:
+        """Give the user a new API token; the sockets opened with the old one are closed.
+        StoreError if there is no such user."""
+        token = self.store.set_token(user)
+        self._end_sessions(user, CLOSE_TOKEN_REPLACED)
+        return token
+
+    def _watch(self) -> None:
+        if self._watching is None and self.sessions and not self.closing:
+            self._watching = self.loop.call_later(self.watch_interval, self._check_users)
+
+    def _check_users(self) -> None:
+        """`gateway user remove|token` run in another process change the database under us:
+        end the sockets of users removed and those opened with a replaced token."""
+        self._watching = None
+        if self.closing:
+            return
+        try:
+            if self.store.changed_elsewhere():
+                for user, sessions in list(self.sessions.items()):
+                    current = self.store.token_hash_of(user)
+                    if current is None:
+                        log.info("user %s@%s was removed from the command line", user,
+                                 self.domain)
+                        self._end_sessions(user, CLOSE_USER_REMOVED)
+                    elif any(s.token_hash and s.token_hash != current
+                             for s in sessions.values()):
+                        log.info("the token of %s@%s was replaced from the command line",
+                                 user, self.domain)
+                        self._end_sessions(user, CLOSE_TOKEN_REPLACED)
+        except StoreError as exc:
+            log.error("cannot look for user changes: %s", exc)
+        self._watch()
 
     def _try_emit(self, stanza: Any) -> None:
         try:
@@ -421,7 +803,8 @@ class Gateway(ComponentXMPP):
             ptype = self.partner_type(JID(contact.jid).domain)
             if ptype is None:
                 continue
-            self._try_emit(self._presence_of(user, resource, contact.jid, ptype))
+            self._try_emit(self._announce(self._presence_of(user, resource, contact.jid,
+                                                            ptype)))
 
     def stanza_from_xml(self, text: str) -> Message:
         return Message(self, ET.fromstring(text))
@@ -458,7 +841,10 @@ class Gateway(ComponentXMPP):
         msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
         msg["type"] = mtype
         msg["id"] = secrets.token_hex(8)
-        self._route(msg)
+        if jid.domain == self.domain:
+            self._route(msg)
+        else:
+            self.emit(msg, user=user)
         return msg["id"]
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
@@ -512,20 +898,22 @@ class Gateway(ComponentXMPP):
             self.on_presence(stanza)
 
     def set_presence(self, user: str, show: str, status: str, to: str | None = None) -> None:
+        """Broadcast presence (stored, RFC 6121 4.4), or with `to` directed presence to one
+        JID, which leaves the stored broadcast presence alone (RFC 6121 4.6)."""
         if show not in SHOW_VALUES:
             raise ValueError(f"show must be one of available, away, chat, dnd, xa (got {show!r})")
-        self.store.set_presence(user, show, status)
         resources = list(self.sessions.get(user, {}))
         if to is None:
+            self.store.set_presence(user, show, status)
             for resource in resources:
                 self._broadcast(user, resource)
             return
-        jid = self.parse_jid(to)  # directed presence (RFC 6121 4.6)
+        jid = self.parse_jid(to)
         v = self._outbound(user, jid, Kind.PRESENCE)
         for resource in resources:
-            self._route(self._presence_of(user, resource, jid, v.partner_type,
-                                          keep_status=v.outcome.decision is Decision.DELIVER))
-            self.directed.setdefault(f"{user}@{self.domain}/{resource}", set()).add(str(jid))
+            self._route(self._announce(self._presence_of(
+                user, resource, jid, v.partner_type, show_status=(show, status),
+                keep_status=v.outcome.decision is Decision.DELIVER)))
 
     def _subscription(self, user: str, jid: JID, kind: Kind, name: str | None = None) -> Verdict:
         v = self._outbound(user, jid, kind)
@@ -549,7 +937,8 @@ class Gateway(ComponentXMPP):
         v = self._subscription(user, jid, Kind.SUBSCRIBED)
         if v.outcome.decision is Decision.DELIVER:  # RFC 6121 3.1.5: then current presence
             for resource in self.sessions.get(user, {}):
-                self._route(self._presence_of(user, resource, jid.bare, v.partner_type))
+                self._route(self._announce(self._presence_of(user, resource, jid.bare,
+                                                             v.partner_type)))
         return v.outcome.state
 
     def deny(self, user: str, to: str) -> SubState:
@@ -569,14 +958,18 @@ class Gateway(ComponentXMPP):
         return self.store.remove_contact(user, jid.bare)
 
 
-def message_event(msg: Message, stamp: float | None = None) -> dict[str, Any]:
-    event: dict[str, Any] = {"event": "message", "from": str(msg["from"]), "to": str(msg["to"]),
-                             "id": msg["id"] or None, "type": msg["type"] or "normal",
-                             "body": msg["body"]}
-    if stamp is not None:
-        event["offline"] = True
-        event["stamp"] = stamp
-    return event
+def serialize(element: ET.Element) -> str:
+    """A stanza as text, in jabber:component:accept as the default namespace (ElementTree's C
+    serializer; slixmpp's pure-Python tostring cost a fifth of the inbound path)."""
+    try:
+        return ET.tostring(element, encoding="unicode", default_namespace=NS)
+    except ValueError:  # an element without a namespace somewhere inside
+        return str(tostring(element, top_level=True))
+
+
+def message_event(msg: Message) -> dict[str, Any]:
+    return {"event": "message", "from": str(msg["from"]), "to": str(msg["to"]),
+            "id": msg["id"] or None, "type": msg["type"] or "normal", "body": msg["body"]}
 
 
 def error_of(stanza: Any) -> tuple[str, str]:

@@ -14,7 +14,13 @@ from typing import Any
 from edgeproxy.config import ConfigError, load_partner_table, load_raw
 from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
 
-_KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token"}
+from .store import InboxLimits
+
+_KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
+          "offline_messages", "offline_bytes"}
+# The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
+MIN_OFFLINE_BYTES = 1 << 20
+MAX_OFFLINE_MESSAGES = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +34,7 @@ class GatewayConfig:
     api_port: int
     admin_token: str | None
     partners: PartnerTable
+    inbox: InboxLimits = InboxLimits()  # per user, until a client acknowledges
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -67,6 +74,21 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
     secret = string("secret", True)
     database = string("database", False, "gateway.sqlite3")
     admin_token = string("admin_token", False) or None
+
+    def count(key: str, default: int, low: int, high: int, what: str) -> int:
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"[gateway] {key}: must be an integer from {low} to {high} "
+                            f"({what}; got {value!r})")
+            return default
+        return value
+
+    defaults = InboxLimits()
+    inbox = InboxLimits(
+        count("offline_messages", defaults.messages, 1, MAX_OFFLINE_MESSAGES,
+              "messages and bounces kept per user until a client acknowledges them"),
+        count("offline_bytes", defaults.bytes, MIN_OFFLINE_BYTES, 1 << 40,
+              "bytes of those per user; at least one 1 MiB stanza"))
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -78,7 +100,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
     return GatewayConfig(
         domain=domain, component_host=comp_host, component_port=comp_port, secret=secret,
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
-        admin_token=admin_token, partners=partners,
+        admin_token=admin_token, partners=partners, inbox=inbox,
     )
 
 

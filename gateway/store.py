@@ -1,4 +1,4 @@
-"""Persistent state of the gateway: users, contacts, offline messages, filtered requests.
+"""Persistent state of the gateway: users, contacts, the users' inboxes, filtered requests.
 
 `Store` is the interface the component and the API use; `SqliteStore` is the one implementation
 (a PostgreSQL store would implement the same Protocol without touching the rules).
@@ -6,6 +6,16 @@
 The SQLite calls run directly on the event loop thread, not via asyncio.to_thread: every query
 is a primary-key lookup or a small write on a local file in WAL mode (tens of microseconds),
 which is cheaper than a thread hop, and one connection used from one thread needs no locking.
+
+The inbox holds every message and every bounce for a local user until one of the user's
+clients acknowledges it (WebSocket `{"ack": seq}` or `POST /api/v1/inbox/ack`): an event counts
+as received when it is committed here, and is gone only when a client said it has it. The
+`seq` clients see is the row id (AUTOINCREMENT: never reused, increasing per user).
+
+Writes can be batched (`batch_commits`): the first write opens a transaction (BEGIN IMMEDIATE)
+and `commit()` ends it; the gateway commits once per event-loop turn and at its commit point.
+WAL with synchronous=NORMAL: a committed transaction survives the process being killed (it
+is in the WAL file); only a power cut can lose the last ones before a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,20 +24,24 @@ import hashlib
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from slixmpp import JID, InvalidJID
+
 from .rules import Subscription, SubState
 
-SCHEMA_VERSION = 1
-DEFAULT_OFFLINE_LIMIT = 100  # messages kept per user; beyond that new ones are refused
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE users (
     name TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    inbox_count INTEGER NOT NULL DEFAULT 0,
+    inbox_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE contacts (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
@@ -45,7 +59,6 @@ CREATE TABLE offline (
     stanza TEXT NOT NULL,
     stamp REAL NOT NULL
 );
-CREATE INDEX offline_user ON offline(user, id);
 CREATE TABLE filtered (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     jid TEXT NOT NULL,
@@ -63,6 +76,36 @@ CREATE TABLE presence (
 );
 """
 
+# Version 2: the inbox (messages and bounces until acknowledged) replaces the offline table;
+# users.inbox_count / inbox_bytes are kept by triggers, so the limit check is one lookup.
+_SCHEMA_2 = """
+CREATE TABLE inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    resource TEXT,
+    stanza TEXT NOT NULL,
+    event TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stamp REAL NOT NULL
+);
+CREATE INDEX inbox_user ON inbox(user, id);
+CREATE TRIGGER inbox_added AFTER INSERT ON inbox BEGIN
+    UPDATE users SET inbox_count = inbox_count + 1, inbox_bytes = inbox_bytes + NEW.size
+    WHERE name = NEW.user;
+END;
+CREATE TRIGGER inbox_removed AFTER DELETE ON inbox BEGIN
+    UPDATE users SET inbox_count = inbox_count - 1, inbox_bytes = inbox_bytes - OLD.size
+    WHERE name = OLD.user;
+END;
+INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp)
+    SELECT user, 'message', NULL, stanza, '', length(CAST(stanza AS BLOB)), stamp
+    FROM offline ORDER BY id;
+DROP TABLE offline;
+"""
+_V1_TO_V2 = ("ALTER TABLE users ADD COLUMN inbox_count INTEGER NOT NULL DEFAULT 0;"
+             "ALTER TABLE users ADD COLUMN inbox_bytes INTEGER NOT NULL DEFAULT 0;")
+
 
 class StoreError(Exception):
     """A store operation that cannot be done; the message says why."""
@@ -75,10 +118,25 @@ class Contact:
     name: str = ""
 
 
+class InboxFull(Exception):
+    """The user's inbox is at its limit; the message says which limit (bounce:
+    <resource-constraint/>, RFC 6120 8.3.3.18)."""
+
+
 @dataclass(frozen=True, slots=True)
-class OfflineMessage:
-    id: int
-    stanza: str  # the complete <message/> as received
+class InboxLimits:
+    """Per user: unacknowledged messages and bounces kept, and their bytes (the stanzas)."""
+    messages: int = 10_000
+    bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int  # the `seq` a client acknowledges
+    kind: str  # "message" or "error" (a bounce of something the user sent)
+    resource: str | None  # a message sent to one resource (RFC 6121 8.5.3.1), else None
+    stanza: str  # the complete stanza as received
+    event: str  # the JSON event a client is sent ("" for rows migrated from schema 1)
     stamp: float
 
 
@@ -98,6 +156,24 @@ class LastPresence:
     stamp: float
 
 
+def check_user_name(name: str) -> str:
+    """A local user's name is the localpart of their JID: it must pass nodeprep (RFC 6122
+    Appendix A, as slixmpp's JID applies it) and already be in its prepared form, so `Bob`
+    cannot sit beside `bob`. Raises ValueError saying why (the CLI and the API show it as is)."""
+    if not name:
+        raise ValueError("the user name is empty")
+    jid = JID("localhost")
+    try:
+        jid.user = name
+    except InvalidJID as exc:
+        raise ValueError(f"{name!r} is not a valid user name: {exc} (RFC 6122 2.3: no spaces "
+                         "and none of \" & ' / : < > @)") from None
+    if jid.user != name:
+        raise ValueError(f"{name!r} is not a valid user name: a JID localpart is compared "
+                         f"in its nodeprep form (RFC 6122 2.3); use {jid.user!r}")
+    return name
+
+
 def hash_token(token: str) -> str:
     # Tokens are 256 random bits, so a plain SHA-256 is enough (no password stretching needed).
     return hashlib.sha256(token.encode()).hexdigest()
@@ -106,6 +182,8 @@ def hash_token(token: str) -> str:
 class Store(Protocol):
     def add_user(self, name: str) -> str: ...
     def remove_user(self, name: str) -> bool: ...
+    def set_token(self, name: str) -> str: ...
+    def token_hash_of(self, name: str) -> str | None: ...
     def list_users(self) -> list[str]: ...
     def user_exists(self, name: str) -> bool: ...
     def user_for_token(self, token: str) -> str | None: ...
@@ -114,13 +192,23 @@ class Store(Protocol):
     def set_contact(self, user: str, jid: str, state: SubState,
                     name: str | None = None) -> None: ...
     def remove_contact(self, user: str, jid: str) -> bool: ...
-    def add_offline(self, user: str, stanza: str) -> bool: ...
-    def take_offline(self, user: str) -> list[OfflineMessage]: ...
+    def add_event(self, user: str, kind: str, stanza: str, event: str,
+                  resource: str | None = None) -> int: ...
+    def events(self, user: str, after: int, resource: str | None,
+               limit: int) -> list[StoredEvent]: ...
+    def ack_events(self, user: str, upto: int, resource: str | None) -> int: ...
+    def release_resource(self, user: str, resource: str) -> int: ...
+    def last_event_id(self, user: str) -> int: ...
+    def inbox_usage(self, user: str) -> tuple[int, int]: ...
+    def batch_commits(self, on_begin: Callable[[], None]) -> None: ...
+    def connection(self) -> sqlite3.Connection: ...
     def record_filtered(self, user: str, jid: str, kind: str) -> None: ...
     def filtered(self, user: str) -> list[FilteredRequest]: ...
     def forget_filtered(self, user: str, jid: str) -> None: ...
     def set_presence(self, user: str, show: str, status: str) -> None: ...
     def presence(self, user: str) -> LastPresence | None: ...
+    def changed_elsewhere(self) -> bool: ...
+    def commit(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -130,9 +218,11 @@ _CONTACT_COLUMNS = "jid, subscription, pending_out, pending_in, approved, name"
 class SqliteStore:
     """The Store on one SQLite file (WAL journal, schema version in PRAGMA user_version)."""
 
-    def __init__(self, path: str | Path, offline_limit: int = DEFAULT_OFFLINE_LIMIT):
+    def __init__(self, path: str | Path, limits: InboxLimits = InboxLimits()):
         self.path = Path(path)
-        self.offline_limit = offline_limit
+        self.limits = limits
+        self._on_begin: Callable[[], None] | None = None
+        self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit
@@ -142,6 +232,19 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
         self._migrate()
+        self._data_version = self._version()
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed_elsewhere(self) -> bool:
+        """True once after another connection (`gateway user ...`) committed a change."""
+        try:
+            version = self._version()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -149,17 +252,51 @@ class SqliteStore:
             raise StoreError(f"{self.path} has schema version {version}; this gateway knows "
                              f"only up to {SCHEMA_VERSION} (a newer gateway wrote it)")
         if version == 0:
-            self._db.executescript("BEGIN;" + _SCHEMA
+            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2
                                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version == 1:
+            self._db.executescript("BEGIN;" + _V1_TO_V2 + _SCHEMA_2 + "UPDATE users SET "
+                                   "inbox_count = (SELECT count(*) FROM inbox WHERE user = name),"
+                                   " inbox_bytes = (SELECT coalesce(sum(size), 0) FROM inbox "
+                                   f"WHERE user = name); PRAGMA user_version={SCHEMA_VERSION};"
+                                   " COMMIT;")
+
+    def connection(self) -> sqlite3.Connection:
+        """The one connection to the file, for the link's outbox (gateway/link.py): SQLite has
+        one writer, and the link's counters must commit in the store's transactions."""
+        return self._db
+
+    def batch_commits(self, on_begin: Callable[[], None]) -> None:
+        """From now on writes gather in one transaction until commit(); `on_begin` is called
+        when a write opens one (the gateway schedules the commit there)."""
+        self._on_begin = on_begin
+
+    def _write(self) -> None:
+        if self._on_begin is not None and not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._on_begin()
+
+    def commit(self) -> None:
+        """End the open batch (if any): its writes are then durable."""
+        if not self._closed and self._db.in_transaction:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        self.commit()
+        self._closed = True
         self._db.close()
 
     # users ------------------------------------------------------------------------------------
 
     def add_user(self, name: str) -> str:
-        """Create a user; return the new API token (only its hash is stored)."""
+        """Create a user; return the new API token (only its hash is stored). ValueError for a
+        name that is not a JID localpart in nodeprep form (check_user_name)."""
+        check_user_name(name)
         token = secrets.token_urlsafe(32)
+        self._write()
         try:
             self._db.execute("INSERT INTO users(name, token_hash, created) VALUES (?, ?, ?)",
                              (name, hash_token(token), time.time()))
@@ -168,7 +305,21 @@ class SqliteStore:
         return token
 
     def remove_user(self, name: str) -> bool:
+        self._write()
         return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    def set_token(self, name: str) -> str:
+        """Replace the user's API token; return the new one (the old one stops working)."""
+        token = secrets.token_urlsafe(32)
+        self._write()
+        if self._db.execute("UPDATE users SET token_hash = ? WHERE name = ?",
+                            (hash_token(token), name)).rowcount == 0:
+            raise StoreError(f"no user named {name!r}")
+        return token
+
+    def token_hash_of(self, name: str) -> str | None:
+        row = self._db.execute("SELECT token_hash FROM users WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM users ORDER BY name")]
@@ -200,6 +351,7 @@ class SqliteStore:
 
     def set_contact(self, user: str, jid: str, state: SubState, name: str | None = None) -> None:
         """Insert or update a contact; `name` None keeps the stored name."""
+        self._write()
         self._db.execute(
             "INSERT INTO contacts(user, jid, subscription, pending_out, pending_in, approved, "
             "name) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(user, jid) DO UPDATE SET "
@@ -210,38 +362,92 @@ class SqliteStore:
              state.approved, name or "", name))
 
     def remove_contact(self, user: str, jid: str) -> bool:
+        self._write()
         return self._db.execute("DELETE FROM contacts WHERE user = ? AND jid = ?",
                                 (user, jid)).rowcount > 0
 
-    # offline messages -------------------------------------------------------------------------
+    # inbox: messages and bounces until a client acknowledges them ----------------------------
 
-    def add_offline(self, user: str, stanza: str) -> bool:
-        """Store a message for later; False when the user's offline store is full."""
-        count = self._db.execute("SELECT COUNT(*) FROM offline WHERE user = ?",
-                                 (user,)).fetchone()[0]
-        if count >= self.offline_limit:
-            return False
-        self._db.execute("INSERT INTO offline(user, stanza, stamp) VALUES (?, ?, ?)",
-                         (user, stanza, time.time()))
-        return True
+    def add_event(self, user: str, kind: str, stanza: str, event: str,
+                  resource: str | None = None) -> int:
+        """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit."""
+        size = len(stanza.encode())
+        self._write()
+        # One statement in the common case: the row goes in only if the limits allow it.
+        cur = self._db.execute(
+            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
+            "SELECT name, ?, ?, ?, ?, ?, ? FROM users WHERE name = ? AND inbox_count < ? "
+            "AND inbox_bytes + ? <= ?",
+            (kind, resource, stanza, event, size, time.time(), user, self.limits.messages,
+             size, self.limits.bytes))
+        if cur.rowcount == 1:
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+        row = self._db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = ?",
+                               (user,)).fetchone()
+        if row is None:
+            raise StoreError(f"no user named {user!r}")
+        count, used = row
+        if count >= self.limits.messages:
+            raise InboxFull(f"{user} has {count} unacknowledged messages and bounces (limit "
+                            f"{self.limits.messages}, [gateway] offline_messages)")
+        raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
+                        f"{size} more would pass the limit of {self.limits.bytes} "
+                        "([gateway] offline_bytes)")
 
-    def take_offline(self, user: str) -> list[OfflineMessage]:
-        """Return and delete the user's stored messages, oldest first (one transaction)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = self._db.execute("SELECT id, stanza, stamp FROM offline WHERE user = ? "
-                                    "ORDER BY id", (user,)).fetchall()
-            self._db.execute("DELETE FROM offline WHERE user = ?", (user,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        return [OfflineMessage(*r) for r in rows]
+    def events(self, user: str, after: int, resource: str | None,
+               limit: int) -> list[StoredEvent]:
+        """The user's events after id `after`, oldest first: those for every resource and,
+        with `resource`, those sent to it; without, all of them."""
+        if resource is None:
+            rows = self._db.execute(
+                "SELECT id, kind, resource, stanza, event, stamp FROM inbox "
+                "WHERE user = ? AND id > ? ORDER BY id LIMIT ?", (user, after, limit))
+        else:
+            rows = self._db.execute(
+                "SELECT id, kind, resource, stanza, event, stamp FROM inbox WHERE user = ? "
+                "AND id > ? AND (resource IS NULL OR resource = ?) ORDER BY id LIMIT ?",
+                (user, after, resource, limit))
+        return [StoredEvent(*r) for r in rows]
+
+    def ack_events(self, user: str, upto: int, resource: str | None) -> int:
+        """Delete the user's events up to id `upto` that `resource` could be sent (all of them
+        with None); how many went."""
+        self._write()
+        if resource is None:
+            cur = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ?", (user, upto))
+        else:
+            cur = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ? AND "
+                                   "(resource IS NULL OR resource = ?)", (user, upto, resource))
+        return cur.rowcount
+
+    def release_resource(self, user: str, resource: str) -> int:
+        """The resource went: what was sent to it and not acknowledged is kept for any of the
+        user's resources (RFC 6121 8.5.3.2.1), as new events (new ids, so the user's other
+        open sockets get them too)."""
+        self._write()
+        self._db.execute(
+            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
+            "SELECT user, kind, NULL, stanza, event, size, stamp FROM inbox "
+            "WHERE user = ? AND resource = ? ORDER BY id", (user, resource))
+        return self._db.execute("DELETE FROM inbox WHERE user = ? AND resource = ?",
+                                (user, resource)).rowcount
+
+    def last_event_id(self, user: str) -> int:
+        return int(self._db.execute("SELECT coalesce(max(id), 0) FROM inbox WHERE user = ?",
+                                    (user,)).fetchone()[0])
+
+    def inbox_usage(self, user: str) -> tuple[int, int]:
+        """(events, bytes) the user's inbox holds."""
+        row = self._db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = ?",
+                               (user,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     # filtered requests ------------------------------------------------------------------------
 
     def record_filtered(self, user: str, jid: str, kind: str) -> None:
         now = time.time()
+        self._write()
         self._db.execute(
             "INSERT INTO filtered(user, jid, kind, first, last) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(user, jid, kind) DO UPDATE SET last = excluded.last, count = count + 1",
@@ -253,11 +459,13 @@ class SqliteStore:
             "ORDER BY last DESC, jid", (user,))]
 
     def forget_filtered(self, user: str, jid: str) -> None:
+        self._write()
         self._db.execute("DELETE FROM filtered WHERE user = ? AND jid = ?", (user, jid))
 
     # presence ---------------------------------------------------------------------------------
 
     def set_presence(self, user: str, show: str, status: str) -> None:
+        self._write()
         self._db.execute(
             "INSERT INTO presence(user, show, status, stamp) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(user) DO UPDATE SET show = excluded.show, status = excluded.status, "

@@ -138,6 +138,8 @@ class UserSocket:
                 event = msg.json()
                 self.seen.append(event)
                 await self.events.put(event)
+                if "seq" in event:  # a well-behaved client: it has it, the gateway may forget it
+                    await self.ws.send_json({"ack": event["seq"]})
 
     async def expect(self, event: str, timeout: float = 10.0,
                      where: Callable[[dict[str, Any]], bool] = lambda e: True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ async def test_offline_messages_are_kept_and_survive_a_gateway_restart(w):
     # while no gateway is connected the edge holds what arrives (for COMPONENT_WAIT seconds)
     fed.message("alice", BOB, "while the gateway was down", mid="m-off-4")
     deadline = asyncio.get_running_loop().time() + 10
-    while not w.contoso.router.waiting.get(CONTOSO[0]):
+    while not w.contoso.router.relay.waiting(CONTOSO[0]):
         assert asyncio.get_running_loop().time() < deadline, "the edge did not hold it"
         await asyncio.sleep(0.05)
     async with w.restarted_gateway() as gw2:
@@ -296,17 +297,18 @@ async def test_offline_messages_are_kept_and_survive_a_gateway_restart(w):
                            {"to": "alice@fed.test", "body": "back"}, 202)
         got = await fed.expect("message", "chat", to="alice@fed.test")
         assert got["body"] == "back"
-        assert (await gw2.api.call("POST", "/api/v1/offline", token))["messages"] == []
+        assert (await gw2.api.call("GET", "/api/v1/inbox", token))["events"] == []
         await sock.close()
     assert not fed.got("message", "error") and not pv.got("message", "error")
 
 
 async def _stored(database: Path, count: int, timeout: float = 10.0) -> None:
-    """Wait until the SQLite file holds `count` offline messages (read on its own connection)."""
+    """Wait until the SQLite file holds `count` stored messages (read on its own connection:
+    committed)."""
     deadline = asyncio.get_running_loop().time() + timeout
     db = sqlite3.connect(database)
     try:
-        while db.execute("SELECT count(*) FROM offline").fetchone()[0] < count:
+        while db.execute("SELECT count(*) FROM inbox").fetchone()[0] < count:
             assert asyncio.get_running_loop().time() < deadline, "message not stored offline"
             await asyncio.sleep(0.05)
     finally:
@@ -338,4 +340,59 @@ async def test_a_bounce_from_the_edge_reaches_the_sender_s_websocket(w):
     err = await sock.expect("error", id=sent["id"])
     assert err["stanza"] == "message" and err["from"] == f"zoe@{GONE}"
     assert err["condition"] == "remote-server-not-found" and GONE in err["text"]
+    await sock.close()
+
+
+async def test_a_clean_gateway_stop_is_info_on_both_sides(w, caplog):
+    """The gateway closes its stream (RFC 6120 4.4, </stream:stream>) when it stops: the edge
+    logs that as INFO, not as a WARNING, and the gateway says it closed the link."""
+    caplog.set_level(logging.INFO)
+    await w.gw.stop()
+
+    def gone() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "edgeproxy"
+                and f"component for {CONTOSO[0]} disconnected" in r.getMessage()]
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not gone():
+        assert asyncio.get_running_loop().time() < deadline, "the edge did not see it go"
+        await asyncio.sleep(0.05)
+    assert all(r.levelno == logging.INFO for r in gone()), caplog.text
+    assert any(r.name == "gateway.component" and r.levelno == logging.INFO
+               and "link to the edge closed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_burst_from_a_partner_reaches_a_reading_socket_complete_and_in_order(w):
+    """Issue 10 through the real edges: 10,000 numbered messages from a federated partner's
+    user to bob, whose WebSocket reads and acknowledges each. Once the gateway closed such a
+    socket ("not reading events") and lost what was queued for it; now every one arrives, in
+    order, none bounces, and the inbox is empty at the end. Counted, not timed."""
+    api, fed = w.gw.api, w.remote["fed.test"]
+    token = await bob(w)
+    sock = await api.connect(token)
+    # The S2S stream fed.test -> contoso.test first: while it is being set up, fed.test's
+    # edge holds at most 10,000 stanzas for it (its own limit, not the gateway's).
+    fed.message("alice", BOB, "first", mid="b-first")
+    await sock.expect("message", id="b-first")
+    sock.seen.clear()
+    total = 10_000
+    for start in range(0, total, 500):
+        for n in range(start, start + 500):
+            fed.message("alice", BOB, str(n), mid=f"b{n}")
+        await asyncio.sleep(0)  # let the edges relay while the sender goes on
+
+    def bodies() -> list[str]:
+        return [e["body"] for e in sock.seen if e.get("event") == "message"]
+
+    deadline = asyncio.get_running_loop().time() + 120
+    while len(bodies()) < total:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(bodies())} of {total}"
+        assert not fed.got("message", "error"), fed.got("message", "error")[0]
+        await asyncio.sleep(0.1)
+    assert bodies() == [str(n) for n in range(total)]
+    assert not fed.got("message", "error") and not sock.ws.closed
+    deadline = asyncio.get_running_loop().time() + 10
+    while w.gw.store.inbox_usage("bob") != (0, 0):  # the last acknowledgements on their way
+        assert asyncio.get_running_loop().time() < deadline, w.gw.store.inbox_usage("bob")
+        await asyncio.sleep(0.05)
     await sock.close()

@@ -786,7 +786,7 @@ async def test_stanza_waits_for_component_and_is_delivered_when_it_connects(h: H
     async with h.edge_running() as edge:
         p = await h.authenticated()
         await p.send(message("alice@fabrikam.test/desk", "bob@contoso.test", "queued", "q1"))
-        await wait_for(lambda: len(edge.router.waiting.get(CONTOSO, ())) == 1)
+        await wait_for(lambda: edge.router.relay.waiting(CONTOSO) == 1)
         comp = await h.start_component()
         got = await comp.next()
         assert got["body"] == "queued" and got["id"] == "q1"

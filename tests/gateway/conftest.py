@@ -8,6 +8,7 @@ overriding XMLStream.send. End-to-end tests through the edge and Prosody come af
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from edgeproxy.partners import Partner, PartnerTable, PartnerType
 from gateway.api import make_app
-from gateway.component import Gateway
+from gateway.component import Gateway, Session
 from gateway.store import SqliteStore
 
 DOMAIN = "contoso.test"
@@ -33,15 +34,28 @@ def partner_table() -> PartnerTable:
 
 
 class CapturingGateway(Gateway):
-    """A Gateway with the link marked up and XMLStream.send replaced by a list."""
+    """A Gateway with the link marked up; what it writes to the edge (the outbox rows, and
+    XMLStream.send for slixmpp's own answers) is captured in a list as stanza objects."""
 
     def __init__(self, store: SqliteStore, **kwargs: Any):
         super().__init__(DOMAIN, SECRET, "127.0.0.1", 5347, store, partner_table(), **kwargs)
         self.sent: list[Any] = []
         self.link_up = True
 
+    @property  # type: ignore[override]
+    def sm_active(self) -> bool:  # the link is ready whenever a test says it is up
+        return self.link_up
+
+    @sm_active.setter
+    def sm_active(self, _value: bool) -> None:
+        pass
+
     def send(self, data: Any, use_filters: bool = True) -> None:
         self.sent.append(data)
+
+    def _transmit(self, text: str) -> None:
+        xml = ET.fromstring(f"<w xmlns='jabber:component:accept'>{text}</w>")[0]
+        self.sent.append(self._build_stanza(xml))
 
     def feed(self, xml: str) -> list[Any]:
         """Dispatch one inbound stanza; return what the gateway sent in answer."""
@@ -73,13 +87,19 @@ async def gw(store):
 
 
 class Events(list):
-    """A user's WebSocket stand-in: collects the pushed events."""
+    """A user's WebSocket stand-in: takes the session's events as the socket's pump does."""
 
-    def push(self, event: dict) -> bool:
-        self.append(event)
-        return True
+    def __init__(self, gw: Gateway, session: Session):
+        super().__init__()
+        self.gw, self.session = gw, session
+
+    def take(self) -> list[dict]:
+        new = [json.loads(t) for t in self.gw.take_events(self.session, 1 << 30)]
+        self.extend(new)
+        return new
 
     def of(self, event: str) -> list[dict]:
+        self.take()
         return [e for e in self if e["event"] == event]
 
 

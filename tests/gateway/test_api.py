@@ -160,14 +160,41 @@ async def test_filtered_requests_are_listed_until_the_user_decides(api, gw, stor
     assert listed == {"filtered": []}
 
 
-async def test_offline_messages_are_fetched_once(api, gw, token):
-    gw.feed(stanza("message", "alice@fabrikam.test/pc", "carl@contoso.test", "chat", id="o1",
-                   inner="<body>hi carl</body>"))
-    got = await (await api.post("/api/v1/offline", headers=auth(token))).json()
-    [m] = got["messages"]
-    assert (m["from"], m["body"], m["id"]) == ("alice@fabrikam.test/pc", "hi carl", "o1")
-    again = await (await api.post("/api/v1/offline", headers=auth(token))).json()
-    assert again == {"messages": []}
+async def test_inbox_is_read_then_acknowledged(api, gw, token):
+    """Reading does not delete: a client that dies between the GET and using the messages
+    reads them again; only the acknowledgement deletes (issue 8)."""
+    for n in (1, 2, 3):
+        gw.feed(stanza("message", "alice@fabrikam.test/pc", "carl@contoso.test", "chat",
+                       id=f"o{n}", inner=f"<body>hi carl {n}</body>"))
+    got = await (await api.get("/api/v1/inbox?limit=2", headers=auth(token))).json()
+    assert got["more"] is True
+    first, second = got["events"]
+    assert (first["event"], first["from"], first["body"], first["id"]) == (
+        "message", "alice@fabrikam.test/pc", "hi carl 1", "o1")
+    assert first["seq"] < second["seq"] and first["stamp"] > 0
+    again = await (await api.get("/api/v1/inbox", headers=auth(token))).json()
+    assert [e["id"] for e in again["events"]] == ["o1", "o2", "o3"] and again["more"] is False
+    resp = await api.post("/api/v1/inbox/ack", headers=auth(token), json={"ack": second["seq"]})
+    assert await resp.json() == {"acked": 2, "remaining": 1}
+    rest = await (await api.get(f"/api/v1/inbox?after={second['seq']}",
+                                headers=auth(token))).json()
+    assert [e["id"] for e in rest["events"]] == ["o3"]
+    await expect_error(await api.post("/api/v1/inbox/ack", headers=auth(token),
+                                      json={"ack": "all"}), 400, "seq number")
+    await expect_error(await api.get("/api/v1/inbox?limit=0", headers=auth(token)), 400,
+                       "limit from 1 to")
+
+
+async def test_a_rest_only_user_reads_their_bounces(api, gw, token):
+    """RFC 6120 8.3: an error stanza answering what the user sent is kept like a message."""
+    sent = await (await api.post("/api/v1/messages", headers=auth(token),
+                                 json={"to": "zoe@fabrikam.test", "body": "hi"})).json()
+    gw.feed(stanza("message", "zoe@fabrikam.test", "carl@contoso.test", "error",
+                   id=sent["id"], inner="<error type='cancel'><remote-server-not-found "
+                   "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"))
+    [bounce] = (await (await api.get("/api/v1/inbox", headers=auth(token))).json())["events"]
+    assert (bounce["event"], bounce["id"], bounce["condition"], bounce["from"]) == (
+        "error", sent["id"], "remote-server-not-found", "zoe@fabrikam.test")
 
 
 # WebSocket -----------------------------------------------------------------------------------
@@ -211,3 +238,53 @@ async def test_two_sockets_are_two_resources(api, gw, token):
         jids = {(await one.receive_json())["jid"], (await two.receive_json())["jid"]}
         assert len(jids) == 2 and len(gw.sessions["carl"]) == 2
 
+
+
+# HTTP semantics and presence (issue 16) ----------------------------------------------------------
+
+def allow(resp) -> set[str]:
+    return {m.strip() for m in resp.headers["Allow"].split(",")}
+
+
+async def test_wrong_method_is_405_with_allow(api, token):
+    """RFC 9110 15.5.6: 405 Method Not Allowed carries Allow with the supported methods."""
+    resp = await api.delete("/api/v1/presence", headers=auth(token))
+    assert resp.status == 405
+    assert allow(resp) >= {"GET", "PUT"}
+    assert "DELETE is not supported on /api/v1/presence" in (await resp.json())["error"]
+    resp = await api.put("/api/v1/contacts", headers=auth(token))
+    assert resp.status == 405 and {"GET", "POST"} <= allow(resp)
+
+
+async def test_get_presence_returns_the_stored_broadcast_presence(api, token):
+    got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+    assert got == {"show": "available", "status": "", "resources": []}
+    await api.put("/api/v1/presence", headers=auth(token),
+                  json={"show": "away", "status": "In a meeting until 3"})
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        resource = (await ws.receive_json())["jid"].split("/", 1)[1]
+        got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+    assert got == {"show": "away", "status": "In a meeting until 3", "resources": [resource]}
+
+
+async def test_directed_presence_leaves_the_broadcast_presence_alone(api, gw, store, token):
+    """RFC 6121 4.6: directed presence goes to one JID and does not change broadcast presence
+    (what subscribers see and what is sent on the next connection)."""
+    store.set_contact("carl", "alice@fabrikam.test", SubState(Subscription.FROM))
+    await api.put("/api/v1/presence", headers=auth(token),
+                  json={"show": "away", "status": "In a meeting until 3"})
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        await ws.receive_json()
+        gw.sent.clear()
+        resp = await api.put("/api/v1/presence", headers=auth(token),
+                             json={"show": "dnd", "to": "dora@fabrikam.test"})
+        assert resp.status == 200
+        [directed] = gw.sent
+        assert (str(directed["to"]), directed["show"]) == ("dora@fabrikam.test", "dnd")
+        got = await (await api.get("/api/v1/presence", headers=auth(token))).json()
+        assert (got["show"], got["status"]) == ("away", "In a meeting until 3")
+    async with api.ws_connect("/api/v1/ws", headers=auth(token)) as ws:
+        await ws.receive_json()
+        to_alice = [s for s in gw.sent if str(s["to"]) == "alice@fabrikam.test"
+                    and s.xml.get("type") is None]
+        assert (to_alice[-1]["show"], to_alice[-1]["status"]) == ("away", "In a meeting until 3")

@@ -151,7 +151,7 @@ async def test_ping_with_the_link_down_is_503_and_is_not_queued(api, gw, token):
                           json={"to": "alice@fabrikam.test"})
     assert resp.status == 503
     assert "link to the edge is down" in (await resp.json())["error"]
-    assert gw.sent == [] and not gw.queue
+    assert gw.sent == [] and gw.outbound.waiting == 0
 
 
 async def test_ping_waiting_when_the_link_drops_is_503_at_once(api, gw, token):

@@ -33,9 +33,8 @@ def ptype(st) -> str:
 
 def online(gw, user="bob", show="away", status="In a meeting") -> tuple[Events, str]:
     gw.store.set_presence(user, show, status)
-    events = Events()
-    resource = gw.user_online(user, events.push)
-    return events, resource
+    session = gw.user_online(user)
+    return Events(gw, session), session.resource
 
 
 # federated / public-verified ---------------------------------------------------------------
@@ -212,21 +211,12 @@ async def test_offline_messages_survive_a_store_reopen_and_arrive_on_next_connec
     store.close()
     store = SqliteStore(path)  # the gateway restarts
     gw = CapturingGateway(store)
-    events = Events()
-    gw.user_online("bob", events.push)
-    [event] = events.of("message")
+    session = gw.user_online("bob")
+    [event] = Events(gw, session).of("message")
     assert event["body"] == "while you were out" and event["offline"] is True
     assert event["from"] == "alice@fabrikam.test/pc" and event["id"] == "o1"
-    assert store.take_offline("bob") == []
-
-
-async def test_message_no_session_can_take_goes_to_the_offline_store(gw, store):
-    gw.user_online("bob", lambda event: False)  # a socket whose client stopped reading
-    assert gw.feed(stanza("message", "alice@fabrikam.test/pc", BOB, "chat",
-                          inner="<body>kept</body>")) == []
-    [stored] = store.take_offline("bob")
-    assert "kept" in stored.stanza
-
+    gw.ack(session, event["seq"])
+    assert store.events("bob", 0, None, 10) == []
 
 async def test_local_users_talk_without_the_edge(gw, store):
     store.add_user("dora")
@@ -239,13 +229,6 @@ async def test_local_users_talk_without_the_edge(gw, store):
     assert gw.sent == []  # the bounce goes back to bob locally, not out through the edge
 
 
-async def test_offline_store_full_bounces_with_service_unavailable(tmp_path):
-    store = SqliteStore(tmp_path / "gw.sqlite3", offline_limit=1)
-    store.add_user("bob")
-    gw = CapturingGateway(store)
-    msg = stanza("message", "alice@fabrikam.test/pc", BOB, "chat", inner="<body>x</body>")
-    assert gw.feed(msg) == []
-    assert error_condition(gw.feed(msg)[0]) == "service-unavailable"
 
 
 async def test_going_offline_sends_unavailable_to_subscribers_and_directed_recipients(gw, store):
@@ -254,7 +237,7 @@ async def test_going_offline_sends_unavailable_to_subscribers_and_directed_recip
     _, resource = online(gw)
     gw.set_presence("bob", "", "", to="dave@verified.test/desk")
     gw.sent.clear()
-    gw.user_offline("bob", resource)
+    gw.user_offline(gw.sessions["bob"][resource])
     assert sorted((str(s["to"]), s["type"]) for s in gw.sent) == [
         ("alice@fabrikam.test", "unavailable"), ("dave@verified.test/desk", "unavailable")]
     assert all(str(s["from"]) == f"{BOB}/{resource}" for s in gw.sent)
@@ -321,5 +304,9 @@ async def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
     with pytest.raises(LinkDown, match="link to the edge is down"):
         gw.send_user_message("bob", "alice@fabrikam.test", "three")
     assert gw.sent == []
-    gw.event("session_start")  # the link comes back: the queue is sent in order
-    assert [s["body"] for s in gw.sent] == ["one", "two"] and not gw.queue
+    gw.link_up = True
+    gw._link_ready()  # the link is back (XEP-0198 enabled): the outbox is written in order
+    assert [s["body"] for s in gw.sent] == ["one", "two"]
+    assert gw.outbound.waiting == 2  # until the edge acknowledges them
+    gw.outbound.acked(2)
+    assert gw.outbound.waiting == 0

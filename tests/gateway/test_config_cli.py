@@ -121,3 +121,49 @@ def test_run_says_when_the_api_port_is_taken(tmp_path):
         holder.close()
     assert run.returncode == 1
     assert f"cannot listen on api_listen 127.0.0.1:{port}" in run.stderr
+
+
+def test_run_logs_a_clean_stop(tmp_path):
+    """SIGTERM: the gateway says it is stopping and that it stopped, and exits 0. Inside
+    scripts/netns-run (nothing listens on the component port: the link keeps retrying)."""
+    import signal
+    import socket
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    path = write(tmp_path, GOOD.replace("127.0.0.1:8081", f"127.0.0.1:{port}"))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "API on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "INFO gateway: gateway for contoso.test stopping" in rest
+    assert "INFO gateway: gateway for contoso.test stopped" in rest
+
+
+def test_inbox_limits_default_generous_and_are_validated(tmp_path):
+    cfg = load_gateway_config(write(tmp_path, GOOD))
+    assert (cfg.inbox.messages, cfg.inbox.bytes) == (10_000, 64 * 1024 * 1024)
+    cfg = load_gateway_config(write(tmp_path, GOOD.replace(
+        'api_listen', 'offline_messages = 50000\noffline_bytes = 2097152\napi_listen')))
+    assert (cfg.inbox.messages, cfg.inbox.bytes) == (50_000, 2 * 1024 * 1024)
+    bad = GOOD.replace('api_listen', 'offline_messages = 0\noffline_bytes = true\napi_listen')
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(write(tmp_path, bad))
+    problems = "\n".join(info.value.problems)
+    assert "[gateway] offline_messages: must be an integer from 1 to" in problems
+    assert "[gateway] offline_bytes: must be an integer from 1048576" in problems
+    assert len(info.value.problems) == 2

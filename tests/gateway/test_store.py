@@ -7,7 +7,14 @@ import sqlite3
 import pytest
 
 from gateway.rules import Subscription, SubState
-from gateway.store import SCHEMA_VERSION, SqliteStore, StoreError, hash_token
+from gateway.store import (
+    SCHEMA_VERSION,
+    InboxFull,
+    InboxLimits,
+    SqliteStore,
+    StoreError,
+    hash_token,
+)
 
 
 @pytest.fixture
@@ -59,17 +66,75 @@ def test_contacts_keep_every_subscription_flag_and_name(path):
     assert not store.remove_contact("bob", "eve@gmail.test")
 
 
-def test_offline_messages_survive_reopen_are_taken_once_and_bounded(path):
-    store = SqliteStore(path, offline_limit=2)
+def test_inbox_survives_reopen_and_only_acknowledgement_deletes(path):
+    store = SqliteStore(path)
     store.add_user("bob")
-    assert store.add_offline("bob", "<message>1</message>")
-    assert store.add_offline("bob", "<message>2</message>")
-    assert not store.add_offline("bob", "<message>3</message>")  # full
+    one = store.add_event("bob", "message", "<message>1</message>", '{"event": "message"}')
+    two = store.add_event("bob", "error", "<message type='error'>2</message>", '{"e": 2}')
     store.close()
-    store = SqliteStore(path, offline_limit=2)
-    taken = store.take_offline("bob")
-    assert [m.stanza for m in taken] == ["<message>1</message>", "<message>2</message>"]
-    assert store.take_offline("bob") == []
+    store = SqliteStore(path)
+    assert [(e.id, e.kind) for e in store.events("bob", 0, None, 10)] == [
+        (one, "message"), (two, "error")]
+    assert [e.id for e in store.events("bob", 0, None, 10)] == [one, two]  # reading keeps
+    assert store.ack_events("bob", one, None) == 1
+    assert [e.id for e in store.events("bob", 0, None, 10)] == [two]
+    assert store.last_event_id("bob") == two
+
+
+def test_inbox_limits_count_messages_and_bytes(path):
+    store = SqliteStore(path, InboxLimits(messages=2, bytes=1 << 20))
+    store.add_user("bob")
+    store.add_event("bob", "message", "<message>1</message>", "{}")
+    store.add_event("bob", "message", "<message>2</message>", "{}")
+    with pytest.raises(InboxFull, match=r"2 unacknowledged .* offline_messages"):
+        store.add_event("bob", "message", "<message>3</message>", "{}")
+    assert store.inbox_usage("bob") == (2, 2 * len("<message>1</message>"))
+    store.ack_events("bob", store.last_event_id("bob"), None)
+    assert store.inbox_usage("bob") == (0, 0)
+    big = "<message>" + "x" * (1 << 20) + "</message>"
+    with pytest.raises(InboxFull, match="offline_bytes"):
+        store.add_event("bob", "message", big, "{}")
+
+
+def test_events_for_one_resource_go_to_all_when_it_goes(path):
+    """RFC 6121 8.5.3.2.1: a message for a resource that is gone is for the bare JID."""
+    store = SqliteStore(path)
+    store.add_user("bob")
+    mine = store.add_event("bob", "message", "<message>r1</message>", "{}", resource="r1")
+    assert [e.id for e in store.events("bob", 0, "r2", 10)] == []
+    assert [e.id for e in store.events("bob", 0, "r1", 10)] == [mine]
+    assert store.ack_events("bob", mine, "r2") == 0  # r2 cannot acknowledge r1's events
+    assert store.release_resource("bob", "r1") == 1
+    [moved] = store.events("bob", 0, "r2", 10)
+    assert moved.id > mine and moved.resource is None and moved.stanza.endswith("r1</message>")
+    assert store.inbox_usage("bob")[0] == 1
+
+
+def test_schema_1_offline_messages_become_inbox_events(path):
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE users (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE,
+                            created REAL NOT NULL);
+        CREATE TABLE offline (id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL
+                              REFERENCES users(name) ON DELETE CASCADE, stanza TEXT NOT NULL,
+                              stamp REAL NOT NULL);
+        CREATE TABLE contacts (user TEXT, jid TEXT, subscription TEXT, pending_out INTEGER,
+                               pending_in INTEGER, approved INTEGER, name TEXT,
+                               PRIMARY KEY (user, jid));
+        CREATE TABLE filtered (user TEXT, jid TEXT, kind TEXT, first REAL, last REAL,
+                               count INTEGER, PRIMARY KEY (user, jid, kind));
+        CREATE TABLE presence (user TEXT PRIMARY KEY, show TEXT, status TEXT, stamp REAL);
+        INSERT INTO users VALUES ('bob', 'h', 1.0);
+        INSERT INTO offline(user, stanza, stamp) VALUES ('bob', '<message>old</message>', 2.0);
+        PRAGMA user_version = 1;
+    """)
+    db.close()
+    store = SqliteStore(path)
+    [event] = store.events("bob", 0, None, 10)
+    assert (event.kind, event.stanza, event.event, event.stamp) == (
+        "message", "<message>old</message>", "", 2.0)
+    assert store.inbox_usage("bob") == (1, len("<message>old</message>"))
 
 
 def test_filtered_requests_count_repeats_and_can_be_forgotten(path):
@@ -91,14 +156,14 @@ def test_presence_and_user_removal_cascade(path):
     store.add_user("bob")
     store.set_presence("bob", "away", "lunch")
     store.set_contact("bob", "alice@fabrikam.test", SubState(Subscription.FROM))
-    store.add_offline("bob", "<message/>")
+    store.add_event("bob", "message", "<message/>", "{}")
     store.close()
     store = SqliteStore(path)
     last = store.presence("bob")
     assert last is not None and (last.show, last.status) == ("away", "lunch")
     assert store.remove_user("bob")
     assert not store.user_exists("bob")
-    assert store.contacts("bob") == [] and store.take_offline("bob") == []
+    assert store.contacts("bob") == [] and store.events("bob", 0, None, 10) == []
     assert store.presence("bob") is None
 
 

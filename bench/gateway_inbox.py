@@ -1,0 +1,152 @@
+"""The gateway's inbound path to a local user's WebSocket: messages/s and gateway CPU/message.
+
+    python3 bench/gateway_inbox.py [-n 20000] [--per-read 500] [--tree DIR] [--profile]
+
+A script, not a test. The gateway (`gateway.component.Gateway` with its aiohttp API and a real
+SQLite file) runs in a subprocess, so its CPU time (time.process_time in that process) is its
+own; this process is the user's client, a raw aiohttp WebSocket that reads every event and,
+when the events carry a `seq`, acknowledges every 100th (cumulative `{"ack": seq}`).
+
+Inbound messages enter the gateway as the component link hands them over: `_spawn_event` on an
+already parsed element, --per-read of them in one event-loop turn (slixmpp dispatches a whole
+socket read at once). So the figures are the gateway's delivery path (rules, store, event,
+socket), without the edge and without slixmpp's XML parsing of the link.
+
+--tree runs the gateway from another source tree (e.g. `git archive` of an older commit), to
+compare commits in the same run. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+
+GATEWAY = textwrap.dedent('''
+    import asyncio, json, sys, time
+    from xml.etree import ElementTree as ET
+    from aiohttp import web
+    from edgeproxy.partners import Partner, PartnerTable, PartnerType
+    from gateway.api import make_app
+    from gateway.component import Gateway
+    from gateway.store import SqliteStore
+
+    n, per_read, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+    class Bench(Gateway):
+        def send(self, data, use_filters=True):  # no edge: what would go to it is dropped
+            pass
+
+    async def main():
+        store = SqliteStore(db)
+        token = store.add_user("bob")
+        partners = PartnerTable([Partner("fabrikam.test", type=PartnerType.FEDERATED)])
+        gw = Bench("contoso.test", "secret", "127.0.0.1", 9, store, partners)
+        gw.link_up = True
+        runner = web.AppRunner(make_app(gw, None), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        print(json.dumps({"port": port, "token": token}), flush=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.readline)  # the client is connected
+        texts = [f"<message xmlns='jabber:component:accept' from='alice@fabrikam.test/pc' "
+                 f"to='bob@contoso.test' type='chat' id='m{i}'><body>{i}</body></message>"
+                 for i in range(n)]
+        cpu = time.process_time()
+        for start in range(0, n, per_read):
+            for text in texts[start:start + per_read]:
+                gw._spawn_event(ET.fromstring(text))
+            await asyncio.sleep(0)
+        await loop.run_in_executor(None, sys.stdin.readline)  # the client has them all
+        print(json.dumps({"cpu": time.process_time() - cpu,
+                          "left": store.inbox_usage("bob")[0]
+                          if hasattr(store, "inbox_usage") else None}), flush=True)
+        await runner.cleanup()
+
+    if len(sys.argv) > 4:  # --profile: the gateway under cProfile, top functions to stderr
+        import cProfile, pstats
+        profile = cProfile.Profile()
+        profile.runcall(asyncio.run, main())
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    else:
+        asyncio.run(main())
+''')
+
+
+async def client(port: int, token: str, n: int, started: asyncio.Event,
+                 go: asyncio.Event) -> tuple[int, float, str]:
+    """Read until n messages came or the socket closed: (count, seconds, how it ended)."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"http://127.0.0.1:{port}/api/v1/ws",
+            headers={"Authorization": f"Bearer {token}"}, max_msg_size=0) as ws:
+        await ws.receive_json()  # session
+        started.set()
+        await go.wait()
+        t0, count = time.perf_counter(), 0
+        while count < n:
+            msg = await ws.receive()
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                return count, time.perf_counter() - t0, f"socket closed: {msg.data} {msg.extra}"
+            event = json.loads(msg.data)
+            if event.get("event") != "message":
+                continue
+            count += 1
+            if "seq" in event and (count % 100 == 0 or count == n):
+                await ws.send_json({"ack": event["seq"]})
+        elapsed = time.perf_counter() - t0
+        await ws.send_str("{}")  # answered after the last ack was handled
+        await ws.receive()
+        return count, elapsed, "complete"
+
+
+async def run(n: int, per_read: int, tree: Path, profile: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", GATEWAY, str(n), str(per_read), f"{tmp}/gw.sqlite3",
+            *(["profile"] if profile else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env, cwd=tmp)
+        assert proc.stdin is not None and proc.stdout is not None
+        hello = json.loads(await proc.stdout.readline())
+        started, go = asyncio.Event(), asyncio.Event()
+        reader = asyncio.create_task(client(hello["port"], hello["token"], n, started, go))
+        await started.wait()
+        proc.stdin.write(b"go\n")
+        go.set()
+        count, elapsed, how = await reader
+        proc.stdin.write(b"done\n")
+        stats = json.loads(await proc.stdout.readline())
+        await proc.wait()
+    print(f"{tree}: {count:,} of {n:,} messages ({how}) in {elapsed:.2f} s = "
+          f"{count / elapsed:,.0f} msg/s; gateway CPU {stats['cpu']:.2f} s = "
+          f"{stats['cpu'] / max(count, 1) * 1e6:.0f} us/msg; left in the inbox: {stats['left']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=20_000)
+    parser.add_argument("--per-read", type=int, default=500,
+                        help="stanzas dispatched per event-loop turn")
+    parser.add_argument("--tree", type=Path, action="append",
+                        help="source tree(s) to run the gateway from (default: this one)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the gateway under cProfile; its top functions go to stderr")
+    args = parser.parse_args()
+    for tree in args.tree or [Path(__file__).resolve().parents[1]]:
+        asyncio.run(run(args.n, args.per_read, tree.resolve(), args.profile))
+
+
+if __name__ == "__main__":
+    main()
