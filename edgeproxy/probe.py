@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,8 @@ from .xmlstream import (
     error_condition,
     stream_header,
 )
+
+log = logging.getLogger("edgeproxy.probe")
 
 OK, WARNING, ERROR, INFO = "ok", "warning", "error", "info"
 DEFAULT_TIMEOUT = 10.0
@@ -287,7 +290,8 @@ class Prober:
                  timeout: float = DEFAULT_TIMEOUT, dialback: bool = True,
                  resolver: S2sResolver | None = None,
                  on_step: StepCallback | None = None,
-                 on_progress: Callable[[str], None] | None = None):
+                 on_progress: Callable[[str], None] | None = None,
+                 in_edge: bool = False):
         self.cfg = cfg
         self.remote = normalize_domain(remote)  # ValueError: not a domain name
         self.local = normalize_domain(local) if local else cfg.domains[0]
@@ -312,6 +316,7 @@ class Prober:
         self.on_step = on_step
         self.on_progress = on_progress  # "what it is waiting for now", for a terminal
         self.dialback_skipped = ""
+        self.in_edge = in_edge  # run by the edge itself: its secret, even a random one, is ours
 
     def progress(self, text: str) -> None:
         if self.on_progress is not None:
@@ -660,7 +665,7 @@ class Prober:
     def _dialback_allowed(self) -> bool:
         if not self.allow_dialback:
             self.dialback_skipped = "--no-dialback given"
-        elif self.cfg.dialback_secret_generated:
+        elif self.cfg.dialback_secret_generated and not self.in_edge:
             self.dialback_skipped = ("[edge] dialback_secret is not set, so the running edge "
                                      "cannot confirm a key made here; set it and restart the edge")
         elif self.configured is None:
@@ -952,3 +957,50 @@ class ProbeScheduler:
 
     def history(self, domain: str) -> list[dict[str, Any]]:
         return list(self._get(domain).history)
+
+
+class AutoProbe:
+    """The edge's automatic probes (asyncio side of ProbeScheduler): the dialer reports each
+    partner connection that failed or succeeded; after repeated failures a probe runs in the
+    background, its diagnosis is logged and its report kept in the partner's history."""
+
+    def __init__(self, cfg: EdgeConfig, scheduler: ProbeScheduler | None = None,
+                 clock: Callable[[], float] = time.monotonic, timeout: float = DEFAULT_TIMEOUT):
+        self.cfg = cfg
+        self.scheduler = scheduler or ProbeScheduler()
+        self.clock = clock
+        self.timeout = timeout
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def failed(self, local: str, remote: str) -> None:
+        if self.scheduler.connection_failed(remote, self.clock()):
+            task = asyncio.get_running_loop().create_task(self._probe(local, remote))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def succeeded(self, remote: str) -> None:
+        self.scheduler.connection_succeeded(remote)
+
+    def history(self, remote: str) -> list[dict[str, Any]]:
+        return self.scheduler.history(remote)
+
+    async def _probe(self, local: str, remote: str) -> None:
+        log.info("probing %s after %d failed connection(s) in a row", remote,
+                 self.scheduler.failures)
+        try:
+            report = await Prober(self.cfg, remote, local=local, timeout=self.timeout,
+                                  in_edge=True).run()
+        except (OSError, ValueError) as e:  # a probe must never take the edge down
+            log.warning("probe of %s failed: %s", remote, e)
+            return
+        self.scheduler.record(remote, report.to_json())
+        rows = ", ".join(str(r.row) for r in report.recommendations) or "none"
+        log.warning("probe of %s: %s (matrix rows that work: %s)", remote, report.diagnosis,
+                    rows)
+
+    async def stop(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        for t in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

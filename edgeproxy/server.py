@@ -8,6 +8,7 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from . import link, sdnotify
+from .certs import CertificateWatch
 from .component import ComponentAuthenticated, ComponentStream, LinkControl
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
@@ -24,6 +26,7 @@ from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .partners import Negotiation, Partner
+from .probe import AutoProbe
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .s2s import (
     Authenticated,
@@ -729,6 +732,8 @@ class OutboundSession:
     def ready(self, conn: OutboundConnection) -> None:
         self.last_error = ""
         self.edge.router.pair_up(self.pair, conn)
+        if self.edge.auto_probe is not None:  # issue 13: failures in a row start a probe
+            self.edge.auto_probe.succeeded(self.remote)
 
     def failed(self, conn: OutboundConnection, reason: str, bounce: str | None) -> None:
         if conn is not self.conn:
@@ -744,6 +749,8 @@ class OutboundSession:
     def _give_up(self, reason: str, condition: str) -> None:
         self.last_error = reason
         self.edge.router.pair_failed(self.pair, reason, condition)
+        if self.edge.auto_probe is not None:
+            self.edge.auto_probe.failed(self.local, self.remote)
         verifies, self.verifies = self.verifies, []
         db_condition = ("remote-server-not-found" if condition == "remote-server-not-found"
                         else "remote-connection-failed")
@@ -912,7 +919,7 @@ class Router:
 
 class Edge:
     def __init__(self, cfg: EdgeConfig, *, resolver: S2sResolver | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, auto_probe: bool = False):
         self.cfg = cfg
         self.clock = clock
         self.local_domains = frozenset(cfg.domains)
@@ -926,6 +933,10 @@ class Edge:
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
+        # issue 13: probes after repeated partner failures; the certificate's expiry warning
+        self.auto_probe = AutoProbe(cfg, clock=clock) if auto_probe else None
+        self.cert_watch = (CertificateWatch.from_file(cfg.certificate)
+                           if cfg.certificate else None)
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
@@ -956,6 +967,9 @@ class Edge:
             now = self.clock()
             for c in list(self.connections):
                 c.check_timers(now)
+            if self.cert_watch is not None and (warning := self.cert_watch.check(
+                    dt.datetime.now(dt.UTC))):
+                log.warning("%s: %s", self.cfg.certificate, warning)  # at most once a day
 
     async def stop(self) -> None:
         """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
@@ -966,6 +980,8 @@ class Edge:
             s.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.auto_probe is not None:
+            await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
         for c in partners:
             c.shutdown_stream("edge shutting down")
@@ -1002,7 +1018,7 @@ def run_forever(cfg: EdgeConfig) -> int:
         log.warning("no dialback_secret configured: using a random one for this run")
 
     async def main() -> None:
-        edge = Edge(cfg)
+        edge = Edge(cfg, auto_probe=True)
         await edge.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -383,3 +383,24 @@ def test_install_keeps_owner_group_and_mode_of_the_files_it_replaces(site, capsy
     key_st, cert_st = os.stat(site["key"]), os.stat(site["cert"])
     assert (key_st.st_uid, key_st.st_gid, stat.S_IMODE(key_st.st_mode)) == (4321, 4321, 0o640)
     assert (cert_st.st_uid, cert_st.st_gid) == (4321, 4321)
+
+
+async def test_running_edge_logs_the_expiry_warning(netns_guard, tmp_path, caplog):
+    """The edge's timer asks CertificateWatch: a certificate with 5 days left is logged once."""
+    import asyncio
+    import logging
+
+    from tests.edges import edge_config, running
+
+    caplog.set_level(logging.WARNING, logger="edgeproxy")
+    now = dt.datetime.now(dt.UTC)
+    cfg = edge_config(tmp_path, "contoso.test", "127.0.0.40", CA, [],
+                      cert=CA.issue("contoso.test", not_after=now + dt.timedelta(days=5)))
+    async with running(cfg):
+        for _ in range(200):  # the timer ticks every second
+            if "less than 7 days" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # one more tick: no second line the same day
+    lines = [r.getMessage() for r in caplog.records if "less than 7 days" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg.certificate}: certificate expires in")

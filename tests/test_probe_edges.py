@@ -7,6 +7,7 @@ contoso.test (127.0.0.42) probes fabrikam.test (127.0.0.43); both are this proje
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,40 @@ async def test_probe_with_their_certificate_for_another_name(dnsmasq, tmp_path, 
                "mail.fabrikam.test: no match"), t
     assert has(report, "dialback", OK, "valid (TLS)"), t
     assert [r.row for r in report.recommendations] == [13, 7], t
+
+
+async def test_edge_probes_a_partner_on_its_own_after_repeated_failures(dnsmasq, tmp_path,
+                                                                        caplog):
+    """The dialer reports each give-up to AutoProbe: after the second failure in a row for
+    nowhere.test (no DNS at all) a probe runs in the background, its diagnosis is logged and
+    kept in the partner's history; a third failure within the hour starts no second probe."""
+    from edgeproxy.probe import ProbeScheduler
+    from edgeproxy.server import Edge
+    from tests.edges import Component
+
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    cfg = config(tmp_path, CONTOSO, CONTOSO_IP, [partner("nowhere.test", "optional",
+                                                         "optional", True)])
+    edge = Edge(cfg, auto_probe=True)
+    assert edge.auto_probe is not None
+    edge.auto_probe.scheduler = ProbeScheduler(failures=2, interval=3600)
+    await edge.start()
+    comp = Component(CONTOSO, CONTOSO_IP)
+    try:
+        await comp.start(CONTOSO_IP)
+        for i in range(3):
+            comp.send_message(mto="alice@nowhere.test", mfrom=f"bob@{CONTOSO}", mbody=f"#{i}")
+            bounce = await comp.next(timeout=20)
+            assert bounce["type"] == "error", bounce
+            if i == 1:  # the second give-up started the probe
+                assert edge.auto_probe.tasks, "no probe started after 2 failures"
+                await asyncio.wait(set(edge.auto_probe.tasks), timeout=30)
+        assert not edge.auto_probe.tasks, "a second probe started within the interval"
+    finally:
+        await comp.stop()
+        await edge.stop()
+    history = edge.auto_probe.history("nowhere.test")
+    assert len(history) == 1, history
+    assert history[0]["findings"]["dns"] is False
+    assert "has no usable DNS records" in history[0]["diagnosis"]
+    assert "probe of nowhere.test: nowhere.test has no usable DNS records" in caplog.text
