@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from .partners import PartnerTable
 from .s2s import jid_domain
@@ -56,8 +57,7 @@ class Budgets:
 
 # -- actions -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Write:
+class Write(NamedTuple):  # a tuple: built once per relayed stanza, so it must be cheap
     link: Link
     data: bytes
 
@@ -88,7 +88,6 @@ class Held:
     element: Element | None  # None for our own error replies: never bounced
     since: float
     source: Link | None  # the link it came from, charged for it until it is released
-    serial: int = 0  # unique per relay, for the tests' bookkeeping
 
     @property
     def size(self) -> int:
@@ -140,14 +139,18 @@ class Relay:
         self.by_source: dict[Link, int] = {}  # bytes held per source link
         self.paused: set[Link] = set()
         self._actions: list[Action] = []
-        self._serial = 0
+        # set whenever next_deadline() may have changed: the shell re-arms its timer only then,
+        # not after every stanza
+        self.timers_changed = False
         # counters for logs, metrics and the tests
         self.delivered = 0
         self.bounced: dict[str, int] = {}
 
     # -- shell side ------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
-        out, self._actions = self._actions, []
+        out = self._actions
+        if out:
+            self._actions = []
         return out
 
     def next_deadline(self) -> float | None:
@@ -161,6 +164,7 @@ class Relay:
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
+        self.timers_changed = True
         for r in list(self.components.values()):
             if r.down_since is not None and now >= r.down_since + self.budgets.component_wait:
                 self._bounce_component(r, "service-unavailable",
@@ -179,7 +183,25 @@ class Relay:
     # -- toward the gateways -----------------------------------------------------------------------
     def from_partner(self, source: Link, element: Element, local: str, now: float) -> None:
         """An authenticated partner stream delivered a stanza for `local`."""
-        self._to_component(local, self._hold(element.forwardable(), element, now, source))
+        data = element.forwardable()
+        r = self.components.get(local)
+        if r is None or r.link is None or not r.writable or r.waiting:
+            self._to_component(local, Held(data, element, now, source))
+            return
+        # the hot path: the gateway is there and nothing waits before this stanza
+        self._actions.append(Write(r.link, data))
+        if not r.acked_link:
+            self.delivered += 1
+            return
+        size = len(data)
+        r.unacked.append(Held(data, element, now, source))
+        r.bytes += size
+        self.held_bytes += size
+        by = self.by_source
+        by[source] = mine = by.get(source, 0) + size
+        b = self.budgets
+        if r.bytes > b.per_domain or mine > b.per_partner or self.held_bytes > b.total:
+            self._pause(source)
 
     def component_up(self, domain: str, link: Link, *, acked: bool, now: float,
                      resumed_h: int | None = None) -> None:
@@ -191,6 +213,7 @@ class Relay:
         if resumed_h is not None:
             self.acked(domain, resumed_h)
         r.link, r.acked_link, r.writable, r.down_since = link, acked, True, None
+        self.timers_changed = True
         again = list(r.unacked) + list(r.waiting)
         r.unacked.clear()
         r.waiting.clear()
@@ -202,17 +225,35 @@ class Relay:
         if r is None or r.link is not link:
             return
         r.link, r.down_since = None, now
+        self.timers_changed = True
 
     def acked(self, domain: str, count: int) -> int:
         """The gateway acknowledged `count` more stanzas (the delta of XEP-0198 h); returns how
         many were released (fewer only if it acknowledged more than was written)."""
         r = self.components.get(domain)
-        n = 0
-        while r is not None and n < count and r.unacked:
-            h = r.unacked.popleft()
-            self._release(h, r)
-            self.delivered += 1
-            n += 1
+        if r is None:
+            return 0
+        n = min(count, len(r.unacked))
+        if self.paused:  # one by one: any release may resume a sender
+            for _ in range(n):
+                self._release(r.unacked.popleft(), r)
+        else:  # the common case, in bulk
+            by = self.by_source
+            total = 0
+            for _ in range(n):
+                h = r.unacked.popleft()
+                size = len(h.data)
+                total += size
+                src = h.source
+                if src is not None:
+                    left = by.get(src, 0) - size
+                    if left > 0:
+                        by[src] = left
+                    else:
+                        by.pop(src, None)
+            r.bytes -= total
+            self.held_bytes -= total
+        self.delivered += n
         return n
 
     def unacked(self, domain: str) -> int:
@@ -227,6 +268,8 @@ class Relay:
     def _to_component(self, domain: str, h: Held) -> None:
         r = self._component(domain, h.since)
         self._charge(h, r)
+        if r.link is None and not r.waiting:
+            self.timers_changed = True  # the first one to wait for an absent gateway
         r.waiting.append(h)
         self._drain_component(r)
         if h.source is not None and (r.bytes > self.budgets.per_domain or
@@ -271,6 +314,7 @@ class Relay:
         self._to_pair((local, remote), self._hold(element.forwardable(), element, now, source))
 
     def pair_up(self, pair: Pair, link: Link) -> None:
+        self.timers_changed = True
         p = self._pair(pair)
         p.state, p.link, p.writable = PairState.UP, link, True
         self._drain_pair(p)
@@ -280,6 +324,7 @@ class Relay:
         p = self.pairs.get(pair)
         if p is None:
             return
+        self.timers_changed = True
         p.state, p.link = PairState.IDLE, None
         if p.queue:
             log.warning("outbound %s -> %s: %s; bouncing %d stanza(s) with <%s/>", *pair, reason,
@@ -294,6 +339,7 @@ class Relay:
         p = self.pairs.get(pair)
         if p is None or p.link is not link:
             return
+        self.timers_changed = True
         p.state, p.link = PairState.IDLE, None
         if p.queue:
             self._dial(p, now)
@@ -309,6 +355,8 @@ class Relay:
             self._bounce(h, "resource-constraint", f"too many stanzas waiting for {pair[1]}")
             return
         self._charge(h, p)
+        if not p.queue:
+            self.timers_changed = True  # a new head of a queue that may be waiting for a dial
         p.queue.append(h)
         if p.state is PairState.IDLE:
             self._dial(p, h.since)
@@ -316,6 +364,7 @@ class Relay:
             self._pause(h.source)
 
     def _dial(self, p: PartnerRoute, now: float) -> None:
+        self.timers_changed = True
         p.state, p.dial_since = PairState.DIALING, now
         for h in p.queue:  # the establishment timeout runs from this dial
             h.since = max(h.since, now)
@@ -369,10 +418,9 @@ class Relay:
                 + sum(len(p.queue) for p in self.pairs.values()))
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def _hold(self, data: bytes, element: Element | None, now: float,
-              source: Link | None) -> Held:
-        self._serial += 1
-        return Held(data, element, now, source, self._serial)
+    @staticmethod
+    def _hold(data: bytes, element: Element | None, now: float, source: Link | None) -> Held:
+        return Held(data, element, now, source)
 
     def _component(self, domain: str, now: float) -> ComponentRoute:
         r = self.components.get(domain)
@@ -403,9 +451,10 @@ class Relay:
             else:
                 self.by_source.pop(src, None)
         # any release may be the one that lets a paused sender go on (not only its own)
-        for paused in [p for p in self.paused if self._below_low_water(p)]:
-            self.paused.discard(paused)
-            self._actions.append(Resume(paused))
+        if self.paused:
+            for paused in [p for p in self.paused if self._below_low_water(p)]:
+                self.paused.discard(paused)
+                self._actions.append(Resume(paused))
 
     def _below_low_water(self, src: Link) -> bool:
         b = self.budgets

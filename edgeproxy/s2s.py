@@ -5,8 +5,12 @@ What this module knows: the partner policy (edgeproxy.partners), the XML events 
 hands back to it. What it does not know: sockets, TLS records, DNS, clocks, other streams. It
 returns actions (small dataclasses) that the asyncio shell carries out.
 
-Transitions live in the two tables `_INBOUND` and `_OUTBOUND`: (state, element) -> handler. Any
-pair that is not in a table closes the stream (invalid is the default, as in h2).
+Transitions live in two tables, as in h11's `_state.py`: `_INBOUND` (state -> element ->
+handler) and `_OUTBOUND` ((state, element) -> handler). The states (`InState`, `OutState`) say
+which stream a machine is on and what is still to negotiate; there are no flags beside them.
+Any pair that is not in a table closes the stream with a stream error (invalid is the default,
+as in h2): a known negotiation element out of place gets <policy-violation/>, anything else
+<unsupported-stanza-type/>.
 
 The Lync matrix (SPEC 1.7) decides which methods a partner may use; this module offers and accepts
 exactly those: SASL EXTERNAL needs TLS and a certificate valid for the domain; TLS dialback needs
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -156,6 +161,15 @@ Action = Send | StartTls | RestartStream | Authenticated | DialbackVerify | Dial
     | Deliver | Close
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The stream timers, in seconds (Lync StreamEstablishmentTimeout and friends, SPEC 4.8)."""
+
+    establishment: float = 60.0  # header to authenticated
+    inactivity: float = 600.0  # no stanza or negotiation data in either direction
+    keepalive: float = 60.0  # RFC 6120 4.6.1: whitespace after this long without sending
+
+
 @dataclass(slots=True)
 class S2sContext:
     """What the negotiation needs from the edge's configuration (no I/O)."""
@@ -164,6 +178,77 @@ class S2sContext:
     partners: PartnerTable
     keys: DialbackKeys
     has_certificate: bool
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+class Timer(Enum):
+    ESTABLISHMENT = auto()
+    INACTIVITY = auto()
+    KEEPALIVE = auto()
+
+
+@dataclass(slots=True)
+class StreamTimers:
+    """When each timer of one stream falls due, on the clock the shell injects (aioquic's
+    `get_timer()`): the machines answer `next_deadline()` and act in `handle_timer(now)`."""
+
+    timeouts: Timeouts
+    created: float = 0.0
+    last_activity: float = 0.0  # stanzas and negotiation data either way, not keepalives
+    last_sent: float = 0.0  # anything, keepalives included
+
+    def received(self, now: float, whitespace_only: bool) -> None:
+        if not whitespace_only:
+            self.last_activity = now
+
+    def sent(self, now: float, keepalive: bool = False) -> None:
+        self.last_sent = now
+        if not keepalive:
+            self.last_activity = now
+
+    def deadlines(self, authenticated: bool, keepalive: bool) -> list[tuple[float, Timer]]:
+        t = self.timeouts
+        out = [(self.last_activity + t.inactivity, Timer.INACTIVITY)]
+        if not authenticated:
+            out.append((self.created + t.establishment, Timer.ESTABLISHMENT))
+        elif keepalive:
+            out.append((self.last_sent + t.keepalive, Timer.KEEPALIVE))
+        return out
+
+    def due(self, now: float, authenticated: bool, keepalive: bool) -> Timer | None:
+        """The timer to act on at `now`, establishment first (it is the stricter one)."""
+        due = [timer for at, timer in self.deadlines(authenticated, keepalive) if now >= at]
+        return min(due, key=lambda timer: timer.value) if due else None
+
+
+def _timer_actions(machine: InboundS2s | OutboundS2s, timer: Timer | None) -> list[Action]:
+    t = machine.ctx.timeouts
+    if timer is Timer.ESTABLISHMENT:
+        return machine.fail("connection-timeout",
+                            f"stream not established within {t.establishment:g} s")
+    if timer is Timer.INACTIVITY:  # RFC 6120 4.6.3: a plain close, not an error
+        return machine.quiet_close(f"no traffic for {t.inactivity:g} s")
+    if timer is Timer.KEEPALIVE:
+        return [Send(b" ")]  # RFC 6120 4.6.1 whitespace keepalive
+    return []
+
+
+_VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
+
+
+def answer_version(offered: str | None) -> str | None:
+    """The version for our response header (RFC 6120 4.7.5): none to a peer that sent none
+    (RFC 3920-era), the peer's own when it is below 1.0 (the lower one wins), else 1.0.
+
+    ValueError when `offered` is not "major.minor" (4.7.5: two integers; leading zeros ignored).
+    """
+    if offered is None:
+        return None
+    m = _VERSION.fullmatch(offered)
+    if m is None:
+        raise ValueError(f"version {offered!r} is not of the form major.minor")
+    major, minor = int(m[1]), int(m[2])
+    return "1.0" if major >= 1 else f"{major}.{minor}"
 
 
 def _features(*children: str) -> bytes:
@@ -198,19 +283,50 @@ def _text(el: Element) -> str:
 
 
 class InState(Enum):
-    WAIT_HEADER = auto()  # before the initiator's (re)started stream header
-    NEGOTIATING = auto()  # features sent, waiting for STARTTLS / SASL / dialback / stanzas
+    """Where a received stream is (RFC 6120 4.3): the stream it is on and what is still open.
+
+    Dialback (XEP-0220) authenticates domain pairs without changing the state: stanzas are
+    accepted in every state after the features, for the pairs in `InboundS2s.verified`.
+    """
+
+    WAIT_HEADER = auto()  # 4.7.1: before the initial stream header (TCP, or Direct TLS up)
+    PLAIN = auto()  # features without STARTTLS (or a pre-1.0 peer): TCP dialback only
+    TLS_OFFERED = auto()  # 5.4.2: features offered STARTTLS; STARTTLS or TCP dialback
+    TLS_STARTING = auto()  # 5.4.2.3: <proceed/> sent; the TLS handshake, no XML
+    WAIT_TLS_HEADER = auto()  # 5.4.3.3: TLS is up; the restarted stream's header
+    TLS = auto()  # features on TLS without SASL: TLS dialback (XEP-0220, XEP-0344)
+    SASL_OFFERED = auto()  # 6.3, XEP-0178: features on TLS offer SASL EXTERNAL (and dialback)
+    WAIT_SASL_HEADER = auto()  # 6.4.6: after <success/>; the restarted stream's header
+    SASL_DONE = auto()  # 6.4.6: authenticated by SASL; stanzas, dialback for more domains
     CLOSED = auto()
+
+
+# States in which we have not (yet) sent a header on the current stream: an error must first
+# open ours (RFC 6120 4.9.1.2).
+_NO_HEADER_YET = frozenset({InState.WAIT_HEADER, InState.TLS_STARTING, InState.WAIT_TLS_HEADER,
+                            InState.WAIT_SASL_HEADER})
+_HEADER_STATES = frozenset({InState.WAIT_HEADER, InState.WAIT_TLS_HEADER,
+                            InState.WAIT_SASL_HEADER})
 
 
 class OutState(Enum):
-    WAIT_HEADER = auto()
-    WAIT_FEATURES = auto()
-    WAIT_PROCEED = auto()
-    WAIT_SASL = auto()
-    WAIT_DIALBACK = auto()
-    READY = auto()
+    """Where our initiated stream is (RFC 6120 4.3), waiting for the receiving server."""
+
+    WAIT_HEADER = auto()  # 4.7.2: our header sent, waiting for the response header
+    WAIT_FEATURES = auto()  # 4.3.2: waiting for stream features
+    WAIT_PROCEED = auto()  # 5.4.2.3: <starttls/> sent
+    TLS_STARTING = auto()  # 5.4.3: the TLS handshake, no XML
+    WAIT_SASL = auto()  # 6.4.2: <auth mechanism='EXTERNAL'/> sent
+    WAIT_SASL_HEADER = auto()  # 6.4.6: after <success/>, our new header sent
+    WAIT_SASL_FEATURES = auto()  # 6.4.6: the features of the post-SASL stream
+    WAIT_DIALBACK = auto()  # XEP-0220 2.1: our <db:result/> key sent
+    READY = auto()  # authenticated: stanzas flow
     CLOSED = auto()
+
+
+# Our <db:verify/> requests may go out once the stream is past TLS negotiation (XEP-0220 2.3).
+_DB_READY = frozenset({OutState.WAIT_SASL, OutState.WAIT_SASL_HEADER,
+                       OutState.WAIT_SASL_FEATURES, OutState.WAIT_DIALBACK, OutState.READY})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,42 +343,86 @@ class InboundS2s:
     header_from: str | None = None
     partner: Partner | None = None
     cert_check: CertChecker | None = None
-    offered_tls: bool = False
-    offered_external: bool = False
-    sasl_done: bool = False
     sasl_attempts: int = 0
     verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
     pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
-    header_sent: bool = False
+    created: float = 0.0  # on the shell's clock
+    timers: StreamTimers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timers = StreamTimers(self.ctx.timeouts, self.created, self.created, self.created)
+
+    # -- deadlines (the shell arms one timer at next_deadline() and calls handle_timer) --------
+
+    def keepalive(self) -> bool:
+        lookup = self.ctx.partners.lookup
+        return any(p.keepalive for p in (lookup(remote) for _, remote in self.verified) if p)
+
+    def next_deadline(self) -> float | None:
+        if self.state is InState.CLOSED:
+            return None
+        return min(at for at, _ in self.timers.deadlines(bool(self.verified), self.keepalive()))
+
+    def handle_timer(self, now: float) -> list[Action]:
+        if self.state is InState.CLOSED:
+            return []
+        timer = self.timers.due(now, bool(self.verified), self.keepalive())
+        out = _timer_actions(self, timer)
+        if timer is Timer.KEEPALIVE:
+            self.timers.sent(now, keepalive=True)
+        return out
 
     # -- inputs -------------------------------------------------------------------------------
 
     def receive(self, event: StreamOpened | Element | StreamClosed) -> list[Action]:
+        if type(event) is Element:  # the hot path: one table per state, invalid is the default
+            handler = _INBOUND[self.state].get((event.ns, event.name))
+            if handler is None:
+                return self._refuse(event)
+            return handler(self, event)
         if self.state is InState.CLOSED:
             return []
         if isinstance(event, StreamOpened):
-            if self.state is not InState.WAIT_HEADER:
+            if self.state not in _HEADER_STATES:
                 return self._close("unexpected second stream header", "not-well-formed")
             return self._on_header(event)
-        if isinstance(event, StreamClosed):
-            self.state = InState.CLOSED
-            return [Close("peer closed the stream", failed=not self.verified)]
-        if self.state is InState.WAIT_HEADER:
-            return self._close("element before the stream header", "not-well-formed")
-        handler = _INBOUND.get((event.ns, event.name))
-        if handler is None:
-            if event.ns == NS_SERVER and event.name in STANZA_NAMES:
-                return self._on_stanza(event)
-            return self._close(f"unsupported element {{{event.ns}}}{event.name}",
-                               "unsupported-stanza-type")
-        return handler(self, event)
+        self.state = InState.CLOSED
+        return [Close("peer closed the stream", failed=not self.verified)]
+
+    def fail(self, condition: str, text: str) -> list[Action]:
+        """The stream below the machine failed (bad XML, a limit): close with `condition`."""
+        if self.state is InState.CLOSED:
+            return []
+        return self._close(text, condition)
+
+    def quiet_close(self, reason: str) -> list[Action]:
+        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
+        if self.state is InState.CLOSED:
+            return []
+        self.state = InState.CLOSED
+        return [Close(reason, None, failed=False)]
+
+    def error_preamble(self) -> bytes:
+        """Our stream header when the current stream has none from us yet (RFC 6120 4.9.1.2)."""
+        if self.state not in _NO_HEADER_YET:
+            return b""
+        return stream_header(content_ns=NS_SERVER, from_=self.local or sorted(
+            self.ctx.local_domains)[0], id_=self.stream_id or new_stream_id(), dialback=True)
 
     def tls_established(self, cert_check: CertChecker) -> list[Action]:
         """The shell finished the TLS handshake; `cert_check(domain)` judges the peer's cert."""
+        if self.state is InState.CLOSED:
+            return []
+        if self.state not in (InState.WAIT_HEADER, InState.TLS_STARTING):
+            return self._close(f"TLS completed in state {self.state.name}", "policy-violation")
         self.tls = True
         self.cert_check = cert_check
-        self.state = InState.WAIT_HEADER
+        self.state = InState.WAIT_TLS_HEADER
         return []
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.verified)
 
     def dialback_result(self, local: str, remote: str, outcome: str) -> list[Action]:
         """The authoritative server answered (or could not be asked): valid/invalid/condition."""
@@ -290,11 +450,18 @@ class InboundS2s:
         self.header_from = frm.lower().rstrip(".") if frm else None
         first_local = sorted(self.ctx.local_domains)[0]
         self.local = to if to in self.ctx.local_domains else first_local
+        try:
+            version = answer_version(ev.attrs.get("version"))
+        except ValueError as exc:
+            version, bad_version = "1.0", str(exc)
+        else:
+            bad_version = ""
         header = stream_header(content_ns=NS_SERVER, from_=self.local, to=self.header_from,
-                               id_=self.stream_id, dialback=True,
-                               version="1.0" if ev.attrs.get("version") else None)
-        self.header_sent = True
+                               id_=self.stream_id, dialback=True, version=version)
         out: list[Action] = [Send(header)]
+        on_stream, self.state = self.state, InState.PLAIN  # our header is out: no preamble
+        if bad_version:
+            return out + self._close(bad_version, "unsupported-version")
         if ev.default_ns != NS_SERVER:
             return out + self._close(f"content namespace {ev.default_ns!r} is not jabber:server",
                                      "invalid-namespace")
@@ -306,16 +473,18 @@ class InboundS2s:
                 return out + self._close(
                     f"{self.header_from} is not a federation partner of {self.local}",
                     "policy-violation")
-        if not ev.attrs.get("version"):
-            # RFC 3920-era peer: no stream features; only dialback can authenticate it.
-            self.state = InState.NEGOTIATING
+        if version != "1.0":
+            # Pre-1.0 peer (RFC 6120 4.7.5): no stream features; only dialback can
+            # authenticate it (PLAIN, or TLS after Direct TLS).
+            self.state = InState.TLS if self.tls else InState.PLAIN
             return out
-        self.state = InState.NEGOTIATING
-        return out + self._features()
+        return out + self._features(on_stream)
 
-    def _features(self) -> list[Action]:
+    def _features(self, on_stream: InState) -> list[Action]:
+        """Stream features for the stream that just opened (RFC 6120 4.3.2); sets the state."""
         p = self.partner
-        if self.sasl_done:
+        if on_stream is InState.WAIT_SASL_HEADER:
+            self.state = InState.SASL_DONE  # 6.4.6: nothing left to negotiate but dialback
             return [Send(_features())]
         if not self.tls:
             offer_tls = self.ctx.has_certificate and (
@@ -323,7 +492,7 @@ class InboundS2s:
             if p is not None and p.tls is Negotiation.REQUIRED and not self.ctx.has_certificate:
                 return self._close(f"partner {p.domain} requires TLS, but this edge has no "
                                    "certificate configured", "policy-violation")
-            self.offered_tls = offer_tls
+            self.state = InState.TLS_OFFERED if offer_tls else InState.PLAIN
             if offer_tls and p is not None and p.tls is Negotiation.REQUIRED:
                 return [Send(_features(_STARTTLS_REQUIRED))]
             children = [_STARTTLS] if offer_tls else []
@@ -331,11 +500,11 @@ class InboundS2s:
                 children.append(_DIALBACK_FEATURE)
             return [Send(_features(*children))]
         children = []
-        self.offered_external = False
+        self.state = InState.TLS
         if p is not None and p.allows(AuthMethod.SASL_EXTERNAL) and self.cert_check is not None:
             check = self.cert_check(p.domain if self.header_from is None else self.header_from)
             if check.ok:
-                self.offered_external = True
+                self.state = InState.SASL_OFFERED
                 children.append(_EXTERNAL)
             else:
                 log.info("inbound %s -> %s: not offering SASL EXTERNAL: %s",
@@ -350,24 +519,41 @@ class InboundS2s:
     # -- STARTTLS (RFC 6120 5.4) ---------------------------------------------------------------
 
     def _on_starttls(self, el: Element) -> list[Action]:
-        if not self.offered_tls or self.tls:
-            reason = ("TLS already in place" if self.tls else
-                      f"partner {self.partner.domain if self.partner else self.header_from} is "
-                      "configured with tls = not-supported" if self.ctx.has_certificate else
-                      "no certificate configured")
-            return [Send(f"<failure xmlns='{NS_TLS}'/>".encode())] + self._close(
-                f"refused STARTTLS: {reason}", None)
-        self.state = InState.WAIT_HEADER
+        # RFC 6120 5.4.3.3: the pre-TLS stream is gone, and what was learnt on it in the clear
+        # is discarded: pairs verified by TCP dialback, and verifications still under way
+        # (their answer would land in the new stream before its header; found by bench/fuzz.py).
+        self.state = InState.TLS_STARTING
+        self.verified.clear()
+        self.pending.clear()
         return [Send(f"<proceed xmlns='{NS_TLS}'/>".encode()), StartTls()]
+
+    def _refuse_starttls(self, el: Element) -> list[Action]:
+        """RFC 6120 5.4.2.2: <failure/> and close, when STARTTLS was not offered."""
+        reason = ("TLS already in place" if self.tls else
+                  f"partner {self.partner.domain if self.partner else self.header_from} is "
+                  "configured with tls = not-supported" if self.ctx.has_certificate else
+                  "no certificate configured")
+        return [Send(f"<failure xmlns='{NS_TLS}'/>".encode())] + self._close(
+            f"refused STARTTLS: {reason}", None)
 
     # -- SASL EXTERNAL (RFC 6120 6, XEP-0178) ----------------------------------------------------
 
-    def _on_auth(self, el: Element) -> list[Action]:
+    def _refuse_auth(self, el: Element) -> list[Action]:
+        """RFC 6120 6.4.2: a mechanism we did not offer gets <invalid-mechanism/> (6.5.7), and
+        EXTERNAL before TLS <encryption-required/> (6.5.4, as ejabberd answers)."""
         self.sasl_attempts += 1
         if self.sasl_attempts > MAX_SASL_ATTEMPTS:
             return self._close("too many SASL attempts", "policy-violation")
-        if el.attrs.get("mechanism") != "EXTERNAL" or not self.offered_external:
-            return [Send(_sasl_failure("invalid-mechanism"))]
+        if not self.tls and el.attrs.get("mechanism") == "EXTERNAL":
+            return [Send(_sasl_failure("encryption-required"))]
+        return [Send(_sasl_failure("invalid-mechanism"))]
+
+    def _on_auth(self, el: Element) -> list[Action]:
+        if el.attrs.get("mechanism") != "EXTERNAL":
+            return self._refuse_auth(el)
+        self.sasl_attempts += 1
+        if self.sasl_attempts > MAX_SASL_ATTEMPTS:
+            return self._close("too many SASL attempts", "policy-violation")
         assert self.header_from is not None and self.cert_check is not None
         raw = _text(el)
         if raw not in ("", "="):
@@ -382,8 +568,8 @@ class InboundS2s:
         check = self.cert_check(self.header_from)
         if not check.ok:  # re-checked at use (XEP-0344 4: guard against renegotiation)
             return [Send(_sasl_failure("not-authorized"))]
-        self.sasl_done = True
-        self.state = InState.WAIT_HEADER
+        self.state = InState.WAIT_SASL_HEADER
+        self.pending.clear()  # their answers belong to the stream that just ended (6.4.6)
         out = self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
                           "sasl-external", notify=False)
         return out + [Send(f"<success xmlns='{NS_SASL}'/>".encode()), RestartStream()]
@@ -482,19 +668,58 @@ class InboundS2s:
         self.state = InState.CLOSED
         return [Close(f"peer sent a stream error: {describe_stream_error(el)}", None)]
 
+    def _refuse(self, el: Element) -> list[Action]:
+        """An element the current state's table does not list: invalid is the default."""
+        if self.state is InState.CLOSED:
+            return []
+        qname = f"{{{el.ns}}}{el.name}"
+        if (el.ns, el.name) in _NEGOTIATION:  # known, but not here (RFC 6120 4.9.3.12)
+            if self.state is InState.SASL_DONE and el.ns == NS_SASL:
+                reason = "SASL already succeeded on this stream (RFC 6120 6.4.6)"
+            else:
+                reason = f"{qname} not allowed in state {self.state.name}"
+            return self._close(reason, "policy-violation")
+        if self.state in _NO_HEADER_YET:  # the parser gives no element before a header
+            return self._close(f"{qname} before the stream header", "not-well-formed")
+        return self._close(f"unsupported element {qname}", "unsupported-stanza-type")
+
     def _close(self, reason: str, condition: str | None) -> list[Action]:
+        preamble = self.error_preamble() if condition else b""
         self.state = InState.CLOSED
-        return [Close(reason, condition)]
+        out: list[Action] = [Send(preamble)] if preamble else []
+        return out + [Close(reason, condition)]
 
 
-_INBOUND: dict[tuple[str, str], Callable[[InboundS2s, Element], list[Action]]] = {
-    (NS_TLS, "starttls"): InboundS2s._on_starttls,
-    (NS_SASL, "auth"): InboundS2s._on_auth,
-    (NS_SASL, "abort"): InboundS2s._on_sasl_abort,
+_InHandler = Callable[[InboundS2s, Element], list[Action]]
+_STANZAS: dict[tuple[str, str], _InHandler] = {
+    (NS_SERVER, name): InboundS2s._on_stanza for name in sorted(STANZA_NAMES)}
+_DIALBACK: dict[tuple[str, str], _InHandler] = {
     (NS_DIALBACK, "result"): InboundS2s._on_db_result,
     (NS_DIALBACK, "verify"): InboundS2s._on_db_verify,
-    (NS_STREAMS, "error"): InboundS2s._on_stream_error,
 }
+_ANY: dict[tuple[str, str], _InHandler] = {(NS_STREAMS, "error"): InboundS2s._on_stream_error}
+_NO_TLS = {(NS_TLS, "starttls"): InboundS2s._refuse_starttls}
+_NO_SASL = {(NS_SASL, "auth"): InboundS2s._refuse_auth}
+_S = InState
+# The receiving role's transitions: state -> element -> handler. An element a state does not
+# list closes the stream (`InboundS2s._refuse`). Read row by row it is RFC 6120 4.3's order:
+# header, STARTTLS, restart, SASL, restart; dialback and stanzas wherever a stream is open.
+_INBOUND: dict[InState, dict[tuple[str, str], _InHandler]] = {
+    _S.WAIT_HEADER: {},
+    _S.PLAIN: {**_ANY, **_NO_TLS, **_NO_SASL, **_DIALBACK, **_STANZAS},
+    _S.TLS_OFFERED: {**_ANY, (NS_TLS, "starttls"): InboundS2s._on_starttls, **_NO_SASL,
+                     **_DIALBACK, **_STANZAS},
+    _S.TLS_STARTING: {},
+    _S.WAIT_TLS_HEADER: {},
+    _S.TLS: {**_ANY, **_NO_TLS, **_NO_SASL, **_DIALBACK, **_STANZAS},
+    _S.SASL_OFFERED: {**_ANY, **_NO_TLS, (NS_SASL, "auth"): InboundS2s._on_auth,
+                      (NS_SASL, "abort"): InboundS2s._on_sasl_abort, **_DIALBACK, **_STANZAS},
+    _S.WAIT_SASL_HEADER: {},
+    _S.SASL_DONE: {**_ANY, **_NO_TLS, **_DIALBACK, **_STANZAS},
+    _S.CLOSED: {},
+}
+_NEGOTIATION = frozenset({(NS_TLS, "starttls"), (NS_SASL, "auth"), (NS_SASL, "abort"),
+                          (NS_SASL, "response"), *_DIALBACK})
 
 
 def describe_stream_error(el: Element) -> str:
@@ -517,22 +742,68 @@ class OutboundS2s:
     stream_id: str = ""
     peer_dialback: bool = False  # header declared jabber:server:dialback
     server_cert: CertificateCheckLike | None = None
-    sasl_ok: bool = False
     sasl_failure: str = ""  # the condition of the peer's SASL <failure/>, if it sent one
-    authenticated: bool = False
     method: AuthMethod | None = None
     verifies: list[tuple[str, str, str, str]] = field(default_factory=list)  # not yet sent
     sent_verifies: set[tuple[str, str, str]] = field(default_factory=set)
-    ready_for_db: bool = False
     tried: list[str] = field(default_factory=list)
+    created: float = 0.0  # on the shell's clock
+    timers: StreamTimers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timers = StreamTimers(self.ctx.timeouts, self.created, self.created, self.created)
+
+    def next_deadline(self) -> float | None:
+        if self.state is OutState.CLOSED:
+            return None
+        return min(at for at, _ in self.timers.deadlines(self.authenticated,
+                                                         self.partner.keepalive))
+
+    def handle_timer(self, now: float) -> list[Action]:
+        if self.state is OutState.CLOSED:
+            return []
+        timer = self.timers.due(now, self.authenticated, self.partner.keepalive)
+        out = _timer_actions(self, timer)
+        if timer is Timer.KEEPALIVE:
+            self.timers.sent(now, keepalive=True)
+        return out
+
+    def fail(self, condition: str, text: str) -> list[Action]:
+        """The stream below the machine failed (bad XML, a limit, a timer): close."""
+        if self.state is OutState.CLOSED:
+            return []
+        return self._fail(text, condition=condition)
+
+    def quiet_close(self, reason: str) -> list[Action]:
+        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
+        if self.state is OutState.CLOSED:
+            return []
+        self.state = OutState.CLOSED
+        return [Close(reason, None, failed=False)]
+
+    @property
+    def authenticated(self) -> bool:
+        return self.state is OutState.READY or (
+            self.state is OutState.CLOSED and self.method is not None)
+
+    @property
+    def sasl_ok(self) -> bool:
+        """SASL EXTERNAL succeeded on this stream (RFC 6120 6.4.6: the restart follows)."""
+        return self.state in (OutState.WAIT_SASL_HEADER, OutState.WAIT_SASL_FEATURES) or (
+            self.authenticated and self.method is AuthMethod.SASL_EXTERNAL)
 
     def start(self) -> list[Action]:
         """Open (or re-open, after TLS/SASL) our stream: the initial header (RFC 6120 4.7)."""
-        self.state = OutState.WAIT_HEADER
+        self.state = (OutState.WAIT_SASL_HEADER if self.state is OutState.WAIT_SASL
+                      else OutState.WAIT_HEADER)
         return [Send(stream_header(content_ns=NS_SERVER, from_=self.local, to=self.remote,
                                    dialback=self.partner.dialback))]
 
     def tls_established(self, cert_check: CertChecker) -> list[Action]:
+        if self.state is OutState.CLOSED:
+            return []
+        if self.state not in (OutState.WAIT_HEADER, OutState.TLS_STARTING):
+            return self._fail(f"TLS completed in state {self.state.name}")
         self.tls = True
         self.server_cert = cert_check(self.remote)
         if not self.server_cert.ok:
@@ -551,8 +822,8 @@ class OutboundS2s:
         self.verifies.append((local, remote, stream_id, key))
         return self._flush_verifies()
 
-    def _flush_verifies(self) -> list[Action]:
-        if not self.ready_for_db or self.state is OutState.CLOSED:
+    def _flush_verifies(self, ready: bool = False) -> list[Action]:
+        if not ready and self.state not in _DB_READY:
             return []
         out: list[Action] = []
         for local, remote, sid, key in self.verifies:
@@ -565,7 +836,7 @@ class OutboundS2s:
         if self.state is OutState.CLOSED:
             return []
         if isinstance(event, StreamOpened):
-            if self.state is not OutState.WAIT_HEADER:
+            if self.state not in (OutState.WAIT_HEADER, OutState.WAIT_SASL_HEADER):
                 return self._fail("unexpected second stream header")
             self.stream_id = event.attrs.get("id", "")
             self.peer_dialback = event.prefixes.get("db") == NS_DIALBACK or \
@@ -573,10 +844,14 @@ class OutboundS2s:
             if event.default_ns != NS_SERVER:
                 return self._fail(f"{self.remote} answered with content namespace "
                                   f"{event.default_ns!r}")
-            if not event.attrs.get("version"):  # pre-1.0 peer: no features, dialback only
-                self.ready_for_db = True
+            try:
+                version = answer_version(event.attrs.get("version"))
+            except ValueError as exc:
+                return self._fail(f"{self.remote} answered with {exc}")
+            if version != "1.0":  # pre-1.0 peer (RFC 6120 4.7.5): no features, dialback only
                 return self._authenticate(None) + self._flush_verifies()
-            self.state = OutState.WAIT_FEATURES
+            self.state = (OutState.WAIT_SASL_FEATURES if self.state is OutState.WAIT_SASL_HEADER
+                          else OutState.WAIT_FEATURES)
             return []
         if isinstance(event, StreamClosed):
             was_ready = self.authenticated
@@ -602,7 +877,7 @@ class OutboundS2s:
         p = self.partner
         if not self.tls:
             if starttls is not None and p.tls is not Negotiation.NOT_SUPPORTED:
-                self.state = OutState.WAIT_PROCEED
+                self.state = OutState.WAIT_PROCEED  # RFC 6120 5.4.2.1
                 return [Send(f"<starttls xmlns='{NS_TLS}'/>".encode())]
             if starttls is not None and starttls.find(f"{{{NS_TLS}}}required") is not None:
                 return self._fail(f"{self.remote} requires TLS, but partner {p.domain} is "
@@ -610,11 +885,11 @@ class OutboundS2s:
             if p.tls is Negotiation.REQUIRED:
                 return self._fail(f"partner {p.domain} requires TLS, but {self.remote} did not "
                                   "offer STARTTLS")
-        self.ready_for_db = True
-        out = self._flush_verifies()
-        if self.sasl_ok:  # features after the post-SASL restart
-            return out + self._done(AuthMethod.SASL_EXTERNAL, "sasl-external")
-        return out + self._authenticate(tree)
+        return self._flush_verifies(ready=True) + self._authenticate(tree)
+
+    def _on_sasl_features(self, el: Element) -> list[Action]:
+        """RFC 6120 6.4.6: the features of the stream after <success/>; we are done."""
+        return self._flush_verifies() + self._done(AuthMethod.SASL_EXTERNAL, "sasl-external")
 
     def _authenticate(self, features: ET.Element | None) -> list[Action]:
         p = self.partner
@@ -654,14 +929,14 @@ class OutboundS2s:
                           f"{p.domain} allows {allowed}{why}")
 
     def _on_proceed(self, el: Element) -> list[Action]:
+        self.state = OutState.TLS_STARTING
         return [StartTls()]
 
     def _on_tls_failure(self, el: Element) -> list[Action]:
         return self._fail(f"{self.remote} refused STARTTLS (<failure/>)")
 
     def _on_sasl_success(self, el: Element) -> list[Action]:
-        self.sasl_ok = True
-        return [RestartStream()] + self.start()
+        return [RestartStream()] + self.start()  # -> WAIT_SASL_HEADER
 
     def _on_sasl_failure(self, el: Element) -> list[Action]:
         cond = next((c.tag.rsplit("}", 1)[-1] for c in el.xml()), "failure")
@@ -723,7 +998,6 @@ class OutboundS2s:
                           f"{describe_stream_error(el)}{before}")
 
     def _done(self, method: AuthMethod, label: str) -> list[Action]:
-        self.authenticated = True
         self.method = method
         self.state = OutState.READY
         return [Authenticated(self.local, self.remote, method, label)]
@@ -747,6 +1021,7 @@ _OUTBOUND: dict[tuple[OutState, str, str], Callable[[OutboundS2s, Element], list
     (_O.WAIT_PROCEED, NS_TLS, "failure"): OutboundS2s._on_tls_failure,
     (_O.WAIT_SASL, NS_SASL, "success"): OutboundS2s._on_sasl_success,
     (_O.WAIT_SASL, NS_SASL, "failure"): OutboundS2s._on_sasl_failure,
+    (_O.WAIT_SASL_FEATURES, NS_STREAMS, "features"): OutboundS2s._on_sasl_features,
     (_O.WAIT_DIALBACK, NS_DIALBACK, "result"): OutboundS2s._on_db_result,
 }
 # Elements valid whatever the state: dialback verify answers share our outgoing stream.

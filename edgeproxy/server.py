@@ -1,6 +1,6 @@
 """The asyncio shell: listeners, the dialer, the router, timers. Thin around the sans-I/O core.
 
-Bytes flow: socket -> (TlsSession) -> XmlStreamParser -> machine (s2s / component) -> actions.
+Bytes flow: socket -> XmppStream (TlsSession -> XmlStreamParser -> machine) -> actions.
 Stanzas of authenticated domains are forwarded as their raw bytes (Element.forwardable()):
 partner -> component for the local domain, component -> the outbound stream for (local, remote).
 """
@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
+import math
 import signal
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import assert_never
+from typing import Any, assert_never
 
 from . import link, sdnotify
 from .certs import CertificateWatch
-from .component import ComponentAuthenticated, ComponentStream, LinkControl
+from .component import ComponentAction, ComponentAuthenticated, ComponentStream, LinkControl
 from .config import EdgeConfig
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
@@ -30,24 +31,25 @@ from .probe import AutoProbe
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .s2s import (
     Authenticated,
+    CertChecker,
     Close,
     Deliver,
     DialbackVerify,
     DialbackVerifyAnswer,
     InboundS2s,
-    InState,
     OutboundS2s,
     RestartStream,
     S2sContext,
     Send,
     StartTls,
+    StreamTimers,
+    Timeouts,
 )
-from .tls import TlsContexts, TlsError, TlsSession
+from .stream import TlsEstablished, TransportFailed, XmppStream
+from .tls import TlsContexts, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
-    NS_SERVER,
     Element,
-    XmlStreamError,
     XmlStreamParser,
     stream_error,
     stream_header,
@@ -57,11 +59,21 @@ log = logging.getLogger("edgeproxy")
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
+CERT_CHECK_INTERVAL = 3600.0  # seconds between expiry checks (the warning itself is daily)
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
+# What a stream's machine may ask the shell for besides bytes (Send) and closing (Close).
+Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
+          | LinkControl)
+StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
 
 
 class StreamConnection(asyncio.Protocol):
-    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL)."""
+    """One TCP connection carrying one XMPP stream (restarted after TLS and SASL).
+
+    The stack below the machine (TLS, the parser, their handovers) is an `XmppStream`; this
+    class moves bytes between it and the socket, carries out the actions it yields, and arms
+    one loop timer at the machine's next deadline.
+    """
 
     kind = "stream"
 
@@ -69,33 +81,30 @@ class StreamConnection(asyncio.Protocol):
         self.edge = edge
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.tls: TlsSession | None = None
-        self.tls_reported = False
-        self.parser = self._new_parser()
         self.closing = False
         self.created = edge.clock()
-        self.last_sent = self.created  # anything, keepalives included
-        # the last stanza or negotiation data in either direction (not whitespace keepalives):
-        # outbound streams receive next to nothing, so inactivity cannot be "nothing received"
-        self.last_activity = self.created
-        self._start_tls = False
-        self._restart = False
-        self._out: list[bytes] = []
-        self.sent_close = False  # our </stream:stream> is out; the peer's stanzas still count
-        self.reading = True
-        self._stalled: deque[object] = deque()  # parsed while paused, handled on resume
+        # The machine's timers (None: the component link): fed with what is received and sent.
+        # Outbound streams receive next to nothing, so inactivity counts both directions.
+        self.timers: StreamTimers | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._flush_scheduled = False
+        self._paused = False
+        self._pending: Iterator[StreamAction] | None = None  # left when reading paused
+        self.stream: XmppStream[Any]  # made by the subclass, around its machine
+        self.sent_close = False  # our close is out; the peer's stanzas still count (4.4)
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=self.edge.cfg.stanza_size_limit)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        raise NotImplementedError
+    def check_certificate(self, tls: TlsSession) -> CertChecker:
+        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
+        trust = self.edge.trust
+        return lambda domain: verify_certificate(leaf, chain, domain, trust)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        return []
-
-    def make_tls(self) -> TlsSession:
+    def handle_action(self, action: Effect) -> None:
+        """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
         raise NotImplementedError
 
     def label(self) -> str:
@@ -112,6 +121,17 @@ class StreamConnection(asyncio.Protocol):
         RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
         return b""
 
+    def next_deadline(self) -> float | None:
+        """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
+        return None
+
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return []
+
+    @property
+    def tls(self) -> TlsSession | None:
+        return self.stream.tls
+
     # -- asyncio -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -120,34 +140,62 @@ class StreamConnection(asyncio.Protocol):
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         self.edge.connections.add(self)
+        self.arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connections.discard(self)
         self.closing = True
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
         self.edge.router.connection_gone(self)
 
-    # flow control: the relay core pauses a sender whose stanzas it cannot take yet, and stops
-    # writing to a link whose transport buffer is full (asyncio's high-water mark)
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        actions = self.stream.receive_data(data, self.edge.clock())
+        if self._pending is not None:  # data while paused (already read by the transport)
+            actions = itertools.chain(self._pending, actions)
+            self._pending = None
+        self._drain(actions)
+
+    def _drain(self, actions: Iterator[StreamAction]) -> None:
+        for a in actions:
+            self._carry_out(a)
+            if self.closing:
+                return
+            if self._paused:  # backpressure: the rest of this read waits for resume_reading
+                self._pending = actions
+                break
+        if self.tls is not None:  # handshake records and alerts go out at once
+            self.flush()
+        self.arm_timer()
+
+    # -- backpressure (transport.pause_reading; what was read but not handled waits too) -----
     def pause_reading(self) -> None:
-        if self.reading and self.transport is not None and not self.transport.is_closing():
-            self.reading = False
-            self.transport.pause_reading()
-            log.info("%s: paused reading (relay queues full)", self.label())
+        if self._paused or self.closing or self.transport is None:
+            return
+        self._paused = True
+        self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self.reading and self.transport is not None and not self.transport.is_closing():
-            self.reading = True
-            log.info("%s: resumed reading", self.label())
-            asyncio.get_running_loop().call_soon(self._handle_stalled)
+        if not self._paused or self.closing or self.transport is None:
+            return
+        self._paused = False
+        # after the relay's current action list: handling the stanzas that waited feeds it again
+        asyncio.get_running_loop().call_soon(self._resume)
 
-    def _handle_stalled(self) -> None:
-        while self._stalled and self.reading and not self.closing:
-            self.run(self.handle_event(self._stalled.popleft()))
-        if self.reading and not self._stalled and self.transport is not None \
-                and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def _resume(self) -> None:
+        if self._paused or self.closing or self.transport is None:
+            return
+        self.transport.resume_reading()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._drain(pending)
 
+    # the relay core does not write to a link whose transport buffer is over its high-water mark
     def pause_writing(self) -> None:
         self.edge.router.writable(self, False)
 
@@ -155,102 +203,42 @@ class StreamConnection(asyncio.Protocol):
         self.edge.router.writable(self, True)
 
     def relay_write(self, data: bytes) -> None:
+        """A stanza the relay core hands to this stream."""
         self.send(data)
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self.tls is None:
-            self.feed(data)
-            return
-        try:
-            plain = self.tls.receive_data(data)
-        except TlsError as exc:
-            self._flush_tls()
-            self.abort(f"TLS failed: {exc.reason}")
-            return
-        self._flush_tls()
-        if self.tls.handshake_complete and not self.tls_reported:
-            self.tls_reported = True
-            log.info("%s: TLS established (%s, %s%s)", self.label(), self.tls.version,
-                     self.tls.cipher, f", ALPN {self.tls.alpn_protocol.decode()}"
-                     if self.tls.alpn_protocol else "")
-            self.run(self.on_tls_ready())
-        if plain and not self.closing:
-            self.feed(plain)
-        if self.tls.peer_closed and not self.closing:
-            self.abort("peer closed TLS")
-
-    def feed(self, data: bytes) -> None:
-        if not data.isspace():
-            self.last_activity = self.edge.clock()
-        try:
-            events = self.parser.feed(data)
-            if self._stalled:  # paused mid-read: these wait behind the stalled ones
-                self._stalled.extend(events)
-                return
-            while True:
-                for i, ev in enumerate(events):
-                    if not self.reading and not self.parser.stopped:
-                        # the relay paused us: the rest of this read waits, parsed (bounded by
-                        # one read) instead of growing the relay's queues
-                        self._stalled.extend(events[i:])
-                        return
-                    self.run(self.handle_event(ev))
-                    if self.closing:
-                        return
-                if not self.parser.stopped:
-                    return
-                leftover = self.parser.leftover
-                if self._start_tls:
-                    self._start_tls = False
-                    self.flush()  # <proceed/> / <starttls/> go out in plaintext
-                    self.parser = self._new_parser()
-                    self.tls = self.make_tls()
-                    self._flush_tls()
-                    if leftover:  # bytes that came in the same read as <starttls/>/<proceed/>
-                        self.data_received(leftover)
-                    return
-                if self._restart:
-                    self._restart = False
-                    self.parser = self._new_parser()
-                    events = self.parser.feed(leftover) if leftover else []
-                    continue
-                events = self.parser.resume()
-        except XmlStreamError as exc:
-            for ev in exc.events:  # complete stanzas that came before the bad bytes
-                self.run(self.handle_event(ev))
-                if self.closing:
-                    return
-            log.warning("%s: closing: %s (%s)", self.label(), exc.text, exc.condition)
-            self.send(self.error_preamble() + stream_error(exc.condition, exc.text))
-            self.close_soon()
-
-    def run(self, actions: Sequence[object]) -> None:
+    # -- actions ---------------------------------------------------------------------------------
+    def run(self, actions: Sequence[StreamAction]) -> None:
+        """Carry out actions that came from outside a read (timers, dialback answers)."""
         for a in actions:
             if self.closing:  # nothing may follow our </stream:stream> (RFC 6120 4.4)
                 return
-            if isinstance(a, Send):
-                self.send(a.data)
-            elif isinstance(a, StartTls):
-                self._start_tls = True
-            elif isinstance(a, RestartStream):
-                self._restart = True
-            else:
-                self.handle_action(a)
+            self._carry_out(a)
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Close):
-            self.on_close(action)
-        else:
-            raise RuntimeError(f"unhandled action {action!r}")
+    def _carry_out(self, action: StreamAction) -> None:
+        match action:
+            case Deliver():  # first: one per relayed stanza
+                self.handle_action(action)
+            case Send(data):
+                self.send(data)
+            case StartTls() | RestartStream():  # the stream object switches; bytes must flow
+                self._schedule_flush()
+            case TlsEstablished(tls):
+                log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
+                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "")
+            case TransportFailed(reason):
+                self.flush()  # a TLS alert may be waiting
+                self.abort(reason)
+            case Close():
+                self.on_close(action)
+            case _:
+                self.handle_action(action)
 
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
                 f" (<{action.condition}/>)" if action.condition else "")
         if action.condition:
-            self.send(stream_error(action.condition, action.reason))
+            self.send(self.error_preamble() + stream_error(action.condition, action.reason))
         else:
             self.send(b"</stream:stream>")
         self.close_soon()
@@ -261,43 +249,32 @@ class StreamConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing() or self.sent_close:
             return
-        self.last_sent = self.edge.clock()
-        if data != b" ":
-            self.last_activity = self.last_sent
-        self._out.append(data)
-        if len(self._out) == 1:
+        if self.timers is not None:
+            self.timers.sent(self.edge.clock(), keepalive=data == b" ")
+        self.stream.send(data)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out)
-        self._out.clear()
+        self._flush_scheduled = False
         if self.transport is None or self.transport.is_closing():
             return
-        if self.tls is not None:
-            self.tls.send(data)
-            self._flush_tls()
-        else:
+        data = self.stream.data_to_send()
+        if data:
             self.transport.write(data)
-
-    def _flush_tls(self) -> None:
-        assert self.tls is not None
-        out = self.tls.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
 
     def close_soon(self) -> None:
         self.flush()
         if self.closing:
             return
         self.closing = True
-        if self.tls is not None:
-            try:
-                self.tls.close()
-                self._flush_tls()
-            except TlsError:
-                pass
+        self._pending = None
+        self.stream.close()
+        self.flush()
         if self.transport is not None:
             loop = asyncio.get_running_loop()
             loop.call_later(0.05, self._hang_up)
@@ -309,6 +286,7 @@ class StreamConnection(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         log.warning("%s: %s", self.label(), reason)
         self.closing = True
+        self._pending = None
         if self.transport is not None:
             self.transport.close()
 
@@ -318,10 +296,7 @@ class StreamConnection(asyncio.Protocol):
         if self.closing or self.sent_close:
             return
         log.info("%s: closing: %s (<system-shutdown/>)", self.label(), reason)
-        if self.is_authenticated():
-            self.send(stream_error("system-shutdown", reason))
-        else:
-            self.send(self.error_preamble() + stream_error("system-shutdown", reason))
+        self.send(self.error_preamble() + stream_error("system-shutdown", reason))
         self.flush()
         self.sent_close = True
 
@@ -331,21 +306,31 @@ class StreamConnection(asyncio.Protocol):
             self.send(b"</stream:stream>")
             self.close_soon()
 
-    def check_timers(self, now: float) -> None:
-        cfg = self.edge.cfg
+    # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
+    def arm_timer(self) -> None:
+        """Arm the loop timer for the next deadline when it is earlier than the one armed.
+        Activity only moves deadlines later, so a timer that fires early just re-arms."""
         if self.closing:
             return
-        if not self.is_authenticated() and now - self.created > cfg.stream_establishment_timeout:
-            self.on_close(Close(f"stream not established within "
-                                f"{cfg.stream_establishment_timeout:g} s", "connection-timeout"))
-        elif now - self.last_activity > cfg.stream_inactivity_timeout:
-            self.graceful_close(f"no traffic for {cfg.stream_inactivity_timeout:g} s")
-        elif (self.is_authenticated() and self.keepalive()
-              and now - self.last_sent > cfg.keepalive_interval):
-            self.send(b" ")  # RFC 6120 4.6.1 whitespace keepalive
+        deadline = self.next_deadline()
+        if deadline is None or deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
+                                   self.timer_fired)
 
-    def keepalive(self) -> bool:
-        return False
+    def timer_fired(self) -> None:
+        """The loop timer's callback (tests on a fake clock call it after advancing it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        if self.closing:
+            return
+        self.run(self.handle_timer(self.edge.clock()))
+        self.arm_timer()
 
 
 class InboundConnection(StreamConnection):
@@ -353,9 +338,14 @@ class InboundConnection(StreamConnection):
 
     def __init__(self, edge: Edge, direct_tls: bool = False):
         super().__init__(edge)
-        self.machine = InboundS2s(edge.s2s_ctx)
+        self.machine = InboundS2s(edge.s2s_ctx, created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -367,7 +357,7 @@ class InboundConnection(StreamConnection):
             return
         log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
         if self.direct_tls:
-            self.tls = self.make_tls()
+            self.stream.start_tls_now(self.make_tls())
 
     def label(self) -> str:
         m = self.machine
@@ -376,56 +366,51 @@ class InboundConnection(StreamConnection):
 
     def make_tls(self) -> TlsSession:
         assert self.edge.tls_contexts is not None
-        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None)
-
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        tls = self.tls
-        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-
-        def check(domain: str):  # noqa: ANN202 - CertificateCheck
-            return verify_certificate(leaf, chain, domain, self.edge.trust)
-
-        return self.machine.tls_established(check)
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
+        return TlsSession.server(self.edge.tls_contexts, self.machine.local or None,
+                                 direct_tls=self.direct_tls)
 
     def error_preamble(self) -> bytes:
-        if self.machine.state is not InState.WAIT_HEADER:
-            return b""
-        return stream_header(content_ns=NS_SERVER, from_=sorted(self.edge.local_domains)[0],
-                             id_=new_stream_id(), dialback=True)
+        return self.machine.error_preamble()
 
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
 
-    def keepalive(self) -> bool:
-        return any(p.keepalive for p in map(self.edge.cfg.partners.lookup, self.partners) if p)
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Deliver):
-            self.edge.router.from_partner(action.element, action.local, action.remote, self)
-        elif isinstance(action, Authenticated):
-            partner = self.edge.cfg.partners.lookup(action.remote)
-            limit = self.edge.cfg.partner_limit(action.remote)
-            key = partner.domain if partner else action.remote
-            if self.edge.partner_connections(key) >= limit and key not in self.partners:
-                self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
-                                    "policy-violation"))
-                return
-            self.partners.add(key)
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                     action.local, action.label, tls)
-        elif isinstance(action, DialbackVerify):
-            self.edge.router.verify_dialback(self, action)
-        else:
-            super().handle_action(action)
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return self.machine.handle_timer(now)
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Deliver(element, local, remote):
+                self.edge.router.from_partner(element, local, remote, self)
+            case Authenticated():
+                self._authenticated(action)
+            case DialbackVerify():
+                self.edge.router.verify_dialback(self, action)
+            case DialbackVerifyAnswer() | ComponentAuthenticated() | LinkControl():
+                raise AssertionError(f"{action!r} on an inbound stream")
+            case _:
+                assert_never(action)
+
+    def _authenticated(self, action: Authenticated) -> None:
+        partner = self.edge.cfg.partners.lookup(action.remote)
+        limit = self.edge.cfg.partner_limit(action.remote)
+        key = partner.domain if partner else action.remote
+        if self.edge.partner_connections(key) >= limit and key not in self.partners:
+            self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
+                                "policy-violation"))
+            return
+        self.partners.add(key)
+        tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+        log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
+                 action.local, action.label, tls)
 
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
             self.run(self.machine.dialback_result(local, remote, outcome))
+            self.arm_timer()  # authenticated now: the keepalive deadline replaces establishment
 
 
 class ComponentConnection(StreamConnection):
@@ -437,14 +422,20 @@ class ComponentConnection(StreamConnection):
         super().__init__(edge)
         assert edge.cfg.component is not None
         self.machine = ComponentStream(frozenset(edge.cfg.domains), edge.cfg.component.secret)
+        self.stream = XmppStream(self.machine.receive, self._failed, new_parser=self._new_parser)
         self.link: LinkSession | None = None  # XEP-0198 enabled or resumed
         self.up = False  # handed to the router (acknowledged or plain)
         self._plain_timer: asyncio.TimerHandle | None = None
         self._want_ack = False  # a <r/> goes out with this turn's writes
-        self.ack_requested: float | None = None  # when our oldest unanswered <r/> went out
+        self.ack_requested: float | None = None  # when our unanswered <r/> went out
+        self.last_heard = self.created
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
+
+    def _failed(self, condition: str, text: str) -> list[ComponentAction]:
+        self.machine.closed = True
+        return [Close(text, condition)]
 
     def label(self) -> str:
         return f"component {self.machine.domain or self.peer}"
@@ -453,32 +444,43 @@ class ComponentConnection(StreamConnection):
         super().connection_made(transport)
         set_tcp_user_timeout(transport, LINK_TIMEOUT)
 
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = self.edge.clock()
+        super().data_received(data)
+
     def error_preamble(self) -> bytes:
         if self.machine.stream_id:
             return b""
         return stream_header(content_ns=NS_COMPONENT, from_=sorted(self.edge.local_domains)[0],
                              id_=new_stream_id(), version=None)
 
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def check_timers(self, now: float) -> None:  # the gateway link idles, but must answer <r/>
-        if self.closing:
-            return
+    # timers: the handshake in time; an acknowledged link is asked for <a/> when idle and taken
+    # for dead when an <r/> stays unanswered
+    def next_deadline(self) -> float | None:
         if not self.is_authenticated():
-            if now - self.created > self.edge.cfg.stream_establishment_timeout:
-                self.on_close(Close("component handshake not done in time", "connection-timeout"))
-            return
+            return self.created + self.edge.cfg.stream_establishment_timeout
         if self.link is None:
-            return
-        if self.ack_requested is not None and now - self.ack_requested > LINK_TIMEOUT:
+            return None
+        if self.ack_requested is not None:
+            return self.ack_requested + LINK_TIMEOUT
+        return self.last_heard + LINK_PING
+
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        if not self.is_authenticated():
+            if now >= self.created + self.edge.cfg.stream_establishment_timeout:
+                return [Close("component handshake not done in time", "connection-timeout")]
+            return []
+        if self.link is None:
+            return []
+        if self.ack_requested is not None and now >= self.ack_requested + LINK_TIMEOUT:
             self.abort(f"the gateway did not answer <r/> within {LINK_TIMEOUT:g} s: "
                        "taking the link for dead")
-        elif self.ack_requested is None and now - self.last_activity > LINK_PING:
+        elif self.ack_requested is None and now >= self.last_heard + LINK_PING:
             self._request_ack(now)
+        return []
 
     # writes from the relay: one <r/> after each turn's batch, never one per stanza
     def relay_write(self, data: bytes) -> None:
@@ -497,22 +499,28 @@ class ComponentConnection(StreamConnection):
             return
         self.ack_requested = now
         self.send(link.REQUEST)
+        self.arm_timer()
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, ComponentAuthenticated):
-            log.info("component for %s connected from %s", action.domain, self.peer)
-            # XEP-0198 comes right after the handshake, or never (a plain XEP-0114 component)
-            self._plain_timer = asyncio.get_running_loop().call_later(SM_GRACE, self._plain)
-        elif isinstance(action, Deliver):
-            if not self.up:
-                self._plain()
-            if self.link is not None:
-                self.link.inbox.handled()
-            self.edge.router.from_component(action.element, action.local, action.remote, self)
-        elif isinstance(action, LinkControl):
-            self._link_control(action.name, action.attrs)
-        else:
-            super().handle_action(action)
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Deliver(element, local, remote):
+                if not self.up:
+                    self._cancel_plain()
+                    self._plain()
+                if self.link is not None:
+                    self.link.inbox.handled()
+                self.edge.router.from_component(element, local, remote, self)
+            case LinkControl(name, attrs):
+                self._link_control(name, attrs)
+            case ComponentAuthenticated(domain):
+                log.info("component for %s connected from %s", domain, self.peer)
+                # XEP-0198 comes right after the handshake, or never (plain XEP-0114). A grace
+                # on the wire, not a protocol timer: real time, whatever the edge's clock says.
+                self._plain_timer = asyncio.get_running_loop().call_later(SM_GRACE, self._plain)
+            case Authenticated() | DialbackVerify() | DialbackVerifyAnswer():
+                raise AssertionError(f"{action!r} on the component stream")
+            case _:
+                assert_never(action)
 
     def _plain(self) -> None:
         if self.up or self.closing:
@@ -527,8 +535,9 @@ class ComponentConnection(StreamConnection):
         try:
             if name in ("enable", "resume") and self.up:
                 raise SmError(f"<{name}/> after the link was set up", "unsupported-stanza-type")
-            if name == "enable":
+            if name in ("enable", "resume"):
                 self._cancel_plain()
+            if name == "enable":
                 self.link = router.link_sessions[domain] = LinkSession(new_stream_id(), domain)
                 self.send(link.enabled(self.link.id, resume=True, max_seconds=int(
                     self.edge.cfg.component_wait)))
@@ -537,7 +546,6 @@ class ComponentConnection(StreamConnection):
                          self.link.id)
                 router.component_up(domain, self, acked=True)
             elif name == "resume":
-                self._cancel_plain()
                 old = router.link_sessions.get(domain)
                 if old is None or old.id != attrs.get("previd"):
                     log.info("component for %s asked to resume link %s, which this edge does "
@@ -574,6 +582,7 @@ class ComponentConnection(StreamConnection):
                               "unsupported-stanza-type")
         except SmError as exc:  # XEP-0198 section 4: a bad count is a stream error
             self.on_close(Close(f"component for {domain}: {exc.text}", exc.condition))
+        self.arm_timer()
 
     def graceful_close(self, reason: str) -> None:
         if self.link is not None and not self.closing:  # our last count first (XEP-0198 4)
@@ -602,18 +611,24 @@ class OutboundConnection(StreamConnection):
     def __init__(self, edge: Edge, session: OutboundSession, direct_tls: bool):
         super().__init__(edge)
         self.session = session
-        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner)
+        self.machine = OutboundS2s(edge.s2s_ctx, session.local, session.remote, session.partner,
+                                   created=self.created)
+        self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, make_tls=self.make_tls,
+                                 tls_ready=self.machine.tls_established,
+                                 check_certificate=self.check_certificate, timers=self.timers)
 
     def label(self) -> str:
         return f"outbound {self.session.local} -> {self.session.remote} ({self.peer})"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.direct_tls:
-            self.tls = self.make_tls(alpn=True)
-            self._flush_tls()
+        if self.direct_tls:  # XEP-0368: TLS first, ALPN xmpp-server; our header after it
+            self.stream.start_tls_now(self.make_tls(alpn=True))
+            self.flush()
         else:
             self.run(self.machine.start())
 
@@ -622,33 +637,31 @@ class OutboundConnection(StreamConnection):
         return TlsSession.client(self.edge.tls_contexts, self.session.local, self.session.remote,
                                  alpn=alpn)
 
-    def on_tls_ready(self) -> Sequence[object]:
-        assert self.tls is not None
-        leaf, chain = self.tls.peer_certificate, list(self.tls.peer_intermediates)
-        return self.machine.tls_established(
-            lambda domain: verify_certificate(leaf, chain, domain, self.edge.trust))
-
-    def handle_event(self, event: object) -> Sequence[object]:
-        return self.machine.receive(event)  # type: ignore[arg-type]
-
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def keepalive(self) -> bool:
-        return self.session.partner.keepalive
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
 
-    def handle_action(self, action: object) -> None:
-        if isinstance(action, Authenticated):
-            tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-            log.info("%s: authenticated via %s (%s)", self.label(), action.label, tls)
-            self.session.ready(self)
-        elif isinstance(action, DialbackVerifyAnswer):
-            self.edge.router.dialback_answered(action)
-        elif isinstance(action, Close):
-            super().handle_action(action)
-            self.session.failed(self, action.reason, action.bounce if action.failed else None)
-        else:
-            super().handle_action(action)
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return self.machine.handle_timer(now)
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case Authenticated(label=label):
+                tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
+                log.info("%s: authenticated via %s (%s)", self.label(), label, tls)
+                self.session.ready(self)
+            case DialbackVerifyAnswer():
+                self.edge.router.dialback_answered(action)
+            case Deliver() | DialbackVerify() | ComponentAuthenticated() | LinkControl():
+                raise AssertionError(f"{action!r} on an outbound stream")
+            case _:
+                assert_never(action)
+
+    def on_close(self, action: Close) -> None:
+        super().on_close(action)
+        self.session.failed(self, action.reason, action.bounce if action.failed else None)
 
     def on_lost(self, reason: str) -> None:
         self.session.failed(self, f"connection to {self.session.remote} lost: {reason}",
@@ -874,6 +887,9 @@ class Router:
     # carrying out the relay's actions ----------------------------------------------------------
     def _apply(self) -> None:
         for action in self.relay.actions():
+            if type(action) is Write:  # the hot path, first
+                action.link.relay_write(action.data)  # type: ignore[attr-defined]
+                continue
             match action:
                 case Write(link, data):
                     assert isinstance(link, StreamConnection)
@@ -891,7 +907,9 @@ class Router:
                     link.resume_reading()
                 case _:
                     assert_never(action)
-        self._arm()
+        if self.relay.timers_changed:
+            self.relay.timers_changed = False
+            self._arm()
 
     def _arm(self) -> None:
         deadline = self.relay.next_deadline()
@@ -927,16 +945,18 @@ class Edge:
                              if cfg.certificate and cfg.private_key else None)
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.s2s_ctx = S2sContext(self.local_domains, cfg.partners,
-                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None)
+                                  DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None,
+                                  Timeouts(cfg.stream_establishment_timeout,
+                                           cfg.stream_inactivity_timeout, cfg.keepalive_interval))
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
         self.router = Router(self)
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        self._ticker: asyncio.Task[None] | None = None
         # issue 13: probes after repeated partner failures; the certificate's expiry warning
         self.auto_probe = AutoProbe(cfg, clock=clock) if auto_probe else None
         self.cert_watch = (CertificateWatch.from_file(cfg.certificate)
                            if cfg.certificate else None)
+        self._cert_timer: asyncio.TimerHandle | None = None
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
@@ -959,17 +979,17 @@ class Edge:
             self.servers.append(await loop.create_server(
                 lambda: ComponentConnection(self), addr.host, addr.port, reuse_address=True))
             log.info("listening for the gateway component (XEP-0114) on %s", addr)
-        self._ticker = loop.create_task(self._tick())
+        self._watch_certificate()
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = self.clock()
-            for c in list(self.connections):
-                c.check_timers(now)
-            if self.cert_watch is not None and (warning := self.cert_watch.check(
-                    dt.datetime.now(dt.UTC))):
-                log.warning("%s: %s", self.cfg.certificate, warning)  # at most once a day
+    def _watch_certificate(self) -> None:
+        """The expiry warning (30 / 7 days, expired): checked hourly, logged at most daily."""
+        if self.cert_watch is None:
+            return
+        warning = self.cert_watch.check(dt.datetime.now(dt.UTC))
+        if warning:
+            log.warning("%s: %s", self.cfg.certificate, warning)
+        self._cert_timer = asyncio.get_running_loop().call_later(CERT_CHECK_INTERVAL,
+                                                                 self._watch_certificate)
 
     async def stop(self) -> None:
         """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
@@ -978,8 +998,8 @@ class Edge:
         it; then the component links close."""
         for s in self.servers:
             s.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
+        if self._cert_timer is not None:
+            self._cert_timer.cancel()
         if self.auto_probe is not None:
             await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]

@@ -72,8 +72,24 @@ def _accept_any_certificate(conn: SSL.Connection, cert: object, errno: int, dept
     return True
 
 
+class _NoApplicationProtocol(Exception):
+    """Raised in the ALPN callback: pyOpenSSL then answers with a fatal alert, which OpenSSL
+    sends as no_application_protocol (RFC 7301 3.2), and re-raises this from the handshake."""
+
+    def __init__(self, offered: list[bytes]):
+        super().__init__(offered)
+        self.offered = offered
+
+
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:  # bytes or NO_OVERLAP
-    return ALPN_XMPP_SERVER if ALPN_XMPP_SERVER in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    if ALPN_XMPP_SERVER in offered:
+        return ALPN_XMPP_SERVER
+    session = conn.get_app_data()
+    if isinstance(session, TlsSession) and session.direct_tls:
+        # XEP-0368 3: Direct TLS s2s speaks xmpp-server; RFC 7301 3.2: a server that supports
+        # none of the client's protocols MUST refuse with no_application_protocol.
+        raise _NoApplicationProtocol(offered)
+    return SSL.NO_OVERLAPPING_PROTOCOLS  # STARTTLS: ALPN plays no part (RFC 6120 5.4)
 
 
 def _a_label(domain: str) -> str:
@@ -196,9 +212,11 @@ class TlsSession:
     """One TLS connection, either role, over memory BIOs. Not thread-safe; no I/O."""
 
     def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
-                 server_name: str | None = None):
+                 server_name: str | None = None, direct_tls: bool = False):
         self._conn = conn
+        conn.set_app_data(self)
         self.server_side = server_side
+        self.direct_tls = direct_tls  # server side: XEP-0368, ALPN must be xmpp-server if sent
         self.local_domain = local_domain
         self.handshake_complete = False
         self.peer_closed = False  # close_notify received
@@ -215,11 +233,13 @@ class TlsSession:
         self._sni_domains: frozenset[str] = frozenset()
 
     @classmethod
-    def server(cls, contexts: TlsContexts, local_domain: str | None) -> TlsSession:
-        """Accepting side. local_domain: the stream `to` (STARTTLS); SNI overrides it."""
+    def server(cls, contexts: TlsContexts, local_domain: str | None, *,
+               direct_tls: bool = False) -> TlsSession:
+        """Accepting side. local_domain: the stream `to` (STARTTLS); SNI overrides it.
+        direct_tls: a client offering ALPN without xmpp-server is refused (RFC 7301 3.2)."""
         conn = SSL.Connection(contexts.server_context(local_domain), None)
         conn.set_accept_state()
-        session = cls(conn, server_side=True, local_domain=local_domain)
+        session = cls(conn, server_side=True, local_domain=local_domain, direct_tls=direct_tls)
         session._sni_domains = frozenset(contexts.domains())
         return session
 
@@ -276,6 +296,11 @@ class TlsSession:
             return False
         except SSL.Error as e:
             raise self._fail(e) from e
+        except _NoApplicationProtocol as e:
+            offered = ", ".join(p.decode("ascii", "replace") for p in e.offered) or "nothing"
+            self._error = TlsError(f"peer offered ALPN {offered}, not xmpp-server (XEP-0368): "
+                                   "refused with no_application_protocol (RFC 7301 3.2)")
+            raise self._error from e
         self._on_handshake_complete()
         return True
 

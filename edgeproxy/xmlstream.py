@@ -109,6 +109,22 @@ _QUOTE_OR_GT = re.compile(rb"['\">]")
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 _WS = b" \t\r\n"  # XML's S production (RFC 6120 1.4 "whitespace")
 
+# RFC 5646 2.1 (BCP 47) language tags, the only values xml:lang may carry (RFC 6120 4.7.4).
+_LANGTAG = (r"(?:[a-z]{2,3}(?:-[a-z]{3}){0,3}|[a-z]{4,8})(?:-[a-z]{4})?(?:-(?:[a-z]{2}|[0-9]{3}))?"
+            r"(?:-(?:[a-z0-9]{5,8}|[0-9][a-z0-9]{3}))*(?:-[0-9a-wy-z](?:-[a-z0-9]{2,8})+)*"
+            r"(?:-x(?:-[a-z0-9]{1,8})+)?")
+_GRANDFATHERED = (r"en-gb-oed|i-(?:ami|bnn|default|enochian|hak|klingon|lux|mingo|navajo|pwn|tao"
+                  r"|tay|tsu)|sgn-(?:be-fr|be-nl|ch-de)|art-lojban|cel-gaulish|no-(?:bok|nyn)"
+                  r"|zh-(?:guoyu|hakka|min|min-nan|xiang)")
+_LANGUAGE_TAG = re.compile(rf"(?:{_LANGTAG}|x(?:-[a-z0-9]{{1,8}})+|{_GRANDFATHERED})",
+                           re.IGNORECASE | re.ASCII)
+
+
+def is_language_tag(value: str) -> bool:
+    """Whether `value` is a well-formed BCP 47 language tag (RFC 5646 2.1, syntax only)."""
+    return _LANGUAGE_TAG.fullmatch(value) is not None
+
+
 _E = expat.errors.codes
 _RESTRICTED_ERRORS: Final = frozenset({
     _E[expat.errors.XML_ERROR_UNDEFINED_ENTITY],
@@ -487,15 +503,20 @@ class XmlStreamParser:
             )
         if exc.code in _ENCODING_ERRORS:
             return XmlStreamError("unsupported-encoding", message)
-        if self._bad_utf8():
+        if self._bad_utf8(position):
             return XmlStreamError("unsupported-encoding", f"{message}: invalid UTF-8")
         return XmlStreamError("not-well-formed", message)
 
-    def _bad_utf8(self) -> bool:
+    def _bad_utf8(self, position: int) -> bool:
+        """Whether UTF-8 breaks at or before the error `position`: bytes after it must not
+        decide the condition, or it would depend on how TCP cut the stream (found by
+        bench/fuzz.py)."""
+        end = position - self._base + 4  # the whole character at `position`
         try:
-            bytes(self._buf[self._mark - self._base :]).decode("utf-8")
+            bytes(self._buf[self._mark - self._base : end]).decode("utf-8")
         except UnicodeDecodeError as exc:
-            return exc.reason != "unexpected end of data"
+            return (exc.reason != "unexpected end of data"
+                    and self._mark + exc.start <= position)
         return False
 
     # -- expat --------------------------------------------------------------------------------
@@ -654,7 +675,12 @@ class XmlStreamParser:
         default_ns = self._ns_decls.pop(None, None)
         prefixes = {k: v for k, v in self._ns_decls.items() if k is not None and v is not None}
         qualified = _qualify_attrs(attrs)
-        self._context = NamespaceContext(default_ns, prefixes, qualified.get("xml:lang") or None)
+        # RFC 6120 4.7.4: the stream's default language must be a BCP 47 tag; an invalid one
+        # is ignored (kept in `attrs` for logs), so it never travels onto forwarded stanzas.
+        lang = qualified.get("xml:lang") or None
+        if lang is not None and not is_language_tag(lang):
+            lang = None
+        self._context = NamespaceContext(default_ns, prefixes, lang)
         self._content_ns = default_ns or ""
         self._prefix_probes = tuple(f"{prefix}:".encode() for prefix in prefixes)
         self._header_raw = raw

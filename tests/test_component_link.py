@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
-
-import pytest
 
 from edgeproxy.link import NS_SM
 from edgeproxy.xmlstream import NS_COMPONENT, Element
-from tests.test_hostile import (
+from tests.hostile import (  # noqa: F401 - the fixtures 'auth' and 'h'
     CONTOSO,
     FAB,
-    Authoritative,
     Harness,
     Peer,
-    auth,  # noqa: F401 - the authoritative server fixture
+    auth_fixture,
     component_stream,
+    harness_fixture,
     message,
     wait_for,
 )
-
-
-@pytest.fixture(name="h")
-def harness(tmp_path: Path, auth: Authoritative) -> Harness:  # noqa: F811
-    return Harness(tmp_path, auth)
-
 
 SM = f"xmlns='{NS_SM}'"
 

@@ -31,6 +31,7 @@ from edgeproxy.s2s import (
     S2sContext,
     Send,
     StartTls,
+    Timeouts,
 )
 from edgeproxy.xmlstream import XmlStreamParser, stream_error
 
@@ -437,3 +438,109 @@ def test_outbound_stream_error_after_sasl_failure_keeps_both_reasons(trust):
     assert [c.reason for c in closes] == [
         "fabrikam.test sent a stream error in answer to our dialback key: <not-authorized/>; "
         "before that it refused our certificate (SASL EXTERNAL failure: not-authorized)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadlines on an injected clock (aioquic's get_timer / handle_timer): no sleeping anywhere
+
+HEAD = (b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+        b"xmlns:stream='http://etherx.jabber.org/streams' from='fabrikam.test' "
+        b"to='contoso.test' version='1.0'>")
+TIMEOUTS = Timeouts(establishment=60, inactivity=600, keepalive=30)
+
+
+def timed_inbound(keepalive: bool, now: float = 1000.0) -> InboundS2s:
+    partner = Partner("fabrikam.test", tls=Negotiation.NOT_SUPPORTED,
+                      sasl=Negotiation.NOT_SUPPORTED, dialback=True, keepalive=keepalive)
+    c = S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]),
+                   DialbackKeys("s"), False, TIMEOUTS)
+    return InboundS2s(c, created=now)
+
+
+def authenticate_by_dialback(m: InboundS2s) -> None:
+    p = XmlStreamParser()
+    acts = [a for ev in p.feed(HEAD + b"<db:result from='fabrikam.test' to='contoso.test'>k"
+                               b"</db:result>") for a in m.receive(ev)]
+    (verify,) = [a for a in acts if isinstance(a, DialbackVerify)]
+    m.dialback_result(verify.local, verify.remote, "valid")
+    assert m.authenticated
+
+
+def test_establishment_deadline_closes_with_our_header_before_the_error():
+    """RFC 6120 4.9.1.2: no header from the peer yet, so the error opens our stream first."""
+    m = timed_inbound(keepalive=True)
+    assert m.next_deadline() == 1060
+    assert m.handle_timer(1059.9) == []
+    acts = m.handle_timer(1060)
+    (close,) = [a for a in acts if isinstance(a, Close)]
+    assert close.condition == "connection-timeout" and "within 60 s" in close.reason
+    wire = b"".join(a.data for a in acts if isinstance(a, Send))
+    events = XmlStreamParser().feed(wire + stream_error(close.condition, close.reason))
+    assert [type(e).__name__ for e in events] == ["StreamOpened", "Element", "StreamClosed"]
+    assert m.next_deadline() is None and m.handle_timer(5000) == []
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_authenticated_stream_keeps_alive_only_if_the_partner_wants_it(keepalive):
+    m = timed_inbound(keepalive)
+    m.timers.received(1010, whitespace_only=False)
+    authenticate_by_dialback(m)
+    m.timers.sent(1010)
+    # establishment no longer applies; keepalive (RFC 6120 4.6.1) or inactivity does
+    assert m.next_deadline() == (1040 if keepalive else 1610)
+    acts = m.handle_timer(1040)
+    assert acts == ([Send(b" ")] if keepalive else [])
+    if keepalive:  # a keepalive is not activity: inactivity still counts from 1010
+        assert m.next_deadline() == 1070
+    (close,) = m.handle_timer(1610)
+    assert isinstance(close, Close) and close.condition is None and not close.failed
+    assert "no traffic for 600 s" in close.reason
+
+
+def test_whitespace_received_is_not_activity():
+    m = timed_inbound(keepalive=False)
+    authenticate_by_dialback(m)
+    m.timers.received(1500, whitespace_only=True)
+    assert m.next_deadline() == 1600
+    m.timers.received(1500, whitespace_only=False)
+    assert m.next_deadline() == 2100
+
+
+def test_outbound_establishment_deadline_bounces_as_remote_server_timeout():
+    partner = Partner("fabrikam.test", keepalive=False)
+    c = S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]), DialbackKeys("s"),
+                   True, TIMEOUTS)
+    out = OutboundS2s(c, "contoso.test", "fabrikam.test", partner, created=50.0)
+    out.start()
+    assert out.next_deadline() == 110
+    (close,) = out.handle_timer(110)
+    assert isinstance(close, Close) and close.condition == "connection-timeout"
+    assert close.bounce == "remote-server-timeout" and not out.authenticated
+
+
+def test_equal_deadlines_do_not_break_next_deadline():
+    """Two timers due at the same instant (found by bench/fuzz.py: a TypeError comparing them)."""
+    partner = Partner("fabrikam.test", tls=Negotiation.NOT_SUPPORTED,
+                      sasl=Negotiation.NOT_SUPPORTED)
+    c = S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]), DialbackKeys("s"),
+                   False, Timeouts(establishment=60, inactivity=60, keepalive=60))
+    m = InboundS2s(c, created=5.0)
+    assert m.next_deadline() == 65
+    (close,) = [a for a in m.handle_timer(65) if isinstance(a, Close)]
+    assert close.condition == "connection-timeout"  # establishment wins the tie
+
+
+def test_dialback_under_way_at_starttls_dies_with_the_pre_tls_stream():
+    """RFC 6120 5.4.3.3: what was learnt in the clear is discarded at STARTTLS, and a late
+    authoritative answer must not write <db:result/> into the new stream before its header
+    (found by bench/fuzz.py)."""
+    partner = Partner("fabrikam.test", tls=Negotiation.OPTIONAL, sasl=Negotiation.OPTIONAL)
+    m = InboundS2s(S2sContext(frozenset({"contoso.test"}), PartnerTable([partner]),
+                              DialbackKeys("s"), True))
+    p = XmlStreamParser()
+    acts = [a for ev in p.feed(HEAD + b"<db:result from='fabrikam.test' to='contoso.test'>k"
+                               b"</db:result><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            for a in m.receive(ev)]
+    assert any(isinstance(a, DialbackVerify) for a in acts) and isinstance(acts[-1], StartTls)
+    assert m.dialback_result("contoso.test", "fabrikam.test", "valid") == []
+    assert not m.authenticated

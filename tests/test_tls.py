@@ -8,6 +8,7 @@ TlsSession behind an asyncio Protocol <-> asyncio's `ssl` client (inside scripts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from dataclasses import dataclass
@@ -198,6 +199,63 @@ def test_no_alpn_offered_means_none(server_contexts, pki):
     server, client = pair(server_contexts, pki)
     transfer(client, server)
     assert server.alpn_protocol is None and client.alpn_protocol is None
+
+
+def _stdlib_client(alpn: list[str]) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return ctx.wrap_bio(incoming, outgoing, server_hostname=LOCAL), incoming, outgoing
+
+
+def _stdlib_handshake(server: TlsSession, alpn: list[str]) -> ssl.SSLObject:
+    """A stdlib client (it can offer any ALPN) against `server`; the server's TlsError, if
+    any, is kept in `server_error` while its alert still reaches the client."""
+    sslobj, incoming, outgoing = _stdlib_client(alpn)
+    for _ in range(10):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            sslobj.do_handshake()
+            server.receive_data(outgoing.read())  # the client's Finished (TLS 1.3)
+            return sslobj
+        try:
+            server.receive_data(outgoing.read())
+        except TlsError as exc:
+            server_error.append(exc)
+        incoming.write(server.data_to_send())
+    raise AssertionError("handshake did not finish")
+
+
+server_error: list[TlsError] = []
+
+
+def test_direct_tls_refuses_alpn_without_xmpp_server_with_no_application_protocol(
+        server_contexts):
+    """RFC 7301 3.2: a server supporting none of the offered protocols sends the fatal
+    no_application_protocol alert; XEP-0368 3: Direct TLS s2s is ALPN xmpp-server."""
+    server = TlsSession.server(server_contexts, None, direct_tls=True)
+    server_error.clear()
+    with pytest.raises(ssl.SSLError, match="alert no application protocol"):
+        _stdlib_handshake(server, ["h2", "http/1.1"])
+    assert not server.handshake_complete
+    assert [e.reason for e in server_error] == [
+        "peer offered ALPN h2, http/1.1, not xmpp-server (XEP-0368): refused with "
+        "no_application_protocol (RFC 7301 3.2)"]
+
+
+def test_direct_tls_accepts_xmpp_server_among_others_and_no_alpn(server_contexts):
+    server = TlsSession.server(server_contexts, None, direct_tls=True)
+    assert _stdlib_handshake(server, ["h2", "xmpp-server"]).selected_alpn_protocol() == \
+        "xmpp-server"
+    server = TlsSession.server(server_contexts, None, direct_tls=True)
+    assert _stdlib_handshake(server, []).selected_alpn_protocol() is None  # nothing offered
+
+
+def test_starttls_ignores_foreign_alpn(server_contexts):
+    """On STARTTLS (RFC 6120 5.4) ALPN plays no part: an h2 offer just gets no ALPN."""
+    server = TlsSession.server(server_contexts, LOCAL)
+    assert _stdlib_handshake(server, ["h2"]).selected_alpn_protocol() is None
+    assert server.handshake_complete and server.alpn_protocol is None
 
 
 def test_tls13_client_finishes_first_and_its_first_data_rides_with_finished(server_contexts,

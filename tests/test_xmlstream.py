@@ -30,6 +30,7 @@ from edgeproxy.xmlstream import (
     XmlStreamParser,
     escape_attr,
     escape_text,
+    is_language_tag,
     stanza_error,
     stream_error,
     stream_header,
@@ -725,6 +726,27 @@ def test_forwarding_keeps_the_stanza_language_and_adds_none_for_ours() -> None:
     assert el.forwardable() is el.raw
 
 
+@pytest.mark.parametrize("lang", ["!!bogus language!!", "en_US", "de-", "x", "' onload='x"])
+def test_an_invalid_stream_language_is_ignored_not_forwarded(lang: str) -> None:
+    """RFC 6120 4.7.4: xml:lang is a BCP 47 tag (RFC 5646); an invalid one is not the
+    stream's language, so it must not be stamped on forwarded stanzas."""
+    header = HEADER.replace(b"xml:lang='en'", f"xml:lang='{escape_attr(lang)}'".encode())
+    events = XmlStreamParser().feed(header + MESSAGE)
+    assert isinstance(events[0], StreamOpened) and events[0].attrs["xml:lang"] == lang
+    (el,) = elements(events)
+    assert el.forwardable() is el.raw
+
+
+@pytest.mark.parametrize("tag,valid", [
+    ("en", True), ("de-CH-1901", True), ("zh-Hant-TW", True), ("es-419", True),
+    ("sr-Latn-RS", True), ("en-US-x-twain", True), ("x-klingon", True), ("i-klingon", True),
+    ("en-a-bbb-x-a", True), ("", False), ("e", False), ("en--us", False), ("en_US", False),
+    ("toolonglanguage", False), ("en-x", False), ("1en", False),
+])
+def test_language_tag_syntax_follows_rfc_5646(tag: str, valid: bool) -> None:
+    assert is_language_tag(tag) is valid
+
+
 def parse_stanza(raw: bytes) -> Element:
     return elements(XmlStreamParser().feed(HEADER + raw))[0]
 
@@ -791,3 +813,23 @@ def test_events_before_an_error_travel_with_it():
     assert e.value.condition == "restricted-xml"
     assert [type(ev).__name__ for ev in e.value.events] == ["StreamOpened", "Element"]
     assert e.value.events[1].name == "message"
+
+
+@pytest.mark.parametrize("split", [None, 10, 60, 200])
+def test_condition_of_a_syntax_error_does_not_depend_on_later_bytes_or_the_split(
+        split: int | None) -> None:
+    """RFC 6120 4.9.3.13 vs 4.9.3.22: the first problem decides. Invalid UTF-8 after a syntax
+    error used to turn the error into unsupported-encoding when both came in one read, and
+    not-well-formed when TCP cut between them (found by bench/fuzz.py)."""
+    data = HEADER + b"<message to='a@b'x><body/></message>" + b"\xff" * 40 + b"<x/>"
+    parser = XmlStreamParser()
+    with pytest.raises(XmlStreamError) as err:
+        if split is None:
+            parser.feed(data)
+        else:
+            parser.feed(data[: len(HEADER) + split])
+            parser.feed(data[len(HEADER) + split:])
+    assert err.value.condition == "not-well-formed"
+    with pytest.raises(XmlStreamError) as err:  # invalid UTF-8 first: that one decides
+        XmlStreamParser().feed(HEADER + b"<message to='a@b'>\xff\xfe<x'/></message>")
+    assert err.value.condition == "unsupported-encoding"
