@@ -177,8 +177,9 @@ async def test_direct_tls_alpn_without_xmpp_server_gets_no_application_protocol(
 async def test_pause_reading_stops_mid_read_and_resume_delivers_the_rest_in_order(
         h: Harness) -> None:
     """The relay core pauses a sender whose budget is spent; stanzas already read but not yet
-    handled must wait, not be lost or reordered. The router is wrapped by a recording spy (the
-    relay core that will call pause_reading is not merged yet)."""
+    handled must wait, not be lost or reordered. The router is wrapped by a recording spy that
+    pauses the stream after the first stanza, as the relay core does when a budget is spent
+    (tests/test_component_link.py drives the relay's own pause)."""
     async with h.edge_running() as edge:
         p = await h.authenticated()
         (conn,) = [c for c in edge.connections if isinstance(c, InboundConnection)
@@ -186,9 +187,9 @@ async def test_pause_reading_stops_mid_read_and_resume_delivers_the_rest_in_orde
         seen: list[str] = []
         forward = edge.router.from_partner
 
-        def spy(element, local: str, remote: str) -> None:  # noqa: ANN001 - an Element
+        def spy(element, local: str, remote: str, source=None) -> None:  # noqa: ANN001
             seen.append(element.attrs["id"])
-            forward(element, local, remote)
+            forward(element, local, remote, source)
             if len(seen) == 1:
                 conn.pause_reading()
 
