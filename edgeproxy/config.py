@@ -26,7 +26,9 @@ from .partners import (
 
 MIN_STANZA_SIZE = 10000  # RFC 6120 13.12: a deployed limit MUST NOT be below 10000 bytes
 
-TOP_LEVEL = {"edge", "dns", "federation", "partner", "gateway"}
+TOP_LEVEL = {"edge", "dns", "federation", "partner", "gateway", "log"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -53,9 +55,33 @@ class ComponentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """[edge.admin]: the admin listener (control panel, /api/v1, /metrics, /health, /ready)."""
+
+    listen: ListenAddress
+    token: str | None = None  # Authorization: Bearer <token>
+    password_hash: str | None = None  # adminauth.hash_password(); the panel's login form
+
+    @property
+    def loopback(self) -> bool:
+        host = self.listen.host
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
 class DnsSettings:
     nameservers: tuple[tuple[str, int], ...] = ()  # empty = the system's resolver configuration
     timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """[log]: read by both daemons (edgeproxy.logs sets logging up from it)."""
+
+    level: str = "info"
+    format: str = "text"  # "text" | "json": one JSON object per line
+    file: Path | None = None  # None: standard error
+    message_bodies: bool = False  # Lync EnableLoggingAllMessageBodies: off, bodies never logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +114,8 @@ class EdgeConfig:
     # The addresses partners reach this edge at, when they are not the listen addresses (NAT,
     # a load balancer): what `check-dns` expects the SRV targets to resolve to.
     public_addresses: tuple[str, ...] = field(default=())
+    admin: AdminSettings | None = None
+    log: LogSettings = field(default=LogSettings())
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -170,14 +198,19 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _check_pem(path: Path, what: str, key: str, problems: list[str]) -> None:
+def _check_pem(path: Path, what: str, key: str, problems: list[str],
+               domains: list[str] | None = None) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
         data = path.read_bytes()
     except OSError as exc:
-        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}")
+        hint = ""
+        if isinstance(exc, FileNotFoundError):  # say how to make one for a test setup
+            hint = (" (for a test setup make it with: edgeproxy dev-certs --out "
+                    f"{path.parent} {' '.join(domains or ['DOMAIN'])})")
+        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}{hint}")
         return
     try:
         if what == "private key":
@@ -198,6 +231,28 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], Path]:
         return tomllib.loads(text), p.resolve().parent
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+
+
+def log_settings_from_mapping(raw: Mapping[str, Any], base: Path,
+                              problems: list[str]) -> LogSettings:
+    """The [log] section (shared by the edge and the gateway), problems appended."""
+    table = raw.get("log", {})
+    if not isinstance(table, Mapping):
+        problems.append("[log] must be a table")
+        return LogSettings()
+    r = _Reader(table, "log", problems)
+    level = r.string("level", "info").lower()
+    if level not in LOG_LEVELS:
+        r.problem("level", f"must be one of {', '.join(LOG_LEVELS)} (got {level!r})")
+        level = "info"
+    fmt = r.string("format", "text").lower()
+    if fmt not in LOG_FORMATS:
+        r.problem("format", f"must be \"text\" or \"json\" (got {fmt!r})")
+        fmt = "text"
+    file_s = r.string("file")
+    bodies = r.boolean("message_bodies", False)
+    r.unknown_keys()
+    return LogSettings(level, fmt, _path(base, file_s) if file_s else None, bodies)
 
 
 def load_partner_table(raw: Mapping[str, Any]) -> PartnerTable:
@@ -263,11 +318,11 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     if bool(certificate) != bool(private_key):
         problems.append("[edge] certificate and private_key go together: set both or neither")
     if certificate and private_key:
-        _check_pem(certificate, "certificate", "certificate", problems)
-        _check_pem(private_key, "private key", "private_key", problems)
+        _check_pem(certificate, "certificate", "certificate", problems, domains)
+        _check_pem(private_key, "private key", "private_key", problems, domains)
     ca_files = tuple(_path(base, c) for c in e.strings("ca_files"))
     for c in ca_files:
-        _check_pem(c, "certificate", "ca_files", problems)
+        _check_pem(c, "certificate", "ca_files", problems, domains)
     use_system_ca = e.boolean("use_system_ca", True)
     public_addresses = []
     for a in e.strings("public_addresses"):
@@ -315,7 +370,8 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
                 cr.problem("secret", "is required: the shared secret of the gateway component")
             cr.unknown_keys()
             component = ComponentSettings(clisten, csecret)
-    e.unknown_keys({"component"})
+    admin = _admin_settings(edge_t.get("admin"), problems, warnings)
+    e.unknown_keys({"component", "admin"})
 
     if (certificate is None) and listen:
         warnings.append("[edge] no certificate configured: TLS cannot be offered, so only "
@@ -365,6 +421,8 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         warnings.append("no [[partner]] and no [federation] default_partner: no domain can "
                         "federate with us")
 
+    log = log_settings_from_mapping(raw, base, problems)
+
     if problems:
         raise ConfigError(problems)
     return EdgeConfig(
@@ -377,5 +435,46 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         component=component, dns=DnsSettings(tuple(nameservers), dns_timeout),
         partners=partners, warnings=tuple(warnings), queue_bytes_total=q_total,
         queue_bytes_per_domain=q_domain, queue_bytes_per_partner=q_partner,
-        component_wait=component_wait, public_addresses=tuple(public_addresses),
+        component_wait=component_wait, public_addresses=tuple(public_addresses), log=log,
+        admin=admin,
     )
+
+
+def _admin_settings(table: object, problems: list[str],
+                    warnings: list[str]) -> AdminSettings | None:
+    """[edge.admin]; absent means no admin listener. A non-loopback address needs a token or a
+    password hash (the panel and /api/v1 are never open; /health, /ready and /metrics answer
+    without credentials only on loopback)."""
+    from .adminauth import parse_hash
+
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        problems.append("[edge.admin] must be a table")
+        return None
+    r = _Reader(table, "edge.admin", problems)
+    try:
+        listen = parse_listen(r.string("listen", "127.0.0.1:5280"), 5280)
+    except ValueError as exc:
+        r.problem("listen", str(exc))
+        listen = ListenAddress("127.0.0.1", 5280)
+    token = r.string("token") or None
+    if token is not None and len(token) < 16:
+        r.problem("token", "must be at least 16 characters (make one with "
+                  "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    password_hash = r.string("password_hash") or None
+    if password_hash is not None:
+        try:
+            parse_hash(password_hash)
+        except ValueError as exc:
+            r.problem("password_hash", str(exc))
+    r.unknown_keys()
+    settings = AdminSettings(listen, token, password_hash)
+    if token is None and password_hash is None:
+        if not settings.loopback:
+            r.problem("listen", f"{listen} is not a loopback address: set token or "
+                      "password_hash, or listen on 127.0.0.1")
+        else:
+            warnings.append("[edge.admin] no token or password_hash: only /health, /ready and "
+                            "/metrics answer; the control panel and /api/v1 are refused")
+    return settings

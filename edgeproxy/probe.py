@@ -964,9 +964,9 @@ class AutoProbe:
     partner connection that failed or succeeded; after repeated failures a probe runs in the
     background, its diagnosis is logged and its report kept in the partner's history."""
 
-    def __init__(self, cfg: EdgeConfig, scheduler: ProbeScheduler | None = None,
+    def __init__(self, config: Callable[[], EdgeConfig], scheduler: ProbeScheduler | None = None,
                  clock: Callable[[], float] = time.monotonic, timeout: float = DEFAULT_TIMEOUT):
-        self.cfg = cfg
+        self.config = config  # the configuration in force when a probe starts (reloads)
         self.scheduler = scheduler or ProbeScheduler()
         self.clock = clock
         self.timeout = timeout
@@ -988,7 +988,7 @@ class AutoProbe:
         log.info("probing %s after %d failed connection(s) in a row", remote,
                  self.scheduler.failures)
         try:
-            report = await Prober(self.cfg, remote, local=local, timeout=self.timeout,
+            report = await Prober(self.config(), remote, local=local, timeout=self.timeout,
                                   in_edge=True).run()
         except (OSError, ValueError) as e:  # a probe must never take the edge down
             log.warning("probe of %s failed: %s", remote, e)

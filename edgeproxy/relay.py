@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -142,9 +142,10 @@ class Relay:
         # set whenever next_deadline() may have changed: the shell re-arms its timer only then,
         # not after every stanza
         self.timers_changed = False
-        # counters for logs, metrics and the tests
+        # counters for logs, metrics and the tests; `on_bounce(condition)` observes bounces
         self.delivered = 0
         self.bounced: dict[str, int] = {}
+        self.on_bounce: Callable[[str], None] | None = None
 
     # -- shell side ------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
@@ -470,6 +471,8 @@ class Relay:
     def _bounce(self, h: Held, condition: str, text: str) -> None:
         """RFC 6120 8.3: the error goes back to the sender; never an error for an error."""
         self.bounced[condition] = self.bounced.get(condition, 0) + 1
+        if self.on_bounce is not None:
+            self.on_bounce(condition)
         element = h.element
         if element is None:
             return

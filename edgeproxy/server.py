@@ -8,6 +8,7 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -19,16 +20,31 @@ from dataclasses import dataclass, field, replace
 from typing import Any, assert_never
 
 from . import link, sdnotify
+from .admin import AdminListener
 from .certs import CertificateWatch
+from .checks import check_text
 from .component import ComponentAction, ComponentAuthenticated, ComponentStream, LinkControl
-from .config import EdgeConfig
+from .config import ComponentSettings, ConfigError, EdgeConfig
+from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
 from .identity import TrustStore, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
-from .partners import Negotiation, Partner
+from .logs import setup_logging
+from .monitor import Monitor, StreamStats
+from .partners import AuthMethod, Negotiation, Partner
 from .probe import AutoProbe
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
+from .reload import (
+    POLICY_VIOLATION,
+    RESET,
+    FileWatch,
+    ReloadResult,
+    diff_partners,
+    restart_only_changes,
+    sighup,
+    stream_verdict,
+)
 from .s2s import (
     Authenticated,
     CertChecker,
@@ -46,7 +62,7 @@ from .s2s import (
     Timeouts,
 )
 from .stream import TlsEstablished, TransportFailed, XmppStream
-from .tls import TlsContexts, TlsSession
+from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
     Element,
@@ -93,6 +109,7 @@ class StreamConnection(asyncio.Protocol):
         self._pending: Iterator[StreamAction] | None = None  # left when reading paused
         self.stream: XmppStream[Any]  # made by the subclass, around its machine
         self.sent_close = False  # our close is out; the peer's stanzas still count (4.4)
+        self.stats = StreamStats(edge.monitor.wall())
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -120,6 +137,14 @@ class StreamConnection(asyncio.Protocol):
         """Our stream header, if a stream error comes before we answered the peer's header:
         RFC 6120 4.9.1.2, the error must still follow an opening <stream> tag."""
         return b""
+
+    def log_fields(self) -> dict[str, str]:
+        """The stable keys of JSON log lines (edgeproxy.logs): direction, partner, stream id."""
+        m = getattr(self, "machine", None)
+        partner = (getattr(m, "header_from", None) or getattr(m, "remote", None)
+                   or getattr(m, "domain", None) or "")
+        return {"direction": self.kind, "partner": partner,
+                "stream": getattr(m, "stream_id", "") or ""}
 
     def next_deadline(self) -> float | None:
         """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
@@ -149,12 +174,14 @@ class StreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.edge.monitor.lost(self, f"connection lost ({exc})" if exc else "connection closed")
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
         self.edge.router.connection_gone(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.stats.bytes_in += len(data)
         actions = self.stream.receive_data(data, self.edge.clock())
         if self._pending is not None:  # data while paused (already read by the transport)
             actions = itertools.chain(self._pending, actions)
@@ -204,6 +231,7 @@ class StreamConnection(asyncio.Protocol):
 
     def relay_write(self, data: bytes) -> None:
         """A stanza the relay core hands to this stream."""
+        self.stats.stanzas_out += 1
         self.send(data)
 
     # -- actions ---------------------------------------------------------------------------------
@@ -224,7 +252,8 @@ class StreamConnection(asyncio.Protocol):
                 self._schedule_flush()
             case TlsEstablished(tls):
                 log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
-                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "")
+                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "",
+                         extra=self.log_fields())
             case TransportFailed(reason):
                 self.flush()  # a TLS alert may be waiting
                 self.abort(reason)
@@ -236,7 +265,8 @@ class StreamConnection(asyncio.Protocol):
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
         log.log(level, "%s: closing: %s%s", self.label(), action.reason,
-                f" (<{action.condition}/>)" if action.condition else "")
+                f" (<{action.condition}/>)" if action.condition else "", extra=self.log_fields())
+        self.edge.monitor.closing(self, action.reason, action.condition)
         if action.condition:
             self.send(self.error_preamble() + stream_error(action.condition, action.reason))
         else:
@@ -265,6 +295,7 @@ class StreamConnection(asyncio.Protocol):
             return
         data = self.stream.data_to_send()
         if data:
+            self.stats.bytes_out += len(data)
             self.transport.write(data)
 
     def close_soon(self) -> None:
@@ -284,7 +315,8 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self, reason: str) -> None:
-        log.warning("%s: %s", self.label(), reason)
+        log.warning("%s: %s", self.label(), reason, extra=self.log_fields())
+        self.edge.monitor.closing(self, reason, None)
         self.closing = True
         self._pending = None
         if self.transport is not None:
@@ -295,14 +327,17 @@ class StreamConnection(asyncio.Protocol):
         it saw our close is still processed (4.4) until it closes too."""
         if self.closing or self.sent_close:
             return
-        log.info("%s: closing: %s (<system-shutdown/>)", self.label(), reason)
+        log.info("%s: closing: %s (<system-shutdown/>)", self.label(), reason,
+                 extra=self.log_fields())
+        self.edge.monitor.closing(self, reason, "system-shutdown")
         self.send(self.error_preamble() + stream_error("system-shutdown", reason))
         self.flush()
         self.sent_close = True
 
     def graceful_close(self, reason: str) -> None:
         if not self.closing:
-            log.info("%s: closing: %s", self.label(), reason)
+            log.info("%s: closing: %s", self.label(), reason, extra=self.log_fields())
+            self.edge.monitor.closing(self, reason, None)
             self.send(b"</stream:stream>")
             self.close_soon()
 
@@ -342,6 +377,7 @@ class InboundConnection(StreamConnection):
         self.timers = self.machine.timers
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
+        self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
         self.stream = XmppStream(self.machine.receive, self.machine.fail,
                                  new_parser=self._new_parser, make_tls=self.make_tls,
                                  tls_ready=self.machine.tls_established,
@@ -355,7 +391,8 @@ class InboundConnection(StreamConnection):
         if s2s > self.edge.cfg.connection_limit:
             self.abort(f"connection limit ({self.edge.cfg.connection_limit}) reached")
             return
-        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "")
+        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
+                 extra=self.log_fields())
         if self.direct_tls:
             self.stream.start_tls_now(self.make_tls())
 
@@ -384,6 +421,7 @@ class InboundConnection(StreamConnection):
     def handle_action(self, action: Effect) -> None:
         match action:
             case Deliver(element, local, remote):
+                self.stats.stanzas_in += 1
                 self.edge.router.from_partner(element, local, remote, self)
             case Authenticated():
                 self._authenticated(action)
@@ -403,9 +441,11 @@ class InboundConnection(StreamConnection):
                                 "policy-violation"))
             return
         self.partners.add(key)
+        self.methods.append((action.remote, action.method))
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                 action.local, action.label, tls)
+                 action.local, action.label, tls, extra=self.log_fields())
+        self.edge.monitor.authenticated(self, action)
 
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
@@ -504,6 +544,7 @@ class ComponentConnection(StreamConnection):
     def handle_action(self, action: Effect) -> None:
         match action:
             case Deliver(element, local, remote):
+                self.stats.stanzas_in += 1
                 if not self.up:
                     self._cancel_plain()
                     self._plain()
@@ -650,7 +691,9 @@ class OutboundConnection(StreamConnection):
         match action:
             case Authenticated(label=label):
                 tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-                log.info("%s: authenticated via %s (%s)", self.label(), label, tls)
+                log.info("%s: authenticated via %s (%s)", self.label(), label, tls,
+                         extra=self.log_fields())
+                self.edge.monitor.authenticated(self, action)
                 self.session.ready(self)
             case DialbackVerifyAnswer():
                 self.edge.router.dialback_answered(action)
@@ -712,6 +755,7 @@ class OutboundSession:
             targets = await edge.resolver.resolve(self.remote, self.partner.proxy_fqdn,
                                                   direct_tls=direct)
         except DnsError as exc:
+            edge.monitor.dial_failed(self.local, self.remote, f"DNS: {exc.text}")
             self._give_up(f"DNS: {exc.text}", "remote-server-not-found")
             return
         errors = []
@@ -739,6 +783,8 @@ class OutboundSession:
                     conn.run(conn.machine.request_verify(req.local, req.remote, req.stream_id,
                                                          req.key))
                 return
+        edge.monitor.dial_failed(self.local, self.remote, "could not connect: "
+                                 + ("; ".join(errors) or "no usable target"))
         self._give_up("could not connect: " + ("; ".join(errors) or "no usable target"),
                       "remote-server-timeout")
 
@@ -851,6 +897,30 @@ class Router:
         self.relay.acked(domain, count)
         self._apply()
 
+    def partner_removed(self, domain: str, condition: str, text: str) -> None:
+        """`domain` no longer federates (live reload): forget its dialers, answer their
+        dialback verifications, and bounce what waits for it with `condition`; Edge.apply
+        closes the streams themselves."""
+        for key in [k for k in self.sessions if k[1] == domain]:
+            s = self.sessions.pop(key)
+            s.conn = None
+            if s.connecting is not None:
+                s.connecting.cancel()
+            s._give_up(text, condition)
+        self.relay.partners = self.edge.cfg.partners
+        self._apply()
+
+    def reconfigure(self) -> None:
+        """A reloaded configuration: the relay's partner table and byte budgets follow it."""
+        cfg = self.edge.cfg
+        self.relay.partners = cfg.partners
+        self.relay.budgets = Budgets(
+            total=cfg.queue_bytes_total, per_domain=cfg.queue_bytes_per_domain,
+            per_partner=cfg.queue_bytes_per_partner, component_wait=cfg.component_wait,
+            establishment=cfg.stream_establishment_timeout)
+        self.relay.timers_changed = True
+        self._apply()
+
     def connection_gone(self, conn: StreamConnection) -> None:
         self.relay.link_gone(conn)
 
@@ -949,14 +1019,161 @@ class Edge:
                                   Timeouts(cfg.stream_establishment_timeout,
                                            cfg.stream_inactivity_timeout, cfg.keepalive_interval))
         self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
+        self._own_resolver = resolver is None
+        self._tls_stamp = _tls_stamp(cfg)
+        self.config_version = version_of(cfg.path.read_bytes()) if cfg.path else ""
+        self.last_reload: ReloadResult | None = None
+        self.reload_counts = {"ok": 0, "failed": 0}
         self.router = Router(self)
+        self.monitor = Monitor(self)
+        self.router.relay.on_bounce = self.monitor.bounced
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        # issue 13: probes after repeated partner failures; the certificate's expiry warning
-        self.auto_probe = AutoProbe(cfg, clock=clock) if auto_probe else None
-        self.cert_watch = (CertificateWatch.from_file(cfg.certificate)
-                           if cfg.certificate else None)
+        self.admin: AdminListener | None = None
+        # issue 13: probes after repeated partner failures (with the configuration in force);
+        # the certificate's expiry warning, re-read when a reload changes the certificate
+        self.auto_probe = AutoProbe(lambda: self.cfg, clock=clock) if auto_probe else None
+        self.cert_watch: CertificateWatch | None = None
+        self._cert_watch_stamp: object = None
         self._cert_timer: asyncio.TimerHandle | None = None
+
+    # -- live reload (issue 12 section 2) -------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Read and check the configuration file again; apply it if valid, else keep running
+        with the current one. The result is logged and kept in `last_reload`."""
+        path = self.cfg.path
+        if path is None:
+            return ReloadResult(False, "", ("the edge was not started from a file",))
+        version = ""
+        try:
+            data = path.read_bytes()
+            version = version_of(data)
+            checked = check_text(data.decode("utf-8"), path)
+        except (OSError, UnicodeDecodeError) as exc:
+            result = ReloadResult(False, version, (f"{path}: cannot read configuration: {exc}",))
+        except ConfigError as exc:
+            result = ReloadResult(False, version, tuple(exc.problems))
+        else:
+            try:
+                changes = self.apply(checked.edge)
+            except (TlsError, OSError, ValueError) as exc:
+                result = ReloadResult(False, version, (f"cannot apply: {exc}",))
+            else:
+                self.config_version = version
+                result = ReloadResult(True, version, warnings=checked.warnings,
+                                      changes=tuple(changes))
+        if result.ok:
+            log.info("configuration %s reloaded (version %s): %s", path, version[:12],
+                     "; ".join(result.changes) or "nothing changed")
+            for w in result.warnings:
+                log.warning("%s", w)
+        else:
+            log.error("configuration %s NOT reloaded, the running one stays: %s", path,
+                      "; ".join(result.errors))
+        self.last_reload = result
+        self.reload_counts["ok" if result.ok else "failed"] += 1
+        return result
+
+    def apply(self, new: EdgeConfig) -> list[str]:
+        """Take over a checked configuration without dropping streams that may stay; returns
+        what changed, in words. Streams of a removed partner close with <policy-violation/>,
+        streams the new policy no longer allows with <reset/> (reload.stream_verdict)."""
+        old = self.cfg
+        later = restart_only_changes(old, new)
+        keep: dict[str, object] = {"domains": old.domains, "listen": old.listen,
+                                   "direct_tls_listen": old.direct_tls_listen}
+        if new.dialback_secret_generated and old.dialback_secret_generated:
+            keep["dialback_secret"] = old.dialback_secret  # random per start, not per reload
+        if old.component is None or new.component is None:
+            keep["component"] = old.component
+        elif old.component.listen != new.component.listen:
+            keep["component"] = ComponentSettings(old.component.listen, new.component.secret)
+        new = replace(new, **keep)  # type: ignore[arg-type]
+        diff = diff_partners(old.partners, new.partners)
+        changes = diff.describe()
+        # A new certificate and key serve the next handshake; open TLS sessions keep theirs.
+        tls = (TlsContexts(None, (new.certificate, new.private_key))
+               if new.certificate and new.private_key else None)
+        trust = TrustStore.load(new.ca_files, new.use_system_ca)
+        stamp = _tls_stamp(new)
+        if stamp != self._tls_stamp:  # new paths, or renewed in place (then SIGHUP)
+            changes.append("certificate and key changed")
+        if new.dns != old.dns and self._own_resolver:
+            self.resolver = S2sResolver(new.dns.nameservers, new.dns.timeout)
+            changes.append("DNS settings changed")
+        for name in ("connection_limit", "partner_connection_limit", "keepalive_interval",
+                     "stream_establishment_timeout", "stream_inactivity_timeout",
+                     "stanza_size_limit", "dialback_secret", "log"):
+            if getattr(old, name) != getattr(new, name):
+                changes.append(f"{name} changed" if name != "dialback_secret"
+                               else "dialback secret changed")
+        changes += [f"{what} changed: takes effect at the next start" for what in later]
+
+        self.cfg = new
+        self.tls_contexts, self.trust, self._tls_stamp = tls, trust, stamp
+        ctx = self.s2s_ctx
+        ctx.partners, ctx.has_certificate = new.partners, tls is not None
+        timeouts = Timeouts(new.stream_establishment_timeout, new.stream_inactivity_timeout,
+                            new.keepalive_interval)
+        if timeouts != ctx.timeouts:  # open streams take the new timers at once
+            ctx.timeouts = timeouts
+            for c in list(self.connections):
+                if c.timers is not None:
+                    c.timers.timeouts = timeouts
+                    c.arm_timer()
+        if new.dialback_secret != old.dialback_secret:
+            ctx.keys = DialbackKeys(new.dialback_secret)
+
+        self.router.reconfigure()
+        for s in list(self.router.sessions.values()):
+            p = new.partners.lookup(s.remote)
+            if p is None:
+                self.router.partner_removed(
+                    s.remote, "service-unavailable",
+                    f"{s.remote} was removed from the federation partners of {s.local}")
+            else:
+                s.partner = p
+        for local, remote in list(self.router.relay.pairs):  # queued, never dialed
+            if new.partners.lookup(remote) is None:
+                self.router.relay.pair_failed(
+                    (local, remote), f"{remote} was removed from the federation partners of "
+                    f"{local}", "service-unavailable")
+        self.router._apply()
+        for c in list(self.connections):
+            if c.closing:
+                continue
+            verdict: tuple[str, str] | None = None
+            if isinstance(c, InboundConnection):
+                m = c.machine
+                if c.is_authenticated():
+                    verdict = stream_verdict(c.methods, new.partners)
+                elif m.header_from is not None and m.partner is not None:
+                    p = new.partners.lookup(m.header_from)
+                    verdict = (stream_verdict([], new.partners) if p == m.partner else
+                               (POLICY_VIOLATION, f"{m.header_from} is no longer a federation "
+                                                  "partner") if p is None else
+                               (RESET, f"partner {p.domain}'s policy changed during "
+                                       "negotiation; negotiate again"))
+            elif isinstance(c, OutboundConnection):
+                m2 = c.machine
+                p = new.partners.lookup(c.session.remote)
+                if m2.authenticated and m2.method is not None:
+                    verdict = stream_verdict([(c.session.remote, m2.method)], new.partners)
+                elif p is None:
+                    verdict = (POLICY_VIOLATION,
+                               f"{c.session.remote} is no longer a federation partner")
+                elif p != m2.partner:
+                    verdict = (RESET, f"partner {p.domain}'s policy changed during "
+                                      "negotiation; negotiate again")
+                if verdict is None and p is not None:
+                    m2.partner = p
+            if verdict is not None:
+                # an outbound stream closed here ends in its dialer's failed(): the relay core
+                # dials again for what still waits for the pair (or bounces it at its deadline)
+                condition, reason = verdict
+                c.on_close(Close(f"configuration reloaded: {reason}", condition, failed=False))
+        return changes
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
@@ -979,23 +1196,34 @@ class Edge:
             self.servers.append(await loop.create_server(
                 lambda: ComponentConnection(self), addr.host, addr.port, reuse_address=True))
             log.info("listening for the gateway component (XEP-0114) on %s", addr)
+        if cfg.admin is not None:
+            self.admin = AdminListener(self)
+            await self.admin.start()
         self._watch_certificate()
 
     def _watch_certificate(self) -> None:
         """The expiry warning (30 / 7 days, expired): checked hourly, logged at most daily."""
-        if self.cert_watch is None:
-            return
-        warning = self.cert_watch.check(dt.datetime.now(dt.UTC))
-        if warning:
-            log.warning("%s: %s", self.cfg.certificate, warning)
         self._cert_timer = asyncio.get_running_loop().call_later(CERT_CHECK_INTERVAL,
                                                                  self._watch_certificate)
+        cert = self.cfg.certificate
+        if self._tls_stamp != self._cert_watch_stamp:  # first time, or reloaded / renewed
+            self._cert_watch_stamp = self._tls_stamp
+            try:
+                self.cert_watch = CertificateWatch.from_file(cert) if cert else None
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read %s for its expiry check: %s", cert, exc)
+                self.cert_watch = None
+        if self.cert_watch is not None and (warning := self.cert_watch.check(
+                dt.datetime.now(dt.UTC))):
+            log.warning("%s: %s", cert, warning)
 
     async def stop(self) -> None:
         """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
         (RFC 6120 4.9.3.19) and what they sent before they saw it is still relayed (4.4); what
         waits for a partner stream is bounced; the gateways get what is theirs and acknowledge
         it; then the component links close."""
+        if self.admin is not None:
+            await self.admin.stop()
         for s in self.servers:
             s.close()
         if self._cert_timer is not None:
@@ -1031,7 +1259,15 @@ class Edge:
             await s.wait_closed()
 
 
-def run_forever(cfg: EdgeConfig) -> int:
+def _tls_stamp(cfg: EdgeConfig) -> bytes:
+    """What the served certificate and key files hold now (to tell a renewal on reload)."""
+    try:
+        return b"".join(p.read_bytes() for p in (cfg.certificate, cfg.private_key) if p)
+    except OSError:
+        return b""
+
+
+def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
     if cfg.dialback_secret_generated:
@@ -1040,15 +1276,34 @@ def run_forever(cfg: EdgeConfig) -> int:
     async def main() -> None:
         edge = Edge(cfg, auto_probe=True)
         await edge.start()
+
+        def reload() -> None:
+            before = edge.cfg.log
+            if edge.reload().ok and edge.cfg.log != before:
+                setup_logging(edge.cfg.log)
+
+        def file_changed() -> None:
+            # a writer that reloaded the edge itself (the admin API) already applied it
+            with contextlib.suppress(OSError):
+                if cfg.path is not None and \
+                        version_of(cfg.path.read_bytes()) == edge.config_version:
+                    return
+            reload()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-            "SIGHUP: configuration reload is not implemented yet; still running unchanged"))
         log.info("edge for %s running (%d partner(s))", ", ".join(cfg.domains), len(cfg.partners))
         sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.domains)}")
-        await stop.wait()
+        watch = None
+        if cfg.path is not None:
+            # the file is the source of truth: a change is applied at once; SIGHUP = reload now
+            watch = FileWatch(cfg.path, file_changed, watch_interval)
+            watch.start()
+        with sighup(reload):
+            await stop.wait()
+        if watch is not None:
+            watch.stop()
         log.info("stopping: draining %d stream(s)", len(edge.connections))
         sdnotify.notify("STOPPING=1")
         await edge.stop()
@@ -1058,7 +1313,7 @@ def run_forever(cfg: EdgeConfig) -> int:
 
     try:
         asyncio.run(main())
-    except OSError as exc:
+    except (OSError, TlsError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -24,8 +24,8 @@ from .config import (
 )
 
 RELOAD_HINT = ("a running edge serves the new certificate from the next TLS handshake once it "
-               "reloads: send it SIGHUP (kill -HUP <pid>, or `systemctl reload edgeproxy`); "
-               "streams already open keep the old one until they reconnect")
+               "reloads: send it SIGHUP (kill -HUP <pid>, or `systemctl kill -s HUP "
+               "xmpp-edgeproxy`); streams already open keep the old one until they reconnect")
 
 
 def _errors(exc: ConfigError) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from . import observability
 from .component import Gateway, LinkDown, NoAnswer, Refused, Session, StanzaError
 from .store import Contact, StoreError, hash_token
 
@@ -348,12 +349,6 @@ async def _close_sockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"gateway shutting down")
 
 
-async def health(request: web.Request) -> web.Response:
-    """Liveness for `gateway healthcheck` and monitoring; no credentials (it reveals no user)."""
-    gw = request.app[GATEWAY]
-    return web.json_response({"status": "ok", "link_up": gw.link_up})
-
-
 def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors])
     app[GATEWAY] = gateway
@@ -375,9 +370,9 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_get("/api/v1/inbox", read_inbox)
     app.router.add_post("/api/v1/inbox/ack", ack_inbox)
     app.router.add_get("/api/v1/ws", websocket)
-    app.router.add_get("/health", health)
     app.router.add_post("/api/v1/admin/users", admin_create_user)
     app.router.add_get("/api/v1/admin/users", admin_list_users)
     app.router.add_delete("/api/v1/admin/users/{name}", admin_remove_user)
     app.router.add_post("/api/v1/admin/users/{name}/token", admin_new_token)
+    observability.add_routes(app, gateway, lambda: len(app[SOCKETS]))
     return app

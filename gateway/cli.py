@@ -9,53 +9,73 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
-from edgeproxy import __version__, sdnotify
+from edgeproxy import sdnotify
 from edgeproxy.config import ConfigError
+from edgeproxy.logs import setup_logging
 
+from .access import add_federation_commands, add_federation_routes, run_federation_command
 from .config import GatewayConfig, load_gateway_config
 from .store import SqliteStore, StoreError
 
 log = logging.getLogger("gateway")
 
 
-async def serve(cfg: GatewayConfig, stop: asyncio.Event) -> None:
-    """Run the component link and the API until `stop` is set."""
+async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = None,
+                *, own_logging: bool = False) -> None:
+    """Run the component link and the API until `stop` is set; with `path`, the file is
+    watched and SIGHUP reloads it (gateway.live)."""
+    from . import observability
     from .api import make_app
     from .component import Gateway
+    from .live import GatewayReload, SubscriptionRefresh
 
     store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                       cfg.partners)
-    runner = web.AppRunner(make_app(gateway, cfg.admin_token))
+    gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
+    refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
+    live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
+    app = make_app(gateway, cfg.admin_token)
+    if live is not None:
+        add_federation_routes(app, live)
+        observability.track_reloads(app, live.counts)
+    runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
     log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s", cfg.domain,
              cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port)
     gateway.connect()
     sdnotify.notify("READY=1", f"STATUS=API on {cfg.api_host}:{cfg.api_port}")
+    refresh.start()
     try:
-        await stop.wait()
+        if live is not None:
+            with live.watching():
+                await stop.wait()
+        else:
+            await stop.wait()
         log.info("gateway for %s stopping: closing the users' sockets and the link to the edge",
                  cfg.domain)
     finally:
         sdnotify.notify("STOPPING=1")
+        await refresh.stop()
         await runner.cleanup()
         await gateway.close()
         store.close()
-    log.info("gateway for %s stopped", cfg.domain)
+    log.info("gateway for %s stopped cleanly", cfg.domain)
 
 
-def _run(cfg: GatewayConfig) -> int:
+def _run(cfg: GatewayConfig, path: Path) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
+        await serve(cfg, stop, path, own_logging=True)
 
     try:
         asyncio.run(main())
@@ -99,14 +119,25 @@ def _healthcheck(cfg: GatewayConfig, timeout: float) -> int:
         return 1
     print(f"healthy: {url}: API answers, component link to the edge is up")
     return 0
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xmpp-federation-edge")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="connect to the edge and serve the users' API")
+    run = sub.add_parser("run", help="connect to the edge and serve the users' API; SIGHUP "
+                         "or a change of the file reloads it live")
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="debug logging")
     run.add_argument("-c", "--config", required=True, help="the edge's TOML file")
     check = sub.add_parser("healthcheck", help="ask the running gateway's API (GET /health); "
                            "exit 0 when it answers and its link to the edge is up")
@@ -122,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         if action != "list":
             p.add_argument("name")
         p.add_argument("-c", "--config", required=True, help="the edge's TOML file")
+    add_federation_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "federation":
+        return run_federation_command(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -132,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 1
     if args.command == "run":
-        return _run(cfg)
+        try:
+            setup_logging(cfg.log, args.verbose)
+        except OSError as exc:
+            print(f"error: [log] file: cannot open {cfg.log.file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        return _run(cfg, Path(args.config))
     if args.command == "healthcheck":
         return _healthcheck(cfg, args.timeout)
     try:

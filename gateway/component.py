@@ -42,6 +42,7 @@ from edgeproxy.xmlstream import error_condition
 
 from . import rules
 from .link import DEFAULT_OUTBOX_LIMIT, Outbound
+from .live import log_message
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
 from .store import Contact, InboxFull, Store, StoredEvent, StoreError
 
@@ -149,6 +150,15 @@ def presence_kind(ptype: str) -> Kind | None:
         return None
 
 
+LINK_REFUSALS = {  # the edge's stream error on the component link -> what the admin should do
+    "not-authorized": "the component secret is wrong ([gateway] secret must equal "
+                      "[edge.component] secret)",
+    "host-unknown": "the edge does not serve {domain} ([gateway] domain must be one of the "
+                    "[edge] domains)",
+    "conflict": "another gateway is connected for {domain}",
+}
+
+
 class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
                  partners: PartnerTable, *, queue_limit: int = DEFAULT_OUTBOX_LIMIT,
@@ -177,6 +187,11 @@ class Gateway(ComponentXMPP):
         self.watch_interval = WATCH_INTERVAL
         self._watching: asyncio.TimerHandle | None = None
         self.link_lost: set[asyncio.Future[None]] = set()  # one per ping waiting for its answer
+        self.log_bodies = False  # Lync EnableLoggingAllMessageBodies ([log] message_bodies)
+        self.link_refused = ""  # why the edge last refused the link, in words
+        self._refused = False  # the link that just ended was refused (LINK_REFUSALS)
+        # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
+        self.federation_denied: frozenset[str] = frozenset()
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -192,6 +207,7 @@ class Gateway(ComponentXMPP):
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("connection_failed", self._on_connection_failed)
+        self.add_event_handler("stream_error", self._on_link_refused)
 
     @property
     def queue_limit(self) -> int:
@@ -338,11 +354,30 @@ class Gateway(ComponentXMPP):
         if self.closing:
             log.info("component link to the edge closed (the gateway is stopping)")
             return
+        # a refusal (wrong secret, another gateway) waits the longest backoff; anything else
+        # is retried at once: the edge is usually back within a second (a restart)
+        delay = self.backoff if self._refused else self.min_backoff
+        self._refused = False
         log.warning("component link to the edge lost (%s); %d stanza(s) kept for it; "
                     "reconnecting in %.2f s", reason or "connection closed",
-                    self.outbound.waiting, self.min_backoff)
-        self.backoff = self.min_backoff
-        self.loop.call_later(self.min_backoff, self._reconnect)
+                    self.outbound.waiting, delay)
+        if delay == self.min_backoff:
+            self.backoff = self.min_backoff
+        self.loop.call_later(delay, self._reconnect)
+
+    def _on_link_refused(self, error: Any) -> None:
+        """The edge closed the link with a stream error (RFC 6120 4.9.3): say why in words,
+        and wait the longest backoff where retrying at once cannot help (XEP-0114 handshake
+        refusals, another gateway holding the domain)."""
+        condition, text = error_condition(error.xml)
+        reason = LINK_REFUSALS.get(condition, "").format(domain=self.domain)
+        self.link_refused = f"<{condition}/>" + (f": {reason}" if reason else "") + (
+            f" (edge says: {text})" if text else "")
+        log.error("component link refused by the edge %s:%s: %s", self.server_host,
+                  self.server_port, self.link_refused)
+        if condition in LINK_REFUSALS:
+            self.backoff = self.max_backoff
+            self._refused = True
 
     def _on_connection_failed(self, error: Any) -> None:
         # our own schedule, short first: the edge is often back within a second (a restart)
@@ -415,6 +450,8 @@ class Gateway(ComponentXMPP):
 
     def verdict(self, user: str, remote: JID, direction: Direction, kind: Kind,
                 *, user_exists: bool = True) -> Verdict:
+        if user_exists and remote.domain != self.domain and self.may_not_federate(user):
+            user_exists = False  # partners see no such user (RFC 6121: never reveal it)
         contact = self.store.contact(user, remote.bare) if user_exists else None
         ptype = self.partner_type(remote.domain)
         outcome = rules.decide(ptype, direction, kind, contact.state if contact else NO_CONTACT,
@@ -444,6 +481,7 @@ class Gateway(ComponentXMPP):
     # inbound: message ---------------------------------------------------------------------------
 
     def on_message(self, msg: Any) -> None:  # a slixmpp Message
+        log_message(self, "inbound", msg)
         user, remote = msg["to"].user, msg["from"]
         if not user:  # the domain itself does not chat
             self._error(msg)
@@ -800,8 +838,9 @@ class Gateway(ComponentXMPP):
         for contact in self.store.contacts(user):
             if not contact.state.contact_sees_user:
                 continue
-            ptype = self.partner_type(JID(contact.jid).domain)
-            if ptype is None:
+            domain = JID(contact.jid).domain
+            ptype = self.partner_type(domain)
+            if ptype is None or (domain != self.domain and self.may_not_federate(user)):
                 continue
             self._try_emit(self._announce(self._presence_of(user, resource, contact.jid,
                                                             ptype)))
@@ -825,7 +864,13 @@ class Gateway(ComponentXMPP):
             raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
         return jid
 
+    def may_not_federate(self, user: str) -> bool:
+        return user.lower() in self.federation_denied
+
     def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
+        if to.domain != self.domain and self.may_not_federate(user):
+            raise Refused(f"{user}@{self.domain} is not allowed to federate (external access "
+                          "policy: [gateway] federation_denied); ask your administrator")
         v = self.verdict(user, to, Direction.OUTBOUND, kind)
         if v.partner_type is None:
             raise Refused(f"{to.domain} is not a federation partner of {self.domain}: "
@@ -841,6 +886,7 @@ class Gateway(ComponentXMPP):
         msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
         msg["type"] = mtype
         msg["id"] = secrets.token_hex(8)
+        log_message(self, "outbound", msg)
         if jid.domain == self.domain:
             self._route(msg)
         else:

@@ -11,13 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeproxy.config import ConfigError, load_partner_table, load_raw
+from edgeproxy.config import (
+    ConfigError,
+    LogSettings,
+    load_partner_table,
+    load_raw,
+    log_settings_from_mapping,
+)
 from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
 
 from .store import InboxLimits
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
-          "offline_messages", "offline_bytes"}
+          "offline_messages", "offline_bytes", "subscription_refresh_interval",
+          "federation_denied"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
@@ -35,6 +42,11 @@ class GatewayConfig:
     admin_token: str | None
     partners: PartnerTable
     inbox: InboxLimits = InboxLimits()  # per user, until a client acknowledges
+    # Lync SubscriptionRefreshInterval (SPEC 1.4): seconds between presence probes to contacts
+    subscription_refresh_interval: float = 28800.0
+    log: LogSettings = LogSettings()
+    # Lync External Access Policy with EnableXmppAccess off: local users who may not federate
+    federation_denied: frozenset[str] = frozenset()
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -89,6 +101,18 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
               "messages and bounces kept per user until a client acknowledges them"),
         count("offline_bytes", defaults.bytes, MIN_OFFLINE_BYTES, 1 << 40,
               "bytes of those per user; at least one 1 MiB stanza"))
+    refresh = section.get("subscription_refresh_interval", 28800)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh <= 0:
+        problems.append("[gateway] subscription_refresh_interval: must be a positive number of "
+                        f"seconds (got {refresh!r})")
+        refresh = 28800
+    log = log_settings_from_mapping(raw, base, problems)
+    denied = section.get("federation_denied", [])
+    if not isinstance(denied, list) or not all(isinstance(u, str) and u and "@" not in u
+                                               for u in denied):
+        problems.append("[gateway] federation_denied: must be a list of local user names "
+                        f"(got {denied!r})")
+        denied = []
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -101,6 +125,8 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         domain=domain, component_host=comp_host, component_port=comp_port, secret=secret,
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
         admin_token=admin_token, partners=partners, inbox=inbox,
+        subscription_refresh_interval=float(refresh), log=log,
+        federation_denied=frozenset(u.lower() for u in denied),
     )
 
 

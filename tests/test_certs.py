@@ -404,3 +404,35 @@ async def test_running_edge_logs_the_expiry_warning(netns_guard, tmp_path, caplo
         await asyncio.sleep(1.5)  # one more tick: no second line the same day
     lines = [r.getMessage() for r in caplog.records if "less than 7 days" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"{cfg.certificate}: certificate expires in")
+
+
+async def test_installed_renewal_is_served_by_a_running_edge_after_reload(netns_guard, site,
+                                                                         capsys):
+    """The whole renewal as an administrator does it: `certs request`, the CA signs, `certs
+    install` into the paths of a running edge, reload (what SIGHUP does) - and the next STARTTLS
+    handshake (RFC 6120 5.4) serves the new certificate, without a restart."""
+    from edgeproxy.config import load_edge_config
+    from edgeproxy.probe import fetch_served_certificate
+    from edgeproxy.server import Edge
+
+    first = CA.issue(*DOMAINS)
+    install_issued(site, first)
+    cfg_text = site["config"].read_text().replace("127.0.0.1:5269", "127.0.0.44:5269")
+    site["config"].write_text(cfg_text)
+    edge = Edge(load_edge_config(site["config"]))
+    await edge.start()
+    try:
+        chain, _ = await fetch_served_certificate(edge.cfg)
+        assert chain[0] == first.cert
+        key_path, csr = request(capsys, site)
+        renewed = sign(CA, csr, days=365)
+        (site["dir"] / "renewed.crt").write_bytes(pem(renewed, CA.intermediate.cert))  # type: ignore[union-attr]
+        rc, out, err = run(capsys, "certs", "install", "-c", str(site["config"]),
+                           str(site["dir"] / "renewed.crt"), "--key", str(key_path))
+        assert rc == 0, err
+        result = edge.reload()
+        assert result.ok and "certificate and key changed" in result.changes, result
+        chain, _ = await fetch_served_certificate(edge.cfg)
+        assert chain[0] == renewed
+    finally:
+        await edge.stop()

@@ -72,6 +72,7 @@ async def test_probe_agrees_with_the_edge_it_probes(dnsmasq, tmp_path, caplog):
     assert has(report, "sasl", OK, "SASL EXTERNAL succeeded for contoso.test"), t
     assert has(report, "dialback", OK, "valid (TLS)"), t
     assert [r.row for r in report.recommendations] == [7, 2], t
+    await applies_to_a_configuration(report, tmp_path)
     log = caplog.text
     assert f"authenticated {CONTOSO} -> {FABRIKAM} via sasl-external" in log
     # fabrikam dialed contoso's edge to check the key: the authoritative answer was valid
@@ -79,6 +80,29 @@ async def test_probe_agrees_with_the_edge_it_probes(dnsmasq, tmp_path, caplog):
     # (XEP-0344) instead of calling contoso's edge back - as the probe's wording allows.
     assert f"authenticated {CONTOSO} -> {FABRIKAM} via dialback-over-valid-certificate" in log
     assert "authoritative: db:verify" not in log
+
+
+async def applies_to_a_configuration(report: ProbeReport, tmp_path: Path) -> None:
+    """The printed `partner new` command line, run as printed by the partner CLI, writes the
+    recommended entry: the advice is exact, not a sketch."""
+    import shlex
+    import sys
+
+    from edgeproxy.config import load_edge_config
+
+    best = report.recommendations[0]
+    target = tmp_path / "applied.toml"
+    target.write_text(f'[edge]\ndomains = ["{CONTOSO}"]\nlisten = ["{CONTOSO_IP}:5269"]\n')
+    argv = shlex.split(best.command)
+    assert argv[:3] == ["edgeproxy", "partner", "new"], best.command
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeproxy", *argv[1:], "-c", str(target),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1])
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (out + err).decode()
+    p = load_edge_config(target).partners.lookup(FABRIKAM)
+    assert p is not None and (p.tls, p.sasl, p.dialback) == (best.tls, best.sasl, best.dialback)
 
 
 async def test_probe_of_an_edge_that_does_not_know_us(dnsmasq, tmp_path, caplog):

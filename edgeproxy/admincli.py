@@ -1,0 +1,300 @@
+"""`edgeproxy partner ...` and `edgeproxy gateway-settings ...`: Lync's cmdlets on the TOML file.
+
+Parity with Lync Server 2013's PowerShell (shared/SPEC.md 1.3-1.4): partner list = Get-, new =
+New-, set = Set-, remove = Remove-CsXmppAllowedPartner; gateway-settings = Get-/Set-
+CsXmppGatewayConfiguration. Every change goes through `edgeproxy.configfile` (validated as
+check-config does, comments kept, atomic, version-checked); `--dry-run` prints the change as a
+diff and writes nothing. Running daemons watch the file and apply the change live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+from typing import Any
+
+from .config import ConfigError
+from .configfile import GATEWAY_SETTINGS, Change, ConfigFile, ConfigRejected, StaleVersion
+from .partners import Negotiation, Partner, PartnerType
+
+CONFIG_ENV = "EDGEPROXY_CONFIG"
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get(CONFIG_ENV)
+    p.add_argument("-c", "--config", default=default, required=default is None,
+                   metavar="FILE", help=f"the TOML configuration file (default: ${CONFIG_ENV}"
+                   + (f", now {default}" if default else ", unset") + ")")
+
+
+def _change_options(p: argparse.ArgumentParser, new: bool) -> None:
+    """The fields of New-/Set-CsXmppAllowedPartner; help shows Lync's default."""
+    types = ", ".join(t.value for t in PartnerType)
+    negs = ", ".join(n.value for n in Negotiation)
+    d = Partner("x")
+    p.add_argument("--type", choices=[t.value for t in PartnerType], metavar="TYPE",
+                   help=f"partner type ({types}); decides the gateway's contact rules "
+                        f"(Lync PartnerType, default {d.type})")
+    p.add_argument("--tls", choices=[n.value for n in Negotiation], metavar="POLICY",
+                   help=f"TLS negotiation ({negs}; default {d.tls})")
+    p.add_argument("--sasl", choices=[n.value for n in Negotiation], metavar="POLICY",
+                   help=f"SASL EXTERNAL negotiation ({negs}; default {d.sasl})")
+    p.add_argument("--dialback", action=argparse.BooleanOptionalAction, default=None,
+                   help="server dialback, XEP-0220 (default on)")
+    p.add_argument("--description", metavar="TEXT", help="free text, e.g. a contact")
+    p.add_argument("--keepalive", action=argparse.BooleanOptionalAction, default=None,
+                   help="send whitespace keepalives on this partner's streams (default on)")
+    p.add_argument("--connection-limit", type=int, metavar="N",
+                   help="simultaneous inbound streams from this partner (default: the global "
+                        "partner_connection_limit, see gateway-settings)")
+    p.add_argument("--proxy-fqdn", metavar="HOST[:PORT]",
+                   help="connect here instead of looking up DNS SRV (default: DNS)")
+    if new:
+        p.add_argument("--additional-domain", action="append", default=[], metavar="DOMAIN",
+                       help="another domain this partner serves (repeatable)")
+    else:
+        p.add_argument("--add-domain", action="append", default=[], metavar="DOMAIN",
+                       help="add an additional domain (repeatable)")
+        p.add_argument("--remove-domain", action="append", default=[], metavar="DOMAIN",
+                       help="remove an additional domain (repeatable)")
+        p.add_argument("--clear-domains", action="store_true",
+                       help="remove every additional domain")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the change as a diff of the file; write nothing")
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register `partner` and `gateway-settings` on the main parser's subcommands."""
+    partner = sub.add_parser("partner", parents=[common],
+                             help="list and change XMPP federated partners (Lync "
+                                  "*-CsXmppAllowedPartner)",
+                             description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = partner.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = psub.add_parser("list", parents=[common], help="the partners, one a line")
+    p.add_argument("--filter", metavar="GLOB", help="only partners with a domain matching "
+                   "this pattern, e.g. '*.org'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_option(p)
+    p.set_defaults(func=_list)
+    p = psub.add_parser("show", parents=[common], help="one partner: every setting, the Lync "
+                        "matrix row and the methods it allows")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_option(p)
+    p.set_defaults(func=_show)
+    p = psub.add_parser("new", parents=[common], help="add a partner (New-CsXmppAllowedPartner)")
+    p.add_argument("domain", help="the partner's primary domain")
+    _change_options(p, new=True)
+    add_config_option(p)
+    p.set_defaults(func=_new)
+    p = psub.add_parser("set", parents=[common], help="change a partner "
+                        "(Set-CsXmppAllowedPartner); only the options given change")
+    p.add_argument("domain", help="the partner's primary domain")
+    _change_options(p, new=False)
+    add_config_option(p)
+    p.set_defaults(func=_set)
+    p = psub.add_parser("remove", parents=[common], help="remove a partner "
+                        "(Remove-CsXmppAllowedPartner): its streams close, its queue bounces")
+    p.add_argument("domain")
+    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
+    add_config_option(p)
+    p.set_defaults(func=_remove)
+
+    gw = sub.add_parser("gateway-settings", parents=[common],
+                        help="Lync's global XMPP gateway settings "
+                             "(Get-/Set-CsXmppGatewayConfiguration)")
+    gsub = gw.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = gsub.add_parser("show", parents=[common], help="each setting, its value and default")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_option(p)
+    p.set_defaults(func=_settings_show)
+    p = gsub.add_parser("set", parents=[common], help="change settings; only those given")
+    for s in GATEWAY_SETTINGS.values():
+        flag = "--" + s.key.replace("_", "-")
+        text = f"{s.lync}: {s.help} (default {s.default!r}; {s.where})"
+        if s.kind is bool:
+            p.add_argument(flag, dest=s.key, action=argparse.BooleanOptionalAction,
+                           default=None, help=text)
+        else:
+            p.add_argument(flag, dest=s.key, type=s.kind, default=None,
+                           metavar="SECONDS" if "interval" in s.key or "timeout" in s.key
+                           else ("N" if s.kind is int else "TEXT"), help=text)
+    p.add_argument("--default", action="append", default=[], metavar="SETTING",
+                   choices=list(GATEWAY_SETTINGS), help="return SETTING to its default "
+                   "(removes it from the file; repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
+    add_config_option(p)
+    p.set_defaults(func=_settings_set)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def _partners(cf: ConfigFile) -> list[Partner]:
+    cfg, _ = cf.load()
+    return list(cfg.partners)
+
+
+def _as_dict(p: Partner) -> dict[str, Any]:
+    row = p.matrix_row
+    return {"domain": p.domain, "additional_domains": list(p.additional_domains),
+            "description": p.description, "type": str(p.type), "tls": str(p.tls),
+            "sasl": str(p.sasl), "dialback": p.dialback, "keepalive": p.keepalive,
+            "connection_limit": p.connection_limit, "proxy_fqdn": p.proxy_fqdn,
+            "matrix_row": row.number, "verdict": str(row.verdict),
+            "methods": sorted(str(m) for m in row.methods)}
+
+
+def _list(args: argparse.Namespace) -> int:
+    partners = _partners(ConfigFile(args.config))
+    if args.filter:
+        partners = [p for p in partners
+                    if any(fnmatch.fnmatch(d, args.filter.lower()) for d in p.domains)]
+    if args.json:
+        print(json.dumps([_as_dict(p) for p in partners], indent=2))
+        return 0
+    rows = [("DOMAIN", "TYPE", "TLS", "SASL", "DIALBACK", "ROW", "METHODS", "DESCRIPTION")]
+    for p in partners:
+        d = _as_dict(p)
+        rows.append((", ".join(p.domains), d["type"], d["tls"], d["sasl"],
+                     "on" if p.dialback else "off", str(d["matrix_row"]),
+                     ", ".join(d["methods"]), p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if not partners:
+        print("(no partner" + (f" matching {args.filter!r})" if args.filter else ")"))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    cf.partner_fields(args.domain)  # NoSuchPartner names an additional domain's owner
+    p = next(p for p in _partners(cf) if p.domain in {args.domain.lower().rstrip(".")})
+    d = _as_dict(p)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    written = cf.partner_fields(p.domain)
+    row = p.matrix_row
+    for key in ("domain", "additional_domains", "description", "type", "tls", "sasl",
+                "dialback", "keepalive", "connection_limit", "proxy_fqdn"):
+        value = d[key]
+        shown = (", ".join(value) or "-") if isinstance(value, list) else (
+            "on" if value is True else "off" if value is False else value or "-")
+        print(f"{key:20} {shown}{'' if key in written else '  (default)'}")
+    print(f"{'matrix row':20} {row.number} ({row.verdict})" + (
+        f": {row.message.format(tls=p.tls)}" if row.message else ""))
+    print(f"{'methods':20} {', '.join(d['methods']) or 'none'}")
+    return 0
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("type", "tls", "sasl", "dialback", "description", "keepalive",
+                "connection_limit", "proxy_fqdn"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _report(change: Change, args: argparse.Namespace, done: str) -> int:
+    for w in change.warnings:
+        print(f"warning: {w}")
+    if args.dry_run:
+        print(change.diff or "(no change)", end="")
+        print(f"dry run: {args.config} not changed")
+    else:
+        print(f"{done}; {args.config} is now version {change.version[:12]} (running daemons "
+              "apply it on their own)")
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    _, version = cf.read()  # a broken file can be mended by the change itself
+    fields = {"domain": args.domain, **_fields(args)}
+    if args.additional_domain:
+        fields["additional_domains"] = args.additional_domain
+    change = cf.new_partner(fields, version, dry_run=args.dry_run)
+    return _report(change, args, f"partner {args.domain} added")
+
+
+def _set(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    _, version = cf.read()  # a broken file can be mended by the change itself
+    fields = _fields(args)
+    if args.add_domain or args.remove_domain or args.clear_domains:
+        current = [] if args.clear_domains else list(
+            cf.partner_fields(args.domain).get("additional_domains") or [])
+        for d in args.remove_domain:
+            if d not in current:
+                raise ConfigRejected([f"partner {args.domain} has no additional domain {d}"])
+            current.remove(d)
+        current += [d for d in args.add_domain if d not in current]
+        fields["additional_domains"] = current or None
+    if not fields:
+        raise ConfigRejected(["nothing to change: give at least one option (see --help)"])
+    change = cf.set_partner(args.domain, fields, version, dry_run=args.dry_run)
+    return _report(change, args, f"partner {args.domain} changed")
+
+
+def _remove(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    _, version = cf.read()  # a broken file can be mended by the change itself
+    change = cf.remove_partner(args.domain, version, dry_run=args.dry_run)
+    return _report(change, args, f"partner {args.domain} removed")
+
+
+def _settings_show(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    cf.load()
+    values = cf.gateway_settings()
+    if values["dialback_secret"]:
+        values["dialback_secret"] = "(set)"  # a secret is never printed
+    if args.json:
+        print(json.dumps({s.lync: values[s.key] for s in GATEWAY_SETTINGS.values()}, indent=2))
+        return 0
+    for s in GATEWAY_SETTINGS.values():
+        value = values[s.key]
+        default = "(default)" if value == s.default else ""
+        if s.key == "dialback_secret" and not value:
+            value = "(not set: random at each start)"
+        print(f"{s.lync:30} {value!s:14} {default:10} {s.where}")
+    return 0
+
+
+def _settings_set(args: argparse.Namespace) -> int:
+    cf = ConfigFile(args.config)
+    _, version = cf.read()  # a broken file can be mended by the change itself
+    fields: dict[str, Any] = {k: getattr(args, k) for k in GATEWAY_SETTINGS
+                              if getattr(args, k) is not None}
+    for k in args.default:
+        fields[k] = None
+    if not fields:
+        raise ConfigRejected(["nothing to change: give at least one option (see --help)"])
+    change = cf.set_gateway_settings(fields, version, dry_run=args.dry_run)
+    return _report(change, args, "gateway settings changed")
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    """Run a partner / gateway-settings command: problems as `error:` lines, never a traceback."""
+    try:
+        return int(args.func(args))
+    except ConfigRejected as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        if hasattr(args, "dry_run"):
+            print(f"{args.config}: nothing written", file=sys.stderr)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{args.config}: fix the file first (edgeproxy check-config -c {args.config})",
+              file=sys.stderr)
+    except StaleVersion as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1
