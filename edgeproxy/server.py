@@ -33,7 +33,7 @@ from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner
-from .probe import AutoProbe
+from .probe import AutoProbe, ProbeScheduler
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .reload import (
     POLICY_VIOLATION,
@@ -1032,7 +1032,9 @@ class Edge:
         self.admin: AdminListener | None = None
         # issue 13: probes after repeated partner failures (with the configuration in force);
         # the certificate's expiry warning, re-read when a reload changes the certificate
-        self.auto_probe = AutoProbe(lambda: self.cfg, clock=clock) if auto_probe else None
+        self.probes = ProbeScheduler()  # rate limits and every probe's report, per partner
+        self.auto_probe = (AutoProbe(lambda: self.cfg, self.probes, clock=clock) if auto_probe
+                           else None)
         self.cert_watch: CertificateWatch | None = None
         self._cert_watch_stamp: object = None
         self._cert_timer: asyncio.TimerHandle | None = None

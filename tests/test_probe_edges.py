@@ -193,3 +193,33 @@ async def test_edge_probes_a_partner_on_its_own_after_repeated_failures(dnsmasq,
     assert history[0]["findings"]["dns"] is False
     assert "has no usable DNS records" in history[0]["diagnosis"]
     assert "probe of nowhere.test: nowhere.test has no usable DNS records" in caplog.text
+
+
+async def test_admin_api_probes_a_partner_and_keeps_the_report(dnsmasq, tmp_path):
+    """POST /api/v1/partners/{domain}/probe runs the probe from the running edge (its own
+    dialback secret answers the round trip); GET .../probes lists the reports kept. A name that
+    is not a domain is a 400 with the reason."""
+    from edgeproxy.config import load_edge_config
+    from edgeproxy.server import Edge
+    from tests.admin.helpers import AdminClient, write_edge_file
+
+    path = write_edge_file(tmp_path / "contoso" / "edge.toml", CONTOSO, CONTOSO_IP, CA,
+                           [partner(FABRIKAM, "optional", "optional", True)],
+                           dns=f"{DNS_ADDR}:{DNS_PORT}")
+    theirs = config(tmp_path, FABRIKAM, FABRIKAM_IP, [partner(CONTOSO, "required", "not-supported",
+                                                              True)])
+    edge = Edge(load_edge_config(path))
+    await edge.start()
+    api = AdminClient(f"http://{CONTOSO_IP}:5280")
+    try:
+        async with running(theirs):
+            report = await api.call("POST", f"/api/v1/partners/{FABRIKAM}/probe")
+        assert report["remote"] == FABRIKAM and report["findings"]["dialback_valid"], report
+        assert [r["row"] for r in report["recommendations"]] == [13, 7], report
+        kept = await api.call("GET", f"/api/v1/partners/{FABRIKAM}/probes")
+        assert [p["diagnosis"] for p in kept["probes"]] == [report["diagnosis"]]
+        bad = await api.call("POST", "/api/v1/partners/not%20a%20domain/probe", status=400)
+        assert "is not a domain name" in str(bad), bad
+    finally:
+        await api.close()
+        await edge.stop()
