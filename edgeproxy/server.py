@@ -855,8 +855,11 @@ class Router:
     # relay inputs ---------------------------------------------------------------------------
     def from_partner(self, element: Element, local: str, remote: str,
                      source: StreamConnection | None = None) -> None:
-        self.relay.from_partner(source, element, local, self.edge.clock())
-        self._apply()
+        hit = self.relay.forward(source, element, local, self.edge.clock())
+        if hit is not None:  # the hot path: straight to the gateway's link
+            hit[0].relay_write(hit[1])  # type: ignore[attr-defined]
+        if self.relay.pending:
+            self._apply()
 
     def from_component(self, element: Element, remote: str, local: str,
                        source: ComponentConnection | None = None) -> None:
