@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     if args.command in ("partner", "gateway-settings"):
-        # `edgeproxy partner list | head`: end quietly when the reader goes away
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # `edgeproxy partner list | head`: end quietly when the reader goes away. Only as the
+        # program itself (argv None): called in-process (tests), SIG_DFL would stay for the
+        # whole process, and its next write to a closed socket would kill it.
+        if argv is None:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
         return run_admin_command(args)
     if args.command != "run":
