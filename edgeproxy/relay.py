@@ -138,6 +138,7 @@ class Relay:
         self.held_bytes = 0
         self.by_source: dict[Link, int] = {}  # bytes held per source link
         self.paused: set[Link] = set()
+        self.stopping: str | None = None  # set by shutdown(): why nothing goes to partners
         self._actions: list[Action] = []
         # set whenever next_deadline() may have changed: the shell re-arms its timer only then,
         # not after every stanza
@@ -346,6 +347,9 @@ class Relay:
             self._dial(p, now)
 
     def _to_pair(self, pair: Pair, h: Held) -> None:
+        if self.stopping is not None:  # no stream to the partner any more (see shutdown)
+            self._bounce(h, "remote-server-timeout", self.stopping)
+            return
         p = self._pair(pair)
         if p.state is PairState.UP and p.writable and not p.queue:
             assert p.link is not None
@@ -397,9 +401,15 @@ class Relay:
         self.paused.discard(link)
 
     def shutdown(self, text: str) -> None:
-        """The edge stops: bounce whatever waits for a partner stream or a gateway that is not
-        connected (what is written to a connected gateway waits for its ack)."""
+        """The edge stops. Every partner stream has just been sent <system-shutdown/> (RFC 6120
+        4.9.3.19), and nothing can follow the stream's close (4.4): the pairs are down, and
+        from now on a stanza for a partner is bounced with <remote-server-timeout/>, never
+        written to a closed stream nor dialed for. Bounce whatever waits for a partner stream
+        or for a gateway that is not connected (what is written to a connected gateway waits
+        for its ack)."""
+        self.stopping = text
         for p in list(self.pairs.values()):
+            p.state, p.link = PairState.IDLE, None
             while p.queue:
                 h = p.queue.popleft()
                 self._release(h, p)

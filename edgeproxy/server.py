@@ -618,6 +618,10 @@ class ComponentConnection(StreamConnection):
                 self.link.acked_h = h
                 self.ack_requested = None
                 router.component_acked(domain, count)
+                if router.relay.unacked(domain):
+                    # written after the <r/> this answers (no <r/> goes out while one is
+                    # outstanding): ask again now, not at the idle ping (XEP-0198 4)
+                    self._request_ack(self.edge.clock())
             else:
                 raise SmError(f"<{name}/> is not for the gateway to send",
                               "unsupported-stanza-type")

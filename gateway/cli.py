@@ -97,8 +97,9 @@ def _healthcheck(cfg: GatewayConfig, timeout: float) -> int:
     import urllib.request
 
     host = cfg.api_host
-    if ipaddress.ip_address(host).is_unspecified:
-        host = "::1" if ":" in host else "127.0.0.1"
+    with contextlib.suppress(ValueError):  # a host name is used as it is
+        if ipaddress.ip_address(host).is_unspecified:
+            host = "::1" if ":" in host else "127.0.0.1"
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.api_port}/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

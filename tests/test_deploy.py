@@ -107,3 +107,29 @@ def test_dockerfile_runs_the_daemon_itself_as_pid_1():
     assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[\"edgeproxy\", \"healthcheck\"", text, re.M)
     assert re.search(r"^USER xmpp-edge$", text, re.M)
     assert re.search(r"^EXPOSE 5269 5270 5347\b", text, re.M)
+
+
+def test_compose_configuration_is_valid(tmp_path):
+    """deploy/compose's edge.toml passes check-config with certificates from the project's own
+    command, as ./setup makes them, and the compose file names what the README says."""
+    import yaml  # PyYAML (the test extra)
+
+    compose = ROOT / "deploy" / "compose"
+    work = tmp_path / "compose"
+    shutil.copytree(compose, work, ignore=shutil.ignore_patterns("certs"))
+    subprocess.run([sys.executable, "-m", "edgeproxy", "dev-certs", "--out", str(work / "certs"),
+                    "contoso.test", "fabrikam.test", "northwind.test"], check=True,
+                   capture_output=True, timeout=60)
+    check = subprocess.run([sys.executable, "-m", "edgeproxy", "check-config", "-c",
+                            str(work / "edge.toml")], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "2 partner(s)" in check.stdout
+    services = yaml.safe_load((compose / "compose.yaml").read_text())["services"]
+    assert set(services) == {"contoso.test", "gateway", "fabrikam.test", "northwind.test"}
+    assert services["gateway"]["command"][:2] == ["gateway", "run"]
+    assert services["gateway"]["healthcheck"]["test"][:3] == ["CMD", "gateway", "healthcheck"]
+    assert "command" not in services["contoso.test"]  # the image's default: edgeproxy run
+    for name in services:
+        assert services[name]["networks"] == ["federation"]
+    networks = yaml.safe_load((compose / "compose.yaml").read_text())["networks"]
+    assert networks == {"federation": {"internal": True}}

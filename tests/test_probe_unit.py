@@ -78,7 +78,7 @@ def test_bad_settings_are_refused():
 
 
 def test_the_command_line_called_in_process_leaves_sigpipe_ignored(tmp_path: Path, capsys):
-    """`partner list | head` ends quietly (SIGPIPE default) only as the program itself: in a
+    """`partner list | head` must end quietly without setting SIGPIPE to its default: in a
     process that goes on (the tests), SIG_DFL would turn its next write to a closed socket into
     a silent death of the whole process (it killed the suite at test_certs' STARTTLS test)."""
     import signal
