@@ -78,7 +78,7 @@ GATEWAY = textwrap.dedent('''
         import cProfile, pstats
         profile = cProfile.Profile()
         profile.runcall(asyncio.run, main())
-        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     else:
         asyncio.run(main())
 ''')

@@ -204,6 +204,8 @@ class AdminListener:
         r.add_get("/api/v1/settings", self.api_settings)
         r.add_put("/api/v1/settings", self.api_set_settings)
         r.add_get("/api/v1/certificates", self.api_certificates)
+        r.add_post("/api/v1/partners/{domain}/probe", self.api_probe)  # issue 13
+        r.add_get("/api/v1/partners/{domain}/probes", self.api_probes)
         r.add_get("/api/v1/status", self.api_status)
         return app
 
@@ -512,6 +514,28 @@ class AdminListener:
 
     async def api_certificates(self, request: web.Request) -> web.Response:
         return web.json_response(certificates_json(self.edge.cfg, self.edge.monitor.wall()))
+
+    async def api_probe(self, request: web.Request) -> web.Response:
+        """Issue 13: probe the domain now, as `edgeproxy probe` does, from the running edge
+        (its configuration, its dialback secret); the report is kept in the partner's probe
+        history."""
+        from .probe import Prober
+
+        domain = request.match_info["domain"]
+        try:
+            prober = Prober(self.edge.cfg, domain, in_edge=True)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        report = (await prober.run()).to_json()
+        self.edge.probes.record(prober.remote, report)
+        log.info("admin: probe of %s by %s: %s", prober.remote, request.remote,
+                 report["diagnosis"])
+        return web.json_response(report)
+
+    async def api_probes(self, request: web.Request) -> web.Response:
+        domain = request.match_info["domain"].lower().rstrip(".")
+        return web.json_response({"partner": domain,
+                                  "probes": self.edge.probes.history(domain)})
 
     async def api_status(self, request: web.Request) -> web.Response:
         return web.json_response(self._status())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,24 +384,34 @@ def _backup_name(path: Path, now: dt.datetime) -> Path:
     return candidate
 
 
-def _place(path: Path, data: bytes, mode: int, now: dt.datetime) -> tuple[bool, Path | None]:
+def _place(path: Path, data: bytes, mode: int, now: dt.datetime,
+           private: bool = False) -> tuple[bool, Path | None]:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename); the
-    old file is kept beside it (hard link, so `path` never goes missing).
-    Returns (written, backup)."""
+    old file is kept beside it (hard link, so `path` never goes missing). A replaced file's
+    owner, group and mode carry over (the edge may run as its own user and read the key through
+    its group); a private key never gets "other" permissions. Returns (written, backup)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     backup = None
+    owner: tuple[int, int] | None = None
     if path.exists():
         if path.read_bytes() == data:
             return False, None
+        st = path.stat()
+        owner, mode = (st.st_uid, st.st_gid), stat.S_IMODE(st.st_mode)
+        if private:
+            mode &= 0o770
         backup = _backup_name(path, now)
         os.link(path, backup)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if owner is not None and owner != (os.getuid(), os.getgid()):
+            os.chown(tmp, *owner)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -427,7 +438,7 @@ def install(plan: InstallPlan, cert_target: Path, key_target: Path,
     lines = []
     for target, data, mode, what in ((key_target, plan.key_pem, 0o600, "private key"),
                                      (cert_target, pem, 0o644, "certificate")):
-        written, backup = _place(target, data, mode, now)
+        written, backup = _place(target, data, mode, now, private=target is key_target)
         if not written:
             lines.append(f"{what} {target} unchanged")
         else:

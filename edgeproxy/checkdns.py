@@ -60,6 +60,20 @@ class DnsChecker:
         known = {h for h in hosts if h != "localhost" and not _unspecified(h)}
         return known, len(known) == len(hosts)
 
+    def _edge_host(self, domain: str) -> str:
+        """The host name to suggest as SRV target: a name in our certificate that is not a local
+        domain (the `certs request --extra-san` host), else `edge.<domain>` as a placeholder."""
+        if self.certificate is not None:
+            try:
+                san = self.certificate.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName).value
+            except x509.ExtensionNotFound:
+                san = None
+            for name in san.get_values_for_type(x509.DNSName) if san is not None else []:
+                if "*" not in name and name.lower() not in self.cfg.domains:
+                    return name.lower()
+        return f"edge.{domain}"
+
     def _add(self, domain: str, status: str, text: str, fix: str = "") -> None:
         self.checks.append(DnsCheck(domain, status, text, fix))
 
@@ -69,7 +83,7 @@ class DnsChecker:
         return self.checks
 
     async def _domain(self, domain: str) -> None:
-        edge_host = f"edge.{domain}"  # a name for the fix text when we know none better
+        edge_host = self._edge_host(domain)
         plain = await self._srv(domain, "_xmpp-server", self.cfg.listen, XMPP_SERVER_PORT)
         direct = await self._srv(domain, "_xmpps-server", self.cfg.direct_tls_listen,
                                  DIRECT_TLS_PORT)
@@ -109,18 +123,18 @@ class DnsChecker:
             if direct and listeners:
                 self._add(domain, WARNING, f"no {name} SRV record: partners will not use this "
                           f"edge's Direct TLS listener (XEP-0368)",
-                          f"publish {name} SRV 0 5 {port} edge.{domain}")
+                          f"publish {name} SRV 0 5 {port} {self._edge_host(domain)}")
             return []
         if len(records) == 1 and not records[0].host:
             if direct:
                 self._add(domain, OK if not listeners else WARNING,
                           f"{name} SRV \".\": Direct TLS announced as not offered (XEP-0368)",
                           "" if not listeners else
-                          f"replace it with {name} SRV 0 5 {port} edge.{domain}")
+                          f"replace it with {name} SRV 0 5 {port} {self._edge_host(domain)}")
                 return []
             self._add(domain, ERROR, f"{name} SRV \".\": announces that {domain} offers no "
                       "server-to-server service (RFC 6120 3.2.1)",
-                      f"replace it with {name} SRV 0 5 {port} edge.{domain}")
+                      f"replace it with {name} SRV 0 5 {port} {self._edge_host(domain)}")
             return None
         shown = "; ".join(f"{r.priority} {r.weight} {r.port} {r.host or '.'}" for r in records)
         if direct and not listeners:

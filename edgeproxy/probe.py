@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,8 @@ from .xmlstream import (
     error_condition,
     stream_header,
 )
+
+log = logging.getLogger("edgeproxy.probe")
 
 OK, WARNING, ERROR, INFO = "ok", "warning", "error", "info"
 DEFAULT_TIMEOUT = 10.0
@@ -219,8 +222,10 @@ class Attempt:
     target: Target
     ip: str
     purpose: str  # "negotiate" | "dialback"
+    dialback_allowed: bool = True  # False: the probe stops where dialback would start
     header: dict[str, Any] | None = None
     features: list[str] = field(default_factory=list)  # first features, before TLS
+    features_seen: bool = False  # the stream got as far as <stream:features/>
     features_after_tls: list[str] = field(default_factory=list)
     starttls_offered: bool = False
     starttls_required: bool = False
@@ -285,7 +290,8 @@ class Prober:
                  timeout: float = DEFAULT_TIMEOUT, dialback: bool = True,
                  resolver: S2sResolver | None = None,
                  on_step: StepCallback | None = None,
-                 on_progress: Callable[[str], None] | None = None):
+                 on_progress: Callable[[str], None] | None = None,
+                 in_edge: bool = False):
         self.cfg = cfg
         self.remote = normalize_domain(remote)  # ValueError: not a domain name
         self.local = normalize_domain(local) if local else cfg.domains[0]
@@ -310,6 +316,7 @@ class Prober:
         self.on_step = on_step
         self.on_progress = on_progress  # "what it is waiting for now", for a terminal
         self.dialback_skipped = ""
+        self.in_edge = in_edge  # run by the edge itself: its secret, even a random one, is ours
 
     def progress(self, text: str) -> None:
         if self.on_progress is not None:
@@ -326,8 +333,8 @@ class Prober:
     async def _dns(self) -> list[tuple[Target, list[str]]]:
         proxy = self.configured.proxy_fqdn if self.configured else None
         if proxy:
-            self.step("dns", INFO, f"partner {self.configured.domain} has proxy_fqdn {proxy}: "  # type: ignore[union-attr]
-                      "no SRV lookup (RFC 6120 3.2.3)")
+            self.step("dns", INFO, f"partner {self.remote} has proxy_fqdn {proxy}: no SRV "
+                      "lookup (RFC 6120 3.2.3)")
         else:
             for service in ("_xmpp-server", "_xmpps-server"):
                 name = f"{service}._tcp.{self.remote}"
@@ -399,7 +406,7 @@ class Prober:
 
     async def _negotiate(self, t: Target, ip: str, purpose: str, *, sasl: bool,
                          dialback: bool) -> Attempt:
-        a = Attempt(t, ip, purpose)
+        a = Attempt(t, ip, purpose, dialback_allowed=dialback)
         self.attempts.append(a)
         ctx = S2sContext(frozenset(self.cfg.domains), PartnerTable(),
                          DialbackKeys(self.cfg.dialback_secret), self.tls_contexts is not None)
@@ -465,11 +472,21 @@ class Prober:
                               f"EXTERNAL succeeded for {self.local}", accepted=True)
                 else:
                     a.dialback = "valid"
-                    self.step("dialback", OK, f"{self.remote} checked our dialback key with "
-                              f"{self.local}'s authoritative server (our edge): valid "
-                              f"({'TLS' if machine.tls else 'no TLS'})", result="valid")
+                    # Over TLS a peer may skip the callback when our certificate already
+                    # proves the domain (XEP-0344); on plain TCP it must call back (XEP-0220 2.1).
+                    how = (f"it checked the key with {self.local}'s authoritative server (our "
+                           "edge) or took our certificate as proof (XEP-0344)" if machine.tls
+                           else f"it checked the key with {self.local}'s authoritative server "
+                           "(our edge)")
+                    self.step("dialback", OK, f"{self.remote} accepted our dialback key: valid "
+                              f"({'TLS' if machine.tls else 'no TLS'}); {how}", result="valid")
                 return True
             elif isinstance(action, Close):
+                if not a.dialback_allowed and a.sasl is None and a.dialback_offered:
+                    # our probe policy ended it, not the peer: dialback was next
+                    self.step("dialback", INFO, "stopped where dialback would start (no round "
+                              "trip, see below)")
+                    return True
                 a.failure = action.reason
                 self.step("dialback" if a.dialback not in (None, "valid") else "stream", ERROR,
                           action.reason)
@@ -559,6 +576,7 @@ class Prober:
                 a.dialback_offered = True
                 a.dialback_errors = \
                     db_feature.find(f"{{{NS_DIALBACK_FEATURES}}}errors") is not None
+            a.features_seen = True
             if not machine.tls:
                 a.features = names
                 a.starttls_offered = starttls is not None
@@ -647,7 +665,7 @@ class Prober:
     def _dialback_allowed(self) -> bool:
         if not self.allow_dialback:
             self.dialback_skipped = "--no-dialback given"
-        elif self.cfg.dialback_secret_generated:
+        elif self.cfg.dialback_secret_generated and not self.in_edge:
             self.dialback_skipped = ("[edge] dialback_secret is not set, so the running edge "
                                      "cannot confirm a key made here; set it and restart the edge")
         elif self.configured is None:
@@ -702,6 +720,10 @@ class ProbeReport:
     @property
     def tls_required_by_them(self) -> bool:
         return any(a.starttls_required for a in self.attempts)
+
+    @property
+    def features_seen(self) -> bool:
+        return any(a.features_seen for a in self.attempts)
 
     @property
     def tls_offered(self) -> bool:
@@ -794,7 +816,7 @@ class ProbeReport:
                 recs.append(self._row(R, N, True, why, warn))
                 recs.append(self._row(R, OPT, True, "as above, and SASL EXTERNAL is used in the "
                                       "directions where a certificate is accepted", warn))
-        elif not self.tls_offered and (db or db_untested):
+        elif self.features_seen and not self.tls_offered and (db or db_untested):
             recs.append(self._row(N, N, True, f"{self.remote} offers no TLS; only TCP dialback "
                                   "can authenticate it", warn
                                   + ["no encryption: everything crosses in clear text"]))
@@ -935,3 +957,50 @@ class ProbeScheduler:
 
     def history(self, domain: str) -> list[dict[str, Any]]:
         return list(self._get(domain).history)
+
+
+class AutoProbe:
+    """The edge's automatic probes (asyncio side of ProbeScheduler): the dialer reports each
+    partner connection that failed or succeeded; after repeated failures a probe runs in the
+    background, its diagnosis is logged and its report kept in the partner's history."""
+
+    def __init__(self, config: Callable[[], EdgeConfig], scheduler: ProbeScheduler | None = None,
+                 clock: Callable[[], float] = time.monotonic, timeout: float = DEFAULT_TIMEOUT):
+        self.config = config  # the configuration in force when a probe starts (reloads)
+        self.scheduler = scheduler or ProbeScheduler()
+        self.clock = clock
+        self.timeout = timeout
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def failed(self, local: str, remote: str) -> None:
+        if self.scheduler.connection_failed(remote, self.clock()):
+            task = asyncio.get_running_loop().create_task(self._probe(local, remote))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def succeeded(self, remote: str) -> None:
+        self.scheduler.connection_succeeded(remote)
+
+    def history(self, remote: str) -> list[dict[str, Any]]:
+        return self.scheduler.history(remote)
+
+    async def _probe(self, local: str, remote: str) -> None:
+        log.info("probing %s after %d failed connection(s) in a row", remote,
+                 self.scheduler.failures)
+        try:
+            report = await Prober(self.config(), remote, local=local, timeout=self.timeout,
+                                  in_edge=True).run()
+        except (OSError, ValueError) as e:  # a probe must never take the edge down
+            log.warning("probe of %s failed: %s", remote, e)
+            return
+        self.scheduler.record(remote, report.to_json())
+        rows = ", ".join(str(r.row) for r in report.recommendations) or "none"
+        log.warning("probe of %s: %s (matrix rows that work: %s)", remote, report.diagnosis,
+                    rows)
+
+    async def stop(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        for t in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

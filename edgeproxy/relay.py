@@ -138,6 +138,7 @@ class Relay:
         self.held_bytes = 0
         self.by_source: dict[Link, int] = {}  # bytes held per source link
         self.paused: set[Link] = set()
+        self.stopping: str | None = None  # set by shutdown(): why nothing goes to partners
         self._actions: list[Action] = []
         # set whenever next_deadline() may have changed: the shell re-arms its timer only then,
         # not after every stanza
@@ -184,16 +185,24 @@ class Relay:
     # -- toward the gateways -----------------------------------------------------------------------
     def from_partner(self, source: Link, element: Element, local: str, now: float) -> None:
         """An authenticated partner stream delivered a stanza for `local`."""
+        hit = self.forward(source, element, local, now)
+        if hit is not None:
+            self._actions.append(Write(*hit))
+
+    def forward(self, source: Link, element: Element, local: str,
+                now: float) -> tuple[Link, bytes] | None:
+        """`from_partner` for the shell's hot path: when the stanza is to be written to the
+        gateway's link at once, the (link, bytes) to write are returned instead of a `Write`
+        action (one object less per relayed stanza); everything else comes from `actions()`."""
         data = element.forwardable()
         r = self.components.get(local)
         if r is None or r.link is None or not r.writable or r.waiting:
             self._to_component(local, Held(data, element, now, source))
-            return
-        # the hot path: the gateway is there and nothing waits before this stanza
-        self._actions.append(Write(r.link, data))
+            return None
+        # the gateway is there and nothing waits before this stanza
         if not r.acked_link:
             self.delivered += 1
-            return
+            return r.link, data
         size = len(data)
         r.unacked.append(Held(data, element, now, source))
         r.bytes += size
@@ -203,6 +212,12 @@ class Relay:
         b = self.budgets
         if r.bytes > b.per_domain or mine > b.per_partner or self.held_bytes > b.total:
             self._pause(source)
+        return r.link, data
+
+    @property
+    def pending(self) -> bool:
+        """Actions wait to be carried out, or the deadline may have moved."""
+        return bool(self._actions) or self.timers_changed
 
     def component_up(self, domain: str, link: Link, *, acked: bool, now: float,
                      resumed_h: int | None = None) -> None:
@@ -238,24 +253,32 @@ class Relay:
         if self.paused:  # one by one: any release may resume a sender
             for _ in range(n):
                 self._release(r.unacked.popleft(), r)
-        else:  # the common case, in bulk
-            by = self.by_source
-            total = 0
+        else:  # the common case, in bulk: a run of stanzas from one source, one dict update
+            total = run = 0
+            src: Link | None = None
+            popleft = r.unacked.popleft
             for _ in range(n):
-                h = r.unacked.popleft()
+                h = popleft()
                 size = len(h.data)
                 total += size
-                src = h.source
-                if src is not None:
-                    left = by.get(src, 0) - size
-                    if left > 0:
-                        by[src] = left
-                    else:
-                        by.pop(src, None)
+                if h.source is not src:
+                    self._uncharge_source(src, run)
+                    src, run = h.source, 0
+                run += size
+            self._uncharge_source(src, run)
             r.bytes -= total
             self.held_bytes -= total
         self.delivered += n
         return n
+
+    def _uncharge_source(self, src: Link | None, size: int) -> None:
+        if src is None or not size:
+            return
+        left = self.by_source.get(src, 0) - size
+        if left > 0:
+            self.by_source[src] = left
+        else:
+            self.by_source.pop(src, None)
 
     def unacked(self, domain: str) -> int:
         r = self.components.get(domain)
@@ -346,6 +369,9 @@ class Relay:
             self._dial(p, now)
 
     def _to_pair(self, pair: Pair, h: Held) -> None:
+        if self.stopping is not None:  # no stream to the partner any more (see shutdown)
+            self._bounce(h, "remote-server-timeout", self.stopping)
+            return
         p = self._pair(pair)
         if p.state is PairState.UP and p.writable and not p.queue:
             assert p.link is not None
@@ -397,9 +423,15 @@ class Relay:
         self.paused.discard(link)
 
     def shutdown(self, text: str) -> None:
-        """The edge stops: bounce whatever waits for a partner stream or a gateway that is not
-        connected (what is written to a connected gateway waits for its ack)."""
+        """The edge stops. Every partner stream has just been sent <system-shutdown/> (RFC 6120
+        4.9.3.19), and nothing can follow the stream's close (4.4): the pairs are down, and
+        from now on a stanza for a partner is bounced with <remote-server-timeout/>, never
+        written to a closed stream nor dialed for. Bounce whatever waits for a partner stream
+        or for a gateway that is not connected (what is written to a connected gateway waits
+        for its ack)."""
+        self.stopping = text
         for p in list(self.pairs.values()):
+            p.state, p.link = PairState.IDLE, None
             while p.queue:
                 h = p.queue.popleft()
                 self._release(h, p)

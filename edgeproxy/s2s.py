@@ -355,6 +355,11 @@ class InboundS2s:
     # -- deadlines (the shell arms one timer at next_deadline() and calls handle_timer) --------
 
     def keepalive(self) -> bool:
+        """Whitespace keepalives are due: a partner of the stream wants them, and our header
+        is out (a space before the XML declaration of a restarted stream would break it;
+        found by bench/fuzz.py)."""
+        if self.state in _NO_HEADER_YET:
+            return False
         lookup = self.ctx.partners.lookup
         return any(p.keepalive for p in (lookup(remote) for _, remote in self.verified) if p)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any, assert_never
 
 from . import link, sdnotify
 from .admin import AdminListener
+from .certs import CertificateWatch
 from .checks import check_text
 from .component import ComponentAction, ComponentAuthenticated, ComponentStream, LinkControl
 from .config import ComponentSettings, ConfigError, EdgeConfig
@@ -31,6 +33,7 @@ from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner
+from .probe import AutoProbe, ProbeScheduler
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .reload import (
     POLICY_VIOLATION,
@@ -72,6 +75,7 @@ log = logging.getLogger("edgeproxy")
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
+CERT_CHECK_INTERVAL = 3600.0  # seconds between expiry checks (the warning itself is daily)
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
 # What a stream's machine may ask the shell for besides bytes (Send) and closing (Close).
 Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
@@ -614,6 +618,10 @@ class ComponentConnection(StreamConnection):
                 self.link.acked_h = h
                 self.ack_requested = None
                 router.component_acked(domain, count)
+                if router.relay.unacked(domain):
+                    # written after the <r/> this answers (no <r/> goes out while one is
+                    # outstanding): ask again now, not at the idle ping (XEP-0198 4)
+                    self._request_ack(self.edge.clock())
             else:
                 raise SmError(f"<{name}/> is not for the gateway to send",
                               "unsupported-stanza-type")
@@ -787,6 +795,8 @@ class OutboundSession:
     def ready(self, conn: OutboundConnection) -> None:
         self.last_error = ""
         self.edge.router.pair_up(self.pair, conn)
+        if self.edge.auto_probe is not None:  # issue 13: failures in a row start a probe
+            self.edge.auto_probe.succeeded(self.remote)
 
     def failed(self, conn: OutboundConnection, reason: str, bounce: str | None) -> None:
         if conn is not self.conn:
@@ -802,6 +812,8 @@ class OutboundSession:
     def _give_up(self, reason: str, condition: str) -> None:
         self.last_error = reason
         self.edge.router.pair_failed(self.pair, reason, condition)
+        if self.edge.auto_probe is not None:
+            self.edge.auto_probe.failed(self.local, self.remote)
         verifies, self.verifies = self.verifies, []
         db_condition = ("remote-server-not-found" if condition == "remote-server-not-found"
                         else "remote-connection-failed")
@@ -843,8 +855,11 @@ class Router:
     # relay inputs ---------------------------------------------------------------------------
     def from_partner(self, element: Element, local: str, remote: str,
                      source: StreamConnection | None = None) -> None:
-        self.relay.from_partner(source, element, local, self.edge.clock())
-        self._apply()
+        hit = self.relay.forward(source, element, local, self.edge.clock())
+        if hit is not None:  # the hot path: straight to the gateway's link
+            hit[0].relay_write(hit[1])  # type: ignore[attr-defined]
+        if self.relay.pending:
+            self._apply()
 
     def from_component(self, element: Element, remote: str, local: str,
                        source: ComponentConnection | None = None) -> None:
@@ -999,7 +1014,7 @@ class Router:
 
 class Edge:
     def __init__(self, cfg: EdgeConfig, *, resolver: S2sResolver | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, auto_probe: bool = False):
         self.cfg = cfg
         self.clock = clock
         self.local_domains = frozenset(cfg.domains)
@@ -1022,6 +1037,14 @@ class Edge:
         self.connections: set[StreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminListener | None = None
+        # issue 13: probes after repeated partner failures (with the configuration in force);
+        # the certificate's expiry warning, re-read when a reload changes the certificate
+        self.probes = ProbeScheduler()  # rate limits and every probe's report, per partner
+        self.auto_probe = (AutoProbe(lambda: self.cfg, self.probes, clock=clock) if auto_probe
+                           else None)
+        self.cert_watch: CertificateWatch | None = None
+        self._cert_watch_stamp: object = None
+        self._cert_timer: asyncio.TimerHandle | None = None
 
     # -- live reload (issue 12 section 2) -------------------------------------------------------
 
@@ -1185,6 +1208,23 @@ class Edge:
         if cfg.admin is not None:
             self.admin = AdminListener(self)
             await self.admin.start()
+        self._watch_certificate()
+
+    def _watch_certificate(self) -> None:
+        """The expiry warning (30 / 7 days, expired): checked hourly, logged at most daily."""
+        self._cert_timer = asyncio.get_running_loop().call_later(CERT_CHECK_INTERVAL,
+                                                                 self._watch_certificate)
+        cert = self.cfg.certificate
+        if self._tls_stamp != self._cert_watch_stamp:  # first time, or reloaded / renewed
+            self._cert_watch_stamp = self._tls_stamp
+            try:
+                self.cert_watch = CertificateWatch.from_file(cert) if cert else None
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read %s for its expiry check: %s", cert, exc)
+                self.cert_watch = None
+        if self.cert_watch is not None and (warning := self.cert_watch.check(
+                dt.datetime.now(dt.UTC))):
+            log.warning("%s: %s", cert, warning)
 
     async def stop(self) -> None:
         """Drain, then stop (issue: delivery). No new streams; partners get <system-shutdown/>
@@ -1195,6 +1235,10 @@ class Edge:
             await self.admin.stop()
         for s in self.servers:
             s.close()
+        if self._cert_timer is not None:
+            self._cert_timer.cancel()
+        if self.auto_probe is not None:
+            await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
         for c in partners:
             c.shutdown_stream("edge shutting down")
@@ -1239,7 +1283,7 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
         log.warning("no dialback_secret configured: using a random one for this run")
 
     async def main() -> None:
-        edge = Edge(cfg)
+        edge = Edge(cfg, auto_probe=True)
         await edge.start()
 
         def reload() -> None:

@@ -24,8 +24,8 @@ from .config import (
 )
 
 RELOAD_HINT = ("a running edge serves the new certificate from the next TLS handshake once it "
-               "reloads: send it SIGHUP (kill -HUP <pid>, or `systemctl reload edgeproxy`); "
-               "streams already open keep the old one until they reconnect")
+               "reloads: send it SIGHUP (kill -HUP <pid>, or `systemctl kill -s HUP "
+               "xmpp-edgeproxy`); streams already open keep the old one until they reconnect")
 
 
 def _errors(exc: ConfigError) -> int:
@@ -34,10 +34,11 @@ def _errors(exc: ConfigError) -> int:
     return 1
 
 
-def load_config_for_certificates(path: str) -> EdgeConfig:
+def load_config_for_certificates(path: str, *, keep_paths: bool = True) -> EdgeConfig:
     """The configuration, also when the certificate it names is not there yet (the first
     `certs install`): then it is validated without [edge] certificate / private_key and the
-    paths are put back afterwards."""
+    paths are put back afterwards (`keep_paths`), or left out (probe / check-dns before the
+    install: they then work without a certificate of ours and say so)."""
     try:
         return load_edge_config(path)
     except ConfigError as first:
@@ -58,7 +59,19 @@ def load_config_for_certificates(path: str) -> EdgeConfig:
             cfg = edge_config_from_mapping(stripped, base, Path(path))
         except ConfigError:
             raise first from None
-        return _with_paths(cfg, cert, key)
+        return _with_paths(cfg, cert, key) if keep_paths else cfg
+
+
+def _config_before_install(path: str) -> EdgeConfig:
+    cfg = load_config_for_certificates(path, keep_paths=False)
+    if cfg.certificate is None:
+        raw, base = load_raw(path)
+        named = raw.get("edge", {}).get("certificate") if isinstance(raw.get("edge"), dict) \
+            else None
+        if named:
+            print(f"warning: [edge] certificate {_path(base, named)} is not there yet "
+                  "(certs install): going on without a certificate of ours", file=sys.stderr)
+    return cfg
 
 
 def _with_paths(cfg: EdgeConfig, cert: Path, key: Path) -> EdgeConfig:
@@ -208,7 +221,7 @@ def _check_dns(args: argparse.Namespace) -> int:
     from .checkdns import ERROR, DnsChecker
 
     try:
-        cfg = load_edge_config(args.config)
+        cfg = _config_before_install(args.config)
     except ConfigError as exc:
         return _errors(exc)
     leaf = None
@@ -230,6 +243,12 @@ def _check_dns(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     checks = asyncio.run(DnsChecker(cfg, certificate=leaf).run())
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+        return 1 if any(c.status == ERROR for c in checks) else 0
     for c in checks:
         for line in c.lines():
             print(line)
@@ -248,7 +267,7 @@ def _probe(args: argparse.Namespace) -> int:
     from .probe import ERROR, OK, WARNING, Prober, Step
 
     try:
-        cfg = load_edge_config(args.config)
+        cfg = _config_before_install(args.config)
     except ConfigError as exc:
         return _errors(exc)
     colour = sys.stdout.isatty() and not args.json
@@ -327,6 +346,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--remote", nargs="?", const=True, default=None, metavar="HOST:PORT",
                    help="check the certificate the running edge serves, not the file")
+    p.add_argument("--json", action="store_true", help="the checks as a JSON list")
     p.set_defaults(func=_check_dns)
 
     p = sub.add_parser("probe", help="why does federation with DOMAIN (not) work? connect the "

@@ -496,6 +496,20 @@ class XmlStreamParser:
 
     def _translate(self, exc: expat.ExpatError) -> XmlStreamError:
         position = self._parser.ErrorByteIndex + self._delta
+        if self._depth == 1 and self._opened and self._stanza_start < 0:
+            # What _check_pending says at the end of a feed about the bytes at the stream level
+            # holds here too, or the condition would depend on how TCP cut the stream (an
+            # error inside them vs. a feed that ended on them; found by bench/fuzz.py).
+            m = _NON_WS.search(self._buf, self._mark - self._base)
+            if m is not None and self._base + m.start() <= position and \
+                    self._buf[m.start()] != 0x3C:
+                if self._closed:
+                    return XmlStreamError("not-well-formed", "data after </stream:stream>")
+                return XmlStreamError(
+                    "not-well-formed",
+                    f"text at the stream level (byte {self._base + m.start()}); only "
+                    "whitespace may appear between stanzas",
+                )
         message = f"{expat.ErrorString(exc.code)} at byte {position}"
         if exc.code in _RESTRICTED_ERRORS:
             return XmlStreamError(

@@ -125,7 +125,7 @@ class InboxFull(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InboxLimits:
-    """Per user: unacknowledged messages and bounces kept, and their bytes (the stanzas)."""
+    """Per user: unacknowledged messages and bounces kept, and their bytes."""
     messages: int = 10_000
     bytes: int = 64 * 1024 * 1024
 
@@ -135,7 +135,7 @@ class StoredEvent:
     id: int  # the `seq` a client acknowledges
     kind: str  # "message" or "error" (a bounce of something the user sent)
     resource: str | None  # a message sent to one resource (RFC 6121 8.5.3.1), else None
-    stanza: str  # the complete stanza as received
+    stanza: str  # the complete stanza as received, if it was kept ("" if not)
     event: str  # the JSON event a client is sent ("" for rows migrated from schema 1)
     stamp: float
 
@@ -370,8 +370,10 @@ class SqliteStore:
 
     def add_event(self, user: str, kind: str, stanza: str, event: str,
                   resource: str | None = None) -> int:
-        """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit."""
-        size = len(stanza.encode())
+        """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit.
+        `stanza` is the stanza as received when the caller has its text ("" if not); the
+        limit counts the bytes of both."""
+        size = len(stanza.encode()) + len(event.encode())
         self._write()
         # One statement in the common case: the row goes in only if the limits allow it.
         cur = self._db.execute(

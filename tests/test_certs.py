@@ -365,3 +365,74 @@ def test_certificate_watch_warns_once_a_day_from_30_days_before_expiry():
     assert "less than 7 days" in (watch.check(start + 34 * day) or "")
     assert "EXPIRED" in (watch.check(start + 41 * day) or "")
     assert watch.days_left(start) == pytest.approx(40)
+
+
+def test_install_keeps_owner_group_and_mode_of_the_files_it_replaces(site, capsys):
+    """An edge running as its own user reads the key through its group: a renewal installed by
+    root must not take that away (and never makes the key readable by others)."""
+    key_path, csr = request(capsys, site)
+    first = CA.issue("contoso.test", "corp.contoso.test")
+    install_issued(site, first)
+    os.chown(site["key"], 4321, 4321)
+    os.chmod(site["key"], 0o644)  # too open: the install narrows it
+    os.chown(site["cert"], 4321, 4321)
+    (site["dir"] / "new.crt").write_bytes(pem(sign(CA, csr), CA.intermediate.cert))  # type: ignore[union-attr]
+    rc, out, err = run(capsys, "certs", "install", "-c", str(site["config"]),
+                       str(site["dir"] / "new.crt"), "--key", str(key_path))
+    assert rc == 0, err
+    key_st, cert_st = os.stat(site["key"]), os.stat(site["cert"])
+    assert (key_st.st_uid, key_st.st_gid, stat.S_IMODE(key_st.st_mode)) == (4321, 4321, 0o640)
+    assert (cert_st.st_uid, cert_st.st_gid) == (4321, 4321)
+
+
+async def test_running_edge_logs_the_expiry_warning(netns_guard, tmp_path, caplog):
+    """The edge's timer asks CertificateWatch: a certificate with 5 days left is logged once."""
+    import asyncio
+    import logging
+
+    from tests.edges import edge_config, running
+
+    caplog.set_level(logging.WARNING, logger="edgeproxy")
+    now = dt.datetime.now(dt.UTC)
+    cfg = edge_config(tmp_path, "contoso.test", "127.0.0.40", CA, [],
+                      cert=CA.issue("contoso.test", not_after=now + dt.timedelta(days=5)))
+    async with running(cfg):
+        for _ in range(200):  # the timer ticks every second
+            if "less than 7 days" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # one more tick: no second line the same day
+    lines = [r.getMessage() for r in caplog.records if "less than 7 days" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg.certificate}: certificate expires in")
+
+
+async def test_installed_renewal_is_served_by_a_running_edge_after_reload(netns_guard, site,
+                                                                         capsys):
+    """The whole renewal as an administrator does it: `certs request`, the CA signs, `certs
+    install` into the paths of a running edge, reload (what SIGHUP does) - and the next STARTTLS
+    handshake (RFC 6120 5.4) serves the new certificate, without a restart."""
+    from edgeproxy.config import load_edge_config
+    from edgeproxy.probe import fetch_served_certificate
+    from edgeproxy.server import Edge
+
+    first = CA.issue(*DOMAINS)
+    install_issued(site, first)
+    cfg_text = site["config"].read_text().replace("127.0.0.1:5269", "127.0.0.44:5269")
+    site["config"].write_text(cfg_text)
+    edge = Edge(load_edge_config(site["config"]))
+    await edge.start()
+    try:
+        chain, _ = await fetch_served_certificate(edge.cfg)
+        assert chain[0] == first.cert
+        key_path, csr = request(capsys, site)
+        renewed = sign(CA, csr, days=365)
+        (site["dir"] / "renewed.crt").write_bytes(pem(renewed, CA.intermediate.cert))  # type: ignore[union-attr]
+        rc, out, err = run(capsys, "certs", "install", "-c", str(site["config"]),
+                           str(site["dir"] / "renewed.crt"), "--key", str(key_path))
+        assert rc == 0, err
+        result = edge.reload()
+        assert result.ok and "certificate and key changed" in result.changes, result
+        chain, _ = await fetch_served_certificate(edge.cfg)
+        assert chain[0] == renewed
+    finally:
+        await edge.stop()

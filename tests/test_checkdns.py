@@ -47,8 +47,9 @@ def dnsmasq(netns_guard, tmp_path_factory):
 
 
 def run_check(tmp_path: Path, capsys: pytest.CaptureFixture[str], *, direct: bool = True,
-              extra: str = "") -> tuple[int, dict[str, list[str]], str]:
-    issued = CA.issue(*(d for d in DOMAINS if d != "uncovered.test"))
+              extra: str = "", names: tuple[str, ...] = ()
+              ) -> tuple[int, dict[str, list[str]], str]:
+    issued = CA.issue(*(d for d in DOMAINS if d != "uncovered.test"), *names)
     issued.write(tmp_path / "edge.crt", tmp_path / "edge.key")
     cfg = tmp_path / "edge.toml"
     domains = ", ".join(f'"{d}"' for d in DOMAINS)
@@ -207,3 +208,47 @@ timeout = 2
     assert from_edge.startswith(f"certificate served by {EDGE_IP}:5269 (STARTTLS")
     assert "ok      good.test: the served certificate covers good.test (DNS-ID good.test)" \
         in from_edge
+
+
+def test_check_dns_suggests_the_edge_host_named_in_the_certificate(dnsmasq, tmp_path, capsys):
+    """The fix names the host the certificate was requested for (`--extra-san`), not a guess."""
+    _, per, out = run_check(tmp_path, capsys, names=("xmpp-edge.contoso.test",))
+    assert "fix: publish _xmpp-server._tcp.missing.test SRV 0 5 5269 xmpp-edge.contoso.test" \
+        in per["missing.test"], out
+
+
+def test_check_dns_json(dnsmasq, tmp_path, capsys):
+    import json
+
+    run_check(tmp_path, capsys)  # writes edge.toml
+    rc = main(["check-dns", "-c", str(tmp_path / "edge.toml"), "--json"])
+    checks = json.loads(capsys.readouterr().out)
+    assert rc == 1
+    assert {"domain": "port.test", "status": "error",
+            "text": "_xmpp-server SRV 0 5 5299 edge.good.test: port 5299, but this edge's "
+                    "STARTTLS listener is on 5269",
+            "fix": "publish the SRV record with port 5269 (or listen on 5299)"} in checks
+
+
+def test_check_dns_before_the_certificate_is_installed(dnsmasq, tmp_path, capsys):
+    """DNS can be set up before the certificate arrives: check-dns goes on without one and
+    says so, instead of refusing the whole configuration."""
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f"""
+[edge]
+domains = ["good.test"]
+listen = ["{EDGE_IP}:5269"]
+certificate = "not-yet/edge.crt"
+private_key = "not-yet/edge.key"
+use_system_ca = false
+ca_files = ["{CA.write_root(tmp_path / 'ca.crt')}"]
+[dns]
+nameservers = ["{DNS_ADDR}:{DNS_PORT}"]
+""")
+    rc = main(["check-dns", "-c", str(cfg)])
+    out = capsys.readouterr()
+    assert rc == 0, out
+    assert "not-yet/edge.crt is not there yet (certs install)" in out.err
+    assert "ok      good.test: _xmpp-server SRV 0 5 5269 edge.good.test: edge.good.test is " \
+        "127.0.0.10, this edge" in out.out
+    assert "warning good.test: no certificate configured" in out.out

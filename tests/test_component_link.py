@@ -71,6 +71,26 @@ async def test_enabled_link_holds_stanzas_until_the_gateway_acknowledges(h: Harn
         assert edge.router.relay.delivered == 3
 
 
+async def test_stanzas_written_while_an_r_was_outstanding_are_asked_for_again(
+        h: Harness) -> None:
+    """XEP-0198 4: no second <r/> goes out while one is unanswered; when the <a/> comes and
+    covers less than was written, the edge asks again at once - not at the idle ping 5 s
+    later (a SIGTERM drain waits only 2 s, and bounced what the gateway had)."""
+    async with h.edge_running() as edge:
+        comp, _ = await enabled_link(h)
+        partner = await h.authenticated()
+        await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "n0", "m0"))
+        await stanzas(comp, 1)
+        await sm_element(comp, "r")
+        await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "n1", "m1"))
+        (m1,) = await stanzas(comp, 1)
+        assert m1.attrs["id"] == "m1"
+        await comp.send(f"<a {SM} h='1'/>")  # the answer to the first <r/>: m0 only
+        await sm_element(comp, "r", timeout=2.0)  # LINK_PING is 5 s: this is the follow-up
+        await comp.send(f"<a {SM} h='2'/>")
+        await wait_for(lambda: edge.router.relay.held == 0)
+
+
 async def test_gateway_stanzas_are_counted_and_acknowledged(h: Harness) -> None:
     """XEP-0198 4: <r/> is answered with the number of stanzas handled."""
     async with h.edge_running():

@@ -6,8 +6,10 @@ for millions of inputs outside CI (docs/fuzzing.md).
 
 from __future__ import annotations
 
+import base64
 import os
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -107,3 +109,68 @@ def test_a_full_dialback_run_authenticates_and_delivers() -> None:
         ("feed", 0, VOCAB[29]),
     ])
     assert (LOCAL, REMOTE) in case.machine.verified and not case.closed
+
+
+# Inputs on which bench/fuzz.py found bugs (docs/fuzzing.md), kept as regressions.
+FOUND = [base64.b64decode("".join(parts)) for parts in [
+    ('UAUQIEA8c3RyZWFtOmZlYXR1cmVzPjxzdGFydHRscyB4bWxucz0ndXJuOmlldGY6cGFyYW1zOnhtbDpuczp4'
+     'bXBwLT50cydsPHJlcXVpcmVkLz48L3N0YXJ0dGxzPjwvc3RyZWFtOmZlYXR1cmVzPjxzdHJlYW06ZmVhdHVy'
+     'ZXM+PG1lY2hhbmlzbXMgeG1sbnM9J3VybjppZXRmOnBhcmFtczp4bWw6bnM6eG1wcC1zYXNsJz48bWVjaGFu'
+     'aXNtPkVYVEVSTkFMPC9tZWNoYW5pc20+PC9tZWNoYW5pc21zPjxkaWFsYmFjayB4bWxucz0ndXJuOnhtcHA6'
+     'ZmVhdHVyZXM6ZGlhbGJhY2snLz48L3N0cmVhbTpmZWF0dXJlcz48c3RyZWFtOmZlYXR1cmVzLz48c3RhcnR0'
+     'bHMgeG1sbnM9J3VybjppZXRmOnBhcmFtczp4bWw6bnM6eG1wcC10bHMnLz48cHJvY2VlZCB4bWxucz0ndXJu'
+     'OmlldGY6cGFyYW1zOnhtbDpuczp4bXBwLXRscycvPjxmYWlsdXJlIHhtbG5zPSd1cm46aWV0ZjpwYXJhbXM6'
+     'eG1sOm5zOnhtcHAtdGxzJy8+PGF1dGggeG1sbnM9J3VybjppZXRmOnBhcmFtczp4bWw6bnM6eG1wcC1zYXNs'
+     'JyBtZWNoYW5pc209J0VYVEVSTkFMJz49PC9hdXRoPjxhdXRoIHhtbG5zPSd1cm46aWV0ZjpwYXJhbXM6eG1s'
+     'Om5zOnhtcHAtc2FzbCcgbWVjaGFuaXNtPSdFWFRFUk5BTCc+Wm1GaWNtbHJZVzB1ZEdWemRBPT08L2F1dGg+'
+     'PGF1dGggeG1sbnM9J3VybjppZXRmOnBhcmFtczp4bWw6bnM6eG1wcC1zYXNsJyBtZWNoYW5pc209J0VYVEVS'
+     'TkFMJz5ibTl5ZEdoM2FXNWs8L2F1dGg+PGF1dGggeG1sbnM9J3VybjppZXRmOnBhcmFtczp4bWw6bnM6eG1w'
+     'cC1zYXNsJyBtZWNoYW5pc209J1BMQUlOJz5BR0VBWWc9PTwvYXV0aD48YWJvcnQgeG1sbnM9J3VybjppZXRm'
+     'OnBhcmFtczp4bWw6bnM6/////////////////////////////////////////////////////////3htcHAt'
+     'c2FzbCcvPjxzdWNjZXNzIHhtbG5zPSd1cm46aWV0ZjpwYXJhbXM6eG1sOm5zOnhtcHAtc2FzbCcvPjxmYWls'
+     'dXJlIHhtbG5zPSd1cm46aWV0ZjpwYXJhbXM6eG1sOm5zc3QnIHR5cGU9J3ZhbGlkJy8+PGRiOnJlc3VsdCBm'
+     'cm9tPSdjb250b3NvLnRlc3QnIHRvPSdmYWJyaWthbS50ZXN0JyB0eXBlPSdpbnZhbGlkJy8+PGRiOnZlcmlm'
+     'eSBmcm9tPSdmYWJyaWthbS50ZXN0JyB0bz0nY29udG9zby50ZXN0JyBpZD0nc2lkJz43MDAwNmYyNmEwYWYy'
+     'N2ZiMjIzNmYzMjZiMzMwZDAyNDdlNjM3ODI1MTI2OGYxZmEyM2Q3NTFhYzliMjBjMmJlPC9kYjp2ZXJpZnk+'
+     'PGRiOnZlcmlmeSBmcm9tPSdjb250b3NvLnRlc3QnIHRvPSdmYWJyaWthbS50ZXN0JyBpZD0neCcgdHlwZT0n'
+     'dmFsaWQnLz48bWVzc2FnZSBmcm9tPSdhbGljZUBmYWJyaWthbS50ZXN0JyB0bz0nYm9iQGNvbnRvc28udGVz'
+     'dCcgaWQ9J20nPjxib2R5PmhpPC9ib2R5PjwvbWVzc2FnZT48bWVzc2FnZSBmcm9tPSdhbGljZUBub3J0aHdp'
+     'bmQudGVzdCcgdG89J2JvYkBjb25hYnJpa2FtLnRlc3QnIHRvPSdjb250b3NvLnRlc3QnIGlkPSdzaWQnPjcw'
+     'MDA2ZjI2YTBhZjI3ZmIyMjM2ZjMyNmIzMzBkMDI0N2U2Mzc4MjUxMjY4ZjFmYTIzZDc1MWFjOWIyMGMyYmU8'
+     'L2RiOnZlcmlmeT48ZGI6dmVyaWZ5IGZyb209J2NvbnRvc28udGVzdCcgdG89J2ZhYnJpa2FtLnRlc3QnIGlk'
+     'PSd4JyB0eXBlPSd2YWxpZCcvPjxtZXNzYWdlIGZyb209J2FsaWNlQGZhYnJpa2FtLnRlc3QnIHRvPSdib2JA'
+     'Y29udG9zby50ZXN0JyBpZD0nbSc+PGJvZHk+aGk8L2JvZHk+PC9tZXNzYWdlPjxtZXNzYWdlIGZyb209J2Fs'
+     'aWNlQG5vcnRod2luZC50ZXN0JyB0bz0nYm9iQGNvbnRvc28udGVzdCc+PGJvZHk+c3Bvb2Y8L2JvZHk+PC9t'
+     'ZXNzYWdlPjxpcSBmcm9tPSdmYWJyaWthbS50ZXN0JyB0bz0nY29udG9zby50ZXN0JyB0eXBlPSdnZXQnIGlk'
+     'PXRvc28udGVzdCc+PGJvZHk+c3Bvb2Y8L2JvZHk+PC9tZXNzYWdlPjxpcSBmcm9tPSdmYWJyaWthbS50ZXN0'
+     'JyB0bz0nY29udG9zby50ZXN0JyB0eXBlPSdnZXQnIGlkPSdwIz48cGluZyB4bWxucz0ndXJuOnhtcHA6cGlu'
+     'ZycvPjwvaXE+PHByZXNlbmNlLz48bWVzc2FnZSB4bWxucz0namFiYmVyOmNsaWVudCcgZnJvbT0nYUBiJyB0'
+     'bz0nY0BkJy8+PGZvbyB4bWxucz0ndXJuOnVua25vd24nLz48c3RyZWFtOmVycm9yPjxjb25mbGljdCB4bWxu'
+     'cz0ndXJuOmlldGY6cGFyYW1zOnhtbDpuczp4bXBwLXN0cmVhbXMnLz48L3N0cmVhbTplcnJvcj48L3N0cmVh'
+     'bTpzdHJlYW0+IDwhLS0gYyAtLT48bWVzc2FnZQ=='),
+    ('CQcI/6D/Bv//////////////////////////////////////////////Bv//////////////////////////'
+     '//////////////////////////////////////////////8G////////////////////////////////////'
+     '//////////////////////////////////////////////////////////8='),
+    ('C10HGP+g/1D//////7f6/gK3AQAA//7///+3//8FECBAPHN0bAr4+HMg'),
+    ('UAUQIHNtcyB4bWxucz0ndXJhbmlzbXM+PGRpYWxiYWNrIHhtbmxzPSd1c246eG1wcDpmZWF0dXJlczpkaWFs'
+     'YmFja9nQwcEvc3RyZWFtOmZlYXR1cmVzPjxzdHJlYW06ZmVhdHVyZXMvPjxzdGFyfXRscyB4bWxucz0ndXJu'
+     'OmlldGbBAAAAAAAAADpwKnJhbXM6eG1sOnBhcmFtczp4bWw6bgcAdQEAAAAAAAAnLz48ZmFpbHVyZSB4bWxu'
+     'cz0ndXJuOmlldGY6cGFyYW1zOnhtbDpuczp4bXBwLXRscycvPjxhdXRoIHhtbG5zPSd1cm46aWV0ZjpwYXJh'
+     'bXM6eG1sOpFzOnhtcHAtc2FzbCcgbWVjaGFu'),
+    ('UPnv3788c3RyZWFtOmZlYXR1cmVzPjxzdHJlYW06ZmVhdHVyZXM+bG5zPSd1cm46aWV0ZjpwYXJhbXM6eG1s'
+     'Om5zOnhtcHAtdGxzJy8+PGF1dGggeG1sbnM9J3VybjppZXRmOvZwYXJhbXM6eGxuOm1zOnhtcHAtc2FzbCcg'
+     'bWVjaGFu'),
+    ('UAUQIMHBwcHBBgYGBgYGBgYGBgYGBjIGbTpmZWF0dXJlcz5lE0cYcy9hOmk6ZmVhdHUwLjlHGHMvYXV0L2gg'
+     'eG1sbv+g/ytzPQ=='),
+    ('2SUIAf/9Af//if9w/w//////uAAAaQAAABMAEw=='),
+]]
+
+
+@pytest.mark.parametrize("data", FOUND, ids=[f"crash{i}" for i in range(len(FOUND))])
+def test_inputs_the_fuzzer_found_stay_fixed(data: bytes) -> None:
+    if data[:1] == b"P":
+        stream = HEADER + data[5:]
+        splits = [b * len(stream) // 255 for b in data[1:5]]
+        assert parse_all(stream, splits) == parse_all(stream, [])
+    else:
+        fuzz_bytes(data)

@@ -128,6 +128,7 @@ async def test_stanza_in_same_read_before_bad_input_is_delivered(h: Harness, bad
                      + message("alice@fabrikam.test", "bob@contoso.test", bad, "m2"))
         assert (await p.stream_error())[0] in ("policy-violation", "not-well-formed")
         assert (await comp.next(timeout=2))["body"] == "before"
+        await h.still_serves()
 
 
 async def test_wrong_content_namespace_gets_invalid_namespace(h: Harness) -> None:
@@ -233,6 +234,8 @@ async def test_unsolicited_db_verify_answer_is_ignored(h: Harness,
         result = await p.dialback(FAB, key="bad")
         assert result.attrs.get("type") == "invalid"
         assert (await p.stream_error())[0] == "not-authorized"
+        h.auth.inject = []
+        await h.still_serves()
     assert caplog.text.count("ignoring unsolicited db:verify answer") == 2
 
 
@@ -260,6 +263,7 @@ async def test_db_result_to_domain_not_served_gets_item_not_found(h: Harness) ->
         assert h.auth.asked == []
         # same stream, now the real pair
         assert (await p.dialback(FAB)).attrs.get("type") == "valid"
+        await h.still_serves()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +295,7 @@ async def test_bad_certificate_dialback_partner_falls_back_to_dialback(
         assert child_names(features) == {DIALBACK_OFFERED}
         assert (await p.dialback(FAB)).attrs.get("type") == "valid"
         assert h.auth.asked == [(CONTOSO, FAB, p.stream_id)]  # really verified, not by cert
+        await h.still_serves()
     assert "not offering SASL EXTERNAL: " in caplog.text and reason in caplog.text
     assert "via dialback (TLSv1.3)" in caplog.text
 
@@ -309,6 +314,7 @@ async def test_server_auth_only_certificate_is_accepted(h: Harness, policy: dict
         await p.open(FAB, CONTOSO)
         await p.send(message("alice@fabrikam.test", "bob@contoso.test", "over EXTERNAL"))
         assert (await comp.next())["body"] == "over EXTERNAL"
+        await h.still_serves()
     assert "via sasl-external" in caplog.text
 
 
@@ -323,6 +329,7 @@ async def test_component_wrong_secret_gets_not_authorized(h: Harness) -> None:
         assert (await p.stream_error())[0] == "not-authorized"
         assert CONTOSO not in h.edge.router.components  # type: ignore[union-attr]
         await component_stream(h)  # the right secret still works
+        await h.still_serves()
 
 
 async def test_component_stanza_before_handshake_gets_not_authorized(h: Harness) -> None:
@@ -331,6 +338,7 @@ async def test_component_stanza_before_handshake_gets_not_authorized(h: Harness)
         await p.send(message("alice@contoso.test", "bob@fabrikam.test"))
         assert (await p.stream_error())[0] == "not-authorized"
         await component_stream(h)
+        await h.still_serves()
 
 
 async def test_component_stanza_from_outside_its_domain_gets_invalid_from(h: Harness) -> None:
@@ -340,6 +348,7 @@ async def test_component_stanza_from_outside_its_domain_gets_invalid_from(h: Har
         cond, text = await p.stream_error()
         assert cond == "invalid-from" and "fabrikam.test" in text
         await component_stream(h)
+        await h.still_serves()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +401,7 @@ async def test_per_partner_connection_limit_overrides_edge_default(h: Harness) -
         await third.send(f"<db:result from='{FAB}' to='{CONTOSO}'>"
                          f"{SECRETS[FAB].key(CONTOSO, FAB, third.stream_id)}</db:result>")
         assert (await third.stream_error(timeout=10))[0] == "policy-violation"
+        await h.still_serves()
 
 
 async def test_stream_establishment_timeout_gets_connection_timeout(h: Harness) -> None:
@@ -442,6 +452,7 @@ async def test_keepalive_whitespace_follows_partner_setting(h: Harness, keepaliv
                 got += await p.read_bytes()
         assert got.lstrip(b" ").startswith(b"<db:result"), got
         assert got.startswith(b" ") is keepalive
+        await h.still_serves()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,3 +468,4 @@ async def test_stanza_waits_for_component_and_is_delivered_when_it_connects(h: H
         got = await comp.next()
         assert got["body"] == "queued" and got["id"] == "q1"
         assert str(got["from"]) == "alice@fabrikam.test/desk"
+        await h.still_serves()

@@ -134,6 +134,8 @@ async def test_huge_attribute_counts_and_names_get_policy_violation(
 
 
 async def test_stream_header_with_too_many_attributes_gets_policy_violation(h: Harness) -> None:
+    """RFC 6120 13.12: the attribute limit holds for the header too (<policy-violation/>,
+    4.9.3.12), after our own header (4.9.1.2)."""
     async with h.edge_running():
         p = await h.peer()
         extra = " ".join(f"x{i}='1'" for i in range(100)).encode()
@@ -152,6 +154,7 @@ async def test_oversized_stream_header_gets_policy_violation(h: Harness) -> None
 
 
 async def test_nesting_deeper_than_the_limit_gets_policy_violation(h: Harness) -> None:
+    """RFC 6120 13.12: nesting is limited (32 levels here); deeper is <policy-violation/>."""
     async with h.edge_running():
         p = await h.authenticated()
         await p.send(f"<message from='alice@{FAB}' to='bob@{CONTOSO}'>" + "<x>" * 40)

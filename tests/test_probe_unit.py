@@ -75,3 +75,19 @@ def test_history_keeps_the_newest_results():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         ProbeScheduler(failures=0)
+
+
+def test_the_command_line_called_in_process_leaves_sigpipe_ignored(tmp_path: Path, capsys):
+    """`partner list | head` must end quietly without setting SIGPIPE to its default: in a
+    process that goes on (the tests), SIG_DFL would turn its next write to a closed socket into
+    a silent death of the whole process (it killed the suite at test_certs' STARTTLS test)."""
+    import signal
+
+    from edgeproxy.cli import main
+
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('[edge]\ndomains = ["contoso.test"]\nlisten = ["127.0.0.1:5269"]\n')
+    before = signal.getsignal(signal.SIGPIPE)
+    assert main(["partner", "list", "-c", str(cfg)]) == 0
+    assert signal.getsignal(signal.SIGPIPE) == before
+    capsys.readouterr()

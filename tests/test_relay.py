@@ -144,6 +144,31 @@ def test_dial_timeout_bounces_remote_server_timeout() -> None:
     assert b"<remote-server-timeout" in writes[-1].data
 
 
+def test_after_shutdown_nothing_is_written_to_the_closed_partner_streams() -> None:
+    """The edge stops: its partner streams got <system-shutdown/> and nothing may follow the
+    close (RFC 6120 4.4). A stanza the gateway hands over during the drain was written to the
+    closed stream (and silently dropped there) before: now it is bounced to its sender with
+    <remote-server-timeout/>, and no new stream is dialed."""
+    r = Relay([LOCAL], PARTNERS)
+    r.component_up(LOCAL, "gw", acked=False, now=0)
+    r.pair_up((LOCAL, "fabrikam.test"), "out")
+    r.from_component("gw", stanza(f"b@{LOCAL}", "a@fabrikam.test", "o1"), "fabrikam.test",
+                     LOCAL, 1)
+    assert r.actions() == [Write("out", stanza(f"b@{LOCAL}", "a@fabrikam.test",
+                                               "o1").forwardable())]
+    r.shutdown("the edge is shutting down")
+    r.from_component("gw", stanza(f"b@{LOCAL}", "a@fabrikam.test", "o2"), "fabrikam.test",
+                     LOCAL, 2)
+    acts = r.actions()
+    assert not any(isinstance(a, Dial) or (isinstance(a, Write) and a.link == "out")
+                   for a in acts), acts
+    (w,) = acts
+    assert isinstance(w, Write) and w.link == "gw"
+    assert b"<remote-server-timeout" in w.data and b"id='o2'" in w.data
+    r.pair_down((LOCAL, "fabrikam.test"), "out", 3)  # the old stream's close: nothing more
+    assert r.actions() == [] and r.held == 0 and r.bounced == {"remote-server-timeout": 1}
+
+
 # -- the property ----------------------------------------------------------------------------------
 
 class RelayModel(RuleBasedStateMachine):

@@ -26,6 +26,7 @@ from edgeproxy.s2s import (
     DialbackVerify,
     DialbackVerifyAnswer,
     InboundS2s,
+    InState,
     OutboundS2s,
     RestartStream,
     S2sContext,
@@ -33,7 +34,7 @@ from edgeproxy.s2s import (
     StartTls,
     Timeouts,
 )
-from edgeproxy.xmlstream import XmlStreamParser, stream_error
+from edgeproxy.xmlstream import Element, XmlStreamParser, stream_error
 
 CA = CertificateAuthority("S2S Test")
 OTHER_CA = CertificateAuthority("Untrusted")
@@ -544,3 +545,61 @@ def test_dialback_under_way_at_starttls_dies_with_the_pre_tls_stream():
     assert any(isinstance(a, DialbackVerify) for a in acts) and isinstance(acts[-1], StartTls)
     assert m.dialback_result("contoso.test", "fabrikam.test", "valid") == []
     assert not m.authenticated
+
+
+# ---------------------------------------------------------------------------------------------
+# The state tables: invalid is the default (h2's test_state_machines)
+
+ELEMENTS = [
+    b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+    b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>",
+    b"<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+    b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+    b"<db:result from='fabrikam.test' to='contoso.test'>k</db:result>",
+    b"<db:verify from='fabrikam.test' to='contoso.test' id='i'>k</db:verify>",
+    b"<message from='a@fabrikam.test' to='b@contoso.test'/>",
+    b"<foo xmlns='urn:other'/>",
+    b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+    b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+]
+
+
+@dataclass(frozen=True)
+class _Check:
+    ok: bool
+    reason: str
+    matched: str | None = None
+
+
+@pytest.mark.parametrize("state", list(InState), ids=lambda s: s.name)
+def test_every_element_a_state_does_not_list_closes_the_stream(state):
+    from edgeproxy.s2s import _INBOUND
+
+    for raw in ELEMENTS:
+        (el,) = [e for e in XmlStreamParser().feed(HEAD + raw) if isinstance(e, Element)]
+        m = InboundS2s(ctx("contoso.test", [Partner("fabrikam.test")], "s"))
+        m.state, m.local, m.header_from = state, "contoso.test", "fabrikam.test"
+        m.cert_check = lambda domain: _Check(False, "no certificate presented")
+        acts = m.receive(el)
+        listed = (el.ns, el.name) in _INBOUND[state]
+        closes = [a for a in acts if isinstance(a, Close)]
+        if state is InState.CLOSED:
+            assert acts == []
+        elif not listed:
+            assert len(closes) == 1 and closes[0].condition in (
+                "policy-violation", "unsupported-stanza-type", "not-well-formed"), (raw, acts)
+            assert m.state is InState.CLOSED
+
+
+def test_no_keepalive_between_sasl_success_and_our_new_header():
+    """RFC 6120 4.6.1 / 6.4.6: after <success/> the next bytes we send begin a new stream with
+    its XML declaration; a whitespace keepalive there would come before it (found by
+    bench/fuzz.py). The keepalive waits until our new header is out."""
+    m = timed_inbound(keepalive=True)
+    authenticate_by_dialback(m)
+    m.timers.sent(1010)
+    m.state = InState.WAIT_SASL_HEADER  # where <success/> leaves an authenticated stream
+    assert m.handle_timer(1041) == []
+    assert m.next_deadline() == 1610  # inactivity only
+    m.state = InState.SASL_DONE
+    assert m.handle_timer(1041) == [Send(b" ")]

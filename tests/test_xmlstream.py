@@ -833,3 +833,21 @@ def test_condition_of_a_syntax_error_does_not_depend_on_later_bytes_or_the_split
     with pytest.raises(XmlStreamError) as err:  # invalid UTF-8 first: that one decides
         XmlStreamParser().feed(HEADER + b"<message to='a@b'>\xff\xfe<x'/></message>")
     assert err.value.condition == "unsupported-encoding"
+
+
+@pytest.mark.parametrize("split", [None, 1, 12, 30])
+@pytest.mark.parametrize("text", [b"ms xmlns='x'>", b"\xc1\xc1\x06"], ids=["ascii", "bad-utf8"])
+def test_text_at_stream_level_before_a_bad_token_is_reported_first(
+        split: int | None, text: bytes) -> None:
+    """RFC 6120 4.9.3.13: text between stanzas is not-well-formed; when a broken token
+    follows in the same read, or the text itself is not UTF-8, the text still comes first, as
+    when TCP cut right after it (found by bench/fuzz.py)."""
+    data = HEADER + text + b"<dialback a='\xd9\xd0\xc1'/>"
+    parser = XmlStreamParser()
+    with pytest.raises(XmlStreamError) as err:
+        if split is None:
+            parser.feed(data)
+        else:
+            parser.feed(data[: len(HEADER) + split])
+            parser.feed(data[len(HEADER) + split:])
+    assert err.value.condition == "not-well-formed" and "stream level" in err.value.text

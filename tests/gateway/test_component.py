@@ -7,8 +7,14 @@ handlers with real slixmpp stanzas and capture what it would send by overriding 
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+from xml.etree import ElementTree as ET
+
 import pytest
 
+from edgeproxy import link
+from edgeproxy.link import NS_SM
 from gateway.component import LinkDown, Refused
 from gateway.rules import Subscription, SubState
 from gateway.store import SqliteStore
@@ -310,3 +316,26 @@ async def test_stanzas_wait_in_a_bounded_queue_while_the_link_is_down(store):
     assert gw.outbound.waiting == 2  # until the edge acknowledges them
     gw.outbound.acked(2)
     assert gw.outbound.waiting == 0
+
+
+async def test_an_ack_that_leaves_rows_unacknowledged_is_followed_by_a_new_request(gw):
+    """XEP-0198 4: one <r/> at a time; rows written while it was unanswered are asked for as
+    soon as its <a/> comes (before, they waited for an idle link's ping, 5 s, and stayed
+    'sent' instead of 'accepted')."""
+    wire: list[bytes] = []
+    gw._raw = wire.append  # the link's own elements (no transport in these tests)
+
+    def ack(h: int) -> None:
+        gw._sm_a(SimpleNamespace(xml=ET.fromstring(f"<a xmlns='{NS_SM}' h='{h}'/>")))
+
+    first = gw.send_user_message("bob", "alice@fabrikam.test", "one")
+    await asyncio.sleep(0)  # the batch's <r/> goes out at the end of the turn
+    assert wire == [link.REQUEST]
+    gw.send_user_message("bob", "alice@fabrikam.test", "two")
+    await asyncio.sleep(0)
+    assert wire == [link.REQUEST]  # the first one is still unanswered
+    ack(1)
+    assert wire == [link.REQUEST, link.REQUEST]
+    assert gw.outbound.status("bob", first).state == "accepted"
+    ack(2)
+    assert wire == [link.REQUEST, link.REQUEST] and gw.outbound.waiting == 0

@@ -88,7 +88,7 @@ def test_inbox_limits_count_messages_and_bytes(path):
     store.add_event("bob", "message", "<message>2</message>", "{}")
     with pytest.raises(InboxFull, match=r"2 unacknowledged .* offline_messages"):
         store.add_event("bob", "message", "<message>3</message>", "{}")
-    assert store.inbox_usage("bob") == (2, 2 * len("<message>1</message>"))
+    assert store.inbox_usage("bob") == (2, 2 * len("<message>1</message>{}"))
     store.ack_events("bob", store.last_event_id("bob"), None)
     assert store.inbox_usage("bob") == (0, 0)
     big = "<message>" + "x" * (1 << 20) + "</message>"

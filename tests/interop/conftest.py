@@ -36,6 +36,10 @@ def world(request: pytest.FixtureRequest, dns: Dns,
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, table in matrix.TABLES.items():
+        terminalreporter.section(title)
+        for line in table:
+            terminalreporter.write_line(line)
     lines = matrix.render()
     if not lines:
         return

@@ -17,6 +17,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 RESULTS: dict[tuple[str, str, str, str], str] = {}
+# Tables a scenario prints whole at the end of the run (title -> lines), e.g. test_chaos.py's.
+TABLES: dict[str, list[str]] = {}
 PASS = "PASS"
 
 
