@@ -163,6 +163,7 @@ FOUND = [base64.b64decode("".join(parts)) for parts in [
     ('UAUQIMHBwcHBBgYGBgYGBgYGBgYGBjIGbTpmZWF0dXJlcz5lE0cYcy9hOmk6ZmVhdHUwLjlHGHMvYXV0L2gg'
      'eG1sbv+g/ytzPQ=='),
     ('2SUIAf/9Af//if9w/w//////uAAAaQAAABMAEw=='),
+    ('OgcQ2i30Jy8+',),
 ]]
 
 

@@ -851,3 +851,16 @@ def test_text_at_stream_level_before_a_bad_token_is_reported_first(
             parser.feed(data[: len(HEADER) + split])
             parser.feed(data[len(HEADER) + split:])
     assert err.value.condition == "not-well-formed" and "stream level" in err.value.text
+
+
+@pytest.mark.parametrize("split", [None, 3])
+def test_self_closing_stream_header_opens_and_closes_the_stream(split: int | None) -> None:
+    """A root that is an empty-element tag is a stream opened and closed at once (RFC 6120
+    4.4): StreamOpened then StreamClosed, never an exception (found by bench/fuzz.py)."""
+    data = HEADER[:-1] + b"/>"
+    parser = XmlStreamParser()
+    if split is None:
+        events = parser.feed(data)
+    else:
+        events = parser.feed(data[:-split]) + parser.feed(data[-split:])
+    assert [type(e).__name__ for e in events] == ["StreamOpened", "StreamClosed"]
