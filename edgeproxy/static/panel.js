@@ -240,7 +240,42 @@ function settingsPage() {
   });
 }
 
+// The partner page's Probe button (issue 13): POST /api/v1/partners/{domain}/probe, then the
+// steps, the diagnosis and the settings that will work, as `edgeproxy probe` prints them.
+function probeButton() {
+  const button = document.getElementById("probe-run");
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    const label = button.textContent;
+    button.textContent = "Probing...";
+    const diagnosis = document.getElementById("probe-diagnosis");
+    diagnosis.textContent = "";
+    const r = await api("POST", `/api/v1/partners/${encodeURIComponent(button.dataset.domain)}/probe`);
+    button.disabled = false;
+    button.textContent = label;
+    if (r.status !== 200) {
+      diagnosis.className = "error";
+      diagnosis.textContent = r.data.error || `HTTP ${r.status}`;
+      return;
+    }
+    diagnosis.className = "";
+    diagnosis.textContent = r.data.diagnosis;
+    const steps = document.getElementById("probe-steps");
+    steps.replaceChildren(...r.data.steps.map((step) => {
+      const li = document.createElement("li");
+      li.className = `outcome-${step.status}`;
+      li.textContent = `${step.status} ${step.topic}: ${step.text}`;
+      return li;
+    }));
+    const ul = document.createElement("ul");
+    document.getElementById("probe-settings").replaceChildren(ul);
+    list(ul, r.data.recommendations.map((rec) => `Row ${rec.row}: ${rec.command}`));
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  probeButton();
   const page = document.body.dataset.page;
   ({ partners: partnersPage, partner_form: partnerFormPage, connections: connectionsPage,
      settings: settingsPage }[page] || (() => {}))();

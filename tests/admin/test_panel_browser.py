@@ -150,6 +150,21 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
         streams_before = set(fab_streams(edge))
         assert len(streams_before) >= 2
 
+        def probe() -> None:
+            """Issue 13: the partner page's Probe button runs `edgeproxy probe` from the edge."""
+            b.driver.get(f"{BASE}/partners/{FAB}")
+            b.css("#probe-run").click()
+            b.wait("the probe's diagnosis", lambda: b.css("#probe-diagnosis").text, timeout=60)
+            steps = [li.text for li in b.driver.find_elements("css selector", "#probe-steps li")]
+            assert any(t.startswith("ok dns") for t in steps), steps
+            assert any(t.startswith("ok certificate") for t in steps), steps
+            assert "Row " in b.css("#probe-settings").text
+            assert f"edgeproxy partner new {FAB}" in b.css("#probe-settings").text
+            b.screenshot("partner-probe")
+
+        await asyncio.to_thread(probe)
+        assert edge.probes.history(FAB), "the probe is kept in the partner's probe history"
+
         def invalid_edit() -> None:
             from selenium.webdriver.support.ui import Select
 
@@ -219,6 +234,9 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
                 f"Partner {FAB} removed; applied by the running edge: partner {FAB} removed")
             b.screenshot("partners-removed")
 
+        # the streams open when the partner is removed (the probe's own came and went before)
+        open_at_removal = [a for a in edge.monitor.history.attempts(FAB)
+                           if a.outcome == "authenticated" and a.ended_after is None]
         await asyncio.to_thread(remove)
         await until("the removed partner's streams to close", lambda: not fab_streams(edge))
         # The peer tries again: refused, and the history says why in words.
@@ -246,7 +264,7 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
             assert "DNS-ID contoso.test" in b.css("main").text
 
         await asyncio.to_thread(closed)
-        ended = [a for a in edge.monitor.history.attempts(FAB) if a.outcome == "authenticated"]
+        ended = open_at_removal
         assert {a.direction for a in ended} == {"inbound", "outbound"}
         assert {a.end_reason for a in ended} == {
             f"configuration reloaded: {FAB} is no longer a federation partner"}
