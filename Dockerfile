@@ -17,8 +17,8 @@ COPY pyproject.toml README.md LICENSE ./
 # The dependencies first, from pyproject.toml alone: this layer survives edits to the source.
 RUN --mount=type=secret,id=cabundle \
     if [ -s /run/secrets/cabundle ]; then export PIP_CERT=/run/secrets/cabundle; fi \
- && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
- && /opt/xmpp-edge/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    | /opt/xmpp-edge/bin/pip install --no-cache-dir --disable-pip-version-check -r /dev/stdin
 COPY edgeproxy ./edgeproxy
 COPY gateway ./gateway
 RUN --mount=type=secret,id=cabundle \

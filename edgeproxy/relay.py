@@ -440,9 +440,10 @@ class Relay:
             if r.link is None:
                 self._bounce_component(r, "service-unavailable", text)
 
-    def bounce(self, element: Element, condition: str, text: str, now: float) -> None:
-        """Bounce a stanza the shell refused (never held)."""
-        self._bounce(self._hold(b"", element, now, None), condition, text)
+    def give_up(self, text: str) -> None:
+        """The last step of a shutdown: what no gateway acknowledged in time is bounced."""
+        for r in list(self.components.values()):
+            self._bounce_component(r, "service-unavailable", text)
 
     @property
     def held(self) -> int:

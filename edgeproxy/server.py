@@ -931,10 +931,6 @@ class Router:
     def connection_gone(self, conn: StreamConnection) -> None:
         self.relay.link_gone(conn)
 
-    def bounce(self, element: Element, condition: str, text: str) -> None:
-        self.relay.bounce(element, condition, text, self.edge.clock())
-        self._apply()
-
     # dialback: verifications travel on the pair's outbound stream ------------------------------
     def session(self, local: str, remote: str, partner: Partner) -> OutboundSession:
         s = self.sessions.get((local, remote))
@@ -1252,8 +1248,7 @@ class Edge:
         # Whatever a gateway has not acknowledged by now is bounced (its link is going).
         for domain, comp in list(self.router.components.items()):
             self.router.component_down(domain, comp)
-        self.router.relay.budgets = replace(self.router.relay.budgets, component_wait=0.0)
-        self.router.relay.handle_timer(self.clock())
+        self.router.relay.give_up("the edge is shutting down")
         self.router._apply()
         for c in list(self.connections):
             c.graceful_close("edge shutting down")

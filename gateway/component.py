@@ -307,11 +307,13 @@ class Gateway(ComponentXMPP):
         if not self.sm_active:
             return
         rows = self.outbound.unsent(self._last_row)
-        for row, text in rows:
+        if not rows:
+            return
+        for _row, text in rows:
             self._transmit(text)
-            self.outbound.written(row)
-            self._last_row = row
-        if rows and not self._want_ack:
+        self.outbound.written([row for row, _ in rows])
+        self._last_row = rows[-1][0]
+        if not self._want_ack:
             self._want_ack = True
             self.loop.call_soon(self._request_ack)
 

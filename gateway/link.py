@@ -86,7 +86,7 @@ class Outbound:
         state = dict(self._db.execute("SELECT key, value FROM link_state"))
         self.link_id: str | None = state.get("link_id")
         self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
-        self.sent: Outbox[int | None] = Outbox(int(state.get("acked_h", "0")))
+        self.sent: Outbox[int] = Outbox(int(state.get("acked_h", "0")))
         self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     def close(self) -> None:
@@ -116,12 +116,14 @@ class Outbound:
         return list(self._db.execute("SELECT id, stanza FROM outbox WHERE id > ? ORDER BY id",
                                      (after,)))
 
-    def written(self, row: int | None) -> None:
-        """A stanza went out on the link (row None: one not kept in the outbox, e.g. an iq)."""
-        self.sent.sent(row)
-        if row is not None:
-            self._db.execute("UPDATE message_status SET state = 'sent', updated = ? "
-                             "WHERE outbox_id = ? AND state = 'queued'", (time.time(), row))
+    def written(self, rows: list[int]) -> None:
+        """These rows went out on the link, in this order (one status update for the batch)."""
+        for row in rows:
+            self.sent.sent(row)
+        now = time.time()
+        self._db.executemany("UPDATE message_status SET state = 'sent', updated = ? "
+                             "WHERE outbox_id = ? AND state = 'queued'",
+                             [(now, row) for row in rows])
 
     # -- XEP-0198 ----------------------------------------------------------------------------------
     def new_link(self, link_id: str) -> None:
@@ -133,7 +135,7 @@ class Outbound:
 
     def acked(self, h: int) -> int:
         """The edge's `<a h=''/>`: the rows it covers leave the outbox. Returns how many."""
-        rows = [r for r in self.sent.ack(h) if r is not None]
+        rows = self.sent.ack(h)
         self._release(rows, h)
         return len(rows)
 
