@@ -137,7 +137,7 @@ class DialbackVerifyAnswer:
     outcome: str  # "valid" | "invalid" | an error condition
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made once per relayed stanza, and frozen __init__ costs 2x
 class Deliver:
     element: Element
     local: str
@@ -289,6 +289,10 @@ class InState(Enum):
     accepted in every state after the features, for the pairs in `InboundS2s.verified`.
     """
 
+    # members are singletons: the identity hash, in C (Enum's own __hash__ is Python code,
+    # and the state is a dict key once per received stanza)
+    __hash__ = object.__hash__
+
     WAIT_HEADER = auto()  # 4.7.1: before the initial stream header (TCP, or Direct TLS up)
     PLAIN = auto()  # features without STARTTLS (or a pre-1.0 peer): TCP dialback only
     TLS_OFFERED = auto()  # 5.4.2: features offered STARTTLS; STARTTLS or TCP dialback
@@ -311,6 +315,10 @@ _HEADER_STATES = frozenset({InState.WAIT_HEADER, InState.WAIT_TLS_HEADER,
 
 class OutState(Enum):
     """Where our initiated stream is (RFC 6120 4.3), waiting for the receiving server."""
+
+    # members are singletons: the identity hash, in C (Enum's own __hash__ is Python code,
+    # and the state is a dict key once per received stanza)
+    __hash__ = object.__hash__
 
     WAIT_HEADER = auto()  # 4.7.2: our header sent, waiting for the response header
     WAIT_FEATURES = auto()  # 4.3.2: waiting for stream features

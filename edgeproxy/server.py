@@ -124,6 +124,10 @@ class StreamConnection(asyncio.Protocol):
         """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
         raise NotImplementedError
 
+    def deliver(self, action: Deliver) -> None:
+        """A stanza the machine accepted; a subclass on the relay's hot path overrides this."""
+        self.handle_action(action)
+
     def label(self) -> str:
         return f"{self.kind} {self.peer}"
 
@@ -189,8 +193,12 @@ class StreamConnection(asyncio.Protocol):
         self._drain(actions)
 
     def _drain(self, actions: Iterator[StreamAction]) -> None:
+        deliver = self.deliver
         for a in actions:
-            self._carry_out(a)
+            if type(a) is Deliver:  # the relay's hot path: one call per stanza, no match
+                deliver(a)
+            else:
+                self._carry_out(a)
             if self.closing:
                 return
             if self._paused:  # backpressure: the rest of this read waits for resume_reading
@@ -418,11 +426,14 @@ class InboundConnection(StreamConnection):
     def handle_timer(self, now: float) -> Sequence[StreamAction]:
         return self.machine.handle_timer(now)
 
+    def deliver(self, action: Deliver) -> None:
+        self.stats.stanzas_in += 1
+        self.edge.router.from_partner(action.element, action.local, action.remote, self)
+
     def handle_action(self, action: Effect) -> None:
         match action:
-            case Deliver(element, local, remote):
-                self.stats.stanzas_in += 1
-                self.edge.router.from_partner(element, local, remote, self)
+            case Deliver():
+                self.deliver(action)
             case Authenticated():
                 self._authenticated(action)
             case DialbackVerify():
@@ -524,7 +535,14 @@ class ComponentConnection(StreamConnection):
 
     # writes from the relay: one <r/> after each turn's batch, never one per stanza
     def relay_write(self, data: bytes) -> None:
-        self.send(data)
+        # send(), inlined: this runs once per relayed stanza
+        t = self.transport
+        if t is None or self.sent_close or t.is_closing():
+            return
+        self.stream.send(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
         if self.link is not None and not self._want_ack:
             self._want_ack = True
             asyncio.get_running_loop().call_soon(self._request_ack_soon)

@@ -73,13 +73,13 @@ class XmppStream(Generic[A]):
 
     def receive_data(self, data: bytes, now: float) -> Iterator[A | TlsEstablished |
                                                                 TransportFailed]:
-        """Bytes from the socket (b"" = EOF); yields the actions they lead to, lazily."""
+        """Bytes from the socket (b"" = EOF); an iterator of the actions they lead to, lazy.
+        (Not a generator itself: one generator level less per stanza on the relay's path.)"""
         if self.closed:
-            return
+            return iter(())
         if self.tls is None:
-            yield from self._plaintext(data, now)
-            return
-        yield from self._tls_data(self.tls, data, now)
+            return self._plaintext(data, now)
+        return self._tls_data(self.tls, data, now)
 
     def _tls_data(self, tls: TlsSession, data: bytes, now: float) -> Iterator[
             A | TlsEstablished | TransportFailed]:
