@@ -400,7 +400,10 @@ class InboundS2s:
                 return self._close("unexpected second stream header", "not-well-formed")
             return self._on_header(event)
         self.state = InState.CLOSED
-        return [Close("peer closed the stream", failed=not self.verified)]
+        # A stream that named no sender (RFC 6120 4.7.1: 'from' is optional) and closed
+        # unauthenticated is a probe - a health check, a port scan - not a partner's failure.
+        return [Close("peer closed the stream",
+                      failed=not self.verified and self.header_from is not None)]
 
     def fail(self, condition: str, text: str) -> list[Action]:
         """The stream below the machine failed (bad XML, a limit): close with `condition`."""

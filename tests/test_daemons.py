@@ -99,6 +99,13 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_output(self, text: str, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} not logged within {timeout} s; log:\n{self.output()}")
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -135,6 +142,11 @@ def test_edge_is_ready_healthy_and_closes_streams_on_sigterm(tmp_path):
         assert check.returncode == 0, check.stdout + check.stderr
         assert check.stdout.startswith(f"healthy: {ADDRESS}:5269: edge for {DOMAIN} answered")
         assert "starttls" in check.stdout and len(check.stdout.splitlines()) == 1
+        # the check opens a stream without 'from' and closes it (RFC 6120 4.7.1, 4.4): a probe,
+        # logged at INFO, not a WARNING about a partner's failed stream
+        edge.wait_output("closing: peer closed the stream")
+        closing = [line for line in edge.output().splitlines() if "closing:" in line]
+        assert closing and all(" INFO " in line for line in closing), edge.output()
 
         # A partner's stream, open when the operator stops the edge.
         peer = socket.create_connection((ADDRESS, 5269), timeout=WAIT)
