@@ -111,7 +111,8 @@ async def turn() -> None:
         await asyncio.sleep(0)
 
 
-async def one_round(edge: Edge, n: int, acked: bool, profile: cProfile.Profile | None) -> float:
+async def one_round(edge: Edge, n: int, acked: bool, profile: cProfile.Profile | None,
+                    per_read: int = 300) -> float:
     comp_t = FakeTransport("127.0.0.1")
     comp = ComponentConnection(edge)
     comp.connection_made(comp_t)
@@ -141,7 +142,6 @@ async def one_round(edge: Edge, n: int, acked: bool, profile: cProfile.Profile |
 
     stanza = (b"<message from='alice@fabrikam.test/r' to='bob@contoso.test' type='chat' "
               b"id='m%d'><body>hello bob, this is a message of a usual size</body></message>")
-    per_read = 300
     reads = [b"".join(stanza % (k * per_read + i) for i in range(per_read))
              for k in range(max(1, n // per_read))]
     total = len(reads) * per_read
@@ -172,7 +172,8 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         edge = Edge(load_edge_config(write_config(Path(tmp))))
         prof = cProfile.Profile() if args.profile else None
-        results = [await one_round(edge, args.n, not args.plain, prof if i == 0 else None)
+        results = [await one_round(edge, args.n, not args.plain, prof if i == 0 else None,
+                                   args.batch)
                    for i in range(args.rounds)]
     mode = "plain XEP-0114" if args.plain else "acknowledged (XEP-0198)"
     print(f"relay path, {mode}, {args.n:,} stanzas x {args.rounds} rounds: CPU us/stanza "
@@ -186,6 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=300_000, help="stanzas per round (default 300000)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=300,
+                    help="stanzas per read from the partner, and per <a/> (default 300)")
     ap.add_argument("--plain", action="store_true", help="component without XEP-0198")
     ap.add_argument("--profile", action="store_true", help="cProfile the first round")
     asyncio.run(main_async(ap.parse_args()))
