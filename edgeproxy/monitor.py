@@ -94,7 +94,8 @@ class Monitor:
         tls = _tls_text(conn)
         attempt = Attempt(st.opened, conn.kind, action.local, action.remote, conn.peer,
                           Outcome.AUTHENTICATED, f"authenticated via {action.label} "
-                          f"({tls or 'no TLS'})", now - st.opened, action.label, tls)
+                          f"({tls or 'no TLS'})" + (f"; {action.note}" if action.note else ""),
+                          now - st.opened, action.label, tls)
         st.attempts.append(self.history.record(self._partner_of(action.remote), attempt))
 
     def closing(self, conn: StreamConnection, reason: str, condition: str | None) -> None:
