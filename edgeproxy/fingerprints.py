@@ -52,8 +52,9 @@ class SeenCertificate:
     names: tuple[str, ...]
     not_after: str  # ISO 8601, UTC
     self_signed: bool
-    chain_ok: bool  # chained to our trust anchors when it was seen
+    chain_ok: bool  # passed the partner's trust check: a CA chain (trust = "pin": its dates)
     identity_ok: bool  # valid for the partner's domain (RFC 6125)
+    pinned: bool  # its key was one of the partner's pins when it was seen
     source: str  # outbound | inbound | probe
     peer: str  # address:port it came from ("" when unknown)
     seen_at: float  # wall clock
@@ -65,7 +66,7 @@ class SeenCertificate:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SeenCertificate:
-        return cls(**{**d, "names": tuple(d.get("names", ()))})
+        return cls(**{"pinned": False, **d, "names": tuple(d.get("names", ()))})
 
 
 def book_path(config_path: Path | None) -> Path | None:
@@ -80,7 +81,8 @@ def describe(cert: x509.Certificate, check: CertificateCheck, *, partner: str, s
         subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
         names=tuple(check.names), not_after=cert.not_valid_after_utc.isoformat(),
         self_signed=is_self_signed(cert),
-        chain_ok=check.chain_ok, identity_ok=check.identity_ok, source=source, peer=peer,
+        chain_ok=check.chain_ok, identity_ok=check.identity_ok, pinned=bool(check.pin_ok),
+        source=source, peer=peer,
         seen_at=when)
 
 

@@ -397,7 +397,7 @@ class InboundS2s:
                 return self._close("unexpected second stream header", "not-well-formed")
             return self._on_header(event)
         self.state = InState.CLOSED
-        return [Close("peer closed the stream", failed=not self.verified)]
+        return [Close(self._with_fallback("peer closed the stream"), failed=not self.verified)]
 
     def fail(self, condition: str, text: str) -> list[Action]:
         """The stream below the machine failed (bad XML, a limit): close with `condition`."""
@@ -712,9 +712,14 @@ class InboundS2s:
             return self._close(f"{qname} before the stream header", "not-well-formed")
         return self._close(f"unsupported element {qname}", "unsupported-stanza-type")
 
-    def _close(self, reason: str, condition: str | None) -> list[Action]:
+    def _with_fallback(self, reason: str) -> str:
+        """A failure after a pin mismatch: the history says why dialback was tried."""
         if self.fallback and not self.verified and self.fallback not in reason:
-            reason = f"{reason} ({self.fallback})"  # the history says why dialback was tried
+            return f"{reason} ({self.fallback})"
+        return reason
+
+    def _close(self, reason: str, condition: str | None) -> list[Action]:
+        reason = self._with_fallback(reason)
         preamble = self.error_preamble() if condition else b""
         self.state = InState.CLOSED
         out: list[Action] = [Send(preamble)] if preamble else []
