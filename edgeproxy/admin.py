@@ -528,6 +528,11 @@ class AdminListener:
             raise ApiError(400, str(exc)) from None
         report = (await prober.run()).to_json()
         self.edge.probes.record(prober.remote, report)
+        presented = prober.presented()  # issue 15: the partner's current certificate
+        if presented is not None:
+            partner = prober.configured.domain if prober.configured is not None and \
+                not prober.configured.is_default else prober.remote
+            self.edge.saw_certificate(partner, presented[0], presented[1], "probe")
         log.info("admin: probe of %s by %s: %s", prober.remote, request.remote,
                  report["diagnosis"])
         return web.json_response(report)

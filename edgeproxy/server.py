@@ -1205,12 +1205,41 @@ class Edge:
                                       "negotiation; negotiate again")
                 if verdict is None and p is not None:
                     m2.partner = p
+            if verdict is None and c.is_authenticated():
+                verdict = self._pin_verdict(c, old, new)
             if verdict is not None:
                 # an outbound stream closed here ends in its dialer's failed(): the relay core
                 # dials again for what still waits for the pair (or bounces it at its deadline)
                 condition, reason = verdict
                 c.on_close(Close(f"configuration reloaded: {reason}", condition, failed=False))
         return changes
+
+    def _pin_verdict(self, c: StreamConnection, old: EdgeConfig,
+                     new: EdgeConfig) -> tuple[str, str] | None:
+        """Issue 15: a partner's pins or trust changed: a stream whose certificate no longer
+        passes closes with <reset/> (RFC 6120 4.9.3.17). Checked: our outbound streams (their
+        server certificate) and inbound pairs authenticated by SASL EXTERNAL; dialback pairs
+        stay, as a pin mismatch allows dialback inbound."""
+        tls = c.tls
+        if tls is None or tls.peer_certificate is None:
+            return None
+        if isinstance(c, OutboundConnection):
+            remotes = [c.session.remote]
+        elif isinstance(c, InboundConnection):
+            remotes = [r for r, m in c.methods if m is AuthMethod.SASL_EXTERNAL]
+        else:
+            return None
+        check = c.check_certificate(tls)
+        for remote in remotes:
+            before, after = old.partners.lookup(remote), new.partners.lookup(remote)
+            if after is None or before is None or (before.pin_sha256, before.trust) == (
+                    after.pin_sha256, after.trust):
+                continue
+            result = check(remote)
+            if not result.ok:
+                return RESET, (f"partner {after.domain}'s pins changed and its certificate no "
+                               f"longer passes: {result.reason}; negotiate again")
+        return None
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections
