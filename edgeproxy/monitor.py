@@ -113,6 +113,9 @@ class Monitor:
             return
         st.failure_recorded = True
         local, remote = _pair_of(conn)
+        fallback = getattr(getattr(conn, "machine", None), "fallback", "")
+        if fallback and fallback not in st.close_reason:  # a pin mismatch came first (issue 15)
+            st.close_reason = f"{st.close_reason} ({fallback})"
         self.failures.labels(conn.kind, failure_kind(st.close_reason,
                                                      st.close_condition)).inc()
         self.history.record(self._partner_of(remote), Attempt(

@@ -695,7 +695,8 @@ class InboundS2s:
 
     def _on_stream_error(self, el: Element) -> list[Action]:
         self.state = InState.CLOSED
-        return [Close(f"peer sent a stream error: {describe_stream_error(el)}", None)]
+        return [Close(self._with_fallback(
+            f"peer sent a stream error: {describe_stream_error(el)}"), None)]
 
     def _refuse(self, el: Element) -> list[Action]:
         """An element the current state's table does not list: invalid is the default."""
