@@ -146,11 +146,6 @@ class PartnerCertificates:
         self._written[seen.partner] = seen.seen_at
         return True
 
-    def forget_others(self, partners: set[str]) -> None:
-        """Drop entries of domains that are no partner any more (after a reload)."""
-        for key in [k for k in self._seen if k not in partners]:
-            del self._seen[key]
-
     def _save(self) -> None:
         assert self.path is not None
         lock = self.path.with_name(f".{self.path.name}.lock")
