@@ -189,9 +189,11 @@ class Partner:
     def describe(self) -> str:
         row = self.matrix_row
         methods = ", ".join(sorted(row.methods)) or "none"
+        pins = (f"; certificate: trust {self.trust}, {len(self.pin_sha256)} pinned "
+                f"key{'s' if len(self.pin_sha256) != 1 else ''}" if self.pin_sha256 else "")
         return (f"{self.domain}: type {self.type}, TLS {self.tls}, SASL {self.sasl}, "
                 f"dialback {'on' if self.dialback else 'off'} -> matrix row {row.number}, "
-                f"methods: {methods}")
+                f"methods: {methods}{pins}")
 
     def validate(self) -> list[str]:
         """Raise PartnerError for the matrix's invalid rows; return the warnings to log."""

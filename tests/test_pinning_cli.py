@@ -112,3 +112,10 @@ def test_trust_pin_needs_a_pin(conf, capsys):
     rc, out, _ = run(capsys, "partner", "new", "northwind.test", "--trust", "pin",
                      "--pin-sha256", PIN, "--dry-run", "-c", str(conf))
     assert rc == 0 and '+trust = "pin"' in out and f'+pin_sha256 = ["{PIN}"]' in out
+
+
+def test_check_config_names_the_pins(conf, capsys):
+    assert run(capsys, "partner", "pin", "fabrikam.test", "--pin", PIN, "-c", str(conf))[0] == 0
+    rc, out, _ = run(capsys, "check-config", "-c", str(conf))
+    assert rc == 0, out
+    assert "methods: sasl-external, tls-dialback; certificate: trust ca, 1 pinned key" in out
