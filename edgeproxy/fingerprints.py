@@ -100,6 +100,7 @@ class PartnerCertificates:
         self.path = path
         self._seen: dict[str, SeenCertificate] = {}
         self._written: dict[str, float] = {}  # partner -> seen_at of the entry on disk
+        self._save_failed = False
         self.load()
 
     def load(self) -> None:
@@ -141,8 +142,14 @@ class PartnerCertificates:
         try:
             self._save()
         except OSError as exc:
-            log.warning("%s: cannot save the partners' certificates: %s", self.path, exc)
+            if not self._save_failed:  # once: the edge keeps them in memory meanwhile
+                log.warning("%s: cannot save the partners' current certificates (%s): "
+                            "`edgeproxy partner show / pin` will not see what this edge saw; "
+                            "the edge needs to write beside its configuration file, as the "
+                            "control panel does", self.path, exc.strerror or exc)
+            self._save_failed = True
             return False
+        self._save_failed = False
         self._written[seen.partner] = seen.seen_at
         return True
 

@@ -180,3 +180,16 @@ async def test_remembered_certificate_survives_a_restart(tmp_path):
     again = PartnerCertificates(path).get(F[0])
     assert again is not None and again.spki_sha256 == spki_sha256(CERT_F.cert)
     assert again.peer == "127.0.0.11:5269" and again.source == "outbound"
+
+
+async def test_unwritable_directory_keeps_the_certificates_in_memory(tmp_path, caplog):
+    """A read-only configuration directory: one warning, the entry still served from memory."""
+    from edgeproxy.fingerprints import describe
+    from edgeproxy.identity import TrustStore, verify_certificate
+    book = PartnerCertificates(tmp_path / "missing-dir" / "edge.toml.certificates.json")
+    check = verify_certificate(CERT_F.cert, CERT_F.chain, F[0], TrustStore([CA.root.cert]))
+    for when, cert in ((1000.0, CERT_F), (2000.0, CA.issue(F[0]))):
+        assert not book.record(describe(cert.cert, check, partner=F[0], source="outbound",
+                                        peer="", when=when))
+    assert caplog.text.count("cannot save the partners' current certificates") == 1
+    assert book.get(F[0]) is not None and book.get(F[0]).seen_at == 2000.0
