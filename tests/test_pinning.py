@@ -193,3 +193,28 @@ async def test_unwritable_directory_keeps_the_certificates_in_memory(tmp_path, c
                                         peer="", when=when))
     assert caplog.text.count("cannot save the partners' current certificates") == 1
     assert book.get(F[0]) is not None and book.get(F[0]).seen_at == 2000.0
+
+
+async def test_probe_reports_the_pin_and_the_mismatch(dns, tmp_path):
+    """`edgeproxy probe` (issue 13) shows the key's pin and whether the partner pins it; a
+    mismatch turns its "can work" diagnosis into what to do."""
+    from edgeproxy.probe import ERROR, Prober
+    cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(F[0], [WRONG])], cert=CERT_C)
+    cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0])], cert=CERT_F)
+    async with running(cfg_f, F[1]):
+        prober = Prober(cfg_c, F[0], dialback=False)
+        report = await prober.run()
+    seen = spki_sha256(CERT_F.cert)
+    assert any(s.status == ERROR and f"key pin sha256/{seen} is NOT one of partner "
+               f"fabrikam.test's pin_sha256 ({WRONG})" in s.text for s in report.steps)
+    assert f"but its server's key sha256/{seen} is not one of the partner's pin_sha256" in \
+        report.diagnosis and "edgeproxy partner pin fabrikam.test" in report.diagnosis
+    presented = prober.presented()
+    assert presented is not None and spki_sha256(presented[0]) == seen
+    # what `edgeproxy probe` then leaves for `edgeproxy partner show / pin`
+    from dataclasses import replace
+
+    from edgeproxy.setup_cli import _remember_certificate
+    _remember_certificate(replace(cfg_c, path=tmp_path / "edge.toml"), prober)
+    kept = PartnerCertificates(tmp_path / "edge.toml.certificates.json").get(F[0])
+    assert kept is not None and kept.source == "probe" and kept.spki_sha256 == seen
