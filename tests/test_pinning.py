@@ -218,3 +218,29 @@ async def test_probe_reports_the_pin_and_the_mismatch(dns, tmp_path):
     _remember_certificate(replace(cfg_c, path=tmp_path / "edge.toml"), prober)
     kept = PartnerCertificates(tmp_path / "edge.toml.certificates.json").get(F[0])
     assert kept is not None and kept.source == "probe" and kept.spki_sha256 == seen
+
+
+async def test_reload_with_new_pins_resets_only_streams_that_no_longer_pass(dns, tmp_path,
+                                                                           caplog):
+    """RFC 6120 4.9.3.17 <reset/>: a reload that adds a pin the certificate still matches
+    keeps the streams; one that pins another key closes them (in the edge that reloaded)."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    right = spki_sha256(CERT_F.cert)
+    cfg_c = edge_config(tmp_path / "c", *C, CA, [partner(F[0], [right])], cert=CERT_C)
+    cfg_f = edge_config(tmp_path / "f", *F, CA, [partner(C[0])], cert=CERT_F)
+    async with running(cfg_c, C[1]) as (edge_c, comp_c), \
+            running(cfg_f, F[1]) as (_, comp_f):
+        await exchange(comp_c, comp_f, C[0], F[0], "before the reload")
+        await exchange(comp_f, comp_c, F[0], C[0], "before the reload, back")
+        streams = [c for c in edge_c.connections if c.kind in ("inbound", "outbound")]
+        assert {c.kind for c in streams} == {"inbound", "outbound"}
+        changes = edge_c.apply(edge_config(tmp_path / "c2", *C, CA, [partner(
+            F[0], [right, WRONG])], cert=CERT_C))
+        assert "partner fabrikam.test changed: pin_sha256" in changes
+        assert not any(c.closing for c in streams), "a pin that still matches changes nothing"
+        edge_c.apply(edge_config(tmp_path / "c3", *C, CA, [partner(F[0], [WRONG])],
+                                 cert=CERT_C))
+        assert all(c.closing for c in streams)
+    resets = [line for line in caplog.text.splitlines() if "pins changed and its certificate "
+              "no longer passes" in line and "(<reset/>)" in line]
+    assert len(resets) == 2, resets  # our outbound stream and the inbound SASL EXTERNAL one
