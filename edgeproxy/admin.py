@@ -41,7 +41,7 @@ from .configfile import (
     StaleVersion,
 )
 from .history import Attempt
-from .partners import NEGOTIATION_MATRIX, Negotiation, Partner, PartnerType
+from .partners import NEGOTIATION_MATRIX, Negotiation, Partner, PartnerType, Trust, parse_pin
 
 if TYPE_CHECKING:
     from .server import Edge
@@ -92,12 +92,23 @@ def partner_json(p: Partner, edge: Edge) -> dict[str, Any]:
         "description": p.description, "type": p.type.value, "tls": p.tls.value,
         "sasl": p.sasl.value, "dialback": p.dialback, "keepalive": p.keepalive,
         "connection_limit": p.connection_limit, "proxy_fqdn": p.proxy_fqdn,
+        "trust": p.trust.value, "pin_sha256": list(p.pin_sha256),
+        "certificate": certificate_json(p, edge),
         "matrix": {"row": row.number, "verdict": row.verdict.value,
                    "methods": sorted(row.methods), "message": row.message.format(tls=p.tls)},
         "streams": monitor.partner_stream_counts().get(p.domain, 0),
         "last_failure": attempt_json(monitor.history.last_failure(p.domain)),
         "last_attempt": attempt_json(monitor.history.last(p.domain)),
     }
+
+
+def certificate_json(p: Partner, edge: Edge) -> dict[str, Any] | None:
+    """Issue 15: the partner's current certificate (last connection or probe), and whether
+    its key is one of the partner's pins now."""
+    seen = edge.partner_certificates.get(p.domain) if p.domain else None
+    if seen is None:
+        return None
+    return {**seen.to_json(), "pinned": p.pinned(seen.spki_sha256)}
 
 
 def _path(p: Path | None) -> str:
@@ -205,6 +216,7 @@ class AdminListener:
         r.add_put("/api/v1/settings", self.api_set_settings)
         r.add_get("/api/v1/certificates", self.api_certificates)
         r.add_post("/api/v1/partners/{domain}/probe", self.api_probe)  # issue 13
+        r.add_post("/api/v1/partners/{domain}/pin", self.api_pin)  # issue 15
         r.add_get("/api/v1/partners/{domain}/probes", self.api_probes)
         r.add_get("/api/v1/status", self.api_status)
         return app
@@ -471,6 +483,42 @@ class AdminListener:
         return self._change(request, lambda: cf.remove_partner(domain, version, dry_run=dry),
                             dry)
 
+    async def api_pin(self, request: web.Request) -> web.Response:
+        """Issue 15, "pin current certificate": add the key of the certificate the partner
+        presented last (or the body's `pin`) to its pin_sha256, through ConfigFile like every
+        partner edit; `trust` ("pin" / "ca") is set too when given."""
+        body = await self._body(request)
+        version, dry = self._version(body, request), _dry_run(request, body)
+        cf = self._writer()
+        domain = request.match_info["domain"].lower().rstrip(".")
+        try:
+            written = cf.partner_fields(domain)
+        except NoSuchPartner as exc:
+            raise ApiError(404, "; ".join(exc.errors), errors=exc.errors) from None
+        given = body.get("pin")
+        if given is not None:
+            try:
+                pin = parse_pin(given)
+            except ValueError as exc:
+                raise ApiError(422, f"pin: {exc}") from None
+        else:
+            seen = self.edge.partner_certificates.get(domain)
+            if seen is None:
+                raise ApiError(409, f"no certificate of {domain} has been seen yet: probe it "
+                               "(or wait for a connection), or give 'pin'")
+            pin = seen.spki_sha256
+        pins = []
+        for value in written.get("pin_sha256") or []:
+            try:
+                pins.append(parse_pin(value))
+            except ValueError:
+                pins.append(str(value))  # the file's own problem: the check names it
+        fields: dict[str, Any] = {"pin_sha256": pins + ([pin] if pin not in pins else [])}
+        if body.get("trust") is not None:
+            fields["trust"] = body["trust"]
+        return self._change(request, lambda: cf.set_partner(domain, fields, version,
+                                                            dry_run=dry), dry)
+
     async def api_matrix(self, request: web.Request) -> web.Response:
         return web.json_response({"matrix": matrix_json()})
 
@@ -528,6 +576,11 @@ class AdminListener:
             raise ApiError(400, str(exc)) from None
         report = (await prober.run()).to_json()
         self.edge.probes.record(prober.remote, report)
+        presented = prober.presented()  # issue 15: the partner's current certificate
+        if presented is not None:
+            partner = prober.configured.domain if prober.configured is not None and \
+                not prober.configured.is_default else prober.remote
+            self.edge.saw_certificate(partner, presented[0], presented[1], "probe")
         log.info("admin: probe of %s by %s: %s", prober.remote, request.remote,
                  report["diagnosis"])
         return web.json_response(report)
@@ -575,7 +628,7 @@ class AdminListener:
         return self._render(
             "partner_form.html", request, partner=partner, version=version, problems=problems,
             matrix=matrix_json(), types=[t.value for t in PartnerType],
-            negotiations=[n.value for n in Negotiation],
+            negotiations=[n.value for n in Negotiation], trusts=[t.value for t in Trust],
             default=partner_json(Partner(domain=""), self.edge),
             partner_limit=cfg.partner_connection_limit,
             recent=self.edge.monitor.history.attempts(domain)[:5] if domain else [])

@@ -18,7 +18,8 @@ from typing import Any
 
 from .config import ConfigError
 from .configfile import GATEWAY_SETTINGS, Change, ConfigFile, ConfigRejected, StaleVersion
-from .partners import Negotiation, Partner, PartnerType
+from .fingerprints import PartnerCertificates, SeenCertificate, book_path
+from .partners import Negotiation, Partner, PartnerType, Trust, parse_pin
 
 CONFIG_ENV = "EDGEPROXY_CONFIG"
 
@@ -52,9 +53,16 @@ def _change_options(p: argparse.ArgumentParser, new: bool) -> None:
                         "partner_connection_limit, see gateway-settings)")
     p.add_argument("--proxy-fqdn", metavar="HOST[:PORT]",
                    help="connect here instead of looking up DNS SRV (default: DNS)")
+    p.add_argument("--trust", choices=[t.value for t in Trust], metavar="TRUST",
+                   help="ca: the certificate must chain to a trusted CA (default); pin: a "
+                        "certificate whose key is pinned is accepted without a CA chain "
+                        "(self-signed), never another")
     if new:
         p.add_argument("--additional-domain", action="append", default=[], metavar="DOMAIN",
                        help="another domain this partner serves (repeatable)")
+        p.add_argument("--pin-sha256", action="append", default=[], metavar="PIN",
+                       help="base64 SHA-256 of the partner's certificate key (repeatable; "
+                            "see `partner pin` to pin the key it presents now)")
     else:
         p.add_argument("--add-domain", action="append", default=[], metavar="DOMAIN",
                        help="add an additional domain (repeatable)")
@@ -62,6 +70,8 @@ def _change_options(p: argparse.ArgumentParser, new: bool) -> None:
                        help="remove an additional domain (repeatable)")
         p.add_argument("--clear-domains", action="store_true",
                        help="remove every additional domain")
+        p.add_argument("--remove-pin", action="append", default=[], metavar="PIN",
+                       help="remove a pin_sha256 entry (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="show the change as a diff of the file; write nothing")
 
@@ -97,6 +107,21 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     _change_options(p, new=False)
     add_config_option(p)
     p.set_defaults(func=_set)
+    p = psub.add_parser("pin", parents=[common], help="pin the key of the certificate the "
+                        "partner presents now (last connection or probe), or the keys given")
+    p.add_argument("domain", help="the partner's primary domain")
+    p.add_argument("--pin", action="append", default=[], metavar="PIN",
+                   help="pin this base64 SHA-256 instead of the current certificate's key "
+                        "(repeatable)")
+    p.add_argument("--replace", action="store_true",
+                   help="drop the pins there were (default: keep them, so a planned key "
+                        "change keeps working)")
+    p.add_argument("--trust", choices=[t.value for t in Trust], metavar="TRUST",
+                   help="also set trust: pin accepts the pinned certificate without a CA "
+                        "chain (a self-signed partner)")
+    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
+    add_config_option(p)
+    p.set_defaults(func=_pin)
     p = psub.add_parser("remove", parents=[common], help="remove a partner "
                         "(Remove-CsXmppAllowedPartner): its streams close, its queue bounces")
     p.add_argument("domain")
@@ -144,6 +169,7 @@ def _as_dict(p: Partner) -> dict[str, Any]:
             "description": p.description, "type": str(p.type), "tls": str(p.tls),
             "sasl": str(p.sasl), "dialback": p.dialback, "keepalive": p.keepalive,
             "connection_limit": p.connection_limit, "proxy_fqdn": p.proxy_fqdn,
+            "trust": str(p.trust), "pin_sha256": list(p.pin_sha256),
             "matrix_row": row.number, "verdict": str(row.verdict),
             "methods": sorted(str(m) for m in row.methods)}
 
@@ -175,13 +201,17 @@ def _show(args: argparse.Namespace) -> int:
     cf.partner_fields(args.domain)  # NoSuchPartner names an additional domain's owner
     p = next(p for p in _partners(cf) if p.domain in {args.domain.lower().rstrip(".")})
     d = _as_dict(p)
+    seen = _current_certificate(cf, p.domain)
     if args.json:
+        d["current_certificate"] = None if seen is None else {
+            **seen.to_json(), "pinned": p.pinned(seen.spki_sha256)}
         print(json.dumps(d, indent=2))
         return 0
     written = cf.partner_fields(p.domain)
     row = p.matrix_row
     for key in ("domain", "additional_domains", "description", "type", "tls", "sasl",
-                "dialback", "keepalive", "connection_limit", "proxy_fqdn"):
+                "dialback", "keepalive", "connection_limit", "proxy_fqdn", "trust",
+                "pin_sha256"):
         value = d[key]
         shown = (", ".join(value) or "-") if isinstance(value, list) else (
             "on" if value is True else "off" if value is False else value or "-")
@@ -189,16 +219,48 @@ def _show(args: argparse.Namespace) -> int:
     print(f"{'matrix row':20} {row.number} ({row.verdict})" + (
         f": {row.message.format(tls=p.tls)}" if row.message else ""))
     print(f"{'methods':20} {', '.join(d['methods']) or 'none'}")
+    for line in _certificate_lines(p, seen):
+        print(line)
     return 0
+
+
+def _current_certificate(cf: ConfigFile, partner: str) -> SeenCertificate | None:
+    path = book_path(cf.path)
+    return PartnerCertificates(path).get(partner) if path is not None else None
+
+
+def _certificate_lines(p: Partner, seen: SeenCertificate | None) -> list[str]:
+    """The partner's current certificate, as `partner show` prints it."""
+    if seen is None:
+        return [f"{'certificate':20} none seen yet (a connection either way, or "
+                f"`edgeproxy probe {p.domain}`, shows it)"]
+    state = ("pinned" if p.pinned(seen.spki_sha256) else
+             "NOT pinned" if p.pin_sha256 else "not pinned (no pins)")
+    checks = ", ".join([
+        "self-signed" if seen.self_signed else f"issued by {seen.issuer}",
+        "chain ok" if seen.chain_ok else "no valid chain",
+        "name ok" if seen.identity_ok else "name does not match"])
+    return [f"{'certificate key':20} sha256/{seen.spki_sha256}  ({state})",
+            f"{'certificate':20} {seen.subject}; {checks}; until {seen.not_after[:10]}",
+            f"{'seen':20} {_when(seen.seen_at)} on an {seen.source} "
+            f"{'connection' if seen.source != 'probe' else 'run'}"
+            + (f" from {seen.peer}" if seen.peer else "")]
+
+
+def _when(ts: float) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("type", "tls", "sasl", "dialback", "description", "keepalive",
-                "connection_limit", "proxy_fqdn"):
+                "connection_limit", "proxy_fqdn", "trust"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value
+    if getattr(args, "pin_sha256", None):
+        out["pin_sha256"] = args.pin_sha256
     return out
 
 
@@ -237,10 +299,64 @@ def _set(args: argparse.Namespace) -> int:
             current.remove(d)
         current += [d for d in args.add_domain if d not in current]
         fields["additional_domains"] = current or None
+    if args.remove_pin:
+        current = list(cf.partner_fields(args.domain).get("pin_sha256") or [])
+        for pin in args.remove_pin:
+            canonical = _canonical(current)
+            try:
+                i = canonical.index(parse_pin(pin))
+            except ValueError:
+                raise ConfigRejected([f"partner {args.domain} has no pin {pin}"]) from None
+            del current[i]
+        fields["pin_sha256"] = current or None
     if not fields:
         raise ConfigRejected(["nothing to change: give at least one option (see --help)"])
     change = cf.set_partner(args.domain, fields, version, dry_run=args.dry_run)
     return _report(change, args, f"partner {args.domain} changed")
+
+
+def _canonical(pins: list[Any]) -> list[str]:
+    out = []
+    for pin in pins:
+        try:
+            out.append(parse_pin(pin))
+        except ValueError:
+            out.append(str(pin))  # the file's own problem; check-config names it
+    return out
+
+
+def _pin(args: argparse.Namespace) -> int:
+    """Pin the current certificate's key (or --pin), through the config-file module."""
+    cf = ConfigFile(args.config)
+    _, version = cf.read()
+    written = cf.partner_fields(args.domain)  # NoSuchPartner names the owner of a domain
+    domain = str(written.get("domain", args.domain)).lower().rstrip(".")
+    if args.pin:
+        new = []
+        for value in args.pin:
+            try:
+                new.append(parse_pin(value))
+            except ValueError as exc:
+                raise ConfigRejected([f"--pin: {exc}"]) from None
+    else:
+        seen = _current_certificate(cf, domain)
+        if seen is None:
+            raise ConfigRejected([
+                f"no certificate of {domain} has been seen yet: run `edgeproxy probe "
+                f"{domain}` (or wait for a connection), or give --pin"])
+        new = [seen.spki_sha256]
+        print(f"current certificate of {domain}: {seen.subject}, key sha256/{seen.spki_sha256}"
+              f", seen {_when(seen.seen_at)} on an {seen.source} "
+              f"{'connection' if seen.source != 'probe' else 'run'}"
+              + (f" from {seen.peer}" if seen.peer else ""))
+        print("compare this key with the partner's administrator before relying on it")
+    pins = [] if args.replace else _canonical(list(written.get("pin_sha256") or []))
+    pins += [pin for pin in new if pin not in pins]
+    fields: dict[str, Any] = {"pin_sha256": pins}
+    if args.trust is not None:
+        fields["trust"] = args.trust
+    change = cf.set_partner(domain, fields, version, dry_run=args.dry_run)
+    return _report(change, args, f"partner {domain}: pinned {', '.join(new)}")
 
 
 def _remove(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ from .partners import normalize_domain
 
 # [[partner]] keys in the order a new partner is written (Lync's New-CsXmppAllowedPartner).
 PARTNER_KEYS = ("domain", "additional_domains", "description", "type", "tls", "sasl",
-                "dialback", "keepalive", "connection_limit", "proxy_fqdn")
+                "dialback", "keepalive", "connection_limit", "proxy_fqdn", "trust",
+                "pin_sha256")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,22 +8,29 @@ certificates are not rejected for their purpose (SPEC.md section 7, TLS.md secti
   policy: serverAuth, clientAuth, anyExtendedKeyUsage or no EKU at all are acceptable.
 - Identity: our own RFC 6125 / RFC 6120 section 13.7.1.2.1 matcher (DNS-ID, SRV-ID
   `_xmpp-server.<domain>`, XmppAddr, CN-ID only when none of those exist).
-What this module does not know: revocation (CRL/OCSP) and pinning; the caller decides what a
-failed check means for the stream (close, fall back to dialback, ...).
+- Pins (issue 15): the base64 SHA-256 of the certificate's DER SubjectPublicKeyInfo (the key,
+  not the certificate: a renewal with the same key keeps its pin, as RFC 7469 2.4 pins do). A
+  partner's pins are checked in addition to chain and name; `pin_only` (trust = "pin")
+  replaces the CA chain by the pin (a self-signed partner), never the name or the pin.
+What this module does not know: revocation (CRL/OCSP) and the partner table; the caller
+decides what a failed check means for the stream (close, fall back to dialback, ...).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from cryptography.x509.verification import (
     Criticality,
@@ -140,6 +147,19 @@ class CertificateCheck:
     reason: str  # human, for logs; "" when ok
     matched: str | None  # "DNS-ID fabrikam.test", "SRV-ID _xmpp-server.fabrikam.test", ...
     names: tuple[str, ...]  # identities found in the certificate (for log lines)
+    pin_ok: bool | None = None  # None: no pins to check; else the key is one of `pins`
+    pins: tuple[str, ...] = ()  # the pins expected (base64 SHA-256 of the SPKI)
+    spki_sha256: str = field(default="", compare=False)  # the key seen ("" without certificate)
+
+    @property
+    def pin_mismatch(self) -> bool:
+        """Pins were configured and the certificate's key is none of them."""
+        return self.pin_ok is False
+
+    def pin_text(self) -> str:
+        """For log lines and history: the key seen and the pins expected."""
+        seen = f"sha256/{self.spki_sha256}" if self.spki_sha256 else "no certificate"
+        return f"key seen {seen}, pinned: {', '.join(self.pins) or 'none'}"
 
 
 # --- OtherName decoding (RFC 4985 SRVName, RFC 6120 XmppAddr) ------------------------------------
@@ -286,6 +306,14 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+def spki_sha256(cert: x509.Certificate) -> str:
+    """The pin of a certificate: base64 SHA-256 of its DER SubjectPublicKeyInfo (RFC 7469 2.4,
+    the value of `[[partner]] pin_sha256`; `openssl x509 -pubkey | openssl pkey -pubin -outform
+    der | openssl dgst -sha256 -binary | base64` prints the same)."""
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+
+
 # --- chain ---------------------------------------------------------------------------------------
 
 def _eku_validator(policy: object, cert: x509.Certificate,
@@ -304,7 +332,7 @@ _CA_POLICY = (ExtensionPolicy.webpki_defaults_ca()
               .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None))
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
+def is_self_signed(cert: x509.Certificate) -> bool:
     if cert.issuer != cert.subject:
         return False
     try:
@@ -322,7 +350,7 @@ def _date(t: dt.datetime) -> str:
 def _chain_reason(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
                   now: dt.datetime, error: str) -> str:
     """Turn cryptography's message into words an operator can act on (TLS.md pitfall 8)."""
-    if _is_self_signed(leaf):
+    if is_self_signed(leaf):
         return "certificate is self-signed"
     if now > leaf.not_valid_after_utc:
         return f"certificate has expired (not valid after {_date(leaf.not_valid_after_utc)})"
@@ -347,27 +375,43 @@ def _chain_reason(leaf: x509.Certificate, intermediates: Sequence[x509.Certifica
 
 def verify_certificate(leaf: x509.Certificate | None, intermediates: Sequence[x509.Certificate],
                        domain: str, trust: TrustStore,
-                       now: dt.datetime | None = None) -> CertificateCheck:
-    """Chain (to `trust`, at `now`) and identity (for `domain`) of a peer certificate."""
+                       now: dt.datetime | None = None, *, pins: Sequence[str] = (),
+                       pin_only: bool = False) -> CertificateCheck:
+    """Chain (to `trust`, at `now`), identity (for `domain`) and pins of a peer certificate.
+
+    pins: the partner's pin_sha256; the certificate's key must be one of them. pin_only
+    (trust = "pin"): the CA chain is not required; the pin, the validity dates and the name are.
+    """
+    pin_set = tuple(pins)
     if leaf is None:
-        return CertificateCheck(False, False, False, "no certificate presented", None, ())
+        return CertificateCheck(False, False, False, "no certificate presented", None, (),
+                                False if pin_set else None, pin_set)
     now = now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=dt.UTC)
     names = certificate_names(leaf)
     matched = match_identity(leaf, domain)
+    spki = spki_sha256(leaf)
+    pin_ok = (spki in pin_set) if pin_set or pin_only else None  # pin_only: never unpinned
 
-    # A verifier per check: without .time() it freezes "now" at build time (TLS.md pitfall 9).
-    verifier = (PolicyBuilder().store(trust.store).time(now)
-                .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-                .build_client_verifier())
-    try:
-        verifier.verify(leaf, list(intermediates))
-        chain_reason = ""
-    except VerificationError as e:
-        chain_reason = _chain_reason(leaf, intermediates, now, str(e))
-    except ValueError as e:  # malformed extensions are reported as ValueError while parsing
-        chain_reason = f"certificate cannot be parsed: {e}"
+    chain_reason = ""
+    if not pin_only:
+        # A verifier per check: without .time() it freezes "now" at build time (pitfall 9).
+        verifier = (PolicyBuilder().store(trust.store).time(now)
+                    .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                    .build_client_verifier())
+        try:
+            verifier.verify(leaf, list(intermediates))
+        except VerificationError as e:
+            chain_reason = _chain_reason(leaf, intermediates, now, str(e))
+        except ValueError as e:  # malformed extensions are reported as ValueError while parsing
+            chain_reason = f"certificate cannot be parsed: {e}"
+    elif now > leaf.not_valid_after_utc:  # RFC 6120 13.7.2: a pin does not make it unexpired
+        chain_reason = (f"certificate has expired (not valid after "
+                        f"{_date(leaf.not_valid_after_utc)})")
+    elif now < leaf.not_valid_before_utc:
+        chain_reason = (f"certificate is not yet valid (not valid before "
+                        f"{_date(leaf.not_valid_before_utc)})")
     chain_ok = not chain_reason
 
     if matched is not None:
@@ -377,6 +421,13 @@ def verify_certificate(leaf: x509.Certificate | None, intermediates: Sequence[x5
             [n.split(" ", 1)[1] for n in names if n.startswith("CN ")]
         shown = ", ".join(dict.fromkeys(presented)) or "no name"
         identity_reason = f"certificate for {shown} does not match {domain}"
-    reason = chain_reason or identity_reason
-    return CertificateCheck(chain_ok and matched is not None, chain_ok, matched is not None,
-                            reason, matched, names)
+    pin_reason = ""
+    if pin_ok is False:
+        pin_reason = (f"certificate key sha256/{spki} is not pinned for {domain} (pin_sha256: "
+                      f"{', '.join(pin_set)})")
+    reasons = [r for r in (pin_reason, chain_reason, identity_reason) if r]
+    # without pins the first failure, as before; a pin mismatch comes first, with the rest
+    reason = "; ".join(reasons) if pin_reason else (reasons[0] if reasons else "")
+    ok = chain_ok and matched is not None and pin_ok is not False
+    return CertificateCheck(ok, chain_ok, matched is not None, reason, matched, names,
+                            pin_ok, pin_set, spki)

@@ -94,7 +94,8 @@ class Monitor:
         tls = _tls_text(conn)
         attempt = Attempt(st.opened, conn.kind, action.local, action.remote, conn.peer,
                           Outcome.AUTHENTICATED, f"authenticated via {action.label} "
-                          f"({tls or 'no TLS'})", now - st.opened, action.label, tls)
+                          f"({tls or 'no TLS'})" + (f"; {action.note}" if action.note else ""),
+                          now - st.opened, action.label, tls)
         st.attempts.append(self.history.record(self._partner_of(action.remote), attempt))
 
     def closing(self, conn: StreamConnection, reason: str, condition: str | None) -> None:
@@ -112,6 +113,9 @@ class Monitor:
             return
         st.failure_recorded = True
         local, remote = _pair_of(conn)
+        fallback = getattr(getattr(conn, "machine", None), "fallback", "")
+        if fallback and fallback not in st.close_reason:  # a pin mismatch came first (issue 15)
+            st.close_reason = f"{st.close_reason} ({fallback})"
         self.failures.labels(conn.kind, failure_kind(st.close_reason,
                                                      st.close_condition)).inc()
         self.history.record(self._partner_of(remote), Attempt(

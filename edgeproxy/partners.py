@@ -10,6 +10,8 @@ This module does no I/O. The edge, the gateway, the CLI and the admin API all us
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -41,6 +43,36 @@ class AuthMethod(StrEnum):
     SASL_EXTERNAL = "sasl-external"  # SASL EXTERNAL over TLS, XEP-0178
     TLS_DIALBACK = "tls-dialback"  # XEP-0220 over a TLS-protected stream (incl. XEP-0344)
     TCP_DIALBACK = "tcp-dialback"  # XEP-0220 on plain TCP
+
+
+class Trust(StrEnum):
+    """What a partner's certificate must chain to, besides matching its name (RFC 6125)."""
+
+    CA = "ca"  # a trust anchor of [edge] ca_files / the system store (RFC 6120 13.7.2)
+    PIN = "pin"  # no CA chain: the certificate's key must be one of pin_sha256 (self-signed)
+
+
+PIN_BYTES = 32  # SHA-256 digest of the DER SubjectPublicKeyInfo (as RFC 7469 2.4 pins)
+
+
+def parse_pin(value: object) -> str:
+    """A pin_sha256 entry in canonical form: standard base64 (with padding) of 32 bytes.
+
+    ValueError says what is wrong. A leading "sha256/" (the RFC 7469 / curl spelling) is
+    accepted and dropped.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    text = value.strip().removeprefix("sha256/")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{value!r} is not base64 (the SHA-256 of the certificate's "
+                         "SubjectPublicKeyInfo, e.g. from `edgeproxy partner show`)") from None
+    if len(raw) != PIN_BYTES:
+        raise ValueError(f"{value!r} is base64 of {len(raw)} bytes, not of a SHA-256 digest "
+                         f"({PIN_BYTES} bytes)")
+    return base64.b64encode(raw).decode("ascii")
 
 
 class Verdict(StrEnum):
@@ -133,6 +165,10 @@ class Partner:
     connection_limit: int | None = None  # None: the edge-wide partner_connection_limit
     proxy_fqdn: str | None = None  # "host" or "host:port"; overrides DNS for outbound
     is_default: bool = False  # synthesised from [federation] default_partner
+    # Certificate pinning (issue 15): the partner's certificate key must be one of these,
+    # in both directions; trust = pin accepts a pinned certificate without a CA chain.
+    pin_sha256: tuple[str, ...] = ()  # canonical base64 (parse_pin)
+    trust: Trust = Trust.CA
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -153,9 +189,11 @@ class Partner:
     def describe(self) -> str:
         row = self.matrix_row
         methods = ", ".join(sorted(row.methods)) or "none"
+        pins = (f"; certificate: trust {self.trust}, {len(self.pin_sha256)} pinned "
+                f"key{'s' if len(self.pin_sha256) != 1 else ''}" if self.pin_sha256 else "")
         return (f"{self.domain}: type {self.type}, TLS {self.tls}, SASL {self.sasl}, "
                 f"dialback {'on' if self.dialback else 'off'} -> matrix row {row.number}, "
-                f"methods: {methods}")
+                f"methods: {methods}{pins}")
 
     def validate(self) -> list[str]:
         """Raise PartnerError for the matrix's invalid rows; return the warnings to log."""
@@ -173,7 +211,20 @@ class Partner:
                             + row.message.format(tls=self.tls))
         if self.connection_limit is not None and self.connection_limit < 1:
             raise PartnerError(f"partner {name}: connection_limit must be at least 1")
+        if self.trust is Trust.PIN and not self.pin_sha256:
+            raise PartnerError(f"partner {name}: trust = \"pin\" needs at least one pin_sha256 "
+                               "(without a CA chain only a pinned key can be trusted)")
+        if self.pin_sha256 and self.tls is Negotiation.NOT_SUPPORTED:
+            raise PartnerError(f"partner {name}: pin_sha256 needs TLS, but tls is "
+                               "not-supported: no certificate would ever be checked")
+        if self.pin_sha256 and self.tls is Negotiation.OPTIONAL and self.dialback:
+            warnings.append(f"partner {name}: pin_sha256 is checked on TLS streams only; with "
+                            "tls = optional and dialback on, a peer that does not start TLS "
+                            "authenticates by TCP dialback without showing a certificate")
         return warnings
+
+    def pinned(self, pin: str) -> bool:
+        return pin in self.pin_sha256
 
 
 @dataclass(slots=True)
@@ -227,7 +278,7 @@ class PartnerTable:
 def partner_from_mapping(raw: Mapping[str, object], where: str = "partner") -> Partner:
     """Build a Partner from a TOML table, with one clear error per problem (PartnerError)."""
     known = {"domain", "additional_domains", "description", "type", "tls", "sasl", "dialback",
-             "keepalive", "connection_limit", "proxy_fqdn"}
+             "keepalive", "connection_limit", "proxy_fqdn", "pin_sha256", "trust"}
     errors: list[str] = []
     domain_raw = raw.get("domain")
     label = f"{where} ({domain_raw})" if isinstance(domain_raw, str) else where
@@ -293,6 +344,22 @@ def partner_from_mapping(raw: Mapping[str, object], where: str = "partner") -> P
             parse_host_port(proxy, 5269)
         except ValueError as exc:
             errors.append(f"{label}: proxy_fqdn: {exc}")
+    pins: list[str] = []
+    pins_raw = raw.get("pin_sha256", [])
+    if not isinstance(pins_raw, list):
+        errors.append(f"{label}: pin_sha256 must be a list of base64 SHA-256 digests "
+                      f"(got {pins_raw!r})")
+    else:
+        for value in pins_raw:
+            try:
+                pin = parse_pin(value)
+            except ValueError as exc:
+                errors.append(f"{label}: pin_sha256: {exc}")
+                continue
+            if pin in pins:
+                errors.append(f"{label}: pin_sha256 lists {pin} twice")
+            else:
+                pins.append(pin)
     partner = Partner(
         domain=domain,
         additional_domains=tuple(extra),
@@ -304,6 +371,8 @@ def partner_from_mapping(raw: Mapping[str, object], where: str = "partner") -> P
         keepalive=boolean("keepalive", True),
         connection_limit=limit,
         proxy_fqdn=proxy or None,
+        pin_sha256=tuple(pins),
+        trust=Trust(enum("trust", Trust, Trust.CA)),
     )
     if errors:
         raise PartnerError("\n".join(errors))

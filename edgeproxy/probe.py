@@ -29,7 +29,13 @@ from cryptography import x509
 from .config import EdgeConfig
 from .dialback import DialbackKeys
 from .dns import DnsError, S2sResolver, Target
-from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
+from .identity import (
+    CertificateCheck,
+    TrustStore,
+    fingerprint_sha256,
+    spki_sha256,
+    verify_certificate,
+)
 from .partners import (
     NEGOTIATION_MATRIX,
     AuthMethod,
@@ -522,6 +528,7 @@ class Prober:
         data = {"subject": leaf.subject.rfc4514_string(), "issuer": leaf.issuer.rfc4514_string(),
                 "names": list(c.names), "not_after": leaf.not_valid_after_utc.isoformat(),
                 "days_left": left, "eku": eku, "sha256": fingerprint_sha256(leaf),
+                "spki_sha256": spki_sha256(leaf),
                 "chain_ok": c.chain_ok, "identity_ok": c.identity_ok, "matched": c.matched,
                 "reason": c.reason}
         self.step("certificate", INFO, f"{leaf.subject.rfc4514_string()} issued by "
@@ -537,12 +544,35 @@ class Prober:
                   else f"identity (RFC 6125): certificate for {presented} does not match "
                   f"{self.remote} (no DNS-ID {self.remote}, SRV-ID _xmpp-server.{self.remote} "
                   f"or XmppAddr {self.remote})")
+        self._report_pin(leaf)
         if eku and "clientAuth" not in eku:
             self.step("certificate", WARNING, "serverAuth only: when it connects to us it "
                       "presents this as a client certificate; this edge and Prosody accept "
                       "that, ejabberd does not")
         if 0 <= left < 30:
             self.step("certificate", WARNING, f"expires in {left} days")
+
+    def _report_pin(self, leaf: x509.Certificate) -> None:
+        """Issue 15: the key's pin, and whether the configured partner pins it."""
+        pin, p = spki_sha256(leaf), self.configured
+        if p is None or not p.pin_sha256:
+            self.step("certificate", INFO, f"key pin sha256/{pin} (the partner has no "
+                      f"pin_sha256; `edgeproxy partner pin {self.remote}` pins this one)",
+                      pin=pin, pinned=None)
+        elif p.pinned(pin):
+            self.step("certificate", OK, f"key pin sha256/{pin} is one of partner "
+                      f"{p.domain}'s pin_sha256", pin=pin, pinned=True)
+        else:
+            self.step("certificate", ERROR, f"key pin sha256/{pin} is NOT one of partner "
+                      f"{p.domain}'s pin_sha256 ({', '.join(p.pin_sha256)}): the edge refuses "
+                      "this server", pin=pin, pinned=False)
+
+    def presented(self) -> tuple[x509.Certificate, CertificateCheck] | None:
+        """The certificate the partner's server presented (the first attempt that saw one)."""
+        for a in self.attempts:
+            if a.leaf is not None and a.cert is not None:
+                return a.leaf, a.cert
+        return None
 
     def _observe(self, ev: StreamOpened | Element | StreamClosed, a: Attempt,
                  machine: OutboundS2s) -> None:
@@ -824,6 +854,14 @@ class ProbeReport:
         if recs:
             self.diagnosis = f"federation with {self.remote} can work: use one of these partner " \
                              "settings"
+        leaf = next((a.leaf for a in self.attempts if a.leaf is not None), None)
+        p = self.configured
+        if leaf is not None and p is not None and p.pin_sha256 and \
+                not p.pinned(spki_sha256(leaf)):
+            self.diagnosis += (f"; but its server's key sha256/{spki_sha256(leaf)} is not one of "
+                               f"the partner's pin_sha256, so the edge refuses it: if the partner "
+                               f"changed its key, confirm it with them and run `edgeproxy partner "
+                               f"pin {p.domain}`")
         else:
             reasons = [a.failure for a in self.attempts if a.failure]
             self.diagnosis = (f"no partner setting can federate with {self.remote} as it is: "

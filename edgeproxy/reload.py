@@ -42,7 +42,8 @@ class PartnerDiff:
         out += [f"partner {p.domain} removed" for p in self.removed]
         for old, new in self.changed:
             fields = [f for f in ("additional_domains", "description", "type", "tls", "sasl",
-                                  "dialback", "keepalive", "connection_limit", "proxy_fqdn")
+                                  "dialback", "keepalive", "connection_limit", "proxy_fqdn",
+                                  "trust", "pin_sha256")
                       if getattr(old, f) != getattr(new, f)]
             out.append(f"partner {new.domain} changed: {', '.join(fields)}")
         return out

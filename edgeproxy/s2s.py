@@ -65,6 +65,9 @@ class CertificateCheckLike(Protocol):
     def reason(self) -> str: ...
     @property
     def matched(self) -> str | None: ...
+    @property
+    def pin_mismatch(self) -> bool: ...
+    def pin_text(self) -> str: ...
 
 
 CertChecker = Callable[[str], CertificateCheckLike]
@@ -115,6 +118,7 @@ class Authenticated:
     remote: str
     method: AuthMethod
     label: str  # for logs: sasl-external / dialback / dialback-over-valid-certificate
+    note: str = ""  # for logs and history: why a weaker method was used (a pin mismatch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +359,7 @@ class InboundS2s:
     verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
     pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
     created: float = 0.0  # on the shell's clock
+    fallback: str = ""  # why SASL EXTERNAL was refused and dialback used (a pin mismatch)
     timers: StreamTimers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -402,7 +407,7 @@ class InboundS2s:
         self.state = InState.CLOSED
         # A stream that named no sender (RFC 6120 4.7.1: 'from' is optional) and closed
         # unauthenticated is a probe - a health check, a port scan - not a partner's failure.
-        return [Close("peer closed the stream",
+        return [Close(self._with_fallback("peer closed the stream"),
                       failed=not self.verified and self.header_from is not None)]
 
     def fail(self, condition: str, text: str) -> list[Action]:
@@ -522,6 +527,15 @@ class InboundS2s:
             if check.ok:
                 self.state = InState.SASL_OFFERED
                 children.append(_EXTERNAL)
+            elif check.pin_mismatch:
+                # XEP-0178 5: no EXTERNAL for a certificate we do not accept; dialback (whose
+                # db:verify rides our outbound stream, itself held to the pin) if allowed.
+                if not p.allows(AuthMethod.TLS_DIALBACK):
+                    return self._close(f"certificate of {self.header_from or p.domain} is not "
+                                       f"pinned for partner {p.domain} ({check.pin_text()}): "
+                                       "SASL EXTERNAL refused and dialback is not allowed",
+                                       "not-authorized")
+                self._pin_fallback(p, check)
             else:
                 log.info("inbound %s -> %s: not offering SASL EXTERNAL: %s",
                          self.header_from, self.local, check.reason)
@@ -531,6 +545,13 @@ class InboundS2s:
         if p is None or p.allows(AuthMethod.TLS_DIALBACK):
             children.append(_DIALBACK_FEATURE)
         return [Send(_features(*children))]
+
+    def _pin_fallback(self, p: Partner, check: CertificateCheckLike) -> None:
+        if self.fallback:
+            return
+        self.fallback = (f"SASL EXTERNAL refused, dialback used instead: certificate not "
+                         f"pinned for partner {p.domain} ({check.pin_text()})")
+        log.warning("inbound %s -> %s: %s", self.header_from, self.local, self.fallback)
 
     # -- STARTTLS (RFC 6120 5.4) ---------------------------------------------------------------
 
@@ -637,6 +658,8 @@ class InboundS2s:
             if check.ok:  # XEP-0344 "dialback without dialback": the certificate proves it
                 return self._grant(local, remote, AuthMethod.TLS_DIALBACK,
                                    "dialback-over-valid-certificate")
+            if check.pin_mismatch and partner is not None:  # no shortcut: the authoritative
+                self._pin_fallback(partner, check)  # server must say valid
         self.pending.add((local, remote))
         return [DialbackVerify(local, remote, self.stream_id, key)]
 
@@ -661,7 +684,8 @@ class InboundS2s:
         self.verified.add((local, remote))
         # Authenticated first: the shell may still refuse the pair (partner connection limit)
         # and close the stream before the peer is told 'valid'.
-        out: list[Action] = [Authenticated(local, remote, method, label)]
+        note = self.fallback if method is not AuthMethod.SASL_EXTERNAL else ""
+        out: list[Action] = [Authenticated(local, remote, method, label, note)]
         return out + ([Send(_db("result", local, remote, type_="valid"))] if notify else [])
 
     # -- stanzas (RFC 6120 8.1, 4.9.3) ----------------------------------------------------------
@@ -682,7 +706,8 @@ class InboundS2s:
 
     def _on_stream_error(self, el: Element) -> list[Action]:
         self.state = InState.CLOSED
-        return [Close(f"peer sent a stream error: {describe_stream_error(el)}", None)]
+        return [Close(self._with_fallback(
+            f"peer sent a stream error: {describe_stream_error(el)}"), None)]
 
     def _refuse(self, el: Element) -> list[Action]:
         """An element the current state's table does not list: invalid is the default."""
@@ -699,7 +724,14 @@ class InboundS2s:
             return self._close(f"{qname} before the stream header", "not-well-formed")
         return self._close(f"unsupported element {qname}", "unsupported-stanza-type")
 
+    def _with_fallback(self, reason: str) -> str:
+        """A failure after a pin mismatch: the history says why dialback was tried."""
+        if self.fallback and not self.verified and self.fallback not in reason:
+            return f"{reason} ({self.fallback})"
+        return reason
+
     def _close(self, reason: str, condition: str | None) -> list[Action]:
+        reason = self._with_fallback(reason)
         preamble = self.error_preamble() if condition else b""
         self.state = InState.CLOSED
         out: list[Action] = [Send(preamble)] if preamble else []
@@ -822,6 +854,16 @@ class OutboundS2s:
             return self._fail(f"TLS completed in state {self.state.name}")
         self.tls = True
         self.server_cert = cert_check(self.remote)
+        if self.server_cert.pin_mismatch:
+            # The pin says this TLS peer is not the partner. Dialback cannot make up for it:
+            # on our outbound stream it proves *our* domain to the peer (XEP-0220 2.1), never
+            # the peer's to us, and the peer answering it is the one that failed the pin
+            # (XEP-0220 7, RFC 7590 3.4). So no SASL, no dialback, nothing is sent to it.
+            return self.start() + self._fail(
+                f"certificate of {self.remote} is not pinned for partner {self.partner.domain} "
+                f"({self.server_cert.pin_text()}): refused without trying SASL EXTERNAL or "
+                "dialback (a pin mismatch on an outbound stream means the peer may not be "
+                f"{self.remote})", condition="not-authorized")
         if not self.server_cert.ok:
             log.info("outbound %s -> %s: server certificate not valid for %s: %s", self.local,
                      self.remote, self.remote, self.server_cert.reason)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, assert_never
 
+from cryptography import x509
+
 from . import link, sdnotify
 from .admin import AdminListener
 from .certs import CertificateWatch
@@ -28,11 +30,12 @@ from .config import ComponentSettings, ConfigError, EdgeConfig
 from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
-from .identity import TrustStore, verify_certificate
+from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
+from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
-from .partners import AuthMethod, Negotiation, Partner
+from .partners import AuthMethod, Negotiation, Partner, Trust
 from .probe import AutoProbe, ProbeScheduler
 from .relay import Budgets, Dial, Pause, Relay, Resume, Write
 from .reload import (
@@ -116,9 +119,22 @@ class StreamConnection(asyncio.Protocol):
         return XmlStreamParser(max_stanza_size=self.edge.cfg.stanza_size_limit)
 
     def check_certificate(self, tls: TlsSession) -> CertChecker:
+        """The checker of the peer's certificate for a domain: chain and name, and the pins
+        of the domain's partner (issue 15), which are read at each check (a reload counts)."""
         leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-        trust = self.edge.trust
-        return lambda domain: verify_certificate(leaf, chain, domain, trust)
+        edge = self.edge
+
+        def check(domain: str) -> CertificateCheck:
+            partner = edge.cfg.partners.lookup(domain)
+            pins = partner.pin_sha256 if partner is not None else ()
+            result = verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
+                                        pin_only=partner is not None
+                                        and partner.trust is Trust.PIN)
+            if leaf is not None and partner is not None and not partner.is_default:
+                edge.saw_certificate(partner.domain, leaf, result, self.kind, self.peer)
+            return result
+
+        return check
 
     def handle_action(self, action: Effect) -> None:
         """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
@@ -454,8 +470,9 @@ class InboundConnection(StreamConnection):
         self.partners.add(key)
         self.methods.append((action.remote, action.method))
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-        log.info("%s: authenticated %s -> %s via %s (%s)", self.label(), action.remote,
-                 action.local, action.label, tls, extra=self.log_fields())
+        log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
+                 action.local, action.label, tls, f"; {action.note}" if action.note else "",
+                 extra=self.log_fields())
         self.edge.monitor.authenticated(self, action)
 
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
@@ -1059,6 +1076,21 @@ class Edge:
         self.cert_watch: CertificateWatch | None = None
         self._cert_watch_stamp: object = None
         self._cert_timer: asyncio.TimerHandle | None = None
+        # issue 15: each partner's certificate as last seen ("pin current certificate")
+        self.partner_certificates = PartnerCertificates(book_path(cfg.path))
+
+    def saw_certificate(self, partner: str, cert: x509.Certificate, check: CertificateCheck,
+                        source: str, peer: str = "") -> None:
+        """A partner presented `cert` (a stream's check, or a probe): remember it as the
+        partner's current certificate when it may be taken for the partner's (fingerprints)."""
+        if not trustworthy(source, check):
+            return
+        current = self.partner_certificates.get(partner)
+        if current is not None and current.fingerprint == fingerprint_sha256(cert) and \
+                self.monitor.wall() - current.seen_at < 60:
+            return  # the same certificate, checked again on the same stream: nothing new
+        self.partner_certificates.record(describe(cert, check, partner=partner, source=source,
+                                                  peer=peer, when=self.monitor.wall()))
 
     # -- live reload (issue 12 section 2) -------------------------------------------------------
 
@@ -1191,12 +1223,41 @@ class Edge:
                                       "negotiation; negotiate again")
                 if verdict is None and p is not None:
                     m2.partner = p
+            if verdict is None and c.is_authenticated():
+                verdict = self._pin_verdict(c, old, new)
             if verdict is not None:
                 # an outbound stream closed here ends in its dialer's failed(): the relay core
                 # dials again for what still waits for the pair (or bounces it at its deadline)
                 condition, reason = verdict
                 c.on_close(Close(f"configuration reloaded: {reason}", condition, failed=False))
         return changes
+
+    def _pin_verdict(self, c: StreamConnection, old: EdgeConfig,
+                     new: EdgeConfig) -> tuple[str, str] | None:
+        """Issue 15: a partner's pins or trust changed: a stream whose certificate no longer
+        passes closes with <reset/> (RFC 6120 4.9.3.17). Checked: our outbound streams (their
+        server certificate) and inbound pairs authenticated by SASL EXTERNAL; dialback pairs
+        stay, as a pin mismatch allows dialback inbound."""
+        tls = c.tls
+        if tls is None or tls.peer_certificate is None:
+            return None
+        if isinstance(c, OutboundConnection):
+            remotes = [c.session.remote]
+        elif isinstance(c, InboundConnection):
+            remotes = [r for r, m in c.methods if m is AuthMethod.SASL_EXTERNAL]
+        else:
+            return None
+        check = c.check_certificate(tls)
+        for remote in remotes:
+            before, after = old.partners.lookup(remote), new.partners.lookup(remote)
+            if after is None or before is None or (before.pin_sha256, before.trust) == (
+                    after.pin_sha256, after.trust):
+                continue
+            result = check(remote)
+            if not result.ok:
+                return RESET, (f"partner {after.domain}'s pins changed and its certificate no "
+                               f"longer passes: {result.reason}; negotiate again")
+        return None
 
     def partner_connections(self, partner_domain: str) -> int:
         return sum(1 for c in self.connections

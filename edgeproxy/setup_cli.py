@@ -293,6 +293,7 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = asyncio.run(prober.run())
+    _remember_certificate(cfg, prober)
     if colour:
         print("\r\033[K", end="")
     if args.json:
@@ -301,6 +302,24 @@ def _probe(args: argparse.Namespace) -> int:
         for line in report.lines():
             print(line)
     return 0 if report.recommendations else 1
+
+
+def _remember_certificate(cfg: Any, prober: Any) -> None:
+    """Issue 15: the key the probe saw becomes the partner's current certificate, in the file
+    beside the configuration that `edgeproxy partner show / pin` and the edge read."""
+    import time
+
+    from .fingerprints import PartnerCertificates, book_path, describe
+
+    presented = prober.presented()
+    path = book_path(cfg.path)
+    if presented is None or path is None:
+        return
+    leaf, check = presented
+    partner = prober.configured.domain if prober.configured is not None and \
+        not prober.configured.is_default else prober.remote
+    PartnerCertificates(path).record(describe(leaf, check, partner=partner, source="probe",
+                                              peer="", when=time.time()))
 
 
 # --- registration ------------------------------------------------------------------------------

@@ -99,7 +99,10 @@ function formFields(form) {
     additional_domains: v("additional_domains").split(/[\s,]+/).filter(Boolean),
     connection_limit: v("connection_limit") === "" ? null : Number(v("connection_limit")),
     proxy_fqdn: v("proxy_fqdn") === "" ? null : v("proxy_fqdn"),
+    trust: v("trust"),
+    pin_sha256: v("pin_sha256").split(/\s+/).filter(Boolean),
   };
+  if (!fields.pin_sha256.length) fields.pin_sha256 = null;
   if (form.dataset.mode === "new") fields.domain = v("domain");
   if (fields.description === "") fields.description = null;
   if (!fields.additional_domains.length) fields.additional_domains = null;  // key left out
@@ -274,8 +277,29 @@ function probeButton() {
   });
 }
 
+// "Pin current certificate" (issue 15): POST /api/v1/partners/{domain}/pin adds the key the
+// partner presented last to its pin_sha256 (a file edit like any other), then the partner list says what the edge did.
+function pinButton() {
+  const button = document.getElementById("pin-current");
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    const domain = button.dataset.domain;
+    const r = await api("POST", `/api/v1/partners/${encodeURIComponent(domain)}/pin`,
+                        { version: jsonData("file-version") });
+    if (r.status === 200) {
+      flash(`Partner ${domain}: current certificate pinned; ${await applied(r.data.version)}`);
+      location.href = "/partners";
+    } else {
+      button.disabled = false;
+      document.getElementById("pin-result").textContent = r.data.error;
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   probeButton();
+  pinButton();
   const page = document.body.dataset.page;
   ({ partners: partnersPage, partner_form: partnerFormPage, connections: connectionsPage,
      settings: settingsPage }[page] || (() => {}))();

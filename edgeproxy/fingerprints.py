@@ -1,0 +1,182 @@
+"""Each partner's current certificate, as last seen: what "pin current certificate" pins.
+
+The edge records the certificate a partner presented on its last connection (both directions),
+and `edgeproxy probe` the one its server presents; `edgeproxy partner show` and the control
+panel show it, and can copy its key's pin into `[[partner]] pin_sha256` in one step (through
+`edgeproxy.configfile`, like every partner edit).
+
+What counts as "the partner's" certificate (a pin taken from an impostor would lock the real
+partner out and let the impostor in):
+- outbound streams and probes: the server we dialed at the partner's DNS records (or its
+  proxy_fqdn) - the same trust as the first connection of any TOFU scheme;
+- inbound streams only when the certificate already passed the check for the partner (CA chain
+  and name, or a pin): anyone can connect and *claim* to be a partner.
+The page and the CLI still say to compare the key with the partner's administrator before
+pinning it (as for an SSH host key).
+
+Kept in a JSON file beside the configuration (`<config>.certificates.json`), written atomically
+and only when a partner's certificate changes (or its entry is over an hour old), so that the
+CLI, which is another process, reads what the edge saw. Only configured partners are kept, so
+its size is bounded by the configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from .identity import CertificateCheck, fingerprint_sha256, is_self_signed, spki_sha256
+
+log = logging.getLogger("edgeproxy")
+
+REFRESH = 3600.0  # seconds after which an unchanged entry is written again (its seen_at)
+SOURCES = ("outbound", "inbound", "probe")
+
+
+@dataclass(frozen=True, slots=True)
+class SeenCertificate:
+    partner: str  # the partner's primary domain
+    spki_sha256: str  # the pin: base64 SHA-256 of the SubjectPublicKeyInfo
+    fingerprint: str  # SHA-256 of the whole certificate, hex (changes at every renewal)
+    subject: str
+    issuer: str
+    names: tuple[str, ...]
+    not_after: str  # ISO 8601, UTC
+    self_signed: bool
+    chain_ok: bool  # passed the partner's trust check: a CA chain (trust = "pin": its dates)
+    identity_ok: bool  # valid for the partner's domain (RFC 6125)
+    pinned: bool  # its key was one of the partner's pins when it was seen
+    source: str  # outbound | inbound | probe
+    peer: str  # address:port it came from ("" when unknown)
+    seen_at: float  # wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["names"] = list(self.names)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SeenCertificate:
+        return cls(**{"pinned": False, **d, "names": tuple(d.get("names", ()))})
+
+
+def book_path(config_path: Path | None) -> Path | None:
+    return None if config_path is None else config_path.with_name(
+        config_path.name + ".certificates.json")
+
+
+def describe(cert: x509.Certificate, check: CertificateCheck, *, partner: str, source: str,
+             peer: str, when: float) -> SeenCertificate:
+    return SeenCertificate(
+        partner=partner, spki_sha256=spki_sha256(cert), fingerprint=fingerprint_sha256(cert),
+        subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+        names=tuple(check.names), not_after=cert.not_valid_after_utc.isoformat(),
+        self_signed=is_self_signed(cert),
+        chain_ok=check.chain_ok, identity_ok=check.identity_ok, pinned=bool(check.pin_ok),
+        source=source, peer=peer,
+        seen_at=when)
+
+
+def trustworthy(source: str, check: CertificateCheck) -> bool:
+    """Whether a certificate seen this way may become the partner's "current" one."""
+    if source in ("outbound", "probe"):
+        return True
+    return bool(check.pin_ok) or (check.chain_ok and check.identity_ok)
+
+
+class PartnerCertificates:
+    """partner primary domain -> the certificate it presented last (see the module doc)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._seen: dict[str, SeenCertificate] = {}
+        self._written: dict[str, float] = {}  # partner -> seen_at of the entry on disk
+        self._save_failed = False
+        self.load()
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            raw = json.loads(self.path.read_text("utf-8"))
+            entries = raw.get("partners", {}) if isinstance(raw, dict) else {}
+            for partner, d in entries.items():
+                seen = SeenCertificate.from_json(d)
+                current = self._seen.get(partner)
+                if current is None or seen.seen_at >= current.seen_at:
+                    self._seen[partner] = seen
+                    self._written[partner] = seen.seen_at
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("%s: cannot read the partners' last seen certificates (%s); starting "
+                        "afresh", self.path, exc)
+
+    def get(self, partner: str) -> SeenCertificate | None:
+        return self._seen.get(partner)
+
+    def record(self, seen: SeenCertificate) -> bool:
+        """Remember `seen` as its partner's current certificate; True when the file was written
+        (the certificate changed, or the entry was over REFRESH seconds old)."""
+        old = self._seen.get(seen.partner)
+        self._seen[seen.partner] = seen
+        changed = old is None or old.spki_sha256 != seen.spki_sha256 or \
+            old.fingerprint != seen.fingerprint
+        if changed and old is not None:
+            log.info("partner %s now presents another certificate: key sha256/%s (was "
+                     "sha256/%s), %s, seen on %s", seen.partner, seen.spki_sha256,
+                     old.spki_sha256, seen.subject, seen.source)
+        if self.path is None:
+            return False
+        if not changed and seen.seen_at - self._written.get(seen.partner, 0.0) < REFRESH:
+            return False
+        try:
+            self._save()
+        except OSError as exc:
+            if not self._save_failed:  # once: the edge keeps them in memory meanwhile
+                log.warning("%s: cannot save the partners' current certificates (%s): "
+                            "`edgeproxy partner show / pin` will not see what this edge saw; "
+                            "the edge needs to write beside its configuration file, as the "
+                            "control panel does", self.path, exc.strerror or exc)
+            self._save_failed = True
+            return False
+        self._save_failed = False
+        self._written[seen.partner] = seen.seen_at
+        return True
+
+    def _save(self) -> None:
+        assert self.path is not None
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the edge and a CLI probe may both write
+            mine = dict(self._seen)
+            self.load()  # what another process wrote meanwhile; the newer entry wins
+            for k, v in mine.items():
+                if k not in self._seen or v.seen_at >= self._seen[k].seen_at:
+                    self._seen[k] = v
+            data = json.dumps({"partners": {k: v.to_json() for k, v in sorted(
+                self._seen.items())}}, indent=2).encode("utf-8")
+            tmp_fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                           dir=self.path.parent)
+            try:
+                with os.fdopen(tmp_fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        finally:
+            os.close(fd)
