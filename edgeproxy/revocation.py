@@ -67,6 +67,9 @@ class Mode(enum.StrEnum):
 MODES = tuple(m.value for m in Mode)
 
 
+NO_SOURCE = "no source"  # CertStatus.source of a certificate without AIA OCSP and CRL DP
+
+
 class Status(enum.Enum):
     GOOD = "good"
     REVOKED = "revoked"
@@ -105,6 +108,12 @@ class ChainStatus:
     @property
     def valid_until(self) -> dt.datetime | None:
         return min((c.valid_until for c in self.certificates), default=None)
+
+    @property
+    def uncheckable(self) -> bool:
+        """Unknown only because the certificates name no source (private CAs often do not)."""
+        unknown = [c for c in self.certificates if c.status is Status.UNKNOWN]
+        return bool(unknown) and all(c.source == NO_SOURCE for c in unknown)
 
     def describe(self) -> str:
         worst = [c for c in self.certificates if c.status is self.status] or \
@@ -440,11 +449,29 @@ class RevocationChecker:
     fetches: int = 0
     _statuses: _Lru[bytes, CertStatus] = field(init=False)
     _crls: _Lru[str, x509.CertificateRevocationList] = field(init=False)
+    # leaf fingerprint -> (the anchors it was found with, its issuer path): the signatures of a
+    # path are verified once, not at every stream of a partner
+    _paths: _Lru[bytes, tuple[Sequence[x509.Certificate],
+                              list[tuple[x509.Certificate, x509.Certificate]]]] = \
+        field(init=False)
     _inflight: dict[bytes, asyncio.Future[CertStatus]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._statuses = _Lru(self.cache_size)
         self._crls = _Lru(self.cache_size)
+        self._paths = _Lru(self.cache_size)
+
+    def _path(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
+              anchors: Sequence[x509.Certificate]) -> list[tuple[x509.Certificate,
+                                                                x509.Certificate]]:
+        key = _cert_key(leaf)
+        hit = self._paths.get(key)
+        if hit is not None and hit[0] is anchors:  # the same trust store (a reload makes anew)
+            return hit[1]
+        path = issuer_path(leaf, intermediates, anchors)
+        if path:  # a path that did not reach an anchor may with the next intermediates sent
+            self._paths.put(key, (anchors, path))
+        return path
 
     def cached(self, cert: x509.Certificate) -> CertStatus | None:
         """The cached answer for `cert` while it holds (until its nextUpdate)."""
@@ -459,7 +486,7 @@ class RevocationChecker:
         """The chain's status from the cache alone, or None when something must be fetched."""
         if leaf is None:
             return NOT_CHECKED
-        path = issuer_path(leaf, intermediates, anchors)
+        path = self._path(leaf, intermediates, anchors)
         if not path:
             return NOT_CHECKED
         found = [self.cached(c) for c, _ in path]
@@ -474,7 +501,7 @@ class RevocationChecker:
         """The status of every certificate from the leaf up to (not including) the anchor."""
         if leaf is None:
             return NOT_CHECKED
-        path = issuer_path(leaf, intermediates, anchors)
+        path = self._path(leaf, intermediates, anchors)
         if not path:
             return NOT_CHECKED
         statuses = await asyncio.gather(*(
@@ -509,7 +536,10 @@ class RevocationChecker:
             self._statuses.put(key, found)
             future.set_result(found)
             return found
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody waits
             raise
@@ -543,9 +573,11 @@ class RevocationChecker:
                 return crl_status(crl, cert, self.clock(), f"CRL {url}")
             except (FetchError, ValueError) as exc:
                 tried.append(f"CRL {url}: {exc}")
-        detail = "; ".join(tried) or "the certificate names no OCSP responder and no CRL"
-        return CertStatus(Status.UNKNOWN, "no source answered" if tried else "no source",
-                          self.clock() + FAILURE_TTL, detail, subject)
+        if not tried:  # nothing will change before the certificate does: no re-checks
+            return CertStatus(Status.UNKNOWN, NO_SOURCE, cert.not_valid_after_utc,
+                              "the certificate names no OCSP responder and no CRL", subject)
+        return CertStatus(Status.UNKNOWN, "no source answered", self.clock() + FAILURE_TTL,
+                          "; ".join(tried), subject)
 
     async def _fetch(self, request: Awaitable[bytes]) -> bytes:
         self.fetches += 1
@@ -673,6 +705,10 @@ class Stapler:
         self.staple, self.current = der, found
         self.publish(der)
         return next_at
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self.stop()

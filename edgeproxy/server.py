@@ -389,9 +389,10 @@ class StreamConnection(asyncio.Protocol):
             log.warning("%s: certificate not accepted for authentication: %s", self.label(), why,
                         extra=self.log_fields())
         elif status.status is Status.UNKNOWN:
-            log.warning("%s: revocation status unknown, accepted ([edge] revocation = "
-                        "\"soft-fail\"): %s", self.label(), status.describe(),
-                        extra=self.log_fields())
+            log.log(logging.INFO if status.uncheckable else logging.WARNING,
+                    "%s: revocation status unknown, accepted ([edge] revocation = "
+                    "\"soft-fail\"): %s", self.label(), status.describe(),
+                    extra=self.log_fields())
         else:
             log.info("%s: revocation: %s", self.label(), status.describe(),
                      extra=self.log_fields())
@@ -1342,7 +1343,8 @@ class Edge:
             chain = cfg.certificate.read_bytes() if cfg.certificate else b""
         except OSError:
             chain = b""
-        same = chain == st.chain_pem
+        same = (chain, cfg.ocsp_staple_file, cfg.ocsp_staple_fetch) == (
+            st.chain_pem, st.staple_file, st.fetch)
         st.chain_pem, st.anchors = chain, self.trust.anchors
         st.staple_file, st.fetch = cfg.ocsp_staple_file, cfg.ocsp_staple_fetch
         wanted = bool(chain) and (st.staple_file is not None or st.fetch)
@@ -1351,10 +1353,10 @@ class Edge:
             asyncio.get_running_loop()
         except RuntimeError:  # applied outside the event loop: Edge.start begins stapling
             return
-        if wanted:
-            st.start()
-        else:
+        if not wanted:
             st.stop()
+        elif not (same and st.running) or st.staple_file is not None:  # a file: read it now
+            st.start()
 
     def _publish_staple(self, der: bytes) -> None:
         if self.tls_contexts is not None and self.cfg.certificate is not None:
