@@ -8,6 +8,7 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import itertools
@@ -385,6 +386,10 @@ class StreamConnection(asyncio.Protocol):
         if not status.checked:
             return
         why = self.revocation_refusal = refusal(status, self.edge.revocation_mode)
+        counts = self.edge.revocation_counts
+        counts[status.status.value] += 1
+        if why is not None:
+            counts["refused"] += 1
         if why is not None:
             log.warning("%s: certificate not accepted for authentication: %s", self.label(), why,
                         extra=self.log_fields())
@@ -424,7 +429,9 @@ class StreamConnection(asyncio.Protocol):
         if self.closing or task.cancelled():
             return
         status = self.revocation = _task_status(task)
+        self.edge.revocation_counts[status.status.value] += 1
         if status.status is Status.REVOKED:  # RFC 6120 13.7.2.3: close with <reset/>
+            self.edge.revocation_counts["reset"] += 1
             log.warning("%s: certificate revoked while the stream was open: %s", self.label(),
                         status.describe(), extra=self.log_fields())
             self.on_close(Close(f"certificate revoked: {status.describe()} (RFC 6120 "
@@ -1131,6 +1138,7 @@ class Edge:
         self.revocation = revocation or RevocationChecker(timeout=cfg.revocation_timeout)
         self.revocation_mode = Mode(cfg.revocation)
         self.stapler = Stapler(self.revocation, self._publish_staple)
+        self.revocation_counts: collections.Counter[str] = collections.Counter()
         self.local_domains = frozenset(cfg.domains)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)
