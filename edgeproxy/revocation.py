@@ -710,6 +710,26 @@ class Stapler:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def configure(self, chain_pem: bytes, anchors: Sequence[x509.Certificate],
+                  staple_file: Path | None, fetch: bool) -> None:
+        """Take the settings (edge start, reload): the current staple goes on serving new TLS
+        contexts while nothing changed; a change or a staple file starts a round at once."""
+        same = (chain_pem, staple_file, fetch) == (self.chain_pem, self.staple_file, self.fetch)
+        self.chain_pem, self.anchors, self.staple_file, self.fetch = (chain_pem, anchors,
+                                                                      staple_file, fetch)
+        wanted = bool(chain_pem) and (staple_file is not None or fetch)
+        if not (same and wanted):
+            self.staple, self.current = b"", None
+        self.publish(self.staple)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # configured outside the event loop: the edge's start begins
+            return
+        if not wanted:
+            self.stop()
+        elif not (same and self.running) or staple_file is not None:  # a file: read it now
+            self.start()
+
     def start(self) -> None:
         self.stop()
         self._task = asyncio.get_running_loop().create_task(self._run())

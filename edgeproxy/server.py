@@ -390,7 +390,6 @@ class StreamConnection(asyncio.Protocol):
         counts[status.status.value] += 1
         if why is not None:
             counts["refused"] += 1
-        if why is not None:
             log.warning("%s: certificate not accepted for authentication: %s", self.label(), why,
                         extra=self.log_fields())
         elif status.status is Status.UNKNOWN:
@@ -1344,27 +1343,14 @@ class Edge:
         self._configure_stapler()
 
     def _configure_stapler(self) -> None:
-        """Our own certificate's OCSP staple ([edge] ocsp_staple): from the file, or fetched
-        from the certificate's responder; restarted when a reload changes either."""
-        cfg, st = self.cfg, self.stapler
+        """Our own certificate's OCSP staple ([edge] ocsp_staple), at start and reload."""
+        cfg = self.cfg
         try:
             chain = cfg.certificate.read_bytes() if cfg.certificate else b""
         except OSError:
             chain = b""
-        same = (chain, cfg.ocsp_staple_file, cfg.ocsp_staple_fetch) == (
-            st.chain_pem, st.staple_file, st.fetch)
-        st.chain_pem, st.anchors = chain, self.trust.anchors
-        st.staple_file, st.fetch = cfg.ocsp_staple_file, cfg.ocsp_staple_fetch
-        wanted = bool(chain) and (st.staple_file is not None or st.fetch)
-        self._publish_staple(st.staple if same and wanted else b"")  # until the next round
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # applied outside the event loop: Edge.start begins stapling
-            return
-        if not wanted:
-            st.stop()
-        elif not (same and st.running) or st.staple_file is not None:  # a file: read it now
-            st.start()
+        self.stapler.configure(chain, self.trust.anchors, cfg.ocsp_staple_file,
+                               cfg.ocsp_staple_fetch)
 
     def _publish_staple(self, der: bytes) -> None:
         if self.tls_contexts is not None and self.cfg.certificate is not None:

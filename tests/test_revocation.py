@@ -580,3 +580,29 @@ async def test_reload_changes_the_mode_live(dns, pki, responder, wall, tmp_path,
         err = await send(comp_f, comp_c, "after the reload")
         assert err["type"] == "error"
         assert "revocation status unknown and [edge] revocation = \"hard-fail\"" in caplog.text
+
+
+async def test_a_staple_file_is_stapled_while_it_is_good_and_current(tmp_path, pki, wall):
+    """[edge] ocsp_staple = <file>: read each round; stale or not good, nothing is stapled."""
+    ours = pki.issue(C[0])
+    inter = pki.intermediate
+    published: list[bytes] = []
+    stapler = rv.Stapler(checker(wall), published.append)
+    path = tmp_path / "c.ocsp"
+    good = _response(ours.cert, inter.cert, inter.key, this_update=wall(),
+                     next_update=wall() + dt.timedelta(hours=4))
+    path.write_bytes(good)
+    stapler.configure(ours.cert_pem(), [pki.root.cert], path, fetch=False)
+    stapler.stop()  # the rounds are driven here, on the test's clock
+    next_round = await stapler.refresh()
+    assert stapler.staple == good and published[-1] == good
+    assert next_round == wall() + rv.STAPLE_RECHECK  # read again hourly
+    wall.advance(hours=5)  # the file went stale
+    await stapler.refresh()
+    assert stapler.staple == b"" and published[-1] == b""
+    # "auto" with a certificate that names no responder: nothing stapled, nothing asked
+    bare = pki.issue(C[0], ocsp_url=None, crl_url=None)
+    stapler.configure(bare.cert_pem(), [pki.root.cert], None, fetch=True)
+    stapler.stop()
+    await stapler.refresh()
+    assert stapler.staple == b"" and stapler.checker.fetches == 0
