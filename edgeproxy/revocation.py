@@ -513,7 +513,10 @@ class RevocationChecker:
                      stapled: bytes | None = None) -> CertStatus:
         """One certificate's status: from the cache, or learned once however many ask."""
         key = _cert_key(cert)
-        if stapled:
+        hit = self.cached(cert)
+        # A staple never overrides a known revocation: a revoked server may go on stapling the
+        # "good" response it fetched before (valid until that response's nextUpdate).
+        if stapled and not (hit is not None and hit.status is Status.REVOKED):
             try:
                 found = parse_ocsp_response(stapled, cert, issuer, self.clock(), "stapled OCSP")
             except ValueError as exc:
@@ -523,7 +526,6 @@ class RevocationChecker:
                 if found.status is not Status.UNKNOWN:
                     self._statuses.put(key, found)
                     return found
-        hit = self.cached(cert)
         if hit is not None:
             return hit
         pending = self._inflight.get(key)

@@ -276,6 +276,15 @@ async def test_a_stapled_response_answers_without_asking_the_responder(pki, resp
         other = pki.issue("liar.test")
         s = await c.check_chain(other.cert, list(other.chain), [pki.root.cert], stapled=der)
         assert s.certificates[0].source == f"OCSP {OCSP_URL}"
+        # once the responder said revoked, an older "good" staple does not undo it
+        old_good = _response(other.cert, pki.intermediate.cert, pki.intermediate.key,
+                             this_update=wall(), next_update=wall() + dt.timedelta(hours=2))
+        responder.revoke(other)
+        wall.advance(seconds=responder.ttl.total_seconds() + 1)  # the cached "good" expires
+        s = await c.check_chain(other.cert, list(other.chain), [pki.root.cert])
+        assert s.status is rv.Status.REVOKED
+        s = await c.check_chain(other.cert, list(other.chain), [pki.root.cert], stapled=old_good)
+        assert s.status is rv.Status.REVOKED
     finally:
         await c.close()
 
