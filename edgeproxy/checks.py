@@ -117,7 +117,7 @@ def _check_staple(edge: EdgeConfig, problems: list[str], warnings: list[str]) ->
     response that is stale or not "good" is only a warning: the edge then staples nothing, and
     a cron job renewing the file must not block unrelated reloads."""
     from .identity import TrustStore
-    from .revocation import own_issuer, staple_is_usable
+    from .revocation import InvalidResponse, own_issuer, staple_is_usable
 
     path = edge.ocsp_staple_file
     if path is None or edge.certificate is None:
@@ -140,13 +140,10 @@ def _check_staple(edge: EdgeConfig, problems: list[str], warnings: list[str]) ->
         return
     try:
         staple_is_usable(der, leaf, issuer, dt.datetime.now(dt.UTC))
-    except ValueError as exc:
-        text = str(exc)
-        if text.startswith(("not an OCSP response", "the response is not about",
-                            "signed by neither", "bad signature")):
-            problems.append(f"{where}: {text}")
-        else:
-            warnings.append(f"{where}: not stapled: {text}")
+    except InvalidResponse as exc:
+        problems.append(f"{where}: {exc}")
+    except ValueError as exc:  # stale, or not "good"
+        warnings.append(f"{where}: not stapled: {exc}")
 
 
 def _loopback(host: str) -> bool:

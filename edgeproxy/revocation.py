@@ -195,6 +195,11 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 # --- OCSP (RFC 6960) ---------------------------------------------------------------------------
 
+class InvalidResponse(ValueError):
+    """An OCSP response that can never count: malformed, unsuccessful, signed by the wrong
+    key, or about another certificate (as opposed to one that is merely not current)."""
+
+
 def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
     """A DER OCSPRequest for one certificate, CertID with SHA-1 (RFC 5019 2.1.1), no nonce (so
     responders can answer from their cache, RFC 5019 4)."""
@@ -232,15 +237,15 @@ def _responder(resp: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Certif
         if not named(c):
             continue
         if not _issued_by(c, issuer):
-            raise ValueError("the responder certificate is not issued by the CA")
+            raise InvalidResponse("the responder certificate is not issued by the CA")
         try:
             eku = c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             eku = x509.ExtendedKeyUsage([])
         if ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
-            raise ValueError("the responder certificate lacks id-kp-OCSPSigning")
+            raise InvalidResponse("the responder certificate lacks id-kp-OCSPSigning")
         return c
-    raise ValueError("signed by neither the CA nor a responder it delegated")
+    raise InvalidResponse("signed by neither the CA nor a responder it delegated")
 
 
 def _reason(reason: x509.ReasonFlags | None, when: dt.datetime | None) -> str:
@@ -260,9 +265,9 @@ def parse_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
     try:
         resp = ocsp.load_der_ocsp_response(der)
     except ValueError as exc:
-        raise ValueError(f"not an OCSP response ({exc})") from None
+        raise InvalidResponse(f"not an OCSP response ({exc})") from None
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
-        raise ValueError(f"responder answered {resp.response_status.name.lower()}")
+        raise InvalidResponse(f"responder answered {resp.response_status.name.lower()}")
     signer = _responder(resp, issuer)
     if signer is not issuer and not (signer.not_valid_before_utc - CLOCK_SKEW <= now
                                      <= signer.not_valid_after_utc + CLOCK_SKEW):
@@ -271,7 +276,7 @@ def parse_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
         _verify_signature(signer.public_key(), resp.signature, resp.tbs_response_bytes,
                           resp.signature_hash_algorithm)
     except InvalidSignature as exc:
-        raise ValueError(f"bad signature ({exc or 'does not verify'})") from None
+        raise InvalidResponse(f"bad signature ({exc or 'does not verify'})") from None
     for single in resp.responses:
         if single.serial_number != cert.serial_number:
             continue
@@ -295,7 +300,7 @@ def parse_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
                 single.revocation_reason, single.revocation_time_utc), subject)
         return CertStatus(Status.UNKNOWN, source, until, "the responder does not know it",
                           subject)
-    raise ValueError("the response is not about this certificate")
+    raise InvalidResponse("the response is not about this certificate")
 
 
 # --- CRL (RFC 5280 5, 6.3) ---------------------------------------------------------------------
