@@ -57,6 +57,7 @@ def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None, 
             problems.extend(p for p in exc.problems if p not in problems)
     if edge is not None:
         _check_certificate(edge, problems, warnings)
+        _check_staple(edge, problems, warnings)
         if gateway is not None:
             _check_gateway(edge, gateway, problems, warnings, gateway_host)
         _check_example_secrets(raw, warnings)
@@ -109,6 +110,40 @@ def _check_certificate(edge: EdgeConfig, problems: list[str], warnings: list[str
     if leaf.not_valid_before_utc > now:
         problems.append(f"[edge] certificate: {edge.certificate} is not valid before "
                         f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+
+
+def _check_staple(edge: EdgeConfig, problems: list[str], warnings: list[str]) -> None:
+    """[edge] ocsp_staple as a file: an OCSP response (RFC 6960) for our certificate. A
+    response that is stale or not "good" is only a warning: the edge then staples nothing, and
+    a cron job renewing the file must not block unrelated reloads."""
+    from .identity import TrustStore
+    from .revocation import InvalidResponse, own_issuer, staple_is_usable
+
+    path = edge.ocsp_staple_file
+    if path is None or edge.certificate is None:
+        return
+    where = f"[edge] ocsp_staple: {path}"
+    try:
+        der = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{where}: cannot read it: {exc.strerror}")
+        return
+    try:
+        anchors = TrustStore.load(edge.ca_files, use_system=False).anchors if edge.ca_files \
+            else ()
+        leaf, issuer = own_issuer(edge.certificate.read_bytes(), anchors)
+    except (OSError, ValueError):
+        return  # the certificate's own problems are reported by the [edge] reader
+    if issuer is None:
+        warnings.append(f"{where}: cannot be checked: the issuer of {edge.certificate} is "
+                        "neither in that file nor in ca_files, so nothing is stapled")
+        return
+    try:
+        staple_is_usable(der, leaf, issuer, dt.datetime.now(dt.UTC))
+    except InvalidResponse as exc:
+        problems.append(f"{where}: {exc}")
+    except ValueError as exc:  # stale, or not "good"
+        warnings.append(f"{where}: not stapled: {exc}")
 
 
 def _loopback(host: str) -> bool:

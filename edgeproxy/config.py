@@ -23,6 +23,7 @@ from .partners import (
     parse_host_port,
     partners_from_config,
 )
+from .revocation import MODES
 
 MIN_STANZA_SIZE = 10000  # RFC 6120 13.12: a deployed limit MUST NOT be below 10000 bytes
 
@@ -116,6 +117,14 @@ class EdgeConfig:
     public_addresses: tuple[str, ...] = field(default=())
     admin: AdminSettings | None = None
     log: LogSettings = field(default=LogSettings())
+    # Revocation of partners' certificates (edgeproxy.revocation, docs/security.md): "soft-fail",
+    # "hard-fail" or "off"; seconds per OCSP / CRL fetch
+    revocation: str = "soft-fail"
+    revocation_timeout: float = 5.0
+    # Our own certificate's OCSP response to staple: from this file (DER), else fetched from
+    # its AIA responder when `ocsp_staple_fetch` ([edge] ocsp_staple = "auto", the default)
+    ocsp_staple_file: Path | None = None
+    ocsp_staple_fetch: bool = True
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -352,6 +361,18 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         if value > q_total:
             e.problem(key, f"cannot exceed queue_bytes_total ({q_total}), got {value}")
     component_wait = e.seconds("component_wait", 30)
+    revocation = e.string("revocation", "soft-fail")
+    if revocation not in MODES:
+        e.problem("revocation", f"must be one of {', '.join(MODES)} (got {revocation!r})")
+        revocation = "soft-fail"
+    revocation_timeout = e.seconds("revocation_timeout", 5.0)
+    staple = e.string("ocsp_staple", "auto")
+    staple_file = _path(base, staple) if staple not in ("auto", "off", "") else None
+    if staple == "":
+        e.problem("ocsp_staple", "must be \"auto\", \"off\" or the path of a DER OCSP "
+                  "response for [edge] certificate")
+    if staple_file is not None and certificate is None:
+        e.problem("ocsp_staple", "a staple needs [edge] certificate")
 
     component = None
     comp_t = edge_t.get("component")
@@ -436,7 +457,8 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         partners=partners, warnings=tuple(warnings), queue_bytes_total=q_total,
         queue_bytes_per_domain=q_domain, queue_bytes_per_partner=q_partner,
         component_wait=component_wait, public_addresses=tuple(public_addresses), log=log,
-        admin=admin,
+        admin=admin, revocation=revocation, revocation_timeout=revocation_timeout,
+        ocsp_staple_file=staple_file, ocsp_staple_fetch=staple == "auto",
     )
 
 

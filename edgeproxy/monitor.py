@@ -305,6 +305,20 @@ class _EdgeCollector(Collector):
         for result, n in sorted(getattr(m.edge, "reload_counts", {}).items()):
             reloads.add_metric([result], n)
         yield reloads
+        checks = CounterMetricFamily("xmpp_edge_revocation_checks", "Revocation checks of "
+                                     "partner certificate chains (docs/security.md), by "
+                                     "outcome: good, revoked, unknown, refused, reset",
+                                     labels=["result"])
+        for result, n in sorted(getattr(m.edge, "revocation_counts", {}).items()):
+            checks.add_metric([result], n)
+        yield checks
+        revocation = getattr(m.edge, "revocation", None)
+        if revocation is not None:
+            yield CounterMetricFamily("xmpp_edge_revocation_fetches", "OCSP and CRL requests "
+                                      "sent", value=revocation.fetches)
+            yield GaugeMetricFamily("xmpp_edge_ocsp_stapling", "1 while an OCSP response for "
+                                    "our certificate is stapled", value=float(bool(
+                                        m.edge.stapler.staple)))
         not_after = self._certificate_not_after()
         if not_after is not None:
             yield GaugeMetricFamily("xmpp_edge_certificate_expiry_timestamp_seconds", "When "

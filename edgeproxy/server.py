@@ -8,6 +8,7 @@ partner -> component for the local domain, component -> the outbound stream for 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import itertools
@@ -48,6 +49,7 @@ from .reload import (
     sighup,
     stream_verdict,
 )
+from .revocation import ChainStatus, Mode, RevocationChecker, Stapler, Status, refusal
 from .s2s import (
     Authenticated,
     CertChecker,
@@ -113,6 +115,12 @@ class StreamConnection(asyncio.Protocol):
         self.stream: XmppStream[Any]  # made by the subclass, around its machine
         self.sent_close = False  # our close is out; the peer's stanzas still count (4.4)
         self.stats = StreamStats(edge.monitor.wall())
+        # revocation of the peer's certificate (edgeproxy.revocation): the answer the
+        # negotiation used, why it refuses the certificate, the re-check of RFC 6120 13.7.2.3
+        self.revocation: ChainStatus | None = None
+        self.revocation_refusal: str | None = None
+        self._revocation_hold = False
+        self._revocation_timer: asyncio.TimerHandle | None = None
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -127,9 +135,10 @@ class StreamConnection(asyncio.Protocol):
         def check(domain: str) -> CertificateCheck:
             partner = edge.cfg.partners.lookup(domain)
             pins = partner.pin_sha256 if partner is not None else ()
-            result = verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
-                                        pin_only=partner is not None
-                                        and partner.trust is Trust.PIN)
+            result = _revocation_verdict(
+                verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
+                                   pin_only=partner is not None and partner.trust is Trust.PIN),
+                self.revocation_refusal)
             if leaf is not None and partner is not None and not partner.is_default:
                 edge.saw_certificate(partner.domain, leaf, result, self.kind, self.peer)
             return result
@@ -191,6 +200,8 @@ class StreamConnection(asyncio.Protocol):
         self.edge.connections.discard(self)
         self.closing = True
         self._pending = None
+        if self._revocation_timer is not None:
+            self._revocation_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -232,7 +243,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self._paused or self.closing or self.transport is None:
+        if not self._paused or self.closing or self.transport is None or self._revocation_hold:
             return
         self._paused = False
         # after the relay's current action list: handling the stanzas that waited feeds it again
@@ -278,6 +289,7 @@ class StreamConnection(asyncio.Protocol):
                 log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
                          f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "",
                          extra=self.log_fields())
+                self.check_revocation(tls)
             case TransportFailed(reason):
                 self.flush()  # a TLS alert may be waiting
                 self.abort(reason)
@@ -365,6 +377,94 @@ class StreamConnection(asyncio.Protocol):
             self.send(b"</stream:stream>")
             self.close_soon()
 
+    # -- revocation (edgeproxy.revocation): before the certificate is used, and again when the
+    # answer expires (RFC 6120 13.7.2.3). Never on the relay path: only at TLS and on a timer.
+    checks_revocation = False  # partner streams do; the component link does not
+
+    def check_revocation(self, tls: TlsSession) -> None:
+        """Learn the peer chain's status before the negotiation reads on: reading pauses (the
+        rest of this read waits in `_pending`) until the answer is there, unless it is cached."""
+        checker, mode = self.edge.revocation, self.edge.revocation_mode
+        if mode is Mode.OFF or not self.checks_revocation or tls.peer_certificate is None:
+            return
+        leaf, chain, anchors = tls.peer_certificate, tls.peer_intermediates, self.edge.trust.anchors
+        cached = checker.cached_chain(leaf, chain, anchors)
+        if cached is not None:
+            self._revocation_known(cached)
+            return
+        self.pause_reading()
+        self._revocation_hold = True
+        task = asyncio.get_running_loop().create_task(
+            checker.check_chain(leaf, chain, anchors, tls.peer_ocsp_response))
+        task.add_done_callback(self._revocation_checked)
+
+    def _revocation_checked(self, task: asyncio.Task[ChainStatus]) -> None:
+        self._revocation_hold = False
+        if self.closing or task.cancelled():
+            return
+        self._revocation_known(_task_status(task))
+        self.resume_reading()
+
+    def _revocation_known(self, status: ChainStatus) -> None:
+        self.revocation = status
+        if not status.checked:
+            return
+        why = self.revocation_refusal = refusal(status, self.edge.revocation_mode)
+        counts = self.edge.revocation_counts
+        counts[status.status.value] += 1
+        if why is not None:
+            counts["refused"] += 1
+            log.warning("%s: certificate not accepted for authentication: %s", self.label(), why,
+                        extra=self.log_fields())
+        elif status.status is Status.UNKNOWN:
+            log.log(logging.INFO if status.uncheckable else logging.WARNING,
+                    "%s: revocation status unknown, accepted ([edge] revocation = "
+                    "\"soft-fail\"): %s", self.label(), status.describe(),
+                    extra=self.log_fields())
+        else:
+            log.info("%s: revocation: %s", self.label(), status.describe(),
+                     extra=self.log_fields())
+        if why is None:
+            self._arm_revocation_recheck(status)
+
+    def _arm_revocation_recheck(self, status: ChainStatus) -> None:
+        until = status.valid_until
+        if until is None or self.closing:
+            return
+        delay = (until - self.edge.revocation.clock()).total_seconds()
+        self._revocation_timer = asyncio.get_running_loop().call_later(
+            max(1.0, delay), self.recheck_revocation)
+
+    def recheck_revocation(self) -> None:
+        """The re-check timer's callback (tests on a fake clock call it after moving it)."""
+        if self._revocation_timer is not None:
+            self._revocation_timer.cancel()
+            self._revocation_timer = None
+        tls = self.tls
+        if self.closing or tls is None or tls.peer_certificate is None \
+                or self.edge.revocation_mode is Mode.OFF:
+            return
+        task = asyncio.get_running_loop().create_task(self.edge.revocation.check_chain(
+            tls.peer_certificate, tls.peer_intermediates, self.edge.trust.anchors))
+        task.add_done_callback(self._rechecked)
+
+    def _rechecked(self, task: asyncio.Task[ChainStatus]) -> None:
+        if self.closing or task.cancelled():
+            return
+        status = self.revocation = _task_status(task)
+        self.edge.revocation_counts[status.status.value] += 1
+        if status.status is Status.REVOKED:  # RFC 6120 13.7.2.3: close with <reset/>
+            self.edge.revocation_counts["reset"] += 1
+            log.warning("%s: certificate revoked while the stream was open: %s", self.label(),
+                        status.describe(), extra=self.log_fields())
+            self.on_close(Close(f"certificate revoked: {status.describe()} (RFC 6120 "
+                                "13.7.2.3)", "reset", failed=False))
+            return
+        if status.status is Status.UNKNOWN:  # only a revoked certificate ends an open stream
+            log.warning("%s: revocation re-check could not learn the status, stream kept: %s",
+                        self.label(), status.describe(), extra=self.log_fields())
+        self._arm_revocation_recheck(status)
+
     # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
     def arm_timer(self) -> None:
         """Arm the loop timer for the next deadline when it is earlier than the one armed.
@@ -394,6 +494,7 @@ class StreamConnection(asyncio.Protocol):
 
 class InboundConnection(StreamConnection):
     kind = "inbound"
+    checks_revocation = True
 
     def __init__(self, edge: Edge, direct_tls: bool = False):
         super().__init__(edge)
@@ -687,6 +788,7 @@ class ComponentConnection(StreamConnection):
 
 class OutboundConnection(StreamConnection):
     kind = "outbound"
+    checks_revocation = True
 
     def __init__(self, edge: Edge, session: OutboundSession, direct_tls: bool):
         super().__init__(edge)
@@ -752,6 +854,22 @@ class OutboundConnection(StreamConnection):
 
 def _factory(conn: OutboundConnection) -> Callable[[], OutboundConnection]:
     return lambda: conn
+
+
+def _task_status(task: asyncio.Task[ChainStatus]) -> ChainStatus:
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    log.error("revocation check failed", exc_info=exc)  # a bug; the status stays unknown
+    return ChainStatus(Status.UNKNOWN)
+
+
+def _revocation_verdict(check: CertificateCheck, refused: str | None) -> CertificateCheck:
+    """A certificate whose revocation check refuses it counts as invalid (docs/security.md):
+    no SASL EXTERNAL, no dialback over it; the partner's policy decides what follows."""
+    if refused is None or not check.ok:
+        return check
+    return replace(check, ok=False, chain_ok=False, reason=refused)
 
 
 @dataclass
@@ -1045,9 +1163,16 @@ class Router:
 
 class Edge:
     def __init__(self, cfg: EdgeConfig, *, resolver: S2sResolver | None = None,
-                 clock: Callable[[], float] = time.monotonic, auto_probe: bool = False):
+                 clock: Callable[[], float] = time.monotonic, auto_probe: bool = False,
+                 revocation: RevocationChecker | None = None):
         self.cfg = cfg
         self.clock = clock
+        # revocation checks of partners' certificates and our own staple (revocation.py); the
+        # checker's wall clock is injectable (nextUpdate is a date)
+        self.revocation = revocation or RevocationChecker(timeout=cfg.revocation_timeout)
+        self.revocation_mode = Mode(cfg.revocation)
+        self.stapler = Stapler(self.revocation, self._publish_staple)
+        self.revocation_counts: collections.Counter[str] = collections.Counter()
         self.local_domains = frozenset(cfg.domains)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)
@@ -1179,6 +1304,16 @@ class Edge:
                     c.arm_timer()
         if new.dialback_secret != old.dialback_secret:
             ctx.keys = DialbackKeys(new.dialback_secret)
+        # Live: streams negotiated from now on use the new mode; open streams keep the verdict
+        # they were negotiated with, and their re-checks follow the new mode ("off": none).
+        self.revocation_mode = Mode(new.revocation)
+        self.revocation.timeout = new.revocation_timeout
+        if (new.revocation, new.revocation_timeout) != (old.revocation, old.revocation_timeout):
+            changes.append("revocation changed")
+        if (new.ocsp_staple_file, new.ocsp_staple_fetch) != (old.ocsp_staple_file,
+                                                             old.ocsp_staple_fetch):
+            changes.append("ocsp_staple changed")
+        self._configure_stapler()  # the new TLS contexts need the staple too
 
         self.router.reconfigure()
         for s in list(self.router.sessions.values()):
@@ -1284,6 +1419,21 @@ class Edge:
             self.admin = AdminListener(self)
             await self.admin.start()
         self._watch_certificate()
+        self._configure_stapler()
+
+    def _configure_stapler(self) -> None:
+        """Our own certificate's OCSP staple ([edge] ocsp_staple), at start and reload."""
+        cfg = self.cfg
+        try:
+            chain = cfg.certificate.read_bytes() if cfg.certificate else b""
+        except OSError:
+            chain = b""
+        self.stapler.configure(chain, self.trust.anchors, cfg.ocsp_staple_file,
+                               cfg.ocsp_staple_fetch)
+
+    def _publish_staple(self, der: bytes) -> None:
+        if self.tls_contexts is not None and self.cfg.certificate is not None:
+            self.tls_contexts.staples[self.cfg.certificate] = der
 
     def _watch_certificate(self) -> None:
         """The expiry warning (30 / 7 days, expired): checked hourly, logged at most daily."""
@@ -1312,6 +1462,7 @@ class Edge:
             s.close()
         if self._cert_timer is not None:
             self._cert_timer.cancel()
+        self.stapler.stop()
         if self.auto_probe is not None:
             await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
@@ -1338,6 +1489,7 @@ class Edge:
             if c.transport is not None:
                 c.transport.abort()
         self.router.stop_timer()
+        await self.revocation.close()
         for s in self.servers:
             await s.wait_closed()
 

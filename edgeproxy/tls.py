@@ -72,6 +72,13 @@ def _accept_any_certificate(conn: SSL.Connection, cert: object, errno: int, dept
     return True
 
 
+def _keep_stapled_ocsp(conn: SSL.Connection, response: bytes, data: object) -> bool:
+    session = conn.get_app_data()
+    if isinstance(session, TlsSession) and response:
+        session.peer_ocsp_response = response
+    return True  # the handshake goes on; revocation.py checks the response after it
+
+
 class _NoApplicationProtocol(Exception):
     """Raised in the ALPN callback: pyOpenSSL then answers with a fatal alert, which OpenSSL
     sends as no_application_protocol (RFC 7301 3.2), and re-raises this from the handshake."""
@@ -114,6 +121,8 @@ class TlsContexts:
         self._max_version = max_version
         self._server: dict[str, SSL.Context] = {}
         self._client: dict[str, SSL.Context] = {}
+        # Our OCSP responses to staple, per certificate chain file (RFC 6066 8; revocation.py)
+        self.staples: dict[Path, bytes] = {}
         for domain, (chain, key) in (certificates or {}).items():
             name = _a_label(domain)
             self._server[name] = self._server_context(chain, key)
@@ -159,6 +168,9 @@ class TlsContexts:
         ctx.set_options(SSL.OP_NO_TICKET)
         # On every context: the one switched to by SNI supplies the ALPN callback (pitfall 3).
         ctx.set_alpn_select_callback(_select_alpn)
+        # Stapling (RFC 6066 8): only when the client asked; b"" = nothing to staple.
+        ctx.set_ocsp_server_callback(
+            lambda conn, path: self.staples.get(path, b"") if path else b"", chain)
         ctx.set_tlsext_servername_callback(self._on_server_name)
         return ctx
 
@@ -167,6 +179,7 @@ class TlsContexts:
         if cert is not None:
             self._load(ctx, *cert)
         ctx.set_verify(SSL.VERIFY_NONE)  # verified after the handshake (identity.py)
+        ctx.set_ocsp_client_callback(_keep_stapled_ocsp)  # judged by revocation.py afterwards
         return ctx
 
     def _on_server_name(self, conn: SSL.Connection) -> None:
@@ -222,6 +235,7 @@ class TlsSession:
         self.peer_closed = False  # close_notify received
         self.peer_certificate: x509.Certificate | None = None
         self.peer_intermediates: list[x509.Certificate] = []
+        self.peer_ocsp_response: bytes | None = None  # stapled by the server (client side only)
         self.version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: bytes | None = None
@@ -260,6 +274,7 @@ class TlsSession:
             conn.set_tlsext_host_name(a_label.encode("ascii"))
         if alpn:
             conn.set_alpn_protos([ALPN_XMPP_SERVER])
+        conn.request_ocsp()  # status_request (RFC 6066 8): a stapled OCSP response, if any
         session = cls(conn, server_side=False, local_domain=local_domain, server_name=sni)
         session._handshake()  # queue the ClientHello
         return session
