@@ -38,11 +38,13 @@ def client_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
     ctx.verify_mode = ssl.CERT_REQUIRED
     if config.certificate is None or config.private_key is None:  # config.py refuses that
         raise LinkTlsError("[gateway] tls = true needs certificate and private_key")
+    for key, path in (("certificate", config.certificate), ("private_key", config.private_key)):
+        try:
+            path.read_bytes()
+        except OSError as e:
+            raise LinkTlsError(f"[gateway] {key}: cannot read {path}: {e.strerror}") from e
     try:
         ctx.load_cert_chain(str(config.certificate), str(config.private_key))
-    except FileNotFoundError as e:
-        raise LinkTlsError(f"[gateway] certificate / private_key: cannot read "
-                           f"{e.filename or config.certificate}: {e.strerror}") from e
     except (OSError, ssl.SSLError) as e:
         raise LinkTlsError(f"[gateway] certificate / private_key: {config.certificate} with "
                            f"{config.private_key}: {describe_failure(e)}") from e

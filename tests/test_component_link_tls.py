@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -300,3 +301,35 @@ async def test_gateway_refuses_an_edge_it_cannot_verify(h: Harness, caplog: Any,
                 and "edge_ca and edge_name" in m for m in caplog.messages), timeout=10)
             assert not gw.link_up
             assert CONTOSO not in edge.router.components
+
+
+async def test_reload_takes_a_new_client_ca_at_the_next_link_and_tls_at_the_next_start(
+        h: Harness) -> None:
+    """client_ca is applied live: the next handshake is judged by the new CA, the open link
+    keeps the session it verified. tls is the listener's protocol from the first byte: a
+    change waits for the next start, and the reload says so."""
+    async with h.edge_running(**link_settings(h)) as edge:
+        old_cert = LINK_CA.issue(GATEWAY_HOST, eku=EKU_CLIENT)
+        await handshaken(await tls_component(h, old_cert))
+        await wait_for(lambda: CONTOSO in edge.router.components, timeout=5)
+        open_link = edge.router.components[CONTOSO]
+        comp = edge.cfg.component
+        assert comp is not None
+        new_ca = STRANGER_CA.write_root(h.tmp / "new-gateway-ca.crt")
+        changes = edge.apply(dataclasses.replace(
+            edge.cfg, component=dataclasses.replace(comp, client_ca=new_ca)))
+        assert "[edge.component] client_ca changed: checked from the next link" in changes
+        await refused(await tls_component(h, old_cert))
+        assert edge.router.components.get(CONTOSO) is open_link and not open_link.closing
+        await handshaken(await tls_component(h, STRANGER_CA.issue(GATEWAY_HOST,
+                                                                  eku=EKU_CLIENT)))
+        await wait_for(lambda: edge.router.components.get(CONTOSO) is not open_link)
+
+        comp = edge.cfg.component
+        assert comp is not None
+        changes = edge.apply(dataclasses.replace(
+            edge.cfg, component=dataclasses.replace(comp, tls="off", client_ca=None)))
+        assert "[edge.component] tls changed: takes effect at the next start" in changes
+        assert edge.cfg.component is not None and edge.cfg.component.tls == "required"
+        await handshaken(await tls_component(h, STRANGER_CA.issue(GATEWAY_HOST,
+                                                                  eku=EKU_CLIENT)))
