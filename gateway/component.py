@@ -368,6 +368,8 @@ class Gateway(ComponentXMPP):
         if self.closing:
             log.info("component link to the edge closed (the gateway is stopping)")
             return
+        if isinstance(reason, ssl.SSLError):  # the edge refused our client certificate
+            reason, self._refused, self.backoff = describe_failure(reason), True, self.max_backoff
         # a refusal (wrong secret, another gateway) waits the longest backoff; anything else
         # is retried at once: the edge is usually back within a second (a restart)
         delay = self.backoff if self._refused else self.min_backoff

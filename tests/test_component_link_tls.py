@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -333,3 +334,21 @@ async def test_reload_takes_a_new_client_ca_at_the_next_link_and_tls_at_the_next
         assert edge.cfg.component is not None and edge.cfg.component.tls == "required"
         await handshaken(await tls_component(h, STRANGER_CA.issue(GATEWAY_HOST,
                                                                   eku=EKU_CLIENT)))
+
+
+async def test_real_gateway_whose_certificate_the_edge_refuses_says_so_and_backs_off(
+        h: Harness, caplog: Any) -> None:
+    """Both sides say which certificate was refused; the gateway does not hammer the edge
+    (a certificate does not fix itself: its longest backoff, as for XEP-0114 refusals)."""
+    caplog.set_level(logging.INFO)
+    async with h.edge_running(**link_settings(h)) as edge:
+        crt, key = write_cert(h.tmp, "stranger-gateway",
+                              STRANGER_CA.issue(GATEWAY_HOST, eku=EKU_CLIENT))
+        cfg = dataclasses.replace(gateway_cfg(h), certificate=Path(crt), private_key=Path(key))
+        async with real_gateway(h, cfg, edge, wait=False) as gw:
+            await wait_for(lambda: any(
+                m.startswith("component link to the edge lost (the edge refused our client "
+                             "certificate") for m in caplog.messages), timeout=10)
+            assert gw.backoff == gw.max_backoff and not gw.link_up
+            assert any("does not chain to client_ca" in m for m in refusals(caplog))
+            assert CONTOSO not in edge.router.components
