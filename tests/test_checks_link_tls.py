@@ -28,7 +28,7 @@ from edgeproxy.devcerts import (
 ROOT = Path(__file__).resolve().parent.parent
 GW = "gateway.contoso.test"
 # the example's commented [gateway] link settings, uncommented by the fixture
-GATEWAY_TLS = ("tls = true", f'certificate = "../var/certs/{GW}.crt"',
+GATEWAY_TLS = (f'certificate = "../var/certs/{GW}.crt"',
                f'private_key = "../var/certs/{GW}.key"', 'edge_ca = "../var/certs/ca.crt"',
                'edge_name = "contoso.test"')
 
@@ -42,8 +42,9 @@ def conf(tmp_path: Path) -> Path:
     write_dev_certificates(certs, ["contoso.test"])
     write_dev_certificates(certs, [GW], profile="gateway")
     conf = tmp_path / "config" / "edge.example.toml"
-    edit(conf, '# tls = "required"', 'tls = "required"')
+    edit(conf, 'tls = "off"', 'tls = "required"')
     edit(conf, '# client_ca = "../var/certs/ca.crt"', 'client_ca = "../var/certs/ca.crt"')
+    edit(conf, "tls = false", "tls = true")
     for line in GATEWAY_TLS:
         edit(conf, f"# {line}", line)
     return conf
@@ -90,6 +91,7 @@ def test_non_loopback_listener_defaults_to_tls_and_needs_client_ca(conf: Path) -
 def test_loopback_listener_defaults_to_plaintext(conf: Path) -> None:
     edit(conf, 'tls = "required"', "")
     edit(conf, 'client_ca = "../var/certs/ca.crt"', "")
+    edit(conf, "tls = true", "tls = false")
     for line in GATEWAY_TLS:
         edit(conf, line, f"# {line}")
     checked = check_file(conf, gateway_host=True)
@@ -145,7 +147,7 @@ def test_missing_edge_ca_is_an_error(conf: Path) -> None:
 
 
 def test_tls_on_one_end_only_is_an_error(conf: Path) -> None:
-    for line in GATEWAY_TLS[1:]:
+    for line in GATEWAY_TLS:
         edit(conf, line, f"# {line}")
     edit(conf, "tls = true", "tls = false")
     found = problems(conf, gateway_host=False)

@@ -25,7 +25,7 @@ import pytest
 
 from edgeproxy.component import handshake_digest
 from edgeproxy.devcerts import EKU_CLIENT, EKU_SERVER, CertificateAuthority, Issued
-from edgeproxy.tls import TlsSession
+from edgeproxy.tls import TLS1_2, TlsContexts, TlsSession
 from edgeproxy.xmlstream import NS_COMPONENT, Element
 from gateway.component import Gateway
 from gateway.config import GatewayConfig, gateway_config_from_mapping
@@ -61,12 +61,13 @@ def link_settings(h: Harness) -> dict[str, Any]:
                           "tls": "required", "client_ca": str(client_ca)}}
 
 
-async def tls_component(h: Harness, issued: Issued | None) -> Peer:
+async def tls_component(h: Harness, issued: Issued | None,
+                        contexts: TlsContexts | None = None) -> Peer:
     """A raw gateway: TLS from the first byte with `issued` as client certificate (None: no
     certificate), until our side of the handshake is done (TLS 1.3: the edge judges our
     certificate after that, so a refusal arrives as an alert on the next read)."""
     p = await h.peer(COMPONENT_PORT)
-    p.tls = TlsSession.client(client_contexts(h.tmp, issued), CONTOSO, CONTOSO)
+    p.tls = TlsSession.client(contexts or client_contexts(h.tmp, issued), CONTOSO, CONTOSO)
     p.writer.write(p.tls.data_to_send())
     deadline = asyncio.get_running_loop().time() + 10
     while not p.tls.handshake_complete and not p.eof:
@@ -134,6 +135,17 @@ async def test_link_over_mutual_tls_carries_acked_stanzas_and_resumes(h: Harness
         await wait_for(lambda: edge.router.relay.held == 0)
         assert edge.router.relay.delivered == 5  # m0-m3 acknowledged, o1 written to fabrikam
     assert refusals(caplog) == []
+
+
+async def test_tls_1_2_gateway_is_accepted(h: Harness) -> None:
+    """TLS 1.2 or newer: a gateway capped at TLS 1.2 completes the XEP-0114 handshake."""
+    crt, key = write_cert(h.tmp, "gateway12", LINK_CA.issue(GATEWAY_HOST, eku=EKU_CLIENT))
+    async with h.edge_running(**link_settings(h)) as edge:
+        p = await tls_component(h, None, TlsContexts(None, (Path(crt), Path(key)),
+                                                      max_version=TLS1_2))
+        await handshaken(p)
+        assert p.tls is not None and p.tls.version == "TLSv1.2"
+        await wait_for(lambda: CONTOSO in edge.router.components)
 
 
 async def test_gateway_without_client_certificate_is_refused(h: Harness, caplog: Any) -> None:
