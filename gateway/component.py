@@ -360,6 +360,7 @@ class Gateway(ComponentXMPP):
         set_tcp_user_timeout(transport, LINK_TIMEOUT)
 
     def _on_disconnected(self, reason: Any) -> None:
+        was_up = self.link_up
         self.link_up = self.sm_active = self._counting = False
         self.ack_requested = None
         for lost in self.link_lost:  # their answers cannot come any more
@@ -368,8 +369,10 @@ class Gateway(ComponentXMPP):
         if self.closing:
             log.info("component link to the edge closed (the gateway is stopping)")
             return
-        if isinstance(reason, ssl.SSLError):  # the edge refused our client certificate
-            reason, self._refused, self.backoff = describe_failure(reason), True, self.max_backoff
+        if isinstance(reason, ssl.SSLError):
+            if not was_up and not isinstance(reason, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+                self._refused, self.backoff = True, self.max_backoff  # a TLS alert: refused
+            reason = describe_failure(reason)
         # a refusal (wrong secret, another gateway) waits the longest backoff; anything else
         # is retried at once: the edge is usually back within a second (a restart)
         delay = self.backoff if self._refused else self.min_backoff
