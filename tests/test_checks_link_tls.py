@@ -224,3 +224,12 @@ def test_certs_request_gateway_profile_asks_for_client_auth_only(conf: Path, tmp
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [GW]
+
+
+def test_gateway_key_of_another_certificate_is_an_error(conf: Path) -> None:
+    certs = conf.parent.parent / "var" / "certs"
+    (certs / f"{GW}.key").write_bytes((certs / "contoso.test.key").read_bytes())
+    found = problems(conf)
+    assert any(p.startswith("[gateway] certificate / private_key: ")
+               and "the private key is not the key of the certificate" in p
+               for p in found), found
