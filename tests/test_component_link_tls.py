@@ -364,3 +364,18 @@ async def test_real_gateway_whose_certificate_the_edge_refuses_says_so_and_backs
             assert gw.backoff == gw.max_backoff and not gw.link_up
             assert any("does not chain to client_ca" in m for m in refusals(caplog))
             assert CONTOSO not in edge.router.components
+
+
+async def test_client_ca_may_be_the_intermediate_that_issued_the_gateway(h: Harness) -> None:
+    """client_ca holds only the issuing intermediate (not its root): the link is accepted
+    (OpenSSL's partial-chain trust), and a certificate from another intermediate is not."""
+    assert LINK_CA.intermediate is not None
+    only = h.tmp / "intermediate-only.crt"
+    h.tmp.mkdir(parents=True, exist_ok=True)
+    only.write_bytes(LINK_CA.intermediate.cert_pem(with_chain=False))
+    settings = link_settings(h)
+    settings["component"]["client_ca"] = str(only)
+    async with h.edge_running(**settings) as edge:
+        await handshaken(await tls_component(h, LINK_CA.issue(GATEWAY_HOST, eku=EKU_CLIENT)))
+        await wait_for(lambda: CONTOSO in edge.router.components)
+        await refused(await tls_component(h, STRANGER_CA.issue(GATEWAY_HOST, eku=EKU_CLIENT)))
