@@ -113,19 +113,20 @@ def request_names(domains: Sequence[str], extra: Sequence[str] = (), *, srv_ids:
 
 def make_request(key: PrivateKey, domains: Sequence[str], subject: Subject,
                  extra: Sequence[str] = (), *, srv_ids: bool = False,
-                 xmpp_addrs: bool = False) -> x509.CertificateSigningRequest:
+                 xmpp_addrs: bool = False, profile: str = "edge") -> x509.CertificateSigningRequest:
     if not domains:
         raise CertificateStepError("no local domain: set [edge] domains in the configuration")
     names = request_names(domains, extra, srv_ids=srv_ids, xmpp_addrs=xmpp_addrs)
     # The edge presents this certificate as a TLS server AND as a TLS client certificate (the
     # connecting side of S2S), so both purposes are asked for; a CA may grant only serverAuth,
-    # which the edge and Prosody accept (TLS.md section 2).
+    # which the edge and Prosody accept (TLS.md section 2). The gateway ("gateway" profile) is
+    # only ever the client of the component link's mutual TLS: clientAuth alone.
+    eku = [ExtendedKeyUsageOID.CLIENT_AUTH] if profile == "gateway" else [
+        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     return (x509.CertificateSigningRequestBuilder()
             .subject_name(subject.name(normalize_domain(domains[0])))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
             .sign(key, hashes.SHA256()))
 
 
@@ -148,11 +149,12 @@ def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
 
 
 def write_request(out: Path, key_type: str, domains: Sequence[str], subject: Subject,
-                  extra: Sequence[str] = (), *, srv_ids: bool = False,
-                  xmpp_addrs: bool = False) -> tuple[Path, Path, x509.CertificateSigningRequest]:
+                  extra: Sequence[str] = (), *, srv_ids: bool = False, xmpp_addrs: bool = False,
+                  profile: str = "edge") -> tuple[Path, Path, x509.CertificateSigningRequest]:
     """New key (mode 0600) and CSR in `out`, named after the first domain. Never overwrites."""
     key = new_private_key(key_type)
-    csr = make_request(key, domains, subject, extra, srv_ids=srv_ids, xmpp_addrs=xmpp_addrs)
+    csr = make_request(key, domains, subject, extra, srv_ids=srv_ids, xmpp_addrs=xmpp_addrs,
+                       profile=profile)
     base = normalize_domain(domains[0])
     key_path, csr_path = out / f"{base}.key", out / f"{base}.csr"
     existing = [str(p) for p in (key_path, csr_path) if p.exists()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def _check_gateway(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
             warnings.append(f"[gateway] component: {gw.component_host}:{gw.component_port} is "
                             f"not the [edge.component] listen address {comp.listen} (fine only "
                             "if it reaches the edge another way)")
+    _check_link_tls(edge, gw, problems, gateway_host)
     if not _loopback(gw.api_host) and not gw.admin_token:
         problems.append(f"[gateway] api_listen: {gw.api_host}:{gw.api_port} is not a loopback "
                         "address: set admin_token, or listen on 127.0.0.1")
@@ -192,6 +194,74 @@ def _check_gateway(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
         elif not os.access(where, os.W_OK | os.X_OK):
             problems.append(f"[gateway] database: cannot create {gw.database}: {where} is not "
                             "writable")
+
+
+def _check_link_tls(edge: EdgeConfig, gw: GatewayConfig, problems: list[str],
+                    gateway_host: bool) -> None:
+    """Both ends of the component link's mutual TLS (docs/security.md). Where the gateway runs
+    (check-config) its files are read, and when the edge's are there too, the link's TLS
+    handshake is rehearsed in memory with the very contexts both daemons would build."""
+    from gateway.linktls import LinkTlsError, client_ssl_context
+
+    comp = edge.component
+    if comp is not None and comp.mutual_tls != gw.tls:
+        what = "TLS on a plaintext listener" if gw.tls else "plaintext on its TLS listener"
+        problems.append(f"[gateway] tls: {'true' if gw.tls else 'false'}, but [edge.component] "
+                        f"tls = \"{comp.tls}\": the edge would refuse the gateway ({what})")
+        return
+    if not gateway_host or not gw.tls:
+        return
+    try:
+        ctx = client_ssl_context(gw)
+    except LinkTlsError as exc:
+        problems.append(str(exc))
+        return
+    if ctx is None or comp is None or not comp.mutual_tls or edge.certificate is None \
+            or edge.private_key is None or comp.client_ca is None:
+        return
+    problem = _rehearse_link(ctx, gw.edge_server_name, edge.certificate, edge.private_key,
+                             comp.client_ca)
+    if problem:
+        problems.append(problem)
+
+
+def _rehearse_link(ctx: ssl.SSLContext, name: str, certificate: Path, private_key: Path,
+                   client_ca: Path) -> str | None:
+    """The link's handshake in memory: the gateway's ssl client against the edge's listener
+    context (edgeproxy.linktls). None when both sides accept, else which side refuses what."""
+    from gateway.linktls import describe_failure
+
+    from .linktls import LinkTls
+    from .tls import TlsError
+
+    try:
+        server = LinkTls(certificate, private_key, client_ca).session()
+    except ValueError as exc:
+        return f"[edge.component] client_ca: {exc}"
+    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(to_client, to_server, server_hostname=name)
+    client_done = False
+    for _ in range(8):  # a TLS 1.2 / 1.3 handshake takes two or three flights
+        if not client_done:
+            try:
+                client.do_handshake()
+                client_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                return f"[gateway] edge_ca / edge_name: the gateway would refuse the edge " \
+                       f"({name}): {describe_failure(exc)}"
+        data = to_server.read()
+        try:
+            if data:  # b"" would mean TCP EOF to TlsSession
+                server.receive_data(data)
+        except TlsError as exc:
+            return f"[edge.component] client_ca: the edge would refuse the gateway's " \
+                   f"certificate: {exc.reason}"
+        to_client.write(server.data_to_send())
+        if client_done and server.handshake_complete:
+            return None
+    return "[gateway] tls: the link's TLS handshake did not complete in memory (a bug: report it)"
 
 
 def _check_example_secrets(raw: Mapping[str, Any], warnings: list[str]) -> None:

@@ -49,10 +49,27 @@ class ListenAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+LINK_TLS_MODES = ("required", "off")
+
+
 @dataclass(frozen=True, slots=True)
 class ComponentSettings:
+    """[edge.component]: the gateway's XEP-0114 link (docs/security.md, "The component link").
+
+    tls = "required": TLS from the first byte (like XEP-0368), TLS 1.2+, the edge's own
+    certificate, and a client certificate that chains to `client_ca`; the XEP-0114 secret is
+    checked inside it as a second factor (Lync's 23456/MTLS hop, SPEC 1.2). "off" is plain
+    XEP-0114, allowed on a loopback address only. Default: "off" on loopback, else "required".
+    """
+
     listen: ListenAddress
     secret: str
+    tls: str = "off"
+    client_ca: Path | None = None
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.tls == "required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +225,7 @@ def _path(base: Path, value: str) -> Path:
 
 
 def _check_pem(path: Path, what: str, key: str, problems: list[str],
-               domains: list[str] | None = None) -> None:
+               domains: list[str] | None = None, section: str = "edge") -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -216,10 +233,10 @@ def _check_pem(path: Path, what: str, key: str, problems: list[str],
         data = path.read_bytes()
     except OSError as exc:
         hint = ""
-        if isinstance(exc, FileNotFoundError):  # say how to make one for a test setup
+        if isinstance(exc, FileNotFoundError) and section == "edge":  # how to make one (tests)
             hint = (" (for a test setup make it with: edgeproxy dev-certs --out "
                     f"{path.parent} {' '.join(domains or ['DOMAIN'])})")
-        problems.append(f"[edge] {key}: cannot read {what} {path}: {exc.strerror}{hint}")
+        problems.append(f"[{section}] {key}: cannot read {what} {path}: {exc.strerror}{hint}")
         return
     try:
         if what == "private key":
@@ -227,7 +244,7 @@ def _check_pem(path: Path, what: str, key: str, problems: list[str],
         elif not x509.load_pem_x509_certificates(data):
             raise ValueError("no certificate")
     except (ValueError, TypeError) as exc:
-        problems.append(f"[edge] {key}: {path} is not a PEM {what} ({exc})")
+        problems.append(f"[{section}] {key}: {path} is not a PEM {what} ({exc})")
 
 
 def load_raw(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -389,8 +406,9 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
             csecret = cr.string("secret")
             if not csecret:
                 cr.problem("secret", "is required: the shared secret of the gateway component")
+            ctls, client_ca = _component_tls(cr, comp_t, clisten, base, certificate)
             cr.unknown_keys()
-            component = ComponentSettings(clisten, csecret)
+            component = ComponentSettings(clisten, csecret, ctls, client_ca)
     admin = _admin_settings(edge_t.get("admin"), problems, warnings)
     e.unknown_keys({"component", "admin"})
 
@@ -460,6 +478,49 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         admin=admin, revocation=revocation, revocation_timeout=revocation_timeout,
         ocsp_staple_file=staple_file, ocsp_staple_fetch=staple == "auto",
     )
+
+
+def _component_tls(cr: _Reader, table: Mapping[str, Any], listen: ListenAddress, base: Path,
+                   certificate: Path | None) -> tuple[str, Path | None]:
+    """[edge.component] tls / client_ca. Plaintext only on loopback: off the machine the
+    XEP-0114 handshake (SHA-1 of stream id + secret) and every stanza would cross the network
+    in the clear (Lync protects this hop with mutual TLS, SPEC 1.2)."""
+    loopback = _is_loopback(listen.host)
+    default = "off" if loopback else "required"
+    tls = cr.string("tls", default).lower()
+    if tls not in LINK_TLS_MODES:
+        cr.problem("tls", f"must be \"required\" or \"off\" (got {tls!r})")
+        tls = default
+    ca_s = cr.string("client_ca")
+    client_ca = _path(base, ca_s) if ca_s else None
+    if tls == "off":
+        if not loopback:
+            cr.problem("tls", f"\"off\" on {listen}, which is not a loopback address: the "
+                       "gateway link would cross the network in plaintext, guarded only by the "
+                       "shared secret; set tls = \"required\" with client_ca (docs/security.md), "
+                       "or listen on 127.0.0.1")
+        if client_ca is not None:
+            cr.problem("client_ca", "is set but tls = \"off\": no client certificate is asked "
+                       "for; set tls = \"required\" or remove client_ca")
+        return tls, None
+    why = "" if "tls" in table else f" (tls is \"required\" by default on {listen}, not loopback)"
+    if client_ca is None:
+        cr.problem("client_ca", "is required with tls = \"required\": the CA file the gateway's "
+                   "client certificate must chain to (make one: edgeproxy certs dev --profile "
+                   f"gateway --out DIR GATEWAY-HOST){why}")
+    else:
+        _check_pem(client_ca, "certificate", "client_ca", cr.problems, section="edge.component")
+    if certificate is None:
+        cr.problem("tls", "\"required\" serves the edge's own certificate: set [edge] "
+                   f"certificate and private_key{why}")
+    return tls, client_ca
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _admin_settings(table: object, problems: list[str],

@@ -24,6 +24,9 @@ OID_SRV_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.7")  # id-on-dnsSRV, RFC 4985
 EKU_SERVER = (ExtendedKeyUsageOID.SERVER_AUTH,)
 EKU_CLIENT = (ExtendedKeyUsageOID.CLIENT_AUTH,)
 EKU_BOTH = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+# `certs dev --profile`: the edge presents its certificate as server and as client (S2S); the
+# gateway only as a TLS client, on the component link (docs/security.md)
+PROFILES = {"edge": EKU_BOTH, "gateway": EKU_CLIENT}
 
 
 def _der_string(tag: int, value: str) -> bytes:
@@ -197,15 +200,20 @@ def load_dev_ca(out: Path) -> CertificateAuthority | None:
     return CertificateAuthority.from_root(Issued(cert, private))
 
 
-def write_dev_certificates(out: Path, domains: list[str], *, force: bool = False) -> list[Path]:
+def write_dev_certificates(out: Path, domains: list[str], *, force: bool = False,
+                           profile: str = "edge") -> list[Path]:
     """A development CA (kept in `out` with its key, reused on later calls) and one certificate
-    per domain: ca.crt, ca.key, <domain>.crt (leaf + chain), <domain>.key.
+    per domain: ca.crt, ca.key, <domain>.crt (leaf + chain), <domain>.key. `profile` "edge":
+    serverAuth + clientAuth; "gateway": clientAuth only, the gateway's certificate for the
+    component link (the edge's [edge.component] client_ca is then this ca.crt).
 
     Domain names are validated (A-labels, RFC 5890) before anything is written; an existing
     certificate is never overwritten without `force`, and `force` is also what replaces the CA.
     """
     from .partners import normalize_domain
 
+    if profile not in PROFILES:
+        raise DevCertificateError(f"unknown profile {profile!r} (choose {', '.join(PROFILES)})")
     names = []
     for d in domains:
         try:
@@ -229,7 +237,7 @@ def write_dev_certificates(out: Path, domains: list[str], *, force: bool = False
         _write_private(out / DEV_CA_KEY, ca.root.key_pem())
         written += [out / DEV_CA_CERT, out / DEV_CA_KEY]
     for n in names:
-        issued = ca.issue(n)
+        issued = ca.issue(n, eku=PROFILES[profile])
         (out / f"{n}.crt").write_bytes(issued.cert_pem())
         _write_private(out / f"{n}.key", issued.key_pem())
         written += [out / f"{n}.crt", out / f"{n}.key"]

@@ -86,6 +86,8 @@ def restart_only_changes(old: EdgeConfig, new: EdgeConfig) -> list[str]:
             out.append(f"[edge] {name}")
     if (old.component and old.component.listen) != (new.component and new.component.listen):
         out.append("[edge.component] listen")
+    if (old.component and old.component.tls) != (new.component and new.component.tls):
+        out.append("[edge.component] tls")  # the listener's protocol; client_ca is live
     old_admin, new_admin = getattr(old, "admin", None), getattr(new, "admin", None)
     if (old_admin and old_admin.listen) != (new_admin and new_admin.listen):
         out.append("[edge.admin] listen")  # its credentials are read live by the listener

@@ -34,6 +34,7 @@ from .dns import DnsError, S2sResolver
 from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
 from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
+from .linktls import LinkTls, peer_description
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner, Trust
@@ -690,7 +691,8 @@ class ComponentConnection(StreamConnection):
             case LinkControl(name, attrs):
                 self._link_control(name, attrs)
             case ComponentAuthenticated(domain):
-                log.info("component for %s connected from %s", domain, self.peer)
+                log.info("component for %s connected from %s%s", domain, self.peer,
+                         f" over {peer_description(self.tls)}" if self.tls else "")
                 # XEP-0198 comes right after the handshake, or never (plain XEP-0114). A grace
                 # on the wire, not a protocol timer: real time, whatever the edge's clock says.
                 self._plain_timer = asyncio.get_running_loop().call_later(SM_GRACE, self._plain)
@@ -815,8 +817,9 @@ class OutboundConnection(StreamConnection):
             self.run(self.machine.start())
 
     def make_tls(self, alpn: bool = False) -> TlsSession:
-        assert self.edge.tls_contexts is not None
-        return TlsSession.client(self.edge.tls_contexts, self.session.local, self.session.remote,
+        # An edge without a certificate still takes a partner's STARTTLS, as a client without
+        # one (RFC 6120 5.4.3.3: the client certificate is optional; dialback authenticates).
+        return TlsSession.client(self.edge.client_tls, self.session.local, self.session.remote,
                                  alpn=alpn)
 
     def is_authenticated(self) -> bool:
@@ -1176,6 +1179,8 @@ class Edge:
         self.local_domains = frozenset(cfg.domains)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)
+        self.client_tls = self.tls_contexts or TlsContexts(None, None)  # outbound, no certificate
+        self.link_tls = _link_tls(cfg)  # [edge.component] tls = "required"
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.s2s_ctx = S2sContext(self.local_domains, cfg.partners,
                                   DialbackKeys(cfg.dialback_secret), self.tls_contexts is not None,
@@ -1267,8 +1272,13 @@ class Edge:
             keep["dialback_secret"] = old.dialback_secret  # random per start, not per reload
         if old.component is None or new.component is None:
             keep["component"] = old.component
-        elif old.component.listen != new.component.listen:
-            keep["component"] = ComponentSettings(old.component.listen, new.component.secret)
+        elif (old.component.listen, old.component.tls) != (new.component.listen,
+                                                           new.component.tls):
+            # the listener speaks TLS from the first byte, or never: its socket's, for good
+            keep["component"] = ComponentSettings(
+                old.component.listen, new.component.secret, old.component.tls,
+                (new.component.client_ca or old.component.client_ca)
+                if old.component.mutual_tls else None)
         new = replace(new, **keep)  # type: ignore[arg-type]
         diff = diff_partners(old.partners, new.partners)
         changes = diff.describe()
@@ -1279,6 +1289,12 @@ class Edge:
         stamp = _tls_stamp(new)
         if stamp != self._tls_stamp:  # new paths, or renewed in place (then SIGHUP)
             changes.append("certificate and key changed")
+        # the component link's next handshake: the new certificate and client_ca (read again,
+        # also when renewed in place); open links keep the session they verified
+        link_tls = _link_tls(new)
+        if new.component and old.component and new.component.mutual_tls and \
+                new.component.client_ca != old.component.client_ca:
+            changes.append("[edge.component] client_ca changed: checked from the next link")
         if new.dns != old.dns and self._own_resolver:
             self.resolver = S2sResolver(new.dns.nameservers, new.dns.timeout)
             changes.append("DNS settings changed")
@@ -1292,6 +1308,7 @@ class Edge:
 
         self.cfg = new
         self.tls_contexts, self.trust, self._tls_stamp = tls, trust, stamp
+        self.client_tls, self.link_tls = tls or TlsContexts(None, None), link_tls
         ctx = self.s2s_ctx
         ctx.partners, ctx.has_certificate = new.partners, tls is not None
         timeouts = Timeouts(new.stream_establishment_timeout, new.stream_inactivity_timeout,
@@ -1413,8 +1430,10 @@ class Edge:
         if cfg.component is not None:
             addr = cfg.component.listen
             self.servers.append(await loop.create_server(
-                lambda: ComponentConnection(self), addr.host, addr.port, reuse_address=True))
-            log.info("listening for the gateway component (XEP-0114) on %s", addr)
+                self._component_connection, addr.host, addr.port, reuse_address=True))
+            log.info("listening for the gateway component (XEP-0114) on %s%s", addr,
+                     f", mutual TLS (client_ca {cfg.component.client_ca})"
+                     if self.link_tls is not None else ", plaintext (loopback)")
         if cfg.admin is not None:
             self.admin = AdminListener(self)
             await self.admin.start()
@@ -1434,6 +1453,12 @@ class Edge:
     def _publish_staple(self, der: bytes) -> None:
         if self.tls_contexts is not None and self.cfg.certificate is not None:
             self.tls_contexts.staples[self.cfg.certificate] = der
+
+    def _component_connection(self) -> ComponentConnection:
+        conn = ComponentConnection(self)
+        if self.link_tls is not None:  # TLS from the first byte (like XEP-0368)
+            conn.stream.start_tls_now(self.link_tls.session())
+        return conn
 
     def _watch_certificate(self) -> None:
         """The expiry warning (30 / 7 days, expired): checked hourly, logged at most daily."""
@@ -1492,6 +1517,15 @@ class Edge:
         await self.revocation.close()
         for s in self.servers:
             await s.wait_closed()
+
+
+def _link_tls(cfg: EdgeConfig) -> LinkTls | None:
+    comp = cfg.component
+    if comp is None or not comp.mutual_tls:
+        return None
+    # config.py refuses tls = "required" without these
+    assert cfg.certificate and cfg.private_key and comp.client_ca
+    return LinkTls(cfg.certificate, cfg.private_key, comp.client_ca)
 
 
 def _tls_stamp(cfg: EdgeConfig) -> bytes:

@@ -86,12 +86,18 @@ def _certs_dev(args: argparse.Namespace) -> int:
     from .devcerts import DevCertificateError, write_dev_certificates
 
     try:
-        written = write_dev_certificates(Path(args.out), args.domains, force=args.force)
+        written = write_dev_certificates(Path(args.out), args.domains, force=args.force,
+                                         profile=args.profile)
     except DevCertificateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for path in written:
         print(path)
+    if args.profile == "gateway":  # where the files go (docs/security.md)
+        out, name = Path(args.out), args.domains[0]
+        print(f"# the component link: [edge.component] client_ca = \"{out / 'ca.crt'}\"; "
+              f"[gateway] tls = true, certificate = \"{out / (name + '.crt')}\", "
+              f"private_key = \"{out / (name + '.key')}\"", file=sys.stderr)
     return 0
 
 
@@ -103,10 +109,13 @@ def _certs_request(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _errors(exc)
     subject = Subject(args.organization, args.unit, args.locality, args.state, args.country)
+    names = list(cfg.domains)
+    if args.profile == "gateway":  # the gateway's host, not the XMPP domains
+        names = [args.name or f"gateway.{cfg.domains[0]}"]
     try:
         key_path, csr_path, csr = write_request(
-            Path(args.out), args.key_type, cfg.domains, subject, args.extra_san,
-            srv_ids=args.srv_id, xmpp_addrs=args.xmpp_addr)
+            Path(args.out), args.key_type, names, subject, args.extra_san,
+            srv_ids=args.srv_id, xmpp_addrs=args.xmpp_addr, profile=args.profile)
     except CertificateStepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -118,9 +127,15 @@ def _certs_request(args: argparse.Namespace) -> int:
     print(f"request:     {csr_path}")
     print(f"subject:     {csr.subject.rfc4514_string()}")
     print(f"names:       {', '.join(request_names_text(csr))}")
-    print("Send this request to your certificate authority; when the certificate comes back:")
-    print(f"  edgeproxy certs install -c {args.config} CERT.pem --chain CHAIN.pem "
-          f"--key {key_path}")
+    if args.profile == "gateway":
+        print("Send this request to the CA of the component link (its certificate is the edge's "
+              "[edge.component] client_ca); put the certificate where [gateway] certificate "
+              f"points, and {key_path} where [gateway] private_key points.")
+    else:
+        print("Send this request to your certificate authority; when the certificate comes "
+              "back:")
+        print(f"  edgeproxy certs install -c {args.config} CERT.pem --chain CHAIN.pem "
+              f"--key {key_path}")
     print(csr.public_bytes(serialization.Encoding.PEM).decode(), end="")
     return 0
 
@@ -345,6 +360,12 @@ def add_commands(sub: Any) -> None:
                    help="also ask for SRV-IDs _xmpp-server.<domain> (RFC 4985)")
     p.add_argument("--xmpp-addr", action="store_true", help="also ask for XmppAddr identities")
     p.add_argument("--out", required=True, help="directory for <domain>.key and <domain>.csr")
+    p.add_argument("--profile", choices=("edge", "gateway"), default="edge",
+                   help="edge: the edge's certificate (serverAuth + clientAuth, every local "
+                        "domain); gateway: the gateway's client certificate for the component "
+                        "link (clientAuth only, --name)")
+    p.add_argument("--name", help="gateway profile: the gateway's host name "
+                                  "(default gateway.<first local domain>)")
     p.set_defaults(func=_certs_request)
 
     p = csub.add_parser("install", help="check a certificate from the CA and put it in place")
@@ -386,5 +407,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--out", default="var/certs")
         p.add_argument("--force", action="store_true",
                        help="replace existing certificates (and make a new CA)")
-        p.add_argument("domains", nargs="+")
+        p.add_argument("--profile", choices=("edge", "gateway"), default="edge",
+                       help="edge: serverAuth + clientAuth (S2S); gateway: clientAuth only, the "
+                            "gateway's certificate for the component link's mutual TLS")
+        p.add_argument("domains", nargs="+", metavar="NAME",
+                       help="local domains (edge), or the gateway's host name (gateway)")
         p.set_defaults(func=_certs_dev)

@@ -19,6 +19,7 @@ from edgeproxy.logs import setup_logging
 
 from .access import add_federation_commands, add_federation_routes, run_federation_command
 from .config import GatewayConfig, load_gateway_config
+from .linktls import LinkTlsError
 from .store import SqliteStore, StoreError
 
 log = logging.getLogger("gateway")
@@ -31,11 +32,13 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     from . import observability
     from .api import make_app
     from .component import Gateway
+    from .linktls import client_ssl_context, server_name
     from .live import GatewayReload, SubscriptionRefresh
 
+    ssl_context = client_ssl_context(cfg)  # LinkTlsError: before anything is opened
     store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
-                      cfg.partners)
+                      cfg.partners, ssl_context=ssl_context, server_name=server_name(cfg))
     gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
     refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
     live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
@@ -46,8 +49,10 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
-    log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s", cfg.domain,
-             cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port)
+    log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s%s", cfg.domain,
+             cfg.api_host, cfg.api_port, cfg.component_host, cfg.component_port,
+             f" (mutual TLS, the edge's certificate checked for {server_name(cfg)})"
+             if ssl_context else " (plaintext, loopback)")
     gateway.connect()
     sdnotify.notify("READY=1", f"STATUS=API on {cfg.api_host}:{cfg.api_port}")
     refresh.start()
@@ -79,7 +84,7 @@ def _run(cfg: GatewayConfig, path: Path) -> int:
 
     try:
         asyncio.run(main())
-    except StoreError as exc:
+    except (StoreError, LinkTlsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from edgeproxy.xmlstream import error_condition
 
 from . import rules
 from .link import DEFAULT_OUTBOX_LIMIT, Outbound
+from .linktls import describe_failure
 from .live import log_message
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
 from .store import Contact, InboxFull, Store, StoredEvent, StoreError
@@ -163,8 +165,13 @@ class Gateway(ComponentXMPP):
     def __init__(self, domain: str, secret: str, host: str, port: int, store: Store,
                  partners: PartnerTable, *, queue_limit: int = DEFAULT_OUTBOX_LIMIT,
                  min_backoff: float = 0.25, max_backoff: float = 10.0,
-                 outbound: Outbound | None = None):
+                 outbound: Outbound | None = None, ssl_context: ssl.SSLContext | None = None,
+                 server_name: str | None = None):
         super().__init__(domain, secret, host, port)
+        if ssl_context is not None:  # gateway/linktls.py: TLS from the first byte, no plaintext
+            self.ssl_context, self.default_domain = ssl_context, server_name or host
+            self.enable_plaintext, self.enable_direct_tls = False, True
+            self.tls_services = {"edge-component-tls"}
         self.domain = domain
         self.store = store
         self.partners = partners
@@ -353,6 +360,7 @@ class Gateway(ComponentXMPP):
         set_tcp_user_timeout(transport, LINK_TIMEOUT)
 
     def _on_disconnected(self, reason: Any) -> None:
+        was_up = self.link_up
         self.link_up = self.sm_active = self._counting = False
         self.ack_requested = None
         for lost in self.link_lost:  # their answers cannot come any more
@@ -361,6 +369,10 @@ class Gateway(ComponentXMPP):
         if self.closing:
             log.info("component link to the edge closed (the gateway is stopping)")
             return
+        if isinstance(reason, ssl.SSLError):
+            if not was_up and not isinstance(reason, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+                self._refused, self.backoff = True, self.max_backoff  # a TLS alert: refused
+            reason = describe_failure(reason)
         # a refusal (wrong secret, another gateway) waits the longest backoff; anything else
         # is retried at once: the edge is usually back within a second (a restart)
         delay = self.backoff if self._refused else self.min_backoff
@@ -393,7 +405,8 @@ class Gateway(ComponentXMPP):
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
         log.warning("cannot reach the edge's component port %s:%s (%s); retrying in %.2f s",
-                    self.server_host, self.server_port, error, delay)
+                    self.server_host, self.server_port,
+                    describe_failure(error) if isinstance(error, ssl.SSLError) else error, delay)
         self.loop.call_later(delay, self._reconnect)
 
     def _reconnect(self) -> None:

@@ -6,6 +6,7 @@ One clear error line per problem (ConfigError, as the edge does). The partner ta
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .store import InboxLimits
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
           "offline_messages", "offline_bytes", "subscription_refresh_interval",
-          "federation_denied"}
+          "federation_denied", "tls", "certificate", "private_key", "edge_ca", "edge_name"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
@@ -47,6 +48,19 @@ class GatewayConfig:
     log: LogSettings = LogSettings()
     # Lync External Access Policy with EnableXmppAccess off: local users who may not federate
     federation_denied: frozenset[str] = frozenset()
+    # The component link's mutual TLS (gateway/linktls.py, docs/security.md): TLS from the
+    # first byte with our client certificate; the edge's certificate is checked against
+    # edge_ca (None: the system's CAs) for edge_name (default: the host of `component`).
+    tls: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    edge_ca: Path | None = None
+    edge_name: str = ""
+
+    @property
+    def edge_server_name(self) -> str:
+        """The name the edge's certificate must carry (RFC 6125 DNS-ID, or an IP address)."""
+        return self.edge_name or self.component_host
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -82,6 +96,8 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
             return "127.0.0.1", port
 
     comp_host, comp_port = address("component", "127.0.0.1:5347", 5347)
+    tls, certificate, private_key, edge_ca, edge_name = _link_tls(section, comp_host,
+                                                                  comp_port, base, problems)
     api_host, api_port = address("api_listen", "127.0.0.1:8080", 8080)
     secret = string("secret", True)
     database = string("database", False, "gateway.sqlite3")
@@ -126,8 +142,67 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
         admin_token=admin_token, partners=partners, inbox=inbox,
         subscription_refresh_interval=float(refresh), log=log,
-        federation_denied=frozenset(u.lower() for u in denied),
+        federation_denied=frozenset(u.lower() for u in denied), tls=tls,
+        certificate=certificate, private_key=private_key, edge_ca=edge_ca, edge_name=edge_name,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _link_tls(section: Mapping[str, Any], host: str, port: int, base: Path,
+              problems: list[str]) -> tuple[bool, Path | None, Path | None, Path | None, str]:
+    """[gateway] tls, certificate, private_key, edge_ca, edge_name. Like [edge.component]
+    tls: plaintext only to a loopback address (the secret and every stanza would cross the
+    network in the clear otherwise). The files are read where the gateway runs (check-config,
+    gateway run), not here: the edge reads this section too, on another host perhaps."""
+    loopback = _is_loopback(host)
+    tls = section.get("tls", not loopback)
+    if not isinstance(tls, bool):
+        problems.append(f"[gateway] tls: must be true or false (got {tls!r})")
+        tls = not loopback
+    paths: dict[str, Path | None] = {}
+    for key in ("certificate", "private_key", "edge_ca"):
+        value = section.get(key, "")
+        if not isinstance(value, str):
+            problems.append(f"[gateway] {key}: must be a file name (got {value!r})")
+            value = ""
+        p = Path(value).expanduser() if value else None
+        paths[key] = p if p is None or p.is_absolute() else base / p
+    edge_name = section.get("edge_name", "")
+    if not isinstance(edge_name, str):
+        problems.append(f"[gateway] edge_name: must be a host name (got {edge_name!r})")
+        edge_name = ""
+    if edge_name:
+        try:
+            edge_name = normalize_domain(edge_name)
+        except ValueError as exc:
+            problems.append(f"[gateway] edge_name: {exc}")
+    where = f"{host}:{port}"
+    if not tls:
+        if not loopback:
+            problems.append(f"[gateway] tls: false toward {where}, which is not a loopback "
+                            "address: the link would cross the network in plaintext, guarded "
+                            "only by the shared secret; set tls = true with certificate and "
+                            "private_key (docs/security.md), or run beside the edge on 127.0.0.1")
+        for key, p in paths.items():
+            if p is not None:
+                problems.append(f"[gateway] {key}: is set but tls = false; set tls = true or "
+                                f"remove {key}")
+        if edge_name:
+            problems.append("[gateway] edge_name: is set but tls = false")
+        return False, None, None, None, ""
+    why = "" if "tls" in section else f" (tls is on by default toward {where}, not loopback)"
+    for key in ("certificate", "private_key"):
+        if paths[key] is None:
+            problems.append(f"[gateway] {key}: is required with tls = true: the gateway's "
+                            "client certificate for the edge (make it: edgeproxy certs dev "
+                            f"--profile gateway --out DIR GATEWAY-HOST){why}")
+    return True, paths["certificate"], paths["private_key"], paths["edge_ca"], edge_name
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:

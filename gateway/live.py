@@ -33,7 +33,9 @@ log = logging.getLogger("gateway")
 messages_log = logging.getLogger("gateway.messages")
 
 RESTART_ONLY = ("domain", "component_host", "component_port", "secret", "database", "api_host",
-                "api_port", "admin_token")
+                "api_port", "admin_token",
+                # the link's TLS context is built at the start (gateway/linktls.py)
+                "tls", "certificate", "private_key", "edge_ca", "edge_name")
 
 
 def log_message(gateway: Gateway, direction: str, msg: Any) -> None:

@@ -120,6 +120,9 @@ def test_compose_configuration_is_valid(tmp_path):
     subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--out", str(work / "certs"),
                     "contoso.test", "fabrikam.test", "northwind.test"], check=True,
                    capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--profile", "gateway",
+                    "--out", str(work / "certs"), "gateway.contoso.test"], check=True,
+                   capture_output=True, timeout=60)  # the component link's mutual TLS
     check = subprocess.run([sys.executable, "-m", "edgeproxy", "check-config", "-c",
                             str(work / "edge.toml")], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -293,13 +293,17 @@ class Federation:
         # The project's own certificate command makes the CA and every certificate.
         subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--out", str(certs),
                         EDGE, *(d.domain for d in DOMAINS)], check=True, capture_output=True)
+        # the gateway's client certificate for the component link's mutual TLS
+        subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--profile", "gateway",
+                        "--out", str(certs), f"gateway.{EDGE}"], check=True, capture_output=True)
         ca = (certs / "ca.crt").read_bytes()
         for role in ("edge", "prosody", "ejabberd"):
             (self.workdir / role).mkdir(parents=True, exist_ok=True)
             (self.workdir / role / "ca.crt").write_bytes(ca)
         edge = self.workdir / "edge"
-        for suffix in ("crt", "key"):
-            (edge / f"{EDGE}.{suffix}").write_bytes((certs / f"{EDGE}.{suffix}").read_bytes())
+        for name in (EDGE, f"gateway.{EDGE}"):
+            for suffix in ("crt", "key"):
+                (edge / f"{name}.{suffix}").write_bytes((certs / f"{name}.{suffix}").read_bytes())
         (edge / "edge.toml").write_text(self.edge_toml())
         prosody = self.workdir / "prosody"
         for d in DOMAINS:
@@ -341,6 +345,8 @@ stream_establishment_timeout = 20
 [edge.component]
 listen = "0.0.0.0:5347"
 secret = "{COMPONENT_SECRET}"
+tls = "required"
+client_ca = "ca.crt"
 
 [dns]
 nameservers = []
@@ -349,6 +355,11 @@ nameservers = []
 domain = "{EDGE}"
 component = "{self.ip['edge']}:5347"
 secret = "{COMPONENT_SECRET}"
+tls = true
+certificate = "gateway.{EDGE}.crt"
+private_key = "gateway.{EDGE}.key"
+edge_ca = "ca.crt"
+edge_name = "{EDGE}"
 database = "/var/lib/xmpp-edge/gateway.sqlite3"
 api_listen = "0.0.0.0:8080"
 admin_token = "{ADMIN_TOKEN}"
