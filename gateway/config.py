@@ -24,7 +24,7 @@ from .store import InboxLimits
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
           "offline_messages", "offline_bytes", "subscription_refresh_interval",
-          "federation_denied"}
+          "federation_denied", "access_log"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
@@ -47,6 +47,8 @@ class GatewayConfig:
     log: LogSettings = LogSettings()
     # Lync External Access Policy with EnableXmppAccess off: local users who may not federate
     federation_denied: frozenset[str] = frozenset()
+    # aiohttp's access log line for the message endpoints too (off: they are the hot path)
+    access_log: bool = False
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -113,6 +115,11 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         problems.append("[gateway] federation_denied: must be a list of local user names "
                         f"(got {denied!r})")
         denied = []
+    access_log = section.get("access_log", False)
+    if not isinstance(access_log, bool):
+        problems.append("[gateway] access_log: must be true or false (an access log line for "
+                        f"every message request too; got {access_log!r})")
+        access_log = False
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -126,7 +133,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         database=db if db.is_absolute() else base / db, api_host=api_host, api_port=api_port,
         admin_token=admin_token, partners=partners, inbox=inbox,
         subscription_refresh_interval=float(refresh), log=log,
-        federation_denied=frozenset(u.lower() for u in denied),
+        federation_denied=frozenset(u.lower() for u in denied), access_log=access_log,
     )
 
 

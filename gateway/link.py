@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,9 @@ class Outbound:
         self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
         self.sent: Outbox[int] = Outbox(int(state.get("acked_h", "0")))
         self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        # told which rows went out ('sent') and which the edge acknowledged ('accepted'), so
+        # the gateway can tell a sender's open WebSocket (gateway/api.py status events)
+        self.on_state: Callable[[str, list[int]], None] | None = None
 
     def close(self) -> None:
         if self._own:
@@ -111,6 +115,27 @@ class Outbound:
         self.waiting += 1
         return row
 
+    def add_many(self, items: Sequence[tuple[str, str, str, str]]) -> list[int] | None:
+        """Keep several of a user's messages, (stanza, user, msg_id, to) each, in one
+        transaction: all of them or, if the outbox cannot take them all, none (None)."""
+        if self.waiting + len(items) > self.limit:
+            return None
+        now = time.time()
+        rows: list[int] = []
+        with self._db:
+            for item in items:
+                row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
+                                       (item[0], now)).lastrowid
+                assert row is not None
+                rows.append(row)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO message_status (user, id, to_jid, state, outbox_id, "
+                "updated) VALUES (?, ?, ?, 'queued', ?, ?)",
+                [(user, msg_id, to, row, now)
+                 for (_, user, msg_id, to), row in zip(items, rows, strict=True)])
+        self.waiting += len(rows)
+        return rows
+
     def unsent(self, after: int = 0) -> list[tuple[int, str]]:
         """Rows in the order they go to the edge."""
         return list(self._db.execute("SELECT id, stanza FROM outbox WHERE id > ? ORDER BY id",
@@ -124,6 +149,8 @@ class Outbound:
         self._db.executemany("UPDATE message_status SET state = 'sent', updated = ? "
                              "WHERE outbox_id = ? AND state = 'queued'",
                              [(now, row) for row in rows])
+        if self.on_state is not None:
+            self.on_state("sent", rows)
 
     # -- XEP-0198 ----------------------------------------------------------------------------------
     def new_link(self, link_id: str) -> None:
@@ -184,6 +211,8 @@ class Outbound:
                                  [(now, r) for r in rows])
             self._save(acked_h=str(h))
         self.waiting -= len(rows)
+        if self.on_state is not None and rows:
+            self.on_state("accepted", rows)
 
     def _save(self, **values: str) -> None:
         self._db.executemany("INSERT OR REPLACE INTO link_state (key, value) VALUES (?, ?)",
