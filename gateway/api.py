@@ -478,7 +478,8 @@ class ClientFrames:
         if not _valid_ref(ref):
             raise BadFrame("ref is required: the client's id for this frame, a string of 1 to "
                            "256 characters or an integer; the answer carries it",
-                           ref if isinstance(ref, str | int) else None)
+                           ref if isinstance(ref, str | int) and not isinstance(ref, bool)
+                           else None)
         op = frame["op"]
         fields = OPS.get(op) if isinstance(op, str) else None
         if fields is None:
