@@ -216,9 +216,10 @@ async def send_batch(request: web.Request) -> web.Response:
     gw, user = request.app[GATEWAY], request[USER]
     results: list[dict[str, Any]] = []
     taken: list[Outgoing] = []
+    memo: dict[str, Any] = {}
     for item in items:
         try:
-            out = gw.prepare_message(user, *_message_fields(item))
+            out = gw.prepare_message(user, *_message_fields(item), memo=memo)
         except (ValueError, Refused) as exc:
             results.append(_refusal(exc))
             continue
@@ -524,16 +525,18 @@ class ClientFrames:
         ops, self.ops = self.ops, []
         answers: list[tuple[str, Any, dict[str, Any]]] = []
         run: list[tuple[Any, Outgoing]] = []  # consecutive messages: one transaction
+        memo: dict[str, Any] = {}
         for op, ref, frame in ops:
             if op == "message":
                 try:
-                    run.append((ref, self.gw.prepare_message(self.session.user,
-                                                             *frame["fields"])))
+                    to, body, mtype = frame["fields"]
+                    run.append((ref, self.gw.prepare_message(self.session.user, to, body, mtype,
+                                                             memo)))
                 except (ValueError, Refused) as exc:
                     answers.append((op, ref, _refusal(exc)))
                 continue
             self._send_run(run, answers)
-            run = []
+            run, memo = [], {}  # a presence or subscription op may change the rules' answer
             try:
                 answers.append((op, ref, self._do(op, frame)))
             except (ValueError, Refused, LinkDown, StoreError) as exc:

@@ -19,9 +19,10 @@ bounced (an error came back for it, with the condition).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class Outbound:
         if self.waiting >= self.limit and not force:
             return None
         now = time.time()
-        with self._db:
+        with self._atomic():
             row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
                                    (stanza, now)).lastrowid
             if user is not None and msg_id:
@@ -122,7 +123,7 @@ class Outbound:
             return None
         now = time.time()
         rows: list[int] = []
-        with self._db:
+        with self._atomic():
             for item in items:
                 row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
                                        (item[0], now)).lastrowid
@@ -146,9 +147,10 @@ class Outbound:
         for row in rows:
             self.sent.sent(row)
         now = time.time()
-        self._db.executemany("UPDATE message_status SET state = 'sent', updated = ? "
-                             "WHERE outbox_id = ? AND state = 'queued'",
-                             [(now, row) for row in rows])
+        with self._atomic(commit=False):
+            self._db.executemany("UPDATE message_status SET state = 'sent', updated = ? "
+                                 "WHERE outbox_id = ? AND state = 'queued'",
+                                 [(now, row) for row in rows])
         if self.on_state is not None:
             self.on_state("sent", rows)
 
@@ -202,9 +204,27 @@ class Outbound:
         return MessageStatus(*row) if row else None
 
     # -- internals ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _atomic(self, commit: bool = True) -> Iterator[None]:
+        """Several statements as one transaction. The connection is in autocommit mode
+        (isolation_level=None), where `with connection:` opens none: each statement was its own
+        transaction and its own WAL commit, the larger part of the outbound path's CPU. A
+        savepoint works on its own and inside the store's open batch alike; `commit` then ends
+        that batch too, so the rows are durable before the caller answers."""
+        self._db.execute("SAVEPOINT outbound")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO outbound")
+            self._db.execute("RELEASE outbound")
+            raise
+        self._db.execute("RELEASE outbound")
+        if commit and self._db.in_transaction:
+            self._db.commit()
+
     def _release(self, rows: list[int], h: int) -> None:
         now = time.time()
-        with self._db:
+        with self._atomic():
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in rows])
             self._db.executemany("UPDATE message_status SET state = 'accepted', updated = ? "
                                  "WHERE outbox_id = ? AND state IN ('queued', 'sent')",
