@@ -34,6 +34,7 @@ import json
 import os
 import pstats
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -101,10 +102,11 @@ finally:
 
 
 class Sink(asyncio.Protocol):
-    """fabrikam.test's server, receiving only: stream header and dialback feature, every
-    <db:result/> answered valid, then `</message>` counted."""
+    """fabrikam.test's server, receiving only: stream header and dialback feature, each
+    <db:result/> answered valid once, then `</message>` counted (class-wide, all streams)."""
 
     RESULT = re.compile(rb"<db:result\b[^>]*?from=['\"]([^'\"]+)['\"][^>]*>")
+    END = b"</message>"
     count = 0
     reached = asyncio.Event()
     target = -1
@@ -112,13 +114,14 @@ class Sink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.t = transport
-        self.opened = False
-        self.tail = b""
+        self.opened = self.authenticated = False
+        self.buf = b""
 
     def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
         if not self.opened:
-            self.tail += data
-            if b">" not in self.tail:
+            if b">" not in buf:
+                self.buf = buf
                 return
             self.opened = True
             self.t.write(f"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
@@ -126,16 +129,23 @@ class Sink(asyncio.Protocol):
                          f"from='{PEER}' to='{LOCAL}' id='sink-1' version='1.0'>"
                          "<stream:features><dialback xmlns='urn:xmpp:features:dialback'/>"
                          "</stream:features>".encode())
-        buf = self.tail + data
-        for m in self.RESULT.finditer(buf):
-            frm = m.group(1).decode()
-            self.t.write(f"<db:result from='{PEER}' to='{frm}' type='valid'/>".encode())
-        n = buf.count(b"</message>")
-        cls = type(self)
-        cls.count += n
-        if cls.count >= cls.target >= 0:
-            cls.reached.set()
-        self.tail = buf[-400:] if n == 0 else buf[buf.rfind(b"</message>") + 10:][-400:]
+        if not self.authenticated:
+            m = self.RESULT.search(buf)
+            if m is None:
+                self.buf = buf[-2000:]
+                return
+            self.authenticated = True
+            self.t.write(f"<db:result from='{PEER}' to='{m.group(1).decode()}' "
+                         "type='valid'/>".encode())
+            buf = buf[m.end():]
+        n = buf.count(self.END)
+        if n:
+            cls = type(self)
+            cls.count += n
+            if cls.count >= cls.target >= 0:
+                cls.reached.set()
+            buf = buf[buf.rfind(self.END) + len(self.END):]
+        self.buf = buf[-len(self.END):] if len(buf) > 65536 else buf
 
 
 async def read_response(r: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -145,22 +155,27 @@ async def read_response(r: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await r.readexactly(int(m.group(1))) if m else b""
 
 
-def request(path: str, token: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: {EDGE_IP}\r\nAuthorization: Bearer {token}\r\n"
+def request(path: str, token: str, body: bytes, host: str = EDGE_IP) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
 
 
 @dataclass
 class Counters:
+    """Where the messages go (the gateway's API, the addressee) and how many were retried."""
+
+    host: str = EDGE_IP
+    port: int = API_PORT
+    to: str = TO
     retries: int = 0
 
 
 async def single_worker(token: str, numbers: range, c: Counters) -> None:
-    r, w = await asyncio.open_connection(EDGE_IP, API_PORT)
+    r, w = await asyncio.open_connection(c.host, c.port)
     for i in numbers:
         req = request("/api/v1/messages", token,
-                      json.dumps({"to": TO, "body": BODY % i}).encode())
+                      json.dumps({"to": c.to, "body": BODY % i}).encode(), c.host)
         while True:
             w.write(req)
             status, data = await read_response(r)
@@ -174,11 +189,12 @@ async def single_worker(token: str, numbers: range, c: Counters) -> None:
 
 
 async def batch_worker(token: str, numbers: range, c: Counters) -> None:
-    r, w = await asyncio.open_connection(EDGE_IP, API_PORT)
+    r, w = await asyncio.open_connection(c.host, c.port)
     for start in range(numbers.start, numbers.stop, BATCH):
-        items = [{"to": TO, "body": BODY % i} for i in range(start, min(start + BATCH,
-                                                                         numbers.stop))]
-        req = request("/api/v1/messages/batch", token, json.dumps({"messages": items}).encode())
+        items = [{"to": c.to, "body": BODY % i} for i in range(start, min(start + BATCH,
+                                                                           numbers.stop))]
+        req = request("/api/v1/messages/batch", token, json.dumps({"messages": items}).encode(),
+                      c.host)
         while True:
             w.write(req)
             status, data = await read_response(r)
@@ -201,9 +217,9 @@ def client_frame(text: str) -> bytes:
 
 
 async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
-    r, w = await asyncio.open_connection(EDGE_IP, API_PORT)
+    r, w = await asyncio.open_connection(c.host, c.port)
     key = base64.b64encode(os.urandom(16)).decode()
-    w.write(f"GET /api/v1/ws HTTP/1.1\r\nHost: {EDGE_IP}\r\nUpgrade: websocket\r\n"
+    w.write(f"GET /api/v1/ws HTTP/1.1\r\nHost: {c.host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode())
     head = await r.readuntil(b"\r\n\r\n")
@@ -250,7 +266,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
         chunk = []
         while todo and in_flight < window and len(chunk) < 200:
             i = todo.pop(0) if len(todo) < 1000 else todo.pop()
-            chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": TO,
+            chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": c.to,
                                                   "body": BODY % i})))
             in_flight += 1
         if chunk:
@@ -325,13 +341,10 @@ class Daemons:
         stop_process(self.edge)
 
 
-async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
-                   window: int) -> Result:
-    c = Counters()
-    Sink.target = Sink.count + n
-    Sink.reached.clear()
-    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
-    t0 = time.monotonic()
+async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -> None:
+    """One local user sends n messages to c.to through the gateway's API at c.host:c.port:
+    `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session; returns
+    when every one was accepted into the outbox (c.retries: how many were sent again)."""
     if mode == "single":
         per = n // SINGLE_CONNECTIONS
         await asyncio.gather(*(single_worker(token, range(k * per, (k + 1) * per), c)
@@ -342,6 +355,16 @@ async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
                                for k in range(BATCH_CONNECTIONS)))
     else:
         await ws_session(token, n, window, c)
+
+
+async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
+                   window: int) -> Result:
+    c = Counters()
+    Sink.target = Sink.count + n
+    Sink.reached.clear()
+    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
+    t0 = time.monotonic()
+    await send(mode, token, n, c, window)
     await asyncio.wait_for(Sink.reached.wait(), 120)
     seconds = time.monotonic() - t0
     cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
@@ -426,6 +449,7 @@ def main() -> None:
     if os.environ.get("EDGE_IN_NETNS") != "1":
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "
                  "bench/gateway_out.py")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # the daemons stop too
     with tempfile.TemporaryDirectory(prefix="gateway-out-") as tmp:
         asyncio.run(main_async(args, Path(tmp)))
 
