@@ -14,7 +14,8 @@ main by default, unpacked in a temporary directory) and then for this tree, the 
 - `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each (this tree
   only: the baseline has no batch endpoint);
 - `ws`: one WebSocket session, message frames (zero mask key: RFC 6455 5.3 wants a random
-  one, the server cannot tell) with at most --window unanswered (this tree only).
+  one, the server cannot tell) written 200 at a time, at most --window unanswered (this tree
+  only).
 
 A 503 (the outbox full) or a `resource-constraint` answer is retried after 10 ms and counted.
 The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the edge's stream
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -58,6 +60,7 @@ TO = f"alice@{PEER}"
 BODY = "hello number %d, how are you today? all is fine here, thanks for asking."
 BATCH = 500
 SINGLE_CONNECTIONS, BATCH_CONNECTIONS = 16, 4
+WS_CHUNK = 200  # frames per write of the WebSocket client, as a busy application sends them
 RETRY = 0.01  # seconds after a 503 / resource-constraint
 
 CONFIG = """
@@ -227,7 +230,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
         raise RuntimeError(f"WebSocket upgrade refused: {head!r}")
     done = 0
     in_flight = 0
-    todo = list(range(n))
+    todo = collections.deque(range(n))
     room = asyncio.Event()
     finished = asyncio.get_running_loop().create_future()
 
@@ -263,18 +266,17 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
     while not finished.done():
         if task.done():
             task.result()
-        chunk = []
-        while todo and in_flight < window and len(chunk) < 200:
-            i = todo.pop(0) if len(todo) < 1000 else todo.pop()
-            chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": c.to,
-                                                  "body": BODY % i})))
-            in_flight += 1
-        if chunk:
+        if todo and window - in_flight >= min(WS_CHUNK, len(todo)):
+            chunk = []
+            for _ in range(min(WS_CHUNK, len(todo))):
+                i = todo.popleft()
+                chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": c.to,
+                                                      "body": BODY % i})))
+            in_flight += len(chunk)
             w.write(b"".join(chunk))
             await w.drain()
+            continue
         room.clear()
-        if not todo:
-            await asyncio.sleep(RETRY)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(room.wait(), 1.0)
     await task
@@ -395,8 +397,11 @@ def unpack(ref: str, into: Path) -> Path:
 async def main_async(args: argparse.Namespace, tmp: Path) -> None:
     sink = await asyncio.get_running_loop().create_server(Sink, SINK_IP, 5269,
                                                           reuse_address=True)
+    modes = tuple(args.modes.split(","))
     trees = [(args.baseline, unpack(args.baseline, tmp / "baseline"), ("single",)),
-             ("this", ROOT, ("single", "batch", "ws"))]
+             ("this", ROOT, modes)]
+    if args.no_baseline or "single" not in modes:
+        trees = trees[1:]
     print(f"N = {args.n:,} messages per mode, {args.rounds} round(s), WebSocket window "
           f"{args.window}; baseline {args.baseline}; {os.cpu_count()} CPUs")
     results: list[Result] = []
@@ -443,6 +448,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=2000,
                     help="unanswered WebSocket frames at most (default 2000)")
     ap.add_argument("--baseline", default="main", help="git ref of the baseline (main)")
+    ap.add_argument("--modes", default="single,batch,ws",
+                    help="this tree's send modes, comma-separated (default single,batch,ws)")
+    ap.add_argument("--no-baseline", action="store_true", help="this tree only")
     ap.add_argument("--profile", action="store_true",
                     help="run this tree's gateway under cProfile (slower) and print the top")
     args = ap.parse_args()

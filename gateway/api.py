@@ -153,10 +153,10 @@ async def send_message(request: web.Request) -> web.Response:
     mtype = body.get("type", "chat")
     if mtype not in MESSAGE_TYPES:
         raise ValueError("type must be chat, normal or headline")
-    msg_id = request.app[GATEWAY].send_user_message(request[USER], body["to"], body["body"],
-                                                    mtype)
-    return web.json_response({"id": msg_id, "queued": not request.app[GATEWAY].link_up},
-                             status=202)
+    gw = request.app[GATEWAY]
+    out = gw.prepare_message(request[USER], body["to"], body["body"], mtype)
+    gw.send_messages(request[USER], [out], soon=True)  # the link write: once per turn
+    return web.json_response({"id": out.id, "queued": not gw.link_up}, status=202)
 
 
 def _message_fields(item: Any, extra: frozenset[str] = frozenset()) -> tuple[str, str, str]:
@@ -225,7 +225,7 @@ async def send_batch(request: web.Request) -> web.Response:
             continue
         taken.append(out)
         results.append(_taken(gw, out))
-    gw.send_messages(user, taken)  # LinkDown (503): none was kept
+    gw.send_messages(user, taken, soon=True)  # LinkDown (503): none was kept
     return web.json_response({"results": results, "accepted": len(taken),
                               "refused": len(items) - len(taken)})
 
@@ -507,6 +507,10 @@ class ClientFrames:
             asyncio.get_running_loop().call_soon(self.run)
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
+        if result.get("ok") and "id" in result:  # the common one, written directly
+            self.frames.put(f'{{"event": "answer", "ref": {json.dumps(ref)}, "op": "message", '
+                            f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
+            return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
 
     def answer_bad(self, exc: BadFrame) -> None:
@@ -556,7 +560,7 @@ class ClientFrames:
             return
         try:
             self.gw.send_messages(self.session.user, [out for _, out in run], self.session,
-                                  [ref for ref, _ in run])
+                                  [ref for ref, _ in run], soon=True)
         except (LinkDown, StoreError) as exc:
             answers.extend(("message", ref, _refusal(exc)) for ref, _ in run)
             return

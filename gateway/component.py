@@ -234,6 +234,7 @@ class Gateway(ComponentXMPP):
         # a WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
+        self._pump_soon = False  # the outbox is written at the end of this event-loop turn
         self.outbound.on_state = self._message_states
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -985,11 +986,13 @@ class Gateway(ComponentXMPP):
         return self._ids.pop()
 
     def send_messages(self, user: str, messages: list[Outgoing], session: Session | None = None,
-                      refs: list[Any] | None = None) -> None:
+                      refs: list[Any] | None = None, *, soon: bool = False) -> None:
         """Keep prepared messages in the outbox in one transaction (all or, with LinkDown when
         it cannot take them all, none), deliver those for local users, and write the outbox
-        once. With `session`, that WebSocket is told when each one is sent and when the edge
-        has it (`Session.status`), by its id and the client's `refs`."""
+        once - with `soon`, at the end of the event-loop turn, together with what other
+        requests and sockets sent in it (one write and one <r/> for all). With `session`,
+        that WebSocket is told when each one is sent and when the edge has it
+        (`Session.status`), by its id and the client's `refs`."""
         remote = [m for m in messages if m.to.domain != self.domain]
         if remote:
             rows = self.outbound.add_many([(m.text, user, m.id, str(m.to)) for m in remote])
@@ -1010,8 +1013,15 @@ class Gateway(ComponentXMPP):
                 msg["type"] = m.type
                 msg["id"] = m.id
                 self._route(msg)
-        if remote:
+        if remote and not soon:
             self._pump()
+        elif remote and not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_turn)
+
+    def _pump_turn(self) -> None:
+        self._pump_soon = False
+        self._pump()
 
     def _message_states(self, state: str, rows: list[int]) -> None:
         """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
