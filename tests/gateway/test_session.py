@@ -25,14 +25,14 @@ ALICE = "alice@fabrikam.test"
 
 async def session(api: TestClient, token: str) -> aiohttp.ClientWebSocketResponse:
     ws = await api.ws_connect("/api/v1/ws", headers=auth(token))
-    assert (await ws.receive_json(timeout=5))["event"] == "session"
+    assert (await ws.receive_json(timeout=15))["event"] == "session"
     return ws
 
 
 async def answer(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     """The next `answer` frame (status events in between are skipped)."""
     while True:
-        frame = await ws.receive_json(timeout=5)
+        frame = await ws.receive_json(timeout=15)
         if frame.get("event") == "answer":
             return frame
 
@@ -80,7 +80,7 @@ async def test_malformed_frames_are_answered_and_the_socket_stays_open(api, gw, 
     got = await answer(ws)
     assert got["ok"] and got["ref"] == 7 and got["state"] == "queued"
     assert [(s["id"], s["body"]) for s in gw.sent] == [(got["id"], "still here")]
-    status = await ws.receive_json(timeout=5)  # written to the (captured) link
+    status = await ws.receive_json(timeout=15)  # written to the (captured) link
     assert status == {"event": "status", "state": "sent",
                       "messages": [{"id": got["id"], "ref": 7}]}
     await ws.close()
