@@ -4,6 +4,12 @@ Every request carries `Authorization: Bearer <token>`: a user's token for /api/v
 token for /api/v1/admin/... Errors are JSON `{"error": "<what went wrong, in words>"}` (a
 failed ping adds `to` and, for an error answer, its `condition` and `text`).
 docs/api.md lists every endpoint with examples.
+
+The WebSocket is the user's session, as a c2s stream is: the gateway's events go down it, and
+the client sends its messages, presence and subscription requests and answers up it, one JSON
+frame each with the client's `ref`, answered by one `answer` frame each (`ClientFrames`). What
+a socket's frames ask for in one event-loop turn is kept in one SQLite transaction and the
+answers, like every other frame for the socket, are written once per turn (`Frames`).
 """
 
 from __future__ import annotations
@@ -12,14 +18,30 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, web, web_log
+from aiohttp.abc import AbstractAccessLogger
 
 from . import observability
-from .component import Gateway, LinkDown, NoAnswer, Refused, Session, StanzaError
+from .component import (
+    MESSAGE_TYPES,
+    BadJid,
+    Gateway,
+    LinkDown,
+    NoAnswer,
+    Outgoing,
+    Refused,
+    Session,
+    StanzaError,
+)
 from .store import Contact, StoreError, hash_token
+
+log = logging.getLogger(__name__)
 
 USER = web.RequestKey("user", str)
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -28,16 +50,28 @@ SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
 CLOSING = web.AppKey("closing", set[asyncio.Task[Any]])  # sockets being closed by the gateway
 PING_TIMEOUT, PING_TIMEOUT_MAX = 10.0, 60.0  # seconds
 INBOX_PAGE, INBOX_PAGE_MAX = 100, 1000  # events per GET /api/v1/inbox
+BATCH_MAX_ITEMS = 1000  # messages per POST /api/v1/messages/batch
+BATCH_MAX_BYTES = 4 << 20  # its request body; also aiohttp's client_max_size for every request
+WS_MAX_FRAME = 2 << 20  # a client frame above this is a flood: aiohttp closes with 1009
+WS_HIGH_WATER = 256 << 10  # bytes waiting for a socket before its client frames wait too
+BAD_FRAMES_MAX, BAD_FRAMES_WINDOW = 100, 10.0  # malformed frames within seconds: a flood
+# The endpoints each message passes: no access log line for them unless [gateway] access_log
+# (aiohttp's line cost about a fifth of the outbound path's CPU).
+QUIET_PATHS = frozenset({"/api/v1/messages", "/api/v1/messages/batch"})
 
 
 def error(status: int, message: str, **fields: Any) -> web.HTTPException:
     """A JSON error response: {"error": message} plus any further fields."""
+    text = json.dumps({"error": message, **fields})
+    if status == 413:  # RFC 9110 15.5.14 (its class takes the sizes, which the text says)
+        return web.HTTPRequestEntityTooLarge(BATCH_MAX_BYTES, 0, text=text,
+                                             content_type="application/json")
     cls: type[web.HTTPException] = {
         400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
         404: web.HTTPNotFound, 409: web.HTTPConflict, 502: web.HTTPBadGateway,
         503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
     }[status]
-    return cls(text=json.dumps({"error": message, **fields}), content_type="application/json")
+    return cls(text=text, content_type="application/json")
 
 
 def _bearer(request: web.Request) -> str:
@@ -75,6 +109,11 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
         raise error(503, str(exc)) from None
     except ValueError as exc:
         raise error(400, str(exc)) from None
+    except web.HTTPRequestEntityTooLarge as exc:
+        if exc.content_type == "application/json":
+            raise
+        raise error(413, f"the request body is larger than the gateway takes "
+                         f"({BATCH_MAX_BYTES} bytes)") from None
     except web.HTTPNotFound as exc:
         if exc.content_type == "application/json":
             raise
@@ -112,12 +151,83 @@ def _contact_json(c: Contact) -> dict[str, Any]:
 async def send_message(request: web.Request) -> web.Response:
     body = await _json(request, "to", "body")
     mtype = body.get("type", "chat")
-    if mtype not in ("chat", "normal", "headline"):
+    if mtype not in MESSAGE_TYPES:
         raise ValueError("type must be chat, normal or headline")
-    msg_id = request.app[GATEWAY].send_user_message(request[USER], body["to"], body["body"],
-                                                    mtype)
-    return web.json_response({"id": msg_id, "queued": not request.app[GATEWAY].link_up},
-                             status=202)
+    gw = request.app[GATEWAY]
+    out = gw.prepare_message(request[USER], body["to"], body["body"], mtype)
+    gw.send_messages(request[USER], [out], soon=True)  # the link write: once per turn
+    return web.json_response({"id": out.id, "queued": not gw.link_up}, status=202)
+
+
+def _message_fields(item: Any, extra: frozenset[str] = frozenset()) -> tuple[str, str, str]:
+    """`to`, `body`, `type` of one message (a batch item, a WebSocket frame); ValueError with
+    what is wrong."""
+    if not isinstance(item, dict):
+        raise ValueError("a message is a JSON object with to, body and optional type")
+    unknown = set(item) - {"to", "body", "type"} - extra
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))} in a "
+                         "message (it takes to, body, type)")
+    for key in ("to", "body"):
+        if not isinstance(item.get(key), str) or not item[key]:
+            raise ValueError(f"{key!r} is required (a non-empty string)")
+    mtype = item.get("type", "chat")
+    if mtype not in MESSAGE_TYPES:
+        raise ValueError("type must be chat, normal or headline")
+    return item["to"], item["body"], mtype
+
+
+def _refusal(exc: Exception) -> dict[str, Any]:
+    """Why something a user sent was not taken: words and the RFC 6120 8.3.3 condition (with
+    its error type, 8.3.2) that an XMPP server would have answered."""
+    if isinstance(exc, Refused):
+        condition, etype = exc.condition, "cancel"
+    elif isinstance(exc, BadJid):
+        condition, etype = "jid-malformed", "modify"  # 8.3.3.8
+    elif isinstance(exc, ValueError):
+        condition, etype = "bad-request", "modify"  # 8.3.3.1
+    elif isinstance(exc, LinkDown):
+        condition, etype = "resource-constraint", "wait"  # 8.3.3.18: try again later
+    else:  # StoreError: the disk
+        condition, etype = "internal-server-error", "wait"  # 8.3.3.6
+    return {"ok": False, "error": str(exc), "condition": condition, "type": etype}
+
+
+def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
+    # queued: in the outbox until the edge has it; delivered: a local user's inbox has it
+    return {"ok": True, "id": out.id,
+            "state": "delivered" if out.to.domain == gw.domain else "queued"}
+
+
+async def send_batch(request: web.Request) -> web.Response:
+    """Many messages in one request: one answer per item; those the rules let through are
+    kept in one SQLite transaction, all of them or none."""
+    if (request.content_length or 0) > BATCH_MAX_BYTES:
+        raise error(413, f"the batch is {request.content_length} bytes; at most "
+                         f"{BATCH_MAX_BYTES} bytes per request: split it")
+    body = await _json(request)
+    items = body.get("messages")
+    if set(body) != {"messages"} or not isinstance(items, list) or not items:
+        raise ValueError('the body must be {"messages": [{"to": ..., "body": ...}, ...]} '
+                         "with at least one message")
+    if len(items) > BATCH_MAX_ITEMS:
+        raise error(413, f"the batch has {len(items)} messages; at most {BATCH_MAX_ITEMS} per "
+                         "request: split it")
+    gw, user = request.app[GATEWAY], request[USER]
+    results: list[dict[str, Any]] = []
+    taken: list[Outgoing] = []
+    memo: dict[str, Any] = {}
+    for item in items:
+        try:
+            out = gw.prepare_message(user, *_message_fields(item), memo=memo)
+        except (ValueError, Refused) as exc:
+            results.append(_refusal(exc))
+            continue
+        taken.append(out)
+        results.append(_taken(gw, out))
+    gw.send_messages(user, taken, soon=True)  # LinkDown (503): none was kept
+    return web.json_response({"results": results, "accepted": len(taken),
+                              "refused": len(items) - len(taken)})
 
 
 async def message_status(request: web.Request) -> web.Response:
@@ -246,38 +356,263 @@ async def ack_inbox(request: web.Request) -> web.Response:
     return web.json_response({"acked": acked, "remaining": gw.store.inbox_usage(user)[0]})
 
 
-def _client_frame(gw: Gateway, session: Session, data: str) -> str | None:
-    """A frame from the client: an acknowledgement, or the error to answer."""
-    try:
-        frame = json.loads(data)
-    except ValueError:
-        frame = None
-    if not isinstance(frame, dict) or set(frame) != {"ack"}:
-        return ('this socket takes only acknowledgements, {"ack": SEQ}; use the REST '
-                "endpoints to act")
-    try:
-        gw.ack(session, _seq(frame["ack"], "ack"))
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented text frame, as a server sends it (RFC 6455 5.2, 5.6)."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + data
+    if n < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, n) + data
+    return struct.pack("!BBQ", 0x81, 127, n) + data
 
 
-async def _pump(ws: web.WebSocketResponse, gw: Gateway, session: Session) -> None:
-    """Hand the session's events to the socket as it drains (send_str waits while aiohttp's
-    write buffer is over its limit): at most one batch per socket is held in memory."""
-    while not ws.closed and not session.closed:
+class Frames:
+    """Everything the gateway writes to one WebSocket, as one transport write per event-loop
+    turn (one send() for a whole batch of events or answers, as the edge does for its
+    streams). aiohttp still writes its own control frames (ping, pong, close) itself: each is
+    a whole frame, so they only come between ours. The socket is opened without
+    permessage-deflate, so no frame needs compressing (RFC 7692 is optional)."""
+
+    def __init__(self, request: web.Request):
+        transport = request.transport
+        assert transport is not None
+        self.transport = transport
+        self.protocol = request.protocol
+        self.pending: list[bytes] = []
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def put(self, text: str) -> None:
+        self.pending.append(_text_frame(text))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self.pending:
+            if not self.transport.is_closing():
+                self.transport.write(b"".join(self.pending))
+            self.pending.clear()
+
+    @property
+    def busy(self) -> bool:
+        return self.transport.get_write_buffer_size() > WS_HIGH_WATER
+
+    async def drained(self) -> None:
+        """Write what is pending, then wait while the kernel does not take more (the client
+        is not reading): aiohttp's protocol pauses at its high-water mark."""
+        self.flush()
+        if self.transport.is_closing():
+            raise ConnectionResetError("the WebSocket is closed")
+        await self.protocol._drain_helper()  # returns at once unless writing is paused
+
+
+OPS: dict[str, frozenset[str]] = {  # op -> its fields besides op and ref
+    "message": frozenset({"to", "body", "type"}),
+    "presence": frozenset({"show", "status", "to"}),
+    "subscribe": frozenset({"jid", "name"}),  # RFC 6121 3.1 (and pre-approval, 3.4)
+    "subscribed": frozenset({"jid"}),  # 3.1.4 approve
+    "unsubscribed": frozenset({"jid"}),  # 3.2 deny / cancel theirs
+    "unsubscribe": frozenset({"jid"}),  # 3.3 stop seeing theirs
+    "remove": frozenset({"jid"}),  # 2.5.2 cancel both, forget the contact
+}
+_FRAME_HELP = ('a frame is one JSON object: {"op": "message", "ref": ..., "to": ..., "body": '
+               '...}, another op (presence, subscribe, subscribed, unsubscribe, unsubscribed, '
+               'remove) or {"ack": SEQ}')
+
+
+class BadFrame(ValueError):
+    """A client frame that is not one the socket takes: answered with bad-request (RFC 6120
+    8.3.3.1) or, for an op it does not know, feature-not-implemented (8.3.3.3)."""
+
+    def __init__(self, message: str, ref: Any = None, condition: str = "bad-request"):
+        super().__init__(message)
+        self.ref, self.condition = ref, condition
+
+
+def _valid_ref(ref: Any) -> bool:
+    return (isinstance(ref, str) and 0 < len(ref) <= 256) or (
+        isinstance(ref, int) and not isinstance(ref, bool))
+
+
+class ClientFrames:
+    """What the client sends over its WebSocket: acknowledgements, and ops (a message,
+    presence, a subscription request or answer), each answered with one `answer` frame that
+    carries the op's `ref`.
+
+    Ops are checked when their frame arrives and carried out at the end of the event-loop
+    turn, in order, with the messages among them kept in one transaction (Gateway.send_messages)
+    and everything made durable (commit_point) before the answers go out. A malformed frame is
+    answered too and the socket stays open; more than BAD_FRAMES_MAX of them within
+    BAD_FRAMES_WINDOW seconds is a flood and closes it (1008, RFC 6455 7.4.1)."""
+
+    def __init__(self, gw: Gateway, session: Session, frames: Frames):
+        self.gw, self.session, self.frames = gw, session, frames
+        self.ops: list[tuple[str, Any, dict[str, Any]]] = []
+        self._scheduled = False
+        self._bad: list[float] = []
+
+    def receive(self, data: str) -> None:
+        try:
+            self._receive(data)
+        except BadFrame as exc:
+            self.answer_bad(exc)
+
+    def _receive(self, data: str) -> None:
+        try:
+            frame = json.loads(data)
+        except ValueError:
+            raise BadFrame(f"the frame is not JSON; {_FRAME_HELP}") from None
+        if not isinstance(frame, dict):
+            raise BadFrame(_FRAME_HELP)
+        if "op" not in frame:
+            if set(frame) != {"ack"}:
+                raise BadFrame(_FRAME_HELP, frame.get("ref"))
+            try:
+                self.gw.ack(self.session, _seq(frame["ack"], "ack"))
+            except ValueError as exc:
+                raise BadFrame(str(exc)) from None
+            return
+        ref = frame.get("ref")
+        if not _valid_ref(ref):
+            raise BadFrame("ref is required: the client's id for this frame, a string of 1 to "
+                           "256 characters or an integer; the answer carries it",
+                           ref if isinstance(ref, str | int) and not isinstance(ref, bool)
+                           else None)
+        op = frame["op"]
+        fields = OPS.get(op) if isinstance(op, str) else None
+        if fields is None:
+            raise BadFrame(f"unknown op {op!r}; the socket takes {', '.join(OPS)}", ref,
+                           "feature-not-implemented")
+        unknown = set(frame) - fields - {"op", "ref"}
+        if unknown:
+            raise BadFrame(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))} for op "
+                           f"{op!r} (it takes {', '.join(sorted(fields))})", ref)
+        if op != "message" and op != "presence" and (
+                not isinstance(frame.get("jid"), str) or not frame["jid"]):
+            raise BadFrame(f"op {op!r} needs jid (a string)", ref)
+        if op == "message":
+            try:
+                frame = {**frame, "fields": _message_fields(frame, _REF)}
+            except ValueError as exc:
+                raise BadFrame(str(exc), ref) from None
+        for key in ("show", "status", "to", "name"):
+            if key in frame and op != "message" and not isinstance(frame[key], str):
+                raise BadFrame(f"{key} must be a string", ref)
+        self.ops.append((op, ref, frame))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.run)
+
+    def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
+        if result.get("ok") and "id" in result:  # the common one, written directly
+            self.frames.put(f'{{"event": "answer", "ref": {json.dumps(ref)}, "op": "message", '
+                            f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
+            return
+        self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
+
+    def answer_bad(self, exc: BadFrame) -> None:
+        self._answer(None, exc.ref, {"ok": False, "error": str(exc), "condition": exc.condition,
+                                     "type": "modify"})
+        now = time.monotonic()
+        self._bad = [t for t in self._bad if now - t < BAD_FRAMES_WINDOW] + [now]
+        if len(self._bad) > BAD_FRAMES_MAX:
+            log.warning("closing %s: %d malformed frames within %g s", self.session.jid,
+                        len(self._bad), BAD_FRAMES_WINDOW)
+            self.session.close(1008, "too many malformed frames")
+
+    def run(self) -> None:
+        """Carry out the turn's ops in order; answer each once it is durable."""
+        self._scheduled = False
+        ops, self.ops = self.ops, []
+        answers: list[tuple[str, Any, dict[str, Any]]] = []
+        run: list[tuple[Any, Outgoing]] = []  # consecutive messages: one transaction
+        memo: dict[str, Any] = {}
+        for op, ref, frame in ops:
+            if op == "message":
+                try:
+                    to, body, mtype = frame["fields"]
+                    run.append((ref, self.gw.prepare_message(self.session.user, to, body, mtype,
+                                                             memo)))
+                except (ValueError, Refused) as exc:
+                    answers.append((op, ref, _refusal(exc)))
+                continue
+            self._send_run(run, answers)
+            run, memo = [], {}  # a presence or subscription op may change the rules' answer
+            try:
+                answers.append((op, ref, self._do(op, frame)))
+            except (ValueError, Refused, LinkDown, StoreError) as exc:
+                answers.append((op, ref, _refusal(exc)))
+        self._send_run(run, answers)
+        try:
+            self.gw.commit_point()
+        except StoreError as exc:  # nothing is answered as done that is not on disk
+            log.error("cannot commit what %s sent: %s", self.session.jid, exc)
+            answers = [(op, ref, _refusal(exc)) for op, ref, _ in answers]
+        for op, ref, result in answers:
+            self._answer(op, ref, result)
+
+    def _send_run(self, run: list[tuple[Any, Outgoing]],
+                  answers: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        if not run:
+            return
+        try:
+            self.gw.send_messages(self.session.user, [out for _, out in run], self.session,
+                                  [ref for ref, _ in run], soon=True)
+        except (LinkDown, StoreError) as exc:
+            answers.extend(("message", ref, _refusal(exc)) for ref, _ in run)
+            return
+        answers.extend(("message", ref, _taken(self.gw, out)) for ref, out in run)
+
+    def _do(self, op: str, frame: dict[str, Any]) -> dict[str, Any]:
+        gw, user = self.gw, self.session.user
+        if op == "presence":
+            show, status = frame.get("show", "available"), frame.get("status", "")
+            gw.set_presence(user, "" if show == "available" else show, status, frame.get("to"))
+            return {"ok": True, "show": show, "status": status}
+        jid = frame["jid"]
+        if op == "remove":
+            if not gw.remove_contact(user, jid):
+                return {"ok": False, "error": f"{gw.parse_jid(jid).bare} is not in your "
+                        "contacts", "condition": "item-not-found", "type": "cancel"}
+            return {"ok": True, "removed": gw.parse_jid(jid).bare}
+        if op == "subscribe":
+            gw.add_contact(user, jid, frame.get("name"))
+        elif op == "subscribed":
+            gw.approve(user, jid)
+        elif op == "unsubscribed":
+            gw.deny(user, jid)
+        else:
+            gw.unsubscribe(user, jid)
+        bare = gw.parse_jid(jid).bare
+        contact = gw.store.contact(user, bare)
+        return {"ok": True, "contact": _contact_json(contact) if contact is not None
+                else {"jid": bare, "subscription": "none"}}
+
+
+_REF = frozenset({"op", "ref"})
+
+
+async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
+    """Hand the session's events to the socket as it drains: one write per batch, then wait
+    while the client does not read; at most one batch per socket is held in memory."""
+    while not session.closed:
         texts = gw.take_events(session)
         if not texts:
             session.ready.clear()
             await session.ready.wait()
             continue
         for text in texts:
-            await ws.send_str(text)
+            frames.put(text)
+        await frames.drained()
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """One WebSocket = one resource; the user is available while at least one is open."""
-    ws = web.WebSocketResponse(heartbeat=30)
+    """One WebSocket = one resource (a session, as a c2s stream is); the user is available
+    while at least one is open."""
+    ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=WS_MAX_FRAME)
     await ws.prepare(request)
     gw, user = request.app[GATEWAY], request[USER]
 
@@ -289,15 +624,22 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
     session = gw.user_online(user, close, hash_token(_bearer(request)))
     request.app[SOCKETS].add(ws)
+    frames = Frames(request)
+    client = ClientFrames(gw, session, frames)
     sender: asyncio.Task[None] | None = None
     try:
-        await ws.send_json({"event": "session", "jid": session.jid})
-        sender = asyncio.create_task(_pump(ws, gw, session))
+        frames.put(json.dumps({"event": "session", "jid": session.jid}))
+        sender = asyncio.create_task(_pump(frames, gw, session))
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
-                problem = _client_frame(gw, session, msg.data)
-                if problem:
-                    await ws.send_json({"error": problem})
+                client.receive(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                client.answer_bad(BadFrame("frames are JSON text frames (RFC 6455 5.6), not "
+                                            "binary"))
+            if frames.busy:  # the client sends but does not read its answers: stop reading
+                await frames.drained()
+    except ConnectionError:
+        pass
     finally:
         if sender is not None:
             sender.cancel()
@@ -350,13 +692,14 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[auth_and_errors])
+    app = web.Application(middlewares=[auth_and_errors], client_max_size=BATCH_MAX_BYTES)
     app[GATEWAY] = gateway
     app[ADMIN_TOKEN] = admin_token or ""
     app[SOCKETS] = set[web.WebSocketResponse]()
     app[CLOSING] = set[asyncio.Task[Any]]()
     app.on_shutdown.append(_close_sockets)
     app.router.add_post("/api/v1/messages", send_message)
+    app.router.add_post("/api/v1/messages/batch", send_batch)
     app.router.add_get("/api/v1/messages/{id}", message_status)
     app.router.add_put("/api/v1/presence", set_presence)
     app.router.add_get("/api/v1/presence", get_presence)
@@ -376,3 +719,15 @@ def make_app(gateway: Gateway, admin_token: str | None = None) -> web.Applicatio
     app.router.add_post("/api/v1/admin/users/{name}/token", admin_new_token)
     observability.add_routes(app, gateway, lambda: len(app[SOCKETS]))
     return app
+
+
+def access_logger(log_all: bool) -> type[AbstractAccessLogger]:
+    """aiohttp's access log, without the message endpoints unless `log_all` ([gateway]
+    access_log = true)."""
+
+    class AccessLogger(web_log.AccessLogger):
+        def log(self, request: Any, response: web.StreamResponse, time: float) -> None:
+            if log_all or request.path not in QUIET_PATHS:
+                super().log(request, response, time)
+
+    return AccessLogger

@@ -30,7 +30,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     """Run the component link and the API until `stop` is set; with `path`, the file is
     watched and SIGHUP reloads it (gateway.live)."""
     from . import observability
-    from .api import make_app
+    from .api import access_logger, make_app
     from .component import Gateway
     from .linktls import client_ssl_context, server_name
     from .live import GatewayReload, SubscriptionRefresh
@@ -46,7 +46,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     if live is not None:
         add_federation_routes(app, live)
         observability.track_reloads(app, live.counts)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log_class=access_logger(cfg.access_log))
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
     log.info("gateway for %s: API on http://%s:%s, edge component link %s:%s%s", cfg.domain,

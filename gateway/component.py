@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -44,7 +45,7 @@ from edgeproxy.xmlstream import error_condition
 from . import rules
 from .link import DEFAULT_OUTBOX_LIMIT, Outbound
 from .linktls import describe_failure
-from .live import log_message
+from .live import log_message, log_message_fields
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
 from .store import Contact, InboxFull, Store, StoredEvent, StoreError
 
@@ -73,8 +74,37 @@ EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound pe
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
+MESSAGE_TYPES = ("chat", "normal", "headline")  # what local users send (RFC 6121 5.2.2)
+# The edge reads the component link with a 1 MiB stanza limit (edgeproxy/server.py): a larger
+# stanza would end the link with <policy-violation/>, so it is refused before it is kept.
+MAX_STANZA_BYTES = 1 << 20
+MAX_STANZA_CHARS = MAX_STANZA_BYTES // 4  # below this many characters it fits in any UTF-8
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message a local user sends, checked and written as text, not kept yet."""
+
+    id: str
+    to: JID
+    type: str
+    body: str
+    text: str  # the stanza as it goes into the outbox and onto the link
+
+
 class Refused(Exception):
-    """The rules do not let a local user send this; the message says why (API: 403)."""
+    """The rules do not let a local user send this; the message says why (API: 403).
+    `condition` is the RFC 6120 8.3.3 one a WebSocket answer carries: forbidden (8.3.3.5,
+    this user may not federate) or not-allowed (8.3.3.10, nobody may send this there)."""
+
+    def __init__(self, message: str, condition: str = "not-allowed"):
+        super().__init__(message)
+        self.condition = condition
+
+
+class BadJid(ValueError):
+    """A JID that does not parse (RFC 6120 8.3.3.8 jid-malformed; API: 400)."""
 
 
 class LinkDown(Exception):
@@ -113,6 +143,8 @@ class Session:
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
+        # the socket's own messages by state (sent, accepted): [{"id", "ref"}, ...]
+        self.states: dict[str, list[dict[str, Any]]] = {}
         self.ready = asyncio.Event()
         self.closed = False
         # Everyone this resource sent available presence to: they get unavailable when it goes
@@ -127,6 +159,11 @@ class Session:
             dropped = next(iter(self.notices))
             del self.notices[dropped]
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
+        self.ready.set()
+
+    def status(self, state: str, msg_id: str, ref: Any) -> None:
+        """One of this socket's messages changed state; gathered into one event per state."""
+        self.states.setdefault(state, []).append({"id": msg_id, "ref": ref})
         self.ready.set()
 
     def close(self, code: int, reason: str) -> None:
@@ -200,6 +237,12 @@ class Gateway(ComponentXMPP):
         self._refused = False  # the link that just ended was refused (LINK_REFUSALS)
         # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
         self.federation_denied: frozenset[str] = frozenset()
+        # outbox row -> [session, message id, client ref, told 'sent'] for messages sent over
+        # a WebSocket, until the edge acknowledges them
+        self._tracked: dict[int, list[Any]] = {}
+        self._ids: list[str] = []  # random message ids, made 512 at a time
+        self._pump_soon = False  # the outbox is written at the end of this event-loop turn
+        self.outbound.on_state = self._message_states
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -737,6 +780,9 @@ class Gateway(ComponentXMPP):
         before the socket opened). They stay stored until acknowledged."""
         out = list(session.notices.values())
         session.notices.clear()
+        for state, items in session.states.items():
+            out.append(json.dumps({"event": "status", "state": state, "messages": items}))
+        session.states.clear()
         rows = self.store.events(session.user, session.sent, session.resource, limit)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
         if rows:
@@ -878,12 +924,12 @@ class Gateway(ComponentXMPP):
         try:
             jid = JID(value)
         except InvalidJID as exc:
-            raise ValueError(f"{value!r} is not a valid JID: {exc}") from exc
+            raise BadJid(f"{value!r} is not a valid JID: {exc}") from exc
         if server_ok and not jid.domain:
-            raise ValueError(f"{value!r} is not a JID (expected domain, name@domain or "
-                             "name@domain/resource)")
+            raise BadJid(f"{value!r} is not a JID (expected domain, name@domain or "
+                         "name@domain/resource)")
         if not server_ok and (not jid.user or not jid.domain):
-            raise ValueError(f"{value!r} is not a user's JID (expected name@domain)")
+            raise BadJid(f"{value!r} is not a user's JID (expected name@domain)")
         return jid
 
     def may_not_federate(self, user: str) -> bool:
@@ -892,7 +938,8 @@ class Gateway(ComponentXMPP):
     def _outbound(self, user: str, to: JID, kind: Kind) -> Verdict:
         if to.domain != self.domain and self.may_not_federate(user):
             raise Refused(f"{user}@{self.domain} is not allowed to federate (external access "
-                          "policy: [gateway] federation_denied); ask your administrator")
+                          "policy: [gateway] federation_denied); ask your administrator",
+                          "forbidden")
         v = self.verdict(user, to, Direction.OUTBOUND, kind)
         if v.partner_type is None:
             raise Refused(f"{to.domain} is not a federation partner of {self.domain}: "
@@ -903,17 +950,102 @@ class Gateway(ComponentXMPP):
         return v
 
     def send_user_message(self, user: str, to: str, body: str, mtype: str = "chat") -> str:
-        jid = self.parse_jid(to)
-        self._outbound(user, jid, Kind.MESSAGE)
-        msg = self.make_message(mto=jid, mbody=body, mfrom=f"{user}@{self.domain}")
-        msg["type"] = mtype
-        msg["id"] = secrets.token_hex(8)
-        log_message(self, "outbound", msg)
-        if jid.domain == self.domain:
-            self._route(msg)
-        else:
-            self.emit(msg, user=user)
-        return msg["id"]
+        """Check, keep and send one message; its id (Refused, ValueError, LinkDown)."""
+        out = self.prepare_message(user, to, body, mtype)
+        self.send_messages(user, [out])
+        return out.id
+
+    def prepare_message(self, user: str, to: str, body: str, mtype: str = "chat",
+                        memo: dict[str, JID | Exception] | None = None) -> Outgoing:
+        """A message of the user's, checked against the rules and written as the stanza's
+        text (the hot path builds no slixmpp objects). Raises BadJid, ValueError (a body XML
+        cannot carry, or too large for the link) or Refused; keeps nothing yet. `memo` keeps
+        the rules' answer per addressee for the messages of one batch, handled in one go (the
+        rules cannot change in between)."""
+        checked = memo.get(to) if memo is not None else None
+        if isinstance(checked, Exception):
+            raise checked
+        jid = checked or self.parse_jid(to)
+        if mtype not in MESSAGE_TYPES:
+            raise ValueError("type must be chat, normal or headline")
+        if _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
+            raise ValueError("body holds a character XML cannot carry (a control character "
+                             "other than tab, newline and carriage return, or a lone "
+                             "surrogate)")
+        if checked is None:
+            try:
+                self._outbound(user, jid, Kind.MESSAGE)
+            except Refused as exc:
+                if memo is not None:
+                    memo[to] = exc
+                raise
+            if memo is not None:
+                memo[to] = jid
+        msg_id = self._new_id()
+        frm = f"{user}@{self.domain}"
+        text = (f'<message to="{_escape_attr(str(jid))}" from="{frm}" id="{msg_id}" '
+                f'type="{mtype}"><body>{_escape(body)}</body></message>')
+        if len(text) > MAX_STANZA_CHARS and len(text.encode()) > MAX_STANZA_BYTES:
+            raise ValueError(f"the message is larger than the component link carries "
+                             f"({MAX_STANZA_BYTES} bytes as a stanza)")
+        return Outgoing(msg_id, jid, mtype, body, text)
+
+    def _new_id(self) -> str:
+        """A message id as random as secrets.token_hex(8), from one urandom call per 512
+        (one syscall each had been a tenth of the hot path)."""
+        if not self._ids:
+            pool = secrets.token_hex(8 * 512)
+            self._ids = [pool[i:i + 16] for i in range(0, len(pool), 16)]
+        return self._ids.pop()
+
+    def send_messages(self, user: str, messages: list[Outgoing], session: Session | None = None,
+                      refs: list[Any] | None = None, *, soon: bool = False) -> None:
+        """Keep prepared messages in the outbox in one transaction (all or, with LinkDown when
+        it cannot take them all, none), deliver those for local users, and write the outbox
+        once - with `soon`, at the end of the event-loop turn, together with what other
+        requests and sockets sent in it (one write and one <r/> for all). With `session`,
+        that WebSocket is told when each one is sent and when the edge has it
+        (`Session.status`), by its id and the client's `refs`."""
+        remote = [m for m in messages if m.to.domain != self.domain]
+        if remote:
+            rows = self.outbound.add_many([(m.text, user, m.id, str(m.to)) for m in remote])
+            if rows is None:
+                raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
+                               "stanzas are already waiting; try again when it is back")
+            if session is not None:
+                ref_of = dict(zip((m.id for m in messages), refs or [None] * len(messages),
+                                  strict=True))
+                for m, row in zip(remote, rows, strict=True):
+                    self._tracked[row] = [session, m.id, ref_of[m.id], False]
+        for m in messages:
+            if self.log_bodies:
+                log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
+                                   m.body)
+            if m.to.domain == self.domain:  # local user to local user: no edge involved
+                msg = self.make_message(mto=m.to, mbody=m.body, mfrom=f"{user}@{self.domain}")
+                msg["type"] = m.type
+                msg["id"] = m.id
+                self._route(msg)
+        if remote and not soon:
+            self._pump()
+        elif remote and not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_turn)
+
+    def _pump_turn(self) -> None:
+        self._pump_soon = False
+        self._pump()
+
+    def _message_states(self, state: str, rows: list[int]) -> None:
+        """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
+        for row in rows:
+            tracked = self._tracked.get(row) if state == "sent" else self._tracked.pop(row, None)
+            if tracked is None or (state == "sent" and tracked[3]):
+                continue  # not from a socket, or written again after a resumption
+            tracked[3] = True
+            session = tracked[0]
+            if not session.closed:
+                session.status(state, tracked[1], tracked[2])
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
@@ -1014,6 +1146,10 @@ class Gateway(ComponentXMPP):
         v = self._subscription(user, jid, Kind.UNSUBSCRIBED)
         self.store.forget_filtered(user, jid.bare)
         return v.outcome.state
+
+    def unsubscribe(self, user: str, to: str) -> SubState:
+        """RFC 6121 3.3: stop seeing the contact's presence; they still see the user's."""
+        return self._subscription(user, self.parse_jid(to), Kind.UNSUBSCRIBE).outcome.state
 
     def remove_contact(self, user: str, to: str) -> bool:
         """RFC 6121 2.5.2: cancel both directions, then forget the contact."""

@@ -25,7 +25,8 @@ from .store import InboxLimits
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
           "offline_messages", "offline_bytes", "subscription_refresh_interval",
-          "federation_denied", "tls", "certificate", "private_key", "edge_ca", "edge_name"}
+          "federation_denied", "tls", "certificate", "private_key", "edge_ca", "edge_name",
+          "access_log"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
@@ -61,6 +62,8 @@ class GatewayConfig:
     def edge_server_name(self) -> str:
         """The name the edge's certificate must carry (RFC 6125 DNS-ID, or an IP address)."""
         return self.edge_name or self.component_host
+    # aiohttp's access log line for the message endpoints too (off: they are the hot path)
+    access_log: bool = False
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -129,6 +132,11 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         problems.append("[gateway] federation_denied: must be a list of local user names "
                         f"(got {denied!r})")
         denied = []
+    access_log = section.get("access_log", False)
+    if not isinstance(access_log, bool):
+        problems.append("[gateway] access_log: must be true or false (an access log line for "
+                        f"every message request too; got {access_log!r})")
+        access_log = False
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -144,6 +152,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         subscription_refresh_interval=float(refresh), log=log,
         federation_denied=frozenset(u.lower() for u in denied), tls=tls,
         certificate=certificate, private_key=private_key, edge_ca=edge_ca, edge_name=edge_name,
+        access_log=access_log,
     )
 
 

@@ -35,14 +35,22 @@ messages_log = logging.getLogger("gateway.messages")
 RESTART_ONLY = ("domain", "component_host", "component_port", "secret", "database", "api_host",
                 "api_port", "admin_token",
                 # the link's TLS context is built at the start (gateway/linktls.py)
-                "tls", "certificate", "private_key", "edge_ca", "edge_name")
+                "tls", "certificate", "private_key", "edge_ca", "edge_name",
+                "access_log")
 
 
 def log_message(gateway: Gateway, direction: str, msg: Any) -> None:
     """One line per message when EnableLoggingAllMessageBodies is on; nothing otherwise."""
     if gateway.log_bodies and msg["body"]:
-        messages_log.info("%s message %s -> %s (%s): %s", direction, msg["from"], msg["to"],
-                          msg["type"] or "normal", msg["body"])
+        log_message_fields(direction, msg["from"], msg["to"], msg["type"], msg["body"])
+
+
+def log_message_fields(direction: str, frm: Any, to: Any, mtype: str, body: str) -> None:
+    """The same line from the fields (the outbound path builds no stanza object); the caller
+    checks that EnableLoggingAllMessageBodies is on."""
+    if body:
+        messages_log.info("%s message %s -> %s (%s): %s", direction, frm, to,
+                          mtype or "normal", body)
 
 
 def refresh_subscriptions(gateway: Gateway) -> int:
