@@ -487,8 +487,8 @@ class Peer(Target):
         self.bob: C2sReader | None = None
 
     def processes(self) -> dict[str, list[int]]:
-        proc = self.server.proc  # type: ignore[attr-defined]
-        return {"server": [proc.pid]}
+        assert self.server.proc is not None, "started"
+        return {"server": [self.server.proc.pid]}
 
     async def start(self) -> None:
         await asyncio.to_thread(self.server.start)
