@@ -201,6 +201,10 @@ class Store(Protocol):
     def last_event_id(self, user: str) -> int: ...
     def inbox_usage(self, user: str) -> tuple[int, int]: ...
     def batch_commits(self, on_begin: Callable[[], None]) -> None: ...
+    def begin_batch(self) -> bool: ...
+    def before_commit(self, hook: Callable[[], None]) -> None: ...
+    def keep_roster(self, user: str) -> None: ...
+    def drop_roster(self, user: str) -> None: ...
     def connection(self) -> sqlite3.Connection: ...
     def record_filtered(self, user: str, jid: str, kind: str) -> None: ...
     def filtered(self, user: str) -> list[FilteredRequest]: ...
@@ -222,7 +226,11 @@ class SqliteStore:
         self.path = Path(path)
         self.limits = limits
         self._on_begin: Callable[[], None] | None = None
+        self._before_commit: list[Callable[[], None]] = []
         self._closed = False
+        # Rosters of online users, write-through (keep_roster): a message to them costs no
+        # query; user -> bare JID -> contact
+        self._rosters: dict[str, dict[str, Contact]] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit
@@ -276,10 +284,22 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._on_begin()
 
+    def begin_batch(self) -> bool:
+        """Open the batch now if none is open (a write follows later in this turn, e.g. at
+        commit time); False when writes are not batched (each one commits by itself)."""
+        self._write()
+        return self._db.in_transaction
+
+    def before_commit(self, hook: Callable[[], None]) -> None:
+        """`hook` runs inside every batch right before its COMMIT (the link's counters)."""
+        self._before_commit.append(hook)
+
     def commit(self) -> None:
         """End the open batch (if any): its writes are then durable."""
         if not self._closed and self._db.in_transaction:
             try:
+                for hook in self._before_commit:
+                    hook()
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
@@ -305,6 +325,7 @@ class SqliteStore:
         return token
 
     def remove_user(self, name: str) -> bool:
+        self._rosters.pop(name, None)
         self._write()
         return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
 
@@ -325,6 +346,8 @@ class SqliteStore:
         return [r[0] for r in self._db.execute("SELECT name FROM users ORDER BY name")]
 
     def user_exists(self, name: str) -> bool:
+        if name in self._rosters:
+            return True
         row = self._db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone()
         return row is not None
 
@@ -340,12 +363,30 @@ class SqliteStore:
         jid, sub, po, pi, ap, name = row
         return Contact(jid, SubState(Subscription(sub), bool(po), bool(pi), bool(ap)), name)
 
+    def keep_roster(self, user: str) -> None:
+        """Hold the user's contacts in memory from now on (they came online); every change
+        is written through to the file."""
+        if user not in self._rosters:
+            self._rosters[user] = {c.jid: c for c in self._load_contacts(user)}
+
+    def drop_roster(self, user: str) -> None:
+        self._rosters.pop(user, None)
+
     def contact(self, user: str, jid: str) -> Contact | None:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            return roster.get(jid)
         row = self._db.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts "
                                "WHERE user = ? AND jid = ?", (user, jid)).fetchone()
         return self._contact(row) if row else None
 
     def contacts(self, user: str) -> list[Contact]:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            return sorted(roster.values(), key=lambda c: c.jid)
+        return self._load_contacts(user)
+
+    def _load_contacts(self, user: str) -> list[Contact]:
         return [self._contact(r) for r in self._db.execute(
             f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE user = ? ORDER BY jid", (user,))]
 
@@ -360,8 +401,16 @@ class SqliteStore:
             "name = COALESCE(?, contacts.name)",
             (user, jid, state.subscription.value, state.pending_out, state.pending_in,
              state.approved, name or "", name))
+        roster = self._rosters.get(user)
+        if roster is not None:
+            old = roster.get(jid)
+            roster[jid] = Contact(jid, state, name if name is not None
+                                  else old.name if old is not None else "")
 
     def remove_contact(self, user: str, jid: str) -> bool:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            roster.pop(jid, None)
         self._write()
         return self._db.execute("DELETE FROM contacts WHERE user = ? AND jid = ?",
                                 (user, jid)).rowcount > 0

@@ -8,13 +8,10 @@ handlers with real slixmpp stanzas and capture what it would send by overriding 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from xml.etree import ElementTree as ET
 
 import pytest
 
 from edgeproxy import link
-from edgeproxy.link import NS_SM
 from gateway.component import LinkDown, Refused
 from gateway.rules import Subscription, SubState
 from gateway.store import SqliteStore
@@ -326,7 +323,7 @@ async def test_an_ack_that_leaves_rows_unacknowledged_is_followed_by_a_new_reque
     gw._raw = wire.append  # the link's own elements (no transport in these tests)
 
     def ack(h: int) -> None:
-        gw._sm_a(SimpleNamespace(xml=ET.fromstring(f"<a xmlns='{NS_SM}' h='{h}'/>")))
+        gw._sm_a({"h": str(h)})  # the attributes of <a xmlns='urn:xmpp:sm:3' h=''/>
 
     first = gw.send_user_message("bob", "alice@fabrikam.test", "one")
     await asyncio.sleep(0)  # the batch's <r/> goes out at the end of the turn
