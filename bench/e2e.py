@@ -45,6 +45,7 @@ import base64
 import contextlib
 import json
 import os
+import pstats
 import re
 import statistics
 import subprocess
@@ -396,6 +397,19 @@ OUTBOUND_MODES: dict[str, Callable[[OurDaemons, int, Reader], Awaitable[None]]] 
 }
 
 
+PROFILE_RUNNER = """
+import cProfile, sys
+from gateway.cli import main
+prof = cProfile.Profile()
+prof.enable()
+try:
+    main(sys.argv[2:])
+finally:
+    prof.disable()
+    prof.dump_stats(sys.argv[1])
+"""
+
+
 class OurDaemons(Target):
     """Our edge + gateway, from this tree or another (--tree)."""
 
@@ -416,11 +430,15 @@ class OurDaemons(Target):
         self.gateway: subprocess.Popen[bytes] | None = None
         self.token = ""
         self.ws: WsReader | None = None
+        self.profile: Path | None = None  # --profile: the gateway runs under cProfile
 
     def _popen(self, program: str, *args: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        cmd = [sys.executable, "-m", program, *args]
+        if self.profile is not None and program == "gateway":
+            cmd = [sys.executable, "-c", PROFILE_RUNNER, str(self.profile), *args]
         with (self.dir / f"{program}.log").open("ab") as out:
-            return subprocess.Popen([sys.executable, "-m", program, *args], cwd=self.tree,
+            return subprocess.Popen(cmd, cwd=self.tree,
                                     env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
 
@@ -443,7 +461,7 @@ class OurDaemons(Target):
         deadline = time.monotonic() + 20
         while True:  # the component link is up
             with contextlib.suppress(aiohttp.ClientError):
-                async with self.http.get(f"{API}/health") as resp:
+                async with self.http.get(f"{API}/ready") as resp:
                     if resp.status == 200:
                         break
             if time.monotonic() > deadline:
@@ -660,6 +678,7 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
                             users={"alice": PASSWORD}, extra_config=quiet_log(tmp / "partner"))
     alice_conn: C2sReader | None = None
     results: dict[str, list[Result]] = {}
+    profiles: list[Path] = []
     try:
         if not args.no_outbound:
             await asyncio.to_thread(partner.start)
@@ -675,8 +694,11 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
                 out.append(OurDaemons(rdir, ca, ca_file, Path(args.tree).resolve(),
                                       "edge + gateway (baseline)", "rest"))
             if "ours" not in args.skip:
-                out.append(OurDaemons(rdir, ca, ca_file, ROOT, "edge + gateway",
-                                      args.outbound))
+                ours = OurDaemons(rdir, ca, ca_file, ROOT, "edge + gateway", args.outbound)
+                if args.profile:
+                    ours.profile = tmp / f"gateway-{round_}.prof"
+                    profiles.append(ours.profile)
+                out.append(ours)
             for software in ("prosody", "ejabberd"):
                 if software not in args.skip:
                     out.append(Peer(rdir, ca, ca_file, software))
@@ -696,6 +718,10 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
             await asyncio.to_thread(partner.stop)
         dns.stop()
     print_table([median_result(rs) for rs in results.values()], args.n, args.rounds)
+    for profile in profiles:
+        if profile.exists():
+            print(f"\ngateway profile ({profile.name}, whole run, by own time):")
+            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(30)
 
 
 def main() -> None:
@@ -706,6 +732,7 @@ def main() -> None:
     ap.add_argument("--outbound", default="rest", choices=sorted(OUTBOUND_MODES),
                     help="how bob sends through the gateway (default rest)")
     ap.add_argument("--no-outbound", action="store_true", help="inbound columns only")
+    ap.add_argument("--profile", action="store_true", help="run our gateway under cProfile")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["ours", "baseline", "prosody", "ejabberd"])
     args = ap.parse_args()

@@ -52,6 +52,7 @@ from edgeproxy.s2s import Close, Send
 from edgeproxy.xmlstream import (
     Element,
     Event,
+    StreamClosed,
     XmlStreamError,
     XmlStreamParser,
     error_condition,
@@ -207,6 +208,8 @@ class Gateway(ComponentXMPP):
         self._held: list[Element] = []
         self._holding: asyncio.TimerHandle | None = None
         self._hold_expired_now = False
+        self.hold_timeout = HOLD_TIMEOUT
+        self._may_wait = self._must_wait = False  # the slixmpp path's way to say "hold it"
         self.domain = domain
         self.store = store
         self.partners = partners
@@ -313,6 +316,8 @@ class Gateway(ComponentXMPP):
             events = parser.feed(data)
         except XmlStreamError as exc:
             self._events(exc.events)
+            if any(isinstance(ev, StreamClosed) for ev in exc.events):
+                return  # RFC 6120 4.4: the edge's stream is over; what follows is not read
             log.error("the edge's XML stream is broken (%s): closing the link", exc)
             self._close_link(exc.condition, exc.text)
             return
@@ -357,7 +362,14 @@ class Gateway(ComponentXMPP):
                 if self._counting:
                     self.outbound.handled()
                 return True
-        self._spawn_event(el.xml())
+        self._may_wait = True
+        try:
+            self._spawn_event(el.xml())
+        finally:
+            self._may_wait = False
+        if self._must_wait:
+            self._must_wait = False
+            return False
         return True
 
     def _close_link(self, condition: str | None, text: str) -> None:
@@ -475,7 +487,7 @@ class Gateway(ComponentXMPP):
 
     def _spawn_event(self, xml: ET.Element) -> None:
         super()._spawn_event(xml)  # the handlers run (and write to the store's batch) here
-        if self._counting and xml.tag in _COUNTED:
+        if self._counting and xml.tag in _COUNTED and not self._must_wait:
             # XEP-0198 h, in the same transaction as what the handler stored: a gateway killed
             # at any point resumes with a count that matches its store exactly
             self.outbound.handled()
@@ -739,8 +751,13 @@ class Gateway(ComponentXMPP):
             self._error(msg)  # 8.5.2.2.1: groupchat to a user with no resource: an error
             return
         resource = msg["to"].resource
-        if not self._keep(user, "message", msg, message_event(msg),
-                          resource if sessions and resource in sessions else None):
+        kept = self._keep_text(user, "message", stanza_text(msg.xml),
+                               json.dumps(message_event(msg)),
+                               resource if sessions and resource in sessions else None,
+                               may_wait=self._may_wait)
+        if kept is None:
+            self._must_wait = True  # _stanza holds it: nothing was done for it
+        elif not kept:
             self._error(msg, "resource-constraint", "wait")  # RFC 6120 8.3.3.18
 
     def _keep(self, user: str, kind: str, stanza: Any, event: dict[str, Any],
@@ -828,8 +845,8 @@ class Gateway(ComponentXMPP):
         link itself is read on (its <r/> answered), so it stays alive."""
         if not self._held:
             log.info("inbox of %s is full while its socket is open: the edge's stanzas wait "
-                     "until it drains (at most %g s)", el.attrs.get("to"), HOLD_TIMEOUT)
-            self._holding = self.loop.call_later(HOLD_TIMEOUT, self._hold_expired)
+                     "until it drains (at most %g s)", el.attrs.get("to"), self.hold_timeout)
+            self._holding = self.loop.call_later(self.hold_timeout, self._hold_expired)
         self._held.append(el)
 
     def _release_held(self) -> None:
@@ -849,7 +866,7 @@ class Gateway(ComponentXMPP):
         self._holding = None
         log.warning("inbox of %s stayed full for %g s with its socket open: what waited for it "
                     "bounces (<resource-constraint/>)",
-                    self._held[0].attrs.get("to") if self._held else "a user", HOLD_TIMEOUT)
+                    self._held[0].attrs.get("to") if self._held else "a user", self.hold_timeout)
         self._hold_expired_now = True
         try:
             self._release_held()
@@ -1335,7 +1352,7 @@ class Gateway(ComponentXMPP):
 
 _BODY = f"{{{NS}}}body"
 _PLAIN_TYPES = frozenset({"chat", "normal"})
-_PLAIN_ATTRS = frozenset({"to", "from", "type", "id"})
+_PLAIN_ATTRS = frozenset({"to", "from", "type", "id", "xml:lang"})
 # One <body/> of text: no markup, no reference to decode, no CR (XML 2.11 would turn it into LF)
 _PLAIN_MESSAGE = re.compile(rb"<message\b[^>]*>[ \t\n]*<body>([^<&\r]*)</body>[ \t\n]*</message>\Z")
 _json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
