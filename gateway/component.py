@@ -217,6 +217,7 @@ class Gateway(ComponentXMPP):
         self.outbound = outbound or Outbound(store.connection(), queue_limit)
         self.outbound.begin = store.begin_batch  # our h: written once per batch (save_h)
         store.before_commit(self.outbound.save_h)
+        self.outbound.prepare_commit = store.prepare_commit
         self.link_up = False  # the XEP-0114 handshake is done
         self.sm_active = False  # XEP-0198 enabled or resumed: outbox rows may be written
         self._counting = False  # the edge's stanzas count toward our h

@@ -91,6 +91,9 @@ class Outbound:
         # Opens the store's batch for this turn (Gateway: SqliteStore.begin_batch); our h is
         # then written once, right before the batch commits (save_h), instead of per stanza.
         self.begin: Callable[[], bool] | None = None
+        # What the store must write before any commit (SqliteStore.prepare_commit: its
+        # counters, then our h); our own transactions end the store's batch too
+        self.prepare_commit: Callable[[], None] | None = None
         self.sent: Outbox[int] = Outbox(int(state.get("acked_h", "0")))
         self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
@@ -107,7 +110,7 @@ class Outbound:
             return None
         now = time.time()
         with self._db:
-            self.save_h()  # this commits the open batch too: with the count that matches it
+            self._prepare_commit()  # this commits the open batch too: with what goes with it
             row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
                                    (stanza, now)).lastrowid
             if user is not None and msg_id:
@@ -168,6 +171,12 @@ class Outbound:
         if self.begin is None or not self.begin():
             self.save_h()  # no batch: written (and committed) at once
 
+    def _prepare_commit(self) -> None:
+        if self.prepare_commit is not None:
+            self.prepare_commit()
+        else:
+            self.save_h()
+
     def save_h(self) -> None:
         """Write our h if it changed; inside the open batch, right before it commits."""
         if self.inbox.h != self._h_saved:
@@ -192,7 +201,7 @@ class Outbound:
     def _release(self, rows: list[int], h: int) -> None:
         now = time.time()
         with self._db:
-            self.save_h()
+            self._prepare_commit()
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in rows])
             self._db.executemany("UPDATE message_status SET state = 'accepted', updated = ? "
                                  "WHERE outbox_id = ? AND state IN ('queued', 'sent')",
