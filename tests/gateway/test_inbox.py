@@ -334,3 +334,19 @@ def test_the_stored_stanza_parses_back_to_the_received_one():
     ):
         element = ET.fromstring(xml)
         assert ET.tostring(ET.fromstring(stanza_text(element))) == ET.tostring(element), xml
+
+
+async def test_a_message_to_an_online_user_costs_one_insert_and_no_lookup(gw, store):
+    """Issue 10: an online user's roster is held in memory (written through), and the inbox's
+    use is counted per batch, so once the first message has read the counters a plain message
+    costs the INSERT of its inbox row and nothing else: no user, contact or limit lookup."""
+    session = gw.user_online("bob")
+    gw.feed(chat(1))
+    statements: list[str] = []
+    store.connection().set_trace_callback(statements.append)
+    try:
+        gw.feed(chat(2))
+    finally:
+        store.connection().set_trace_callback(None)
+    assert [s.split()[0] for s in statements] == ["INSERT"], statements
+    assert [e["body"] for e in Events(gw, session).of("message")] == ["1", "2"]
