@@ -38,7 +38,8 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
     ssl_context = client_ssl_context(cfg)  # LinkTlsError: before anything is opened
     store = SqliteStore(cfg.database, cfg.inbox)
     gateway = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
-                      cfg.partners, ssl_context=ssl_context, server_name=server_name(cfg))
+                      cfg.partners, ssl_context=ssl_context,
+                      ssl_server_name=server_name(cfg))
     gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
     refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
     live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None

@@ -19,6 +19,8 @@ now, and its answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -33,14 +35,29 @@ from xml.etree import ElementTree as ET
 from slixmpp import JID, ComponentXMPP, InvalidJID
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq, Message, Presence
-from slixmpp.xmlstream import tostring
+from slixmpp.xmlstream import StanzaBase, tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from edgeproxy import link
-from edgeproxy.link import LINK_PING, LINK_TIMEOUT, NS_SM, set_tcp_user_timeout
+from edgeproxy.component import (
+    ComponentAuthenticated,
+    ComponentConnector,
+    LinkControl,
+    LinkRefused,
+)
+from edgeproxy.link import LINK_PING, LINK_TIMEOUT, set_tcp_user_timeout
 from edgeproxy.partners import PartnerTable, PartnerType
-from edgeproxy.xmlstream import error_condition
+from edgeproxy.s2s import Close, Send
+from edgeproxy.xmlstream import (
+    Element,
+    Event,
+    StreamClosed,
+    XmlStreamError,
+    XmlStreamParser,
+    error_condition,
+    stream_error,
+)
 
 from . import rules
 from .link import DEFAULT_OUTBOX_LIMIT, Outbound
@@ -62,6 +79,14 @@ SHOW_VALUES = ("", "away", "chat", "dnd", "xa")  # RFC 6121 4.7.2.1; "" = availa
 # Local users' pings leave from this fixed resource: a ping needs no open WebSocket, and the
 # answer is taken by the waiting request whatever resource it is addressed to.
 PING_RESOURCE = "api"
+# The edge's component link carries stanzas up to max(its stanza_size_limit, 1 MiB); the edge
+# is trusted, so the gateway's own limit only has to be above any limit it may be set to.
+LINK_MAX_STANZA = 16 << 20
+CONNECT_TIMEOUT = 10.0  # seconds for TCP (and TLS) to the edge's component port
+# How long the edge's stanzas may wait for a local user whose inbox is full while one of their
+# sockets is open (it may drain and acknowledge); then they bounce as for an offline user.
+HOLD_TIMEOUT = 30.0
+_SM_FROM_EDGE = frozenset({"enabled", "resumed", "failed", "r", "a"})  # XEP-0198 3-5
 _COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
 _STANZA_STARTS = ("<message", "<presence", "<iq")
 
@@ -203,17 +228,33 @@ class Gateway(ComponentXMPP):
                  partners: PartnerTable, *, queue_limit: int = DEFAULT_OUTBOX_LIMIT,
                  min_backoff: float = 0.25, max_backoff: float = 10.0,
                  outbound: Outbound | None = None, ssl_context: ssl.SSLContext | None = None,
-                 server_name: str | None = None):
+                 ssl_server_name: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
         super().__init__(domain, secret, host, port)
-        if ssl_context is not None:  # gateway/linktls.py: TLS from the first byte, no plaintext
-            self.ssl_context, self.default_domain = ssl_context, server_name or host
-            self.enable_plaintext, self.enable_direct_tls = False, True
-            self.tls_services = {"edge-component-tls"}
+        # the link's TLS (gateway/linktls.py's client_ssl_context) and the edge's name to
+        # verify (default: the host connected to); None = plain TCP (loopback)
+        self.link_ssl_context, self.ssl_server_name = ssl_context, ssl_server_name
+        self.connect_timeout = connect_timeout
+        self._connecting: asyncio.Task[None] | None = None
+        self._parser: XmlStreamParser | None = None
+        self._connector: ComponentConnector | None = None
+        self._out: list[bytes] = []  # written to the link at the end of this loop turn
+        self._flush_scheduled = False
+        self._write_paused = False  # the transport's buffer is full (asyncio pause_writing)
+        # the edge's stanzas waiting, in order, while a local user's inbox is full (_hold)
+        self._held: list[Element] = []
+        self._holding: asyncio.TimerHandle | None = None
+        self._hold_expired_now = False
+        self.hold_timeout = HOLD_TIMEOUT
+        self._may_wait = self._must_wait = False  # the slixmpp path's way to say "hold it"
         self.domain = domain
         self.store = store
         self.partners = partners
         # what local users send waits here (SQLite) until the edge acknowledges it
         self.outbound = outbound or Outbound(store.connection(), queue_limit)
+        self.outbound.begin = store.begin_batch  # our h: written once per batch (save_h)
+        store.before_commit(self.outbound.save_h)
+        self.outbound.prepare_commit = store.prepare_commit
         self.link_up = False  # the XEP-0114 handshake is done
         self.sm_active = False  # XEP-0198 enabled or resumed: outbox rows may be written
         self._counting = False  # the edge's stanzas count toward our h
@@ -252,13 +293,7 @@ class Gateway(ComponentXMPP):
         self.register_handler(Callback("gateway presence", MatchXPath(f"{{{NS}}}presence"),
                                        self.on_presence))
         self.register_handler(Callback("gateway iq", MatchXPath(f"{{{NS}}}iq"), self.on_iq))
-        for name in ("enabled", "resumed", "failed", "r", "a"):
-            self.register_handler(Callback(f"link {name}", MatchXPath(f"{{{NS_SM}}}{name}"),
-                                           getattr(self, f"_sm_{name}")))
-        self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
-        self.add_event_handler("connection_failed", self._on_connection_failed)
-        self.add_event_handler("stream_error", self._on_link_refused)
 
     @property
     def queue_limit(self) -> int:
@@ -268,7 +303,157 @@ class Gateway(ComponentXMPP):
     def queue_limit(self, value: int) -> None:
         self.outbound.limit = value
 
-    # link to the edge (XEP-0114, acknowledged with XEP-0198: gateway/link.py) -----------------
+    # the link to the edge: transport (the edge's sans-I/O XML stream and XEP-0114 connector) --
+
+    def connect(self, host: str | None = None, port: int | None = None) -> None:  # type: ignore[override]
+        """Open the component link (in the background): TCP (TLS with `ssl_context`), within
+        `connect_timeout`; a failure retries on our own backoff schedule."""
+        if host is not None:
+            self.server_host = host
+        if port is not None:
+            self.server_port = port
+        if self._connecting is not None or self.transport is not None or self.closing:
+            return
+        self._connecting = self.loop.create_task(self._open_link())
+
+    async def _open_link(self) -> None:
+        ssl_context = self.link_ssl_context
+        try:
+            await asyncio.wait_for(self.loop.create_connection(
+                lambda: self, self.server_host, self.server_port, ssl=ssl_context,
+                server_hostname=(self.ssl_server_name or self.server_host)
+                if ssl_context is not None else None), self.connect_timeout)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            self._connecting = None
+            self._on_connection_failed(f"no connection within {self.connect_timeout:g} s")
+        except (OSError, ssl.SSLError) as exc:
+            self._connecting = None
+            self._on_connection_failed(exc)
+        else:
+            self._connecting = None
+
+    def cancel_connection_attempt(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+
+    def connection_made(self, transport: Any, send_event: bool = True) -> None:
+        self.transport = transport
+        self.socket = transport.get_extra_info("socket")
+        set_tcp_user_timeout(transport, LINK_TIMEOUT)
+        self.link_up = self._read_paused = self._write_paused = False
+        self._parser = XmlStreamParser(max_stanza_size=LINK_MAX_STANZA)
+        self._connector = ComponentConnector(self.domain, self.secret)
+        self.disconnect_reason = None
+        self._raw(self._connector.open())
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        """The edge's bytes: parsed by the edge's own XML stream parser; the connector turns its
+        events into actions (the stanzas themselves, as raw bytes with their attributes)."""
+        self.last_heard = time.monotonic()
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            events = parser.feed(data)
+        except XmlStreamError as exc:
+            self._events(exc.events)
+            if any(isinstance(ev, StreamClosed) for ev in exc.events):
+                return  # RFC 6120 4.4: the edge's stream is over; what follows is not read
+            log.error("the edge's XML stream is broken (%s): closing the link", exc)
+            self._close_link(exc.condition, exc.text)
+            return
+        if events:
+            self._events(events)
+
+    def _events(self, events: list[Event]) -> None:
+        """Carry out the events of one read, in order. While stanzas are held (`_hold`: a
+        local user's inbox is full) the later ones wait behind them; XEP-0198 elements are
+        still answered."""
+        connector = self._connector
+        if connector is None:
+            return
+        for ev in events:
+            for action in connector.receive(ev):
+                if type(action) is Element:
+                    if self._held or not self._stanza(action):
+                        self._hold(action)
+                elif isinstance(action, Send):
+                    self._raw(action.data)
+                elif isinstance(action, LinkControl):
+                    self._link_control(action)
+                elif isinstance(action, ComponentAuthenticated):
+                    self._on_session_start(None)
+                elif isinstance(action, LinkRefused):
+                    self._on_link_refused(action)
+                elif isinstance(action, Close):
+                    if action.condition is not None:
+                        log.error("closing the component link: %s", action.reason)
+                    self._close_link(action.condition, action.reason)
+                    return
+            if self._connector is not connector:  # the link ended meanwhile
+                return
+
+    def _stanza(self, el: Element) -> bool:
+        """One of the edge's stanzas; False (nothing done, not counted) when it must wait."""
+        if el.name == "message":
+            done = self.on_message_element(el)
+            if done is None:
+                return False
+            if done:
+                if self._counting:
+                    self.outbound.handled()
+                return True
+        self._may_wait = True
+        try:
+            self._spawn_event(el.xml())
+        finally:
+            self._may_wait = False
+        if self._must_wait:
+            self._must_wait = False
+            return False
+        return True
+
+    def _close_link(self, condition: str | None, text: str) -> None:
+        """End the stream (with a stream error if `condition`) and the connection."""
+        self._connector = None
+        self._parser = None
+        if condition is not None:
+            self._raw(stream_error(condition, text))
+        else:
+            self._raw(b"</stream:stream>")
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the outbox rows wait in SQLite instead."""
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
+
+    def connection_lost(self, exception: BaseException | None) -> None:
+        self._connector = None
+        self._parser = None
+        self._held = []  # not counted in our h: the edge writes them again on the next link
+        if self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
+        self._out.clear()
+        self.transport = None
+        self.socket = None
+        self._set_disconnected_future()
+        self.event("disconnected", self.disconnect_reason or exception)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # the link to the edge: XEP-0114 session and XEP-0198 acknowledgements (gateway/link.py) ---
 
     def _on_session_start(self, _event: Any) -> None:
         self.link_up = True
@@ -280,23 +465,40 @@ class Gateway(ComponentXMPP):
         else:
             self._raw(link.enable())
         self._schedule_keepalive()
+        # slixmpp's own session state: Iq.send and stanzas queued by slixmpp may go now
+        self.session_bind_event.set()
+        self.sessionstarted = True
+        self.event("session_start")
 
-    def _sm_enabled(self, stanza: Any) -> None:
-        link_id = stanza.xml.get("id", "")
+    def _link_control(self, control: LinkControl) -> None:
+        if control.name not in _SM_FROM_EDGE:  # enable / resume: the edge's to answer
+            log.error("the edge sent <%s/> (urn:xmpp:sm:3), which only a component sends: "
+                      "closing the link", control.name)
+            self._close_link("unsupported-stanza-type", f"<{control.name}/> from the edge")
+            return
+        getattr(self, f"_sm_{control.name}")(control.attrs)
+
+    def _sm_enabled(self, attrs: dict[str, str]) -> None:
+        link_id = attrs.get("id", "")
         self.outbound.new_link(link_id)
         log.info("component link to the edge is up (%s:%s), link %s; %d stanza(s) to send",
                  self.server_host, self.server_port, link_id, self.outbound.waiting)
         self._link_ready()
 
-    def _sm_resumed(self, stanza: Any) -> None:
-        h = link.parse_h(stanza.xml.get("h"))
+    def _sm_resumed(self, attrs: dict[str, str]) -> None:
+        try:
+            h = link.parse_h(attrs.get("h"))
+        except link.SmError as exc:
+            log.error("the edge's <resumed/> is wrong (%s): reconnecting", exc)
+            self.abort()
+            return
         done = self.outbound.resumed(h)
         self.outbound.rewind()
         log.info("component link to the edge resumed (link %s): the edge had %d more of ours; "
                  "%d stanza(s) to send", self.outbound.link_id, done, self.outbound.waiting)
         self._link_ready()
 
-    def _sm_failed(self, _stanza: Any) -> None:
+    def _sm_failed(self, _attrs: dict[str, str]) -> None:
         log.info("the edge no longer holds link %s (it restarted): starting a new one",
                  self.outbound.link_id)
         self._raw(link.enable())
@@ -310,13 +512,13 @@ class Gateway(ComponentXMPP):
             for resource in resources:
                 self._broadcast(user, resource)
 
-    def _sm_r(self, _stanza: Any) -> None:
+    def _sm_r(self, _attrs: dict[str, str]) -> None:
         self.commit_point()  # what we acknowledge is on disk first
         self._raw(link.ack(self.outbound.inbox.h))
 
-    def _sm_a(self, stanza: Any) -> None:
+    def _sm_a(self, attrs: dict[str, str]) -> None:
         try:
-            self.outbound.acked(link.parse_h(stanza.xml.get("h")))
+            self.outbound.acked(link.parse_h(attrs.get("h")))
         except link.SmError as exc:
             log.error("the edge's acknowledgement is wrong (%s): reconnecting", exc)
             self.abort()
@@ -327,16 +529,19 @@ class Gateway(ComponentXMPP):
             # are 'accepted' without waiting for an idle link's ping
             self._request_ack()
 
-    def incoming_filter(self, xml: ET.Element) -> ET.Element:
-        self.last_heard = time.monotonic()
-        return xml
-
     def _spawn_event(self, xml: ET.Element) -> None:
         super()._spawn_event(xml)  # the handlers run (and write to the store's batch) here
-        if self._counting and xml.tag in _COUNTED:
+        if self._counting and xml.tag in _COUNTED and not self._must_wait:
             # XEP-0198 h, in the same transaction as what the handler stored: a gateway killed
             # at any point resumes with a count that matches its store exactly
             self.outbound.handled()
+
+    def send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+        """slixmpp's stanzas (Iq.send's pings) go to send_raw at once, in order: no slixmpp send
+        queue task (it exists for slixmpp's filters; this component has none)."""
+        if isinstance(data, StanzaBase):
+            data = str(tostring(data.xml, xmlns=self.default_ns, stream=self, top_level=True))
+        self.send_raw(data)
 
     def send_raw(self, data: str | bytes) -> None:
         """Every stanza slixmpp writes (iq replies, pings) goes through the outbox too, so the
@@ -346,15 +551,27 @@ class Gateway(ComponentXMPP):
             self.outbound.add(text, force=True)
             self._pump()
             return
-        super().send_raw(data)
+        self._raw(text.encode())
 
     def _raw(self, data: bytes) -> None:
-        if self.transport is not None:
-            super().send_raw(data)
+        """Write on the link at the end of this event-loop turn, with everything else written
+        in it (one send() per turn, as the edge does for its streams)."""
+        if self.transport is None:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
 
     def _pump(self) -> None:
         """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
-        if not self.sm_active:
+        if not self.sm_active or self._write_paused:
             return
         rows = self.outbound.unsent(self._last_row)
         if not rows:
@@ -368,7 +585,7 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._request_ack)
 
     def _transmit(self, text: str) -> None:
-        super().send_raw(text)
+        self._raw(text.encode())
 
     def _request_ack(self) -> None:
         self._want_ack = False
@@ -398,10 +615,6 @@ class Gateway(ComponentXMPP):
             self._raw(link.REQUEST)
         self._schedule_keepalive()
 
-    def connection_made(self, transport: Any, send_event: bool = True) -> None:
-        super().connection_made(transport, send_event)
-        set_tcp_user_timeout(transport, LINK_TIMEOUT)
-
     def _on_disconnected(self, reason: Any) -> None:
         was_up = self.link_up
         self.link_up = self.sm_active = self._counting = False
@@ -427,11 +640,11 @@ class Gateway(ComponentXMPP):
             self.backoff = self.min_backoff
         self.loop.call_later(delay, self._reconnect)
 
-    def _on_link_refused(self, error: Any) -> None:
+    def _on_link_refused(self, refused: LinkRefused) -> None:
         """The edge closed the link with a stream error (RFC 6120 4.9.3): say why in words,
         and wait the longest backoff where retrying at once cannot help (XEP-0114 handshake
         refusals, another gateway holding the domain)."""
-        condition, text = error_condition(error.xml)
+        condition, text = refused.condition, refused.text
         reason = LINK_REFUSALS.get(condition, "").format(domain=self.domain)
         self.link_refused = f"<{condition}/>" + (f": {reason}" if reason else "") + (
             f" (edge says: {text})" if text else "")
@@ -443,7 +656,6 @@ class Gateway(ComponentXMPP):
 
     def _on_connection_failed(self, error: Any) -> None:
         # our own schedule, short first: the edge is often back within a second (a restart)
-        self.cancel_connection_attempt()
         if self.closing:
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
@@ -453,7 +665,7 @@ class Gateway(ComponentXMPP):
         self.loop.call_later(delay, self._reconnect)
 
     def _reconnect(self) -> None:
-        if not self.closing and not self.link_up:
+        if not self.closing and not self.link_up and self.transport is None:
             self.connect()
 
     async def close(self) -> None:
@@ -467,7 +679,17 @@ class Gateway(ComponentXMPP):
             if self.sm_active:  # our last count, so the edge can let go of what we have
                 self.commit_point()
                 self._raw(link.ack(self.outbound.inbox.h))
-            await self.disconnect(wait=1.0)
+            # RFC 6120 4.4: close our stream, wait (1 s at most) for the edge to close its own
+            ended = asyncio.ensure_future(self.wait_until("disconnected", 1.0))
+            await asyncio.sleep(0)
+            self._raw(b"</stream:stream>")
+            self._flush()
+            try:
+                await ended
+            except TimeoutError:
+                self.abort()
+                with contextlib.suppress(TimeoutError):
+                    await self.wait_until("disconnected", 1.0)
 
     def emit(self, stanza: Any, *, user: str | None = None) -> None:
         """Keep one stanza in the outbox (durable before the caller answers) and send it when
@@ -513,10 +735,14 @@ class Gateway(ComponentXMPP):
 
     def verdict(self, user: str, remote: JID, direction: Direction, kind: Kind,
                 *, user_exists: bool = True) -> Verdict:
-        if user_exists and remote.domain != self.domain and self.may_not_federate(user):
+        return self._verdict(user, remote.bare, remote.domain, direction, kind, user_exists)
+
+    def _verdict(self, user: str, bare: str, domain: str, direction: Direction, kind: Kind,
+                 user_exists: bool) -> Verdict:
+        if user_exists and domain != self.domain and self.may_not_federate(user):
             user_exists = False  # partners see no such user (RFC 6121: never reveal it)
-        contact = self.store.contact(user, remote.bare) if user_exists else None
-        ptype = self.partner_type(remote.domain)
+        contact = self.store.contact(user, bare) if user_exists else None
+        ptype = self.partner_type(domain)
         outcome = rules.decide(ptype, direction, kind, contact.state if contact else NO_CONTACT,
                                user_exists=user_exists)
         return Verdict(outcome, ptype, contact)
@@ -575,18 +801,31 @@ class Gateway(ComponentXMPP):
             self._error(msg)  # 8.5.2.2.1: groupchat to a user with no resource: an error
             return
         resource = msg["to"].resource
-        if not self._keep(user, "message", msg, message_event(msg),
-                          resource if sessions and resource in sessions else None):
+        kept = self._keep_text(user, "message", stanza_text(msg.xml),
+                               json.dumps(message_event(msg)),
+                               resource if sessions and resource in sessions else None,
+                               may_wait=self._may_wait)
+        if kept is None:
+            self._must_wait = True  # _stanza holds it: nothing was done for it
+        elif not kept:
             self._error(msg, "resource-constraint", "wait")  # RFC 6120 8.3.3.18
 
     def _keep(self, user: str, kind: str, stanza: Any, event: dict[str, Any],
               resource: str | None) -> bool:
         """Store an event (and its stanza) in the user's inbox and wake the sockets that may
         take it; False (logged once per spell) when the inbox is at its limit."""
+        return self._keep_text(user, kind, stanza_text(stanza.xml), json.dumps(event),
+                               resource) is True
+
+    def _keep_text(self, user: str, kind: str, stanza: str, event: str, resource: str | None,
+                   *, may_wait: bool = False) -> bool | None:
+        """`_keep` with the texts made; with `may_wait`, None (nothing refused) when the inbox
+        is full while a socket of the user's is open: it may drain (`_hold`)."""
         try:
-            self.store.add_event(user, kind, stanza_text(stanza.xml), json.dumps(event),
-                                 resource)
+            self.store.add_event(user, kind, stanza, event, resource)
         except InboxFull as exc:
+            if may_wait and self.sessions.get(user) and not self._hold_expired_now:
+                return None
             self.inbox_refused += 1
             self.refused[user] = self.refused.get(user, 0) + 1
             if self.refused[user] == 1:
@@ -598,10 +837,91 @@ class Gateway(ComponentXMPP):
         if user in self.refused:
             log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
                         user, self.domain, self.refused.pop(user))
-        sessions = self.sessions.get(user, {})
-        for session in [sessions[resource]] if resource else sessions.values():
-            session.ready.set()
+        sessions = self.sessions.get(user)
+        if sessions:
+            if resource:
+                sessions[resource].ready.set()
+            else:
+                for session in sessions.values():
+                    session.ready.set()
         return True
+
+    # inbound: the hot path (a plain message, from the link's raw bytes) ------------------------
+
+    def on_message_element(self, el: Element) -> bool | None:
+        """A plain chat or normal message (the attributes to/from/type/id, one <body/> of
+        text) as the edge's XML stream parsed it: rules, inbox and event from the raw bytes and
+        attributes, no tree and no slixmpp stanza. True: done; False: not plain or not
+        delivered (the caller takes the slixmpp path, `on_message`, which knows every case);
+        None: the user's inbox is full while one of their sockets is open - it must wait."""
+        attrs = el.attrs
+        mtype = attrs.get("type")
+        if (mtype is not None and mtype not in _PLAIN_TYPES) or not el.self_contained \
+                or self.log_bodies or not _PLAIN_ATTRS.issuperset(attrs):
+            return False
+        plain = _PLAIN_MESSAGE.match(el.raw)
+        if plain is None:
+            return False
+        to, frm = _jid_parts(attrs.get("to", "")), _jid_parts(attrs.get("from", ""))
+        if to is None or frm is None or not to[0] or not frm[1]:
+            return False
+        user, resource = to[0], to[2]
+        sessions = self.sessions.get(user)
+        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
+                          bool(sessions) or self.store.user_exists(user))
+        if v.outcome.decision is not Decision.DELIVER:
+            return False
+        mid = attrs.get("id")
+        # what message_event() makes, in json.dumps' own form
+        event = (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
+                 f'{_json_str(to[4])}, "id": {_json_str(mid) if mid else "null"}, "type": '
+                 f'{_json_str(mtype or "normal")}, "body": '
+                 f'{_json_str(plain.group(1).decode())}}}')
+        # the raw stanza, in the link's namespace (it declares none itself: self_contained)
+        stanza = f'<message xmlns="{NS}"' + el.raw[8:].decode()
+        kept = self._keep_text(user, "message", stanza, event,
+                               resource if sessions and resource in sessions else None,
+                               may_wait=True)
+        if kept is None:
+            return None
+        if not kept:
+            self._error(self._build_stanza(el.xml()), "resource-constraint", "wait")
+        return True
+
+    def _hold(self, el: Element) -> None:
+        """Keep one of the edge's stanzas, in order, until the full inbox drains (a client
+        acknowledges, or its socket closes) or HOLD_TIMEOUT passes. Held stanzas are not
+        counted in our h, so the edge keeps them and its byte budget pauses the partner; the
+        link itself is read on (its <r/> answered), so it stays alive."""
+        if not self._held:
+            log.info("inbox of %s is full while its socket is open: the edge's stanzas wait "
+                     "until it drains (at most %g s)", el.attrs.get("to"), self.hold_timeout)
+            self._holding = self.loop.call_later(self.hold_timeout, self._hold_expired)
+        self._held.append(el)
+
+    def _release_held(self) -> None:
+        """Room again: handle the held stanzas in order, until one has to wait again."""
+        held = self._held
+        done = 0
+        while done < len(held):
+            if not self._stanza(held[done]):
+                break
+            done += 1
+        del held[:done]
+        if not held and self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
+
+    def _hold_expired(self) -> None:
+        self._holding = None
+        log.warning("inbox of %s stayed full for %g s with its socket open: what waited for it "
+                    "bounces (<resource-constraint/>)",
+                    self._held[0].attrs.get("to") if self._held else "a user", self.hold_timeout)
+        self._hold_expired_now = True
+        try:
+            self._release_held()
+        finally:
+            self._hold_expired_now = False
 
     # inbound: iq --------------------------------------------------------------------------------
 
@@ -757,6 +1077,8 @@ class Gateway(ComponentXMPP):
         removed, token replaced); `token_hash` is that of the token it was opened with."""
         resource = "ws-" + secrets.token_hex(4)
         first = not self.sessions.get(user)
+        if first:
+            self.store.keep_roster(user)  # a message to an online user costs no query
         session = self.sessions.setdefault(user, {})[resource] = Session(
             user, self.domain, resource, close or (lambda code, reason: None), token_hash,
             self.store.last_event_id(user))
@@ -808,6 +1130,8 @@ class Gateway(ComponentXMPP):
         if upto > session.acked:
             session.acked = upto
             self._delete_acked(session.user)
+            if self._held:
+                self._release_held()
 
     def _delete_acked(self, user: str) -> None:
         sessions = list(self.sessions.get(user, {}).values())
@@ -823,7 +1147,10 @@ class Gateway(ComponentXMPP):
 
     def ack_inbox(self, user: str, upto: int) -> int:
         """REST: delete every stored event up to seq `upto`; how many went."""
-        return self.store.ack_events(user, upto, None)
+        gone = self.store.ack_events(user, upto, None)
+        if self._held:
+            self._release_held()
+        return gone
 
     def user_offline(self, session: Session) -> None:
         """A WebSocket closed: unavailable to subscribers and to everyone else this resource
@@ -842,8 +1169,12 @@ class Gateway(ComponentXMPP):
         full = session.jid
         recipients = {c.jid for c in self.store.contacts(user) if c.state.contact_sees_user}
         recipients |= session.announced
+        if user not in self.sessions:
+            self.store.drop_roster(user)
         for jid in sorted(recipients):
             self._try_emit(self.make_presence(pto=jid, pfrom=full, ptype="unavailable"))
+        if self._held:  # what waited for this socket is stored for the user now, or bounces
+            self._release_held()
 
     def _end_sessions(self, user: str, why: tuple[int, str]) -> None:
         """Close every socket of the user (code and reason) and take its resource offline."""
@@ -1163,6 +1494,22 @@ class Gateway(ComponentXMPP):
 
 
 _BODY = f"{{{NS}}}body"
+_PLAIN_TYPES = frozenset({"chat", "normal"})
+_PLAIN_ATTRS = frozenset({"to", "from", "type", "id", "xml:lang"})
+# One <body/> of text: no markup, no reference to decode, no CR (XML 2.11 would turn it into LF)
+_PLAIN_MESSAGE = re.compile(rb"<message\b[^>]*>[ \t\n]*<body>([^<&\r]*)</body>[ \t\n]*</message>\Z")
+_json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _jid_parts(value: str) -> tuple[str, str, str, str, str] | None:
+    """(user, domain, resource, bare, full) of a JID as slixmpp normalises it (RFC 7622),
+    None if invalid; cached, so a sender's JID is parsed once."""
+    try:
+        jid = JID(value)
+    except InvalidJID:
+        return None
+    return jid.user, jid.domain, jid.resource, jid.bare, jid.full
 _PLAIN_TAGS = {f"{{{NS}}}message": "message"}
 
 

@@ -88,6 +88,13 @@ class Outbound:
         state = dict(self._db.execute("SELECT key, value FROM link_state"))
         self.link_id: str | None = state.get("link_id")
         self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
+        self._h_saved = self.inbox.h
+        # Opens the store's batch for this turn (Gateway: SqliteStore.begin_batch); our h is
+        # then written once, right before the batch commits (save_h), instead of per stanza.
+        self.begin: Callable[[], bool] | None = None
+        # What the store must write before any commit (SqliteStore.prepare_commit: its
+        # counters, then our h); our own transactions end the store's batch too
+        self.prepare_commit: Callable[[], None] | None = None
         self.sent: Outbox[int] = Outbox(int(state.get("acked_h", "0")))
         self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         # told which rows went out ('sent') and which the edge acknowledged ('accepted'), so
@@ -107,6 +114,7 @@ class Outbound:
             return None
         now = time.time()
         with self._atomic():
+            self._prepare_commit()  # this commits the open batch too: with what goes with it
             row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
                                    (stanza, now)).lastrowid
             if user is not None and msg_id:
@@ -159,6 +167,7 @@ class Outbound:
         """`<enabled/>`: a new session; every row still here goes out again in it."""
         self.link_id = link_id
         self.inbox = Inbox()
+        self._h_saved = 0
         self.sent.restart()
         self._save(link_id=link_id, h_in="0", acked_h="0")
 
@@ -187,7 +196,20 @@ class Outbound:
         """One more of the edge's stanzas is handled: our h, written in the same transaction as
         what the handler stored (the caller commits both before its next <a h=''/>)."""
         self.inbox.handled()
-        self._save(h_in=str(self.inbox.h))
+        if self.begin is None or not self.begin():
+            self.save_h()  # no batch: written (and committed) at once
+
+    def _prepare_commit(self) -> None:
+        if self.prepare_commit is not None:
+            self.prepare_commit()
+        else:
+            self.save_h()
+
+    def save_h(self) -> None:
+        """Write our h if it changed; inside the open batch, right before it commits."""
+        if self.inbox.h != self._h_saved:
+            self._save(h_in=str(self.inbox.h))
+            self._h_saved = self.inbox.h
 
     # -- status ------------------------------------------------------------------------------------
     def bounced(self, user: str, msg_id: str, condition: str, text: str | None) -> bool:
@@ -225,6 +247,7 @@ class Outbound:
     def _release(self, rows: list[int], h: int) -> None:
         now = time.time()
         with self._atomic():
+            self._prepare_commit()
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in rows])
             self._db.executemany("UPDATE message_status SET state = 'accepted', updated = ? "
                                  "WHERE outbox_id = ? AND state IN ('queued', 'sent')",

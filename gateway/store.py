@@ -33,7 +33,7 @@ from slixmpp import JID, InvalidJID
 
 from .rules import Subscription, SubState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE users (
@@ -103,6 +103,10 @@ INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp)
     FROM offline ORDER BY id;
 DROP TABLE offline;
 """
+# Version 3: the store counts what a batch adds itself and updates users.inbox_count /
+# inbox_bytes once per user and batch (a trigger per row cost more than the row's own insert);
+# removals are still counted by the trigger.
+_SCHEMA_3 = "DROP TRIGGER inbox_added;"
 _V1_TO_V2 = ("ALTER TABLE users ADD COLUMN inbox_count INTEGER NOT NULL DEFAULT 0;"
              "ALTER TABLE users ADD COLUMN inbox_bytes INTEGER NOT NULL DEFAULT 0;")
 
@@ -201,6 +205,11 @@ class Store(Protocol):
     def last_event_id(self, user: str) -> int: ...
     def inbox_usage(self, user: str) -> tuple[int, int]: ...
     def batch_commits(self, on_begin: Callable[[], None]) -> None: ...
+    def begin_batch(self) -> bool: ...
+    def before_commit(self, hook: Callable[[], None]) -> None: ...
+    def prepare_commit(self) -> None: ...
+    def keep_roster(self, user: str) -> None: ...
+    def drop_roster(self, user: str) -> None: ...
     def connection(self) -> sqlite3.Connection: ...
     def record_filtered(self, user: str, jid: str, kind: str) -> None: ...
     def filtered(self, user: str) -> list[FilteredRequest]: ...
@@ -222,7 +231,15 @@ class SqliteStore:
         self.path = Path(path)
         self.limits = limits
         self._on_begin: Callable[[], None] | None = None
+        self._before_commit: list[Callable[[], None]] = []
         self._closed = False
+        # Rosters of online users, write-through (keep_roster): a message to them costs no
+        # query; user -> bare JID -> contact
+        self._rosters: dict[str, dict[str, Contact]] = {}
+        # The inbox's use per user as the file will have it at the end of this batch (read
+        # once, then counted here), and what the batch added (written to users at commit)
+        self._usage: dict[str, list[int]] = {}
+        self._added: dict[str, list[int]] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit
@@ -252,13 +269,16 @@ class SqliteStore:
             raise StoreError(f"{self.path} has schema version {version}; this gateway knows "
                              f"only up to {SCHEMA_VERSION} (a newer gateway wrote it)")
         if version == 0:
-            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2
+            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2 + _SCHEMA_3
                                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         elif version == 1:
             self._db.executescript("BEGIN;" + _V1_TO_V2 + _SCHEMA_2 + "UPDATE users SET "
                                    "inbox_count = (SELECT count(*) FROM inbox WHERE user = name),"
                                    " inbox_bytes = (SELECT coalesce(sum(size), 0) FROM inbox "
-                                   f"WHERE user = name); PRAGMA user_version={SCHEMA_VERSION};"
+                                   f"WHERE user = name); {_SCHEMA_3} "
+                                   f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version == 2:
+            self._db.executescript(f"BEGIN; {_SCHEMA_3} PRAGMA user_version={SCHEMA_VERSION};"
                                    " COMMIT;")
 
     def connection(self) -> sqlite3.Connection:
@@ -276,10 +296,32 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._on_begin()
 
+    def begin_batch(self) -> bool:
+        """Open the batch now if none is open (a write follows later in this turn, e.g. at
+        commit time); False when writes are not batched (each one commits by itself)."""
+        self._write()
+        return self._db.in_transaction
+
+    def before_commit(self, hook: Callable[[], None]) -> None:
+        """`hook` runs inside every batch right before its COMMIT (the link's counters)."""
+        self._before_commit.append(hook)
+
+    def prepare_commit(self) -> None:
+        """What must be written in the batch right before it commits: the inbox counters and
+        the hooks (the link's h). Whoever ends the transaction calls this first."""
+        if self._added:
+            self._db.executemany(
+                "UPDATE users SET inbox_count = inbox_count + ?, inbox_bytes = inbox_bytes + ? "
+                "WHERE name = ?", [(n, size, user) for user, (n, size) in self._added.items()])
+            self._added.clear()
+        for hook in self._before_commit:
+            hook()
+
     def commit(self) -> None:
         """End the open batch (if any): its writes are then durable."""
         if not self._closed and self._db.in_transaction:
             try:
+                self.prepare_commit()
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
@@ -305,6 +347,9 @@ class SqliteStore:
         return token
 
     def remove_user(self, name: str) -> bool:
+        self._rosters.pop(name, None)
+        self._usage.pop(name, None)
+        self._added.pop(name, None)
         self._write()
         return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
 
@@ -325,6 +370,8 @@ class SqliteStore:
         return [r[0] for r in self._db.execute("SELECT name FROM users ORDER BY name")]
 
     def user_exists(self, name: str) -> bool:
+        if name in self._rosters:
+            return True
         row = self._db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone()
         return row is not None
 
@@ -340,12 +387,30 @@ class SqliteStore:
         jid, sub, po, pi, ap, name = row
         return Contact(jid, SubState(Subscription(sub), bool(po), bool(pi), bool(ap)), name)
 
+    def keep_roster(self, user: str) -> None:
+        """Hold the user's contacts in memory from now on (they came online); every change
+        is written through to the file."""
+        if user not in self._rosters:
+            self._rosters[user] = {c.jid: c for c in self._load_contacts(user)}
+
+    def drop_roster(self, user: str) -> None:
+        self._rosters.pop(user, None)
+
     def contact(self, user: str, jid: str) -> Contact | None:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            return roster.get(jid)
         row = self._db.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts "
                                "WHERE user = ? AND jid = ?", (user, jid)).fetchone()
         return self._contact(row) if row else None
 
     def contacts(self, user: str) -> list[Contact]:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            return sorted(roster.values(), key=lambda c: c.jid)
+        return self._load_contacts(user)
+
+    def _load_contacts(self, user: str) -> list[Contact]:
         return [self._contact(r) for r in self._db.execute(
             f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE user = ? ORDER BY jid", (user,))]
 
@@ -360,8 +425,16 @@ class SqliteStore:
             "name = COALESCE(?, contacts.name)",
             (user, jid, state.subscription.value, state.pending_out, state.pending_in,
              state.approved, name or "", name))
+        roster = self._rosters.get(user)
+        if roster is not None:
+            old = roster.get(jid)
+            roster[jid] = Contact(jid, state, name if name is not None
+                                  else old.name if old is not None else "")
 
     def remove_contact(self, user: str, jid: str) -> bool:
+        roster = self._rosters.get(user)
+        if roster is not None:
+            roster.pop(jid, None)
         self._write()
         return self._db.execute("DELETE FROM contacts WHERE user = ? AND jid = ?",
                                 (user, jid)).rowcount > 0
@@ -374,28 +447,43 @@ class SqliteStore:
         `stanza` is the stanza as received when the caller has its text ("" if not); the
         limit counts the bytes of both."""
         size = len(stanza.encode()) + len(event.encode())
+        usage = self._usage.get(user)
+        if usage is None:
+            usage = self._usage[user] = list(self._file_usage(user))
+        count, used = usage
+        if count >= self.limits.messages:
+            raise InboxFull(f"{user} has {count} unacknowledged messages and bounces (limit "
+                            f"{self.limits.messages}, [gateway] offline_messages)")
+        if used + size > self.limits.bytes:
+            raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
+                            f"{size} more would pass the limit of {self.limits.bytes} "
+                            "([gateway] offline_bytes)")
         self._write()
-        # One statement in the common case: the row goes in only if the limits allow it.
         cur = self._db.execute(
             "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
-            "SELECT name, ?, ?, ?, ?, ?, ? FROM users WHERE name = ? AND inbox_count < ? "
-            "AND inbox_bytes + ? <= ?",
-            (kind, resource, stanza, event, size, time.time(), user, self.limits.messages,
-             size, self.limits.bytes))
-        if cur.rowcount == 1:
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (user, kind, resource, stanza, event, size,
+                                            time.time()))
+        usage[0] += 1
+        usage[1] += size
+        added = self._added.get(user)
+        if added is None:
+            self._added[user] = [1, size]
+        else:
+            added[0] += 1
+            added[1] += size
+        if not self._db.in_transaction:  # not batched: the counters go with the row
+            self.prepare_commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def _file_usage(self, user: str) -> tuple[int, int]:
+        """(events, bytes) of the user's inbox: the file's counters and this batch's adds."""
         row = self._db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = ?",
                                (user,)).fetchone()
         if row is None:
             raise StoreError(f"no user named {user!r}")
-        count, used = row
-        if count >= self.limits.messages:
-            raise InboxFull(f"{user} has {count} unacknowledged messages and bounces (limit "
-                            f"{self.limits.messages}, [gateway] offline_messages)")
-        raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
-                        f"{size} more would pass the limit of {self.limits.bytes} "
-                        "([gateway] offline_bytes)")
+        added = self._added.get(user, (0, 0))
+        return int(row[0]) + added[0], int(row[1]) + added[1]
 
     def events(self, user: str, after: int, resource: str | None,
                limit: int) -> list[StoredEvent]:
@@ -415,6 +503,7 @@ class SqliteStore:
     def ack_events(self, user: str, upto: int, resource: str | None) -> int:
         """Delete the user's events up to id `upto` that `resource` could be sent (all of them
         with None); how many went."""
+        self._usage.pop(user, None)  # the trigger counts removals in the file
         self._write()
         if resource is None:
             cur = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ?", (user, upto))
@@ -428,12 +517,23 @@ class SqliteStore:
         user's resources (RFC 6121 8.5.3.2.1), as new events (new ids, so the user's other
         open sockets get them too)."""
         self._write()
+        self._usage.pop(user, None)
+        n, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inbox "
+                                   "WHERE user = ? AND resource = ?", (user, resource)).fetchone()
+        if not n:
+            return 0
         self._db.execute(
             "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
             "SELECT user, kind, NULL, stanza, event, size, stamp FROM inbox "
             "WHERE user = ? AND resource = ? ORDER BY id", (user, resource))
-        return self._db.execute("DELETE FROM inbox WHERE user = ? AND resource = ?",
+        added = self._added.setdefault(user, [0, 0])  # the copies (the trigger counts the
+        added[0] += n  # removal of the originals)
+        added[1] += size
+        gone = self._db.execute("DELETE FROM inbox WHERE user = ? AND resource = ?",
                                 (user, resource)).rowcount
+        if not self._db.in_transaction:
+            self.prepare_commit()
+        return int(gone)
 
     def last_event_id(self, user: str) -> int:
         return int(self._db.execute("SELECT coalesce(max(id), 0) FROM inbox WHERE user = ?",
@@ -441,9 +541,10 @@ class SqliteStore:
 
     def inbox_usage(self, user: str) -> tuple[int, int]:
         """(events, bytes) the user's inbox holds."""
-        row = self._db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = ?",
-                               (user,)).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
+        try:
+            return self._file_usage(user)
+        except StoreError:
+            return 0, 0
 
     # filtered requests ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from edgeproxy.partners import PartnerTable
 from gateway.api import make_app
 from gateway.component import Gateway
-from gateway.store import SqliteStore
+from gateway.store import InboxLimits, SqliteStore
 from tests.edges import COMPONENT_SECRET
 
 NS = "jabber:component:accept"
@@ -214,9 +214,10 @@ class RunningGateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(database: Path, domain: str, address: str,
-                          partners: PartnerTable) -> AsyncIterator[RunningGateway]:
+                          partners: PartnerTable, limits: InboxLimits | None = None
+                          ) -> AsyncIterator[RunningGateway]:
     """The gateway as `gateway run` starts it: a SQLite store, the API, the component link."""
-    store = SqliteStore(database)
+    store = SqliteStore(database, limits or InboxLimits())
     gateway = Gateway(domain, COMPONENT_SECRET, address, 5347, store, partners,
                       min_backoff=0.2, max_backoff=1.0)
     runner = web.AppRunner(make_app(gateway, ADMIN_TOKEN))

@@ -231,7 +231,7 @@ async def real_gateway(h: Harness, cfg: GatewayConfig, edge: Any,
     store.add_user("bob")
     gw = Gateway(cfg.domain, cfg.secret, cfg.component_host, cfg.component_port, store,
                  edge.cfg.partners, min_backoff=0.2, max_backoff=1.0,
-                 ssl_context=client_ssl_context(cfg), server_name=server_name(cfg))
+                 ssl_context=client_ssl_context(cfg), ssl_server_name=server_name(cfg))
     try:
         up = asyncio.ensure_future(gw.wait_until("session_start", timeout=10))
         await asyncio.sleep(0)

@@ -20,11 +20,14 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from edgeproxy.devcerts import CertificateAuthority
 from edgeproxy.server import Edge
+from gateway.store import InboxLimits
 from tests.conftest import require_netns
 from tests.e2e import RemoteUsers, RunningGateway, child_text, running_gateway
 from tests.edges import edge_config, error_condition
@@ -80,10 +83,11 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp: Path, *, gateway: bool = True) -> AsyncIterator[World]:
+async def world(tmp: Path, *, gateway: bool = True, limits: InboxLimits | None = None,
+                **contoso_edge: Any) -> AsyncIterator[World]:
     cfg_c = edge_config(tmp / "contoso", *CONTOSO, CA,
                         [*(partner(dom, ptype) for dom, (_, ptype) in REMOTES.items()),
-                         partner(GONE)])
+                         partner(GONE)], **contoso_edge)
     async with contextlib.AsyncExitStack() as stack:
         contoso = Edge(cfg_c)
         await contoso.start()
@@ -97,7 +101,7 @@ async def world(tmp: Path, *, gateway: bool = True) -> AsyncIterator[World]:
             await comp.start()
             stack.push_async_callback(comp.stop)
         gw = await stack.enter_async_context(
-            running_gateway(tmp / "gateway.sqlite3", *CONTOSO, cfg_c.partners))
+            running_gateway(tmp / "gateway.sqlite3", *CONTOSO, cfg_c.partners, limits))
         yield World(tmp, contoso, remote, gw)
 
 
@@ -396,3 +400,61 @@ async def test_a_burst_from_a_partner_reaches_a_reading_socket_complete_and_in_o
         assert asyncio.get_running_loop().time() < deadline, w.gw.store.inbox_usage("bob")
         await asyncio.sleep(0.05)
     await sock.close()
+
+
+async def test_a_socket_that_stops_reading_stops_the_partner_and_everything_arrives_later(
+        dns, tmp_path):
+    """Issue 10's backpressure, through the real edges: bob's WebSocket is open but he neither
+    reads nor acknowledges. His inbox (200 here) fills; the gateway then holds the edge's
+    stanzas (not counted in its XEP-0198 h, the link's <r/> still answered), the edge's byte
+    budget toward contoso.test (64 KiB here) fills and it stops reading fed.test's stream: the
+    memory of both daemons stays within its budget. Once bob reads and acknowledges, all 2,000
+    arrive in order and none bounces. Counted, not timed."""
+    budget, total = 1 << 16, 2000
+    async with world(tmp_path, limits=InboxLimits(messages=200),
+                     queue_bytes_per_domain=budget, queue_bytes_per_partner=budget,
+                     stanza_size_limit=10000) as w:
+        api, fed, gw = w.gw.api, w.remote["fed.test"], w.gw.gateway
+        relay = w.contoso.router.relay
+        token = await bob(w)
+        ws = await api.http.ws_connect(api.base + "/api/v1/ws",
+                                       headers={"Authorization": f"Bearer {token}"})
+        assert (await ws.receive_json(timeout=10))["event"] == "session"
+        fed.message("alice", BOB, "first", mid="b-first")  # the S2S stream comes up first
+        event = await ws.receive_json(timeout=20)
+        assert event["body"] == "first"
+        await ws.send_json({"ack": event["seq"]})
+        text = "x" * 1000
+        for start in range(0, total, 100):
+            for n in range(start, start + 100):
+                fed.message("alice", BOB, f"{n} {text}", mid=f"b{n}")
+            await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 60
+        # the inbox full, the gateway holding, the edge no longer reading the partner
+        while not (relay.paused and gw._held and w.gw.store.inbox_usage("bob")[0] == 200):
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"paused {bool(relay.paused)}; gateway holds {len(gw._held)}, inbox "
+                f"{w.gw.store.inbox_usage('bob')}")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # and it stays so
+        slack = 4000  # one stanza over the budget: the one that filled it
+        assert relay.paused and relay.held_bytes <= budget + slack, relay.held_bytes
+        assert sum(len(el.raw) for el in gw._held) <= budget + slack
+        assert w.gw.store.inbox_usage("bob")[0] == 200 and gw.link_up
+        bodies: list[str] = []
+        while len(bodies) < total:  # bob reads again, and acknowledges every 50
+            msg = await ws.receive(timeout=60)
+            assert msg.type is aiohttp.WSMsgType.TEXT, (msg, len(bodies))
+            event = msg.json()
+            assert event["event"] == "message", event
+            bodies.append(event["body"].split(" ", 1)[0])
+            if len(bodies) % 50 == 0:
+                await ws.send_json({"ack": event["seq"]})
+            assert relay.held_bytes <= budget + slack
+        assert bodies == [str(n) for n in range(total)]
+        assert not fed.got("message", "error") and not ws.closed
+        deadline = asyncio.get_running_loop().time() + 10
+        while relay.held or relay.paused or gw._held:
+            assert asyncio.get_running_loop().time() < deadline, "the edge still holds some"
+            await asyncio.sleep(0.05)
+        await ws.close()

@@ -16,12 +16,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from edgeproxy.partners import Partner, PartnerTable, PartnerType
+from edgeproxy.xmlstream import Element, XmlStreamParser
 from gateway.api import make_app
 from gateway.component import Gateway, Session
 from gateway.store import SqliteStore
 
 DOMAIN = "contoso.test"
 SECRET = "component-secret"
+NS = "jabber:component:accept"
+LINK_HEADER = (f"<stream:stream xmlns='{NS}' xmlns:stream='http://etherx.jabber.org/streams' "
+               f"from='{DOMAIN}' id='link-1'>").encode()
 
 
 def partner_table() -> PartnerTable:
@@ -58,9 +62,16 @@ class CapturingGateway(Gateway):
         self.sent.append(self._build_stanza(xml))
 
     def feed(self, xml: str) -> list[Any]:
-        """Dispatch one inbound stanza; return what the gateway sent in answer."""
+        """Dispatch one inbound stanza as the live link does (the edge's XML stream parser,
+        then the gateway's stanza path: the raw-bytes fast path for plain messages, slixmpp
+        for the rest); return what the gateway sent in answer. The stanza loses its explicit
+        xmlns as on the wire: the edge writes stanzas that inherit the link's namespace."""
         before = len(self.sent)
-        self._spawn_event(ET.fromstring(xml))
+        parser = XmlStreamParser()
+        [element] = parser.feed(LINK_HEADER + xml.replace(f" xmlns='{NS}'", "", 1).encode())[1:]
+        assert isinstance(element, Element)
+        if self._held or not self._stanza(element):
+            self._hold(element)
         return self.sent[before:]
 
 

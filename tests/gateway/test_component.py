@@ -8,18 +8,18 @@ handlers with real slixmpp stanzas and capture what it would send by overriding 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from xml.etree import ElementTree as ET
+import logging
+import socket
+import ssl
 
 import pytest
 
 from edgeproxy import link
-from edgeproxy.link import NS_SM
-from gateway.component import LinkDown, Refused
+from gateway.component import Gateway, LinkDown, Refused
 from gateway.rules import Subscription, SubState
 from gateway.store import SqliteStore
 
-from .conftest import CapturingGateway, Events, stanza
+from .conftest import CapturingGateway, Events, partner_table, stanza
 
 BOB = "bob@contoso.test"
 NS_STANZAS = "{urn:ietf:params:xml:ns:xmpp-stanzas}"
@@ -326,7 +326,7 @@ async def test_an_ack_that_leaves_rows_unacknowledged_is_followed_by_a_new_reque
     gw._raw = wire.append  # the link's own elements (no transport in these tests)
 
     def ack(h: int) -> None:
-        gw._sm_a(SimpleNamespace(xml=ET.fromstring(f"<a xmlns='{NS_SM}' h='{h}'/>")))
+        gw._sm_a({"h": str(h)})  # the attributes of <a xmlns='urn:xmpp:sm:3' h=''/>
 
     first = gw.send_user_message("bob", "alice@fabrikam.test", "one")
     await asyncio.sleep(0)  # the batch's <r/> goes out at the end of the turn
@@ -339,3 +339,27 @@ async def test_an_ack_that_leaves_rows_unacknowledged_is_followed_by_a_new_reque
     assert gw.outbound.status("bob", first).state == "accepted"
     ack(2)
     assert wire == [link.REQUEST, link.REQUEST] and gw.outbound.waiting == 0
+
+
+async def test_a_link_attempt_that_hangs_times_out_and_is_retried_on_the_backoff(store, caplog):
+    """The connect to the edge has a deadline (slixmpp's had none): here a TCP listener that
+    never answers the TLS handshake. The attempt ends after connect_timeout with a log line
+    that says so, and the next one follows on the backoff schedule."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    gw = Gateway("contoso.test", "secret", "127.0.0.1", port, store, partner_table(),
+                 ssl_context=ssl.create_default_context(), ssl_server_name="edge.contoso.test",
+                 connect_timeout=0.2, min_backoff=0.1, max_backoff=0.4)
+    caplog.set_level(logging.WARNING, logger="gateway.component")
+    try:
+        gw.connect()
+        deadline = asyncio.get_running_loop().time() + 20
+        while sum("no connection within 0.2 s" in r.getMessage() for r in caplog.records) < 2:
+            assert asyncio.get_running_loop().time() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        assert not gw.link_up and gw.backoff > gw.min_backoff
+    finally:
+        await gw.close()
+        listener.close()

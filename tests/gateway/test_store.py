@@ -172,3 +172,68 @@ def test_unopenable_database_says_where(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open the gateway database"):
         SqliteStore(blocker / "db.sqlite3")
+
+
+def _file_counts(path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(users' counters, the rows themselves) for bob, as another connection sees the file."""
+    db = sqlite3.connect(path)
+    try:
+        counters = db.execute("SELECT inbox_count, inbox_bytes FROM users WHERE name = 'bob'"
+                              ).fetchone()
+        rows = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inbox "
+                          "WHERE user = 'bob'").fetchone()
+        return tuple(counters), tuple(rows)
+    finally:
+        db.close()
+
+
+def test_inbox_counters_are_committed_with_the_rows_of_each_batch(path):
+    """Issue 10: a batch's adds are counted in memory and written to users once, in the same
+    transaction as the rows; removals and a released resource keep the counters exact."""
+    store = SqliteStore(path, InboxLimits(messages=5, bytes=1 << 20))
+    store.add_user("bob")
+    store.batch_commits(lambda: None)
+    store.commit()
+    for n in range(4):
+        store.add_event("bob", "message", "", f'{{"n": {n}}}', "ws-1" if n % 2 else None)
+    assert store.inbox_usage("bob") == (4, 4 * 8)
+    assert _file_counts(path) == ((0, 0), (0, 0))  # nothing committed yet: neither is there
+    store.commit()
+    counters, rows = _file_counts(path)
+    assert counters == rows == (4, 32)
+    store.add_event("bob", "message", "", '{"n": 4}')
+    with pytest.raises(InboxFull, match="5 unacknowledged"):
+        store.add_event("bob", "message", "", '{"n": 5}')
+    assert store.release_resource("bob", "ws-1") == 2
+    first = store.events("bob", 0, None, 1)[0].id
+    assert store.ack_events("bob", first, None) == 1
+    store.commit()
+    counters, rows = _file_counts(path)
+    assert counters == rows == (4, 32) and store.inbox_usage("bob") == (4, 32)
+    store.close()
+
+
+def test_schema_2_becomes_3_with_its_counters(path):
+    """A version 2 file (counted by a trigger per row) keeps its counts; new rows are counted
+    by the store from then on."""
+    store = SqliteStore(path)
+    store.add_user("bob")
+    store.add_event("bob", "message", "", '{"n": 0}')
+    store.close()
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TRIGGER inbox_added AFTER INSERT ON inbox BEGIN
+            UPDATE users SET inbox_count = inbox_count + 1, inbox_bytes = inbox_bytes + NEW.size
+            WHERE name = NEW.user;
+        END;
+        PRAGMA user_version = 2;
+    """)
+    db.close()
+    store = SqliteStore(path)
+    store.add_event("bob", "message", "", '{"n": 1}')
+    store.close()
+    counters, rows = _file_counts(path)
+    assert counters == rows == (2, 16)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    db.close()
