@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, EdgeConfig, edge_config_from_mapping
+from .fdlimit import check_fd_limit
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -57,6 +58,7 @@ def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None, 
             problems.extend(p for p in exc.problems if p not in problems)
     if edge is not None:
         _check_certificate(edge, problems, warnings)
+        check_fd_limit(edge, problems, warnings)
         if gateway is not None:
             _check_gateway(edge, gateway, problems, warnings, gateway_host)
         _check_example_secrets(raw, warnings)

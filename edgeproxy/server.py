@@ -28,8 +28,11 @@ from .config import ComponentSettings, ConfigError, EdgeConfig
 from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
+from .fdlimit import nofile_limits, open_descriptors, raise_nofile_limit
+from .fdlimit import reserve as fd_reserve
 from .identity import TrustStore, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
+from .listener import FdBudget, Listener
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner
@@ -1054,7 +1057,8 @@ class Edge:
         self.s2s_count = 0  # server-to-server connections among them (Lync ConnectionLimit)
         # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit)
         self._partner_streams: dict[str, set[InboundConnection]] = {}
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | Listener] = []
+        self.fd_budget: FdBudget | None = None  # the S2S listeners' share of descriptors
         self.admin: AdminListener | None = None
         # issue 13: probes after repeated partner failures (with the configuration in force);
         # the certificate's expiry warning, re-read when a reload changes the certificate
@@ -1218,6 +1222,8 @@ class Edge:
         self.connections.remove(conn)
         if conn.kind != "component":
             self.s2s_count -= 1
+        if self.fd_budget is not None:
+            self.fd_budget.released()
         for key in getattr(conn, "partners", ()):
             streams = self._partner_streams.get(key)
             if streams is not None:
@@ -1236,15 +1242,19 @@ class Edge:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
+        # issue 11: the S2S listeners pause a little before the descriptors run out
+        soft, _hard = nofile_limits()
+        budget = self.fd_budget = FdBudget(soft, open_descriptors(), fd_reserve(soft),
+                                           lambda: len(self.connections), clock=time.monotonic)
         for addr in cfg.listen:
-            self.servers.append(await loop.create_server(
-                lambda: InboundConnection(self), addr.host, addr.port, reuse_address=True))
+            self.servers += await Listener.open(addr.host, addr.port,
+                                                lambda: InboundConnection(self), budget)
             log.info("listening for server-to-server streams (STARTTLS) on %s", addr)
         for addr in cfg.direct_tls_listen:
-            self.servers.append(await loop.create_server(
-                lambda: InboundConnection(self, direct_tls=True), addr.host, addr.port,
-                reuse_address=True))
+            self.servers += await Listener.open(
+                addr.host, addr.port, lambda: InboundConnection(self, direct_tls=True), budget)
             log.info("listening for Direct TLS (XEP-0368) on %s", addr)
+        budget.base = open_descriptors()
         if cfg.component is not None:
             addr = cfg.component.listen
             self.servers.append(await loop.create_server(
@@ -1280,6 +1290,8 @@ class Edge:
             await self.admin.stop()
         for s in self.servers:
             s.close()
+        if self.fd_budget is not None:
+            self.fd_budget.close()
         if self._cert_timer is not None:
             self._cert_timer.cancel()
         if self.auto_probe is not None:
@@ -1323,6 +1335,10 @@ def _tls_stamp(cfg: EdgeConfig) -> bytes:
 def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
+    before, after = raise_nofile_limit()  # every S2S stream is a descriptor (issue 11)
+    if after != before:
+        log.info("open files limit (RLIMIT_NOFILE) raised from %d to the hard limit %d",
+                 before, after)
     if cfg.dialback_secret_generated:
         log.warning("no dialback_secret configured: using a random one for this run")
 
