@@ -121,6 +121,7 @@ class XmppStream(Generic[A]):
                     return
                 leftover = parser.leftover
                 if any(type(a) is RestartStream for a in actions):  # RFC 6120 6.4.6
+                    parser.release()
                     parser = self.parser = self._new_parser()
                     events = parser.feed(leftover) if leftover else []
                     continue
@@ -136,6 +137,7 @@ class XmppStream(Generic[A]):
         leftover = self.parser.leftover  # bytes in the same read as <starttls/> / <proceed/>
         self._wire.append(b"".join(self._out))  # what we sent so far goes out in plaintext
         self._out.clear()
+        self.parser.release()
         self.parser = self._new_parser()
         self.tls = self._make_tls()
         if leftover:

@@ -267,6 +267,11 @@ class StreamClosed:
 Event = StreamOpened | Element | StreamClosed
 
 
+_HANDLERS = ("StartElementHandler", "EndElementHandler", "StartNamespaceDeclHandler",
+             "XmlDeclHandler", "CommentHandler", "ProcessingInstructionHandler",
+             "StartDoctypeDeclHandler", "EntityDeclHandler", "SkippedEntityHandler")
+
+
 class XmlStreamParser:
     """Incremental parser for one direction of one XML stream. See the module docstring."""
 
@@ -390,6 +395,7 @@ class XmlStreamParser:
             except expat.ExpatError as exc:
                 raise self._translate(exc) from None
             else:
+                self._chunk = b""  # its stanzas are cut: not kept for an idle stream
                 # after Parse, expat's index is where its unconsumed partial token starts
                 token = self._parser.CurrentByteIndex + self._delta
                 self._partial = self._given - token
@@ -401,7 +407,10 @@ class XmlStreamParser:
         if not self.stopped:
             self._check_pending()
             keep = min(self._mark, self._given)
-            if keep > self._base:
+            if keep >= self._end:  # all accounted for: no buffer kept for an idle stream
+                self._buf = bytearray()
+                self._base = self._end
+            elif keep > self._base:
                 del self._buf[: keep - self._base]
                 self._base = keep
         events, self._events = self._events, []
@@ -534,6 +543,13 @@ class XmlStreamParser:
         return False
 
     # -- expat --------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """The stream restarted (RFC 6120 5.4.3.3, 6.4.6) and this parser is done: drop expat's
+        handlers, bound to this object, so both are freed now rather than by the cycle
+        collector (issue 11: thousands of them waited for it at scale)."""
+        for name in _HANDLERS:
+            setattr(self._parser, name, None)
 
     def _new_expat(self) -> expat.XMLParserType:
         p = expat.ParserCreate("UTF-8", " ")
