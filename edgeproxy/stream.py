@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from .s2s import CertChecker, RestartStream, StartTls, StreamTimers
 from .tls import TlsError, TlsSession
-from .xmlstream import Event, XmlStreamError, XmlStreamParser
+from .xmlstream import Event, StreamOpened, XmlStreamError, XmlStreamParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,8 @@ class XmppStream(Generic[A]):
                     actions = self._receive(ev)
                     yield from actions
                 if self.closed or not parser.stopped:
+                    if events and type(events[-1]) is StreamOpened:
+                        parser.shed()  # a stream that just opened may rest: no expat held
                     return
                 # The parser stops after a TLS / SASL element, the last event: its actions say
                 # whether this stream ends here.

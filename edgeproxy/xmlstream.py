@@ -272,6 +272,9 @@ _HANDLERS = ("StartElementHandler", "EndElementHandler", "StartNamespaceDeclHand
              "StartDoctypeDeclHandler", "EntityDeclHandler", "SkippedEntityHandler")
 
 
+_RESTING = expat.ParserCreate()  # stands in for the expat of a parser that shed it; never fed
+
+
 class XmlStreamParser:
     """Incremental parser for one direction of one XML stream. See the module docstring."""
 
@@ -347,17 +350,33 @@ class XmlStreamParser:
         self.stopped = False
         # Expat cannot continue after a handler raised: prime a fresh one with the header so
         # the same namespaces are in scope, then map its byte index back onto the stream.
+        self._prime(self._cut)
+        return self.feed(data) if data else []
+
+    def shed(self) -> None:
+        """Free expat while the stream rests between stanzas (issue 11: ~10 KiB per idle
+        stream); the next feed() makes a fresh one, primed with the stream header as resume()
+        does. A no-op unless everything received so far is parsed and accounted for."""
+        if (self._parser is _RESTING or self.stopped or self._error is not None
+                or not self._opened or self._closed or self._depth != 1 or self._partial
+                or not self._mark == self._given == self._end):
+            return
+        self.release()
+        self._parser = _RESTING
+
+    def _prime(self, at: int) -> None:
+        """A fresh expat in the state after the stream header; stream offset `at` is the
+        next byte it will be given."""
         self._parser = self._new_expat()
-        self._priming = True
+        mark, self._depth, self._priming = self._mark, 0, True  # the header is no stanza
         try:
             self._parser.Parse(self._header_raw, False)
         finally:
             self._priming = False
-        self._delta = self._cut - len(self._header_raw)
-        self._depth = 1
+        self._delta = at - len(self._header_raw)
+        self._depth, self._mark = 1, mark
         self._partial = 0
         self._scan_token = self._scan_pos = -1
-        return self.feed(data) if data else []
 
     # -- feeding ------------------------------------------------------------------------------
 
@@ -385,6 +404,8 @@ class XmlStreamParser:
                 chunk = data
             else:
                 chunk = bytes(self._buf[self._given - self._base :])
+            if self._parser is _RESTING:  # shed while resting: whitespace alone keeps it so
+                self._prime(self._given)
             self._chunk = chunk
             self._chunk_start = self._given
             self._given = self._end
