@@ -48,6 +48,10 @@ A = TypeVar("A")
 class XmppStream(Generic[A]):
     """The stream stack of one connection; `A` is the machine's action type."""
 
+    __slots__ = ("_receive", "_fail", "_new_parser", "_make_tls", "_tls_ready",
+                 "_check_certificate", "timers", "parser", "tls", "_tls_reported", "_out",
+                 "_wire", "closed")  # one per connection, thousands at once (issue 11)
+
     def __init__(self, receive: Callable[[Event], Sequence[A]],
                  fail: Callable[[str, str], Sequence[A]], *,
                  new_parser: Callable[[], XmlStreamParser],

@@ -278,6 +278,14 @@ _RESTING = expat.ParserCreate()  # stands in for the expat of a parser that shed
 class XmlStreamParser:
     """Incremental parser for one direction of one XML stream. See the module docstring."""
 
+    # one per stream, thousands at once (issue 11): no per-instance __dict__
+    __slots__ = ("max_stanza_size", "max_depth", "max_attributes", "max_header_size", "stopped",
+                 "leftover", "_buf", "_base", "_end", "_given", "_mark", "_delta", "_depth",
+                 "_depth_limit", "_stanza_start", "_stanza_name", "_stanza_attrs", "_events",
+                 "_error", "_opened", "_closed", "_priming", "_cut", "_header_raw", "_ns_decls",
+                 "_context", "_prefix_probes", "_top_default_decl", "_partial", "_scan_token",
+                 "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser")
+
     def __init__(
         self,
         *,
