@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -163,6 +164,11 @@ async def authoritative(keys: DialbackKeys) -> asyncio.AbstractServer:
     """The partners' authoritative server (XEP-0220 step 3): answers the edge's db:verify."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await answer(reader, writer)
+        writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = XmlStreamParser()
         while data := await reader.read(65536):
             for ev in parser.feed(data):
@@ -179,7 +185,6 @@ async def authoritative(keys: DialbackKeys) -> asyncio.AbstractServer:
                     writer.write(f"<db:verify xmlns:db='{NS_DIALBACK}' from='{a['to']}' "
                                  f"to='{a['from']}' id='{a['id']}' "
                                  f"type='{'valid' if ok else 'invalid'}'/>".encode())
-        writer.close()
 
     return await asyncio.start_server(serve, AUTH_IP, 5269, backlog=1024)
 
