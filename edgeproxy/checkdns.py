@@ -46,7 +46,8 @@ class DnsChecker:
     def __init__(self, cfg: EdgeConfig, resolver: S2sResolver | None = None,
                  certificate: x509.Certificate | None = None):
         self.cfg = cfg
-        self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
+        self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout,
+                                                cache=False)  # a diagnosis asks afresh
         self.certificate = certificate
         self.checks: list[DnsCheck] = []
 

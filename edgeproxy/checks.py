@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, EdgeConfig, edge_config_from_mapping
+from .fdlimit import check_fd_limit
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -59,6 +60,7 @@ def check_mapping(raw: Mapping[str, Any], base: Path, path: Path | None = None, 
     if edge is not None:
         _check_certificate(edge, problems, warnings)
         _check_staple(edge, problems, warnings)
+        check_fd_limit(edge, problems, warnings)
         if gateway is not None:
             _check_gateway(edge, gateway, problems, warnings, gateway_host)
         _check_example_secrets(raw, warnings)

@@ -19,6 +19,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -131,11 +132,21 @@ def _absolute(name: str) -> dns.name.Name:
     return dns.name.from_text(name.rstrip(".") + ".")
 
 
+class PositiveCache(dns.resolver.Cache):
+    """dnspython's TTL cache, for answers with records only. RFC 2308 allows caching "no such
+    name" too, but a partner that publishes its SRV records should be found at once."""
+
+    def put(self, key: tuple[dns.name.Name, dns.rdatatype.RdataType, dns.rdataclass.RdataClass],
+            value: dns.resolver.Answer) -> None:
+        if value.rrset is not None:
+            super().put(key, value)
+
+
 class S2sResolver:
     """SRV / XEP-0368 / proxy_fqdn resolution for the dialer (dnspython, asyncio)."""
 
     def __init__(self, nameservers: Sequence[tuple[str, int]] = (), timeout: float = 5.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, *, cache: bool = True):
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
@@ -144,7 +155,9 @@ class S2sResolver:
             resolver = dns.asyncresolver.Resolver(configure=True)  # the system's resolv.conf
         resolver.timeout = timeout  # per nameserver attempt
         resolver.lifetime = timeout  # the whole query, all nameservers and retries
-        resolver.cache = None
+        # Answers are kept within their TTL (RFC 1035 3.2.1): a burst of dialback set-ups
+        # from one partner asks once (issue 11).
+        resolver.cache = PositiveCache() if cache else None
         self._resolver = resolver
         self._rng = rng or random.Random()
         self.timeout = timeout

@@ -308,7 +308,8 @@ class Prober:
             raise ValueError(f"{self.remote} is one of our own domains; probe a partner")
         self.timeout = timeout
         self.allow_dialback = dialback
-        self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout)
+        self.resolver = resolver or S2sResolver(cfg.dns.nameservers, cfg.dns.timeout,
+                                                cache=False)  # a diagnosis asks afresh
         self.trust = TrustStore.load(cfg.ca_files, cfg.use_system_ca)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)

@@ -464,13 +464,25 @@ class InboundS2s:
 
     # -- header and features --------------------------------------------------------------------
 
-    def _on_header(self, ev: StreamOpened) -> list[Action]:
+    def refuse(self, ev: StreamOpened, condition: str, text: str) -> list[Action]:
+        """Answer an initial header the shell will not serve (its connection limits): our
+        header and the stream error at once, no features (RFC 6120 4.9.1.2)."""
+        if self.state not in _HEADER_STATES:
+            return self.receive(ev)
+        self._read_header(ev)
+        return self._close(text, condition)
+
+    def _read_header(self, ev: StreamOpened) -> str:
+        """Take the ids of an initial header (RFC 6120 4.7); returns its 'to', normalised."""
         self.stream_id = new_stream_id()
         to = (ev.attrs.get("to") or "").lower().rstrip(".")
         frm = ev.attrs.get("from")
         self.header_from = frm.lower().rstrip(".") if frm else None
-        first_local = sorted(self.ctx.local_domains)[0]
-        self.local = to if to in self.ctx.local_domains else first_local
+        self.local = to if to in self.ctx.local_domains else sorted(self.ctx.local_domains)[0]
+        return to
+
+    def _on_header(self, ev: StreamOpened) -> list[Action]:
+        to = self._read_header(ev)
         try:
             version = answer_version(ev.attrs.get("version"))
         except ValueError as exc:

@@ -31,10 +31,13 @@ from .config import ComponentSettings, ConfigError, EdgeConfig
 from .configfile import version_of
 from .dialback import DialbackKeys, new_stream_id
 from .dns import DnsError, S2sResolver
+from .fdlimit import nofile_limits, open_descriptors, raise_nofile_limit
+from .fdlimit import reserve as fd_reserve
 from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
 from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .linktls import LinkTls, peer_description
+from .listener import FdBudget, Listener
 from .logs import setup_logging
 from .monitor import Monitor, StreamStats
 from .partners import AuthMethod, Negotiation, Partner, Trust
@@ -72,6 +75,7 @@ from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
     Element,
+    StreamOpened,
     XmlStreamParser,
     stream_error,
     stream_header,
@@ -194,11 +198,11 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        self.edge.connections.add(self)
+        self.edge.track(self)
         self.arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.edge.connections.discard(self)
+        self.edge.untrack(self)
         self.closing = True
         self._pending = None
         if self._revocation_timer is not None:
@@ -504,23 +508,37 @@ class InboundConnection(StreamConnection):
         self.direct_tls = direct_tls
         self.partners: set[str] = set()
         self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
-        self.stream = XmppStream(self.machine.receive, self.machine.fail,
-                                 new_parser=self._new_parser, make_tls=self.make_tls,
-                                 tls_ready=self.machine.tls_established,
-                                 check_certificate=self.check_certificate, timers=self.timers)
+        self._refusal = ""
+        self.stream = self._make_stream(self.machine.receive)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         # Lync ConnectionLimit counts server-to-server connections (in and out), not the
-        # gateway's component link.
-        s2s = sum(1 for c in self.edge.connections if not isinstance(c, ComponentConnection))
-        if s2s > self.edge.cfg.connection_limit:
-            self.abort(f"connection limit ({self.edge.cfg.connection_limit}) reached")
-            return
-        log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
-                 extra=self.log_fields())
+        # gateway's component link. The peer is told why (RFC 6120 4.9.3.16) once its header
+        # is in: our answering header can then name the domain it asked for (4.9.1.2).
+        limit = self.edge.cfg.connection_limit
+        if self.edge.s2s_count > limit:
+            log.warning("%s: refused: connection limit (%d) reached", self.label(), limit,
+                        extra=self.log_fields())
+            self.stream = self._make_stream(self._refuse_at_header)
+            self._refusal = f"this edge's connection_limit ({limit}) is reached; try later"
+        else:
+            log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
+                     extra=self.log_fields())
         if self.direct_tls:
             self.stream.start_tls_now(self.make_tls())
+
+    def _make_stream(self, receive: Callable[[Any], Sequence[Any]]) -> XmppStream[Any]:
+        return XmppStream(receive, self.machine.fail, new_parser=self._new_parser,
+                          make_tls=self.make_tls, tls_ready=self.machine.tls_established,
+                          check_certificate=self.check_certificate, timers=self.timers)
+
+    def _refuse_at_header(self, event: Any) -> Sequence[Any]:
+        """The machine's receive() for a stream over connection_limit: the initial header is
+        answered with ours and <resource-constraint/> (RFC 6120 4.9.3.16), then the close."""
+        if isinstance(event, StreamOpened):
+            return self.machine.refuse(event, "resource-constraint", self._refusal)
+        return self.machine.receive(event)
 
     def label(self) -> str:
         m = self.machine
@@ -565,11 +583,16 @@ class InboundConnection(StreamConnection):
         partner = self.edge.cfg.partners.lookup(action.remote)
         limit = self.edge.cfg.partner_limit(action.remote)
         key = partner.domain if partner else action.remote
-        if self.edge.partner_connections(key) >= limit and key not in self.partners:
-            self.on_close(Close(f"connection limit for partner {key} ({limit}) reached",
+        if key not in self.partners and self.edge.partner_connections(key) >= limit:
+            # RFC 6120 4.9.3.15: a local service policy; the text names the limit
+            setting = ("its connection_limit" if partner and partner.connection_limit is not None
+                       else "partner_connection_limit")
+            self.on_close(Close(f"connection limit for partner {key} ({limit}) reached: it "
+                                f"has {limit} stream(s) open here ({setting})",
                                 "policy-violation"))
             return
         self.partners.add(key)
+        self.edge.partner_stream_added(key, self)
         self.methods.append((action.remote, action.method))
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
@@ -1196,7 +1219,11 @@ class Edge:
         self.monitor = Monitor(self)
         self.router.relay.on_bounce = self.monitor.bounced
         self.connections: set[StreamConnection] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.s2s_count = 0  # server-to-server connections among them (Lync ConnectionLimit)
+        # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit)
+        self._partner_streams: dict[str, set[InboundConnection]] = {}
+        self.servers: list[asyncio.AbstractServer | Listener] = []
+        self.fd_budget: FdBudget | None = None  # the S2S listeners' share of descriptors
         self.admin: AdminListener | None = None
         # issue 13: probes after repeated partner failures (with the configuration in force);
         # the certificate's expiry warning, re-read when a reload changes the certificate
@@ -1411,22 +1438,54 @@ class Edge:
                                f"longer passes: {result.reason}; negotiate again")
         return None
 
+    # -- what the limits count: kept up to date per connection, never counted by a scan ------
+
+    def track(self, conn: StreamConnection) -> None:
+        if conn in self.connections:
+            return
+        self.connections.add(conn)
+        if conn.kind != "component":
+            self.s2s_count += 1
+
+    def untrack(self, conn: StreamConnection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.remove(conn)
+        if conn.kind != "component":
+            self.s2s_count -= 1
+        if self.fd_budget is not None:
+            self.fd_budget.released()
+        for key in getattr(conn, "partners", ()):
+            streams = self._partner_streams.get(key)
+            if streams is not None:
+                streams.discard(conn)  # type: ignore[arg-type]
+                if not streams:
+                    del self._partner_streams[key]
+
+    def partner_stream_added(self, partner_domain: str, conn: InboundConnection) -> None:
+        if conn in self.connections:
+            self._partner_streams.setdefault(partner_domain, set()).add(conn)
+
     def partner_connections(self, partner_domain: str) -> int:
-        return sum(1 for c in self.connections
-                   if isinstance(c, InboundConnection) and partner_domain in c.partners)
+        """Open inbound streams with a pair of the partner authenticated (its limit's count)."""
+        return len(self._partner_streams.get(partner_domain, ()))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
+        # issue 11: the S2S listeners pause a little before the descriptors run out
+        soft, _hard = nofile_limits()
+        budget = self.fd_budget = FdBudget(soft, open_descriptors(), fd_reserve(soft),
+                                           lambda: len(self.connections), clock=time.monotonic)
         for addr in cfg.listen:
-            self.servers.append(await loop.create_server(
-                lambda: InboundConnection(self), addr.host, addr.port, reuse_address=True))
+            self.servers += await Listener.open(addr.host, addr.port,
+                                                lambda: InboundConnection(self), budget)
             log.info("listening for server-to-server streams (STARTTLS) on %s", addr)
         for addr in cfg.direct_tls_listen:
-            self.servers.append(await loop.create_server(
-                lambda: InboundConnection(self, direct_tls=True), addr.host, addr.port,
-                reuse_address=True))
+            self.servers += await Listener.open(
+                addr.host, addr.port, lambda: InboundConnection(self, direct_tls=True), budget)
             log.info("listening for Direct TLS (XEP-0368) on %s", addr)
+        budget.base = open_descriptors()
         if cfg.component is not None:
             addr = cfg.component.listen
             self.servers.append(await loop.create_server(
@@ -1485,6 +1544,8 @@ class Edge:
             await self.admin.stop()
         for s in self.servers:
             s.close()
+        if self.fd_budget is not None:
+            self.fd_budget.close()
         if self._cert_timer is not None:
             self._cert_timer.cancel()
         self.stapler.stop()
@@ -1539,6 +1600,10 @@ def _tls_stamp(cfg: EdgeConfig) -> bytes:
 def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
+    before, after = raise_nofile_limit()  # every S2S stream is a descriptor (issue 11)
+    if after != before:
+        log.info("open files limit (RLIMIT_NOFILE) raised from %d to the hard limit %d",
+                 before, after)
     if cfg.dialback_secret_generated:
         log.warning("no dialback_secret configured: using a random one for this run")
 

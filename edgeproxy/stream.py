@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from .s2s import CertChecker, RestartStream, StartTls, StreamTimers
 from .tls import TlsError, TlsSession
-from .xmlstream import Event, XmlStreamError, XmlStreamParser
+from .xmlstream import Event, StreamOpened, XmlStreamError, XmlStreamParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,10 @@ A = TypeVar("A")
 
 class XmppStream(Generic[A]):
     """The stream stack of one connection; `A` is the machine's action type."""
+
+    __slots__ = ("_receive", "_fail", "_new_parser", "_make_tls", "_tls_ready",
+                 "_check_certificate", "timers", "parser", "tls", "_tls_reported", "_out",
+                 "_wire", "closed")  # one per connection, thousands at once (issue 11)
 
     def __init__(self, receive: Callable[[Event], Sequence[A]],
                  fail: Callable[[str, str], Sequence[A]], *,
@@ -113,6 +117,8 @@ class XmppStream(Generic[A]):
                     actions = self._receive(ev)
                     yield from actions
                 if self.closed or not parser.stopped:
+                    if events and type(events[-1]) is StreamOpened:
+                        parser.shed()  # a stream that just opened may rest: no expat held
                     return
                 # The parser stops after a TLS / SASL element, the last event: its actions say
                 # whether this stream ends here.
@@ -121,6 +127,7 @@ class XmppStream(Generic[A]):
                     return
                 leftover = parser.leftover
                 if any(type(a) is RestartStream for a in actions):  # RFC 6120 6.4.6
+                    parser.release()
                     parser = self.parser = self._new_parser()
                     events = parser.feed(leftover) if leftover else []
                     continue
@@ -136,6 +143,7 @@ class XmppStream(Generic[A]):
         leftover = self.parser.leftover  # bytes in the same read as <starttls/> / <proceed/>
         self._wire.append(b"".join(self._out))  # what we sent so far goes out in plaintext
         self._out.clear()
+        self.parser.release()
         self.parser = self._new_parser()
         self.tls = self._make_tls()
         if leftover:

@@ -133,6 +133,10 @@ class TlsContexts:
 
     def _base(self, method: int) -> SSL.Context:
         ctx = SSL.Context(method)
+        # SSL_MODE_RELEASE_BUFFERS: OpenSSL frees a session's read and write buffers (about
+        # 34 KiB) whenever they are empty, i.e. for every idle stream (issue 11: measured in
+        # docs/benchmarks.md). pyOpenSSL has the mode setter that Python's ssl lacks.
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_min_proto_version(self._min_version)
         if self._max_version is not None:
             ctx.set_max_proto_version(self._max_version)

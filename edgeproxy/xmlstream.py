@@ -267,8 +267,24 @@ class StreamClosed:
 Event = StreamOpened | Element | StreamClosed
 
 
+_HANDLERS = ("StartElementHandler", "EndElementHandler", "StartNamespaceDeclHandler",
+             "XmlDeclHandler", "CommentHandler", "ProcessingInstructionHandler",
+             "StartDoctypeDeclHandler", "EntityDeclHandler", "SkippedEntityHandler")
+
+
+_RESTING = expat.ParserCreate()  # stands in for the expat of a parser that shed it; never fed
+
+
 class XmlStreamParser:
     """Incremental parser for one direction of one XML stream. See the module docstring."""
+
+    # one per stream, thousands at once (issue 11): no per-instance __dict__
+    __slots__ = ("max_stanza_size", "max_depth", "max_attributes", "max_header_size", "stopped",
+                 "leftover", "_buf", "_base", "_end", "_given", "_mark", "_delta", "_depth",
+                 "_depth_limit", "_stanza_start", "_stanza_name", "_stanza_attrs", "_events",
+                 "_error", "_opened", "_closed", "_priming", "_cut", "_header_raw", "_ns_decls",
+                 "_context", "_prefix_probes", "_top_default_decl", "_partial", "_scan_token",
+                 "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser")
 
     def __init__(
         self,
@@ -342,17 +358,33 @@ class XmlStreamParser:
         self.stopped = False
         # Expat cannot continue after a handler raised: prime a fresh one with the header so
         # the same namespaces are in scope, then map its byte index back onto the stream.
+        self._prime(self._cut)
+        return self.feed(data) if data else []
+
+    def shed(self) -> None:
+        """Free expat while the stream rests between stanzas (issue 11: ~10 KiB per idle
+        stream); the next feed() makes a fresh one, primed with the stream header as resume()
+        does. A no-op unless everything received so far is parsed and accounted for."""
+        if (self._parser is _RESTING or self.stopped or self._error is not None
+                or not self._opened or self._closed or self._depth != 1 or self._partial
+                or not self._mark == self._given == self._end):
+            return
+        self.release()
+        self._parser = _RESTING
+
+    def _prime(self, at: int) -> None:
+        """A fresh expat in the state after the stream header; stream offset `at` is the
+        next byte it will be given."""
         self._parser = self._new_expat()
-        self._priming = True
+        mark, self._depth, self._priming = self._mark, 0, True  # the header is no stanza
         try:
             self._parser.Parse(self._header_raw, False)
         finally:
             self._priming = False
-        self._delta = self._cut - len(self._header_raw)
-        self._depth = 1
+        self._delta = at - len(self._header_raw)
+        self._depth, self._mark = 1, mark
         self._partial = 0
         self._scan_token = self._scan_pos = -1
-        return self.feed(data) if data else []
 
     # -- feeding ------------------------------------------------------------------------------
 
@@ -380,6 +412,8 @@ class XmlStreamParser:
                 chunk = data
             else:
                 chunk = bytes(self._buf[self._given - self._base :])
+            if self._parser is _RESTING:  # shed while resting: whitespace alone keeps it so
+                self._prime(self._given)
             self._chunk = chunk
             self._chunk_start = self._given
             self._given = self._end
@@ -390,6 +424,7 @@ class XmlStreamParser:
             except expat.ExpatError as exc:
                 raise self._translate(exc) from None
             else:
+                self._chunk = b""  # its stanzas are cut: not kept for an idle stream
                 # after Parse, expat's index is where its unconsumed partial token starts
                 token = self._parser.CurrentByteIndex + self._delta
                 self._partial = self._given - token
@@ -401,7 +436,10 @@ class XmlStreamParser:
         if not self.stopped:
             self._check_pending()
             keep = min(self._mark, self._given)
-            if keep > self._base:
+            if keep >= self._end:  # all accounted for: no buffer kept for an idle stream
+                self._buf = bytearray()
+                self._base = self._end
+            elif keep > self._base:
                 del self._buf[: keep - self._base]
                 self._base = keep
         events, self._events = self._events, []
@@ -534,6 +572,13 @@ class XmlStreamParser:
         return False
 
     # -- expat --------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """The stream restarted (RFC 6120 5.4.3.3, 6.4.6) and this parser is done: drop expat's
+        handlers, bound to this object, so both are freed now rather than by the cycle
+        collector (issue 11: thousands of them waited for it at scale)."""
+        for name in _HANDLERS:
+            setattr(self._parser, name, None)
 
     def _new_expat(self) -> expat.XMLParserType:
         p = expat.ParserCreate("UTF-8", " ")

@@ -208,3 +208,49 @@ async def test_empty_nameservers_use_system_configuration(dnsmasq):
     with pytest.raises(DnsError) as e:
         await r.resolve("fallback.test")
     assert e.value.kind in ("timeout", "failure")
+
+
+@pytest.fixture(scope="module")
+def dnsmasq_ttl(tmp_path_factory):
+    """Answers with a TTL of 300 s (dnsmasq's local-ttl), for the edge's answer cache."""
+    d = Dnsmasq(tmp_path_factory.mktemp("dnsmasq-ttl"), address=DNS_ADDR, port=DNS_PORT + 1,
+                local_ttl=300)
+    d.add_srv("_xmpp-server._tcp.cached.test", "xmpp.cached.test", 5269, 0, 5)
+    d.add_host("xmpp.cached.test", "127.0.0.9")
+    d.start()
+    yield d
+    d.stop()
+
+
+def _queries(d: Dnsmasq, name: str) -> int:
+    """How many queries for `name` (any type, A and AAAA counting as one) reached dnsmasq."""
+    lines = d.log_path.read_text().splitlines()
+    return sum(1 for line in lines if " query[" in line and f"] {name} from " in line
+               and " query[AAAA] " not in line)
+
+
+async def test_answers_are_cached_within_their_ttl(dnsmasq_ttl):
+    """RFC 1035 3.2.1: an answer may be reused for its TTL; repeated dials (dialback set-ups
+    from one partner, issue 11) ask the server once. A resolver without the cache (probe,
+    check-dns) asks every time."""
+    name = "_xmpp-server._tcp.cached.test"
+    cached = S2sResolver([(DNS_ADDR, DNS_PORT + 1)], timeout=2.0)
+    for _ in range(3):
+        targets = await cached.resolve("cached.test", direct_tls=False)
+        assert [(t.host, t.port) for t in targets] == [("xmpp.cached.test", 5269)]
+        assert await cached.addresses("xmpp.cached.test") == ["127.0.0.9"]
+    assert _queries(dnsmasq_ttl, name) == 1
+    assert _queries(dnsmasq_ttl, "xmpp.cached.test") == 1
+    fresh = S2sResolver([(DNS_ADDR, DNS_PORT + 1)], timeout=2.0, cache=False)
+    for _ in range(2):
+        await fresh.resolve("cached.test", direct_tls=False)
+    assert _queries(dnsmasq_ttl, name) == 3
+
+
+async def test_negative_answers_are_not_cached(dnsmasq, resolver):
+    """"No such name" (fallback.test has no SRV) is asked again each time: RFC 2308 allows
+    caching it, but a partner that publishes its records should be found at once."""
+    before = _queries(dnsmasq, "_xmpp-server._tcp.fallback.test")
+    for _ in range(2):
+        await resolver.resolve("fallback.test", direct_tls=False)
+    assert _queries(dnsmasq, "_xmpp-server._tcp.fallback.test") == before + 2

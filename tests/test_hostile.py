@@ -357,21 +357,31 @@ async def test_component_stanza_from_outside_its_domain_gets_invalid_from(h: Har
 
 async def test_connection_limit_refuses_new_connections_existing_keep_working(
         h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """Over Lync's ConnectionLimit the peer is told why: our header, <resource-constraint/>
+    (RFC 6120 4.9.3.16, "lacks the system resources necessary to service the stream") with a
+    text naming the limit, then the close (4.9.1.2: the error follows our opening tag)."""
     caplog.set_level(logging.INFO, logger="edgeproxy")
     async with h.edge_running(connection_limit=2) as edge:
         a, b = await h.peer(), await h.peer()
         await a.open(FAB, CONTOSO)
         await b.open(NORTH, CONTOSO)
         refused = await h.peer()
-        await refused.closed()
-        assert refused.received == b""
+        await refused.send(stream_header(content_ns=NS_SERVER, from_=FAB, to=CONTOSO,
+                                         dialback=True))
+        opened = await refused.next()
+        assert isinstance(opened, StreamOpened) and opened.attrs.get("from") == CONTOSO
+        cond, text = await refused.stream_error()
+        assert cond == "resource-constraint" and "connection_limit (2)" in text, text
+        assert b"features" not in bytes(refused.received)
         assert "connection limit (2) reached" in caplog.text
+        await wait_for(lambda: edge.s2s_count == 2)
         # the existing streams are still served
         err = await a.dialback(FAB, to="elsewhere.test", key="k")
         assert err.attrs.get("type") == "error"
         await b.send("</stream:stream>")
         assert isinstance(await b.next(), StreamClosed)
         await wait_for(lambda: len(edge.connections) < 2)
+        assert edge.s2s_count == 1
         again = await h.peer()
         await again.open(NORTH, CONTOSO)
 
@@ -384,7 +394,9 @@ async def test_partner_connection_limit_refuses_second_stream(h: Harness) -> Non
         await second.send(f"<db:result from='{FAB}' to='{CONTOSO}'>"
                           f"{SECRETS[FAB].key(CONTOSO, FAB, second.stream_id)}</db:result>")
         cond, text = await second.stream_error(timeout=10)
+        # RFC 6120 4.9.3.15 <policy-violation/>, the text naming the limit and its setting
         assert cond == "policy-violation" and "connection limit for partner fabrikam.test" in text
+        assert "partner_connection_limit" in text, text
         # other partners have their own budget; the first fabrikam stream still works
         await h.still_serves()
         comp = await h.start_component()
@@ -400,7 +412,8 @@ async def test_per_partner_connection_limit_overrides_edge_default(h: Harness) -
         await third.open(FAB, CONTOSO)
         await third.send(f"<db:result from='{FAB}' to='{CONTOSO}'>"
                          f"{SECRETS[FAB].key(CONTOSO, FAB, third.stream_id)}</db:result>")
-        assert (await third.stream_error(timeout=10))[0] == "policy-violation"
+        cond, text = await third.stream_error(timeout=10)
+        assert cond == "policy-violation" and "its connection_limit" in text, text
         await h.still_serves()
 
 

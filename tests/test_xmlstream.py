@@ -864,3 +864,50 @@ def test_self_closing_stream_header_opens_and_closes_the_stream(split: int | Non
     else:
         events = parser.feed(data[:-split]) + parser.feed(data[-split:])
     assert [type(e).__name__ for e in events] == ["StreamOpened", "StreamClosed"]
+
+
+# -- an idle stream's parser sheds expat (issue 11) -------------------------------------------
+
+
+@pytest.mark.parametrize("size", SPLITS)
+def test_a_parser_that_shed_expat_parses_on_exactly_as_before(size: int | None) -> None:
+    """After shed() the next stanza is parsed by a fresh expat primed with the header: the
+    header's prefixes stay in scope (db:, RFC 6120 4.8.4), raw bytes stay exact, whitespace
+    keepalives (RFC 6120 4.6.1) and the stream close are handled as without shedding."""
+    stanzas = [MESSAGE, b"<db:result from='fabrikam.test' to='contoso.test'>abc</db:result>",
+               b"<presence from='alice@fabrikam.test' to='bob@contoso.test'/>"]
+    data = stanzas[0] + b" \n " + stanzas[1] + stanzas[2]
+    plain = XmlStreamParser()
+    expected = feed_all(plain, DECL + HEADER + data + b"</stream:stream>", size)
+
+    shedding = XmlStreamParser()
+    events = shedding.feed(DECL + HEADER)
+    shedding.shed()
+    for piece in [stanzas[0], b" \n ", stanzas[1], stanzas[2]]:
+        events += feed_all(shedding, piece, size)
+        shedding.shed()  # a no-op unless it rests between stanzas
+    events += feed_all(shedding, b"</stream:stream>", size)
+    assert [type(e) for e in events] == [type(e) for e in expected]
+    assert [e.raw for e in elements(events)] == stanzas
+    assert [(e.ns, e.name) for e in elements(events)] == [(e.ns, e.name)
+                                                         for e in elements(expected)]
+    assert events[-1] == StreamClosed()
+
+
+def test_shed_mid_stanza_keeps_expat_and_the_stanza_completes() -> None:
+    parser = XmlStreamParser()
+    parser.feed(HEADER)
+    assert parser.feed(MESSAGE[:40]) == []
+    parser.shed()  # a partial stanza: nothing may be dropped
+    events = parser.feed(MESSAGE[40:])
+    assert [e.raw for e in elements(events)] == [MESSAGE]
+
+
+def test_restricted_xml_after_shed_is_still_refused() -> None:
+    """RFC 6120 11.1: a comment is refused by the fresh expat as by the first."""
+    parser = XmlStreamParser()
+    parser.feed(HEADER)
+    parser.shed()
+    with pytest.raises(XmlStreamError) as info:
+        parser.feed(b"<!-- no -->")
+    assert info.value.condition == "restricted-xml"

@@ -11,9 +11,11 @@ from tests.servers.base import ServerProcess, require_binary
 class Dnsmasq(ServerProcess):
     name = "dnsmasq"
 
-    def __init__(self, workdir: Path, address: str = "127.0.0.53", port: int = 53):
+    def __init__(self, workdir: Path, address: str = "127.0.0.53", port: int = 53,
+                 local_ttl: int = 0):
         super().__init__(workdir, address)
         self.port = port
+        self.local_ttl = local_ttl  # TTL of the answers (dnsmasq's default 0: never cached)
         self.binary = require_binary("dnsmasq")
         self.conf_path = self.workdir / "dnsmasq.conf"
         self.resolv_conf = self.workdir / "resolv.conf"  # for servers that read one (Prosody)
@@ -42,6 +44,7 @@ class Dnsmasq(ServerProcess):
             "no-hosts",  # never /etc/hosts
             "local=/test/",  # authoritative-ish: never forward *.test, NXDOMAIN for unknown
             "cache-size=0",
+            f"local-ttl={self.local_ttl}",
             "log-queries",
             f"log-facility={self.log_path}",
             f"pid-file={self.workdir / 'dnsmasq.pid'}",
