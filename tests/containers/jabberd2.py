@@ -132,7 +132,7 @@ def s2s_xml(domains: Sequence[str], setup: Jabberd2Setup) -> str:
   <!-- A stream that is not up after `queue` seconds bounces its stanzas (checked every
        `interval` s), and is not tried again once they are `retry` s old; a host that failed
        is not avoided later (bad-host-timeout 0). -->
-  <check><interval>2</interval><queue>15</queue><retry>10</retry><idle>86400</idle>
+  <check><interval>2</interval><queue>10</queue><retry>8</retry><idle>86400</idle>
     <keepalive>0</keepalive><dnscache>300</dnscache></check>
   <lookup><srv>xmpp-server</srv><min-ttl>5</min-ttl><max-ttl>30</max-ttl>
     <bad-host-timeout>0</bad-host-timeout><no-cache/></lookup>
