@@ -33,7 +33,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     finally:
         matrix.RESULTS.clear()
         matrix.RESULTS.update(saved)
-    terminalreporter.section("container matrix: the shipped image against Prosody and ejabberd "
-                             "containers")
+    terminalreporter.section("container matrix: the shipped image against Prosody, ejabberd "
+                             "and jabberd2 containers")
     for line in lines:
         terminalreporter.write_line(line)

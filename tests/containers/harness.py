@@ -8,6 +8,7 @@ containers as partners, and a dnsmasq container answering for every *.test domai
   gateway   .11  `gateway run`, its SQLite file on a named volume
   prosody   .20  prosody.test, db.prosody.test, direct.prosody.test, plain.prosody.test
   ejabberd  .21  ejabberd.test, db.ejabberd.test
+  jabberd2  .22  jabberd2.test, opt.jabberd2.test, db.jabberd2.test, plain.jabberd2.test
 
 The test process (in the private network namespace of scripts/netns-run, where podman makes
 its bridge) reaches the containers' addresses directly: the partners' users log in over c2s as
@@ -34,7 +35,10 @@ from pathlib import Path
 
 import pytest
 
+from edgeproxy.devcerts import load_dev_ca
 from tests import e2e
+from tests.containers import jabberd2
+from tests.interop.harness import certificate
 
 EDGE = "contoso.test"
 BOB = f"bob@{EDGE}"
@@ -44,6 +48,7 @@ TAG = os.environ.get("EDGE_IMAGE_TAG", "latest")  # scripts/test: this run's own
 IMAGE = f"localhost/xmpp-federation-edge:{TAG}"
 DNS_IMAGE = f"localhost/xmpp-edge-dnsmasq:{TAG}"
 SUITES = ("bookworm", "trixie")  # the partners' Debian: 12 (Prosody 0.12, ejabberd 23.01), 13
+SERVERS = ("prosody", "ejabberd", "jabberd2")  # the partner containers, also Debian's packages
 
 
 def peer_image(server: str, suite: str) -> str:
@@ -51,6 +56,7 @@ def peer_image(server: str, suite: str) -> str:
     return f"localhost/xmpp-edge-{server}{suffix}:{TAG}"
 LABEL = "xmpp-edge-tests"
 WAIT = 60.0  # seconds; generous, the machine is shared
+ESTABLISHMENT = 20  # seconds: the edge's stream_establishment_timeout
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,37 @@ class PartnerDomain:
     sasl: str
     dialback: bool
     type: str
-    certificates_only: bool = False  # Prosody s2s_secure_auth for this VirtualHost
+    # No dialback: ejabberd's host without mod_s2s_dialback; Prosody s2s_secure_auth in the
+    # VirtualHost section, which Prosody 13 was seen not to honour (test_certificates.py):
+    # where it matters, our partner entry allows no dialback anyway.
+    certificates_only: bool = False
+    defect: str | None = None  # the peer's certificate for this domain has it (tests.interop)
     direct_tls: bool = False  # _xmpps-server SRV published: we dial it with Direct TLS
+    # Why no stream can be set up with this partner (then nothing crosses, both senders get
+    # an error): our log's words for it when we dial them (also in the error bob gets), and
+    # when they dial us (None: the peer gives up before we can say anything). None: they
+    # federate.
+    refused: str | None = None
+    refused_in: str | None = None
+    # The stanza errors the peer may bounce alice's message with, when it cannot reach us.
+    bounces: tuple[str, ...] = ("remote-server-not-found", "remote-server-timeout")
+    # Before a refusal: a federating domain of the same peer has its stream to us up.
+    warm_up: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The matrix's name for how the two sides are configured."""
+        prefix = self.domain.split(".")[0] if self.domain.count(".") > 1 else ""
+        return {"": "sasl", "db": "dialback", "direct": "direct-tls", "opt": "sasl optional",
+                "plain": "policy mismatch"}[prefix]
+
+    @property
+    def auth(self) -> str:
+        """The mechanism our edge must use both ways: SASL EXTERNAL where our entry requires
+        it or the peer offers it and our entry allows it, dialback otherwise."""
+        if self.sasl == "required" or (self.sasl == "optional" and self.server != "jabberd2"):
+            return "sasl-external"
+        return "dialback"
 
     def entry(self) -> str:
         return (f'[[partner]]\ndomain = "{self.domain}"\ntype = "{self.type}"\n'
@@ -81,10 +116,38 @@ DOMAINS = (
                   "federated", certificates_only=True, direct_tls=True),
     # Our policy says "no TLS" (Lync's Google Talk row); Prosody requires encryption.
     PartnerDomain("plain.prosody.test", "prosody", "not-supported", "not-supported", True,
-                  "federated"),
+                  "federated", refused="plain.prosody.test requires TLS, but partner "
+                  "plain.prosody.test is configured with tls = not-supported"),
     PartnerDomain("ejabberd.test", "ejabberd", "required", "required", False, "federated"),
     PartnerDomain("db.ejabberd.test", "ejabberd", "required", "not-supported", True,
                   "public-verified"),
+    # jabberd2 authenticates S2S streams only with dialback (no SASL at all on s2s): our
+    # certificates-only entry cannot federate with it, an entry allowing both falls back.
+    # jabberd2 carries the dialback of all its domains to one server on one stream (XEP-0220
+    # 2.4 multiplexing): the test of a refused domain starts with one of its federating
+    # domains' streams up. On our <db:result type='error'/> it closes that whole stream
+    # (<invalid-id/>, "dialback negotiation failed") and bounces with <service-unavailable/>
+    # (s2s/out.c), or with <remote-server-timeout/> when the close came first.
+    PartnerDomain("jabberd2.test", "jabberd2", "required", "required", False, "federated",
+                  refused="no authentication method in common with jabberd2.test (TLS): it "
+                          "offered dialback; partner jabberd2.test allows sasl-external",
+                  refused_in="inbound dialback jabberd2.test -> contoso.test refused: partner "
+                             "jabberd2.test must authenticate with SASL EXTERNAL",
+                  bounces=("service-unavailable", "remote-server-timeout"), warm_up=True),
+    PartnerDomain("opt.jabberd2.test", "jabberd2", "required", "optional", True, "federated"),
+    PartnerDomain("db.jabberd2.test", "jabberd2", "required", "not-supported", True,
+                  "public-verified"),
+    # jabberd2 requires TLS (security.require_tls), our entry says no TLS. It offers STARTTLS
+    # without <required/>, ignores our <db:result/> on the plain stream without a word
+    # (s2s/in.c), and closes the stream at its queue timeout (10 s, before our establishment
+    # timeout) saying no dialback was initiated. Dialing us, it asks for dialback on its TLS
+    # stream to us, which this entry does not allow.
+    PartnerDomain("plain.jabberd2.test", "jabberd2", "not-supported", "not-supported", True,
+                  "federated", refused="plain.jabberd2.test sent a stream error in answer to "
+                  "our dialback key: <connection-timeout/> (no dialback initiated)",
+                  refused_in="inbound dialback plain.jabberd2.test -> contoso.test refused: "
+                             "dialback is disabled for partner plain.jabberd2.test",
+                  bounces=("service-unavailable", "remote-server-timeout"), warm_up=True),
 )
 BY_NAME = {d.domain: d for d in DOMAINS}
 USER, PASSWORD = "alice", "alice-pw"
@@ -145,7 +208,7 @@ def stop_our_aardvark() -> None:
 
 
 def require_images(suite: str) -> None:
-    for image in (IMAGE, DNS_IMAGE, peer_image("prosody", suite), peer_image("ejabberd", suite)):
+    for image in (IMAGE, DNS_IMAGE, *(peer_image(server, suite) for server in SERVERS)):
         if podman("image", "exists", image, check=False).returncode != 0:
             pytest.fail(f"image {image} is missing: scripts/build-images builds it "
                         "(./scripts/test runs it before the container tests)", pytrace=False)
@@ -171,15 +234,17 @@ def _lua(value: str) -> str:
 class Federation:
     """The containers of one test module; `start()` brings them up, `close()` removes them."""
 
-    def __init__(self, workdir: Path, suite: str = "bookworm"):
+    def __init__(self, workdir: Path, suite: str = "bookworm",
+                 domains: Sequence[PartnerDomain] = DOMAINS, name: str = ""):
         self.workdir = workdir
         self.suite = suite
+        self.domains = tuple(domains)
         self.versions: dict[str, str] = {}  # server -> its Debian package version
-        self.run = f"xe{os.getpid()}-{suite}"
+        self.run = f"xe{os.getpid()}-{suite}{name}"
         self.network = f"{self.run}-net"
         self.volume = f"{self.run}-gateway-data"
         self.names = {role: f"{self.run}-{role}"
-                      for role in ("dns", "edge", "gateway", "prosody", "ejabberd")}
+                      for role in ("dns", "edge", "gateway", *SERVERS)}
         self.ip: dict[str, str] = {}
         self.started: list[str] = []
         self.timings: dict[str, float] = {}
@@ -199,7 +264,7 @@ class Federation:
         info = json.loads(podman("network", "inspect", self.network).stdout)[0]
         subnet = ipaddress.ip_network(info["subnets"][0]["subnet"])
         for role, host in (("dns", 53), ("edge", 10), ("gateway", 11), ("prosody", 20),
-                           ("ejabberd", 21)):
+                           ("ejabberd", 21), ("jabberd2", 22)):
             self.ip[role] = str(subnet.network_address + host)
         podman("volume", "create", "--label", label, self.volume)
         self._write_files()
@@ -208,23 +273,28 @@ class Federation:
                   volumes={self.dir("prosody"): "/etc/prosody/test"})
         self._run("ejabberd", peer_image("ejabberd", self.suite),
                   volumes={self.dir("ejabberd"): "/etc/ejabberd/test"})
+        self._run("jabberd2", peer_image("jabberd2", self.suite),
+                  volumes={self.dir("jabberd2"): jabberd2.CONFIG_DIR})
         self.start_edge()
         self.start_gateway()
+        # alice on every domain, one `podman exec` per server (each costs a second or more).
+        register = {"prosody": "prosodyctl --config /etc/prosody/test/prosody.cfg.lua",
+                    "ejabberd": "ejabberdctl --config-dir /etc/ejabberd/test"}
         wait_tcp(self.ip["prosody"], 5222, "Prosody")
-        for d in DOMAINS:
-            if d.server == "prosody":
-                self.exec("prosody", "prosodyctl", "--config",
-                          "/etc/prosody/test/prosody.cfg.lua", "register", USER, d.domain,
-                          PASSWORD)
         wait_tcp(self.ip["ejabberd"], 5222, "ejabberd")
         self.wait_ejabberd()
-        for d in DOMAINS:
-            if d.server == "ejabberd":
-                self.ejabberdctl("register", USER, d.domain, PASSWORD)
+        for server, command in register.items():
+            mine = [d.domain for d in self.domains if d.server == server]
+            self.exec(server, "sh", "-c", f'for d in "$@"; do {command} register {USER} "$d" '
+                      f'{PASSWORD} || exit 1; done', "sh", *mine)
+        for port in (5222, 5269):  # its accounts are in its database from the start
+            wait_tcp(self.ip["jabberd2"], port, "jabberd2")
         self.wait_gateway_link()
-        for server in ("prosody", "ejabberd"):
+        for server in SERVERS:
             self.versions[server] = self.exec(server, "dpkg-query", "-W", "-f", "${Version}",
                                               server).stdout.split("-")[0]
+        # Debian 12 and 13 have the same jabberd2 release: the matrix tells them apart.
+        self.versions["jabberd2"] += f" (Debian {12 if self.suite == 'bookworm' else 13})"
         self.timings["start"] = time.monotonic() - t0
 
     def start_edge(self) -> None:
@@ -279,25 +349,31 @@ class Federation:
         podman(*args, image, *command)
 
     def _dns_records(self) -> list[str]:
-        hosts = [(EDGE, self.ip["edge"])] + [(d.domain, self.ip[d.server]) for d in DOMAINS]
+        hosts = [(EDGE, self.ip["edge"])] + [(d.domain, self.ip[d.server]) for d in self.domains]
         records = ["--local=/test/", "--cache-size=0"]
         for domain, ip in hosts:
             records += [f"--host-record={domain},{ip}",
                         f"--srv-host=_xmpp-server._tcp.{domain},{domain},5269,10,5"]
         records += [f"--srv-host=_xmpps-server._tcp.{d.domain},{d.domain},5270,0,5"
-                    for d in DOMAINS if d.direct_tls]
+                    for d in self.domains if d.direct_tls]
         return records
 
     def _write_files(self) -> None:
         certs = self.workdir / "certs"
         # The project's own certificate command makes the CA and every certificate.
         subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--out", str(certs),
-                        EDGE, *(d.domain for d in DOMAINS)], check=True, capture_output=True)
+                        EDGE, *(d.domain for d in self.domains)], check=True, capture_output=True)
         # the gateway's client certificate for the component link's mutual TLS
         subprocess.run([sys.executable, "-m", "edgeproxy", "certs", "dev", "--profile", "gateway",
                         "--out", str(certs), f"gateway.{EDGE}"], check=True, capture_output=True)
         ca = (certs / "ca.crt").read_bytes()
-        for role in ("edge", "prosody", "ejabberd"):
+        dev_ca = load_dev_ca(certs)
+        assert dev_ca is not None, certs
+        for d in self.domains:
+            if d.defect is not None:  # from the same CA, the defect of tests/interop's cases
+                certificate(d.domain, d.defect, dev_ca).write(certs / f"{d.domain}.crt",
+                                                               certs / f"{d.domain}.key")
+        for role in ("edge", "prosody", "ejabberd", "jabberd2"):
             (self.workdir / role).mkdir(parents=True, exist_ok=True)
             (self.workdir / role / "ca.crt").write_bytes(ca)
         edge = self.workdir / "edge"
@@ -306,19 +382,23 @@ class Federation:
                 (edge / f"{name}.{suffix}").write_bytes((certs / f"{name}.{suffix}").read_bytes())
         (edge / "edge.toml").write_text(self.edge_toml())
         prosody = self.workdir / "prosody"
-        for d in DOMAINS:
+        for d in self.domains:
             if d.server == "prosody":
                 for suffix in ("crt", "key"):
                     (prosody / f"{d.domain}.{suffix}").write_bytes(
                         (certs / f"{d.domain}.{suffix}").read_bytes())
         (prosody / "prosody.cfg.lua").write_text(self.prosody_config())
         ejabberd = self.workdir / "ejabberd"
-        for d in DOMAINS:
+        for d in self.domains:
             if d.server == "ejabberd":
                 (ejabberd / f"{d.domain}.pem").write_bytes(
                     (certs / f"{d.domain}.crt").read_bytes()
                     + (certs / f"{d.domain}.key").read_bytes())
         (ejabberd / "ejabberd.yml").write_text(self.ejabberd_config())
+        mine = [d.domain for d in self.domains if d.server == "jabberd2"]
+        jabberd2.write(self.workdir / "jabberd2", mine, [(USER, d, PASSWORD) for d in mine],
+                       {d: (certs / f"{d}.crt").read_bytes() + (certs / f"{d}.key").read_bytes()
+                        for d in mine}, ca)
         (ejabberd / "ejabberdctl.cfg").write_text("ERLANG_NODE=ejabberd@localhost\n")
         ns = ",".join(self.ip["dns"].split("."))
         # Erlang's resolver (SRV lookups) reads inetrc, not resolv.conf (INTEROP.md).
@@ -340,7 +420,7 @@ private_key = "{EDGE}.key"
 ca_files = ["ca.crt"]
 use_system_ca = false
 dialback_secret = "container-dialback-secret"
-stream_establishment_timeout = 20
+stream_establishment_timeout = {ESTABLISHMENT}
 
 [edge.component]
 listen = "0.0.0.0:5347"
@@ -364,7 +444,7 @@ database = "/var/lib/xmpp-edge/gateway.sqlite3"
 api_listen = "0.0.0.0:8080"
 admin_token = "{ADMIN_TOKEN}"
 
-""" + "\n".join(d.entry() for d in DOMAINS)
+""" + "\n".join(d.entry() for d in self.domains)
 
     def prosody_config(self) -> str:
         lines = [
@@ -390,7 +470,7 @@ admin_token = "{ADMIN_TOKEN}"
             'authentication = "internal_plain"',
             'storage = "internal"',
         ]
-        for d in DOMAINS:
+        for d in self.domains:
             if d.server != "prosody":
                 continue
             base = f"/etc/prosody/test/{d.domain}"
@@ -401,8 +481,21 @@ admin_token = "{ADMIN_TOKEN}"
         return "\n".join(lines) + "\n"
 
     def ejabberd_config(self) -> str:
-        hosts = [d.domain for d in DOMAINS if d.server == "ejabberd"]
+        mine = [d for d in self.domains if d.server == "ejabberd"]
+        hosts = [d.domain for d in mine]
         common = "ip: \"0.0.0.0\", shaper: none, backlog: 128"
+        modules = ["mod_roster: {}", "mod_disco: {}", "mod_ping: {}"]
+        dialback = "mod_s2s_dialback: {}"
+        per_host: list[str] = []
+        if any(d.certificates_only for d in mine):
+            # Dialback only where allowed: the module per host (host_config's module list is
+            # complete, so it means the same whether ejabberd merges or replaces it).
+            per_host = ["host_config:"] + [
+                f"  {json.dumps(d.domain)}:\n    modules:\n"
+                + "".join(f"      {m}\n" for m in (*modules, dialback)).rstrip("\n")
+                for d in mine if not d.certificates_only]
+        else:
+            modules.append(dialback)
         return "\n".join([
             "# written by tests/containers/harness.py",
             f"hosts: {json.dumps(hosts)}",
@@ -425,10 +518,8 @@ admin_token = "{ADMIN_TOKEN}"
             f"  - {{port: 5222, module: ejabberd_c2s, {common}, starttls: false}}",
             f"  - {{port: 5269, module: ejabberd_s2s_in, {common}}}",
             "modules:",
-            "  mod_roster: {}",
-            "  mod_disco: {}",
-            "  mod_ping: {}",
-            "  mod_s2s_dialback: {}",
+            *(f"  {m}" for m in modules),
+            *per_host,
             "",
         ])
 
@@ -482,8 +573,9 @@ admin_token = "{ADMIN_TOKEN}"
 
 
 @contextlib.contextmanager
-def federation(workdir: Path, suite: str = "bookworm") -> Iterator[Federation]:
-    fed = Federation(workdir, suite)
+def federation(workdir: Path, suite: str = "bookworm", domains: Sequence[PartnerDomain] = DOMAINS,
+               name: str = "") -> Iterator[Federation]:
+    fed = Federation(workdir, suite, domains, name)
     try:
         fed.start()
         yield fed

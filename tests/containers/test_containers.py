@@ -6,9 +6,12 @@ the image's default command, volumes, user, HEALTHCHECK and stop signal, with re
 records from a dnsmasq container) and the partners' real certificates.
 
   message / subscription   both directions, for every partner domain that federates:
-                           Prosody and ejabberd each in SASL EXTERNAL and in dialback mode, and
-                           Prosody reached with Direct TLS (XEP-0368)
-  policy mismatch          our entry says no TLS, Prosody requires it: refused both ways
+                           Prosody and ejabberd each in SASL EXTERNAL and in dialback mode,
+                           Prosody reached with Direct TLS (XEP-0368), jabberd2 in dialback mode
+                           and with an entry that prefers SASL EXTERNAL (jabberd2 has none)
+  refused                  our entry says no TLS, Prosody / jabberd2 require it; our entry
+                           requires SASL EXTERNAL, jabberd2 knows only dialback: refused both
+                           ways, with an error to each sender and our log saying why
   gateway restart          a message stored for an offline user survives `podman stop/start`;
                            one sent while the gateway is stopped waits at the edge
   SIGTERM                  the edge container stops cleanly (exit 0, streams closed), the
@@ -35,8 +38,8 @@ from tests.servers import TestClient
 CONTAINER = "[container]"
 MESSAGE, SUBSCRIPTION, AUTH = "message", "subscription", "authenticated by"
 IN, OUT = h.IN, h.OUT
-FEDERATING = [d.domain for d in DOMAINS if d.tls != "not-supported"]
-MISMATCH = "plain.prosody.test"
+FEDERATING = [d.domain for d in DOMAINS if d.refused is None]
+REFUSED = [d.domain for d in DOMAINS if d.refused is not None]
 
 
 @dataclass
@@ -96,9 +99,7 @@ def test_image_runs_as_shipped(fed: Federation) -> None:
 async def test_federation(fed: Federation, domain: str) -> None:
     d = BY_NAME[domain]
     peer = h.Peer(d.server, domain, fed.ip[d.server], make=lambda *_: None)
-    mode = d.domain.split(".")[0] if d.domain.count(".") > 1 else "sasl"
-    mode = {"db": "dialback", "direct": "direct-tls"}.get(mode, mode)
-    cells = Cells(peer_name(fed, domain), mode)
+    cells = Cells(peer_name(fed, domain), d.mode)
     mark = len(fed.logs("edge"))
     jid = f"{USER}@{domain}"
     async with bob(fed) as b, alice(fed, domain) as a:
@@ -123,7 +124,7 @@ async def test_federation(fed: Federation, domain: str) -> None:
         for direction, found in ((IN, h.our_inbound(text, peer)),
                                  (OUT, h.our_outbound(text, peer))):
             async with cells(AUTH, direction) as detail:
-                expected = "sasl-external" if d.sasl == "required" else "dialback"
+                expected = d.auth
                 assert found, f"the edge's log has no authenticated stream {direction}"
                 # XEP-0344: a dialback request whose certificate already proves the domain
                 # is answered at once ("dialback-over-valid-certificate").
@@ -140,30 +141,51 @@ async def test_federation(fed: Federation, domain: str) -> None:
     cells.check()
 
 
-async def test_policy_mismatch_is_refused_both_ways(fed: Federation) -> None:
-    """Our entry for plain.prosody.test says tls = not-supported (so no STARTTLS is offered or
-    used); Prosody requires encryption (s2s_require_encryption). No stream can be set up and
-    each side's message comes back as an error (RFC 6120 8.3.3.16 remote-server-not-found /
-    8.3.3.17 remote-server-timeout), nothing is delivered."""
-    cells = Cells(peer_name(fed, MISMATCH), "policy mismatch")
-    jid = f"{USER}@{MISMATCH}"
-    mark = len(fed.logs("edge"))
-    async with bob(fed) as b, alice(fed, MISMATCH) as a:
+@pytest.mark.parametrize("domain", REFUSED)
+async def test_refused_both_ways(fed: Federation, domain: str) -> None:
+    """No stream can be set up with these partners, and each side's message comes back as an
+    error (RFC 6120 8.3.3.16 remote-server-not-found / 8.3.3.17 remote-server-timeout),
+    nothing is delivered, and our log says why in the words of `PartnerDomain.refused`:
+      plain.prosody.test, plain.jabberd2.test  our entry says tls = not-supported (so no
+          STARTTLS is offered or used); Prosody (s2s_require_encryption) and jabberd2
+          (security.require_tls) require encryption;
+      jabberd2.test  our entry requires SASL EXTERNAL (RFC 6120 6.4: no mechanism in common,
+          the stream is not authenticated); jabberd2 authenticates S2S streams only with
+          dialback (XEP-0220), and our entry forbids it."""
+    d = BY_NAME[domain]
+    cells = Cells(peer_name(fed, domain), d.mode)
+    jid = f"{USER}@{domain}"
+    async with bob(fed) as b, alice(fed, domain) as a:
+        if d.warm_up:  # the peer's stream to us is up (PartnerDomain.warm_up)
+            other = next(o.domain for o in DOMAINS if o.server == d.server and o.refused is None)
+            async with alice(fed, other) as friend:
+                friend.send_chat(BOB, "warming up")
+                await b.ws.expect("message", timeout=30, body="warming up")
+            b.ws.seen.clear()
+        mark = len(fed.logs("edge"))
         async with cells(MESSAGE, IN) as detail:
-            a.send_chat(BOB, "this needs TLS")
+            a.send_chat(BOB, "this cannot cross")
             bounce = await a.wait_for_bounce(60)
-            detail.append(f"bounced <{bounce['error']['condition']}/>")
-            assert bounce["error"]["condition"].startswith("remote-server"), str(bounce)
+            detail.append(f"{d.server} bounced <{bounce['error']['condition']}/>")
+            assert bounce["error"]["condition"] in d.bounces, str(bounce)
+            if d.refused_in:
+                assert d.refused_in in fed.logs("edge")[mark:], fed.logs("edge")[mark:]
+                detail.append("we refused its dialback")
         async with cells(MESSAGE, OUT) as detail:
-            mid = await b.send(jid, "and so does this")
+            mid = await b.send(jid, "nor can this")
             error = await b.ws.expect("error", timeout=60, id=mid)
-            assert error["condition"].startswith("remote-server"), error
-            detail.append(f"bounced <{error['condition']}/>")
+            # RFC 6120 8.3.3.17: the stream could not be set up in time; the text says why.
+            assert error["condition"] == "remote-server-timeout", error
+            assert domain in (error.get("text") or ""), error
+            detail.append(f"bounced <{error['condition']}/>: {error['text']}")
         await asyncio.sleep(0.5)
         assert not [e for e in b.ws.seen if e.get("event") == "message"], b.ws.seen
         assert a.messages.empty()
     text = fed.logs("edge")[mark:]
-    assert f"-> {MISMATCH}" in text or f"{MISMATCH} ->" in text, text
+    if cells.failures:  # shown by pytest with the failure
+        print(f"--- edge log ---\n{text}\n--- {d.server} log ---\n{fed.logs(d.server)[-6000:]}")
+    assert d.refused and d.refused in text, text
+    assert f"-> {domain}" in text or f"{domain} ->" in text, text
     cells.check()
 
 
