@@ -685,14 +685,29 @@ class ComponentConnection(StreamConnection):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
-        if self.link is not None and not self._want_ack:
+        if self.link is not None:
             self._want_ack = True
-            asyncio.get_running_loop().call_soon(self._request_ack_soon)
 
-    def _request_ack_soon(self) -> None:
+    # The turn's <r/> follows its last stanza in the same socket write: at the flush, or before
+    # anything else this link sends (an <a/>, a stream error, </stream:stream>: nothing may
+    # follow a close, RFC 6120 4.4).
+    def send(self, data: bytes) -> None:
+        if self._want_ack:
+            self._batch_request()
+        super().send(data)
+
+    def flush(self) -> None:
+        if self._want_ack:
+            self._batch_request()
+        super().flush()
+
+    def _batch_request(self) -> None:
         self._want_ack = False
-        if self.ack_requested is None:
-            self._request_ack(self.edge.clock())
+        if (self.ack_requested is None and self.link is not None and not self.closing
+                and not self.sent_close):
+            self.ack_requested = self.edge.clock()
+            self.stream.send(link.REQUEST)
+            self.arm_timer()
 
     def _request_ack(self, now: float) -> None:
         if self.closing:
