@@ -465,7 +465,9 @@ def edge_config(workdir: Path, address: str, mode: str, domains: Sequence[str],
     else:
         policy = 'tls = "not-supported"\nsasl = "not-supported"\ndialback = true\n'
     partners = "".join(f'[[partner]]\ndomain = "{d}"\n{policy}\n' for d in domains)
-    limit = 2 * len(domains) + 100  # dialback adds an outbound stream per partner
+    # Lync ConnectionLimit counts streams in and out: dialback adds one to the authoritative
+    # server per partner. Not more: the edge refuses a limit the fd limit cannot hold.
+    limit = (1 if mode == "tls" else 2) * len(domains) + 100
     return f"""
 [edge]
 domains = ["{LOCAL}"]
@@ -881,7 +883,8 @@ def edge_version(tree: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     where = subprocess.run([sys.executable, "-c", "import edgeproxy; print(edgeproxy.__file__)"],
                            capture_output=True, text=True, env=env, cwd="/").stdout.strip()
-    commit = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"],
+    commit = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s", "--",
+                             "edgeproxy"],
                             capture_output=True, text=True).stdout.strip()
     return f"{where} ({commit[:70] or 'no git'})"
 
