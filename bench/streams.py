@@ -727,7 +727,7 @@ class Bench:
             pid = sut.sut_pid()
             run.nofile = proc_nofile(pid)
             soft = int(run.nofile.split(" / ")[0])
-            if soft < 2 * n + 64:
+            if soft < (1 if mode == "tls" else 2) * n + 64:
                 raise ServerError(f"{target}: its RLIMIT_NOFILE is {run.nofile}, too few for "
                                   f"{n:,} streams")
             loop = asyncio.get_running_loop()
