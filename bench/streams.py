@@ -604,6 +604,7 @@ class Run:
     target: str
     mode: str
     n: int
+    version: str = ""  # the edge: which edgeproxy, at which commit (read when it started)
     load_before: str = ""
     load_after: str = ""
     nofile: str = ""
@@ -716,10 +717,12 @@ class Bench:
         run = Run(target, mode, n, load_before=load_average())
         workdir = self.tmp / f"{self.run_index:02d}-{target}-{mode}"
         sut = self.make_sut(target, mode, workdir)
+        if isinstance(sut, EdgeServer):
+            run.version = edge_version(sut.tree)
         address = sut.address
         domains = self.domains(target, mode)
-        print(f"\n== {target}, {mode}: N = {n:,}, load average {run.load_before}",
-              flush=True)
+        print(f"\n== {target}, {mode}: N = {n:,}, load average {run.load_before}"
+              + (f"\n   {run.version}" if run.version else ""), flush=True)
         sut.start()
         partners: list[Partner] = []
         sink_t: asyncio.Transport | None = None
@@ -834,6 +837,45 @@ def summary(runs: Sequence[Run], steps: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def issue_table(runs: Sequence[Run]) -> str:
+    """Issue 11's table: one row per SUT, TLS and dialback side by side (markdown)."""
+    by: dict[str, dict[str, Run]] = {}
+    for r in runs:
+        if r.steps:
+            by.setdefault(r.target, {})[r.mode] = r
+
+    def cpu(r: Run | None) -> str:
+        if r is None:
+            return "-"
+        return " / ".join(f"{s.seg('parallel').cpu_ms:.1f}" if s.seg("parallel") else "-"
+                          for s in r.steps) + " ms"
+
+    def head(mode: str) -> str:
+        r = next((m[mode] for m in by.values() if mode in m), None)
+        return "?" if r is None else " / ".join(
+            f"{s.open / 1000:g}k" if s.open >= 1000 else str(s.open) for s in r.steps)
+
+    lines = [f"| | RSS at N TLS streams | KiB/stream | SUT CPU per TLS set-up at {head('tls')} "
+             f"open | TLS set-ups/s, 16 in flight | dialback: RSS, KiB/stream | SUT CPU per "
+             f"dialback set-up at {head('dialback')} open | dialback set-ups/s, 16 in flight |",
+             "|---|---:|---:|---|---:|---|---|---:|"]
+    for target, modes in by.items():
+        t, d = modes.get("tls"), modes.get("dialback")
+        cells = [target]
+        if t is not None:
+            cells += [f"{t.steps[-1].rss_kib / 1024:,.0f} MiB", f"{t.kib_per_stream:.0f}",
+                      cpu(t), f"{t.rate('fill'):,.0f}"]
+        else:
+            cells += ["-", "-", "-", "-"]
+        if d is not None:
+            cells += [f"{d.steps[-1].rss_kib / 1024:,.0f} MiB, {d.kib_per_stream:.0f}", cpu(d),
+                      f"{d.rate('fill'):,.0f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 async def main_async(args: argparse.Namespace, tmp: Path) -> list[Run]:
     bench = Bench(args, tmp)
     loop = asyncio.get_running_loop()
@@ -868,6 +910,15 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> list[Run]:
     return runs
 
 
+def runs_from_json(path: Path) -> list[Run]:
+    runs = []
+    for raw in json.loads(path.read_text())["runs"]:
+        steps = [Step(st["open"], st["rss_kib"], [Segment(**seg) for seg in st["segments"]])
+                 for st in raw.pop("steps")]
+        runs.append(Run(**raw, steps=steps))
+    return runs
+
+
 def parse_edges(values: Sequence[str]) -> dict[str, Path]:
     trees: dict[str, Path] = {}
     for v in values or ["edge=" + str(ROOT)]:
@@ -886,7 +937,10 @@ def edge_version(tree: Path) -> str:
     commit = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s", "--",
                              "edgeproxy"],
                             capture_output=True, text=True).stdout.strip()
-    return f"{where} ({commit[:70] or 'no git'})"
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "edgeproxy"],
+                           capture_output=True, text=True).stdout.strip()
+    return (f"{where} ({commit[:70] or 'no git'}"
+            f"{'; edgeproxy/ has uncommitted changes' if dirty else ''})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -909,7 +963,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dns", default=DNS_IP,
                     help=f"address of the bench's dnsmasq (default {DNS_IP}; ejabberd's dialback "
                          "needs that one)")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="only print the tables of an earlier run's --json file")
     args = ap.parse_args(argv)
+    if args.report:
+        runs = runs_from_json(args.report)
+        print(summary(runs, sorted({st.open for r in runs for st in r.steps})))
+        print("\n" + issue_table(runs))
+        return 0
     if os.environ.get("EDGE_IN_NETNS") != "1":
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "
                  "bench/streams.py")
@@ -952,6 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="streams-bench-") as tmp:
         runs = asyncio.run(main_async(args, Path(tmp)))
     print("\n" + summary(runs, steps))
+    print("\n" + issue_table(runs))
     if args.json:
         args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
                                          "authoritative": Authoritative.stats}, indent=1))
