@@ -901,6 +901,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> list[Run]:
                         print(f"   {target}, {mode} FAILED: {exc}", flush=True)
                         runs.append(Run(target, mode, args.mode_n[mode],
                                         failures=[str(exc)[:2000]]))
+                    if args.json:  # after every run: an interrupted bench keeps what it has
+                        write_json(args.json, runs)
     finally:
         for s in servers:
             s.close()
@@ -908,6 +910,11 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> list[Run]:
             dns.stop()
     print(f"\nauthoritative server: {Authoritative.stats}")
     return runs
+
+
+def write_json(path: Path, runs: Sequence[Run]) -> None:
+    path.write_text(json.dumps({"runs": [asdict(r) for r in runs],
+                                "authoritative": Authoritative.stats}, indent=1))
 
 
 def runs_from_json(path: Path) -> list[Run]:
@@ -1015,8 +1022,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + summary(runs, steps))
     print("\n" + issue_table(runs))
     if args.json:
-        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
-                                         "authoritative": Authoritative.stats}, indent=1))
+        write_json(args.json, runs)
     bad = [r for r in runs if r.failures or not r.steps or r.delivered != r.steps[-1].open]
     for r in bad:
         print(f"NOT OK: {r.target}, {r.mode}: {len(r.failures)} failed set-ups"
