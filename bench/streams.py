@@ -813,10 +813,9 @@ class Bench:
               flush=True)
 
 
-def summary(runs: Sequence[Run], steps: Sequence[int]) -> str:
-    """The issue's table, one row per SUT and mode (markdown)."""
-    head = " / ".join(f"{s // 1000}k" if s >= 1000 else str(s) for s in steps)
-    lines = [f"| SUT, mode | RSS at N | KiB/stream | SUT CPU per set-up at {head} open "
+def summary(runs: Sequence[Run]) -> str:
+    """Every figure, one row per SUT and mode (markdown)."""
+    lines = ["| SUT, mode | RSS at N | KiB/stream | SUT CPU per set-up at each step "
              "(16 in flight) | sequential at the same steps | set-ups/s 16 in flight (fill) | "
              "sequential set-ups/s | idle CPU, all open | messages at the sink | load |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
@@ -970,12 +969,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dns", default=DNS_IP,
                     help=f"address of the bench's dnsmasq (default {DNS_IP}; ejabberd's dialback "
                          "needs that one)")
+    ap.add_argument("--workdir", type=Path,
+                    help="keep the SUTs' configurations and logs in a new directory under it")
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="only print the tables of an earlier run's --json file")
     args = ap.parse_args(argv)
     if args.report:
         runs = runs_from_json(args.report)
-        print(summary(runs, sorted({st.open for r in runs for st in r.steps})))
+        print(summary(runs))
         print("\n" + issue_table(runs))
         return 0
     if os.environ.get("EDGE_IN_NETNS") != "1":
@@ -1017,9 +1018,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, tree in args.edge_trees.items():
         if label in targets:
             print(f"  {label}: {edge_version(tree)}")
-    with tempfile.TemporaryDirectory(prefix="streams-bench-") as tmp:
-        runs = asyncio.run(main_async(args, Path(tmp)))
-    print("\n" + summary(runs, steps))
+    if args.workdir is not None:  # kept: the SUTs' configs and logs
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        runs = asyncio.run(main_async(args, Path(tempfile.mkdtemp(dir=args.workdir))))
+    else:
+        with tempfile.TemporaryDirectory(prefix="streams-bench-") as tmp:
+            runs = asyncio.run(main_async(args, Path(tmp)))
+    print("\n" + summary(runs))
     print("\n" + issue_table(runs))
     if args.json:
         write_json(args.json, runs)
