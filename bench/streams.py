@@ -3,7 +3,8 @@ and ejabberd 23.01 in one run (issue 11).
 
     scripts/netns-run python3 bench/streams.py [-n 10000] [--steps 1000,5000,10000]
         [--targets edge,prosody,ejabberd] [--modes tls,dialback] [--edge LABEL=TREE ...]
-        [--parallel 16] [--probe 200] [--idle 10] [--json out.json]
+        [--parallel 16] [--probe 200] [--idle 10] [--json out.json] [--workdir DIR]
+    python3 bench/streams.py --report out.json          # the tables of an earlier run
 
 A script, not a test (tests/test_bench_streams.py runs it at N = 50 so it keeps working). Every
 system under test (SUT) is a subprocess, so its CPU (utime + stime, /proc/PID/stat) and RSS
@@ -26,8 +27,9 @@ Modes, configured alike in every SUT (what each one's config says is in its writ
 - `tls`: STARTTLS (RFC 6120 5) + SASL EXTERNAL (RFC 6120 6, XEP-0178), the client certificate a
   wildcard `*.p.test` from a test CA (edgeproxy.devcerts; EKU serverAuth + clientAuth, no
   XmppAddr: ejabberd 23.01 crashes on it, shared/INTEROP.md); partner domains `p<i>.p.test`.
-  TLS and SASL required, dialback off. The bench's TLS is Python's ssl (OpenSSL in C) over
-  memory BIOs, so the client side is cheaper than the servers' and never the bottleneck.
+  TLS and SASL required, dialback off. The bench's TLS is Python's ssl (OpenSSL) over memory
+  BIOs; it still costs 2-3 ms of CPU per set-up (printed as "bench"), as much as a SUT, so on a
+  2-core machine the rates are bounded by the machine: compare CPU per set-up first.
 - `dialback`: plain TCP + XEP-0220 dialback, TLS not offered (the edge's `tls =
   "not-supported"`, Prosody without mod_tls, ejabberd `s2s_use_starttls: false`). The bench
   is also the authoritative server: the SUT resolves `p<i>.d<k>.test` through dnsmasq on
@@ -41,6 +43,9 @@ Prosody serves `Component "contoso.test"`, ejabberd an `ejabberd_service` listen
 edge its `[edge.component]`; each partner is a `[[partner]]` of the edge. RLIMIT_NOFILE is raised
 here before any SUT starts (children inherit it); each connection of the bench is bound to a
 source address of its own run (127.3.<run>.<i // 20000 + 1>), so ephemeral ports never run out.
+Where the hard fd limit cannot be raised (no CAP_SYS_RESOURCE) and 2N descriptors do not fit,
+the dialback mode runs at the largest N that does (a dialback stream takes two descriptors in
+the SUT and two in the bench); the bench says so.
 
 The machine is shared: wall-clock rates vary with its load (printed with every run); CPU time
 per set-up is the steadier figure. Run the peers and the edge in the same run, interleaved.
