@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from edgeproxy.partners import Partner, PartnerTable
-from edgeproxy.relay import Budgets, Dial, Pause, Relay, Resume, Write
+from edgeproxy.relay import Budgets, Dial, PairState, Pause, Relay, Resume, Write
 from edgeproxy.xmlstream import NS_SERVER, XmlStreamParser, stream_header
 
 LOCAL = "contoso.test"
@@ -342,6 +342,16 @@ class RelayModel(RuleBasedStateMachine):
         assert set(places) == self.accepted, "a stanza was lost"
         twice = {i for i, n in places.items() if n > 1}
         assert twice <= self.in_doubt, f"duplicated: {sorted(twice - self.in_doubt)}"
+
+    @invariant()
+    def pair_indexes_match_the_pairs(self) -> None:
+        """The relay's indexes (issue 11: nothing walks every pair per event) say what the
+        pairs say."""
+        if not hasattr(self, "relay"):
+            return
+        pairs = self.relay.pairs.values()
+        assert self.relay.dialing == {p.pair: p for p in pairs if p.state is PairState.DIALING}
+        assert self.relay.pair_links == {p.link: p for p in pairs if p.link is not None}
 
     @invariant()
     def budgets_hold(self) -> None:
