@@ -12,7 +12,6 @@ saved in test-artifacts/panel/<peer>-NN-<step>.png.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,7 +25,17 @@ from tests.admin.browser import Browser
 from tests.admin.helpers import TOKEN, write_edge_file
 from tests.conftest import require_netns
 from tests.edges import Component
-from tests.interop.harness import CA, EDGE, EDGE_IP, Dns, Peer, PeerSetup, World
+from tests.interop.harness import (
+    CA,
+    EDGE,
+    EDGE_IP,
+    Dns,
+    Peer,
+    PeerSetup,
+    World,
+    partner_streams,
+    until,
+)
 from tests.interop.peers import PEERS
 
 pytestmark = pytest.mark.interop
@@ -34,20 +43,6 @@ pytestmark = pytest.mark.interop
 BASE = f"http://{EDGE_IP}:5280"
 
 
-async def until(what: str, cond: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Wait in the event loop (the edge keeps running) until cond() is truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (result := cond()):
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:g} s")
-        await asyncio.sleep(0.1)
-    return result
-
-
-def streams_of(edge: Edge, domain: str) -> list[Any]:
-    return [c for c in edge.connections if c.kind in ("inbound", "outbound") and not c.closing
-            and edge.monitor._stream_partner(c) == domain]
 
 
 @pytest.mark.parametrize("peer", PEERS, ids=[p.name for p in PEERS])
@@ -65,7 +60,7 @@ async def test_administrator_adds_edits_and_removes_a_partner_in_the_browser(pee
     alice = peer.client()
 
     def fab_streams(edge: Edge) -> list[Any]:
-        return streams_of(edge, FAB)
+        return partner_streams(edge, FAB)
 
     browser: Browser | None = None
     try:

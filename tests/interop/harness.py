@@ -30,6 +30,23 @@ from tests.e2e import Api, RunningGateway, UserSocket, running_gateway
 from tests.edges import edge_config
 from tests.servers import Dnsmasq, Mechanism, TestClient
 
+
+async def until(what: str, cond: Callable[[], Any], timeout: float = 40.0) -> Any:
+    """Wait in the event loop (the edge keeps running) until cond() is truthy; its value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (result := cond()):
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(0.1)
+    return result
+
+
+def partner_streams(edge: Edge, domain: str) -> list[Any]:
+    """The edge's open S2S streams (either direction) with the partner `domain`."""
+    return [c for c in edge.connections if c.kind in ("inbound", "outbound") and not c.closing
+            and edge.monitor._stream_partner(c) == domain]
+
 EDGE, EDGE_IP = "contoso.test", "127.0.0.10"
 LOCAL_USER = "bob"
 BOB = f"{LOCAL_USER}@{EDGE}"

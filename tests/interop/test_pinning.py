@@ -11,8 +11,6 @@ edge runs from a real file with its live reload (FileWatch), like test_panel_bro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -25,26 +23,22 @@ from edgeproxy.server import Edge
 from tests.admin.browser import Browser
 from tests.admin.helpers import TOKEN, write_edge_file
 from tests.edges import Component, error_condition
-from tests.interop.harness import CA, EDGE, EDGE_IP, PeerSetup, World, partner
+from tests.interop.harness import (
+    CA,
+    EDGE,
+    EDGE_IP,
+    PeerSetup,
+    World,
+    partner,
+    partner_streams,
+    until,
+)
 
 pytestmark = pytest.mark.interop
 
 BASE = f"http://{EDGE_IP}:5280"
 
 
-async def until(what: str, cond: Callable[[], Any], timeout: float = 40.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (result := cond()):
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:g} s")
-        await asyncio.sleep(0.1)
-    return result
-
-
-def open_streams(edge: Edge, domain: str) -> list[Any]:
-    return [c for c in edge.connections if c.kind in ("inbound", "outbound") and not c.closing
-            and edge.monitor._stream_partner(c) == domain]
 
 
 async def test_pin_the_peers_certificate_in_the_panel_then_a_wrong_pin_is_refused(
@@ -111,12 +105,12 @@ async def test_pin_the_peers_certificate_in_the_panel_then_a_wrong_pin_is_refuse
         assert cf.partner_fields(FAB)["pin_sha256"] == [their_pin]
         assert "# Written by the admin tests" in path.read_text()  # a configfile edit
         # the streams carry on: their certificate passes the new pin
-        assert open_streams(edge, FAB) and "pins changed" not in caplog.text
+        assert partner_streams(edge, FAB) and "pins changed" not in caplog.text
         await both_ways("pinned")
 
         # A wrong pin: the reload resets the streams (RFC 6120 4.9.3.17), then nothing crosses
         cf.set_partner(FAB, {"pin_sha256": [wrong]}, cf.read()[1])
-        await until("the streams reset by the reload", lambda: not open_streams(edge, FAB))
+        await until("the streams reset by the reload", lambda: not partner_streams(edge, FAB))
         assert f"partner {FAB}'s pins changed and its certificate no longer passes" in \
             caplog.text
         world.forget_failures()
