@@ -650,6 +650,10 @@ class InboundS2s:
             if not self.tls and partner.allows(AuthMethod.TLS_DIALBACK):
                 refusal = ("policy-violation",
                            f"partner {partner.domain} requires TLS before dialback")
+            elif self.tls and partner.allows(AuthMethod.TCP_DIALBACK):
+                refusal = ("policy-violation",
+                           f"partner {partner.domain} allows dialback only on a stream without "
+                           "TLS (its tls = \"not-supported\"), and this stream is TLS")
             elif partner.allows(AuthMethod.SASL_EXTERNAL):
                 refusal = ("not-authorized", f"partner {partner.domain} must authenticate with "
                            "SASL EXTERNAL (a certificate); dialback is not allowed for it")

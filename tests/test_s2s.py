@@ -10,6 +10,7 @@ second real pair of machines (fabrikam -> contoso, authoritative role).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -286,6 +287,28 @@ def test_tcp_dialback_refused_when_partner_requires_tls(trust):
     sent = b"".join(a.data for a in acts if isinstance(a, Send))
     assert b"type='error'" in sent and b"policy-violation" in sent
     assert not [a for a in acts if isinstance(a, Authenticated | DialbackVerify)]
+
+
+def test_dialback_over_tls_refused_with_the_reason_when_the_partner_allows_it_only_plain(
+        caplog):
+    """XEP-0220 2.1 / the Lync matrix: a partner entry with tls = "not-supported" allows TCP
+    dialback only; its dialback on a TLS stream is refused with <policy-violation/> and a text
+    that names the mismatch (not "dialback is disabled", which it is not)."""
+    p = Partner("contoso.test", tls=Negotiation.NOT_SUPPORTED, sasl=Negotiation.NOT_SUPPORTED)
+    inb = InboundS2s(ctx("fabrikam.test", [p], "s"), tls=True)  # e.g. Direct TLS
+    parser = XmlStreamParser()
+    data = (b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' from='contoso.test' "
+            b"to='fabrikam.test' version='1.0'><db:result from='contoso.test' "
+            b"to='fabrikam.test'>abc</db:result>")
+    with caplog.at_level(logging.WARNING):
+        acts = [a for ev in parser.feed(data) for a in inb.receive(ev)]
+    records = caplog.records
+    sent = b"".join(a.data for a in acts if isinstance(a, Send))
+    assert b"type='error'" in sent and b"policy-violation" in sent, sent
+    assert not [a for a in acts if isinstance(a, Authenticated | DialbackVerify)]
+    assert any("allows dialback only on a stream without TLS" in r.getMessage()
+               for r in records), [r.getMessage() for r in records]
 
 
 def test_authoritative_role_answers_db_verify():

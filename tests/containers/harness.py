@@ -146,7 +146,8 @@ DOMAINS = (
                   "federated", refused="plain.jabberd2.test sent a stream error in answer to "
                   "our dialback key: <connection-timeout/> (no dialback initiated)",
                   refused_in="inbound dialback plain.jabberd2.test -> contoso.test refused: "
-                             "dialback is disabled for partner plain.jabberd2.test",
+                             "partner plain.jabberd2.test allows dialback only on a stream "
+                             "without TLS",
                   bounces=("service-unavailable", "remote-server-timeout"), warm_up=True),
 )
 BY_NAME = {d.domain: d for d in DOMAINS}
