@@ -155,8 +155,8 @@ async def test_ack_for_more_than_was_sent_closes_the_link(h: Harness) -> None:
         partner = await h.authenticated()
         await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", "k1"))
         await stanzas(comp, 1)
+        await sm_element(comp, "r")  # the edge asks (ACK_AFTER after the stanza)
         await comp.send(f"<a {SM} h='5'/>")
-        await sm_element(comp, "r")
         cond, text = await comp.stream_error()
         assert cond == "undefined-condition" and "acknowledges 5" in text
         assert edge.router.relay.held == 1
