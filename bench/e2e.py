@@ -8,7 +8,7 @@ network namespace:
 
 - contoso.test on 127.0.0.10, served in turn by: our edge + gateway (`python -m edgeproxy run`,
   `python -m gateway run`, one TOML file, as subprocesses), the same daemons from another source
-  tree (--tree, e.g. `git worktree add /tmp/main main`: the baseline in the same run), Prosody
+  tree (--tree, e.g. `git worktree add ../base main`: the baseline in the same run), Prosody
   0.12 and ejabberd 23.01 (tests/servers' config writers), each with the local user bob;
 - fabrikam.test: a raw S2S sender in this process, authenticated with dialback (XEP-0220): the
   authoritative server is bench/relay.py's tiny responder on 127.0.0.11 (dnsmasq points the
