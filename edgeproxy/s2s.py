@@ -360,6 +360,7 @@ class InboundS2s:
     pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
     created: float = 0.0  # on the shell's clock
     fallback: str = ""  # why SASL EXTERNAL was refused and dialback used (a pin mismatch)
+    close_sent: bool = False  # our idle close is out; the peer's stanzas still count (4.4)
     timers: StreamTimers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -377,12 +378,12 @@ class InboundS2s:
         return any(p.keepalive for p in (lookup(remote) for _, remote in self.verified) if p)
 
     def next_deadline(self) -> float | None:
-        if self.state is InState.CLOSED:
+        if self.state is InState.CLOSED or self.close_sent:
             return None
         return min(at for at, _ in self.timers.deadlines(bool(self.verified), self.keepalive()))
 
     def handle_timer(self, now: float) -> list[Action]:
-        if self.state is InState.CLOSED:
+        if self.state is InState.CLOSED or self.close_sent:
             return []
         timer = self.timers.due(now, bool(self.verified), self.keepalive())
         out = _timer_actions(self, timer)
@@ -417,10 +418,12 @@ class InboundS2s:
         return self._close(text, condition)
 
     def quiet_close(self, reason: str) -> list[Action]:
-        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
-        if self.state is InState.CLOSED:
+        """Close an idle stream with </stream:stream> and no error (RFC 6120 4.6.3). The other
+        direction stays open: what the peer sent before it saw our close is still processed,
+        until its own close tag (4.4 steps 1-2); no timer runs any more."""
+        if self.state is InState.CLOSED or self.close_sent:
             return []
-        self.state = InState.CLOSED
+        self.close_sent = True
         return [Close(reason, None, failed=False)]
 
     def error_preamble(self) -> bytes:

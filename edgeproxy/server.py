@@ -85,6 +85,9 @@ log = logging.getLogger("edgeproxy")
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
+# How long an inbound stream we closed as idle waits for the partner's close tag, reading what
+# it sent before it saw ours (RFC 6120 4.4 step 3: "a reasonable amount of time")
+CLOSE_LINGER = 10.0
 CERT_CHECK_INTERVAL = 3600.0  # seconds between expiry checks (the warning itself is daily)
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
 # How often the edge asks the gateway for <a/> (XEP-0198 4 leaves it to the sender): after this
@@ -606,6 +609,19 @@ class InboundConnection(StreamConnection):
                  extra=self.log_fields())
         self.edge.monitor.authenticated(self, action)
 
+    def on_close(self, action: Close) -> None:
+        if self.machine.close_sent and not self.sent_close and not self.closing:
+            # our idle close (RFC 6120 4.6.3): the close tag now, then read on until the
+            # partner's own close or CLOSE_LINGER (4.4 steps 1-3)
+            log.info("%s: closing: %s", self.label(), action.reason, extra=self.log_fields())
+            self.edge.monitor.closing(self, action.reason, None)
+            self.send(b"</stream:stream>")
+            self.flush()
+            self.sent_close = True
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, self.close_soon)
+            return
+        super().on_close(action)
+
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
             self.run(self.machine.dialback_result(local, remote, outcome))
@@ -920,6 +936,13 @@ class OutboundConnection(StreamConnection):
     def on_close(self, action: Close) -> None:
         super().on_close(action)
         self.session.failed(self, action.reason, action.bounce if action.failed else None)
+
+    def abort(self, reason: str) -> None:
+        # the relay learns it now, not at connection_lost: a stanza routed in between would be
+        # dropped by send() (the transport is closing) and never bounced
+        super().abort(reason)
+        self.session.failed(self, reason, None if self.machine.authenticated
+                            else "remote-server-timeout")
 
     def on_lost(self, reason: str) -> None:
         self.session.failed(self, f"connection to {self.session.remote} lost: {reason}",
