@@ -90,6 +90,9 @@ CLOSE_GRACE = 2.0
 CLOSE_LINGER = 10.0
 CERT_CHECK_INTERVAL = 3600.0  # seconds between expiry checks (the warning itself is daily)
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
+# How long the gateway that holds a domain's link has to answer an <r/> when another connection
+# claims the link (docs/delivery.md, "One gateway per domain"): silence means it is gone
+CLAIM_PROBE = 3.0
 # How often the edge asks the gateway for <a/> (XEP-0198 4 leaves it to the sender): after this
 # many stanzas, or this long after the first one not yet asked about - not once per event-loop
 # turn, where each <r/>/<a/> round (two system calls, a parse) cost more than the stanzas it
@@ -646,6 +649,10 @@ class ComponentConnection(StreamConnection):
         self._ack_timer: asyncio.TimerHandle | None = None  # ACK_AFTER after the first of them
         self.ack_requested: float | None = None  # when our unanswered <r/> went out
         self.last_heard = self.created
+        # another connection holds the domain's link: its liveness is being checked, and this
+        # is what to do once it is known (None: go up plain; else the <enable/> or <resume/>)
+        self._claim_timer: asyncio.TimerHandle | None = None
+        self._claim_request: tuple[str, dict[str, str]] | None = None
 
     def _new_parser(self) -> XmlStreamParser:
         return XmlStreamParser(max_stanza_size=max(self.edge.cfg.stanza_size_limit, 1 << 20))
@@ -781,7 +788,7 @@ class ComponentConnection(StreamConnection):
                 assert_never(action)
 
     def _plain(self) -> None:
-        if self.up or self.closing:
+        if self.up or self.closing or self._claim_waits(None):
             return
         self.up = True
         log.info("component for %s did not enable stream management (XEP-0198): stanzas to it "
@@ -795,6 +802,8 @@ class ComponentConnection(StreamConnection):
                 raise SmError(f"<{name}/> after the link was set up", "unsupported-stanza-type")
             if name in ("enable", "resume"):
                 self._cancel_plain()
+                if self._claim_waits((name, attrs)):
+                    return
             if name == "enable":
                 self.link = router.link_sessions[domain] = LinkSession(new_stream_id(), domain)
                 self.send(link.enabled(self.link.id, resume=True, max_seconds=int(
@@ -851,6 +860,63 @@ class ComponentConnection(StreamConnection):
             self.on_close(Close(f"component for {domain}: {exc.text}", exc.condition))
         self.arm_timer()
 
+    # One gateway per domain (docs/delivery.md): a connection that authenticates while another
+    # holds the domain's link replaces it only when it resumes that very link (XEP-0198 5: the
+    # same gateway, back after a half-open TCP) or when the holder does not answer an <r/>
+    # within CLAIM_PROBE; a holder that answers is alive, and the newcomer is a second gateway
+    # with the same secret: refused with <conflict/> (RFC 6120 4.9.3.3, XEP-0114).
+    def _claim_waits(self, request: tuple[str, dict[str, str]] | None) -> bool:
+        """True: this connection must not go up now (refused, or waiting for the probe)."""
+        if self._claim_timer is not None:  # a probe runs: an <enable/> after a stanza wins
+            self._claim_request = request or self._claim_request
+            return True
+        domain = self.machine.domain
+        holder = self.edge.router.components.get(domain)
+        if holder is None or holder is self or holder.closing:
+            return False
+        if (request is not None and request[0] == "resume" and holder.link is not None
+                and holder.link.id == request[1].get("previd")):
+            return False  # Router.component_up closes the holder
+        if holder.link is None:  # a plain XEP-0114 holder has no <r/> to answer
+            self._refuse_claim(holder, "it did not enable stream management, so it cannot be "
+                               "asked whether it is alive")
+            return True
+        log.warning("component for %s: a new connection from %s claims the link held by %s; "
+                    "asking the holder for <a/> (%g s)", domain, self.peer, holder.peer,
+                    CLAIM_PROBE)
+        if holder.ack_requested is None:
+            holder._request_ack(self.edge.clock())
+        self._claim_request = request
+        self._claim_timer = asyncio.get_running_loop().call_later(
+            CLAIM_PROBE, self._claim_probed, holder, holder.stats.bytes_in)
+        return True
+
+    def _claim_probed(self, holder: ComponentConnection, heard: int) -> None:
+        self._claim_timer = None
+        request, self._claim_request = self._claim_request, None
+        if self.closing:
+            return
+        holds = self.edge.router.components.get(self.machine.domain) is holder
+        if holds and not holder.closing and holder.stats.bytes_in > heard:
+            self._refuse_claim(holder, "it answered")
+            return
+        if holds and not holder.closing:
+            holder.abort(f"the gateway did not answer <r/> within {CLAIM_PROBE:g} s while a new "
+                         f"connection from {self.peer} claimed its link: taking it for dead")
+        if request is None:
+            self._plain()
+        else:
+            self._link_control(*request)
+
+    def _refuse_claim(self, holder: ComponentConnection, why: str) -> None:
+        domain = self.machine.domain
+        log.error("component for %s: refused a second gateway connection from %s with "
+                  "<conflict/>: the gateway connected from %s holds the link and %s. Two "
+                  "gateways run with the same [edge.component] secret: stop one of them",
+                  domain, self.peer, holder.peer, why)
+        self.on_close(Close(f"another gateway is connected for {domain} (from {holder.peer})",
+                            "conflict"))
+
     def graceful_close(self, reason: str) -> None:
         if self.link is not None and not self.closing:  # our last count first (XEP-0198 4)
             self.send(link.ack(self.link.inbox.h))
@@ -863,6 +929,9 @@ class ComponentConnection(StreamConnection):
 
     def on_lost(self, reason: str) -> None:
         self._cancel_plain()
+        if self._claim_timer is not None:
+            self._claim_timer.cancel()
+            self._claim_timer = None
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -1136,8 +1205,11 @@ class Router:
                      resumed_h: int | None = None) -> None:
         old = self.components.get(domain)
         if old is not None and old is not conn:
-            old.on_close(Close("replaced by a new component connection", "conflict",
-                               failed=False))
+            # only the link's own resumption, or a holder taken for dead, gets here
+            # (ComponentConnection._claim_waits: one gateway per domain)
+            if not old.closing:
+                old.on_close(Close("replaced: the gateway resumed its link on a new "
+                                   "connection", "conflict", failed=False))
             self.relay.component_down(domain, old, self.edge.clock())
         self.components[domain] = conn
         self.relay.component_up(domain, conn, acked=acked, now=self.edge.clock(),

@@ -71,9 +71,15 @@ class Violation(AssertionError):
 
 @dataclass(frozen=True)
 class _Check:
+    """The certificate check as the machines read it (s2s.CertificateCheckLike); no pins."""
+
     ok: bool
     reason: str = ""
     matched: str | None = None
+    pin_mismatch: bool = False
+
+    def pin_text(self) -> str:
+        return "no pins configured"
 
 
 @functools.lru_cache(maxsize=8)

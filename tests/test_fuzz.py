@@ -165,6 +165,7 @@ FOUND = [base64.b64decode("".join(parts)) for parts in [
     ('2SUIAf/9Af//if9w/w//////uAAAaQAAABMAEw=='),
     ('OgcQ2i30Jy8+',),
     ('UPvv37U8bVggZWVjPegndXJ0bHMnLz48ZmFpYWFhYWFhYWFhYWFzLz48eXRu',),  # run 8 (docs/fuzzing.md)
+    ('AQAFAA==',),  # the harness's certificate check lacked pin_mismatch (session 5)
 ]]
 
 
