@@ -48,6 +48,7 @@ from edgeproxy.xmlstream import (
     stream_header,
 )
 from tests.edges import COMPONENT_SECRET, Component, edge_config, write_cert
+from tests.waiting import until
 
 CONTOSO, FAB, NORTH = "contoso.test", "fabrikam.test", "northwind.test"
 EDGE_IP, AUTH_IP = "127.0.0.30", "127.0.0.31"
@@ -438,8 +439,4 @@ async def component_stream(h: Harness, handshake: bool = True) -> Peer:
     return p
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+wait_for = until  # the name the hostile suites use

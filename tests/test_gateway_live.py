@@ -34,6 +34,7 @@ from tests.conftest import require_netns
 from tests.e2e import RemoteUsers, running_gateway
 from tests.edges import COMPONENT_SECRET, edge_config, running
 from tests.servers.dnsmasq import Dnsmasq
+from tests.waiting import until
 
 C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
 CA = CertificateAuthority("Gateway Live Test")
@@ -70,13 +71,6 @@ def gateway_file(tmp: Path, **gateway: object) -> ConfigFile:
     path = tmp / "edge.toml"
     path.write_text(tomlkit.dumps(doc))
     return ConfigFile(path)
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_wrong_secret_is_explained_and_backs_off(dns, tmp_path, caplog):
