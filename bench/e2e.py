@@ -68,6 +68,7 @@ from bench.relay import (  # noqa: E402
     Authoritative,
     Wire,
     dialback_sender,
+    edge_toml,
     stop_process,
     wait_port,
 )
@@ -326,24 +327,7 @@ class Target:
         raise NotImplementedError
 
 
-EDGE_TOML = """
-[edge]
-domains = ["{local}"]
-listen = ["{ip}:5269"]
-certificate = "{crt}"
-private_key = "{key}"
-ca_files = ["{ca}"]
-use_system_ca = false
-dialback_secret = "secret-of-contoso"
-
-[edge.component]
-listen = "{ip}:5347"
-secret = "{secret}"
-
-[dns]
-nameservers = ["{dns}"]
-timeout = 2
-
+GATEWAY_TOML = """
 [gateway]
 domain = "{local}"
 component = "{ip}:5347"
@@ -354,22 +338,6 @@ admin_token = "{admin}"
 
 [log]
 level = "warning"
-
-[[partner]]
-domain = "{sender}"
-type = "federated"
-tls = "not-supported"
-sasl = "not-supported"
-dialback = true
-keepalive = false
-proxy_fqdn = "{auth}:5269"
-
-[[partner]]
-domain = "{partner}"
-type = "federated"
-tls = "required"
-sasl = "optional"
-dialback = true
 """
 
 
@@ -422,10 +390,16 @@ class OurDaemons(Target):
         crt, key = self.dir / f"{LOCAL}.crt", self.dir / f"{LOCAL}.key"
         ca.issue(LOCAL).write(crt, key)
         self.cfg = self.dir / "edge.toml"
-        self.cfg.write_text(EDGE_TOML.format(
-            local=LOCAL, ip=LOCAL_IP, crt=crt, key=key, ca=ca_file, secret=COMPONENT_SECRET,
-            dns=DNS_IP, db=self.dir / "gateway.sqlite3", admin=ADMIN_TOKEN, sender=SENDER,
-            auth=AUTH_IP, partner=PARTNER))
+        self.cfg.write_text(edge_toml(
+            LOCAL, LOCAL_IP, crt, key, ca_file, DNS_IP, [
+                {"domain": SENDER, "type": "federated", "tls": "not-supported",
+                 "sasl": "not-supported", "dialback": True, "keepalive": False,
+                 "proxy_fqdn": f"{AUTH_IP}:5269"},
+                {"domain": PARTNER, "type": "federated", "tls": "required", "sasl": "optional",
+                 "dialback": True}],
+            secret=COMPONENT_SECRET, dns_timeout=2, more=GATEWAY_TOML.format(
+                local=LOCAL, ip=LOCAL_IP, secret=COMPONENT_SECRET,
+                db=self.dir / "gateway.sqlite3", admin=ADMIN_TOKEN)))
         self.edge: subprocess.Popen[bytes] | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
         self.token = ""
