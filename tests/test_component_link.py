@@ -214,6 +214,14 @@ async def test_gateway_that_stops_reading_pauses_the_partner_and_memory_stays_bo
 # -- one gateway per domain (docs/delivery.md): who keeps the link when a second one connects --
 
 
+async def partner_stanza_reaches(h: Harness, comp: Peer, ident: str) -> None:
+    """A stanza on a fresh partner stream arrives on `comp`, the link that holds the domain."""
+    partner = await h.authenticated()
+    await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", ident))
+    (got,) = await stanzas(comp, 1)
+    assert got.attrs["id"] == ident
+
+
 async def test_second_gateway_with_the_same_secret_is_refused_and_the_first_keeps_the_link(
         h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     """XEP-0114 with RFC 6120 4.9.3.3: the holder of the link answers the edge's <r/>, so it is
@@ -229,10 +237,7 @@ async def test_second_gateway_with_the_same_secret_is_refused_and_the_first_keep
         cond, text = await second.stream_error(timeout=15)
         assert cond == "conflict" and f"another gateway is connected for {CONTOSO}" in text
         assert "Two gateways run with the same [edge.component] secret" in caplog.text
-        partner = await h.authenticated()
-        await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", "k1"))
-        (got,) = await stanzas(first, 1)
-        assert got.attrs["id"] == "k1"
+        await partner_stanza_reaches(h, first, "k1")
 
 
 async def test_gateway_resuming_its_link_replaces_the_connection_that_held_it(
@@ -246,10 +251,7 @@ async def test_gateway_resuming_its_link_replaces_the_connection_that_held_it(
         await second.send(f"<resume {SM} previd='{link_id}' h='0'/>")
         await sm_element(second, "resumed")
         assert (await first.stream_error())[0] == "conflict"
-        partner = await h.authenticated()
-        await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", "r1"))
-        (got,) = await stanzas(second, 1)
-        assert got.attrs["id"] == "r1"
+        await partner_stanza_reaches(h, second, "r1")
 
 
 async def test_holder_that_does_not_answer_is_taken_for_dead_and_the_new_gateway_gets_in(
