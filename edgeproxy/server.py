@@ -99,6 +99,13 @@ Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | Comp
 StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
 
 
+def _call_later() -> Callable[[float, Callable[[], object]], asyncio.TimerHandle] | None:
+    try:
+        return asyncio.get_running_loop().call_later
+    except RuntimeError:  # not inside the event loop (a test's direct call): no deferring
+        return None
+
+
 class StreamConnection(asyncio.Protocol):
     """One TCP connection carrying one XMPP stream (restarted after TLS and SASL).
 
@@ -1295,7 +1302,8 @@ class Edge:
                 self.monitor.wall() - current.seen_at < 60:
             return  # the same certificate, checked again on the same stream: nothing new
         self.partner_certificates.record(describe(cert, check, partner=partner, source=source,
-                                                  peer=peer, when=self.monitor.wall()))
+                                                  peer=peer, when=self.monitor.wall()),
+                                         defer=_call_later())
 
     # -- live reload (issue 12 section 2) -------------------------------------------------------
 
@@ -1597,6 +1605,7 @@ class Edge:
         if self._cert_timer is not None:
             self._cert_timer.cancel()
         self.stapler.stop()
+        self.partner_certificates.flush()
         if self.auto_probe is not None:
             await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
