@@ -159,6 +159,7 @@ class TlsContexts:
         self._max_version = max_version
         self._server: dict[str, SSL.Context] = {}
         self._client: dict[str, SSL.Context] = {}
+        self._sni_domains: frozenset[str] | None = None
         # Our OCSP responses to staple, per certificate chain file (RFC 6066 8; revocation.py)
         self.staples: dict[Path, bytes] = {}
         for domain, (chain, key) in (certificates or {}).items():
@@ -240,6 +241,13 @@ class TlsContexts:
     def domains(self) -> tuple[str, ...]:
         return tuple(self._server)
 
+    @property
+    def sni_domains(self) -> frozenset[str]:
+        """The A-labels SNI can pick a certificate for; one set shared by every session."""
+        if self._sni_domains is None:
+            self._sni_domains = frozenset(self._server)
+        return self._sni_domains
+
     def server_context(self, local_domain: str | None) -> SSL.Context:
         if local_domain:
             ctx = self._server.get(_a_label(local_domain))
@@ -265,6 +273,11 @@ def _is_ip_literal(name: str) -> bool:
 
 class TlsSession:
     """One TLS connection, either role, over memory BIOs. Not thread-safe; no I/O."""
+
+    __slots__ = ("_conn", "server_side", "direct_tls", "local_domain", "handshake_complete",
+                 "peer_closed", "peer_certificate", "peer_intermediates", "peer_ocsp_response",
+                 "version", "cipher", "alpn_protocol", "server_name", "_pending_plaintext",
+                 "_closed", "_eof", "_error", "_sni_domains", "_into_carried", "_from_carried")
 
     def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
                  server_name: str | None = None, direct_tls: bool = False):
@@ -298,7 +311,7 @@ class TlsSession:
         conn = SSL.Connection(contexts.server_context(local_domain), None)
         conn.set_accept_state()
         session = cls(conn, server_side=True, local_domain=local_domain, direct_tls=direct_tls)
-        session._sni_domains = frozenset(contexts.domains())
+        session._sni_domains = contexts.sni_domains
         return session
 
     @classmethod
