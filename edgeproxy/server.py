@@ -114,6 +114,11 @@ class StreamConnection(asyncio.Protocol):
     one loop timer at the machine's next deadline.
     """
 
+    # Thousands at once (issue 11): no per-instance __dict__. A new attribute goes here.
+    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer",
+                 "_timer_at", "_flush_scheduled", "_paused", "_pending", "stream", "sent_close",
+                 "stats", "revocation", "revocation_refusal", "_revocation_hold",
+                 "_revocation_timer")
     kind = "stream"
 
     def __init__(self, edge: Edge):
@@ -511,6 +516,7 @@ class StreamConnection(asyncio.Protocol):
 
 
 class InboundConnection(StreamConnection):
+    __slots__ = ("machine", "direct_tls", "partners", "methods", "_refusal")
     kind = "inbound"
     checks_revocation = True
 
@@ -622,6 +628,8 @@ class InboundConnection(StreamConnection):
 class ComponentConnection(StreamConnection):
     """The gateway's link (XEP-0114), acknowledged with XEP-0198 when the gateway enables it."""
 
+    __slots__ = ("machine", "link", "up", "_plain_timer", "_want_ack", "_unrequested",
+                 "_ack_timer", "ack_requested", "last_heard")
     kind = "component"
 
     def __init__(self, edge: Edge):
@@ -867,6 +875,7 @@ class ComponentConnection(StreamConnection):
 
 
 class OutboundConnection(StreamConnection):
+    __slots__ = ("session", "machine", "direct_tls", "connected")
     kind = "outbound"
     checks_revocation = True
 
