@@ -17,8 +17,9 @@ pinning it (as for an SSH host key).
 Kept in a JSON file beside the configuration (`<config>.certificates.json`), written atomically
 and only when a partner's certificate changes (or its entry is over an hour old), so that the
 CLI, which is another process, reads what the edge saw. Only configured partners are kept, so
-its size is bounded by the configuration. The edge writes at most once per SAVE_INTERVAL: a
-burst of set-ups from new partners (each a whole-file write, issue 11) is saved together.
+its size is bounded by the configuration. The edge writes at most once per SAVE_INTERVAL, and
+spends at most SAVE_SHARE of its time writing (a save re-reads and rewrites the whole file): a
+burst of set-ups from new partners is saved together (issue 11).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ log = logging.getLogger("edgeproxy")
 
 REFRESH = 3600.0  # seconds after which an unchanged entry is written again (its seen_at)
 SAVE_INTERVAL = 1.0  # seconds: the edge's saves of a burst of changes are coalesced
+SAVE_SHARE = 0.05  # and at most this share of the time goes to saving (a big book waits longer)
 SOURCES = ("outbound", "inbound", "probe")
 Defer = Callable[[float, Callable[[], object]], Any]  # loop.call_later
 
@@ -108,6 +110,7 @@ class PartnerCertificates:
         self._written: dict[str, float] = {}  # partner -> seen_at of the entry on disk
         self._save_failed = False
         self._last_save = -math.inf  # monotonic
+        self._save_gap = SAVE_INTERVAL  # after the last save, before the next deferred one
         self._unsaved: dict[str, float] = {}  # partner -> seen_at, waiting for the next save
         self._save_timer: Any = None
         self.load()
@@ -152,7 +155,7 @@ class PartnerCertificates:
         if not changed and seen.seen_at - self._written.get(seen.partner, 0.0) < REFRESH:
             return False
         self._unsaved[seen.partner] = seen.seen_at
-        wait = self._last_save + SAVE_INTERVAL - time.monotonic()
+        wait = self._last_save + self._save_gap - time.monotonic()
         if defer is not None and wait > 0:
             if self._save_timer is None:
                 self._save_timer = defer(wait, self.flush)
@@ -166,7 +169,7 @@ class PartnerCertificates:
             self._save_timer = None
         if self.path is None or not self._unsaved:
             return False
-        self._last_save = time.monotonic()
+        started = time.monotonic()
         try:
             self._save()
         except OSError as exc:
@@ -177,6 +180,9 @@ class PartnerCertificates:
                             "control panel does", self.path, exc.strerror or exc)
             self._save_failed = True
             return False
+        finally:
+            self._last_save = time.monotonic()
+            self._save_gap = max(SAVE_INTERVAL, (self._last_save - started) / SAVE_SHARE)
         self._save_failed = False
         self._written.update(self._unsaved)
         self._unsaved.clear()
