@@ -105,6 +105,13 @@ Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | Comp
 StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
 
 
+def _call_later() -> Callable[[float, Callable[[], object]], asyncio.TimerHandle] | None:
+    try:
+        return asyncio.get_running_loop().call_later
+    except RuntimeError:  # not inside the event loop (a test's direct call): no deferring
+        return None
+
+
 class StreamConnection(asyncio.Protocol):
     """One TCP connection carrying one XMPP stream (restarted after TLS and SASL).
 
@@ -113,6 +120,11 @@ class StreamConnection(asyncio.Protocol):
     one loop timer at the machine's next deadline.
     """
 
+    # Thousands at once (issue 11): no per-instance __dict__. A new attribute goes here.
+    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer",
+                 "_timer_at", "_flush_scheduled", "_paused", "_pending", "stream", "sent_close",
+                 "stats", "revocation", "revocation_refusal", "_revocation_hold",
+                 "_revocation_timer")
     kind = "stream"
 
     def __init__(self, edge: Edge):
@@ -510,6 +522,7 @@ class StreamConnection(asyncio.Protocol):
 
 
 class InboundConnection(StreamConnection):
+    __slots__ = ("machine", "direct_tls", "partners", "methods", "_refusal")
     kind = "inbound"
     checks_revocation = True
 
@@ -634,6 +647,8 @@ class InboundConnection(StreamConnection):
 class ComponentConnection(StreamConnection):
     """The gateway's link (XEP-0114), acknowledged with XEP-0198 when the gateway enables it."""
 
+    __slots__ = ("machine", "link", "up", "_plain_timer", "_want_ack", "_unrequested",
+                 "_ack_timer", "ack_requested", "last_heard")
     kind = "component"
 
     def __init__(self, edge: Edge):
@@ -945,6 +960,7 @@ class ComponentConnection(StreamConnection):
 
 
 class OutboundConnection(StreamConnection):
+    __slots__ = ("session", "machine", "direct_tls", "connected")
     kind = "outbound"
     checks_revocation = True
 
@@ -1390,7 +1406,8 @@ class Edge:
                 self.monitor.wall() - current.seen_at < 60:
             return  # the same certificate, checked again on the same stream: nothing new
         self.partner_certificates.record(describe(cert, check, partner=partner, source=source,
-                                                  peer=peer, when=self.monitor.wall()))
+                                                  peer=peer, when=self.monitor.wall()),
+                                         defer=_call_later())
 
     # -- live reload (issue 12 section 2) -------------------------------------------------------
 
@@ -1692,6 +1709,7 @@ class Edge:
         if self._cert_timer is not None:
             self._cert_timer.cancel()
         self.stapler.stop()
+        self.partner_certificates.flush()
         if self.auto_probe is not None:
             await self.auto_probe.stop()
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
