@@ -648,7 +648,7 @@ class ComponentConnection(StreamConnection):
     """The gateway's link (XEP-0114), acknowledged with XEP-0198 when the gateway enables it."""
 
     __slots__ = ("machine", "link", "up", "_plain_timer", "_want_ack", "_unrequested",
-                 "_ack_timer", "ack_requested", "last_heard")
+                 "_ack_timer", "ack_requested", "last_heard", "_claim_timer", "_claim_request")
     kind = "component"
 
     def __init__(self, edge: Edge):
