@@ -1,7 +1,7 @@
 """The edge's own side of issue 11: memory and CPU per authenticated TLS stream as streams pile up.
 
     scripts/netns-run python3 bench/edge_scale.py [-n 4000] [--step 1000] [--in-flight 16]
-        [--baseline DIR] [--rounds 2] [--dialback]
+        [--baseline DIR] [--rounds 2] [--dialback] [--profile DIR]
 
 A small script, not the full harness (bench/streams.py compares with Prosody and ejabberd).
 It starts the edge (contoso.test on 127.0.0.20) as a subprocess, `python -m edgeproxy run`,
@@ -49,6 +49,7 @@ from edgeproxy.xmlstream import (  # noqa: E402
     XmlStreamParser,
     stream_header,
 )
+from tests.servers.dnsmasq import Dnsmasq  # noqa: E402
 
 LOCAL = "contoso.test"
 EDGE_IP, AUTH_IP = "127.0.0.20", "127.0.0.21"
@@ -59,13 +60,14 @@ def partner(i: int) -> str:
     return f"p{i}.partners.test"
 
 
-def write_config(tmp: Path, n: int, dialback: bool) -> Path:
+def write_config(tmp: Path, n: int, dialback: bool, dns: bool = False,
+                 log_level: str = "warning") -> Path:
     ca = CertificateAuthority("Scale Bench")
     ca.issue(LOCAL).write(tmp / "edge.crt", tmp / "edge.key")
     ca.issue("*.partners.test").write(tmp / "client.crt", tmp / "client.key")
     ca.write_root(tmp / "ca.crt")
     policy = ('tls = "not-supported"\nsasl = "not-supported"\ndialback = true\n'
-              f'proxy_fqdn = "{AUTH_IP}:5269"\n' if dialback else
+              + ("" if dns else f'proxy_fqdn = "{AUTH_IP}:5269"\n') if dialback else
               'tls = "required"\nsasl = "required"\ndialback = false\n')
     partners = "".join(f'[[partner]]\ndomain = "{partner(i)}"\n{policy}\n' for i in range(n))
     path = tmp / "edge.toml"
@@ -82,13 +84,23 @@ connection_limit = {2 * n + 100}
 partner_connection_limit = 4
 
 [log]
-level = "warning"
+level = "{log_level}"
 
 [dns]
 nameservers = ["127.0.0.53"]
 
 {partners}""")
     return path
+
+
+class ZoneDns(Dnsmasq):
+    """Every name under partners.test is the authoritative server's address (dnsmasq --address;
+    no SRV records, so the edge takes the A fallback), TTL 0, queries not logged."""
+
+    def _prepare(self) -> None:
+        self._records.append(f"address=/partners.test/{AUTH_IP}")
+        super()._prepare()
+        self.conf_path.write_text(self.conf_path.read_text().replace("log-queries\n", ""))
 
 
 class Stream:
@@ -208,6 +220,30 @@ runpy.run_module("edgeproxy", run_name="__main__")
 """
 
 
+# --profile: the edge under cProfile, switched on (SIGUSR2) for each step's set-ups and written
+# (SIGUSR1) to profile-<open>.pstats when they are done: where the CPU of a set-up goes at that
+# many open streams, idle time excluded.
+PROFILE = """
+import cProfile, os, runpy, signal, sys
+prof = None
+def start(*_):
+    global prof
+    prof = cProfile.Profile()
+    prof.enable()
+def stop(*_):
+    global prof
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats("profile.tmp")
+        os.rename("profile.tmp", "profile.pstats")
+        prof = None
+signal.signal(signal.SIGUSR2, start)
+signal.signal(signal.SIGUSR1, stop)
+sys.argv = ["edgeproxy", "run", "-c", sys.argv[1]]
+runpy.run_module("edgeproxy", run_name="__main__")
+"""
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -232,10 +268,22 @@ async def wait_listening() -> None:
     raise RuntimeError("the edge did not start listening")
 
 
+async def _profile_written(src: Path, dest: Path) -> None:
+    for _ in range(600):
+        await asyncio.sleep(0.1)
+        if src.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src.rename(dest)
+            print(f"profile of the step: {dest}", flush=True)
+            return
+    raise RuntimeError("the edge wrote no profile")
+
+
 async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -> list[str]:
-    config = write_config(tmp, args.n, args.dialback)
+    config = write_config(tmp, args.n, args.dialback, args.dns, args.log_level)
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = ([sys.executable, "-c", TRACEMALLOC, str(config)] if args.tracemalloc else
+           [sys.executable, "-c", PROFILE, str(config)] if args.profile else
            [sys.executable, "-m", "edgeproxy", "run", "-c", str(config)])
     with open(tmp / "edge.log", "wb") as log:
         edge = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=log)
@@ -263,10 +311,18 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
         done = 0
         while done < args.n:
             step = min(args.step, args.n - done)
+            if args.profile:
+                edge.send_signal(signal.SIGUSR2)
+                await asyncio.sleep(0.2)
+                cpu = proc_cpu(edge.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(done, done + step)))
             wall = time.perf_counter() - t0
             done += step
+            if args.profile:
+                edge.send_signal(signal.SIGUSR1)
+                await _profile_written(tmp / "profile.pstats",
+                                       args.profile / f"{label}-{done}.pstats")
             await asyncio.sleep(1.0)  # idle: what the edge does with open streams
             cpu2 = proc_cpu(edge.pid)
             rss = proc_rss_kib(edge.pid)
@@ -305,20 +361,37 @@ async def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another tree to compare, interleaved")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--dialback", action="store_true")
+    ap.add_argument("--dns", action="store_true",
+                    help="with --dialback: the edge finds the authoritative server in DNS (a "
+                    "dnsmasq on 127.0.0.53 answering every *.partners.test with its address, no "
+                    "SRV records, TTL 0: the A fallback of RFC 6120 3.2.2 per set-up) instead "
+                    "of proxy_fqdn")
+    ap.add_argument("--log-level", default="warning",
+                    help="the edge's [log] level (bench/streams.py runs it at info)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="cProfile each step's set-ups in the edge, into DIR/<edge>-<open>.pstats")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="print the edge's Python allocations by line at the end")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trees = [("this", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    dns = None
+    if args.dns:
+        dns = ZoneDns(Path(tempfile.mkdtemp(prefix="edge-scale-dns-")))
+        dns.start()
     print(f"load average {os.getloadavg()[0]:.2f}; {args.n} streams "
           f"({'dialback' if args.dialback else 'STARTTLS + SASL EXTERNAL'}), "
           f"{args.in_flight} in flight")
     print(f"{'edge':>9} {'open':>7} {'CPU/set-up':>11} {'rate':>10} {'RSS':>12} {'KiB/str':>11}")
-    for _round in range(args.rounds):
-        for label, tree in trees:
-            with tempfile.TemporaryDirectory() as tmp:
-                await run_one(label, tree, Path(tmp), args)
+    try:
+        for _round in range(args.rounds):
+            for label, tree in trees:
+                with tempfile.TemporaryDirectory() as tmp:
+                    await run_one(label, tree, Path(tmp), args)
+    finally:
+        if dns is not None:
+            dns.stop()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -993,8 +993,9 @@ class OutboundSession:
         for target in targets:
             if target.direct_tls and not direct:
                 continue
-            try:
-                addresses = await edge.resolver.addresses(target.host)
+            try:  # the A fallback's addresses came with the target (dns.py)
+                addresses = (list(target.addresses) if target.addresses else
+                             await edge.resolver.addresses(target.host))
             except DnsError as exc:
                 errors.append(f"{target.host}: {exc.text}")
                 continue
