@@ -1,7 +1,7 @@
 """The edge's own side of issue 11: memory and CPU per authenticated TLS stream as streams pile up.
 
     scripts/netns-run python3 bench/edge_scale.py [-n 4000] [--step 1000] [--in-flight 16]
-        [--baseline DIR] [--rounds 2] [--dialback] [--profile DIR]
+        [--baseline DIR] [--rounds 2] [--dialback [--dns]] [--profile DIR] [--gc-stats]
 
 A small script, not the full harness (bench/streams.py compares with Prosody and ejabberd).
 It starts the edge (contoso.test on 127.0.0.20) as a subprocess, `python -m edgeproxy run`,
@@ -220,23 +220,43 @@ runpy.run_module("edgeproxy", run_name="__main__")
 """
 
 
-# --profile: the edge under cProfile, switched on (SIGUSR2) for each step's set-ups and written
-# (SIGUSR1) to profile-<open>.pstats when they are done: where the CPU of a set-up goes at that
-# many open streams, idle time excluded.
+# --profile / --gc-stats: the edge under cProfile (CPU time, not wall time: a loaded machine's
+# waits are not counted) and/or counting the cyclic garbage collector's CPU per generation,
+# switched on (SIGUSR2) for each step's set-ups and written (SIGUSR1) when they are done: where
+# the CPU of a set-up goes at that many open streams, idle time excluded.
 PROFILE = """
-import cProfile, os, runpy, signal, sys
+import cProfile, gc, os, runpy, signal, sys, time
+profiling = os.environ.pop("EDGE_SCALE_CPROFILE", "") == "1"
+if os.environ.get("EDGE_SCALE_GC"):  # an experiment: other collector thresholds
+    gc.set_threshold(*map(int, os.environ.pop("EDGE_SCALE_GC").split(",")))
 prof = None
+gc_time = [0.0, 0.0, 0.0]
+gc_count = [0, 0, 0]
+gc_start = 0.0
+def on_gc(phase, info):
+    global gc_start
+    if phase == "start":
+        gc_start = time.process_time()
+    else:
+        gc_time[info["generation"]] += time.process_time() - gc_start
+        gc_count[info["generation"]] += 1
+gc.callbacks.append(on_gc)
 def start(*_):
     global prof
-    prof = cProfile.Profile()
-    prof.enable()
+    gc_time[:], gc_count[:] = [0.0, 0.0, 0.0], [0, 0, 0]
+    if profiling:
+        prof = cProfile.Profile(time.process_time)
+        prof.enable()
 def stop(*_):
     global prof
     if prof is not None:
         prof.disable()
-        prof.dump_stats("profile.tmp")
-        os.rename("profile.tmp", "profile.pstats")
+        prof.dump_stats("profile.pstats")
         prof = None
+    with open("step.tmp", "w") as f:
+        print("gc: " + ", ".join(f"gen{g} {n} x {t * 1e3:.0f} ms" for g, (n, t) in
+                                 enumerate(zip(gc_count, gc_time))), file=f)
+    os.rename("step.tmp", "step.txt")
 signal.signal(signal.SIGUSR2, start)
 signal.signal(signal.SIGUSR1, stop)
 sys.argv = ["edgeproxy", "run", "-c", sys.argv[1]]
@@ -268,22 +288,29 @@ async def wait_listening() -> None:
     raise RuntimeError("the edge did not start listening")
 
 
-async def _profile_written(src: Path, dest: Path) -> None:
+async def _step_written(tmp: Path, dest: Path | None) -> str:
+    """Wait for the edge's report of the step (PROFILE); keep its profile as `dest`."""
     for _ in range(600):
         await asyncio.sleep(0.1)
-        if src.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src.rename(dest)
-            print(f"profile of the step: {dest}", flush=True)
-            return
-    raise RuntimeError("the edge wrote no profile")
+        done = tmp / "step.txt"
+        if done.exists():
+            text = done.read_text().strip()
+            done.unlink()
+            if dest is not None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (tmp / "profile.pstats").rename(dest)
+            return text
+    raise RuntimeError("the edge did not report the step")
 
 
 async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -> list[str]:
     config = write_config(tmp, args.n, args.dialback, args.dns, args.log_level)
     env = dict(os.environ, PYTHONPATH=str(tree))
+    watched = args.profile is not None or args.gc_stats
+    if args.profile:
+        env["EDGE_SCALE_CPROFILE"] = "1"
     cmd = ([sys.executable, "-c", TRACEMALLOC, str(config)] if args.tracemalloc else
-           [sys.executable, "-c", PROFILE, str(config)] if args.profile else
+           [sys.executable, "-c", PROFILE, str(config)] if watched else
            [sys.executable, "-m", "edgeproxy", "run", "-c", str(config)])
     with open(tmp / "edge.log", "wb") as log:
         edge = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=log)
@@ -311,7 +338,7 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
         done = 0
         while done < args.n:
             step = min(args.step, args.n - done)
-            if args.profile:
+            if watched:
                 edge.send_signal(signal.SIGUSR2)
                 await asyncio.sleep(0.2)
                 cpu = proc_cpu(edge.pid)
@@ -319,16 +346,17 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
             await asyncio.gather(*(one(i) for i in range(done, done + step)))
             wall = time.perf_counter() - t0
             done += step
-            if args.profile:
+            note = ""
+            if watched:
                 edge.send_signal(signal.SIGUSR1)
-                await _profile_written(tmp / "profile.pstats",
-                                       args.profile / f"{label}-{done}.pstats")
+                note = " " + await _step_written(
+                    tmp, args.profile / f"{label}-{done}.pstats" if args.profile else None)
             await asyncio.sleep(1.0)  # idle: what the edge does with open streams
             cpu2 = proc_cpu(edge.pid)
             rss = proc_rss_kib(edge.pid)
             rows.append(f"{label:>9} {done:>7} {(cpu2 - cpu) / step * 1e3:>8.2f} ms "
                         f"{step / wall:>8.0f}/s {rss / 1024:>8.1f} MiB "
-                        f"{(rss - base_rss) / done:>7.1f} KiB")
+                        f"{(rss - base_rss) / done:>7.1f} KiB{note}")
             print(rows[-1], flush=True)
             cpu = proc_cpu(edge.pid)
         t0, c0 = time.perf_counter(), proc_cpu(edge.pid)
@@ -370,6 +398,8 @@ async def main() -> None:
                     help="the edge's [log] level (bench/streams.py runs it at info)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="cProfile each step's set-ups in the edge, into DIR/<edge>-<open>.pstats")
+    ap.add_argument("--gc-stats", action="store_true",
+                    help="print the edge's garbage collections and their CPU per step")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="print the edge's Python allocations by line at the end")
     args = ap.parse_args()
