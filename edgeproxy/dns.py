@@ -337,12 +337,32 @@ class _StubQuery:
             sock.setblocking(False)
             sock.connect((ip, port))  # a UDP connect: nothing is sent, only filtered
             sock.send(query)
-            async with asyncio.timeout(timeout):
-                while True:
-                    data = await loop.sock_recv(sock, 65535)
-                    answer = decode_answer(data, qid, name, rdtype)
-                    if answer is not None:
-                        return answer
+            # a reader and a timer on one future: the cheapest wait asyncio has
+            done: asyncio.Future[StubAnswer] = loop.create_future()
+
+            def readable() -> None:
+                try:
+                    while not done.done():
+                        answer = decode_answer(sock.recv(65535), qid, name, rdtype)
+                        if answer is not None:
+                            done.set_result(answer)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except (OSError, DnsWireError) as exc:
+                    done.set_exception(exc)
+
+            def expired() -> None:
+                if not done.done():
+                    done.set_exception(TimeoutError())
+
+            fd = sock.fileno()
+            loop.add_reader(fd, readable)
+            timer = loop.call_later(timeout, expired)
+            try:
+                return await done
+            finally:
+                timer.cancel()
+                loop.remove_reader(fd)
 
 
 class PositiveCache(dns.resolver.Cache):

@@ -1181,8 +1181,10 @@ class Router:
         for i, (inbound, req) in enumerate(s.verifies):
             if req.stream_id == ans.stream_id:
                 del s.verifies[i]
-                log.info("dialback: authoritative server says key of %s for %s is %s",
-                         ans.remote, ans.local, ans.outcome)
+                # a valid key is logged by the inbound stream it authenticates, right after
+                log.log(logging.DEBUG if ans.outcome == "valid" else logging.INFO,
+                        "dialback: authoritative server says key of %s for %s is %s",
+                        ans.remote, ans.local, ans.outcome)
                 inbound.dialback_answer(ans.local, ans.remote, ans.outcome)
                 return
 
