@@ -264,6 +264,12 @@ runpy.run_module("edgeproxy", run_name="__main__")
 """
 
 
+def proc_sys(pid: int) -> float:
+    """The kernel's share of proc_cpu (stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -342,6 +348,7 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
                 edge.send_signal(signal.SIGUSR2)
                 await asyncio.sleep(0.2)
                 cpu = proc_cpu(edge.pid)
+            sys0 = proc_sys(edge.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(done, done + step)))
             wall = time.perf_counter() - t0
@@ -353,8 +360,10 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
                     tmp, args.profile / f"{label}-{done}.pstats" if args.profile else None)
             await asyncio.sleep(1.0)  # idle: what the edge does with open streams
             cpu2 = proc_cpu(edge.pid)
+            kernel = (proc_sys(edge.pid) - sys0) / max(cpu2 - cpu, 1e-9)
             rss = proc_rss_kib(edge.pid)
             rows.append(f"{label:>9} {done:>7} {(cpu2 - cpu) / step * 1e3:>8.2f} ms "
+                        f"({kernel:.0%} sys) "
                         f"{step / wall:>8.0f}/s {rss / 1024:>8.1f} MiB "
                         f"{(rss - base_rss) / done:>7.1f} KiB{note}")
             print(rows[-1], flush=True)
@@ -413,7 +422,7 @@ async def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; {args.n} streams "
           f"({'dialback' if args.dialback else 'STARTTLS + SASL EXTERNAL'}), "
           f"{args.in_flight} in flight")
-    print(f"{'edge':>9} {'open':>7} {'CPU/set-up':>11} {'rate':>10} {'RSS':>12} {'KiB/str':>11}")
+    print(f"{'edge':>9} {'open':>7} {'CPU/set-up':>20} {'rate':>10} {'RSS':>12} {'KiB/str':>11}")
     try:
         for _round in range(args.rounds):
             for label, tree in trees:

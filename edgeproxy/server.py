@@ -493,6 +493,16 @@ class StreamConnection(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
                                    self.timer_fired)
 
+    def rearm_timer(self) -> None:
+        """The stream is authenticated: its establishment deadline (RFC 6120 4.3, Lync
+        StreamEstablishmentTimeout) is gone and the next one is much later. The armed timer
+        would fire only to re-arm, once per stream a minute after its set-up (3,300 of them in
+        a step of 1,000 set-ups at 5,000 open); it is moved now instead."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        self.arm_timer()
+
     def timer_fired(self) -> None:
         """The loop timer's callback (tests on a fake clock call it after advancing it)."""
         if self._timer is not None:
@@ -601,6 +611,7 @@ class InboundConnection(StreamConnection):
         self.partners.add(key)
         self.edge.partner_stream_added(key, self)
         self.methods.append((action.remote, action.method))
+        self.rearm_timer()
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
                  action.local, action.label, tls, f"; {action.note}" if action.note else "",
@@ -610,7 +621,7 @@ class InboundConnection(StreamConnection):
     def dialback_answer(self, local: str, remote: str, outcome: str) -> None:
         if not self.closing:
             self.run(self.machine.dialback_result(local, remote, outcome))
-            self.arm_timer()  # authenticated now: the keepalive deadline replaces establishment
+            self.arm_timer()
 
 
 class ComponentConnection(StreamConnection):
@@ -910,6 +921,7 @@ class OutboundConnection(StreamConnection):
                 log.info("%s: authenticated via %s (%s)", self.label(), label, tls,
                          extra=self.log_fields())
                 self.edge.monitor.authenticated(self, action)
+                self.rearm_timer()
                 self.session.ready(self)
             case DialbackVerifyAnswer():
                 self.edge.router.dialback_answered(action)
