@@ -15,6 +15,15 @@ it reads the edge's RSS (/proc/<pid>/status VmRSS) and its CPU time (utime + sti
 dials back the authoritative server, a responder in this process on 127.0.0.21 that checks the
 keys with the partners' secret (their proxy_fqdn points there).
 
+--dns: the edge finds the authoritative server in DNS instead (a dnsmasq on 127.0.0.53, every
+*.partners.test at 127.0.0.21, no SRV records, TTL 0), as bench/streams.py's dialback mode and a
+real deployment do: per set-up an SRV query and the A/AAAA fallback (RFC 6120 3.2.2).
+
+--profile DIR writes a cProfile (CPU time) of each step's set-ups in the edge to
+DIR/<edge>-<open>.pstats; --gc-stats adds the garbage collector's passes and CPU to each row.
+Every row gives the kernel's share (stime) of the step's CPU. With either, EDGE_SCALE_GC=a,b,c
+in the environment sets the collector's thresholds in the edge (to compare settings).
+
 --baseline DIR runs the same load against the edge in DIR (e.g. `git worktree add` of main, or
 `git archive main | tar -x -C DIR`), interleaved with this tree's, --rounds times each.
 """
