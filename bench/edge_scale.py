@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -440,6 +441,7 @@ async def main() -> None:
     finally:
         if dns is not None:
             dns.stop()
+            shutil.rmtree(dns.workdir, ignore_errors=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
