@@ -156,6 +156,7 @@ async def send_message(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     out = gw.prepare_message(request[USER], body["to"], body["body"], mtype)
     gw.send_messages(request[USER], [out], soon=True)  # the link write: once per turn
+    await gw.durable()  # one commit for every request of this turn (group commit)
     return web.json_response({"id": out.id, "queued": not gw.link_up}, status=202)
 
 
@@ -214,7 +215,7 @@ async def send_batch(request: web.Request) -> web.Response:
         raise error(413, f"the batch has {len(items)} messages; at most {BATCH_MAX_ITEMS} per "
                          "request: split it")
     gw, user = request.app[GATEWAY], request[USER]
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any] | Outgoing] = []
     taken: list[Outgoing] = []
     memo: dict[str, Any] = {}
     for item in items:
@@ -224,8 +225,10 @@ async def send_batch(request: web.Request) -> web.Response:
             results.append(_refusal(exc))
             continue
         taken.append(out)
-        results.append(_taken(gw, out))
+        results.append(out)
     gw.send_messages(user, taken, soon=True)  # LinkDown (503): none was kept
+    await gw.durable()
+    results = [_taken(gw, r) if isinstance(r, Outgoing) else r for r in results]  # their ids
     return web.json_response({"results": results, "accepted": len(taken),
                               "refused": len(items) - len(taken)})
 

@@ -60,7 +60,7 @@ from edgeproxy.xmlstream import (
 )
 
 from . import rules
-from .link import DEFAULT_OUTBOX_LIMIT, Outbound
+from .link import DEFAULT_OUTBOX_LIMIT, Outbound, message_id
 from .linktls import describe_failure
 from .live import log_message, log_message_fields
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
@@ -105,17 +105,20 @@ MESSAGE_TYPES = ("chat", "normal", "headline")  # what local users send (RFC 612
 MAX_STANZA_BYTES = 1 << 20
 MAX_STANZA_CHARS = MAX_STANZA_BYTES // 4  # below this many characters it fits in any UTF-8
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# a body that is all XML Chars and needs no escaping in character data (the common one)
+_PLAIN_BODY = re.compile("[\t\n\x20-\x25\x27-\x3b\x3d\x3f-\ud7ff\ue000-\ufffd"
+                         "\U00010000-\U0010ffff]*")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """One message a local user sends, checked and written as text, not kept yet."""
 
-    id: str
+    id: str  # random; send_messages adds the outbox row to a partner's message's id (link.py)
     to: JID
     type: str
     body: str
-    text: str  # the stanza as it goes into the outbox and onto the link
+    tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
 
 
 class Refused(Exception):
@@ -283,6 +286,7 @@ class Gateway(ComponentXMPP):
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
+        self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -573,6 +577,13 @@ class Gateway(ComponentXMPP):
         """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
         if not self.sm_active or self._write_paused:
             return
+        if self.outbound.uncommitted:  # nothing goes to the edge that is not on disk
+            try:
+                self.commit_point()
+            except StoreError as exc:
+                log.error("cannot commit the outbox (%s): not writing it to the edge yet", exc)
+                return
+            self.outbound.uncommitted = False
         rows = self.outbound.unsent(self._last_row)
         if not rows:
             return
@@ -691,12 +702,11 @@ class Gateway(ComponentXMPP):
                 with contextlib.suppress(TimeoutError):
                     await self.wait_until("disconnected", 1.0)
 
-    def emit(self, stanza: Any, *, user: str | None = None) -> None:
+    def emit(self, stanza: Any) -> None:
         """Keep one stanza in the outbox (durable before the caller answers) and send it when
         the link is ready; LinkDown when the outbox is full."""
         text = tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True)
-        row = self.outbound.add(text, user=user, msg_id=stanza["id"] or None,
-                                to=str(stanza["to"]))
+        row = self.outbound.add(text)
         if row is None:
             raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} stanzas "
                            "are already waiting; try again when it is back")
@@ -1299,7 +1309,8 @@ class Gateway(ComponentXMPP):
         jid = checked or self.parse_jid(to)
         if mtype not in MESSAGE_TYPES:
             raise ValueError("type must be chat, normal or headline")
-        if _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
+        plain = _PLAIN_BODY.fullmatch(body) is not None
+        if not plain and _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
             raise ValueError("body holds a character XML cannot carry (a control character "
                              "other than tab, newline and carriage return, or a lone "
                              "surrogate)")
@@ -1312,14 +1323,13 @@ class Gateway(ComponentXMPP):
                 raise
             if memo is not None:
                 memo[to] = jid
-        msg_id = self._new_id()
         frm = f"{user}@{self.domain}"
-        text = (f'<message to="{_escape_attr(str(jid))}" from="{frm}" id="{msg_id}" '
-                f'type="{mtype}"><body>{_escape(body)}</body></message>')
-        if len(text) > MAX_STANZA_CHARS and len(text.encode()) > MAX_STANZA_BYTES:
+        tail = (f' to="{_escape_attr(str(jid))}" from="{frm}" type="{mtype}"><body>'
+                f'{body if plain else _escape(body)}</body></message>')
+        if len(tail) > MAX_STANZA_CHARS - 64 and len(tail.encode()) > MAX_STANZA_BYTES - 64:
             raise ValueError(f"the message is larger than the component link carries "
                              f"({MAX_STANZA_BYTES} bytes as a stanza)")
-        return Outgoing(msg_id, jid, mtype, body, text)
+        return Outgoing(self._new_id(), jid, mtype, body, tail)
 
     def _new_id(self) -> str:
         """A message id as random as secrets.token_hex(8), from one urandom call per 512
@@ -1337,17 +1347,26 @@ class Gateway(ComponentXMPP):
         requests and sockets sent in it (one write and one <r/> for all). With `session`,
         that WebSocket is told when each one is sent and when the edge has it
         (`Session.status`), by its id and the client's `refs`."""
-        remote = [m for m in messages if m.to.domain != self.domain]
+        domain = self.domain
+        remote = [m for m in messages if m.to.domain != domain]
         if remote:
-            rows = self.outbound.add_many([(m.text, user, m.id, str(m.to)) for m in remote])
+            # XEP-0198 counts in outbox row order; each id names its row (link.message_id)
+            first = self.outbound.next_row
+            items = []
+            for row, m in enumerate(remote, first):
+                msg_id = message_id(m.id, row)
+                items.append((f'<message id="{msg_id}"{m.tail}', user, msg_id, str(m.to)))
+            rows = self.outbound.add_many(items, commit=not soon)
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
                                "stanzas are already waiting; try again when it is back")
+            for m, item in zip(remote, items, strict=True):
+                m.id = item[2]
             if session is not None:
-                ref_of = dict(zip((m.id for m in messages), refs or [None] * len(messages),
+                ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
                                   strict=True))
                 for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, m.id, ref_of[m.id], False]
+                    self._tracked[row] = [session, m.id, ref_of[id(m)], False]
         for m in messages:
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
@@ -1364,11 +1383,38 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._pump_turn)
 
     def _pump_turn(self) -> None:
+        """The end of the turn's sends: one commit for all of them (group commit), the
+        waiting requests answered, then one write of the new rows to the edge."""
         self._pump_soon = False
+        waiters, self._durable = self._durable, []
+        try:
+            self.commit_point()
+        except StoreError as exc:  # the batch stays open and is retried (_commit_turn)
+            log.error("cannot commit the messages sent in this turn: %s", exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        self.outbound.uncommitted = False
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self._pump()
+
+    def durable(self) -> asyncio.Future[None]:
+        """Done once what was sent so far in this turn is committed (one commit at the end of
+        the turn for every request of it); StoreError if that commit fails."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._durable.append(waiter)
+        if not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_turn)
+        return waiter
 
     def _message_states(self, state: str, rows: list[int]) -> None:
         """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
+        if not self._tracked:
+            return
         for row in rows:
             tracked = self._tracked.get(row) if state == "sent" else self._tracked.pop(row, None)
             if tracked is None or (state == "sent" and tracked[3]):
