@@ -172,13 +172,14 @@ class Counters:
     port: int = API_PORT
     to: str = TO
     retries: int = 0
+    body: str = BODY  # the text of message i: body % i
 
 
 async def single_worker(token: str, numbers: range, c: Counters) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     for i in numbers:
         req = request("/api/v1/messages", token,
-                      json.dumps({"to": c.to, "body": BODY % i}).encode(), c.host)
+                      json.dumps({"to": c.to, "body": c.body % i}).encode(), c.host)
         while True:
             w.write(req)
             status, data = await read_response(r)
@@ -194,7 +195,7 @@ async def single_worker(token: str, numbers: range, c: Counters) -> None:
 async def batch_worker(token: str, numbers: range, c: Counters) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     for start in range(numbers.start, numbers.stop, BATCH):
-        items = [{"to": c.to, "body": BODY % i} for i in range(start, min(start + BATCH,
+        items = [{"to": c.to, "body": c.body % i} for i in range(start, min(start + BATCH,
                                                                            numbers.stop))]
         req = request("/api/v1/messages/batch", token, json.dumps({"messages": items}).encode(),
                       c.host)
@@ -271,7 +272,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
             for _ in range(min(WS_CHUNK, len(todo))):
                 i = todo.popleft()
                 chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": c.to,
-                                                      "body": BODY % i})))
+                                                      "body": c.body % i})))
             in_flight += len(chunk)
             w.write(b"".join(chunk))
             await w.drain()
@@ -291,6 +292,7 @@ class Result:
     seconds: float
     edge_cpu: float
     gw_cpu: float
+    gw_sys: float  # of which in the kernel (socket calls, the loopback's delivery)
     retries: int
     load: float
 
@@ -301,7 +303,8 @@ class Result:
     def line(self) -> str:
         return (f"{self.tree:9s} {self.mode:7s} {self.rate:>8,.0f} msg/s   CPU us/msg: edge "
                 f"{self.edge_cpu / self.n * 1e6:6.1f}  gateway {self.gw_cpu / self.n * 1e6:6.1f}"
-                f"  total {(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}   retries "
+                f" (sys {self.gw_sys / self.n * 1e6:5.1f})  total "
+                f"{(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}   retries "
                 f"{self.retries:5d}   load {self.load:.2f}")
 
 
@@ -348,12 +351,11 @@ async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -
     `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session; returns
     when every one was accepted into the outbox (c.retries: how many were sent again)."""
     if mode == "single":
-        per = n // SINGLE_CONNECTIONS
-        await asyncio.gather(*(single_worker(token, range(k * per, (k + 1) * per), c)
+        await asyncio.gather(*(single_worker(token, range(k, n, SINGLE_CONNECTIONS), c)
                                for k in range(SINGLE_CONNECTIONS)))
     elif mode == "batch":
-        per = n // BATCH_CONNECTIONS
-        await asyncio.gather(*(batch_worker(token, range(k * per, (k + 1) * per), c)
+        per = -(-n // BATCH_CONNECTIONS)  # every one of the n, whatever n is
+        await asyncio.gather(*(batch_worker(token, range(k * per, min(n, (k + 1) * per)), c)
                                for k in range(BATCH_CONNECTIONS)))
     else:
         await ws_session(token, n, window, c)
@@ -364,14 +366,20 @@ async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
     c = Counters()
     Sink.target = Sink.count + n
     Sink.reached.clear()
-    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
+    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
     t0 = time.monotonic()
     await send(mode, token, n, c, window)
     await asyncio.wait_for(Sink.reached.wait(), 120)
     seconds = time.monotonic() - t0
-    cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
-    return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], c.retries,
-                  os.getloadavg()[0])
+    cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
+    return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
+                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0])
+
+
+def proc_sys(pid: int) -> float:
+    """stime of a process in seconds (/proc/<pid>/stat field 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[12]) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_link(token: str) -> None:
@@ -439,6 +447,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
         if prof.exists():
             print("\ngateway profile (this tree, last round, tottime top 30):")
             pstats.Stats(str(prof)).sort_stats("tottime").print_stats(30)
+            print("\ngateway profile, the gateway's own functions by cumulative time:")
+            pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(r"gateway/", 25)
 
 
 def main() -> None:

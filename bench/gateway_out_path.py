@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -55,7 +56,20 @@ class SinkTransport:
         return 0
 
 
-async def run(n: int, batch: int, db: Path) -> tuple[float, int]:
+class FrameSink:
+    """gateway.api.Frames without a socket: the frames are counted."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def put(self, _text: str) -> None:
+        self.frames += 1
+
+    def flush(self) -> None:
+        pass
+
+
+async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float, int]:
     """Send n messages; (CPU seconds, bytes written to the link)."""
     from edgeproxy import link
     from edgeproxy.partners import Partner, PartnerTable, PartnerType
@@ -68,37 +82,52 @@ async def run(n: int, batch: int, db: Path) -> tuple[float, int]:
     gw = Gateway("contoso.test", "secret", "127.0.0.1", 5347, store, partners,
                  queue_limit=max(10000, 2 * batch))
     sink = SinkTransport()
-    gw.transport = sink
+    gw.transport = sink  # type: ignore[assignment]
     gw.link_up = gw.sm_active = True
     gw.outbound.new_link("bench")
     durable = getattr(gw, "durable", None)
     loop = asyncio.get_running_loop()
     h = 0
+    if mode == "ws":
+        from gateway.api import ClientFrames
+        session = gw.user_online("bob")
+        client = ClientFrames(gw, session, FrameSink())  # type: ignore[arg-type]
+        gw.take_events(session)
+        frames = [json.dumps({"op": "message", "ref": i, "to": TO, "body": BODY % i})
+                  for i in range(n)]
     start = time.process_time()
     for first in range(0, n, batch):
-        memo: dict[str, Any] = {}
-        out = [gw.prepare_message("bob", TO, BODY % i, "chat", memo)
-               for i in range(first, min(n, first + batch))]
-        gw.send_messages("bob", out, soon=True)
-        if durable is not None:
-            await durable()
-        else:  # main: the request's middleware commits
-            gw.commit_point()
+        count = min(n, first + batch) - first
+        if mode == "ws":  # what one read of the socket holds; the answers go in the next turn
+            for text in frames[first:first + count]:
+                client.receive(text)
+            await asyncio.sleep(0)
+        else:
+            memo: dict[str, Any] = {}
+            out = [gw.prepare_message("bob", TO, BODY % i, "chat", memo)
+                   for i in range(first, first + count)]
+            gw.send_messages("bob", out, soon=True)
+            if durable is not None:
+                await durable()
+            else:  # main: the request's middleware commits
+                gw.commit_point()
         fut = loop.create_future()
         loop.call_soon(fut.set_result, None)  # the turn that writes the link (and its <r/>)
         await fut
         await asyncio.sleep(0)
-        h += len(out)
+        h += count
         gw._sm_a({"h": str(h % link.H_MOD)})
+        if mode == "ws":
+            gw.take_events(session)  # the status events (sent, accepted) as the socket has them
     cpu = time.process_time() - start
     assert gw.outbound.waiting == 0, gw.outbound.waiting
     store.close()
     return cpu, sink.bytes
 
 
-def once(n: int, batch: int) -> float:
+def once(n: int, batch: int, mode: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db"))
+        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db", mode))
     assert written > n * 100, written
     return cpu
 
@@ -110,24 +139,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree", help="a baseline tree, measured in the same run")
     ap.add_argument("--once", action="store_true", help="one run in this process, no report")
+    ap.add_argument("--modes", default="batch,ws",
+                    help="batch (send_messages, as the batch endpoint) and/or ws (frames into "
+                         "gateway.api.ClientFrames, answers and status events encoded)")
     args = ap.parse_args()
     if args.once:
-        cpu = once(args.n, args.batch)
+        cpu = once(args.n, args.batch, args.modes)
         print(f"{cpu / args.n * 1e6:.2f}")
         return
     trees = ([("baseline", Path(args.tree).resolve())] if args.tree else []) + [("this", ROOT)]
-    results: dict[str, list[float]] = {name: [] for name, _ in trees}
+    runs = [(name, tree, mode) for mode in args.modes.split(",") for name, tree in trees]
+    results: dict[tuple[str, str], list[float]] = {(name, mode): [] for name, _, mode in runs}
     for _ in range(args.rounds):
-        for name, tree in trees:
+        for name, tree, mode in runs:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--once",
-                                  "-n", str(args.n), "--batch", str(args.batch)],
+                                  "-n", str(args.n), "--batch", str(args.batch),
+                                  "--modes", mode],
                                  env=env, cwd=tree, check=True, capture_output=True, text=True)
             us = float(out.stdout.split()[-1])
-            results[name].append(us)
-            print(f"{name:9s} {us:6.2f} us/msg  (load {os.getloadavg()[0]:.1f})", flush=True)
-    for name, values in results.items():
-        print(f"{name:9s} median {sorted(values)[len(values) // 2]:6.2f} us/msg")
+            results[name, mode].append(us)
+            print(f"{name:9s} {mode:6s} {us:6.2f} us/msg  (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+    for (name, mode), values in results.items():
+        print(f"{name:9s} {mode:6s} median {sorted(values)[len(values) // 2]:6.2f} us/msg")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from aiohttp import WSMsgType, web, web_log
@@ -470,6 +471,20 @@ class ClientFrames:
             raise BadFrame(f"the frame is not JSON; {_FRAME_HELP}") from None
         if not isinstance(frame, dict):
             raise BadFrame(_FRAME_HELP)
+        if frame.get("op") == "message" and frame.keys() <= _MESSAGE_KEYS:
+            # the common frame, checked in one go; anything unusual takes the full path below
+            # for its precise answer
+            ref, to, body = frame.get("ref"), frame.get("to"), frame.get("body")
+            mtype = frame.get("type", "chat")
+            if (type(ref) is int or (type(ref) is str and 0 < len(ref) <= 256)) and \
+                    type(to) is str and to and type(body) is str and body and \
+                    mtype in MESSAGE_TYPES:
+                frame["fields"] = (to, body, mtype)
+                self.ops.append(("message", ref, frame))
+                if not self._scheduled:
+                    self._scheduled = True
+                    asyncio.get_running_loop().call_soon(self.run)
+                return
         if "op" not in frame:
             if set(frame) != {"ack"}:
                 raise BadFrame(_FRAME_HELP, frame.get("ref"))
@@ -511,7 +526,7 @@ class ClientFrames:
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
         if result.get("ok") and "id" in result:  # the common one, written directly
-            self.frames.put(f'{{"event": "answer", "ref": {json.dumps(ref)}, "op": "message", '
+            self.frames.put(f'{{"event": "answer", "ref": {_json_ref(ref)}, "op": "message", '
                             f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
             return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
@@ -596,6 +611,12 @@ class ClientFrames:
 
 
 _REF = frozenset({"op", "ref"})
+_MESSAGE_KEYS = OPS["message"] | _REF
+
+
+def _json_ref(ref: Any) -> str:
+    """A frame's ref (an int or a string: _valid_ref) as JSON, without json.dumps' machinery."""
+    return str(ref) if type(ref) is int else encode_basestring_ascii(ref)
 
 
 async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:

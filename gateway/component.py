@@ -285,6 +285,7 @@ class Gateway(ComponentXMPP):
         # a WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
+        self._to_attrs: dict[str, str] = {}  # an addressee as given -> its JID as an attribute
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
         self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
@@ -1324,7 +1325,12 @@ class Gateway(ComponentXMPP):
             if memo is not None:
                 memo[to] = jid
         frm = f"{user}@{self.domain}"
-        tail = (f' to="{_escape_attr(str(jid))}" from="{frm}" type="{mtype}"><body>'
+        to_attr = self._to_attrs.get(to)
+        if to_attr is None:
+            if len(self._to_attrs) >= 4096:
+                self._to_attrs.clear()
+            to_attr = self._to_attrs[to] = _escape_attr(str(jid))
+        tail = (f' to="{to_attr}" from="{frm}" type="{mtype}"><body>'
                 f'{body if plain else _escape(body)}</body></message>')
         if len(tail) > MAX_STANZA_CHARS - 64 and len(tail.encode()) > MAX_STANZA_BYTES - 64:
             raise ValueError(f"the message is larger than the component link carries "
