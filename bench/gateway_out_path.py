@@ -162,7 +162,8 @@ def main() -> None:
             print(f"{name:9s} {mode:6s} {us:6.2f} us/msg  (load {os.getloadavg()[0]:.1f})",
                   flush=True)
     for (name, mode), values in results.items():
-        print(f"{name:9s} {mode:6s} median {sorted(values)[len(values) // 2]:6.2f} us/msg")
+        print(f"{name:9s} {mode:6s} median {sorted(values)[len(values) // 2]:6.2f} us/msg, "
+              f"min {min(values):6.2f} (the least disturbed by the machine's other load)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from aiohttp import WSMsgType, web, web_log
@@ -39,6 +38,7 @@ from .component import (
     Refused,
     Session,
     StanzaError,
+    json_ref,
 )
 from .store import Contact, StoreError, hash_token
 
@@ -526,7 +526,7 @@ class ClientFrames:
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
         if result.get("ok") and "id" in result:  # the common one, written directly
-            self.frames.put(f'{{"event": "answer", "ref": {_json_ref(ref)}, "op": "message", '
+            self.frames.put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", '
                             f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
             return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
@@ -614,9 +614,6 @@ _REF = frozenset({"op", "ref"})
 _MESSAGE_KEYS = OPS["message"] | _REF
 
 
-def _json_ref(ref: Any) -> str:
-    """A frame's ref (an int or a string: _valid_ref) as JSON, without json.dumps' machinery."""
-    return str(ref) if type(ref) is int else encode_basestring_ascii(ref)
 
 
 async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:

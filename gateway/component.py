@@ -29,6 +29,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -171,8 +172,8 @@ class Session:
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
-        # the socket's own messages by state (sent, accepted): [{"id", "ref"}, ...]
-        self.states: dict[str, list[dict[str, Any]]] = {}
+        # the socket's own messages by state (sent, accepted): ['{"id": .., "ref": ..}', ...]
+        self.states: dict[str, list[str]] = {}
         self.ready = asyncio.Event()
         self.closed = False
         # Everyone this resource sent available presence to: they get unavailable when it goes
@@ -189,10 +190,15 @@ class Session:
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
         self.ready.set()
 
-    def status(self, state: str, msg_id: str, ref: Any) -> None:
-        """One of this socket's messages changed state; gathered into one event per state."""
-        self.states.setdefault(state, []).append({"id": msg_id, "ref": ref})
-        self.ready.set()
+    def status(self, state: str, item: str) -> None:
+        """One of this socket's messages changed state; gathered into one event per state.
+        `item` is its `{"id": .., "ref": ..}` as JSON (status_item), made once per message."""
+        items = self.states.get(state)
+        if items is None:
+            self.states[state] = [item]
+            self.ready.set()
+        else:
+            items.append(item)
 
     def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -281,8 +287,8 @@ class Gateway(ComponentXMPP):
         self._refused = False  # the link that just ended was refused (LINK_REFUSALS)
         # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
         self.federation_denied: frozenset[str] = frozenset()
-        # outbox row -> [session, message id, client ref, told 'sent'] for messages sent over
-        # a WebSocket, until the edge acknowledges them
+        # outbox row -> [session, status_item, told 'sent'] for messages sent over a
+        # WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
         self._to_attrs: dict[str, str] = {}  # an addressee as given -> its JID as an attribute
@@ -1114,7 +1120,8 @@ class Gateway(ComponentXMPP):
         out = list(session.notices.values())
         session.notices.clear()
         for state, items in session.states.items():
-            out.append(json.dumps({"event": "status", "state": state, "messages": items}))
+            out.append(f'{{"event": "status", "state": "{state}", "messages": '
+                       f'[{", ".join(items)}]}}')
         session.states.clear()
         rows = self.store.events(session.user, session.sent, session.resource, limit)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
@@ -1372,8 +1379,8 @@ class Gateway(ComponentXMPP):
                 ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
                                   strict=True))
                 for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, m.id, ref_of[id(m)], False]
-        for m in messages:
+                    self._tracked[row] = [session, status_item(m.id, ref_of[id(m)]), False]
+        for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
                                    m.body)
@@ -1421,14 +1428,15 @@ class Gateway(ComponentXMPP):
         """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
         if not self._tracked:
             return
+        tracked_rows = self._tracked
         for row in rows:
-            tracked = self._tracked.get(row) if state == "sent" else self._tracked.pop(row, None)
-            if tracked is None or (state == "sent" and tracked[3]):
+            tracked = tracked_rows.get(row) if state == "sent" else tracked_rows.pop(row, None)
+            if tracked is None or (state == "sent" and tracked[2]):
                 continue  # not from a socket, or written again after a resumption
-            tracked[3] = True
+            tracked[2] = True
             session = tracked[0]
             if not session.closed:
-                session.status(state, tracked[1], tracked[2])
+                session.status(state, tracked[1])
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
@@ -1563,6 +1571,19 @@ def _jid_parts(value: str) -> tuple[str, str, str, str, str] | None:
         return None
     return jid.user, jid.domain, jid.resource, jid.bare, jid.full
 _PLAIN_TAGS = {f"{{{NS}}}message": "message"}
+
+
+def json_ref(ref: Any) -> str:
+    """A client's ref (an int or a string, gateway/api.py _valid_ref; None) as JSON, without
+    json.dumps' machinery."""
+    if type(ref) is int:
+        return str(ref)
+    return "null" if ref is None else encode_basestring_ascii(ref)
+
+
+def status_item(msg_id: str, ref: Any) -> str:
+    """One message of a status event, as JSON: its id (ours: [0-9a-f-]) and the client's ref."""
+    return f'{{"id": "{msg_id}", "ref": {json_ref(ref)}}}'
 
 
 def _escape(text: str) -> str:

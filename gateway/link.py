@@ -235,8 +235,7 @@ class Outbound:
     def written(self, rows: list[int]) -> None:
         """These rows went out on the link, in this order: they are 'sent' (no SQL: the state
         is derived from the link's own count)."""
-        for row in rows:
-            self.sent.sent(row)
+        self.sent.unacked.extend(rows)  # Outbox.sent, for the whole write
         if rows:
             self._written_at.append((rows[-1], time.time()))
         if self.on_state is not None:
