@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import WSMsgType, web, web_log
 from aiohttp.abc import AbstractAccessLogger
 
@@ -466,7 +467,7 @@ class ClientFrames:
 
     def _receive(self, data: str) -> None:
         try:
-            frame = json.loads(data)
+            frame = orjson.loads(data)
         except ValueError:
             raise BadFrame(f"the frame is not JSON; {_FRAME_HELP}") from None
         if not isinstance(frame, dict):
