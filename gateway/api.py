@@ -162,12 +162,20 @@ async def send_message(request: web.Request) -> web.Response:
     return web.json_response({"id": out.id, "queued": not gw.link_up}, status=202)
 
 
+_FIELDS = frozenset({"to", "body", "type"})
+
+
 def _message_fields(item: Any, extra: frozenset[str] = frozenset()) -> tuple[str, str, str]:
     """`to`, `body`, `type` of one message (a batch item, a WebSocket frame); ValueError with
     what is wrong."""
+    if type(item) is dict:  # the common item, checked in one go
+        to, body, mtype = item.get("to"), item.get("body"), item.get("type", "chat")
+        if type(to) is str and to and type(body) is str and body and mtype in MESSAGE_TYPES \
+                and item.keys() <= _FIELDS:
+            return to, body, mtype
     if not isinstance(item, dict):
         raise ValueError("a message is a JSON object with to, body and optional type")
-    unknown = set(item) - {"to", "body", "type"} - extra
+    unknown = set(item) - _FIELDS - extra
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))} in a "
                          "message (it takes to, body, type)")
@@ -199,7 +207,7 @@ def _refusal(exc: Exception) -> dict[str, Any]:
 def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
     # queued: in the outbox until the edge has it; delivered: a local user's inbox has it
     return {"ok": True, "id": out.id,
-            "state": "delivered" if out.to.domain == gw.domain else "queued"}
+            "state": "delivered" if out.local else "queued"}
 
 
 async def send_batch(request: web.Request) -> web.Response:

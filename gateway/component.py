@@ -120,6 +120,8 @@ class Outgoing:
     type: str
     body: str
     tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
+    to_text: str = ""  # str(to)
+    local: bool = False  # to a user of our own domain: no edge involved
 
 
 class Refused(Exception):
@@ -291,7 +293,8 @@ class Gateway(ComponentXMPP):
         # WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
-        self._to_attrs: dict[str, str] = {}  # an addressee as given -> its JID as an attribute
+        # an addressee as given -> (its JID as text, as an attribute, is it local)
+        self._to_attrs: dict[str, tuple[str, str, bool]] = {}
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
         self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
@@ -1332,17 +1335,18 @@ class Gateway(ComponentXMPP):
             if memo is not None:
                 memo[to] = jid
         frm = f"{user}@{self.domain}"
-        to_attr = self._to_attrs.get(to)
-        if to_attr is None:
+        known = self._to_attrs.get(to)
+        if known is None:
             if len(self._to_attrs) >= 4096:
                 self._to_attrs.clear()
-            to_attr = self._to_attrs[to] = _escape_attr(str(jid))
-        tail = (f' to="{to_attr}" from="{frm}" type="{mtype}"><body>'
+            text = str(jid)
+            known = self._to_attrs[to] = (text, _escape_attr(text), jid.domain == self.domain)
+        tail = (f' to="{known[1]}" from="{frm}" type="{mtype}"><body>'
                 f'{body if plain else _escape(body)}</body></message>')
         if len(tail) > MAX_STANZA_CHARS - 64 and len(tail.encode()) > MAX_STANZA_BYTES - 64:
             raise ValueError(f"the message is larger than the component link carries "
                              f"({MAX_STANZA_BYTES} bytes as a stanza)")
-        return Outgoing(self._new_id(), jid, mtype, body, tail)
+        return Outgoing(self._new_id(), jid, mtype, body, tail, known[0], known[2])
 
     def _new_id(self) -> str:
         """A message id as random as secrets.token_hex(8), from one urandom call per 512
@@ -1360,15 +1364,14 @@ class Gateway(ComponentXMPP):
         requests and sockets sent in it (one write and one <r/> for all). With `session`,
         that WebSocket is told when each one is sent and when the edge has it
         (`Session.status`), by its id and the client's `refs`."""
-        domain = self.domain
-        remote = [m for m in messages if m.to.domain != domain]
+        remote = [m for m in messages if not m.local]
         if remote:
             # XEP-0198 counts in outbox row order; each id names its row (link.message_id)
             first = self.outbound.next_row
             items = []
             for row, m in enumerate(remote, first):
                 msg_id = message_id(m.id, row)
-                items.append((f'<message id="{msg_id}"{m.tail}', user, msg_id, str(m.to)))
+                items.append((f'<message id="{msg_id}"{m.tail}', user, msg_id, m.to_text))
             rows = self.outbound.add_many(items, commit=not soon)
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
