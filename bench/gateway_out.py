@@ -2,7 +2,8 @@
 S2S sink, by single POSTs, batch POSTs and the WebSocket session (issue 10).
 
     scripts/netns-run python3 bench/gateway_out.py [-n 20000] [--rounds 2] [--baseline main]
-                                                   [--profile]
+                                                   [--modes single,batch,ws] [--floor]
+                                                   [--no-baseline] [--profile]
 
 A script, not a test. Each round starts, for the baseline tree (`git archive` of --baseline,
 main by default, unpacked in a temporary directory) and then for this tree, the edge
@@ -21,7 +22,10 @@ A 503 (the outbox full) or a `resource-constraint` answer is retried after 10 ms
 The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the edge's stream
 and its dialback key without checking it (XEP-0220: a sink may, it only receives), and counts
 `</message>`. The time runs from the first request to the sink's N-th message; the CPU is
-that of the edge and of the gateway over the same span, per message. The machine is shared
+that of the edge and of the gateway over the same span, per message (with the gateway's
+kernel share, "sys"). `--floor` adds what aiohttp alone costs per single POST: a bare app
+(read the JSON body, answer 202 JSON, no middleware) on the same client, so the single POSTs'
+figure can be split into aiohttp's floor and the gateway's own work. The machine is shared
 and noisy: compare the ratios in one run, and note the load average printed with each line.
 """
 
@@ -102,6 +106,38 @@ finally:
     prof.disable()
     prof.dump_stats(sys.argv[2])
 """
+
+
+# --floor: what aiohttp itself costs per request here - a bare app whose handler reads the JSON
+# body and answers 202 with a JSON body, no middleware, no access log, on the same raw client
+FLOOR_SERVER = """
+import sys
+from aiohttp import web
+async def handle(request):
+    await request.json()
+    return web.json_response({"id": "0", "queued": False}, status=202)
+app = web.Application()
+app.router.add_post("/api/v1/messages", handle)
+web.run_app(app, host=sys.argv[1], port=int(sys.argv[2]), access_log=None, print=None)
+"""
+FLOOR_PORT = 8081
+
+
+async def floor_run(n: int) -> Result:
+    """n single POSTs (16 connections) to the bare aiohttp app: its CPU per request."""
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, EDGE_IP, str(FLOOR_PORT)],
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_port(EDGE_IP, FLOOR_PORT, proc=proc)
+        c = Counters(port=FLOOR_PORT)
+        cpu0, sys0, t0 = proc_cpu(proc.pid), proc_sys(proc.pid), time.monotonic()
+        await asyncio.gather(*(single_worker("-", range(k, n, SINGLE_CONNECTIONS), c)
+                               for k in range(SINGLE_CONNECTIONS)))
+        seconds = time.monotonic() - t0
+        return Result("aiohttp", "floor", n, seconds, 0.0, proc_cpu(proc.pid) - cpu0,
+                      proc_sys(proc.pid) - sys0, 0, os.getloadavg()[0])
+    finally:
+        stop_process(proc)
 
 
 class Sink(asyncio.Protocol):
@@ -426,10 +462,14 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
                     results.append(res)
             finally:
                 d.stop()
+        if args.floor:
+            res = await floor_run(args.n)
+            print(res.line(), flush=True)
+            results.append(res)
     sink.close()
     print("\nmedian over rounds:")
     base = {}
-    for name, _, modes in trees:
+    for name, _, modes in trees + ([("aiohttp", ROOT, ("floor",))] if args.floor else []):
         for mode in modes:
             rs = sorted((r for r in results if (r.tree, r.mode) == (name, mode)),
                         key=lambda r: r.gw_cpu)
@@ -461,6 +501,8 @@ def main() -> None:
     ap.add_argument("--modes", default="single,batch,ws",
                     help="this tree's send modes, comma-separated (default single,batch,ws)")
     ap.add_argument("--no-baseline", action="store_true", help="this tree only")
+    ap.add_argument("--floor", action="store_true",
+                    help="also a bare aiohttp app's CPU per single POST (the HTTP floor)")
     ap.add_argument("--profile", action="store_true",
                     help="run this tree's gateway under cProfile (slower) and print the top")
     args = ap.parse_args()
