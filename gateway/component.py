@@ -578,6 +578,8 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._want_ack:  # the turn's <r/>, in the same write as its stanzas
+            self._request_ack()
         self._flush_scheduled = False
         if self._out and self.transport is not None:
             self.transport.write(b"".join(self._out))
@@ -602,8 +604,9 @@ class Gateway(ComponentXMPP):
         self.outbound.written([row for row, _ in rows])
         self._last_row = rows[-1][0]
         if not self._want_ack:
-            self._want_ack = True
-            self.loop.call_soon(self._request_ack)
+            self._want_ack = True  # one <r/> after the rows of this turn: _flush writes it
+            if not self._flush_scheduled:  # the rows did not go through _raw (tests)
+                self.loop.call_soon(self._request_ack)
 
     def _transmit(self, text: str) -> None:
         self._raw(text.encode())
