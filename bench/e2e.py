@@ -2,6 +2,7 @@
 ejabberd serving the same local domain themselves.
 
     scripts/netns-run python3 bench/e2e.py [-n 20000] [--rounds 2] [--tree DIR] [--skip ...]
+                                           [--outbound rest,ws,batch] [--no-inbound]
 
 A script, not a test (issue 10's table is its output). The world, on loopback in the test
 network namespace:
@@ -30,9 +31,11 @@ Columns, per server, the median of --rounds rounds:
   /proc/<pid>/stat over the burst job (far less noisy than the rates on a shared machine);
 - outbound msg/s and CPU us/msg: bob sends N to alice@partner.test; for us through the
   gateway's API (`--outbound rest`: `POST /api/v1/messages`, 64 requests in flight on
-  keep-alive connections), for the peers over bob's c2s stream (<= 500 in flight). The
-  receiving Prosody is the cap. OUTBOUND_MODES is where other send paths plug in (the user's
-  WebSocket, the batch endpoint).
+  keep-alive connections; `--outbound ws`: bob's own WebSocket session, `message` ops 200 at a
+  time, <= 2,000 unanswered; `--outbound batch`: `POST /api/v1/messages/batch` of 500 on 4
+  connections; `--outbound rest,ws,batch`: one edge + gateway per mode, in the same run), for
+  the peers over bob's c2s stream (<= 500 in flight). The receiving Prosody is the cap.
+  `--no-inbound` leaves the inbound jobs out.
 
 The load average is printed with the table: write it down with every number.
 """

@@ -12,11 +12,12 @@ main by default, unpacked in a temporary directory) and then for this tree, the 
 /proc/<pid>/stat. The clients are raw and lean, in this process (not measured):
 
 - `single`: 16 keep-alive HTTP/1.1 connections, one `POST /api/v1/messages` at a time each;
-- `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each (this tree
-  only: the baseline has no batch endpoint);
+- `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each;
 - `ws`: one WebSocket session, message frames (zero mask key: RFC 6455 5.3 wants a random
-  one, the server cannot tell) written 200 at a time, at most --window unanswered (this tree
-  only).
+  one, the server cannot tell) written 200 at a time, at most --window unanswered.
+
+The baseline runs the modes of --baseline-modes too (all three by default; a tree from before
+session 4 has only `single`).
 
 A 503 (the outbox full) or a `resource-constraint` answer is retried after 10 ms and counted.
 The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the edge's stream
@@ -442,9 +443,10 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
     sink = await asyncio.get_running_loop().create_server(Sink, SINK_IP, 5269,
                                                           reuse_address=True)
     modes = tuple(args.modes.split(","))
-    trees = [(args.baseline, unpack(args.baseline, tmp / "baseline"), ("single",)),
+    base_modes = tuple(m for m in args.baseline_modes.split(",") if m in modes)
+    trees = [(args.baseline, unpack(args.baseline, tmp / "baseline"), base_modes),
              ("this", ROOT, modes)]
-    if args.no_baseline or "single" not in modes:
+    if args.no_baseline or not base_modes:
         trees = trees[1:]
     print(f"N = {args.n:,} messages per mode, {args.rounds} round(s), WebSocket window "
           f"{args.window}; baseline {args.baseline}; {os.cpu_count()} CPUs")
@@ -477,9 +479,9 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
             print(med.line())
             if name == args.baseline:
                 base[mode] = med
-            elif "single" in base:
-                b = base["single"]
-                print(f"          {mode} vs {args.baseline} single: throughput "
+            elif mode in base or "single" in base:
+                b = base.get(mode) or base["single"]
+                print(f"          {mode} vs {args.baseline} {b.mode}: throughput "
                       f"{med.rate / b.rate:.2f}x, gateway CPU per message "
                       f"{med.gw_cpu / med.n / (b.gw_cpu / b.n):.2f}x")
     if args.profile:
@@ -501,6 +503,9 @@ def main() -> None:
     ap.add_argument("--modes", default="single,batch,ws",
                     help="this tree's send modes, comma-separated (default single,batch,ws)")
     ap.add_argument("--no-baseline", action="store_true", help="this tree only")
+    ap.add_argument("--baseline-modes", default="single,batch,ws",
+                    help="the modes the baseline runs too (default all three: main has the "
+                         "batch endpoint and the WebSocket ops since session 4)")
     ap.add_argument("--floor", action="store_true",
                     help="also a bare aiohttp app's CPU per single POST (the HTTP floor)")
     ap.add_argument("--profile", action="store_true",
