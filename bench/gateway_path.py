@@ -1,6 +1,7 @@
 """The gateway's inbound path in one process, without sockets: the edge's bytes -> bob's frames.
 
-    python3 bench/gateway_path.py [-n 50000] [--rounds 3] [--per-read 300] [--profile]
+    python3 bench/gateway_path.py [-n 50000] [--rounds 3] [--per-read 300] [--tree DIR]
+                                  [--profile]
 
 A script, not a test. `bench/e2e.py` measures the daemons between real sockets, but on this
 shared 2-core machine its wall-clock rates and even its CPU figures move with the load; this
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# --tree: the gateway from another source tree (e.g. `git archive main`), the baseline
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]) if "--tree" in sys.argv[:-1] else ROOT
+sys.path.insert(0, str(TREE.resolve()))
 
 from edgeproxy.partners import Partner, PartnerTable, PartnerType  # noqa: E402
 from gateway import api  # noqa: E402
@@ -172,8 +175,8 @@ async def main_async(args: argparse.Namespace) -> None:
         prof = cProfile.Profile() if args.profile else None
         results = [await one_round(Path(tmp), args.n, args.per_read, prof if i == 0 else None)
                    for i in range(args.rounds)]
-    print(f"gateway inbound path, {args.n:,} messages x {args.rounds} rounds: CPU us/message "
-          f"best {min(results):.2f}  median {statistics.median(results):.2f}  "
+    print(f"{TREE}: gateway inbound path, {args.n:,} messages x {args.rounds} rounds: CPU "
+          f"us/message best {min(results):.2f}  median {statistics.median(results):.2f}  "
           f"[{' '.join(f'{r:.2f}' for r in results)}]")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
@@ -185,6 +188,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-read", type=int, default=300,
                     help="messages per read from the edge, each read ending with <r/>")
+    ap.add_argument("--tree", help="run the gateway from this source tree (default: this one)")
     ap.add_argument("--profile", action="store_true", help="cProfile the first round")
     asyncio.run(main_async(ap.parse_args()))
 

@@ -96,6 +96,9 @@ CLOSE_USER_REMOVED = (1008, "user removed")
 CLOSE_TOKEN_REPLACED = (1008, "token replaced")
 WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
 EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
+# committed events kept in memory for a socket that keeps up (Session.live); beyond, it reads
+# them from the store when it drains
+LIVE_MAX = 4 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
@@ -156,7 +159,9 @@ class Session:
 
     `sent`: every stored event for this resource up to this id has been taken for the socket;
     `acked`: the client acknowledged up to this id; `ready` is set when there is something to
-    take (a stored event, a notice) or the session was closed.
+    take (a stored event, a notice) or the session was closed. `live`: while the socket keeps
+    up, the events committed since it last took (their texts, in order), so it takes them
+    without reading back what was just written; None while it is behind (it reads the store).
     """
 
     def __init__(self, user: str, domain: str, resource: str, close: CloseSocket,
@@ -167,6 +172,7 @@ class Session:
         self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
+        self.live: list[tuple[int, str]] | None = None
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
         # the socket's own messages by state (sent, accepted): [{"id", "ref"}, ...]
         self.states: dict[str, list[dict[str, Any]]] = {}
@@ -268,6 +274,9 @@ class Gateway(ComponentXMPP):
         self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
         self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        # events kept for online users in the open batch: (user, resource, seq, JSON); the
+        # sockets get them once committed (_publish)
+        self._kept: list[tuple[str, str | None, int, str]] = []
         self.inbox_kept = self.inbox_refused = 0  # since start, for metrics
         store.batch_commits(self._schedule_commit)
         self.watch_interval = WATCH_INTERVAL
@@ -724,6 +733,32 @@ class Gateway(ComponentXMPP):
         retried).
         """
         self.store.commit()
+        if self._kept:
+            self._publish()
+
+    def _publish(self) -> None:
+        """The events of the batch just committed, to the sockets that may take them: straight
+        into the list of each socket that keeps up (no read back from the store); a socket
+        that is behind reads them from the store. Only committed events are ever sent, so a
+        seq a client has seen survives a crash."""
+        kept, self._kept = self._kept, []
+        woken = set()
+        for user, resource, seq, event in kept:
+            sessions = self.sessions.get(user)
+            if not sessions:
+                continue
+            text = f'{{"seq": {seq}, ' + event[1:]
+            for session in ([sessions[resource]] if resource in sessions else []) \
+                    if resource else sessions.values():
+                live = session.live
+                if live is not None and seq > session.sent:
+                    if seq > session.first_live and len(live) < LIVE_MAX:
+                        live.append((seq, text))
+                    else:
+                        session.live = None  # read from the store
+                if session not in woken:
+                    woken.add(session)
+                    session.ready.set()
 
     # rules --------------------------------------------------------------------------------------
 
@@ -822,7 +857,7 @@ class Gateway(ComponentXMPP):
         """`_keep` with the texts made; with `may_wait`, None (nothing refused) when the inbox
         is full while a socket of the user's is open: it may drain (`_hold`)."""
         try:
-            self.store.add_event(user, kind, stanza, event, resource)
+            seq = self.store.add_event(user, kind, stanza, event, resource)
         except InboxFull as exc:
             if may_wait and self.sessions.get(user) and not self._hold_expired_now:
                 return None
@@ -837,13 +872,8 @@ class Gateway(ComponentXMPP):
         if user in self.refused:
             log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
                         user, self.domain, self.refused.pop(user))
-        sessions = self.sessions.get(user)
-        if sessions:
-            if resource:
-                sessions[resource].ready.set()
-            else:
-                for session in sessions.values():
-                    session.ready.set()
+        if user in self.sessions:
+            self._kept.append((user, resource, seq, event))  # for its sockets, once committed
         return True
 
     # inbound: the hot path (a plain message, from the link's raw bytes) ------------------------
@@ -1105,12 +1135,23 @@ class Gateway(ComponentXMPP):
         for state, items in session.states.items():
             out.append(json.dumps({"event": "status", "state": state, "messages": items}))
         session.states.clear()
-        rows = self.store.events(session.user, session.sent, session.resource, limit)
+        live = session.live
+        if live is not None:
+            if live:
+                taken = live[:limit]
+                del live[:limit]
+                session.sent = taken[-1][0]
+                out += [text for _, text in taken]
+            return out
+        committed = self.store.committed
+        rows = self.store.events(session.user, session.sent, session.resource, limit,
+                                 upto=committed)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
         if rows:
             session.sent = rows[-1].id
-        if len(rows) < limit:  # all of them: later ids not for this resource need no look
-            session.sent = max(session.sent, self.store.last_event_id(session.user))
+        if len(rows) < limit:  # all of them: the socket keeps up from here (`live`), and the
+            session.sent = max(session.sent, committed)  # ids not for it need no look
+            session.live = []
         return out
 
     def _event_text(self, row: StoredEvent, offline: bool) -> str:
@@ -1142,7 +1183,7 @@ class Gateway(ComponentXMPP):
 
     def read_inbox(self, user: str, after: int, limit: int) -> tuple[list[str], bool]:
         """REST: up to `limit` stored events after seq `after`, and whether more follow."""
-        rows = self.store.events(user, after, None, limit + 1)
+        rows = self.store.events(user, after, None, limit + 1, upto=self.store.committed)
         return [self._event_text(row, True) for row in rows[:limit]], len(rows) > limit
 
     def ack_inbox(self, user: str, upto: int) -> int:
@@ -1164,6 +1205,7 @@ class Gateway(ComponentXMPP):
             del self.sessions[user]
         if self.store.release_resource(user, resource):
             for other in self.sessions.get(user, {}).values():
+                other.live = None  # the copies are in the store only
                 other.ready.set()
         self._delete_acked(user)
         full = session.jid

@@ -10,7 +10,8 @@ which is cheaper than a thread hop, and one connection used from one thread need
 The inbox holds every message and every bounce for a local user until one of the user's
 clients acknowledges it (WebSocket `{"ack": seq}` or `POST /api/v1/inbox/ack`): an event counts
 as received when it is committed here, and is gone only when a client said it has it. The
-`seq` clients see is the row id (AUTOINCREMENT: never reused, increasing per user).
+`seq` clients see is the row id: increasing per user and never reused (a client ignores a
+`seq` it has acknowledged), from the store's own counter (`inbox_seq`, written once per batch).
 
 Writes can be batched (`batch_commits`): the first write opens a transaction (BEGIN IMMEDIATE)
 and `commit()` ends it; the gateway commits once per event-loop turn and at its commit point.
@@ -33,7 +34,7 @@ from slixmpp import JID, InvalidJID
 
 from .rules import Subscription, SubState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE users (
@@ -107,6 +108,32 @@ DROP TABLE offline;
 # inbox_bytes once per user and batch (a trigger per row cost more than the row's own insert);
 # removals are still counted by the trigger.
 _SCHEMA_3 = "DROP TRIGGER inbox_added;"
+# Version 4 (issue 10): the inbox row made cheap. Ids are explicit, from the store's counter
+# (AUTOINCREMENT updated sqlite_sequence for every row); the counter's high-water mark is
+# inbox_seq.last, written once per batch, so a seq is never reused even when every row is gone.
+# Removals are counted by the store per batch too (no trigger left). The index on (user, id)
+# stays: WITHOUT ROWID with PRIMARY KEY (user, id) cost as much per row and the reads need it.
+_SCHEMA_4 = """
+DROP TRIGGER inbox_removed;
+CREATE TABLE inbox_seq (last INTEGER NOT NULL);
+INSERT INTO inbox_seq SELECT max(
+    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inbox'), 0),
+    coalesce((SELECT max(id) FROM inbox), 0));
+CREATE TABLE inbox_4 (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    resource TEXT,
+    stanza TEXT NOT NULL,
+    event TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stamp REAL NOT NULL
+);
+INSERT INTO inbox_4 SELECT id, user, kind, resource, stanza, event, size, stamp FROM inbox;
+DROP TABLE inbox;
+ALTER TABLE inbox_4 RENAME TO inbox;
+CREATE INDEX inbox_user ON inbox(user, id);
+"""
 _V1_TO_V2 = ("ALTER TABLE users ADD COLUMN inbox_count INTEGER NOT NULL DEFAULT 0;"
              "ALTER TABLE users ADD COLUMN inbox_bytes INTEGER NOT NULL DEFAULT 0;")
 
@@ -198,8 +225,10 @@ class Store(Protocol):
     def remove_contact(self, user: str, jid: str) -> bool: ...
     def add_event(self, user: str, kind: str, stanza: str, event: str,
                   resource: str | None = None) -> int: ...
+    @property
+    def committed(self) -> int: ...
     def events(self, user: str, after: int, resource: str | None,
-               limit: int) -> list[StoredEvent]: ...
+               limit: int, upto: int | None = None) -> list[StoredEvent]: ...
     def ack_events(self, user: str, upto: int, resource: str | None) -> int: ...
     def release_resource(self, user: str, resource: str) -> int: ...
     def last_event_id(self, user: str) -> int: ...
@@ -249,6 +278,10 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
         self._migrate()
+        # the last inbox id given out (ids are never reused), and the one the file has
+        self._seq = self._seq_saved = self._committed = int(self._db.execute(
+            "SELECT max(last, (SELECT coalesce(max(id), 0) FROM inbox)) FROM inbox_seq"
+        ).fetchone()[0])
         self._data_version = self._version()
 
     def _version(self) -> int:
@@ -269,17 +302,17 @@ class SqliteStore:
             raise StoreError(f"{self.path} has schema version {version}; this gateway knows "
                              f"only up to {SCHEMA_VERSION} (a newer gateway wrote it)")
         if version == 0:
-            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2 + _SCHEMA_3
+            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2 + _SCHEMA_3 + _SCHEMA_4
                                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         elif version == 1:
             self._db.executescript("BEGIN;" + _V1_TO_V2 + _SCHEMA_2 + "UPDATE users SET "
                                    "inbox_count = (SELECT count(*) FROM inbox WHERE user = name),"
                                    " inbox_bytes = (SELECT coalesce(sum(size), 0) FROM inbox "
-                                   f"WHERE user = name); {_SCHEMA_3} "
+                                   f"WHERE user = name); {_SCHEMA_3} {_SCHEMA_4} "
                                    f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version == 2:
-            self._db.executescript(f"BEGIN; {_SCHEMA_3} PRAGMA user_version={SCHEMA_VERSION};"
-                                   " COMMIT;")
+        elif version in (2, 3):
+            self._db.executescript("BEGIN;" + (_SCHEMA_3 if version == 2 else "") + _SCHEMA_4
+                                   + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def connection(self) -> sqlite3.Connection:
         """The one connection to the file, for the link's outbox (gateway/link.py): SQLite has
@@ -314,17 +347,30 @@ class SqliteStore:
                 "UPDATE users SET inbox_count = inbox_count + ?, inbox_bytes = inbox_bytes + ? "
                 "WHERE name = ?", [(n, size, user) for user, (n, size) in self._added.items()])
             self._added.clear()
+        if self._seq != self._seq_saved:
+            self._db.execute("UPDATE inbox_seq SET last = ?", (self._seq,))
+            self._seq_saved = self._seq
         for hook in self._before_commit:
             hook()
 
     def commit(self) -> None:
         """End the open batch (if any): its writes are then durable."""
-        if not self._closed and self._db.in_transaction:
+        if self._closed:
+            return
+        if self._db.in_transaction:
             try:
                 self.prepare_commit()
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+        if not self._db.in_transaction:  # (the outbox may have committed the batch itself)
+            self._committed = self._seq
+
+    @property
+    def committed(self) -> int:
+        """Every inbox id up to this one is committed (or was never used): only those may be
+        shown to a client, a seq it has seen must survive a crash."""
+        return self._committed
 
     def close(self) -> None:
         self.commit()
@@ -458,11 +504,12 @@ class SqliteStore:
             raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
                             f"{size} more would pass the limit of {self.limits.bytes} "
                             "([gateway] offline_bytes)")
-        self._write()
-        cur = self._db.execute(
-            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (user, kind, resource, stanza, event, size,
-                                            time.time()))
+        own = self._begin()
+        self._seq += 1
+        self._db.execute(
+            "INSERT INTO inbox(id, user, kind, resource, stanza, event, size, stamp) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (self._seq, user, kind, resource, stanza, event,
+                                               size, time.time()))
         usage[0] += 1
         usage[1] += size
         added = self._added.get(user)
@@ -471,10 +518,9 @@ class SqliteStore:
         else:
             added[0] += 1
             added[1] += size
-        if not self._db.in_transaction:  # not batched: the counters go with the row
-            self.prepare_commit()
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        if own:  # not batched: the counters go with the row
+            self.commit()
+        return self._seq
 
     def _file_usage(self, user: str) -> tuple[int, int]:
         """(events, bytes) of the user's inbox: the file's counters and this batch's adds."""
@@ -486,54 +532,77 @@ class SqliteStore:
         return int(row[0]) + added[0], int(row[1]) + added[1]
 
     def events(self, user: str, after: int, resource: str | None,
-               limit: int) -> list[StoredEvent]:
-        """The user's events after id `after`, oldest first: those for every resource and,
-        with `resource`, those sent to it; without, all of them."""
+               limit: int, upto: int | None = None) -> list[StoredEvent]:
+        """The user's events after id `after` (and up to `upto`), oldest first: those for
+        every resource and, with `resource`, those sent to it; without, all of them."""
+        if upto is None:
+            upto = self._seq
         if resource is None:
             rows = self._db.execute(
                 "SELECT id, kind, resource, stanza, event, stamp FROM inbox "
-                "WHERE user = ? AND id > ? ORDER BY id LIMIT ?", (user, after, limit))
+                "WHERE user = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (user, after, upto, limit))
         else:
             rows = self._db.execute(
                 "SELECT id, kind, resource, stanza, event, stamp FROM inbox WHERE user = ? "
-                "AND id > ? AND (resource IS NULL OR resource = ?) ORDER BY id LIMIT ?",
-                (user, after, resource, limit))
+                "AND id > ? AND id <= ? AND (resource IS NULL OR resource = ?) ORDER BY id "
+                "LIMIT ?", (user, after, upto, resource, limit))
         return [StoredEvent(*r) for r in rows]
 
     def ack_events(self, user: str, upto: int, resource: str | None) -> int:
         """Delete the user's events up to id `upto` that `resource` could be sent (all of them
         with None); how many went."""
-        self._usage.pop(user, None)  # the trigger counts removals in the file
-        self._write()
+        own = self._begin()
         if resource is None:
-            cur = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ?", (user, upto))
+            sizes = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ? "
+                                     "RETURNING size", (user, upto)).fetchall()
         else:
-            cur = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ? AND "
-                                   "(resource IS NULL OR resource = ?)", (user, upto, resource))
-        return cur.rowcount
+            sizes = self._db.execute("DELETE FROM inbox WHERE user = ? AND id <= ? AND "
+                                     "(resource IS NULL OR resource = ?) RETURNING size",
+                                     (user, upto, resource)).fetchall()
+        if sizes:
+            self._count(user, -len(sizes), -sum(size for size, in sizes))
+        if own:
+            self.commit()
+        return len(sizes)
+
+    def _begin(self) -> bool:
+        """A transaction for a change of several statements: the batch's, or (writes not
+        batched) one of its own, which the caller commits; True then."""
+        self._write()
+        if self._db.in_transaction:
+            return False
+        self._db.execute("BEGIN IMMEDIATE")
+        return True
+
+    def _count(self, user: str, n: int, size: int) -> None:
+        """The batch changes the user's inbox by n events of `size` bytes in all."""
+        usage = self._usage.get(user)
+        if usage is not None:
+            usage[0] += n
+            usage[1] += size
+        added = self._added.setdefault(user, [0, 0])
+        added[0] += n
+        added[1] += size
 
     def release_resource(self, user: str, resource: str) -> int:
         """The resource went: what was sent to it and not acknowledged is kept for any of the
         user's resources (RFC 6121 8.5.3.2.1), as new events (new ids, so the user's other
         open sockets get them too)."""
-        self._write()
-        self._usage.pop(user, None)
-        n, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inbox "
-                                   "WHERE user = ? AND resource = ?", (user, resource)).fetchone()
-        if not n:
-            return 0
-        self._db.execute(
-            "INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
-            "SELECT user, kind, NULL, stanza, event, size, stamp FROM inbox "
-            "WHERE user = ? AND resource = ? ORDER BY id", (user, resource))
-        added = self._added.setdefault(user, [0, 0])  # the copies (the trigger counts the
-        added[0] += n  # removal of the originals)
-        added[1] += size
-        gone = self._db.execute("DELETE FROM inbox WHERE user = ? AND resource = ?",
-                                (user, resource)).rowcount
-        if not self._db.in_transaction:
-            self.prepare_commit()
-        return int(gone)
+        own = self._begin()
+        rows = self._db.execute("DELETE FROM inbox WHERE user = ? AND resource = ? RETURNING "
+                                "id, kind, stanza, event, size, stamp",
+                                (user, resource)).fetchall()
+        rows.sort()  # the copies keep the order
+        copies = []
+        for _, kind, stanza, event, size, stamp in rows:  # the same count and bytes as before
+            self._seq += 1
+            copies.append((self._seq, user, kind, stanza, event, size, stamp))
+        self._db.executemany("INSERT INTO inbox(id, user, kind, resource, stanza, event, size, "
+                             "stamp) VALUES (?, ?, ?, NULL, ?, ?, ?, ?)", copies)
+        if own:
+            self.commit()
+        return len(rows)
 
     def last_event_id(self, user: str) -> int:
         return int(self._db.execute("SELECT coalesce(max(id), 0) FROM inbox WHERE user = ?",
