@@ -247,6 +247,8 @@ class Gateway(ComponentXMPP):
         self._out: list[bytes] = []  # written to the link at the end of this loop turn
         self._flush_scheduled = False
         self._write_paused = False  # the transport's buffer is full (asyncio pause_writing)
+        # the rules' answer for a plain message per (to, from), during one read (_plain_route)
+        self._routes: dict[tuple[str, str], tuple[str, str, str] | None] = {}
         # the edge's stanzas waiting, in order, while a local user's inbox is full (_hold)
         self._held: list[Element] = []
         self._holding: asyncio.TimerHandle | None = None
@@ -362,6 +364,7 @@ class Gateway(ComponentXMPP):
         """The edge's bytes: parsed by the edge's own XML stream parser; the connector turns its
         events into actions (the stanzas themselves, as raw bytes with their attributes)."""
         self.last_heard = time.monotonic()
+        self._routes.clear()
         parser = self._parser
         if parser is None:
             return
@@ -415,6 +418,7 @@ class Gateway(ComponentXMPP):
                 if self._counting:
                     self.outbound.handled()
                 return True
+        self._routes.clear()  # what the rules see may change now
         self._may_wait = True
         try:
             self._spawn_event(el.xml())
@@ -892,19 +896,18 @@ class Gateway(ComponentXMPP):
         plain = _PLAIN_MESSAGE.match(el.raw)
         if plain is None:
             return False
-        to, frm = _jid_parts(attrs.get("to", "")), _jid_parts(attrs.get("from", ""))
-        if to is None or frm is None or not to[0] or not frm[1]:
+        key = (attrs.get("to", ""), attrs.get("from", ""))
+        try:
+            route = self._routes[key]
+        except KeyError:
+            route = self._routes[key] = self._plain_route(*key)
+        if route is None:
             return False
-        user, resource = to[0], to[2]
+        user, resource, head = route
         sessions = self.sessions.get(user)
-        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
-                          bool(sessions) or self.store.user_exists(user))
-        if v.outcome.decision is not Decision.DELIVER:
-            return False
         mid = attrs.get("id")
         # what message_event() makes, in json.dumps' own form
-        event = (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
-                 f'{_json_str(to[4])}, "id": {_json_str(mid) if mid else "null"}, "type": '
+        event = (f'{head}{_json_str(mid) if mid else "null"}, "type": '
                  f'{_json_str(mtype or "normal")}, "body": '
                  f'{_json_str(plain.group(1).decode())}}}')
         # the raw stanza, in the link's namespace (it declares none itself: self_contained)
@@ -917,6 +920,22 @@ class Gateway(ComponentXMPP):
         if not kept:
             self._error(self._build_stanza(el.xml()), "resource-constraint", "wait")
         return True
+
+    def _plain_route(self, to_attr: str, from_attr: str) -> tuple[str, str, str] | None:
+        """For a plain message from `from_attr` to `to_attr`: (user, resource, the event's
+        text up to its id) if the rules deliver it, else None. Kept for one read of the link
+        (`_routes`): within it nothing but the slixmpp path (which clears it) changes what the
+        rules see."""
+        to, frm = _jid_parts(to_attr), _jid_parts(from_attr)
+        if to is None or frm is None or not to[0] or not frm[1]:
+            return None
+        user = to[0]
+        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
+                          bool(self.sessions.get(user)) or self.store.user_exists(user))
+        if v.outcome.decision is not Decision.DELIVER:
+            return None
+        return user, to[2], (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
+                             f'{_json_str(to[4])}, "id": ')
 
     def _hold(self, el: Element) -> None:
         """Keep one of the edge's stanzas, in order, until the full inbox drains (a client
@@ -931,6 +950,7 @@ class Gateway(ComponentXMPP):
 
     def _release_held(self) -> None:
         """Room again: handle the held stanzas in order, until one has to wait again."""
+        self._routes.clear()
         held = self._held
         done = 0
         while done < len(held):

@@ -335,17 +335,25 @@ def test_the_stored_stanza_parses_back_to_the_received_one():
         assert ET.tostring(ET.fromstring(stanza_text(element))) == ET.tostring(element), xml
 
 
-async def test_a_message_to_an_online_user_costs_one_insert_and_no_lookup(gw, store):
+async def test_a_message_to_an_online_user_costs_no_statement_of_its_own(gw, store):
     """Issue 10: an online user's roster is held in memory (written through), and the inbox's
     use is counted per batch, so once the first message has read the counters a plain message
-    costs the INSERT of its inbox row and nothing else: no user, contact or limit lookup."""
+    costs no user, contact or limit lookup; its row is written with the batch's others, in
+    one multi-row INSERT right before the commit."""
     session = gw.user_online("bob")
     gw.feed(chat(1))
+    gw.commit_point()
     statements: list[str] = []
     store.connection().set_trace_callback(statements.append)
     try:
         gw.feed(chat(2))
+        gw.feed(chat(3))
+        assert statements == ["BEGIN IMMEDIATE"]  # the batch
+        gw.commit_point()
     finally:
         store.connection().set_trace_callback(None)
-    assert [s.split()[0] for s in statements] == ["INSERT"], statements
-    assert [e["body"] for e in Events(gw, session).of("message")] == ["1", "2"]
+    inserts = [s for s in statements if s.split()[0] == "INSERT"]
+    assert len(inserts) == 1 and inserts[0].count("'message'") == 2, statements
+    assert not [s for s in statements if s.split()[0] == "SELECT"], statements
+    assert statements[-1] == "COMMIT"
+    assert [e["body"] for e in Events(gw, session).of("message")] == ["1", "2", "3"]
