@@ -389,6 +389,13 @@ class Frames:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def put_all(self, texts: list[str]) -> None:
+        """`put` for each of them (a batch of events): framed and joined at once."""
+        self.pending.append(b"".join([_text_frame(text) for text in texts]))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self._scheduled = False
         if self.pending:
@@ -604,8 +611,7 @@ async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
             session.ready.clear()
             await session.ready.wait()
             continue
-        for text in texts:
-            frames.put(text)
+        frames.put_all(texts)
         await frames.drained()
 
 

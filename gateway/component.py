@@ -87,6 +87,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for TCP (and TLS) to the edge's component port
 # sockets is open (it may drain and acknowledge); then they bounce as for an offline user.
 HOLD_TIMEOUT = 30.0
 _SM_FROM_EDGE = frozenset({"enabled", "resumed", "failed", "r", "a"})  # XEP-0198 3-5
+_LINK_STANZAS = frozenset({"message", "presence", "iq"})  # RFC 6120 4.7 (XEP-0114)
 _COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
 _STANZA_STARTS = ("<message", "<presence", "<iq")
 
@@ -388,6 +389,14 @@ class Gateway(ComponentXMPP):
         if connector is None:
             return
         for ev in events:
+            if type(ev) is Element and ev.name in _LINK_STANZAS and ev.ns == NS \
+                    and connector.authenticated and not connector.closed:
+                # a stanza on the open link: what connector.receive() would hand back as is
+                if self._held or not self._stanza(ev):
+                    self._hold(ev)
+                if self._connector is not connector:
+                    return
+                continue
             for action in connector.receive(ev):
                 if type(action) is Element:
                     if self._held or not self._stanza(action):

@@ -503,7 +503,8 @@ class SqliteStore:
         """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit.
         `stanza` is the stanza as received when the caller has its text ("" if not); the
         limit counts the bytes of both."""
-        size = len(stanza.encode()) + len(event.encode())
+        size = (len(stanza) if stanza.isascii() else len(stanza.encode())) \
+            + (len(event) if event.isascii() else len(event.encode()))  # isascii(): O(1)
         usage = self._usage.get(user)
         if usage is None:
             usage = self._usage[user] = list(self._file_usage(user))
