@@ -11,7 +11,8 @@ The inbox holds every message and every bounce for a local user until one of the
 clients acknowledges it (WebSocket `{"ack": seq}` or `POST /api/v1/inbox/ack`): an event counts
 as received when it is committed here, and is gone only when a client said it has it. The
 `seq` clients see is the row id: increasing per user and never reused (a client ignores a
-`seq` it has acknowledged), from the store's own counter (`inbox_seq`, written once per batch).
+`seq` it has acknowledged), from the store's own counter (its high-water mark `inbox_seq` is
+written by each batch that deletes events).
 
 Writes can be batched (`batch_commits`): the first write opens a transaction (BEGIN IMMEDIATE)
 and `commit()` ends it; the gateway commits once per event-loop turn and at its commit point.
@@ -109,8 +110,9 @@ DROP TABLE offline;
 # removals are still counted by the trigger.
 _SCHEMA_3 = "DROP TRIGGER inbox_added;"
 # Version 4 (issue 10): the inbox row made cheap. Ids are explicit, from the store's counter
-# (AUTOINCREMENT updated sqlite_sequence for every row); the counter's high-water mark is
-# inbox_seq.last, written once per batch, so a seq is never reused even when every row is gone.
+# (AUTOINCREMENT updated sqlite_sequence for every row); the counter restarts after the highest
+# of inbox_seq.last and max(id), and inbox_seq.last is written by every batch that deletes rows,
+# so a seq is never reused even when every row is gone.
 # Removals are counted by the store per batch too (no trigger left). The index on (user, id)
 # stays: WITHOUT ROWID with PRIMARY KEY (user, id) cost as much per row and the reads need it.
 _SCHEMA_4 = """
@@ -276,6 +278,9 @@ class SqliteStore:
         # inbox rows of the open batch not written yet: they go in multi-row INSERTs before
         # any other inbox statement and before the commit (_flush_rows)
         self._rows: list[tuple[Any, ...]] = []
+        # the batch deleted inbox rows: it writes the id counter (inbox_seq); a batch that only
+        # adds leaves the highest id in the table itself, which is where the count restarts
+        self._deleted = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit
@@ -286,9 +291,10 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
         self._migrate()
         # the last inbox id given out (ids are never reused), and the one the file has
-        self._seq = self._seq_saved = self._committed = int(self._db.execute(
-            "SELECT max(last, (SELECT coalesce(max(id), 0) FROM inbox)) FROM inbox_seq"
-        ).fetchone()[0])
+        saved, highest = self._db.execute(
+            "SELECT last, (SELECT coalesce(max(id), 0) FROM inbox) FROM inbox_seq").fetchone()
+        self._seq_saved = int(saved)
+        self._seq = self._committed = max(int(saved), int(highest))
         self._data_version = self._version()
 
     def _version(self) -> int:
@@ -356,9 +362,11 @@ class SqliteStore:
                 "UPDATE users SET inbox_count = inbox_count + ?, inbox_bytes = inbox_bytes + ? "
                 "WHERE name = ?", [(n, size, user) for user, (n, size) in self._added.items()])
             self._added.clear()
-        if self._seq != self._seq_saved:
-            self._db.execute("UPDATE inbox_seq SET last = ?", (self._seq,))
-            self._seq_saved = self._seq
+        if self._deleted:  # the highest id may be gone from the table: keep it here
+            self._deleted = False
+            if self._seq != self._seq_saved:
+                self._db.execute("UPDATE inbox_seq SET last = max(last, ?)", (self._seq,))
+                self._seq_saved = self._seq
         for hook in self._before_commit:
             hook()
 
@@ -405,10 +413,14 @@ class SqliteStore:
         self._rosters.pop(name, None)
         self._usage.pop(name, None)
         self._added.pop(name, None)
-        self._write()
+        own = self._begin()
         if self._rows:
             self._flush_rows()
-        return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+        self._deleted = True  # the user's events go with them (ON DELETE CASCADE)
+        gone = self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+        if own:
+            self.commit()
+        return gone
 
     def set_token(self, name: str) -> str:
         """Replace the user's API token; return the new one (the old one stops working)."""
@@ -583,6 +595,7 @@ class SqliteStore:
                                      "(resource IS NULL OR resource = ?) RETURNING size",
                                      (user, upto, resource)).fetchall()
         if sizes:
+            self._deleted = True
             self._count(user, -len(sizes), -sum(size for size, in sizes))
         if own:
             self.commit()
@@ -618,6 +631,7 @@ class SqliteStore:
                                 "id, kind, stanza, event, size, stamp",
                                 (user, resource)).fetchall()
         rows.sort()  # the copies keep the order
+        self._deleted = True
         copies = []
         for _, kind, stanza, event, size, stamp in rows:  # the same count and bytes as before
             self._seq += 1

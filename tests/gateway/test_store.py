@@ -282,3 +282,10 @@ def test_seqs_are_never_reused_after_every_event_is_gone(path):
     assert store.inbox_usage("bob") == (1, 8)
     store.close()
     assert _file_counts(path) == ((1, 8), (1, 8))
+    store = SqliteStore(path)  # a user removed with the highest ids, then added again
+    assert store.remove_user("bob")
+    store.add_user("bob")
+    store.close()
+    store = SqliteStore(path)
+    assert store.add_event("bob", "message", "", '{"n": 4}') == ids[-1] + 2
+    store.close()
