@@ -99,7 +99,7 @@ WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway 
 EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
 # committed events kept in memory for a socket that keeps up (Session.live); beyond, it reads
 # them from the store when it drains
-LIVE_MAX = 4 * EVENT_BATCH
+LIVE_MAX = 2 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
