@@ -604,7 +604,8 @@ _REF = frozenset({"op", "ref"})
 
 async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
     """Hand the session's events to the socket as it drains: one write per batch, then wait
-    while the client does not read; at most one batch per socket is held in memory."""
+    while the client does not read; at most one batch per socket is held here (and at most
+    LIVE_MAX committed events in the session, gateway/component.py)."""
     while not session.closed:
         texts = gw.take_events(session)
         if not texts:

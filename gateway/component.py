@@ -8,8 +8,9 @@ Local users are API clients: each open WebSocket is one resource (a `Session`). 
 and every bounce for a local user is first kept in the store's inbox (committed once per
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
-closed and nothing waits in memory but one batch per socket. Presence and subscription events
-are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
+closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
+up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
+events are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
 users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
 across link drops and restarts of either daemon; when the outbox is full the caller gets
 LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
