@@ -10,11 +10,11 @@ event-loop turn, and at `commit_point()`), then taken by the user's sockets as t
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
 closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
 up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
-events are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
-users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
-across link drops and restarts of either daemon; when the outbox is full the caller gets
-LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
-now, and its answer.
+events are not stored: the latest per contact waits in the session (`Session.notify`).
+Everything local users send is kept in the outbox (SQLite, gateway/link.py) until the edge
+acknowledges it, across link drops and restarts of either daemon; when the outbox is full the
+caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it
+needs the link now, and its answer.
 """
 
 from __future__ import annotations
