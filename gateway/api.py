@@ -402,6 +402,13 @@ class Frames:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def put_all(self, texts: list[str]) -> None:
+        """`put` for each of them (a batch of events): framed and joined at once."""
+        self.pending.append(b"".join([_text_frame(text) for text in texts]))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self._scheduled = False
         if self.pending:
@@ -627,15 +634,15 @@ _MESSAGE_KEYS = OPS["message"] | _REF
 
 async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
     """Hand the session's events to the socket as it drains: one write per batch, then wait
-    while the client does not read; at most one batch per socket is held in memory."""
+    while the client does not read; at most one batch per socket is held here (and at most
+    LIVE_MAX committed events in the session, gateway/component.py)."""
     while not session.closed:
         texts = gw.take_events(session)
         if not texts:
             session.ready.clear()
             await session.ready.wait()
             continue
-        for text in texts:
-            frames.put(text)
+        frames.put_all(texts)
         await frames.drained()
 
 

@@ -8,12 +8,13 @@ Local users are API clients: each open WebSocket is one resource (a `Session`). 
 and every bounce for a local user is first kept in the store's inbox (committed once per
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
-closed and nothing waits in memory but one batch per socket. Presence and subscription events
-are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
-users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
-across link drops and restarts of either daemon; when the outbox is full the caller gets
-LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
-now, and its answer.
+closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
+up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
+events are not stored: the latest per contact waits in the session (`Session.notify`).
+Everything local users send is kept in the outbox (SQLite, gateway/link.py) until the edge
+acknowledges it, across link drops and restarts of either daemon; when the outbox is full the
+caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it
+needs the link now, and its answer.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for TCP (and TLS) to the edge's component port
 # sockets is open (it may drain and acknowledge); then they bounce as for an offline user.
 HOLD_TIMEOUT = 30.0
 _SM_FROM_EDGE = frozenset({"enabled", "resumed", "failed", "r", "a"})  # XEP-0198 3-5
+_LINK_STANZAS = frozenset({"message", "presence", "iq"})  # RFC 6120 4.7 (XEP-0114)
 _COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
 _STANZA_STARTS = ("<message", "<presence", "<iq")
 
@@ -97,6 +99,9 @@ CLOSE_USER_REMOVED = (1008, "user removed")
 CLOSE_TOKEN_REPLACED = (1008, "token replaced")
 WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
 EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
+# committed events kept in memory for a socket that keeps up (Session.live); beyond, it reads
+# them from the store when it drains
+LIVE_MAX = 2 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
@@ -162,7 +167,9 @@ class Session:
 
     `sent`: every stored event for this resource up to this id has been taken for the socket;
     `acked`: the client acknowledged up to this id; `ready` is set when there is something to
-    take (a stored event, a notice) or the session was closed.
+    take (a stored event, a notice) or the session was closed. `live`: while the socket keeps
+    up, the events committed since it last took (their texts, in order), so it takes them
+    without reading back what was just written; None while it is behind (it reads the store).
     """
 
     def __init__(self, user: str, domain: str, resource: str, close: CloseSocket,
@@ -173,6 +180,7 @@ class Session:
         self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
+        self.live: list[tuple[int, str]] | None = None
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
         # the socket's own messages by state (sent, accepted): ['{"id": .., "ref": ..}', ...]
         self.states: dict[str, list[str]] = {}
@@ -252,6 +260,8 @@ class Gateway(ComponentXMPP):
         self._out: list[bytes] = []  # written to the link at the end of this loop turn
         self._flush_scheduled = False
         self._write_paused = False  # the transport's buffer is full (asyncio pause_writing)
+        # the rules' answer for a plain message per (to, from), during one read (_plain_route)
+        self._routes: dict[tuple[str, str], tuple[str, str, str] | None] = {}
         # the edge's stanzas waiting, in order, while a local user's inbox is full (_hold)
         self._held: list[Element] = []
         self._holding: asyncio.TimerHandle | None = None
@@ -279,6 +289,9 @@ class Gateway(ComponentXMPP):
         self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
         self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        # events kept for online users in the open batch: (user, resource, seq, JSON); the
+        # sockets get them once committed (_publish)
+        self._kept: list[tuple[str, str | None, int, str]] = []
         self.inbox_kept = self.inbox_refused = 0  # since start, for metrics
         store.batch_commits(self._schedule_commit)
         self.watch_interval = WATCH_INTERVAL
@@ -367,6 +380,7 @@ class Gateway(ComponentXMPP):
         """The edge's bytes: parsed by the edge's own XML stream parser; the connector turns its
         events into actions (the stanzas themselves, as raw bytes with their attributes)."""
         self.last_heard = time.monotonic()
+        self._routes.clear()
         parser = self._parser
         if parser is None:
             return
@@ -390,6 +404,14 @@ class Gateway(ComponentXMPP):
         if connector is None:
             return
         for ev in events:
+            if type(ev) is Element and ev.name in _LINK_STANZAS and ev.ns == NS \
+                    and connector.authenticated and not connector.closed:
+                # a stanza on the open link: what connector.receive() would hand back as is
+                if self._held or not self._stanza(ev):
+                    self._hold(ev)
+                if self._connector is not connector:
+                    return
+                continue
             for action in connector.receive(ev):
                 if type(action) is Element:
                     if self._held or not self._stanza(action):
@@ -420,6 +442,7 @@ class Gateway(ComponentXMPP):
                 if self._counting:
                     self.outbound.handled()
                 return True
+        self._routes.clear()  # what the rules see may change now
         self._may_wait = True
         try:
             self._spawn_event(el.xml())
@@ -747,6 +770,32 @@ class Gateway(ComponentXMPP):
         retried).
         """
         self.store.commit()
+        if self._kept:
+            self._publish()
+
+    def _publish(self) -> None:
+        """The events of the batch just committed, to the sockets that may take them: straight
+        into the list of each socket that keeps up (no read back from the store); a socket
+        that is behind reads them from the store. Only committed events are ever sent, so a
+        seq a client has seen survives a crash."""
+        kept, self._kept = self._kept, []
+        woken = set()
+        for user, resource, seq, event in kept:
+            sessions = self.sessions.get(user)
+            if not sessions:
+                continue
+            text = f'{{"seq": {seq}, ' + event[1:]
+            for session in ([sessions[resource]] if resource in sessions else []) \
+                    if resource else sessions.values():
+                live = session.live
+                if live is not None and seq > session.sent:
+                    if seq > session.first_live and len(live) < LIVE_MAX:
+                        live.append((seq, text))
+                    else:
+                        session.live = None  # read from the store
+                if session not in woken:
+                    woken.add(session)
+                    session.ready.set()
 
     # rules --------------------------------------------------------------------------------------
 
@@ -845,7 +894,7 @@ class Gateway(ComponentXMPP):
         """`_keep` with the texts made; with `may_wait`, None (nothing refused) when the inbox
         is full while a socket of the user's is open: it may drain (`_hold`)."""
         try:
-            self.store.add_event(user, kind, stanza, event, resource)
+            seq = self.store.add_event(user, kind, stanza, event, resource)
         except InboxFull as exc:
             if may_wait and self.sessions.get(user) and not self._hold_expired_now:
                 return None
@@ -860,13 +909,8 @@ class Gateway(ComponentXMPP):
         if user in self.refused:
             log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
                         user, self.domain, self.refused.pop(user))
-        sessions = self.sessions.get(user)
-        if sessions:
-            if resource:
-                sessions[resource].ready.set()
-            else:
-                for session in sessions.values():
-                    session.ready.set()
+        if user in self.sessions:
+            self._kept.append((user, resource, seq, event))  # for its sockets, once committed
         return True
 
     # inbound: the hot path (a plain message, from the link's raw bytes) ------------------------
@@ -885,19 +929,18 @@ class Gateway(ComponentXMPP):
         plain = _PLAIN_MESSAGE.match(el.raw)
         if plain is None:
             return False
-        to, frm = _jid_parts(attrs.get("to", "")), _jid_parts(attrs.get("from", ""))
-        if to is None or frm is None or not to[0] or not frm[1]:
+        key = (attrs.get("to", ""), attrs.get("from", ""))
+        try:
+            route = self._routes[key]
+        except KeyError:
+            route = self._routes[key] = self._plain_route(*key)
+        if route is None:
             return False
-        user, resource = to[0], to[2]
+        user, resource, head = route
         sessions = self.sessions.get(user)
-        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
-                          bool(sessions) or self.store.user_exists(user))
-        if v.outcome.decision is not Decision.DELIVER:
-            return False
         mid = attrs.get("id")
         # what message_event() makes, in json.dumps' own form
-        event = (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
-                 f'{_json_str(to[4])}, "id": {_json_str(mid) if mid else "null"}, "type": '
+        event = (f'{head}{_json_str(mid) if mid else "null"}, "type": '
                  f'{_json_str(mtype or "normal")}, "body": '
                  f'{_json_str(plain.group(1).decode())}}}')
         # the raw stanza, in the link's namespace (it declares none itself: self_contained)
@@ -910,6 +953,22 @@ class Gateway(ComponentXMPP):
         if not kept:
             self._error(self._build_stanza(el.xml()), "resource-constraint", "wait")
         return True
+
+    def _plain_route(self, to_attr: str, from_attr: str) -> tuple[str, str, str] | None:
+        """For a plain message from `from_attr` to `to_attr`: (user, resource, the event's
+        text up to its id) if the rules deliver it, else None. Kept for one read of the link
+        (`_routes`): within it nothing but the slixmpp path (which clears it) changes what the
+        rules see."""
+        to, frm = _jid_parts(to_attr), _jid_parts(from_attr)
+        if to is None or frm is None or not to[0] or not frm[1]:
+            return None
+        user = to[0]
+        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
+                          bool(self.sessions.get(user)) or self.store.user_exists(user))
+        if v.outcome.decision is not Decision.DELIVER:
+            return None
+        return user, to[2], (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
+                             f'{_json_str(to[4])}, "id": ')
 
     def _hold(self, el: Element) -> None:
         """Keep one of the edge's stanzas, in order, until the full inbox drains (a client
@@ -924,6 +983,7 @@ class Gateway(ComponentXMPP):
 
     def _release_held(self) -> None:
         """Room again: handle the held stanzas in order, until one has to wait again."""
+        self._routes.clear()
         held = self._held
         done = 0
         while done < len(held):
@@ -1129,12 +1189,23 @@ class Gateway(ComponentXMPP):
             out.append(f'{{"event": "status", "state": "{state}", "messages": '
                        f'[{", ".join(items)}]}}')
         session.states.clear()
-        rows = self.store.events(session.user, session.sent, session.resource, limit)
+        live = session.live
+        if live is not None:
+            if live:
+                taken = live[:limit]
+                del live[:limit]
+                session.sent = taken[-1][0]
+                out += [text for _, text in taken]
+            return out
+        committed = self.store.committed
+        rows = self.store.events(session.user, session.sent, session.resource, limit,
+                                 upto=committed)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
         if rows:
             session.sent = rows[-1].id
-        if len(rows) < limit:  # all of them: later ids not for this resource need no look
-            session.sent = max(session.sent, self.store.last_event_id(session.user))
+        if len(rows) < limit:  # all of them: the socket keeps up from here (`live`), and the
+            session.sent = max(session.sent, committed)  # ids not for it need no look
+            session.live = []
         return out
 
     def _event_text(self, row: StoredEvent, offline: bool) -> str:
@@ -1166,7 +1237,7 @@ class Gateway(ComponentXMPP):
 
     def read_inbox(self, user: str, after: int, limit: int) -> tuple[list[str], bool]:
         """REST: up to `limit` stored events after seq `after`, and whether more follow."""
-        rows = self.store.events(user, after, None, limit + 1)
+        rows = self.store.events(user, after, None, limit + 1, upto=self.store.committed)
         return [self._event_text(row, True) for row in rows[:limit]], len(rows) > limit
 
     def ack_inbox(self, user: str, upto: int) -> int:
@@ -1188,6 +1259,7 @@ class Gateway(ComponentXMPP):
             del self.sessions[user]
         if self.store.release_resource(user, resource):
             for other in self.sessions.get(user, {}).values():
+                other.live = None  # the copies are in the store only
                 other.ready.set()
         self._delete_acked(user)
         full = session.jid
