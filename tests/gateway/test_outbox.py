@@ -120,9 +120,16 @@ async def test_a_full_outbox_takes_none_of_a_batch_and_keeps_the_earlier_rows(st
     assert [s["body"] for s in gw.sent] == ["a"]
 
 
+# a schema 3 file: its outbox and message_status, and its inbox's delete trigger (step 4 drops
+# it and adds inbox_seq)
 _SCHEMA_3_OUTBOX = """
 DROP TABLE outbox; DROP TABLE outbox_bounces; DROP TABLE outbox_releases;
 DELETE FROM link_state;
+DROP TABLE inbox_seq;
+CREATE TRIGGER inbox_removed AFTER DELETE ON inbox BEGIN
+    UPDATE users SET inbox_count = inbox_count - 1, inbox_bytes = inbox_bytes - OLD.size
+    WHERE name = OLD.user;
+END;
 CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, stanza TEXT NOT NULL,
                      created REAL NOT NULL);
 CREATE TABLE message_status (user TEXT NOT NULL, id TEXT NOT NULL, to_jid TEXT NOT NULL,
