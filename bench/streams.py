@@ -52,6 +52,9 @@ The machine is shared: wall-clock rates vary with its load (printed with every r
 per set-up is the steadier figure. Run the peers and the edge in the same run, interleaved.
 --edge-loops asyncio,uvloop measures every edge on both event loops (EDGE_EVENT_LOOP,
 edgeproxy.eventloop), as targets LABEL-asyncio and LABEL-uvloop; `--targets edge` takes both.
+--no-certificate-book keeps the edge from writing the partners' certificates file
+(edgeproxy.fingerprints), which it rewrites whole for each new partner: O(partners) per TLS
+set-up, the largest cost of a set-up at thousands of partners (docs/benchmarks.md "uvloop").
 """
 
 from __future__ import annotations
@@ -443,13 +446,18 @@ class EdgeServer(ServerProcess):
     start_timeout = 120.0  # 10,000 [[partner]] tables to check
 
     def __init__(self, workdir: Path, address: str, tree: Path, config: str,
-                 event_loop: str | None = None):
+                 event_loop: str | None = None, certificate_book: bool = True):
         super().__init__(workdir, address)
         self.tree, self.config, self.event_loop = tree, config, event_loop
+        self.certificate_book = certificate_book
         self.log_path = self.stdout_path  # the edge logs to stderr
 
     def _prepare(self) -> None:
         (self.workdir / "edge.toml").write_text(self.config)
+        if not self.certificate_book:
+            # edgeproxy.fingerprints cannot take its lock (a directory in the way): it says so
+            # once and keeps the partners' certificates in memory, writing no file per set-up
+            (self.workdir / ".edge.toml.certificates.json.lock").mkdir()
 
     def _command(self) -> Sequence[str]:
         return [sys.executable, "-m", "edgeproxy", "run", "-c", str(self.workdir / "edge.toml")]
@@ -680,7 +688,8 @@ class Bench:
         tree = self.args.edge_trees[target]
         cfg = edge_config(workdir, ADDRESSES["edge"], mode, self.domains(target, mode),
                           self.crt, self.key, self.ca_file, dns)
-        return EdgeServer(workdir, ADDRESSES["edge"], tree, cfg, self.args.edge_loop[target])
+        return EdgeServer(workdir, ADDRESSES["edge"], tree, cfg, self.args.edge_loop[target],
+                          certificate_book=not self.args.no_certificate_book)
 
     async def open_streams(self, domains: Sequence[str], start: int, count: int, parallel: int,
                            address: str, mode: str, partners: list[Partner],
@@ -981,6 +990,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--edge-loops", default="", metavar="LOOP,LOOP",
                     help="measure every --edge once per event loop (asyncio, uvloop: "
                          "EDGE_EVENT_LOOP), as LABEL-LOOP; default: the edge's own choice")
+    ap.add_argument("--no-certificate-book", action="store_true",
+                    help="the edge keeps the partners' last seen certificates in memory only "
+                         "(its <config>.certificates.json is rewritten whole for every new "
+                         "partner's certificate, O(partners) per TLS set-up)")
     ap.add_argument("--modes", default="tls,dialback", help="tls, dialback or both")
     ap.add_argument("--parallel", type=int, default=16, help="set-ups in flight (default 16)")
     ap.add_argument("--probe", type=int, default=200,

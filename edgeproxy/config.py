@@ -143,8 +143,8 @@ class EdgeConfig:
     # its AIA responder when `ocsp_staple_fetch` ([edge] ocsp_staple = "auto", the default)
     ocsp_staple_file: Path | None = None
     ocsp_staple_fetch: bool = True
-    # "auto" | "uvloop" | "asyncio" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
-    event_loop: str = "auto"
+    # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
+    event_loop: str = eventloop.DEFAULT
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -393,7 +393,7 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
                   "response for [edge] certificate")
     if staple_file is not None and certificate is None:
         e.problem("ocsp_staple", "a staple needs [edge] certificate")
-    event_loop = e.string("event_loop", "auto")
+    event_loop = e.string("event_loop", eventloop.DEFAULT)
     if (loop_problem := eventloop.problem("edge", event_loop)) is not None:
         problems.append(loop_problem)
 

@@ -65,8 +65,8 @@ class GatewayConfig:
         return self.edge_name or self.component_host
     # aiohttp's access log line for the message endpoints too (off: they are the hot path)
     access_log: bool = False
-    # "auto" | "uvloop" | "asyncio" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
-    event_loop: str = "auto"
+    # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
+    event_loop: str = eventloop.DEFAULT
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -140,7 +140,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         problems.append("[gateway] access_log: must be true or false (an access log line for "
                         f"every message request too; got {access_log!r})")
         access_log = False
-    event_loop = section.get("event_loop", "auto")
+    event_loop = section.get("event_loop", eventloop.DEFAULT)
     if (loop_problem := eventloop.problem("gateway", event_loop)) is not None:
         problems.append(loop_problem)
     partners = PartnerTable()

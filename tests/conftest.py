@@ -1,9 +1,10 @@
 """Shared test guard: anything that opens sockets or starts servers runs only inside the
 private network namespace made by scripts/netns-run (only loopback; DNS = our dnsmasq).
 
-The event loop: the tests run on the loop the daemons would choose with `event_loop = "auto"`
-(uvloop when it is installed, edgeproxy.eventloop); EDGE_EVENT_LOOP=asyncio or =uvloop forces
-one, for the tests in this process and, inherited, for every daemon they start."""
+The event loop: the tests run on the daemons' default loop (edgeproxy.eventloop.DEFAULT,
+asyncio's); EDGE_EVENT_LOOP=uvloop (or =asyncio, =auto) forces one, for the tests in this process
+and, inherited, for every daemon they start: `EDGE_EVENT_LOOP=uvloop ./scripts/test` runs the
+whole suite on uvloop."""
 
 import asyncio
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from edgeproxy import eventloop
 
-SUITE_LOOP = eventloop.choose("edge", "auto")  # ValueError: a bad EDGE_EVENT_LOOP stops here
+SUITE_LOOP = eventloop.choose("edge", eventloop.DEFAULT)  # ValueError: a bad EDGE_EVENT_LOOP
 if SUITE_LOOP.name == "uvloop":
     import uvloop
 

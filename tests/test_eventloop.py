@@ -1,5 +1,5 @@
-"""`[edge] event_loop` / `[gateway] event_loop` (edgeproxy.eventloop): "auto" | "uvloop" |
-"asyncio", validated with an error that says how to install uvloop, overridden by
+"""`[edge] event_loop` / `[gateway] event_loop` (edgeproxy.eventloop): "asyncio" (default) |
+"uvloop" | "auto", validated with an error that says how to install uvloop, overridden by
 $EDGE_EVENT_LOOP, and the loop really used by `run`.
 
 uvloop is installed with the test extras (pyproject.toml). "Not installed" is made by
@@ -75,9 +75,11 @@ def test_uvloop_is_installed_for_the_tests() -> None:
     assert eventloop.uvloop_installed(), f"uvloop is missing: {INSTALL}"
 
 
-def test_the_default_is_auto_and_the_file_setting_is_read(tmp_path: Path) -> None:
-    assert load_edge_config(write(tmp_path)).event_loop == "auto"
-    assert load_gateway_config(write(tmp_path)).event_loop == "auto"
+def test_the_default_is_asyncio_and_the_file_setting_is_read(tmp_path: Path) -> None:
+    """asyncio's loop by default: uvloop did not win (docs/benchmarks.md "uvloop")."""
+    assert load_edge_config(write(tmp_path)).event_loop == "asyncio"
+    assert load_gateway_config(write(tmp_path)).event_loop == "asyncio"
+    assert load_edge_config(write(tmp_path, "auto")).event_loop == "auto"
     assert load_edge_config(write(tmp_path, "asyncio")).event_loop == "asyncio"
     assert load_gateway_config(write(tmp_path, gateway_loop="uvloop")).event_loop == "uvloop"
 
@@ -152,7 +154,8 @@ def test_run_runs_on_the_chosen_loop(name: str, no_env: None) -> None:
 
 
 async def test_the_suite_runs_on_the_loop_the_daemons_choose() -> None:
-    """tests/conftest.py: in-process tests run on the same loop as the daemons they start."""
+    """tests/conftest.py: in-process tests run on the same loop as the daemons they start
+    (asyncio's by default; EDGE_EVENT_LOOP=uvloop ./scripts/test runs them all on uvloop)."""
     assert eventloop.running() == SUITE_LOOP.name
 
 
