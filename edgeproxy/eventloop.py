@@ -3,12 +3,13 @@
 `[edge] event_loop` and `[gateway] event_loop` take "asyncio" (the default), "uvloop" (a
 configuration error when it is not installed) or "auto" (uvloop when it is installed, else
 asyncio's). uvloop is an optional extra: `pip install 'xmpp-federation-edge[uvloop]'`. It is not
-the default because it did not win where the daemons spend their time: measured in one run
-with asyncio's loop, the edge's relay was no faster and its set-ups 6-11% cheaper, the
-gateway's delivery to a WebSocket 12% dearer (docs/benchmarks.md "uvloop").
+the default because it did not win where the daemons spend their time: measured against
+asyncio's loop in the same runs, the edge's relay was no cheaper per message (and slower), its
+set-ups 6-11% cheaper, the gateway's delivery to a WebSocket 12% dearer (docs/benchmarks.md
+"uvloop").
 The environment variable EDGE_EVENT_LOOP, when set, overrides the file for both daemons: the
-test suite forces a loop with it (docs/benchmarks.md says how), and an operator can try one
-without editing the configuration.
+test suite and the benches force a loop with it (README, first section; docs/benchmarks.md),
+and an operator can try one without editing the configuration.
 
 Nothing else in the daemons depends on the loop: the listeners' accept loop
 (`edgeproxy.listener`) uses only `add_reader` and `connect_accepted_socket`, TLS is a memory BIO
