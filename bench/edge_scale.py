@@ -1,7 +1,7 @@
 """The edge's own side of issue 11: memory and CPU per authenticated TLS stream as streams pile up.
 
     scripts/netns-run python3 bench/edge_scale.py [-n 4000] [--step 1000] [--in-flight 16]
-        [--baseline DIR] [--rounds 2] [--dialback]
+        [--baseline DIR] [--rounds 2] [--dialback [--dns]] [--profile DIR] [--gc-stats]
 
 A small script, not the full harness (bench/streams.py compares with Prosody and ejabberd).
 It starts the edge (contoso.test on 127.0.0.20) as a subprocess, `python -m edgeproxy run`,
@@ -15,6 +15,15 @@ it reads the edge's RSS (/proc/<pid>/status VmRSS) and its CPU time (utime + sti
 dials back the authoritative server, a responder in this process on 127.0.0.21 that checks the
 keys with the partners' secret (their proxy_fqdn points there).
 
+--dns: the edge finds the authoritative server in DNS instead (a dnsmasq on 127.0.0.53, every
+*.partners.test at 127.0.0.21, no SRV records, TTL 0), as bench/streams.py's dialback mode and a
+real deployment do: per set-up an SRV query and the A/AAAA fallback (RFC 6120 3.2.2).
+
+--profile DIR writes a cProfile (CPU time) of each step's set-ups in the edge to
+DIR/<edge>-<open>.pstats; --gc-stats adds the garbage collector's passes and CPU to each row.
+Every row gives the kernel's share (stime) of the step's CPU. With either, EDGE_SCALE_GC=a,b,c
+in the environment sets the collector's thresholds in the edge (to compare settings).
+
 --baseline DIR runs the same load against the edge in DIR (e.g. `git worktree add` of main, or
 `git archive main | tar -x -C DIR`), interleaved with this tree's, --rounds times each.
 """
@@ -26,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +59,7 @@ from edgeproxy.xmlstream import (  # noqa: E402
     XmlStreamParser,
     stream_header,
 )
+from tests.servers.dnsmasq import Dnsmasq  # noqa: E402
 
 LOCAL = "contoso.test"
 EDGE_IP, AUTH_IP = "127.0.0.20", "127.0.0.21"
@@ -59,13 +70,14 @@ def partner(i: int) -> str:
     return f"p{i}.partners.test"
 
 
-def write_config(tmp: Path, n: int, dialback: bool) -> Path:
+def write_config(tmp: Path, n: int, dialback: bool, dns: bool = False,
+                 log_level: str = "warning") -> Path:
     ca = CertificateAuthority("Scale Bench")
     ca.issue(LOCAL).write(tmp / "edge.crt", tmp / "edge.key")
     ca.issue("*.partners.test").write(tmp / "client.crt", tmp / "client.key")
     ca.write_root(tmp / "ca.crt")
     policy = ('tls = "not-supported"\nsasl = "not-supported"\ndialback = true\n'
-              f'proxy_fqdn = "{AUTH_IP}:5269"\n' if dialback else
+              + ("" if dns else f'proxy_fqdn = "{AUTH_IP}:5269"\n') if dialback else
               'tls = "required"\nsasl = "required"\ndialback = false\n')
     partners = "".join(f'[[partner]]\ndomain = "{partner(i)}"\n{policy}\n' for i in range(n))
     path = tmp / "edge.toml"
@@ -82,13 +94,23 @@ connection_limit = {2 * n + 100}
 partner_connection_limit = 4
 
 [log]
-level = "warning"
+level = "{log_level}"
 
 [dns]
 nameservers = ["127.0.0.53"]
 
 {partners}""")
     return path
+
+
+class ZoneDns(Dnsmasq):
+    """Every name under partners.test is the authoritative server's address (dnsmasq --address;
+    no SRV records, so the edge takes the A fallback), TTL 0, queries not logged."""
+
+    def _prepare(self) -> None:
+        self._records.append(f"address=/partners.test/{AUTH_IP}")
+        super()._prepare()
+        self.conf_path.write_text(self.conf_path.read_text().replace("log-queries\n", ""))
 
 
 class Stream:
@@ -208,6 +230,56 @@ runpy.run_module("edgeproxy", run_name="__main__")
 """
 
 
+# --profile / --gc-stats: the edge under cProfile (CPU time, not wall time: a loaded machine's
+# waits are not counted) and/or counting the cyclic garbage collector's CPU per generation,
+# switched on (SIGUSR2) for each step's set-ups and written (SIGUSR1) when they are done: where
+# the CPU of a set-up goes at that many open streams, idle time excluded.
+PROFILE = """
+import cProfile, gc, os, runpy, signal, sys, time
+profiling = os.environ.pop("EDGE_SCALE_CPROFILE", "") == "1"
+if os.environ.get("EDGE_SCALE_GC"):  # an experiment: other collector thresholds
+    gc.set_threshold(*map(int, os.environ.pop("EDGE_SCALE_GC").split(",")))
+prof = None
+gc_time = [0.0, 0.0, 0.0]
+gc_count = [0, 0, 0]
+gc_start = 0.0
+def on_gc(phase, info):
+    global gc_start
+    if phase == "start":
+        gc_start = time.process_time()
+    else:
+        gc_time[info["generation"]] += time.process_time() - gc_start
+        gc_count[info["generation"]] += 1
+gc.callbacks.append(on_gc)
+def start(*_):
+    global prof
+    gc_time[:], gc_count[:] = [0.0, 0.0, 0.0], [0, 0, 0]
+    if profiling:
+        prof = cProfile.Profile(time.process_time)
+        prof.enable()
+def stop(*_):
+    global prof
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats("profile.pstats")
+        prof = None
+    with open("step.tmp", "w") as f:
+        print("gc: " + ", ".join(f"gen{g} {n} x {t * 1e3:.0f} ms" for g, (n, t) in
+                                 enumerate(zip(gc_count, gc_time))), file=f)
+    os.rename("step.tmp", "step.txt")
+signal.signal(signal.SIGUSR2, start)
+signal.signal(signal.SIGUSR1, stop)
+sys.argv = ["edgeproxy", "run", "-c", sys.argv[1]]
+runpy.run_module("edgeproxy", run_name="__main__")
+"""
+
+
+def proc_sys(pid: int) -> float:
+    """The kernel's share of proc_cpu (stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -232,10 +304,29 @@ async def wait_listening() -> None:
     raise RuntimeError("the edge did not start listening")
 
 
+async def _step_written(tmp: Path, dest: Path | None) -> str:
+    """Wait for the edge's report of the step (PROFILE); keep its profile as `dest`."""
+    for _ in range(600):
+        await asyncio.sleep(0.1)
+        done = tmp / "step.txt"
+        if done.exists():
+            text = done.read_text().strip()
+            done.unlink()
+            if dest is not None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (tmp / "profile.pstats").rename(dest)
+            return text
+    raise RuntimeError("the edge did not report the step")
+
+
 async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -> list[str]:
-    config = write_config(tmp, args.n, args.dialback)
+    config = write_config(tmp, args.n, args.dialback, args.dns, args.log_level)
     env = dict(os.environ, PYTHONPATH=str(tree))
+    watched = args.profile is not None or args.gc_stats
+    if args.profile:
+        env["EDGE_SCALE_CPROFILE"] = "1"
     cmd = ([sys.executable, "-c", TRACEMALLOC, str(config)] if args.tracemalloc else
+           [sys.executable, "-c", PROFILE, str(config)] if watched else
            [sys.executable, "-m", "edgeproxy", "run", "-c", str(config)])
     with open(tmp / "edge.log", "wb") as log:
         edge = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=log)
@@ -263,16 +354,28 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
         done = 0
         while done < args.n:
             step = min(args.step, args.n - done)
+            if watched:
+                edge.send_signal(signal.SIGUSR2)
+                await asyncio.sleep(0.2)
+                cpu = proc_cpu(edge.pid)
+            sys0 = proc_sys(edge.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(done, done + step)))
             wall = time.perf_counter() - t0
             done += step
+            note = ""
+            if watched:
+                edge.send_signal(signal.SIGUSR1)
+                note = " " + await _step_written(
+                    tmp, args.profile / f"{label}-{done}.pstats" if args.profile else None)
             await asyncio.sleep(1.0)  # idle: what the edge does with open streams
             cpu2 = proc_cpu(edge.pid)
+            kernel = (proc_sys(edge.pid) - sys0) / max(cpu2 - cpu, 1e-9)
             rss = proc_rss_kib(edge.pid)
             rows.append(f"{label:>9} {done:>7} {(cpu2 - cpu) / step * 1e3:>8.2f} ms "
+                        f"({kernel:.0%} sys) "
                         f"{step / wall:>8.0f}/s {rss / 1024:>8.1f} MiB "
-                        f"{(rss - base_rss) / done:>7.1f} KiB")
+                        f"{(rss - base_rss) / done:>7.1f} KiB{note}")
             print(rows[-1], flush=True)
             cpu = proc_cpu(edge.pid)
         t0, c0 = time.perf_counter(), proc_cpu(edge.pid)
@@ -305,20 +408,40 @@ async def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another tree to compare, interleaved")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--dialback", action="store_true")
+    ap.add_argument("--dns", action="store_true",
+                    help="with --dialback: the edge finds the authoritative server in DNS (a "
+                    "dnsmasq on 127.0.0.53 answering every *.partners.test with its address, no "
+                    "SRV records, TTL 0: the A fallback of RFC 6120 3.2.2 per set-up) instead "
+                    "of proxy_fqdn")
+    ap.add_argument("--log-level", default="warning",
+                    help="the edge's [log] level (bench/streams.py runs it at info)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="cProfile each step's set-ups in the edge, into DIR/<edge>-<open>.pstats")
+    ap.add_argument("--gc-stats", action="store_true",
+                    help="print the edge's garbage collections and their CPU per step")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="print the edge's Python allocations by line at the end")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trees = [("this", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    dns = None
+    if args.dns:
+        dns = ZoneDns(Path(tempfile.mkdtemp(prefix="edge-scale-dns-")))
+        dns.start()
     print(f"load average {os.getloadavg()[0]:.2f}; {args.n} streams "
           f"({'dialback' if args.dialback else 'STARTTLS + SASL EXTERNAL'}), "
           f"{args.in_flight} in flight")
-    print(f"{'edge':>9} {'open':>7} {'CPU/set-up':>11} {'rate':>10} {'RSS':>12} {'KiB/str':>11}")
-    for _round in range(args.rounds):
-        for label, tree in trees:
-            with tempfile.TemporaryDirectory() as tmp:
-                await run_one(label, tree, Path(tmp), args)
+    print(f"{'edge':>9} {'open':>7} {'CPU/set-up':>20} {'rate':>10} {'RSS':>12} {'KiB/str':>11}")
+    try:
+        for _round in range(args.rounds):
+            for label, tree in trees:
+                with tempfile.TemporaryDirectory() as tmp:
+                    await run_one(label, tree, Path(tmp), args)
+    finally:
+        if dns is not None:
+            dns.stop()
+            shutil.rmtree(dns.workdir, ignore_errors=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

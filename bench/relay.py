@@ -388,13 +388,20 @@ async def job(label: str, w: Wire, comp: ComponentCounter, peer: str, n: int, wi
 # The relays under test
 
 
-def write_edge_config(tmp: Path, certs: dict[str, tuple[Path, Path]], ca: Path) -> Path:
-    crt, key = certs[LOCAL]
-    cfg = tmp / "edge.toml"
-    cfg.write_text(f"""
+def edge_toml(local: str, ip: str, crt: Path, key: Path, ca: Path, dns: str,
+              partners: list[dict[str, str | bool]], *, secret: str = COMPONENT_SECRET,
+              dns_timeout: float | None = None, more: str = "") -> str:
+    """The edge's config file of the benchmarks (this one and bench/e2e.py): `local` on `ip`
+    (S2S on 5269, the gateway component on 5347), trusting `ca` only, with `partners` as
+    [[partner]] tables; `more` adds tables of its own (bench/e2e.py's [gateway] and [log])."""
+    timeout = f"timeout = {dns_timeout:g}\n" if dns_timeout is not None else ""
+    tables = "".join("\n[[partner]]\n" + "".join(f"{name} = {_toml(v)}\n"
+                                                   for name, v in p.items())
+                     for p in partners)
+    return f"""
 [edge]
-domains = ["{LOCAL}"]
-listen = ["{EDGE_IP}:5269"]
+domains = ["{local}"]
+listen = ["{ip}:5269"]
 certificate = "{crt}"
 private_key = "{key}"
 ca_files = ["{ca}"]
@@ -402,27 +409,26 @@ use_system_ca = false
 dialback_secret = "secret-of-contoso"
 
 [edge.component]
-listen = "{EDGE_IP}:5347"
-secret = "{COMPONENT_SECRET}"
+listen = "{ip}:5347"
+secret = "{secret}"
 
 [dns]
-nameservers = ["{DNS_IP}"]
+nameservers = ["{dns}"]
+{timeout}{more}{tables}"""
 
-[[partner]]
-domain = "{DB_PEER}"
-tls = "not-supported"
-sasl = "not-supported"
-dialback = true
-keepalive = false
-proxy_fqdn = "{AUTH_IP}:5269"
 
-[[partner]]
-domain = "{TLS_PEER}"
-tls = "required"
-sasl = "required"
-dialback = false
-keepalive = false
-""")
+def _toml(value: str | bool) -> str:
+    return str(value).lower() if isinstance(value, bool) else f'"{value}"'
+
+
+def write_edge_config(tmp: Path, certs: dict[str, tuple[Path, Path]], ca: Path) -> Path:
+    crt, key = certs[LOCAL]
+    cfg = tmp / "edge.toml"
+    cfg.write_text(edge_toml(LOCAL, EDGE_IP, crt, key, ca, DNS_IP, [
+        {"domain": DB_PEER, "tls": "not-supported", "sasl": "not-supported", "dialback": True,
+         "keepalive": False, "proxy_fqdn": f"{AUTH_IP}:5269"},
+        {"domain": TLS_PEER, "tls": "required", "sasl": "required", "dialback": False,
+         "keepalive": False}]))
     return cfg
 
 

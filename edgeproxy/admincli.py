@@ -10,10 +10,12 @@ diff and writes nothing. Running daemons watch the file and apply the change liv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import ConfigError
@@ -72,8 +74,28 @@ def _change_options(p: argparse.ArgumentParser, new: bool) -> None:
                        help="remove every additional domain")
         p.add_argument("--remove-pin", action="append", default=[], metavar="PIN",
                        help="remove a pin_sha256 entry (repeatable)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="show the change as a diff of the file; write nothing")
+
+
+CHANGE_DRY_RUN = "show the change; write nothing"
+
+
+@contextlib.contextmanager
+def _command(sub: Any, common: argparse.ArgumentParser, name: str, help: str,
+             func: Callable[[argparse.Namespace], int], *, domain: str | None = None,
+             machine: bool = False, dry_run: str | None = None
+             ) -> Iterator[argparse.ArgumentParser]:
+    """One subcommand: the `with` body adds its own options between the DOMAIN argument (when
+    `domain`, its help) and the options every command of its kind has (--json, --dry-run, -c)."""
+    p = sub.add_parser(name, parents=[common], help=help)
+    if domain is not None:
+        p.add_argument("domain", help=domain or None)
+    yield p
+    if machine:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    if dry_run is not None:
+        p.add_argument("--dry-run", action="store_true", help=dry_run)
+    add_config_option(p)
+    p.set_defaults(func=func)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -84,76 +106,59 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                              description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     psub = partner.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = psub.add_parser("list", parents=[common], help="the partners, one a line")
-    p.add_argument("--filter", metavar="GLOB", help="only partners with a domain matching "
-                   "this pattern, e.g. '*.org'")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_config_option(p)
-    p.set_defaults(func=_list)
-    p = psub.add_parser("show", parents=[common], help="one partner: every setting, the Lync "
-                        "matrix row and the methods it allows")
-    p.add_argument("domain")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_config_option(p)
-    p.set_defaults(func=_show)
-    p = psub.add_parser("new", parents=[common], help="add a partner (New-CsXmppAllowedPartner)")
-    p.add_argument("domain", help="the partner's primary domain")
-    _change_options(p, new=True)
-    add_config_option(p)
-    p.set_defaults(func=_new)
-    p = psub.add_parser("set", parents=[common], help="change a partner "
-                        "(Set-CsXmppAllowedPartner); only the options given change")
-    p.add_argument("domain", help="the partner's primary domain")
-    _change_options(p, new=False)
-    add_config_option(p)
-    p.set_defaults(func=_set)
-    p = psub.add_parser("pin", parents=[common], help="pin the key of the certificate the "
-                        "partner presents now (last connection or probe), or the keys given")
-    p.add_argument("domain", help="the partner's primary domain")
-    p.add_argument("--pin", action="append", default=[], metavar="PIN",
-                   help="pin this base64 SHA-256 instead of the current certificate's key "
-                        "(repeatable)")
-    p.add_argument("--replace", action="store_true",
-                   help="drop the pins there were (default: keep them, so a planned key "
-                        "change keeps working)")
-    p.add_argument("--trust", choices=[t.value for t in Trust], metavar="TRUST",
-                   help="also set trust: pin accepts the pinned certificate without a CA "
-                        "chain (a self-signed partner)")
-    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
-    add_config_option(p)
-    p.set_defaults(func=_pin)
-    p = psub.add_parser("remove", parents=[common], help="remove a partner "
-                        "(Remove-CsXmppAllowedPartner): its streams close, its queue bounces")
-    p.add_argument("domain")
-    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
-    add_config_option(p)
-    p.set_defaults(func=_remove)
+    with _command(psub, common, "list", "the partners, one a line", _list, machine=True) as p:
+        p.add_argument("--filter", metavar="GLOB", help="only partners with a domain matching "
+                       "this pattern, e.g. '*.org'")
+    with _command(psub, common, "show", "one partner: every setting, the Lync matrix row and "
+                  "the methods it allows", _show, domain="", machine=True):
+        pass
+    primary = "the partner's primary domain"
+    for name, help, func in (
+            ("new", "add a partner (New-CsXmppAllowedPartner)", _new),
+            ("set", "change a partner (Set-CsXmppAllowedPartner); only the options given "
+             "change", _set)):
+        with _command(psub, common, name, help, func, domain=primary,
+                      dry_run="show the change as a diff of the file; write nothing") as p:
+            _change_options(p, new=name == "new")
+    with _command(psub, common, "pin", "pin the key of the certificate the partner presents "
+                  "now (last connection or probe), or the keys given", _pin, domain=primary,
+                  dry_run=CHANGE_DRY_RUN) as p:
+        p.add_argument("--pin", action="append", default=[], metavar="PIN",
+                       help="pin this base64 SHA-256 instead of the current certificate's key "
+                            "(repeatable)")
+        p.add_argument("--replace", action="store_true",
+                       help="drop the pins there were (default: keep them, so a planned key "
+                            "change keeps working)")
+        p.add_argument("--trust", choices=[t.value for t in Trust], metavar="TRUST",
+                       help="also set trust: pin accepts the pinned certificate without a CA "
+                            "chain (a self-signed partner)")
+    with _command(psub, common, "remove", "remove a partner (Remove-CsXmppAllowedPartner): "
+                  "its streams close, its queue bounces", _remove, domain="",
+                  dry_run=CHANGE_DRY_RUN):
+        pass
 
     gw = sub.add_parser("gateway-settings", parents=[common],
                         help="Lync's global XMPP gateway settings "
                              "(Get-/Set-CsXmppGatewayConfiguration)")
     gsub = gw.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = gsub.add_parser("show", parents=[common], help="each setting, its value and default")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_config_option(p)
-    p.set_defaults(func=_settings_show)
-    p = gsub.add_parser("set", parents=[common], help="change settings; only those given")
-    for s in GATEWAY_SETTINGS.values():
-        flag = "--" + s.key.replace("_", "-")
-        text = f"{s.lync}: {s.help} (default {s.default!r}; {s.where})"
-        if s.kind is bool:
-            p.add_argument(flag, dest=s.key, action=argparse.BooleanOptionalAction,
-                           default=None, help=text)
-        else:
-            p.add_argument(flag, dest=s.key, type=s.kind, default=None,
-                           metavar="SECONDS" if "interval" in s.key or "timeout" in s.key
-                           else ("N" if s.kind is int else "TEXT"), help=text)
-    p.add_argument("--default", action="append", default=[], metavar="SETTING",
-                   choices=list(GATEWAY_SETTINGS), help="return SETTING to its default "
-                   "(removes it from the file; repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="show the change; write nothing")
-    add_config_option(p)
-    p.set_defaults(func=_settings_set)
+    with _command(gsub, common, "show", "each setting, its value and default", _settings_show,
+                  machine=True):
+        pass
+    with _command(gsub, common, "set", "change settings; only those given", _settings_set,
+                  dry_run=CHANGE_DRY_RUN) as p:
+        for s in GATEWAY_SETTINGS.values():
+            flag = "--" + s.key.replace("_", "-")
+            text = f"{s.lync}: {s.help} (default {s.default!r}; {s.where})"
+            if s.kind is bool:
+                p.add_argument(flag, dest=s.key, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+            else:
+                p.add_argument(flag, dest=s.key, type=s.kind, default=None,
+                               metavar="SECONDS" if "interval" in s.key or "timeout" in s.key
+                               else ("N" if s.kind is int else "TEXT"), help=text)
+        p.add_argument("--default", action="append", default=[], metavar="SETTING",
+                       choices=list(GATEWAY_SETTINGS), help="return SETTING to its default "
+                       "(removes it from the file; repeatable)")
 
 
 # -- commands ----------------------------------------------------------------------------------

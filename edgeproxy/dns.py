@@ -1,10 +1,15 @@
 """Where to connect for outbound S2S: SRV (RFC 6120 3.2, RFC 2782), Direct TLS SRV (XEP-0368),
 the A/AAAA fallback and the configured `proxy_fqdn` mapping (RFC 6120 3.2.3, Lync ProxyFqdn).
 
-Every query goes through one dnspython asyncio resolver built with `configure=False` and the
-nameservers from the configuration; the system resolver (getaddrinfo, /etc/resolv.conf) is read
-only when no nameservers are configured. This module knows nothing about sockets or TLS: it
-returns ordered `Target`s and the dialer connects to them in that order.
+The nameservers are the configuration's; /etc/resolv.conf is read (by dnspython) only when
+none are configured. The A, AAAA and SRV questions of the dialer go out as plain RFC 1035 UDP
+queries of our own (`_StubQuery`: one fresh socket and a random id per query, the answer
+checked against the question, RFC 5452); dnspython's resolver takes over whatever that path
+does not cover (a truncated answer, which it asks again over TCP; a name that is not ASCII; a
+nameserver that is not plain DNS). dnspython cost about 0.6 ms of CPU per query, three queries
+per dialback set-up to a new partner: most of that set-up's CPU (issue 11, docs/benchmarks.md).
+This module knows nothing about streams or TLS: it returns ordered `Target`s and the dialer
+connects to them in that order.
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import secrets
+import socket
+import struct
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import dns.asyncresolver
 import dns.exception
@@ -39,6 +49,8 @@ class Target:
     port: int
     direct_tls: bool  # XEP-0368: TLS at connect, SNI = the JID domain, ALPN xmpp-server
     source: str  # "srv", "srv-direct-tls", "fallback-a", "proxy_fqdn" (for logs)
+    # the fallback's addresses, already looked up by resolve() (the dialer need not ask again)
+    addresses: tuple[str, ...] = field(default=(), compare=False)
 
 
 class DnsError(Exception):
@@ -132,6 +144,227 @@ def _absolute(name: str) -> dns.name.Name:
     return dns.name.from_text(name.rstrip(".") + ".")
 
 
+# -- the stub resolver's wire format (RFC 1035 4.1, RFC 3596, RFC 2782) ---------------------------
+
+TYPE_A, TYPE_CNAME, TYPE_AAAA, TYPE_SRV = 1, 5, 28, 33
+RDTYPES = {"A": TYPE_A, "AAAA": TYPE_AAAA, "SRV": TYPE_SRV}
+CLASS_IN = 1
+RCODE_NOERROR, RCODE_NXDOMAIN = 0, 3
+_HEADER = struct.Struct(">HHHHHH")
+_RR = struct.Struct(">HHIH")  # type, class, TTL, RDLENGTH
+_SRV_FIXED = struct.Struct(">HHH")  # priority, weight, port
+MAX_CNAMES = 8  # a longer chain is taken for a loop
+
+
+class Address(NamedTuple):
+    """An A or AAAA record (the field name of dnspython's rdata, which the callers read)."""
+
+    address: str
+
+
+class SrvData(NamedTuple):
+    priority: int
+    weight: int
+    port: int
+    target: str  # without the final dot; "" for the root ("." = no service)
+
+
+class DnsWireError(ValueError):
+    """An answer that is not well-formed DNS (RFC 1035 4.1)."""
+
+
+def encode_query(qid: int, name: str, rdtype: int) -> bytes:
+    """A standard query with recursion desired (RFC 1035 4.1.1), no EDNS (as dnspython's
+    default). `name` is ASCII, without the final dot; ValueError when a label is empty or longer
+    than 63 octets, or the name longer than 255 (RFC 1035 2.3.4)."""
+    wire = bytearray(_HEADER.pack(qid, 0x0100, 1, 0, 0, 0))
+    labels = name.encode("ascii").split(b".") if name else []
+    total = 1
+    for label in labels:
+        if not 0 < len(label) < 64:
+            raise ValueError(f"{name!r}: a label is empty or longer than 63 octets")
+        wire.append(len(label))
+        wire += label
+        total += len(label) + 1
+    if total > 255:
+        raise ValueError(f"{name!r} is longer than 255 octets")
+    wire += b"\x00" + struct.pack(">HH", rdtype, CLASS_IN)
+    return bytes(wire)
+
+
+def _read_name(data: bytes, pos: int) -> tuple[str, int]:
+    """A possibly compressed name (RFC 1035 4.1.4) at `pos`: (lower-case text without the final
+    dot, the position after it in the record)."""
+    labels: list[bytes] = []
+    end = -1
+    hops = 0
+    while True:
+        if pos >= len(data):
+            raise DnsWireError("name runs past the end of the message")
+        n = data[pos]
+        if n & 0xC0 == 0xC0:
+            if pos + 1 >= len(data):
+                raise DnsWireError("compression pointer runs past the end of the message")
+            if end < 0:
+                end = pos + 2
+            hops += 1
+            if hops > 64:
+                raise DnsWireError("compression pointer loop")
+            pos = ((n & 0x3F) << 8) | data[pos + 1]
+            continue
+        if n & 0xC0:
+            raise DnsWireError(f"unknown label type {n >> 6}")
+        if n == 0:
+            pos += 1
+            break
+        label = data[pos + 1:pos + 1 + n]
+        if len(label) != n:
+            raise DnsWireError("label runs past the end of the message")
+        labels.append(label)
+        pos += 1 + n
+    text = b".".join(labels).decode("ascii", "replace").lower()
+    return text, end if end >= 0 else pos
+
+
+class StubAnswer(NamedTuple):
+    rcode: int
+    records: list[Address] | list[SrvData]
+    ttl: int  # the least TTL of the records kept (RFC 2181 5.2: an RRset has one)
+    truncated: bool
+
+
+def decode_answer(data: bytes, qid: int, name: str, rdtype: int) -> StubAnswer | None:
+    """The records of type `rdtype` for `name` in a response, CNAMEs followed (RFC 1034 3.6.2);
+    None when the message is not the answer to our question (RFC 5452 9.1: id, question),
+    which the caller ignores. DnsWireError when it is ours but malformed."""
+    if len(data) < _HEADER.size:
+        return None
+    rid, flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(data)
+    if rid != qid or not flags & 0x8000 or qdcount != 1:
+        return None
+    qname, pos = _read_name(data, _HEADER.size)
+    if pos + 4 > len(data):
+        raise DnsWireError("question runs past the end of the message")
+    qtype, qclass = struct.unpack_from(">HH", data, pos)
+    if qname != name.lower() or qtype != rdtype or qclass != CLASS_IN:
+        return None
+    pos += 4
+    rcode, truncated = flags & 0x000F, bool(flags & 0x0200)
+    owner = qname
+    found: list[tuple[str, int, int, bytes, int]] = []  # owner, type, ttl, rdata, its offset
+    for _ in range(ancount):
+        rname, pos = _read_name(data, pos)
+        if pos + _RR.size > len(data):
+            raise DnsWireError("record runs past the end of the message")
+        rtype, rclass, ttl, rdlength = _RR.unpack_from(data, pos)
+        pos += _RR.size
+        rdata = data[pos:pos + rdlength]
+        if len(rdata) != rdlength:
+            raise DnsWireError("record data runs past the end of the message")
+        if rclass == CLASS_IN:
+            found.append((rname, rtype, ttl, rdata, pos))
+        pos += rdlength
+    for _ in range(MAX_CNAMES):  # RFC 1034 3.6.2: the answer may start with the alias chain
+        alias = next((r for r in found if r[0] == owner and r[1] == TYPE_CNAME), None)
+        if alias is None:
+            break
+        owner = _read_name(data, alias[4])[0]
+    records: list = []
+    least = 0
+    for rname, rtype, ttl, rdata, offset in found:
+        if rname != owner or rtype != rdtype:
+            continue
+        if rtype == TYPE_A and len(rdata) == 4:
+            records.append(Address(socket.inet_ntop(socket.AF_INET, rdata)))
+        elif rtype == TYPE_AAAA and len(rdata) == 16:
+            records.append(Address(socket.inet_ntop(socket.AF_INET6, rdata)))
+        elif rtype == TYPE_SRV and len(rdata) > _SRV_FIXED.size:
+            priority, weight, port = _SRV_FIXED.unpack_from(rdata)
+            records.append(SrvData(priority, weight, port,
+                                   _read_name(data, offset + _SRV_FIXED.size)[0]))
+        else:
+            raise DnsWireError(f"malformed type {rtype} record for {rname}")
+        least = ttl if len(records) == 1 else min(least, ttl)
+    return StubAnswer(rcode, records, least, truncated)
+
+
+class _Unsupported(Exception):
+    """The stub cannot ask this one: dnspython's resolver does (TCP after truncation...)."""
+
+
+class _StubQuery:
+    """One question to the nameservers in turn over UDP (RFC 1035 4.2.1). Each attempt has its
+    own socket, connected to the nameserver (only its answers are read), on an ephemeral port
+    the kernel picks, with a random 16-bit id; anything that is not the answer to the question
+    is dropped (RFC 5452 9.1)."""
+
+    def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float):
+        self.nameservers = list(nameservers)
+        self.timeout = timeout
+
+    async def ask(self, name: str, rdtype: str) -> StubAnswer:
+        """The answer of the first nameserver that gives one (NOERROR or NXDOMAIN); each gets
+        an equal share of what is left of `timeout`. TimeoutError when none answered in time,
+        OSError or DnsWireError (of the last one) when every one failed, `_Unsupported`."""
+        code = RDTYPES[rdtype]
+        deadline = time.monotonic() + self.timeout
+        last: Exception = TimeoutError()
+        for i, (ip, port) in enumerate(self.nameservers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                answer = await self._attempt(ip, port, name, code,
+                                             left / (len(self.nameservers) - i))
+            except (OSError, DnsWireError, TimeoutError) as exc:
+                last = exc
+                continue
+            if answer.truncated:
+                raise _Unsupported("truncated")
+            if answer.rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
+                return answer
+            last = OSError(f"{ip}:{port} answered rcode {answer.rcode}")
+        raise last
+
+    @staticmethod
+    async def _attempt(ip: str, port: int, name: str, rdtype: int,
+                       timeout: float) -> StubAnswer:
+        qid = secrets.randbits(16)
+        query = encode_query(qid, name, rdtype)
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect((ip, port))  # a UDP connect: nothing is sent, only filtered
+            sock.send(query)
+            # a reader and a timer on one future: the cheapest wait asyncio has
+            done: asyncio.Future[StubAnswer] = loop.create_future()
+
+            def readable() -> None:
+                try:
+                    while not done.done():
+                        answer = decode_answer(sock.recv(65535), qid, name, rdtype)
+                        if answer is not None:
+                            done.set_result(answer)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except (OSError, DnsWireError) as exc:
+                    done.set_exception(exc)
+
+            def expired() -> None:
+                if not done.done():
+                    done.set_exception(TimeoutError())
+
+            fd = sock.fileno()
+            loop.add_reader(fd, readable)
+            timer = loop.call_later(timeout, expired)
+            try:
+                return await done
+            finally:
+                timer.cancel()
+                loop.remove_reader(fd)
+
+
 class PositiveCache(dns.resolver.Cache):
     """dnspython's TTL cache, for answers with records only. RFC 2308 allows caching "no such
     name" too, but a partner that publishes its SRV records should be found at once."""
@@ -161,6 +394,8 @@ class S2sResolver:
         self._resolver = resolver
         self._rng = rng or random.Random()
         self.timeout = timeout
+        self._stub = _StubQuery(_plain_nameservers(resolver), timeout)
+        self._cache: dict[tuple[str, str], tuple[float, list]] | None = {} if cache else None
 
     async def resolve(self, domain: str, proxy_fqdn: str | None = None,
                       direct_tls: bool = True) -> list[Target]:
@@ -212,13 +447,13 @@ class S2sResolver:
         # RFC 6120 3.2.1 fallback: no SRV answer at all -> the domain's A/AAAA on port 5269,
         # with STARTTLS (XEP-0368 has no Direct TLS fallback to A/AAAA).
         try:
-            await self.addresses(domain)
+            found = await self.addresses(domain)
         except DnsError as e:
             if e.kind == "not-found":
                 raise DnsError("not-found",
                                f"no _xmpp-server._tcp SRV and no A/AAAA for {domain}") from None
             raise
-        return [Target(domain, XMPP_SERVER_PORT, False, SOURCE_FALLBACK_A)]
+        return [Target(domain, XMPP_SERVER_PORT, False, SOURCE_FALLBACK_A, tuple(found))]
 
     async def addresses(self, host: str) -> list[str]:
         """IP addresses of `host`: an IP literal as is; otherwise the AAAA addresses (if any)
@@ -258,12 +493,56 @@ class S2sResolver:
             if e.kind == "not-found":
                 return []
             raise
-        return [_Srv(rr.priority, rr.weight, rr.target.to_text(omit_final_dot=True)
-                     if rr.target != dns.name.root else "", rr.port, direct_tls)
+        return [_Srv(rr.priority, rr.weight, _srv_target(rr.target), rr.port, direct_tls)
                 for rr in rrset]
 
     async def _query(self, name: str, rdtype: str) -> list:
         """The answer's records; DnsError for everything else (words say which server/name)."""
+        key = (name.lower(), rdtype)
+        if self._cache is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                if hit[0] > time.monotonic():
+                    return hit[1]
+                del self._cache[key]
+        if self._stub.nameservers and name.isascii():
+            try:
+                return self._keep(key, await self._stub_query(name, rdtype))
+            except _Unsupported:
+                pass
+        return await self._dnspython_query(name, rdtype)
+
+    async def _stub_query(self, name: str, rdtype: str) -> tuple[list, int]:
+        try:
+            answer = await self._stub.ask(name.rstrip("."), rdtype)
+        except TimeoutError:
+            raise DnsError("timeout", f"no answer for {name} {rdtype} within "
+                                      f"{self.timeout:g} s from {self._servers()}") from None
+        except (OSError, DnsWireError) as e:
+            raise DnsError("failure", f"{name} {rdtype}: every nameserver failed "
+                                      f"({self._servers()}): {e}") from None
+        except ValueError as e:  # not a name DNS can carry (encode_query)
+            raise DnsError("failure", f"{name} {rdtype}: {e}") from None
+        if answer.rcode == RCODE_NXDOMAIN:
+            raise DnsError("not-found", f"{name} does not exist (NXDOMAIN)")
+        if not answer.records:
+            raise DnsError("not-found", f"{name} has no {rdtype} records")
+        return list(answer.records), answer.ttl
+
+    def _keep(self, key: tuple[str, str], answer: tuple[list, int]) -> list:
+        """RFC 1035 3.2.1: a positive answer may be used again for its TTL (0: not kept)."""
+        records, ttl = answer
+        if self._cache is not None and ttl > 0:
+            if len(self._cache) >= CACHE_SIZE:
+                now = time.monotonic()
+                for k in [k for k, (until, _) in self._cache.items() if until <= now]:
+                    del self._cache[k]
+                while len(self._cache) >= CACHE_SIZE:  # the oldest entries go first
+                    del self._cache[next(iter(self._cache))]
+            self._cache[key] = (time.monotonic() + ttl, records)
+        return records
+
+    async def _dnspython_query(self, name: str, rdtype: str) -> list:
         try:
             answer = await self._resolver.resolve(_absolute(name), rdtype, search=False,
                                                   raise_on_no_answer=False)
@@ -283,3 +562,30 @@ class S2sResolver:
 
     def _servers(self) -> str:
         return ", ".join(str(ns) for ns in self._resolver.nameservers) or "no nameservers"
+
+
+CACHE_SIZE = 20_000  # answers kept at most (a dialback burst of 10,000 partners: issue 11)
+
+
+def _srv_target(target: dns.name.Name | str) -> str:
+    """An SRV target as text without the final dot; "" for the root ("." = no service)."""
+    if isinstance(target, str):
+        return target
+    return target.to_text(omit_final_dot=True) if target != dns.name.root else ""
+
+
+def _plain_nameservers(resolver: dns.resolver.BaseResolver) -> list[tuple[str, int]]:
+    """The resolver's nameservers as (ip, port), if all are plain DNS (Do53) at IP addresses;
+    [] otherwise (then dnspython asks every question)."""
+    out = []
+    for ns in resolver.nameservers:
+        if isinstance(ns, str):
+            ip, port = ns, resolver.port
+        elif isinstance(ns, dns.nameserver.Do53Nameserver):
+            ip, port = ns.address, ns.port
+        else:
+            return []
+        if not _is_ip_literal(ip):
+            return []
+        out.append((ip, port))
+    return out

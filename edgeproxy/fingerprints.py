@@ -17,7 +17,9 @@ pinning it (as for an SSH host key).
 Kept in a JSON file beside the configuration (`<config>.certificates.json`), written atomically
 and only when a partner's certificate changes (or its entry is over an hour old), so that the
 CLI, which is another process, reads what the edge saw. Only configured partners are kept, so
-its size is bounded by the configuration.
+its size is bounded by the configuration. The edge writes at most once per SAVE_INTERVAL, and
+spends at most SAVE_SHARE of its time writing (a save re-reads and rewrites the whole file): a
+burst of set-ups from new partners is saved together (issue 11).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +44,10 @@ from .identity import CertificateCheck, fingerprint_sha256, is_self_signed, spki
 log = logging.getLogger("edgeproxy")
 
 REFRESH = 3600.0  # seconds after which an unchanged entry is written again (its seen_at)
+SAVE_INTERVAL = 1.0  # seconds: the edge's saves of a burst of changes are coalesced
+SAVE_SHARE = 0.05  # and at most this share of the time goes to saving (a big book waits longer)
 SOURCES = ("outbound", "inbound", "probe")
+Defer = Callable[[float, Callable[[], object]], Any]  # loop.call_later
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,10 @@ class PartnerCertificates:
         self._seen: dict[str, SeenCertificate] = {}
         self._written: dict[str, float] = {}  # partner -> seen_at of the entry on disk
         self._save_failed = False
+        self._last_save = -math.inf  # monotonic
+        self._save_gap = SAVE_INTERVAL  # after the last save, before the next deferred one
+        self._unsaved: dict[str, float] = {}  # partner -> seen_at, waiting for the next save
+        self._save_timer: Any = None
         self.load()
 
     def load(self) -> None:
@@ -124,9 +136,12 @@ class PartnerCertificates:
     def get(self, partner: str) -> SeenCertificate | None:
         return self._seen.get(partner)
 
-    def record(self, seen: SeenCertificate) -> bool:
+    def record(self, seen: SeenCertificate, defer: Defer | None = None) -> bool:
         """Remember `seen` as its partner's current certificate; True when the file was written
-        (the certificate changed, or the entry was over REFRESH seconds old)."""
+        (the certificate changed, or the entry was over REFRESH seconds old).
+
+        defer: the event loop's call_later; with it, a save within SAVE_INTERVAL of the last
+        one waits for the end of that interval (and then carries every change meanwhile)."""
         old = self._seen.get(seen.partner)
         self._seen[seen.partner] = seen
         changed = old is None or old.spki_sha256 != seen.spki_sha256 or \
@@ -139,6 +154,22 @@ class PartnerCertificates:
             return False
         if not changed and seen.seen_at - self._written.get(seen.partner, 0.0) < REFRESH:
             return False
+        self._unsaved[seen.partner] = seen.seen_at
+        wait = self._last_save + self._save_gap - time.monotonic()
+        if defer is not None and wait > 0:
+            if self._save_timer is None:
+                self._save_timer = defer(wait, self.flush)
+            return False
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write what changed since the last save; True when the file was written."""
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        if self.path is None or not self._unsaved:
+            return False
+        started = time.monotonic()
         try:
             self._save()
         except OSError as exc:
@@ -149,8 +180,12 @@ class PartnerCertificates:
                             "control panel does", self.path, exc.strerror or exc)
             self._save_failed = True
             return False
+        finally:
+            self._last_save = time.monotonic()
+            self._save_gap = max(SAVE_INTERVAL, (self._last_save - started) / SAVE_SHARE)
         self._save_failed = False
-        self._written[seen.partner] = seen.seen_at
+        self._written.update(self._unsaved)
+        self._unsaved.clear()
         return True
 
     def _save(self) -> None:

@@ -306,6 +306,7 @@ class InState(Enum):
     SASL_OFFERED = auto()  # 6.3, XEP-0178: features on TLS offer SASL EXTERNAL (and dialback)
     WAIT_SASL_HEADER = auto()  # 6.4.6: after <success/>; the restarted stream's header
     SASL_DONE = auto()  # 6.4.6: authenticated by SASL; stanzas, dialback for more domains
+    CLOSE_SENT = auto()  # 4.4: our close is out; the peer's stanzas still count, until its own
     CLOSED = auto()
 
 
@@ -315,6 +316,7 @@ _NO_HEADER_YET = frozenset({InState.WAIT_HEADER, InState.TLS_STARTING, InState.W
                             InState.WAIT_SASL_HEADER})
 _HEADER_STATES = frozenset({InState.WAIT_HEADER, InState.WAIT_TLS_HEADER,
                             InState.WAIT_SASL_HEADER})
+_ENDED = frozenset({InState.CLOSE_SENT, InState.CLOSED})  # no timers, no negotiation
 
 
 class OutState(Enum):
@@ -377,12 +379,12 @@ class InboundS2s:
         return any(p.keepalive for p in (lookup(remote) for _, remote in self.verified) if p)
 
     def next_deadline(self) -> float | None:
-        if self.state is InState.CLOSED:
+        if self.state in _ENDED:
             return None
         return min(at for at, _ in self.timers.deadlines(bool(self.verified), self.keepalive()))
 
     def handle_timer(self, now: float) -> list[Action]:
-        if self.state is InState.CLOSED:
+        if self.state in _ENDED:
             return []
         timer = self.timers.due(now, bool(self.verified), self.keepalive())
         out = _timer_actions(self, timer)
@@ -416,11 +418,19 @@ class InboundS2s:
             return []
         return self._close(text, condition)
 
+    @property
+    def close_sent(self) -> bool:
+        """Our close tag is out and the peer's stanzas are still read (RFC 6120 4.4)."""
+        return self.state is InState.CLOSE_SENT
+
     def quiet_close(self, reason: str) -> list[Action]:
-        """Close with </stream:stream> and no error (idle stream, edge shutting down)."""
-        if self.state is InState.CLOSED:
+        """Close an idle stream with </stream:stream> and no error (RFC 6120 4.6.3). With
+        pairs verified the other direction stays open: their stanzas the peer sent before it
+        saw our close are still delivered until its own close tag (4.4 steps 1-2); nothing is
+        negotiated any more and no timer runs."""
+        if self.state in _ENDED:
             return []
-        self.state = InState.CLOSED
+        self.state = InState.CLOSE_SENT if self.verified else InState.CLOSED
         return [Close(reason, None, failed=False)]
 
     def error_preamble(self) -> bytes:
@@ -447,7 +457,7 @@ class InboundS2s:
 
     def dialback_result(self, local: str, remote: str, outcome: str) -> list[Action]:
         """The authoritative server answered (or could not be asked): valid/invalid/condition."""
-        if (local, remote) not in self.pending or self.state is InState.CLOSED:
+        if (local, remote) not in self.pending or self.state in _ENDED:
             return []
         self.pending.discard((local, remote))
         if outcome == "valid":
@@ -725,6 +735,9 @@ class InboundS2s:
         return [Close(self._with_fallback(
             f"peer sent a stream error: {describe_stream_error(el)}"), None)]
 
+    def _after_close(self, el: Element) -> list[Action]:
+        return []
+
     def _refuse(self, el: Element) -> list[Action]:
         """An element the current state's table does not list: invalid is the default."""
         if self.state is InState.CLOSED:
@@ -784,6 +797,10 @@ _INBOUND: dict[InState, dict[tuple[str, str], _InHandler]] = {
 }
 _NEGOTIATION = frozenset({(NS_TLS, "starttls"), (NS_SASL, "auth"), (NS_SASL, "abort"),
                           (NS_SASL, "response"), *_DIALBACK})
+# 4.4: after our close only the stanzas of verified pairs count; negotiation the peer sent
+# before it saw the close goes unanswered (nothing may follow our close tag)
+_INBOUND[_S.CLOSE_SENT] = {**_ANY, **dict.fromkeys(_NEGOTIATION, InboundS2s._after_close),
+                           **_STANZAS}
 
 
 def describe_stream_error(el: Element) -> str:

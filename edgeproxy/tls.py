@@ -16,14 +16,18 @@ This module knows nothing about XMPP streams, sockets or clocks. Facts: ../share
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,40 @@ ALPN_XMPP_SERVER = b"xmpp-server"  # XEP-0368 Direct TLS for s2s
 TLS1_2 = SSL.TLS1_2_VERSION
 TLS1_3 = SSL.TLS1_3_VERSION
 _BUFSIZE = 65536
+# A memory BIO keeps the capacity of the most it ever held (OpenSSL's BUF_MEM never shrinks):
+# once one has carried more than this since it was made, it is swapped for a fresh, empty one
+# when it is next empty (issue 11: ~5 KiB per idle stream after the handshake's flights).
+_BIO_KEEP = 1024
+_CERTIFICATE_CACHE = 4096  # peer certificates shared between streams, by SHA-256 of the DER
+
+
+class _Certificates:
+    """The peer certificates of all streams, one object per distinct certificate.
+
+    A partner's many streams present the same chain, and most partners' chains share their
+    CA's intermediate: one parsed `x509.Certificate` (with the extensions cryptography caches
+    in it once read) serves them all, and the DER is not parsed again per handshake.
+    Bounded LRU: a certificate pushed out stays alive in the streams that hold it."""
+
+    def __init__(self, size: int = _CERTIFICATE_CACHE):
+        self._size = size
+        self._by_digest: OrderedDict[bytes, x509.Certificate] = OrderedDict()
+
+    def get(self, cert: crypto.X509) -> x509.Certificate:
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        digest = hashlib.sha256(der).digest()
+        known = self._by_digest.get(digest)
+        if known is not None:
+            self._by_digest.move_to_end(digest)
+            return known
+        parsed = x509.load_der_x509_certificate(der)
+        self._by_digest[digest] = parsed
+        if len(self._by_digest) > self._size:
+            self._by_digest.popitem(last=False)
+        return parsed
+
+
+_certificates = _Certificates()
 
 
 class TlsError(Exception):
@@ -121,6 +159,7 @@ class TlsContexts:
         self._max_version = max_version
         self._server: dict[str, SSL.Context] = {}
         self._client: dict[str, SSL.Context] = {}
+        self._sni_domains: frozenset[str] | None = None
         # Our OCSP responses to staple, per certificate chain file (RFC 6066 8; revocation.py)
         self.staples: dict[Path, bytes] = {}
         for domain, (chain, key) in (certificates or {}).items():
@@ -202,6 +241,13 @@ class TlsContexts:
     def domains(self) -> tuple[str, ...]:
         return tuple(self._server)
 
+    @property
+    def sni_domains(self) -> frozenset[str]:
+        """The A-labels SNI can pick a certificate for; one set shared by every session."""
+        if self._sni_domains is None:
+            self._sni_domains = frozenset(self._server)
+        return self._sni_domains
+
     def server_context(self, local_domain: str | None) -> SSL.Context:
         if local_domain:
             ctx = self._server.get(_a_label(local_domain))
@@ -228,6 +274,11 @@ def _is_ip_literal(name: str) -> bool:
 class TlsSession:
     """One TLS connection, either role, over memory BIOs. Not thread-safe; no I/O."""
 
+    __slots__ = ("_conn", "server_side", "direct_tls", "local_domain", "handshake_complete",
+                 "peer_closed", "peer_certificate", "peer_intermediates", "peer_ocsp_response",
+                 "version", "cipher", "alpn_protocol", "server_name", "_pending_plaintext",
+                 "_closed", "_eof", "_error", "_sni_domains", "_into_carried", "_from_carried")
+
     def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
                  server_name: str | None = None, direct_tls: bool = False):
         self._conn = conn
@@ -249,6 +300,8 @@ class TlsSession:
         self._eof = False
         self._error: TlsError | None = None
         self._sni_domains: frozenset[str] = frozenset()
+        self._into_carried = 0  # bytes through each memory BIO since it was made (_BIO_KEEP)
+        self._from_carried = 0
 
     @classmethod
     def server(cls, contexts: TlsContexts, local_domain: str | None, *,
@@ -258,7 +311,7 @@ class TlsSession:
         conn = SSL.Connection(contexts.server_context(local_domain), None)
         conn.set_accept_state()
         session = cls(conn, server_side=True, local_domain=local_domain, direct_tls=direct_tls)
-        session._sni_domains = frozenset(contexts.domains())
+        session._sni_domains = contexts.sni_domains
         return session
 
     @classmethod
@@ -294,6 +347,7 @@ class TlsSession:
             raise self._error
         if data:
             self._conn.bio_write(data)
+            self._into_carried += len(data)
         elif not self._eof:
             self._eof = True
             if self.peer_closed:
@@ -301,7 +355,10 @@ class TlsSession:
             self._conn.bio_shutdown()
         if not self.handshake_complete and not self._handshake():
             return b""
-        return self._read_plaintext()
+        plaintext = self._read_plaintext()
+        if self._into_carried > _BIO_KEEP and not self._eof:
+            self._renew_read_bio()
+        return plaintext
 
     def _fail(self, error: SSL.Error) -> TlsError:
         self._error = TlsError(_describe(error, server_side=self.server_side,
@@ -329,8 +386,9 @@ class TlsSession:
         self.version = conn.get_protocol_version_name()
         self.cipher = conn.get_cipher_name()
         self.alpn_protocol = conn.get_alpn_proto_negotiated() or None
-        leaf = conn.get_peer_certificate(as_cryptography=True)
-        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        peer = conn.get_peer_certificate()
+        leaf = _certificates.get(peer) if peer is not None else None
+        chain = [_certificates.get(c) for c in conn.get_peer_cert_chain() or []]
         self.peer_certificate = leaf
         # server side: chain excludes the leaf; client side: leaf first (pitfall 1)
         self.peer_intermediates = [c for c in chain if c != leaf]
@@ -396,9 +454,38 @@ class TlsSession:
             except SSL.WantReadError:
                 break
             out.append(chunk)
+            self._from_carried += len(chunk)
             if len(chunk) < _BUFSIZE:  # short read: BIO is empty, skip the exception
                 break
+        if self._from_carried > _BIO_KEEP and self.handshake_complete:
+            self._renew_write_bio()
         return b"".join(out)
+
+    # --- memory BIOs ---------------------------------------------------------------------------
+    # pyOpenSSL makes the two BIO_s_mem of Connection(ctx, None) and reads and writes them
+    # through its `_into_ssl` / `_from_ssl` attributes; a fresh BIO takes an old one's place in
+    # both (SSL_set_bio frees the BIO it replaces). Only ever done while the BIO is empty.
+
+    def _renew_read_bio(self) -> None:
+        conn = self._conn
+        old = conn._into_ssl  # type: ignore[attr-defined]
+        if not self.handshake_complete or _lib.BIO_get_mem_data(old, _ffi.NULL) != 0:
+            return  # what OpenSSL has not read yet stays where it is
+        bio = _lib.BIO_new(_lib.BIO_s_mem())
+        if bio == _ffi.NULL:
+            return  # out of memory: keep the old one
+        _lib.SSL_set_bio(conn._ssl, bio, conn._from_ssl)  # type: ignore[attr-defined]
+        conn._into_ssl = bio  # type: ignore[attr-defined]
+        self._into_carried = 0
+
+    def _renew_write_bio(self) -> None:
+        conn = self._conn  # called right after data_to_send() emptied the BIO
+        bio = _lib.BIO_new(_lib.BIO_s_mem())
+        if bio == _ffi.NULL:
+            return
+        _lib.SSL_set_bio(conn._ssl, conn._into_ssl, bio)  # type: ignore[attr-defined]
+        conn._from_ssl = bio  # type: ignore[attr-defined]
+        self._from_carried = 0
 
     def close(self) -> None:
         """Queue close_notify (RFC 8446 6.1); the caller closes TCP after data_to_send()."""

@@ -22,7 +22,9 @@ Restricted XML (RFC 6120 11.1-11.7) and the choices made where the RFC leaves on
   'unsupported-encoding'; `standalone` is ignored.
 - UTF-16/UTF-32 input (a UTF-16/32 byte order mark or a NUL in the first two bytes) and byte
   sequences that break UTF-8 -> 'unsupported-encoding' (4.9.3.22: "improperly encoded the
-  stream (e.g., by violating the rules of the UTF-8 encoding)").
+  stream (e.g., by violating the rules of the UTF-8 encoding)"), also where the broken
+  character is a syntax error too; a character cut by the end of a read is waited for (at most
+  3 bytes) before the condition is chosen, so it never depends on how TCP cut the stream.
 - a UTF-8 byte order mark: 11.6 says U+FEFF MUST be read as a zero width no-break space, never
   as a BOM; before the header that is character data outside the root element, so the stream
   is closed with 'not-well-formed' (expat would silently skip it, so it is checked here).
@@ -284,7 +286,8 @@ class XmlStreamParser:
                  "_depth_limit", "_stanza_start", "_stanza_name", "_stanza_attrs", "_events",
                  "_error", "_opened", "_closed", "_priming", "_cut", "_header_raw", "_ns_decls",
                  "_context", "_prefix_probes", "_top_default_decl", "_partial", "_scan_token",
-                 "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser")
+                 "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser",
+                 "_undecided")
 
     def __init__(
         self,
@@ -301,6 +304,9 @@ class XmlStreamParser:
         self.stopped = False
         self.leftover = b""
         self._error: XmlStreamError | None = None
+        # expat's error (position, message) while the character at it is not all received:
+        # whether it is broken UTF-8 decides the condition (see _bad_utf8)
+        self._undecided: tuple[int, str] | None = None
         self._events: list[Event] = []
         # Offsets are absolute stream positions (bytes since the start of this stream).
         self._buf = bytearray()  # stream bytes from _base to _end
@@ -366,6 +372,7 @@ class XmlStreamParser:
         stream); the next feed() makes a fresh one, primed with the stream header as resume()
         does. A no-op unless everything received so far is parsed and accounted for."""
         if (self._parser is _RESTING or self.stopped or self._error is not None
+                or self._undecided is not None
                 or not self._opened or self._closed or self._depth != 1 or self._partial
                 or not self._mark == self._given == self._end):
             return
@@ -391,6 +398,8 @@ class XmlStreamParser:
     def _feed(self, data: bytes) -> list[Event]:
         if not data:
             return []
+        if self._undecided is not None:
+            return self._decide(data)
         if self._end < 2:
             self._check_first_bytes(data)
         self._buf += data
@@ -422,7 +431,11 @@ class XmlStreamParser:
             except _Stop:
                 self._stop()
             except expat.ExpatError as exc:
-                raise self._translate(exc) from None
+                error = self._translate(exc)
+                if error is None:  # the rest of the character at the error is still to come
+                    events, self._events = self._events, []
+                    return events
+                raise error from None
             else:
                 self._chunk = b""  # its stanzas are cut: not kept for an idle stream
                 # after Parse, expat's index is where its unconsumed partial token starts
@@ -532,7 +545,7 @@ class XmlStreamParser:
         self._buf = bytearray()
         self._base = self._end = self._given = self._mark = cut
 
-    def _translate(self, exc: expat.ExpatError) -> XmlStreamError:
+    def _translate(self, exc: expat.ExpatError) -> XmlStreamError | None:
         position = self._parser.ErrorByteIndex + self._delta
         if self._depth == 1 and self._opened and self._stanza_start < 0:
             # What _check_pending says at the end of a feed about the bytes at the stream level
@@ -555,20 +568,45 @@ class XmlStreamParser:
             )
         if exc.code in _ENCODING_ERRORS:
             return XmlStreamError("unsupported-encoding", message)
-        if self._bad_utf8(position):
+        bad = self._bad_utf8(position)
+        if bad is None:
+            self._undecided = (position, message)
+            return None
+        return self._syntax_or_encoding(bad, message)
+
+    @staticmethod
+    def _syntax_or_encoding(bad_utf8: bool, message: str) -> XmlStreamError:
+        if bad_utf8:  # RFC 6120 4.9.3.22: "violating the rules of the UTF-8 encoding"
             return XmlStreamError("unsupported-encoding", f"{message}: invalid UTF-8")
         return XmlStreamError("not-well-formed", message)
 
-    def _bad_utf8(self, position: int) -> bool:
-        """Whether UTF-8 breaks at or before the error `position`: bytes after it must not
-        decide the condition, or it would depend on how TCP cut the stream (found by
+    def _decide(self, data: bytes) -> list[Event]:
+        """More bytes after an undecided error: once the character at it is complete, raise."""
+        assert self._undecided is not None
+        self._buf += data
+        self._end += len(data)
+        position, message = self._undecided
+        bad = self._bad_utf8(position)
+        if bad is None:
+            return []
+        self._undecided = None
+        raise self._syntax_or_encoding(bad, message)
+
+    def _bad_utf8(self, position: int) -> bool | None:
+        """Whether UTF-8 breaks at or before the error `position`; None while the character
+        at `position` is cut short by the end of what was received. Bytes after that character
+        never decide, and a cut one is waited for (at most 3 bytes, as expat itself waits for a
+        character in text), so the condition never depends on how TCP cut the stream: expat
+        refuses a lead byte where a quote must be at once, and `<a b=\xe8'` is
+        unsupported-encoding whether the `'` came in the same read or the next (found by
         bench/fuzz.py)."""
         end = position - self._base + 4  # the whole character at `position`
         try:
             bytes(self._buf[self._mark - self._base : end]).decode("utf-8")
         except UnicodeDecodeError as exc:
-            return (exc.reason != "unexpected end of data"
-                    and self._mark + exc.start <= position)
+            if self._mark + exc.start > position:
+                return False
+            return None if exc.reason == "unexpected end of data" else True
         return False
 
     # -- expat --------------------------------------------------------------------------------
@@ -872,8 +910,15 @@ def escape_text(s: str) -> str:
     )
 
 
+# What escape_attr changes or refuses: a value without any of these (a domain, a stream id) is
+# written as it is, after one search instead of eight replaces (24 values per dialback set-up)
+_ATTR_SPECIAL = re.compile("[&<>'\"\t\n\r]|" + _NOT_XML_CHAR.pattern)
+
+
 def escape_attr(s: str) -> str:
     """Escape an attribute value for either quote style; TAB/LF/CR survive normalisation."""
+    if _ATTR_SPECIAL.search(s) is None:
+        return s
     _check_chars(s)
     return (
         s.replace("&", "&amp;")

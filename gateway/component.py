@@ -29,6 +29,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -60,7 +61,7 @@ from edgeproxy.xmlstream import (
 )
 
 from . import rules
-from .link import DEFAULT_OUTBOX_LIMIT, Outbound
+from .link import DEFAULT_OUTBOX_LIMIT, Outbound, message_id
 from .linktls import describe_failure
 from .live import log_message, log_message_fields
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
@@ -105,17 +106,22 @@ MESSAGE_TYPES = ("chat", "normal", "headline")  # what local users send (RFC 612
 MAX_STANZA_BYTES = 1 << 20
 MAX_STANZA_CHARS = MAX_STANZA_BYTES // 4  # below this many characters it fits in any UTF-8
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# a body that is all XML Chars and needs no escaping in character data (the common one)
+_PLAIN_BODY = re.compile("[\t\n\x20-\x25\x27-\x3b\x3d\x3f-\ud7ff\ue000-\ufffd"
+                         "\U00010000-\U0010ffff]*")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """One message a local user sends, checked and written as text, not kept yet."""
 
-    id: str
+    id: str  # random; send_messages adds the outbox row to a partner's message's id (link.py)
     to: JID
     type: str
     body: str
-    text: str  # the stanza as it goes into the outbox and onto the link
+    tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
+    to_text: str = ""  # str(to)
+    local: bool = False  # to a user of our own domain: no edge involved
 
 
 class Refused(Exception):
@@ -168,8 +174,8 @@ class Session:
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
-        # the socket's own messages by state (sent, accepted): [{"id", "ref"}, ...]
-        self.states: dict[str, list[dict[str, Any]]] = {}
+        # the socket's own messages by state (sent, accepted): ['{"id": .., "ref": ..}', ...]
+        self.states: dict[str, list[str]] = {}
         self.ready = asyncio.Event()
         self.closed = False
         # Everyone this resource sent available presence to: they get unavailable when it goes
@@ -186,10 +192,15 @@ class Session:
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
         self.ready.set()
 
-    def status(self, state: str, msg_id: str, ref: Any) -> None:
-        """One of this socket's messages changed state; gathered into one event per state."""
-        self.states.setdefault(state, []).append({"id": msg_id, "ref": ref})
-        self.ready.set()
+    def status(self, state: str, item: str) -> None:
+        """One of this socket's messages changed state; gathered into one event per state.
+        `item` is its `{"id": .., "ref": ..}` as JSON (status_item), made once per message."""
+        items = self.states.get(state)
+        if items is None:
+            self.states[state] = [item]
+            self.ready.set()
+        else:
+            items.append(item)
 
     def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -278,11 +289,14 @@ class Gateway(ComponentXMPP):
         self._refused = False  # the link that just ended was refused (LINK_REFUSALS)
         # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
         self.federation_denied: frozenset[str] = frozenset()
-        # outbox row -> [session, message id, client ref, told 'sent'] for messages sent over
-        # a WebSocket, until the edge acknowledges them
+        # outbox row -> [session, status_item, told 'sent'] for messages sent over a
+        # WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
+        # an addressee as given -> (its JID as text, as an attribute, is it local)
+        self._to_attrs: dict[str, tuple[str, str, bool]] = {}
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
+        self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -564,6 +578,8 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._want_ack:  # the turn's <r/>, in the same write as its stanzas
+            self._request_ack()
         self._flush_scheduled = False
         if self._out and self.transport is not None:
             self.transport.write(b"".join(self._out))
@@ -573,6 +589,13 @@ class Gateway(ComponentXMPP):
         """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
         if not self.sm_active or self._write_paused:
             return
+        if self.outbound.uncommitted:  # nothing goes to the edge that is not on disk
+            try:
+                self.commit_point()
+            except StoreError as exc:
+                log.error("cannot commit the outbox (%s): not writing it to the edge yet", exc)
+                return
+            self.outbound.uncommitted = False
         rows = self.outbound.unsent(self._last_row)
         if not rows:
             return
@@ -581,8 +604,9 @@ class Gateway(ComponentXMPP):
         self.outbound.written([row for row, _ in rows])
         self._last_row = rows[-1][0]
         if not self._want_ack:
-            self._want_ack = True
-            self.loop.call_soon(self._request_ack)
+            self._want_ack = True  # one <r/> after the rows of this turn: _flush writes it
+            if not self._flush_scheduled:  # the rows did not go through _raw (tests)
+                self.loop.call_soon(self._request_ack)
 
     def _transmit(self, text: str) -> None:
         self._raw(text.encode())
@@ -691,12 +715,11 @@ class Gateway(ComponentXMPP):
                 with contextlib.suppress(TimeoutError):
                     await self.wait_until("disconnected", 1.0)
 
-    def emit(self, stanza: Any, *, user: str | None = None) -> None:
+    def emit(self, stanza: Any) -> None:
         """Keep one stanza in the outbox (durable before the caller answers) and send it when
         the link is ready; LinkDown when the outbox is full."""
         text = tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True)
-        row = self.outbound.add(text, user=user, msg_id=stanza["id"] or None,
-                                to=str(stanza["to"]))
+        row = self.outbound.add(text)
         if row is None:
             raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} stanzas "
                            "are already waiting; try again when it is back")
@@ -1103,7 +1126,8 @@ class Gateway(ComponentXMPP):
         out = list(session.notices.values())
         session.notices.clear()
         for state, items in session.states.items():
-            out.append(json.dumps({"event": "status", "state": state, "messages": items}))
+            out.append(f'{{"event": "status", "state": "{state}", "messages": '
+                       f'[{", ".join(items)}]}}')
         session.states.clear()
         rows = self.store.events(session.user, session.sent, session.resource, limit)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
@@ -1299,7 +1323,8 @@ class Gateway(ComponentXMPP):
         jid = checked or self.parse_jid(to)
         if mtype not in MESSAGE_TYPES:
             raise ValueError("type must be chat, normal or headline")
-        if _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
+        plain = _PLAIN_BODY.fullmatch(body) is not None
+        if not plain and _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
             raise ValueError("body holds a character XML cannot carry (a control character "
                              "other than tab, newline and carriage return, or a lone "
                              "surrogate)")
@@ -1312,14 +1337,19 @@ class Gateway(ComponentXMPP):
                 raise
             if memo is not None:
                 memo[to] = jid
-        msg_id = self._new_id()
         frm = f"{user}@{self.domain}"
-        text = (f'<message to="{_escape_attr(str(jid))}" from="{frm}" id="{msg_id}" '
-                f'type="{mtype}"><body>{_escape(body)}</body></message>')
-        if len(text) > MAX_STANZA_CHARS and len(text.encode()) > MAX_STANZA_BYTES:
+        known = self._to_attrs.get(to)
+        if known is None:
+            if len(self._to_attrs) >= 4096:
+                self._to_attrs.clear()
+            text = str(jid)
+            known = self._to_attrs[to] = (text, _escape_attr(text), jid.domain == self.domain)
+        tail = (f' to="{known[1]}" from="{frm}" type="{mtype}"><body>'
+                f'{body if plain else _escape(body)}</body></message>')
+        if len(tail) > MAX_STANZA_CHARS - 64 and len(tail.encode()) > MAX_STANZA_BYTES - 64:
             raise ValueError(f"the message is larger than the component link carries "
                              f"({MAX_STANZA_BYTES} bytes as a stanza)")
-        return Outgoing(msg_id, jid, mtype, body, text)
+        return Outgoing(self._new_id(), jid, mtype, body, tail, known[0], known[2])
 
     def _new_id(self) -> str:
         """A message id as random as secrets.token_hex(8), from one urandom call per 512
@@ -1337,18 +1367,26 @@ class Gateway(ComponentXMPP):
         requests and sockets sent in it (one write and one <r/> for all). With `session`,
         that WebSocket is told when each one is sent and when the edge has it
         (`Session.status`), by its id and the client's `refs`."""
-        remote = [m for m in messages if m.to.domain != self.domain]
+        remote = [m for m in messages if not m.local]
         if remote:
-            rows = self.outbound.add_many([(m.text, user, m.id, str(m.to)) for m in remote])
+            # XEP-0198 counts in outbox row order; each id names its row (link.message_id)
+            first = self.outbound.next_row
+            items = []
+            for row, m in enumerate(remote, first):
+                msg_id = message_id(m.id, row)
+                items.append((f'<message id="{msg_id}"{m.tail}', user, msg_id, m.to_text))
+            rows = self.outbound.add_many(items, commit=not soon)
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
                                "stanzas are already waiting; try again when it is back")
+            for m, item in zip(remote, items, strict=True):
+                m.id = item[2]
             if session is not None:
-                ref_of = dict(zip((m.id for m in messages), refs or [None] * len(messages),
+                ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
                                   strict=True))
                 for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, m.id, ref_of[m.id], False]
-        for m in messages:
+                    self._tracked[row] = [session, status_item(m.id, ref_of[id(m)]), False]
+        for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
                                    m.body)
@@ -1364,19 +1402,47 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._pump_turn)
 
     def _pump_turn(self) -> None:
+        """The end of the turn's sends: one commit for all of them (group commit), the
+        waiting requests answered, then one write of the new rows to the edge."""
         self._pump_soon = False
+        waiters, self._durable = self._durable, []
+        try:
+            self.commit_point()
+        except StoreError as exc:  # the batch stays open and is retried (_commit_turn)
+            log.error("cannot commit the messages sent in this turn: %s", exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        self.outbound.uncommitted = False
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self._pump()
+
+    def durable(self) -> asyncio.Future[None]:
+        """Done once what was sent so far in this turn is committed (one commit at the end of
+        the turn for every request of it); StoreError if that commit fails."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._durable.append(waiter)
+        if not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_turn)
+        return waiter
 
     def _message_states(self, state: str, rows: list[int]) -> None:
         """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
+        if not self._tracked:
+            return
+        tracked_rows = self._tracked
         for row in rows:
-            tracked = self._tracked.get(row) if state == "sent" else self._tracked.pop(row, None)
-            if tracked is None or (state == "sent" and tracked[3]):
+            tracked = tracked_rows.get(row) if state == "sent" else tracked_rows.pop(row, None)
+            if tracked is None or (state == "sent" and tracked[2]):
                 continue  # not from a socket, or written again after a resumption
-            tracked[3] = True
+            tracked[2] = True
             session = tracked[0]
             if not session.closed:
-                session.status(state, tracked[1], tracked[2])
+                session.status(state, tracked[1])
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
@@ -1511,6 +1577,19 @@ def _jid_parts(value: str) -> tuple[str, str, str, str, str] | None:
         return None
     return jid.user, jid.domain, jid.resource, jid.bare, jid.full
 _PLAIN_TAGS = {f"{{{NS}}}message": "message"}
+
+
+def json_ref(ref: Any) -> str:
+    """A client's ref (an int or a string, gateway/api.py _valid_ref; None) as JSON, without
+    json.dumps' machinery."""
+    if type(ref) is int:
+        return str(ref)
+    return "null" if ref is None else encode_basestring_ascii(ref)
+
+
+def status_item(msg_id: str, ref: Any) -> str:
+    """One message of a status event, as JSON: its id (ours: [0-9a-f-]) and the client's ref."""
+    return f'{{"id": "{msg_id}", "ref": {json_ref(ref)}}}'
 
 
 def _escape(text: str) -> str:

@@ -31,9 +31,12 @@ from typing import Protocol
 
 from slixmpp import JID, InvalidJID
 
+from .link import upgrade_outbox
 from .rules import Subscription, SubState
 
-SCHEMA_VERSION = 3
+# Version 5 (this branch; 4 is the inbox's, on another branch - renumbered at merge): the
+# outbox keeps one row per message (gateway/link.py upgrade_outbox).
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE users (
@@ -109,6 +112,10 @@ DROP TABLE offline;
 _SCHEMA_3 = "DROP TRIGGER inbox_added;"
 _V1_TO_V2 = ("ALTER TABLE users ADD COLUMN inbox_count INTEGER NOT NULL DEFAULT 0;"
              "ALTER TABLE users ADD COLUMN inbox_bytes INTEGER NOT NULL DEFAULT 0;")
+
+
+TOKEN_CACHE_MAX = 10000  # tokens remembered; emptied when full
+TOKEN_RECHECK = 0.05  # seconds between looks for another process's change to the tokens
 
 
 class StoreError(Exception):
@@ -250,6 +257,11 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
         self._migrate()
         self._data_version = self._version()
+        # API token -> user, for tokens that worked (user_for_token)
+        self._tokens: dict[str, str] = {}
+        self._tokens_version = self._data_version
+        self._tokens_checked = time.monotonic()
+        self.token_recheck = TOKEN_RECHECK
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
@@ -268,18 +280,23 @@ class SqliteStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}; this gateway knows "
                              f"only up to {SCHEMA_VERSION} (a newer gateway wrote it)")
-        if version == 0:
+        if version == 0:  # the outbox's tables are made by gateway/link.py (Outbound)
             self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_2 + _SCHEMA_3
                                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version == 1:
+            return
+        if version == 1:
             self._db.executescript("BEGIN;" + _V1_TO_V2 + _SCHEMA_2 + "UPDATE users SET "
                                    "inbox_count = (SELECT count(*) FROM inbox WHERE user = name),"
                                    " inbox_bytes = (SELECT coalesce(sum(size), 0) FROM inbox "
                                    f"WHERE user = name); {_SCHEMA_3} "
-                                   f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                                   "PRAGMA user_version=3; COMMIT;")
         elif version == 2:
-            self._db.executescript(f"BEGIN; {_SCHEMA_3} PRAGMA user_version={SCHEMA_VERSION};"
-                                   " COMMIT;")
+            self._db.executescript(f"BEGIN; {_SCHEMA_3} PRAGMA user_version=3; COMMIT;")
+        if version < 5:
+            self._db.execute("BEGIN")
+            upgrade_outbox(self._db)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
 
     def connection(self) -> sqlite3.Connection:
         """The one connection to the file, for the link's outbox (gateway/link.py): SQLite has
@@ -347,6 +364,7 @@ class SqliteStore:
         return token
 
     def remove_user(self, name: str) -> bool:
+        self._tokens.clear()
         self._rosters.pop(name, None)
         self._usage.pop(name, None)
         self._added.pop(name, None)
@@ -357,6 +375,7 @@ class SqliteStore:
         """Replace the user's API token; return the new one (the old one stops working)."""
         token = secrets.token_urlsafe(32)
         self._write()
+        self._tokens.clear()
         if self._db.execute("UPDATE users SET token_hash = ? WHERE name = ?",
                             (hash_token(token), name)).rowcount == 0:
             raise StoreError(f"no user named {name!r}")
@@ -376,9 +395,28 @@ class SqliteStore:
         return row is not None
 
     def user_for_token(self, token: str) -> str | None:
+        """Whose token this is. Known tokens are cached: every API request asks. The cache is
+        emptied when this store replaces or removes a token, and when another process
+        (`gateway user token|remove`) has committed a change to the file - looked for at most
+        every `token_recheck` seconds (PRAGMA data_version costs half the lookup it saves)."""
+        now = time.monotonic()
+        if now - self._tokens_checked >= self.token_recheck:
+            self._tokens_checked = now
+            version = self._version()
+            if version != self._tokens_version:
+                self._tokens_version = version
+                self._tokens.clear()
+        user = self._tokens.get(token)
+        if user is not None:
+            return user
         row = self._db.execute("SELECT name FROM users WHERE token_hash = ?",
                                (hash_token(token),)).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        if len(self._tokens) >= TOKEN_CACHE_MAX:
+            self._tokens.clear()
+        self._tokens[token] = row[0]
+        return row[0]
 
     # contacts ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any
 from slixmpp import ComponentXMPP
 
 from edgeproxy.config import edge_config_from_mapping
-from edgeproxy.devcerts import CertificateAuthority, Issued
+from edgeproxy.devcerts import CertificateAuthority, Issued, write_dev_certificates
 from edgeproxy.server import Edge
 from edgeproxy.xmlstream import error_condition as xml_error_condition
 
@@ -44,6 +44,29 @@ def edge_config(tmp: Path, domain: str, address: str, ca: CertificateAuthority,
         "partner": partners,
     }
     return edge_config_from_mapping(raw, tmp)
+
+
+def write_daemon_config(tmp: Path, address: str, dialback_secret: str, *, edge: str = "",
+                        more: str = "", domain: str = "contoso.test") -> Path:
+    """tmp/edge.toml for a daemon subprocess (`python -m edgeproxy run -c FILE`), as an
+    operator writes it: `domain` on `address`:5269 with development certificates in tmp/certs
+    (paths relative to the file), our DNS; `edge` adds [edge] keys, `more` further tables."""
+    write_dev_certificates(tmp / "certs", [domain])
+    path = tmp / "edge.toml"
+    path.write_text(f"""
+[edge]
+domains = ["{domain}"]
+listen = ["{address}:5269"]
+certificate = "certs/{domain}.crt"
+private_key = "certs/{domain}.key"
+ca_files = ["certs/ca.crt"]
+use_system_ca = false
+dialback_secret = "{dialback_secret}"
+{edge}
+[dns]
+nameservers = ["127.0.0.53"]
+{more}""")
+    return path
 
 
 class Component(ComponentXMPP):

@@ -10,7 +10,9 @@ every operation:
 - no exception escapes, whatever the bytes: bad input ends in a stream error or a transition;
 - a stream error always follows our own header on the current stream (RFC 6120 4.9.1.2) and
   uses an RFC 6120 4.9.3 condition;
-- nothing but nothing follows a Close (RFC 6120 4.4);
+- nothing but nothing follows a Close (RFC 6120 4.4), except after an inbound idle close
+  (4.6.3): the peer's stanzas for verified pairs are still delivered until it closes too (4.4
+  step 2), and nothing is sent;
 - no domain pair is authenticated that was not proven: SASL EXTERNAL and "dialback over a valid
   certificate" only with a certificate valid for that domain on TLS, dialback only after the
   authoritative server said valid for that pair, outbound only after the peer's <success/> or
@@ -71,9 +73,15 @@ class Violation(AssertionError):
 
 @dataclass(frozen=True)
 class _Check:
+    """The certificate check as the machines read it (s2s.CertificateCheckLike); no pins."""
+
     ok: bool
     reason: str = ""
     matched: str | None = None
+    pin_mismatch: bool = False
+
+    def pin_text(self) -> str:
+        return "no pins configured"
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +152,7 @@ class Case:
     tls_pending: bool = False
     tls: bool = False
     closed: bool = False
+    close_sent: bool = False  # an inbound idle close: Deliver and the final Close only
     pending_verifies: list[DialbackVerify] = field(default_factory=list)
     proven_by_dialback: set[tuple[str, str]] = field(default_factory=set)
     peer_said_valid: bool = False
@@ -268,6 +277,8 @@ class Case:
         for a in actions:
             if self.closed:
                 raise Violation(f"{a!r} after Close")
+            if self.close_sent and not isinstance(a, Deliver | Close):
+                raise Violation(f"{a!r} after our close tag")
             if isinstance(a, Send):
                 self.our_stream += a.data
             elif isinstance(a, StartTls):
@@ -290,8 +301,14 @@ class Case:
                 raise Violation(f"unknown action {a!r}")
 
     def _closing(self, a: Close) -> None:
+        if isinstance(self.machine, InboundS2s) and self.machine.close_sent \
+                and not self.close_sent:
+            if a.condition is not None or not self.machine.verified:
+                raise Violation(f"half-closed with {a!r}, verified {self.machine.verified}")
+            self.close_sent = True  # the stream is still read
+            return
         self.closed = True
-        if a.condition is None:
+        if a.condition is None or self.close_sent:
             return
         if a.condition not in STREAM_ERROR_CONDITIONS:
             raise Violation(f"not an RFC 6120 4.9.3 condition: {a.condition}")

@@ -42,11 +42,13 @@ from edgeproxy.xmlstream import (
     Event,
     StreamClosed,
     StreamOpened,
+    XmlStreamError,
     XmlStreamParser,
     error_condition,
     stream_header,
 )
 from tests.edges import COMPONENT_SECRET, Component, edge_config, write_cert
+from tests.waiting import until
 
 CONTOSO, FAB, NORTH = "contoso.test", "fabrikam.test", "northwind.test"
 EDGE_IP, AUTH_IP = "127.0.0.30", "127.0.0.31"
@@ -231,6 +233,8 @@ class Authoritative:
         self.inject: list[str] = []
         self.asked: list[tuple[str, str, str]] = []  # (receiving, originating, stream id)
         self.writers: list[asyncio.StreamWriter] = []
+        self.stanzas: list[tuple[int, Element]] = []  # (connection number, stanza) received
+        self.after_close: list[str] = []  # what came after a stream's </stream:stream>
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, AUTH_IP, S2S)
@@ -244,10 +248,22 @@ class Authoritative:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
+        number, closed = len(self.writers), False
         parser = XmlStreamParser()
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
-                for ev in parser.feed(data):
+                if closed:  # RFC 6120 4.4: nothing may follow the close tag
+                    self.after_close.append(data.decode(errors="replace"))
+                    continue
+                try:
+                    events = parser.feed(data)
+                except XmlStreamError as exc:  # bytes after the close tag are junk to expat
+                    events = exc.events
+                    self.after_close.append(data.decode(errors="replace"))
+                for ev in events:
+                    closed = closed or isinstance(ev, StreamClosed)
+                    if isinstance(ev, Element) and ev.ns == NS_SERVER:
+                        self.stanzas.append((number, ev))
                     writer.write(self._answer(ev))
                 if writer.is_closing():
                     return
@@ -423,8 +439,4 @@ async def component_stream(h: Harness, handshake: bool = True) -> Peer:
     return p
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+wait_for = until  # the name the hostile suites use

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+
+import pytest
 
 from edgeproxy.link import NS_SM
 from edgeproxy.xmlstream import NS_COMPONENT, Element
@@ -206,3 +209,80 @@ async def test_gateway_that_stops_reading_pauses_the_partner_and_memory_stays_bo
         assert received == [f"f{i}" for i in range(N)]
         await comp.send(f"<a {SM} h='{N}'/>")
         await wait_for(lambda: relay.held == 0 and not relay.paused)
+
+
+# -- one gateway per domain (docs/delivery.md): who keeps the link when a second one connects --
+
+
+async def partner_stanza_reaches(h: Harness, comp: Peer, ident: str) -> None:
+    """A stanza on a fresh partner stream arrives on `comp`, the link that holds the domain."""
+    partner = await h.authenticated()
+    await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", ident))
+    (got,) = await stanzas(comp, 1)
+    assert got.attrs["id"] == ident
+
+
+async def test_second_gateway_with_the_same_secret_is_refused_and_the_first_keeps_the_link(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """XEP-0114 with RFC 6120 4.9.3.3: the holder of the link answers the edge's <r/>, so it is
+    alive and the newcomer is a second gateway with the same secret: the newcomer gets
+    <conflict/> (not the holder), the operator error is logged, the holder keeps receiving."""
+    caplog.set_level(logging.INFO, logger="edgeproxy")
+    async with h.edge_running():
+        first, _ = await enabled_link(h)
+        second = await component_stream(h)
+        await second.send(f"<enable {SM} resume='true'/>")
+        await sm_element(first, "r")  # the edge asks the holder whether it is alive
+        await first.send(f"<a {SM} h='0'/>")
+        cond, text = await second.stream_error(timeout=15)
+        assert cond == "conflict" and f"another gateway is connected for {CONTOSO}" in text
+        assert "Two gateways run with the same [edge.component] secret" in caplog.text
+        await partner_stanza_reaches(h, first, "k1")
+
+
+async def test_gateway_resuming_its_link_replaces_the_connection_that_held_it(
+        h: Harness) -> None:
+    """XEP-0198 5: a <resume previd=''/> of the link held now proves the same gateway is back
+    (its old TCP connection half-open): the new connection takes the link at once, the old one
+    is closed with <conflict/>, and stanzas go to the new one."""
+    async with h.edge_running():
+        first, link_id = await enabled_link(h)
+        second = await component_stream(h)
+        await second.send(f"<resume {SM} previd='{link_id}' h='0'/>")
+        await sm_element(second, "resumed")
+        assert (await first.stream_error())[0] == "conflict"
+        await partner_stanza_reaches(h, second, "r1")
+
+
+async def test_holder_that_does_not_answer_is_taken_for_dead_and_the_new_gateway_gets_in(
+        h: Harness) -> None:
+    """A half-open link (the gateway was killed with no FIN reaching the edge) stays silent
+    when asked for <a/>: after CLAIM_PROBE (3 s) it is taken for dead, the newcomer (which did
+    not resume: a fresh store) gets <enabled/> and everything unacknowledged again
+    (XEP-0198 4: at least once, never lost)."""
+    async with h.edge_running() as edge:
+        first, _ = await enabled_link(h)
+        partner = await h.authenticated()
+        await partner.send(message(f"alice@{FAB}/desk", f"bob@{CONTOSO}", "x", "u1"))
+        await stanzas(first, 1)  # and then silence: never an <a/>
+        second = await component_stream(h)
+        await second.send(f"<enable {SM} resume='true'/>")
+        await sm_element(second, "enabled", timeout=15)
+        (got,) = await stanzas(second, 1)
+        assert got.attrs["id"] == "u1"
+        await wait_for(lambda: [c.kind for c in edge.connections].count("component") == 1)
+
+
+async def test_second_gateway_is_refused_at_once_when_the_holder_is_plain_xep0114(
+        h: Harness) -> None:
+    """A holder without stream management cannot be asked for <a/>: the newcomer is refused
+    with <conflict/> (RFC 6120 4.9.3.3) and the holder keeps the link."""
+    async with h.edge_running() as edge:
+        first = await component_stream(h)
+        await wait_for(lambda: CONTOSO in edge.router.components)  # up as plain after 0.5 s
+        holder = edge.router.components[CONTOSO]
+        second = await component_stream(h)
+        await second.send(f"<enable {SM} resume='true'/>")
+        assert (await second.stream_error())[0] == "conflict"
+        assert edge.router.components[CONTOSO] is holder and not holder.closing
+        first.close()

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.devcerts import write_dev_certificates
 from edgeproxy.xmlstream import NS_SERVER, StreamClosed, StreamOpened, XmlStreamParser
 from edgeproxy.xmlstream import stream_header as header_bytes
 from tests.conftest import SUITE_LOOP, require_netns
+from tests.edges import write_daemon_config
 
 ADDRESS = "127.0.14.1"
 DOMAIN = "contoso.test"
@@ -37,24 +37,11 @@ def _netns() -> None:
 
 
 def write_config(tmp: Path) -> Path:
-    write_dev_certificates(tmp / "certs", [DOMAIN])
-    path = tmp / "edge.toml"
-    path.write_text(f"""
-[edge]
-domains = ["{DOMAIN}"]
-listen = ["{ADDRESS}:5269"]
-certificate = "certs/{DOMAIN}.crt"
-private_key = "certs/{DOMAIN}.key"
-ca_files = ["certs/ca.crt"]
-use_system_ca = false
-dialback_secret = "daemon-test-secret"
-
+    """One file for both daemons: the edge, its component listener and the gateway."""
+    return write_daemon_config(tmp, ADDRESS, "daemon-test-secret", domain=DOMAIN, more=f"""
 [edge.component]
 listen = "{ADDRESS}:5347"
 secret = "daemon-test-component"
-
-[dns]
-nameservers = ["127.0.0.53"]
 
 [gateway]
 domain = "{DOMAIN}"
@@ -67,7 +54,6 @@ api_listen = "{ADDRESS}:8080"
 domain = "fabrikam.test"
 type = "federated"
 """)
-    return path
 
 
 class Daemon:
@@ -257,7 +243,8 @@ def test_both_daemons_run_on_the_loop_their_file_names(tmp_path, name):
     config = write_config(tmp_path)
     setting = f'event_loop = "{name}"\n'
     config.write_text(config.read_text()
-                      .replace("[edge.component]", setting + "[edge.component]")
+                      .replace('dialback_secret = "daemon-test-secret"\n',
+                               'dialback_secret = "daemon-test-secret"\n' + setting)
                       .replace('api_listen = "', setting + 'api_listen = "'))
     env = {k: v for k, v in os.environ.items() if k != "EDGE_EVENT_LOOP"}
     said = f' event loop: {name} '

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import pytest
 
@@ -24,6 +23,7 @@ from tests.test_gateway_e2e import (
     dns,  # noqa: F401 - the module's DNS server fixture
     world,
 )
+from tests.waiting import until
 
 
 @pytest.fixture(name="w")
@@ -46,13 +46,6 @@ async def kill(gw: RunningGateway) -> None:
         gw.gateway.transport.abort()
     gw.store.close()
     gw.gateway.outbound.close()
-
-
-async def until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.05)
 
 
 def offline_bodies(gw: RunningGateway, user: str = "bob") -> list[str]:

@@ -6,14 +6,20 @@ the configured (ip, port), never through the system configuration (which names 1
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rrset
 import pytest
 
-from edgeproxy.dns import DnsError, S2sResolver, Target, parse_proxy_fqdn
+from edgeproxy.dns import DnsError, S2sResolver, Target, encode_query, parse_proxy_fqdn
 from tests.servers import Dnsmasq
 
 DNS_ADDR = "127.0.0.54"
@@ -46,6 +52,11 @@ def dnsmasq(tmp_path_factory):
     # dual.test: A and AAAA
     d.add_host("dual.test", "127.0.0.7")
     d.add_host("dual.test", "::7")
+    # alias.test: a CNAME to fallback.test (RFC 1034 3.6.2)
+    d.add_cname("alias.test", "fallback.test")
+    # big.test: 40 addresses, more than a 512-octet UDP answer holds (RFC 1035 4.2.1)
+    for i in range(40):
+        d.add_host("big.test", f"127.0.1.{i + 1}")
     d.start()
     yield d
     d.stop()
@@ -254,3 +265,146 @@ async def test_negative_answers_are_not_cached(dnsmasq, resolver):
     for _ in range(2):
         await resolver.resolve("fallback.test", direct_tls=False)
     assert _queries(dnsmasq, "_xmpp-server._tcp.fallback.test") == before + 2
+
+
+# -- the stub resolver (edgeproxy.dns._StubQuery): what dnspython's resolver did, and the checks
+# of RFC 5452 on what comes back
+
+async def test_cname_chain_is_followed(resolver):
+    """RFC 1034 3.6.2: the answer for an alias carries the CNAME and the target's records."""
+    assert await resolver.addresses("alias.test") == ["127.0.0.2"]
+    assert await resolver.resolve("alias.test", direct_tls=False) == [
+        Target("alias.test", 5269, False, "fallback-a")]
+
+
+async def test_truncated_answer_is_asked_again_over_tcp(resolver, dnsmasq):
+    """RFC 1035 4.2.1: an answer over 512 octets comes truncated (TC) over UDP; the question
+    is asked again over TCP (by dnspython) and every address arrives."""
+    found = await resolver.addresses("big.test")
+    assert sorted(found, key=lambda ip: int(ip.rsplit(".", 1)[1])) == [
+        f"127.0.1.{i + 1}" for i in range(40)]
+
+
+async def test_fallback_target_carries_its_addresses(resolver, dnsmasq):
+    """The A fallback's addresses come with the target: the dialer does not ask again."""
+    mark = dnsmasq.log_mark()
+    [target] = await resolver.resolve("dual.test", direct_tls=False)
+    assert target.addresses == ("::7", "127.0.0.7")
+    time.sleep(0.1)
+    assert dnsmasq.log_text()[mark:].count("query[A] dual.test") == 1
+
+
+class FakeNameserver(asyncio.DatagramProtocol):
+    """A nameserver on a real UDP socket whose answers the test writes: `answer(query)` returns
+    the datagrams to send back, in order (hostile or broken servers dnsmasq cannot play)."""
+
+    def __init__(self, answer: Callable[[dns.message.Message, bytes], list[bytes]]):
+        self.answer = answer
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queries = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queries += 1
+        assert self.transport is not None
+        for out in self.answer(dns.message.from_wire(data), data):
+            self.transport.sendto(out, addr)
+
+
+async def fake_nameserver(address: str, answer: Callable[[dns.message.Message, bytes],
+                                                          list[bytes]]
+                          ) -> tuple[asyncio.DatagramTransport, FakeNameserver, tuple[str, int]]:
+    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: FakeNameserver(answer), local_addr=(address, 0))
+    return transport, proto, transport.get_extra_info("sockname")[:2]
+
+
+def _a_answer(query: dns.message.Message, ip: str, *, qid: int | None = None,
+              name: str | None = None) -> bytes:
+    reply = dns.message.make_response(query)
+    if qid is not None:
+        reply.id = qid
+    owner = name or query.question[0].name.to_text()
+    if name is not None:  # an answer to another question
+        reply.question = [dns.rrset.RRset(dns.name.from_text(name), dns.rdataclass.IN,
+                                          dns.rdatatype.A)]
+    if query.question[0].rdtype == dns.rdatatype.A:
+        reply.answer.append(dns.rrset.from_text(owner, 60, "IN", "A", ip))
+    return reply.to_wire()
+
+
+async def test_answers_that_do_not_match_the_question_are_ignored():
+    """RFC 5452 9.1: a response is accepted only with our query's id and question; a spoofed
+    one (another id, another name) is dropped and the real answer that follows is taken."""
+    def answer(query: dns.message.Message, _wire: bytes) -> list[bytes]:
+        return [_a_answer(query, "127.6.6.6", qid=(query.id + 1) % 65536),
+                _a_answer(query, "127.6.6.7", name="other.test."),
+                _a_answer(query, "127.0.0.5")]
+
+    transport, proto, addr = await fake_nameserver("127.0.0.97", answer)
+    try:
+        r = S2sResolver([addr], timeout=2.0)
+        assert await r.addresses("fabrikam.test") == ["127.0.0.5"]
+        assert proto.queries == 2  # AAAA and A, each asked once
+    finally:
+        transport.close()
+
+
+async def test_servfail_goes_on_to_the_next_nameserver(dnsmasq):
+    """A nameserver that answers SERVFAIL (RFC 1035 4.1.1 rcode 2) is passed over for the next
+    one configured, as dnspython did."""
+    def servfail(query: dns.message.Message, _wire: bytes) -> list[bytes]:
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.SERVFAIL)
+        return [reply.to_wire()]
+
+    transport, proto, addr = await fake_nameserver("127.0.0.96", servfail)
+    try:
+        r = S2sResolver([addr, (DNS_ADDR, DNS_PORT)], timeout=2.0)
+        assert await r.addresses("fallback.test") == ["127.0.0.2"]
+        assert proto.queries == 2
+        only_bad = S2sResolver([addr], timeout=2.0)
+        with pytest.raises(DnsError) as e:
+            await only_bad.addresses("fallback.test")
+        assert e.value.kind == "failure"
+        assert "rcode 2" in e.value.text
+    finally:
+        transport.close()
+
+
+async def test_malformed_answer_is_a_failure_not_a_hang():
+    """An answer to our question whose record name is a compression pointer to itself (RFC
+    1035 4.1.4 pointers must point back, this one loops): a clear failure, at once."""
+    def looping(query: dns.message.Message, wire: bytes) -> list[bytes]:
+        header = bytes([wire[0], wire[1], 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0])
+        question = wire[12:]
+        here = len(header) + len(question)
+        record = bytes([0xC0 | (here >> 8), here & 0xFF]) + bytes([0, 1, 0, 1, 0, 0, 0, 60,
+                                                                    0, 4, 127, 0, 0, 9])
+        return [header + question + record]
+
+    transport, _proto, addr = await fake_nameserver("127.0.0.95", looping)
+    try:
+        r = S2sResolver([addr], timeout=2.0)
+        t0 = time.monotonic()
+        with pytest.raises(DnsError) as e:
+            await r.addresses("fabrikam.test")
+        assert e.value.kind == "failure"
+        assert "compression pointer loop" in e.value.text
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        transport.close()
+
+
+def test_query_names_dns_cannot_carry_are_refused():
+    """RFC 1035 2.3.4: labels of 1-63 octets, names of at most 255."""
+    with pytest.raises(ValueError, match="longer than 63"):
+        encode_query(1, "a" * 64 + ".test", 1)
+    with pytest.raises(ValueError, match="empty"):
+        encode_query(1, "a..test", 1)
+    with pytest.raises(ValueError, match="longer than 255"):
+        encode_query(1, ".".join(["a" * 60] * 5), 1)
+    assert encode_query(0x1234, "fabrikam.test", 1) == dns.message.make_query(
+        "fabrikam.test.", "A", id=0x1234, flags=dns.flags.RD).to_wire()

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from edgeproxy.checks import check_text
-from edgeproxy.devcerts import write_dev_certificates
 from edgeproxy.fdlimit import check_fd_limit
 from edgeproxy.xmlstream import NS_SERVER, stream_header
 from tests.conftest import require_netns
+from tests.edges import write_daemon_config
 
 ADDRESS = "127.0.14.9"
 DOMAIN = "contoso.test"
@@ -33,26 +33,11 @@ WAIT = 30.0  # seconds, generous: the machine is shared
 
 
 def write_config(tmp: Path, connection_limit: int = CONNECTION_LIMIT) -> Path:
-    write_dev_certificates(tmp / "certs", [DOMAIN])
-    path = tmp / "edge.toml"
-    path.write_text(f"""
-[edge]
-domains = ["{DOMAIN}"]
-listen = ["{ADDRESS}:5269"]
-certificate = "certs/{DOMAIN}.crt"
-private_key = "certs/{DOMAIN}.key"
-ca_files = ["certs/ca.crt"]
-use_system_ca = false
-dialback_secret = "fd-test-secret"
-connection_limit = {connection_limit}
-
-[dns]
-nameservers = ["127.0.0.53"]
-
+    return write_daemon_config(tmp, ADDRESS, "fd-test-secret", domain=DOMAIN,
+                               edge=f"connection_limit = {connection_limit}\n", more="""
 [[partner]]
 domain = "fabrikam.test"
 """)
-    return path
 
 
 def _low_nofile() -> None:

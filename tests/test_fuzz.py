@@ -111,6 +111,29 @@ def test_a_full_dialback_run_authenticates_and_delivers() -> None:
     assert (LOCAL, REMOTE) in case.machine.verified and not case.closed
 
 
+def test_after_an_idle_close_only_stanzas_count_until_the_peer_closes() -> None:
+    """RFC 6120 4.4 through the harness: the inactivity timer closes the authenticated stream
+    (4.6.3); a stanza the peer sent before it saw the close is still delivered, a dialback key
+    goes unanswered, and the peer's close tag ends it. A Send now is a violation."""
+    import pytest
+
+    from edgeproxy.s2s import Deliver, Send
+    from edgeproxy.xmlstream import XmlStreamParser
+    from tests.fuzzing import Violation
+
+    case = run_operations("in", 4, frozenset(), [
+        ("feed", 0, HEADER), ("feed", 0, VOCAB[20]), ("answer", 0, b""),
+        ("tick", 601, b""), ("feed", 0, VOCAB[29]), ("feed", 0, VOCAB[20]),
+    ])
+    assert case.close_sent and not case.closed and case.machine.next_deadline() is None
+    stanza = XmlStreamParser().feed(HEADER + VOCAB[29])[-1]
+    assert [type(a) for a in case.machine.receive(stanza)] == [Deliver]
+    with pytest.raises(Violation, match="after our close tag"):
+        case._actions([Send(b"<db:result/>")])
+    case.feed(b"</stream:stream>")
+    assert case.closed
+
+
 # Inputs on which bench/fuzz.py found bugs (docs/fuzzing.md), kept as regressions.
 FOUND = [base64.b64decode("".join(parts)) for parts in [
     ('UAUQIEA8c3RyZWFtOmZlYXR1cmVzPjxzdGFydHRscyB4bWxucz0ndXJuOmlldGY6cGFyYW1zOnhtbDpuczp4'
@@ -164,6 +187,8 @@ FOUND = [base64.b64decode("".join(parts)) for parts in [
      'eG1sbv+g/ytzPQ=='),
     ('2SUIAf/9Af//if9w/w//////uAAAaQAAABMAEw=='),
     ('OgcQ2i30Jy8+',),
+    ('UPvv37U8bVggZWVjPegndXJ0bHMnLz48ZmFpYWFhYWFhYWFhYWFzLz48eXRu',),  # run 8 (docs/fuzzing.md)
+    ('AQAFAA==',),  # the harness's certificate check lacked pin_mismatch (session 5)
 ]]
 
 

@@ -34,6 +34,7 @@ from tests.conftest import require_netns
 from tests.e2e import RemoteUsers, running_gateway
 from tests.edges import COMPONENT_SECRET, edge_config, running
 from tests.servers.dnsmasq import Dnsmasq
+from tests.waiting import until
 
 C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
 CA = CertificateAuthority("Gateway Live Test")
@@ -70,13 +71,6 @@ def gateway_file(tmp: Path, **gateway: object) -> ConfigFile:
     path = tmp / "edge.toml"
     path.write_text(tomlkit.dumps(doc))
     return ConfigFile(path)
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_wrong_secret_is_explained_and_backs_off(dns, tmp_path, caplog):
@@ -118,18 +112,25 @@ async def test_domain_the_edge_does_not_serve_is_explained(dns, tmp_path):
 
 
 async def test_second_gateway_conflict_is_named_and_backs_off(dns, tmp_path, caplog):
+    """XEP-0114 with RFC 6120 4.9.3.3 (docs/delivery.md, one gateway per domain): a second
+    gateway with the same secret and its own store is refused with <conflict/> once the
+    connected one has answered the edge's <r/>; the connected one keeps the link."""
     caplog.set_level(logging.INFO)
     cfg = edge_config(tmp_path / "c", *C, CA, [partner(F[0])])
-    async with running(cfg), running_gateway(tmp_path / "a.sqlite3", C[0], C[1],
-                                             cfg.partners) as first:
+    async with running(cfg) as (edge, _), running_gateway(tmp_path / "a.sqlite3", C[0], C[1],
+                                                          cfg.partners) as first:
+        await until(lambda: C[0] in edge.router.components)
+        holder = edge.router.components[C[0]]
         store = SqliteStore(tmp_path / "b.sqlite3")
         second = Gateway(C[0], COMPONENT_SECRET, C[1], 5347, store, cfg.partners)
         second.connect()
         try:
-            await until(lambda: first.gateway.link_refused)
-            assert first.gateway.link_refused.startswith(
+            await until(lambda: second.link_refused, timeout=15)
+            assert second.link_refused.startswith(
                 "<conflict/>: another gateway is connected for contoso.test")
-            assert first.gateway.backoff == first.gateway.max_backoff
+            assert second.backoff == second.max_backoff
+            assert not first.gateway.link_refused
+            assert edge.router.components[C[0]] is holder and not holder.closing
         finally:
             await second.close()
             store.close()

@@ -445,6 +445,7 @@ async def test_stream_inactivity_timeout_closes_idle_stream(h: Harness,
         h.advance(2)
         ev = await p.next()
         assert isinstance(ev, StreamClosed)  # a plain close, not an error (RFC 6120 4.6.3)
+        await p.send("</stream:stream>")  # the edge hangs up once we close too (4.4)
         await p.closed()
         await h.still_serves()
     assert "no traffic for 600 s" in caplog.text

@@ -27,6 +27,7 @@ from edgeproxy.devcerts import CertificateAuthority
 from edgeproxy.server import InboundConnection, OutboundConnection
 from tests.edges import COMPONENT_SECRET, edge_config, error_condition, running, write_cert
 from tests.servers.dnsmasq import Dnsmasq
+from tests.waiting import until
 
 C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
 SLOW = ("slow.test", "127.0.0.99")  # accepts TCP and never answers: stanzas stay queued
@@ -77,13 +78,6 @@ async def exchange(comp_a, comp_b, a, b, body):
 
 def streams(edge, kind):
     return {c for c in edge.connections if isinstance(c, kind) and not c.closing}
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_removed_partner_streams_close_with_policy_violation(dns, tmp_path, caplog):

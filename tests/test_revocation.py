@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from edgeproxy.server import Edge, InboundConnection, OutboundConnection
 from tests.edges import Component, edge_config
 from tests.revocation_pki import OCSP_URL, Pki, Responder, Wall
 from tests.servers.dnsmasq import Dnsmasq
+from tests.waiting import until
 
 C, F = ("contoso.test", "127.0.0.10"), ("fabrikam.test", "127.0.0.11")
 
@@ -416,13 +416,6 @@ async def send(src: Component, dst: Component, body: str):
     msg = done.pop().result()
     assert (msg["type"] == "error") == (msg["to"].domain == src.boundjid.domain), msg
     return msg
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def streams(edge, kind):

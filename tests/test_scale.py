@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.server import Edge, InboundConnection
+from edgeproxy.server import Edge, InboundConnection, OutboundConnection
 from edgeproxy.xmlstream import NS_SASL, NS_SERVER, NS_STREAMS, NS_TLS, stream_header
 from tests.conftest import require_netns
 from tests.hostile import (  # noqa: F401 - the fixtures 'auth' and 'h'
@@ -154,3 +154,25 @@ async def test_partner_count_follows_authenticated_streams_and_refusals(h: Harne
         await h.authenticated(FAB)  # the freed place is usable
         await settled(edge, inbound=2)
         assert edge.partner_connections(FAB) == 2
+
+
+async def test_authenticated_stream_timer_moves_past_the_establishment_deadline(h: Harness
+                                                                              ) -> None:
+    """Once a stream is authenticated its establishment deadline (RFC 6120 4.3, Lync
+    StreamEstablishmentTimeout) is gone: the loop timer is armed at the next real deadline
+    (keepalive, inactivity) at once, not left to fire at the establishment deadline only to
+    re-arm - once per stream, inbound and outbound, a minute after every set-up (issue 11)."""
+    async with h.edge_running() as edge:
+        await h.authenticated(FAB)
+        establishment = edge.cfg.stream_establishment_timeout
+
+        def authenticated() -> list[InboundConnection | OutboundConnection]:
+            return [c for c in edge.connections
+                    if isinstance(c, InboundConnection | OutboundConnection)
+                    and c.is_authenticated()]
+
+        await wait_for(lambda: bool(authenticated()))
+        for c in authenticated():
+            deadline = c.next_deadline()
+            assert deadline is not None and deadline > c.created + establishment, c.label()
+            assert c._timer is not None and c._timer_at == deadline, c.label()

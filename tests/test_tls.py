@@ -560,3 +560,65 @@ def test_client_against_stdlib_server_digests_session_tickets(pki):
     assert got == b"<stream:features/>"
     assert client.handshake_complete and client.alpn_protocol is None
     assert cn(client.peer_certificate) == LOCAL
+
+
+# --- memory per session (issue 11) ---------------------------------------------------------------
+
+def _bios(session: TlsSession) -> tuple[object, object]:
+    conn = session._conn  # white box: pyOpenSSL's two memory BIOs, which tls.py swaps
+    return conn._into_ssl, conn._from_ssl
+
+
+@VERSIONS
+def test_memory_bios_are_renewed_once_empty_and_data_flows_across_the_swap(
+        server_contexts, pki, version):
+    """A memory BIO keeps the capacity of the most it ever held; after the handshake's flights
+    (and any later burst over 1 KiB) each BIO is swapped for an empty one while it is empty.
+    Records split anywhere across chunks (a half record waits in OpenSSL across a swap) still
+    decrypt, both ways, in order."""
+    server, client = pair(server_contexts, pki, version=version)
+    first_server, first_client = _bios(server), _bios(client)
+    transfer(client, server)
+    assert server.handshake_complete and client.handshake_complete
+    after_handshake = _bios(server)
+    assert after_handshake[0] is not first_server[0] and after_handshake[1] is not first_server[1]
+    assert _bios(client)[1] is not first_client[1]
+    # a small exchange does not swap again
+    client.send(b"<presence/>")
+    assert transfer(client, server)[1] == b"<presence/>"
+    assert all(x is y for x, y in zip(_bios(server), after_handshake, strict=True))
+    # a burst, cut into odd chunks that split records: swaps happen mid-record, nothing is lost
+    payload = os.urandom(200_000)
+    client.send(payload)
+    server.send(payload[::-1])
+    wire, back = client.data_to_send(), server.data_to_send()
+    got_server = got_client = b""
+    renewals, bio = 0, _bios(server)[0]
+    for i in range(0, len(wire), 3001):
+        got_server += server.receive_data(wire[i:i + 3001])
+        renewals += _bios(server)[0] is not bio  # a new cdata object per BIO_new
+        bio = _bios(server)[0]
+    for i in range(0, len(back), 1777):
+        got_client += client.receive_data(back[i:i + 1777])
+    assert got_server == payload and got_client == payload[::-1]
+    assert renewals > 10  # the read BIO was renewed along the way
+    server.send(b"<message/>")
+    assert transfer(client, server)[0] == b"<message/>"
+
+
+def test_peer_certificates_are_shared_between_sessions(server_contexts, pki):
+    """Streams presenting the same chain share one parsed certificate per DER (and the
+    extensions cryptography caches in it), and the chain still verifies."""
+    issued = pki.ca.issue(REMOTE, eku=EKU_SERVER)
+    clients = client_contexts(pki, issued)
+    sessions = []
+    for _ in range(2):
+        server = TlsSession.server(server_contexts, LOCAL)
+        transfer(TlsSession.client(clients, REMOTE, LOCAL), server)
+        sessions.append(server)
+    a, b = sessions
+    assert a.peer_certificate is not None and a.peer_certificate is b.peer_certificate
+    assert a.peer_intermediates and all(
+        x is y for x, y in zip(a.peer_intermediates, b.peer_intermediates, strict=True))
+    assert a.peer_certificate.subject == issued.cert.subject
+    assert verify_certificate(b.peer_certificate, b.peer_intermediates, REMOTE, pki.trust).ok

@@ -853,6 +853,40 @@ def test_text_at_stream_level_before_a_bad_token_is_reported_first(
     assert err.value.condition == "not-well-formed" and "stream level" in err.value.text
 
 
+@pytest.mark.parametrize("tail,condition", [
+    (b"<mX eec=\xe8'urtls'/>", "unsupported-encoding"),  # a lead byte, then no continuation
+    (b"<mX eec=\xc3\xa8'urtls'/>", "not-well-formed"),  # valid UTF-8 (e-grave), no quote
+    (b"<mX eec=\xf0\x9f\x98'/>", "unsupported-encoding"),  # a 4-byte character cut short
+], ids=["broken", "valid-utf8", "broken-4-byte"])
+def test_syntax_error_at_a_multibyte_character_does_not_depend_on_the_cut(
+        tail: bytes, condition: str) -> None:
+    """RFC 6120 4.9.3.22 vs 4.9.3.13: expat refuses a lead byte where a quote must be at once,
+    before the rest of the character is in. Whether that character is broken UTF-8 decides the
+    condition, so the parser waits for it (at most 3 bytes) and answers the same for every cut;
+    the input is bench/fuzz.py's run 8 finding (docs/fuzzing.md)."""
+    data = HEADER + tail + b"<faiaaaaaaaaaaas/>"
+    for cut in [None, *range(len(HEADER), len(HEADER) + len(tail) + 1)]:
+        parser = XmlStreamParser()
+        with pytest.raises(XmlStreamError) as err:
+            if cut is None:
+                parser.feed(data)
+            else:
+                parser.feed(data[:cut])
+                parser.feed(data[cut:])
+        assert err.value.condition == condition, cut
+
+
+def test_an_undecided_error_waits_for_no_more_than_the_character() -> None:
+    """While the character at expat's error is cut short nothing is answered (and nothing more
+    is parsed); the byte that completes it brings the stream error."""
+    parser = XmlStreamParser()
+    assert parser.feed(HEADER + b"<message/><mX eec=\xe8")[-1].name == "message"
+    assert parser.feed(b"\x80") == []
+    with pytest.raises(XmlStreamError) as err:
+        parser.feed(b"\x80<more/>")
+    assert err.value.condition == "not-well-formed"  # \xe8\x80\x80 is valid UTF-8 (U+8000)
+
+
 @pytest.mark.parametrize("split", [None, 3])
 def test_self_closing_stream_header_opens_and_closes_the_stream(split: int | None) -> None:
     """A root that is an empty-element tag is a stream opened and closed at once (RFC 6120

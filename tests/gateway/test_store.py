@@ -235,5 +235,37 @@ def test_schema_2_becomes_3_with_its_counters(path):
     counters, rows = _file_counts(path)
     assert counters == rows == (2, 16)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def test_token_cache_forgets_replaced_and_removed_tokens(path):
+    """user_for_token remembers the tokens that worked (every API request asks); a token this
+    store replaces or removes stops working at once, and one replaced or removed by another
+    process (`gateway user token|remove`) once the store looks again (token_recheck)."""
+    store = SqliteStore(path)
+    old = store.add_user("bob")
+    assert store.user_for_token(old) == "bob" and store.user_for_token(old) == "bob"
+    new = store.set_token("bob")
+    assert store.user_for_token(old) is None and store.user_for_token(new) == "bob"
+    carl = store.add_user("carl")
+    assert store.user_for_token(carl) == "carl"
+    store.commit()
+    assert store.remove_user("carl")
+    assert store.user_for_token(carl) is None
+    store.commit()
+
+    store.token_recheck = 0.0  # look at every call (the default: every 50 ms)
+    assert store.user_for_token(new) == "bob"
+    other = sqlite3.connect(path)  # the command line, in another process
+    other.execute("UPDATE users SET token_hash = 'replaced' WHERE name = 'bob'")
+    other.commit()
+    assert store.user_for_token(new) is None
+    other.execute("UPDATE users SET token_hash = ? WHERE name = 'bob'", (hash_token(new),))
+    other.commit()
+    assert store.user_for_token(new) == "bob"
+    other.execute("DELETE FROM users WHERE name = 'bob'")
+    other.commit()
+    other.close()
+    assert store.user_for_token(new) is None
+    store.close()

@@ -26,20 +26,15 @@ import pytest
 
 from edgeproxy.devcerts import EKU_SERVER, CertificateAuthority, Issued
 from edgeproxy.server import Edge
+from tests import waiting
 from tests.e2e import Api, RunningGateway, UserSocket, running_gateway
 from tests.edges import edge_config
 from tests.servers import Dnsmasq, Mechanism, TestClient
 
 
 async def until(what: str, cond: Callable[[], Any], timeout: float = 40.0) -> Any:
-    """Wait in the event loop (the edge keeps running) until cond() is truthy; its value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (result := cond()):
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:g} s")
-        await asyncio.sleep(0.1)
-    return result
+    """tests.waiting.until with the interop suites' argument order; cond()'s truthy value."""
+    return await waiting.until(cond, timeout, what, poll=0.1)
 
 
 def partner_streams(edge: Edge, domain: str) -> list[Any]:

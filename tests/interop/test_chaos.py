@@ -58,6 +58,7 @@ from tests.interop import matrix
 from tests.interop.harness import CA, EDGE, EDGE_IP, Dns, PeerSetup, certificate
 from tests.interop.peers import PROSODY, make_prosody
 from tests.servers import ProsodyServer, TestClient
+from tests.waiting import until
 
 ALICE_COUNT = 5000
 BOB_COUNT = 5000
@@ -191,17 +192,6 @@ class Daemon:
 
     def tail(self, lines: int = 30) -> str:
         return f"--- {self.log_path} ---\n" + "\n".join(self.text().splitlines()[-lines:])
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await _value(predicate()):
-        assert asyncio.get_running_loop().time() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.1)
-
-
-async def _value(v: Any) -> Any:
-    return await v if isinstance(v, Awaitable) else v
 
 
 @dataclass

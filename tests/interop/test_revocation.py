@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from edgeproxy.server import Edge, InboundConnection
 from tests.edges import Component, edge_config
 from tests.revocation_pki import Pki, Responder, Wall
 from tests.servers import Dnsmasq, EjabberdServer, ProsodyServer, TestClient
+from tests.waiting import until
 
 pytestmark = pytest.mark.interop
 
@@ -53,13 +53,6 @@ def peer_server(name: str, tmp, pki: Pki):
         server = EjabberdServer(tmp / name, domain, ip, certificate=cert, ca_file=ca,
                                 dialback=False, users={"alice": PASSWORD})
     return server, cert
-
-
-async def until(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))

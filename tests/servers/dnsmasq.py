@@ -31,6 +31,10 @@ class Dnsmasq(ServerProcess):
         "no service" (RFC 6120 3.2.1)."""
         self._records.append(f"srv-host={service_name},{target},{port},{priority},{weight}")
 
+    def add_cname(self, alias: str, target: str) -> None:
+        """CNAME record; dnsmasq serves it only for a target it knows (a host record)."""
+        self._records.append(f"cname={alias},{target}")
+
     def clear(self) -> None:
         self._records.clear()
 
