@@ -2,6 +2,7 @@
 ejabberd serving the same local domain themselves.
 
     scripts/netns-run python3 bench/e2e.py [-n 20000] [--rounds 2] [--tree DIR] [--skip ...]
+                                           [--outbound rest,ws,batch] [--no-inbound]
 
 A script, not a test (issue 10's table is its output). The world, on loopback in the test
 network namespace:
@@ -30,9 +31,11 @@ Columns, per server, the median of --rounds rounds:
   /proc/<pid>/stat over the burst job (far less noisy than the rates on a shared machine);
 - outbound msg/s and CPU us/msg: bob sends N to alice@partner.test; for us through the
   gateway's API (`--outbound rest`: `POST /api/v1/messages`, 64 requests in flight on
-  keep-alive connections), for the peers over bob's c2s stream (<= 500 in flight). The
-  receiving Prosody is the cap. OUTBOUND_MODES is where other send paths plug in (the user's
-  WebSocket, the batch endpoint).
+  keep-alive connections; `--outbound ws`: bob's own WebSocket session, `message` ops 200 at a
+  time, <= 2,000 unanswered; `--outbound batch`: `POST /api/v1/messages/batch` of 500 on 4
+  connections; `--outbound rest,ws,batch`: one edge + gateway per mode, in the same run), for
+  the peers over bob's c2s stream (<= 500 in flight). The receiving Prosody is the cap.
+  `--no-inbound` leaves the inbound jobs out.
 
 The load average is printed with the table: write it down with every number.
 """
@@ -62,6 +65,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import gateway_out  # noqa: E402
 from bench.relay import (  # noqa: E402
     AUTH_IP,
     CLK_TCK,
@@ -93,6 +97,7 @@ ACK_EVERY = 50  # bob's WebSocket acknowledges (and counts) this many at a time
 WINDOW = 500
 PACED_RATE, PACED_BATCH = 5000, 50
 BODY = "hello number {n}, how are you today? all is fine here, thanks for asking."
+BODY_N = BODY.replace("{n}", "%d")
 MESSAGE = ("<message from='alice@" + SENDER + "/phone' to='" + BOB + "' type='chat' id='m{n}'>"
            "<body>{stamp} " + BODY + "</body></message>")
 STAMP = re.compile(rb"<body>(\d+) ")
@@ -357,11 +362,31 @@ async def send_rest(target: OurDaemons, n: int, reader: Reader) -> None:
     await asyncio.gather(*(worker() for _ in range(64)))
 
 
-# How bob sends for us: engineer "out" adds "ws" (the user's WebSocket) and "batch" (the batch
-# REST endpoint) here, each an async function (target, n, alice's reader) that returns once all
-# n are handed to the gateway.
+def _counters() -> gateway_out.Counters:
+    # alice's reader counts bodies that start with a number and a space (STAMP)
+    return gateway_out.Counters(host=LOCAL_IP, port=8080, to=ALICE, body="0 " + BODY_N)
+
+
+async def send_ws(target: OurDaemons, n: int, reader: Reader) -> None:
+    """Bob's own WebSocket session (a second resource besides the reading one): `message`
+    ops written 200 at a time, at most 2,000 unanswered (bench/gateway_out.py's raw client)."""
+    await gateway_out.ws_session(target.token, n, 2000, _counters())
+
+
+async def send_batch(target: OurDaemons, n: int, reader: Reader) -> None:
+    """`POST /api/v1/messages/batch` of 500 on 4 keep-alive connections (raw HTTP/1.1)."""
+    c, per = _counters(), -(-n // 4)
+    await asyncio.gather(*(gateway_out.batch_worker(target.token,
+                                                    range(k * per, min(n, (k + 1) * per)), c)
+                           for k in range(4)))
+
+
+# How bob sends for us: each an async function (target, n, alice's reader) that returns once
+# all n are handed to the gateway.
 OUTBOUND_MODES: dict[str, Callable[[OurDaemons, int, Reader], Awaitable[None]]] = {
     "rest": send_rest,
+    "ws": send_ws,
+    "batch": send_batch,
 }
 
 
@@ -557,14 +582,21 @@ async def job_paced(w: Wire, reader: Reader, n: int) -> tuple[float, float]:
     return q[49] / 1e6, q[98] / 1e6
 
 
+class _SkipInbound(Exception):
+    """--no-inbound: the inbound jobs are left out."""
+
+
 async def run_target(target: Target, args: argparse.Namespace, alice: Reader) -> Result:
     res = Result(target.name)
     await target.start()
     try:
         bob = Reader()
         await target.open_reader(bob)
+        procs = target.processes()
         w = await dialback_sender(LOCAL_IP, SENDER, SENDER_SECRET)
         try:
+            if args.no_inbound:
+                raise _SkipInbound
             w.send(burst(0, 200, time.monotonic_ns()))  # warm-up: the stream, the first load
             await bob.wait_for(200, 60)
             procs = target.processes()
@@ -573,6 +605,8 @@ async def run_target(target: Target, args: argparse.Namespace, alice: Reader) ->
             res.cpu_in = {k: (cpu_of(v) - before[k]) / args.n * 1e6 for k, v in procs.items()}
             res.windowed = await job_windowed(w, bob, args.n)
             res.p50, res.p99 = await job_paced(w, bob, args.n)
+        except _SkipInbound:
+            pass
         finally:
             w.close()
         if not args.no_outbound:
@@ -596,11 +630,12 @@ async def run_target(target: Target, args: argparse.Namespace, alice: Reader) ->
 
 def median_result(results: list[Result]) -> Result:
     med = statistics.median
-    keys = results[0].cpu_in.keys()
+    keys = results[0].cpu_in.keys() or results[0].cpu_out.keys()
     return Result(
         results[0].server, med(r.burst for r in results), med(r.windowed for r in results),
         med(r.p50 for r in results), med(r.p99 for r in results),
-        {k: med(r.cpu_in[k] for r in results) for k in keys}, med(r.outbound for r in results),
+        {k: med(r.cpu_in.get(k, 0.0) for r in results) for k in keys},
+        med(r.outbound for r in results),
         {k: med(r.cpu_out.get(k, 0.0) for r in results) for k in keys})
 
 
@@ -667,10 +702,11 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
             if args.tree and "baseline" not in args.skip:
                 out.append(OurDaemons(rdir, ca, ca_file, Path(args.tree).resolve(),
                                       "edge + gateway (baseline)", "rest"))
-            if "ours" not in args.skip:
-                ours = OurDaemons(rdir, ca, ca_file, ROOT, "edge + gateway", args.outbound)
+            for mode in args.outbound.split(",") if "ours" not in args.skip else ():
+                name = "edge + gateway" + (f" ({mode})" if "," in args.outbound else "")
+                ours = OurDaemons(rdir, ca, ca_file, ROOT, name, mode)
                 if args.profile:
-                    ours.profile = tmp / f"gateway-{round_}.prof"
+                    ours.profile = tmp / f"gateway-{round_}-{mode}.prof"
                     profiles.append(ours.profile)
                 out.append(ours)
             for software in ("prosody", "ejabberd"):
@@ -703,13 +739,20 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20_000, help="messages per job (default 20000)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, interleaved (default 2)")
     ap.add_argument("--tree", help="also run edge + gateway from this source tree (baseline)")
-    ap.add_argument("--outbound", default="rest", choices=sorted(OUTBOUND_MODES),
-                    help="how bob sends through the gateway (default rest)")
+    ap.add_argument("--outbound", default="rest",
+                    help="how bob sends through the gateway: rest, ws, batch, or several "
+                         "comma-separated (one edge + gateway each, same run; default rest)")
+    ap.add_argument("--no-inbound", action="store_true",
+                    help="outbound columns only (the inbound jobs are skipped)")
     ap.add_argument("--no-outbound", action="store_true", help="inbound columns only")
     ap.add_argument("--profile", action="store_true", help="run our gateway under cProfile")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["ours", "baseline", "prosody", "ejabberd"])
     args = ap.parse_args()
+    unknown = set(args.outbound.split(",")) - set(OUTBOUND_MODES)
+    if unknown:
+        ap.error(f"--outbound: unknown mode(s) {', '.join(sorted(unknown))}; "
+                 f"choose from {', '.join(OUTBOUND_MODES)}")
     if os.environ.get("EDGE_IN_NETNS") != "1":
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "
                  "bench/e2e.py")

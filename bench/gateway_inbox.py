@@ -1,6 +1,7 @@
 """The gateway's inbound path to a local user's WebSocket: messages/s and gateway CPU/message.
 
     python3 bench/gateway_inbox.py [-n 20000] [--per-read 500] [--tree DIR] [--profile]
+        [--loops asyncio,uvloop --rounds 3]
 
 A script, not a test. The gateway (`gateway.component.Gateway` with its aiohttp API and a real
 SQLite file) runs in a subprocess, so its CPU time (time.process_time in that process) is its
@@ -32,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 GATEWAY = textwrap.dedent('''
-    import asyncio, json, sys, time
+    import asyncio, json, os, sys, time
     from xml.etree import ElementTree as ET
     from aiohttp import web
     from edgeproxy.partners import Partner, PartnerTable, PartnerType
@@ -57,7 +58,8 @@ GATEWAY = textwrap.dedent('''
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        print(json.dumps({"port": port, "token": token}), flush=True)
+        print(json.dumps({"port": port, "token": token,
+                          "loop": type(asyncio.get_running_loop()).__module__}), flush=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.readline)  # the client is connected
         texts = [f"<message xmlns='jabber:component:accept' from='alice@fabrikam.test/pc' "
@@ -74,6 +76,9 @@ GATEWAY = textwrap.dedent('''
                           if hasattr(store, "inbox_usage") else None}), flush=True)
         await runner.cleanup()
 
+    if os.environ.get("EDGE_EVENT_LOOP") == "uvloop":  # --loops (any tree: no edgeproxy API)
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if len(sys.argv) > 4:  # --profile: the gateway under cProfile, top functions to stderr
         import cProfile, pstats
         profile = cProfile.Profile()
@@ -110,9 +115,14 @@ async def client(port: int, token: str, n: int, started: asyncio.Event,
         return count, elapsed, "complete"
 
 
-async def run(n: int, per_read: int, tree: Path, profile: bool) -> None:
+async def run(n: int, per_read: int, tree: Path, profile: bool,
+              event_loop: str | None = None) -> tuple[float, float]:
+    """One gateway process: (msg/s, gateway CPU us/msg)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(tree)}
+        env.pop("EDGE_EVENT_LOOP", None)
+        if event_loop is not None:
+            env["EDGE_EVENT_LOOP"] = event_loop
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", GATEWAY, str(n), str(per_read), f"{tmp}/gw.sqlite3",
             *(["profile"] if profile else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -128,9 +138,30 @@ async def run(n: int, per_read: int, tree: Path, profile: bool) -> None:
         proc.stdin.write(b"done\n")
         stats = json.loads(await proc.stdout.readline())
         await proc.wait()
-    print(f"{tree}: {count:,} of {n:,} messages ({how}) in {elapsed:.2f} s = "
-          f"{count / elapsed:,.0f} msg/s; gateway CPU {stats['cpu']:.2f} s = "
-          f"{stats['cpu'] / max(count, 1) * 1e6:.0f} us/msg; left in the inbox: {stats['left']}")
+    print(f"{tree} on {hello.get('loop', '?')}: {count:,} of {n:,} messages "
+          f"({how}) in {elapsed:.2f} s = {count / elapsed:,.0f} msg/s; gateway CPU "
+          f"{stats['cpu']:.2f} s = {stats['cpu'] / max(count, 1) * 1e6:.0f} us/msg; left in the "
+          f"inbox: {stats['left']}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return count / elapsed, stats["cpu"] / max(count, 1) * 1e6
+
+
+def compare_loops(args: argparse.Namespace, tree: Path) -> None:
+    """--loops: a gateway per loop and round, the loops' order reversed every other round."""
+    import statistics
+
+    loops = [x.strip() for x in args.loops.split(",") if x.strip()]
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
+    for rnd in range(args.rounds):
+        for name in loops if rnd % 2 == 0 else loops[::-1]:
+            got[name].append(asyncio.run(run(args.n, args.per_read, tree, False, name)))
+    base_rate = statistics.median(r for r, _ in got[loops[0]])
+    base_cpu = statistics.median(c for _, c in got[loops[0]])
+    for name in loops:
+        rate = statistics.median(r for r, _ in got[name])
+        cpu = statistics.median(c for _, c in got[name])
+        print(f"median of {args.rounds}: {name:8s} {rate:>8,.0f} msg/s, gateway CPU {cpu:5.1f} "
+              f"us/msg  ({rate / base_rate:.2f}x msg/s, {cpu / base_cpu:.2f}x CPU/msg of "
+              f"{loops[0]})")
 
 
 def main() -> None:
@@ -143,7 +174,15 @@ def main() -> None:
                         help="source tree(s) to run the gateway from (default: this one)")
     parser.add_argument("--profile", action="store_true",
                         help="run the gateway under cProfile; its top functions go to stderr")
+    parser.add_argument("--loops", default="", metavar="LOOP,LOOP",
+                        help="compare event loops (asyncio, uvloop) for the gateway, "
+                        "interleaved, --rounds times each")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.loops:
+        for tree in args.tree or [Path(__file__).resolve().parents[1]]:
+            compare_loops(args, tree.resolve())
+        return
     for tree in args.tree or [Path(__file__).resolve().parents[1]]:
         asyncio.run(run(args.n, args.per_read, tree.resolve(), args.profile))
 

@@ -2,7 +2,8 @@
 S2S sink, by single POSTs, batch POSTs and the WebSocket session (issue 10).
 
     scripts/netns-run python3 bench/gateway_out.py [-n 20000] [--rounds 2] [--baseline main]
-                                                   [--profile]
+                                                   [--modes single,batch,ws] [--floor]
+                                                   [--no-baseline] [--profile]
 
 A script, not a test. Each round starts, for the baseline tree (`git archive` of --baseline,
 main by default, unpacked in a temporary directory) and then for this tree, the edge
@@ -11,17 +12,21 @@ main by default, unpacked in a temporary directory) and then for this tree, the 
 /proc/<pid>/stat. The clients are raw and lean, in this process (not measured):
 
 - `single`: 16 keep-alive HTTP/1.1 connections, one `POST /api/v1/messages` at a time each;
-- `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each (this tree
-  only: the baseline has no batch endpoint);
+- `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each;
 - `ws`: one WebSocket session, message frames (zero mask key: RFC 6455 5.3 wants a random
-  one, the server cannot tell) written 200 at a time, at most --window unanswered (this tree
-  only).
+  one, the server cannot tell) written 200 at a time, at most --window unanswered.
+
+The baseline runs the modes of --baseline-modes too (all three by default; a tree from before
+session 4 has only `single`).
 
 A 503 (the outbox full) or a `resource-constraint` answer is retried after 10 ms and counted.
 The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the edge's stream
 and its dialback key without checking it (XEP-0220: a sink may, it only receives), and counts
 `</message>`. The time runs from the first request to the sink's N-th message; the CPU is
-that of the edge and of the gateway over the same span, per message. The machine is shared
+that of the edge and of the gateway over the same span, per message (with the gateway's
+kernel share, "sys"). `--floor` adds what aiohttp alone costs per single POST: a bare app
+(read the JSON body, answer 202 JSON, no middleware) on the same client, so the single POSTs'
+figure can be split into aiohttp's floor and the gateway's own work. The machine is shared
 and noisy: compare the ratios in one run, and note the load average printed with each line.
 """
 
@@ -104,6 +109,38 @@ finally:
 """
 
 
+# --floor: what aiohttp itself costs per request here - a bare app whose handler reads the JSON
+# body and answers 202 with a JSON body, no middleware, no access log, on the same raw client
+FLOOR_SERVER = """
+import sys
+from aiohttp import web
+async def handle(request):
+    await request.json()
+    return web.json_response({"id": "0", "queued": False}, status=202)
+app = web.Application()
+app.router.add_post("/api/v1/messages", handle)
+web.run_app(app, host=sys.argv[1], port=int(sys.argv[2]), access_log=None, print=None)
+"""
+FLOOR_PORT = 8081
+
+
+async def floor_run(n: int) -> Result:
+    """n single POSTs (16 connections) to the bare aiohttp app: its CPU per request."""
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, EDGE_IP, str(FLOOR_PORT)],
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_port(EDGE_IP, FLOOR_PORT, proc=proc)
+        c = Counters(port=FLOOR_PORT)
+        cpu0, sys0, t0 = proc_cpu(proc.pid), proc_sys(proc.pid), time.monotonic()
+        await asyncio.gather(*(single_worker("-", range(k, n, SINGLE_CONNECTIONS), c)
+                               for k in range(SINGLE_CONNECTIONS)))
+        seconds = time.monotonic() - t0
+        return Result("aiohttp", "floor", n, seconds, 0.0, proc_cpu(proc.pid) - cpu0,
+                      proc_sys(proc.pid) - sys0, 0, os.getloadavg()[0])
+    finally:
+        stop_process(proc)
+
+
 class Sink(asyncio.Protocol):
     """fabrikam.test's server, receiving only: stream header and dialback feature, each
     <db:result/> answered valid once, then `</message>` counted (class-wide, all streams)."""
@@ -172,13 +209,14 @@ class Counters:
     port: int = API_PORT
     to: str = TO
     retries: int = 0
+    body: str = BODY  # the text of message i: body % i
 
 
 async def single_worker(token: str, numbers: range, c: Counters) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     for i in numbers:
         req = request("/api/v1/messages", token,
-                      json.dumps({"to": c.to, "body": BODY % i}).encode(), c.host)
+                      json.dumps({"to": c.to, "body": c.body % i}).encode(), c.host)
         while True:
             w.write(req)
             status, data = await read_response(r)
@@ -194,7 +232,7 @@ async def single_worker(token: str, numbers: range, c: Counters) -> None:
 async def batch_worker(token: str, numbers: range, c: Counters) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     for start in range(numbers.start, numbers.stop, BATCH):
-        items = [{"to": c.to, "body": BODY % i} for i in range(start, min(start + BATCH,
+        items = [{"to": c.to, "body": c.body % i} for i in range(start, min(start + BATCH,
                                                                            numbers.stop))]
         req = request("/api/v1/messages/batch", token, json.dumps({"messages": items}).encode(),
                       c.host)
@@ -271,7 +309,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
             for _ in range(min(WS_CHUNK, len(todo))):
                 i = todo.popleft()
                 chunk.append(client_frame(json.dumps({"op": "message", "ref": i, "to": c.to,
-                                                      "body": BODY % i})))
+                                                      "body": c.body % i})))
             in_flight += len(chunk)
             w.write(b"".join(chunk))
             await w.drain()
@@ -291,6 +329,7 @@ class Result:
     seconds: float
     edge_cpu: float
     gw_cpu: float
+    gw_sys: float  # of which in the kernel (socket calls, the loopback's delivery)
     retries: int
     load: float
 
@@ -301,7 +340,8 @@ class Result:
     def line(self) -> str:
         return (f"{self.tree:9s} {self.mode:7s} {self.rate:>8,.0f} msg/s   CPU us/msg: edge "
                 f"{self.edge_cpu / self.n * 1e6:6.1f}  gateway {self.gw_cpu / self.n * 1e6:6.1f}"
-                f"  total {(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}   retries "
+                f" (sys {self.gw_sys / self.n * 1e6:5.1f})  total "
+                f"{(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}   retries "
                 f"{self.retries:5d}   load {self.load:.2f}")
 
 
@@ -348,12 +388,11 @@ async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -
     `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session; returns
     when every one was accepted into the outbox (c.retries: how many were sent again)."""
     if mode == "single":
-        per = n // SINGLE_CONNECTIONS
-        await asyncio.gather(*(single_worker(token, range(k * per, (k + 1) * per), c)
+        await asyncio.gather(*(single_worker(token, range(k, n, SINGLE_CONNECTIONS), c)
                                for k in range(SINGLE_CONNECTIONS)))
     elif mode == "batch":
-        per = n // BATCH_CONNECTIONS
-        await asyncio.gather(*(batch_worker(token, range(k * per, (k + 1) * per), c)
+        per = -(-n // BATCH_CONNECTIONS)  # every one of the n, whatever n is
+        await asyncio.gather(*(batch_worker(token, range(k * per, min(n, (k + 1) * per)), c)
                                for k in range(BATCH_CONNECTIONS)))
     else:
         await ws_session(token, n, window, c)
@@ -364,14 +403,20 @@ async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
     c = Counters()
     Sink.target = Sink.count + n
     Sink.reached.clear()
-    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
+    cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
     t0 = time.monotonic()
     await send(mode, token, n, c, window)
     await asyncio.wait_for(Sink.reached.wait(), 120)
     seconds = time.monotonic() - t0
-    cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid)
-    return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], c.retries,
-                  os.getloadavg()[0])
+    cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
+    return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
+                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0])
+
+
+def proc_sys(pid: int) -> float:
+    """stime of a process in seconds (/proc/<pid>/stat field 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[12]) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_link(token: str) -> None:
@@ -398,9 +443,10 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
     sink = await asyncio.get_running_loop().create_server(Sink, SINK_IP, 5269,
                                                           reuse_address=True)
     modes = tuple(args.modes.split(","))
-    trees = [(args.baseline, unpack(args.baseline, tmp / "baseline"), ("single",)),
+    base_modes = tuple(m for m in args.baseline_modes.split(",") if m in modes)
+    trees = [(args.baseline, unpack(args.baseline, tmp / "baseline"), base_modes),
              ("this", ROOT, modes)]
-    if args.no_baseline or "single" not in modes:
+    if args.no_baseline or not base_modes:
         trees = trees[1:]
     print(f"N = {args.n:,} messages per mode, {args.rounds} round(s), WebSocket window "
           f"{args.window}; baseline {args.baseline}; {os.cpu_count()} CPUs")
@@ -418,10 +464,14 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
                     results.append(res)
             finally:
                 d.stop()
+        if args.floor:
+            res = await floor_run(args.n)
+            print(res.line(), flush=True)
+            results.append(res)
     sink.close()
     print("\nmedian over rounds:")
     base = {}
-    for name, _, modes in trees:
+    for name, _, modes in trees + ([("aiohttp", ROOT, ("floor",))] if args.floor else []):
         for mode in modes:
             rs = sorted((r for r in results if (r.tree, r.mode) == (name, mode)),
                         key=lambda r: r.gw_cpu)
@@ -429,9 +479,9 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
             print(med.line())
             if name == args.baseline:
                 base[mode] = med
-            elif "single" in base:
-                b = base["single"]
-                print(f"          {mode} vs {args.baseline} single: throughput "
+            elif mode in base or "single" in base:
+                b = base.get(mode) or base["single"]
+                print(f"          {mode} vs {args.baseline} {b.mode}: throughput "
                       f"{med.rate / b.rate:.2f}x, gateway CPU per message "
                       f"{med.gw_cpu / med.n / (b.gw_cpu / b.n):.2f}x")
     if args.profile:
@@ -439,6 +489,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
         if prof.exists():
             print("\ngateway profile (this tree, last round, tottime top 30):")
             pstats.Stats(str(prof)).sort_stats("tottime").print_stats(30)
+            print("\ngateway profile, the gateway's own functions by cumulative time:")
+            pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(r"gateway/", 25)
 
 
 def main() -> None:
@@ -451,6 +503,11 @@ def main() -> None:
     ap.add_argument("--modes", default="single,batch,ws",
                     help="this tree's send modes, comma-separated (default single,batch,ws)")
     ap.add_argument("--no-baseline", action="store_true", help="this tree only")
+    ap.add_argument("--baseline-modes", default="single,batch,ws",
+                    help="the modes the baseline runs too (default all three: main has the "
+                         "batch endpoint and the WebSocket ops since session 4)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also a bare aiohttp app's CPU per single POST (the HTTP floor)")
     ap.add_argument("--profile", action="store_true",
                     help="run this tree's gateway under cProfile (slower) and print the top")
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """Relay throughput: one authenticated inbound S2S stream pushes N messages to the component.
 
     scripts/netns-run python3 bench/relay.py [-n 200000] [--window 2000] [--prosody] [--profile]
+        [--acked] [--loops asyncio,uvloop --rounds 3]
 
 A script, not a test. It starts the edge (contoso.test on 127.0.0.10) as a subprocess, so the
 edge's CPU time is read alone from /proc/<pid>/stat, and drives it with raw clients in this
@@ -22,6 +23,8 @@ same bytes, in this process. The machine is shared and noisy: the ratios are wha
 --prosody runs the same two jobs against Prosody 0.12 hosting `Component "contoso.test"` on
 127.0.0.12 (dialback via dnsmasq on 127.0.0.53, which it needs to find the authoritative
 server). --profile runs the edge under cProfile and prints the top functions at the end.
+--loops asyncio,uvloop runs the edge on each event loop in turn (EDGE_EVENT_LOOP,
+edgeproxy.eventloop), --rounds times interleaved, and prints the medians and the ratios.
 """
 
 from __future__ import annotations
@@ -442,18 +445,33 @@ finally:
 """
 
 
-def start_edge(tmp: Path, cfg: Path, profile: Path | None) -> subprocess.Popen:
+def start_edge(tmp: Path, cfg: Path, profile: Path | None,
+               event_loop: str | None = None) -> subprocess.Popen:
+    """The edge as a subprocess; `event_loop` ("asyncio" | "uvloop") through $EDGE_EVENT_LOOP,
+    None: the edge's own choice ([edge] event_loop, default "auto")."""
     log = tmp / "edge.log"
     if profile is None:
         cmd = [sys.executable, "-m", "edgeproxy", "run", "-c", str(cfg)]
     else:
         cmd = [sys.executable, "-c", PROFILE_RUNNER, str(cfg), str(profile)]
+    env = dict(os.environ)
+    env.pop("EDGE_EVENT_LOOP", None)
+    if event_loop is not None:
+        env["EDGE_EVENT_LOOP"] = event_loop
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
     wait_port(EDGE_IP, 5347, proc=proc, log=log)
     wait_port(EDGE_IP, 5269, proc=proc, log=log)
     return proc
+
+
+def edge_loop(log: Path) -> str:
+    """The edge's start-up line naming its event loop (edgeproxy.eventloop)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "event loop: " in line:
+            return line.split("event loop: ", 1)[1]
+    return "(no event loop line in the edge's log)"
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -583,6 +601,46 @@ def print_result(r: Result, floor_rate: float, floor_us: float) -> None:
           f"[{r.rate / floor_rate:.3f} of expat rate]")
 
 
+async def compare_loops(args: argparse.Namespace, tmp: Path, cfg: Path,
+                        tls_contexts: TlsContexts, floor_rate: float, floor_us: float) -> None:
+    """--loops: the same jobs on a fresh edge per event loop, --rounds times, the order of the
+    loops reversed every other round (interleaved, so the machine's load falls on each alike).
+    Reported per loop and job: the median of the rounds, and the ratios to the first loop."""
+    loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    by: dict[tuple[str, str], list[Result]] = {}
+    for rnd in range(args.rounds):
+        for name in loops if rnd % 2 == 0 else loops[::-1]:
+            edge = start_edge(tmp, cfg, None, name)
+            try:
+                print(f"round {rnd + 1}, edge on {edge_loop(tmp / 'edge.log')}; load average "
+                      f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+                results = await run_relay(name, EDGE_IP, edge.pid, args, tls_contexts)
+            finally:
+                stop_process(edge)
+            for r in results:
+                print_result(r, floor_rate, floor_us)
+                by.setdefault((name, r.label.split(", ", 1)[1]), []).append(r)
+    print(f"\nmedians of {args.rounds} round(s){', acknowledged component' if args.acked else ''}"
+          f"; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    jobs = list(dict.fromkeys(job for _, job in by))
+    for job_name in jobs:
+        base = by.get((loops[0], job_name))
+        for name in loops:
+            rs = by.get((name, job_name))
+            if not rs:
+                continue
+            rate = statistics.median(r.rate for r in rs)
+            cpu = statistics.median(r.cpu_us for r in rs)
+            line = (f"{name:8s} {job_name:22s} {rate:>9,.0f} msg/s  edge CPU {cpu:5.1f} us/msg"
+                    f"  (rounds: {', '.join(f'{r.rate:,.0f}' for r in rs)} msg/s; "
+                    f"{', '.join(f'{r.cpu_us:.1f}' for r in rs)} us/msg)")
+            if base and name != loops[0]:
+                line += (f"  -> {rate / statistics.median(r.rate for r in base):.2f}x msg/s, "
+                         f"{cpu / statistics.median(r.cpu_us for r in base):.2f}x CPU/msg "
+                         f"of {loops[0]}")
+            print(line)
+
+
 async def main_async(args: argparse.Namespace, tmp: Path) -> None:
     ca = CertificateAuthority("Relay Bench")
     ca_file = ca.write_root(tmp / "ca.crt")
@@ -602,7 +660,12 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
           f"CPU {floor_us:.2f} us/msg")
 
     profile = tmp / "edge.prof" if args.profile else None
-    edge = start_edge(tmp, write_edge_config(tmp, certs, ca_file), profile)
+    edge_cfg = write_edge_config(tmp, certs, ca_file)
+    if args.loops:
+        await compare_loops(args, tmp, edge_cfg, tls_contexts, floor_rate, floor_us)
+        auth.close()
+        return
+    edge = start_edge(tmp, edge_cfg, profile)
     results: list[Result] = []
     try:
         results += await run_relay("edge", EDGE_IP, edge.pid, args, tls_contexts)
@@ -646,6 +709,11 @@ def main() -> None:
     ap.add_argument("--acked", action="store_true",
                     help="the component enables XEP-0198 and acknowledges, as the gateway does")
     ap.add_argument("--profile", action="store_true", help="run the edge under cProfile")
+    ap.add_argument("--loops", default="", metavar="LOOP,LOOP",
+                    help="compare the edge's event loops, e.g. asyncio,uvloop (EDGE_EVENT_LOOP "
+                    "per edge; ratios to the first); the client side stays on asyncio")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --loops: rounds, the loops' order reversed every other one")
     args = ap.parse_args()
     if os.environ.get("EDGE_IN_NETNS") != "1":
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "

@@ -4,6 +4,7 @@ and ejabberd 23.01 in one run (issue 11).
     scripts/netns-run python3 bench/streams.py [-n 10000] [--steps 1000,5000,10000]
         [--targets edge,prosody,ejabberd] [--modes tls,dialback] [--edge LABEL=TREE ...]
         [--parallel 16] [--probe 200] [--idle 10] [--json out.json] [--workdir DIR]
+        [--edge-loops asyncio,uvloop] [--rounds 2]
     python3 bench/streams.py --report out.json          # the tables of an earlier run
 
 A script, not a test (tests/test_bench_streams.py runs it at N = 50 so it keeps working). Every
@@ -49,6 +50,11 @@ the SUT and two in the bench); the bench says so.
 
 The machine is shared: wall-clock rates vary with its load (printed with every run); CPU time
 per set-up is the steadier figure. Run the peers and the edge in the same run, interleaved.
+--edge-loops asyncio,uvloop measures every edge on both event loops (EDGE_EVENT_LOOP,
+edgeproxy.eventloop), as targets LABEL-asyncio and LABEL-uvloop; `--targets edge` takes both.
+--no-certificate-book keeps the edge from writing the partners' certificates file
+(edgeproxy.fingerprints), which it rewrites whole for each new partner: O(partners) per TLS
+set-up, the largest cost of a set-up at thousands of partners (docs/benchmarks.md "uvloop").
 """
 
 from __future__ import annotations
@@ -439,19 +445,28 @@ class EdgeServer(ServerProcess):
     name = "edge"
     start_timeout = 120.0  # 10,000 [[partner]] tables to check
 
-    def __init__(self, workdir: Path, address: str, tree: Path, config: str):
+    def __init__(self, workdir: Path, address: str, tree: Path, config: str,
+                 event_loop: str | None = None, certificate_book: bool = True):
         super().__init__(workdir, address)
-        self.tree, self.config = tree, config
+        self.tree, self.config, self.event_loop = tree, config, event_loop
+        self.certificate_book = certificate_book
         self.log_path = self.stdout_path  # the edge logs to stderr
 
     def _prepare(self) -> None:
         (self.workdir / "edge.toml").write_text(self.config)
+        if not self.certificate_book:
+            # edgeproxy.fingerprints cannot take its lock (a directory in the way): it says so
+            # once and keeps the partners' certificates in memory, writing no file per set-up
+            (self.workdir / ".edge.toml.certificates.json.lock").mkdir()
 
     def _command(self) -> Sequence[str]:
         return [sys.executable, "-m", "edgeproxy", "run", "-c", str(self.workdir / "edge.toml")]
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": str(self.tree)}
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        if self.event_loop is not None:  # edgeproxy.eventloop: overrides [edge] event_loop
+            env["EDGE_EVENT_LOOP"] = self.event_loop
+        return env
 
     def _ports(self) -> Sequence[int]:
         return [5347, 5269]
@@ -673,7 +688,8 @@ class Bench:
         tree = self.args.edge_trees[target]
         cfg = edge_config(workdir, ADDRESSES["edge"], mode, self.domains(target, mode),
                           self.crt, self.key, self.ca_file, dns)
-        return EdgeServer(workdir, ADDRESSES["edge"], tree, cfg)
+        return EdgeServer(workdir, ADDRESSES["edge"], tree, cfg, self.args.edge_loop[target],
+                          certificate_book=not self.args.no_certificate_book)
 
     async def open_streams(self, domains: Sequence[str], start: int, count: int, parallel: int,
                            address: str, mode: str, partners: list[Partner],
@@ -733,6 +749,13 @@ class Bench:
         sink_t: asyncio.Transport | None = None
         try:
             pid = sut.sut_pid()
+            if isinstance(sut, EdgeServer):  # the loop the edge says it runs on
+                said = [line.split("event loop: ", 1)[1] for line in
+                        sut.log_path.read_text(errors="replace").splitlines()
+                        if "event loop: " in line]
+                if said:
+                    run.version += f"; event loop {said[0]}"
+                    print(f"   event loop {said[0]}", flush=True)
             run.nofile = proc_nofile(pid)
             soft = int(run.nofile.split(" / ")[0])
             if soft < (1 if mode == "tls" else 2) * n + 64:
@@ -964,6 +987,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--edge", action="append", default=[], metavar="LABEL=TREE",
                     help="an edge to measure from that source tree (PYTHONPATH); repeatable; "
                          "default edge=<this tree>")
+    ap.add_argument("--edge-loops", default="", metavar="LOOP,LOOP",
+                    help="measure every --edge once per event loop (asyncio, uvloop: "
+                         "EDGE_EVENT_LOOP), as LABEL-LOOP; default: the edge's own choice")
+    ap.add_argument("--no-certificate-book", action="store_true",
+                    help="the edge keeps the partners' last seen certificates in memory only "
+                         "(its <config>.certificates.json is rewritten whole for every new "
+                         "partner's certificate, O(partners) per TLS set-up)")
     ap.add_argument("--modes", default="tls,dialback", help="tls, dialback or both")
     ap.add_argument("--parallel", type=int, default=16, help="set-ups in flight (default 16)")
     ap.add_argument("--probe", type=int, default=200,
@@ -988,6 +1018,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "
                  "bench/streams.py")
     args.edge_trees = parse_edges(args.edge)
+    args.edge_loop = dict.fromkeys(args.edge_trees)
+    loops = [x.strip() for x in args.edge_loops.split(",") if x.strip()]
+    if not set(loops) <= {"asyncio", "uvloop"}:
+        sys.exit("--edge-loops: asyncio and/or uvloop")
+    if loops:
+        trees, args.edge_trees, args.edge_loop = args.edge_trees, {}, {}
+        for label, tree in trees.items():
+            for name in loops:
+                args.edge_trees[f"{label}-{name}"] = tree
+                args.edge_loop[f"{label}-{name}"] = name
     targets = []
     for t in args.targets.split(","):
         t = t.strip()
@@ -995,6 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets += [e for e in args.edge_trees if e not in targets]
         elif t in ("prosody", "ejabberd") or t in args.edge_trees:
             targets.append(t)
+        elif any(e.startswith(f"{t}-") for e in args.edge_trees):  # a LABEL of --edge-loops
+            targets += [e for e in args.edge_trees if e.startswith(f"{t}-") and e not in targets]
         else:
             sys.exit(f"--targets: unknown {t!r}")
     args.targets = targets
@@ -1022,7 +1064,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, RLIMIT_NOFILE {nofile}, load average {load_average()}")
     for label, tree in args.edge_trees.items():
         if label in targets:
-            print(f"  {label}: {edge_version(tree)}")
+            loop_name = args.edge_loop[label]
+            print(f"  {label}: {edge_version(tree)}"
+                  + (f", EDGE_EVENT_LOOP={loop_name}" if loop_name else ""))
     if args.workdir is not None:  # kept: the SUTs' configs and logs
         args.workdir.mkdir(parents=True, exist_ok=True)
         runs = asyncio.run(main_async(args, Path(tempfile.mkdtemp(dir=args.workdir))))

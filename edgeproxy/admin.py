@@ -30,7 +30,7 @@ import jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__
+from . import __version__, eventloop
 from .adminauth import token_matches, verify_password
 from .config import AdminSettings, ConfigError, EdgeConfig
 from .configfile import (
@@ -347,7 +347,8 @@ class AdminListener:
     # -- health, readiness, metrics ------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__})
+        return web.json_response({"status": "ok", "version": __version__,
+                                  "event_loop": eventloop.running()})
 
     async def ready(self, request: web.Request) -> web.Response:
         servers = self.edge.servers

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import eventloop
 from .partners import (
     PartnerError,
     PartnerTable,
@@ -142,6 +143,8 @@ class EdgeConfig:
     # its AIA responder when `ocsp_staple_fetch` ([edge] ocsp_staple = "auto", the default)
     ocsp_staple_file: Path | None = None
     ocsp_staple_fetch: bool = True
+    # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
+    event_loop: str = eventloop.DEFAULT
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
@@ -390,6 +393,9 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
                   "response for [edge] certificate")
     if staple_file is not None and certificate is None:
         e.problem("ocsp_staple", "a staple needs [edge] certificate")
+    event_loop = e.string("event_loop", eventloop.DEFAULT)
+    if (loop_problem := eventloop.problem("edge", event_loop)) is not None:
+        problems.append(loop_problem)
 
     component = None
     comp_t = edge_t.get("component")
@@ -477,6 +483,7 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         component_wait=component_wait, public_addresses=tuple(public_addresses), log=log,
         admin=admin, revocation=revocation, revocation_timeout=revocation_timeout,
         ocsp_staple_file=staple_file, ocsp_staple_fetch=staple == "auto",
+        event_loop=event_loop,
     )
 
 

@@ -19,11 +19,11 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
 from cryptography import x509
 
-from . import link, sdnotify
+from . import eventloop, link, sdnotify
 from .admin import AdminListener
 from .certs import CertificateWatch
 from .checks import check_text
@@ -218,8 +218,8 @@ class StreamConnection(asyncio.Protocol):
 
     # -- asyncio -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # not isinstance(): uvloop's transports do not derive from asyncio's classes
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
@@ -1844,7 +1844,13 @@ def run_forever(cfg: EdgeConfig, watch_interval: float = 1.0) -> int:
                  ", ".join(f"{n} with <{c}/>" for c, n in sorted(r.bounced.items())) or "none")
 
     try:
-        asyncio.run(main())
+        choice = eventloop.choose("edge", cfg.event_loop)
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info("event loop: %s", choice.describe())
+    try:
+        eventloop.run(main(), choice)
     except (OSError, TlsError) as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import WSMsgType, web, web_log
 from aiohttp.abc import AbstractAccessLogger
 
@@ -38,6 +39,7 @@ from .component import (
     Refused,
     Session,
     StanzaError,
+    json_ref,
 )
 from .store import Contact, StoreError, hash_token
 
@@ -129,7 +131,7 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _json(request: web.Request, *required: str) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = orjson.loads(await request.read())  # RFC 8259 JSON, UTF-8 (8.1)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError("the request body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -156,15 +158,24 @@ async def send_message(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     out = gw.prepare_message(request[USER], body["to"], body["body"], mtype)
     gw.send_messages(request[USER], [out], soon=True)  # the link write: once per turn
+    await gw.durable()  # one commit for every request of this turn (group commit)
     return web.json_response({"id": out.id, "queued": not gw.link_up}, status=202)
+
+
+_FIELDS = frozenset({"to", "body", "type"})
 
 
 def _message_fields(item: Any, extra: frozenset[str] = frozenset()) -> tuple[str, str, str]:
     """`to`, `body`, `type` of one message (a batch item, a WebSocket frame); ValueError with
     what is wrong."""
+    if type(item) is dict:  # the common item, checked in one go
+        to, body, mtype = item.get("to"), item.get("body"), item.get("type", "chat")
+        if type(to) is str and to and type(body) is str and body and mtype in MESSAGE_TYPES \
+                and item.keys() <= _FIELDS:
+            return to, body, mtype
     if not isinstance(item, dict):
         raise ValueError("a message is a JSON object with to, body and optional type")
-    unknown = set(item) - {"to", "body", "type"} - extra
+    unknown = set(item) - _FIELDS - extra
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))} in a "
                          "message (it takes to, body, type)")
@@ -196,7 +207,7 @@ def _refusal(exc: Exception) -> dict[str, Any]:
 def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
     # queued: in the outbox until the edge has it; delivered: a local user's inbox has it
     return {"ok": True, "id": out.id,
-            "state": "delivered" if out.to.domain == gw.domain else "queued"}
+            "state": "delivered" if out.local else "queued"}
 
 
 async def send_batch(request: web.Request) -> web.Response:
@@ -214,7 +225,7 @@ async def send_batch(request: web.Request) -> web.Response:
         raise error(413, f"the batch has {len(items)} messages; at most {BATCH_MAX_ITEMS} per "
                          "request: split it")
     gw, user = request.app[GATEWAY], request[USER]
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any] | Outgoing] = []
     taken: list[Outgoing] = []
     memo: dict[str, Any] = {}
     for item in items:
@@ -224,8 +235,10 @@ async def send_batch(request: web.Request) -> web.Response:
             results.append(_refusal(exc))
             continue
         taken.append(out)
-        results.append(_taken(gw, out))
+        results.append(out)
     gw.send_messages(user, taken, soon=True)  # LinkDown (503): none was kept
+    await gw.durable()
+    results = [_taken(gw, r) if isinstance(r, Outgoing) else r for r in results]  # their ids
     return web.json_response({"results": results, "accepted": len(taken),
                               "refused": len(items) - len(taken)})
 
@@ -389,6 +402,13 @@ class Frames:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def put_all(self, texts: list[str]) -> None:
+        """`put` for each of them (a batch of events): framed and joined at once."""
+        self.pending.append(b"".join([_text_frame(text) for text in texts]))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self._scheduled = False
         if self.pending:
@@ -462,11 +482,25 @@ class ClientFrames:
 
     def _receive(self, data: str) -> None:
         try:
-            frame = json.loads(data)
+            frame = orjson.loads(data)
         except ValueError:
             raise BadFrame(f"the frame is not JSON; {_FRAME_HELP}") from None
         if not isinstance(frame, dict):
             raise BadFrame(_FRAME_HELP)
+        if frame.get("op") == "message" and frame.keys() <= _MESSAGE_KEYS:
+            # the common frame, checked in one go; anything unusual takes the full path below
+            # for its precise answer
+            ref, to, body = frame.get("ref"), frame.get("to"), frame.get("body")
+            mtype = frame.get("type", "chat")
+            if (type(ref) is int or (type(ref) is str and 0 < len(ref) <= 256)) and \
+                    type(to) is str and to and type(body) is str and body and \
+                    mtype in MESSAGE_TYPES:
+                frame["fields"] = (to, body, mtype)
+                self.ops.append(("message", ref, frame))
+                if not self._scheduled:
+                    self._scheduled = True
+                    asyncio.get_running_loop().call_soon(self.run)
+                return
         if "op" not in frame:
             if set(frame) != {"ack"}:
                 raise BadFrame(_FRAME_HELP, frame.get("ref"))
@@ -508,7 +542,7 @@ class ClientFrames:
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
         if result.get("ok") and "id" in result:  # the common one, written directly
-            self.frames.put(f'{{"event": "answer", "ref": {json.dumps(ref)}, "op": "message", '
+            self.frames.put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", '
                             f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
             return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
@@ -593,19 +627,22 @@ class ClientFrames:
 
 
 _REF = frozenset({"op", "ref"})
+_MESSAGE_KEYS = OPS["message"] | _REF
+
+
 
 
 async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
     """Hand the session's events to the socket as it drains: one write per batch, then wait
-    while the client does not read; at most one batch per socket is held in memory."""
+    while the client does not read; at most one batch per socket is held here (and at most
+    LIVE_MAX committed events in the session, gateway/component.py)."""
     while not session.closed:
         texts = gw.take_events(session)
         if not texts:
             session.ready.clear()
             await session.ready.wait()
             continue
-        for text in texts:
-            frames.put(text)
+        frames.put_all(texts)
         await frames.drained()
 
 

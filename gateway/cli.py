@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from edgeproxy import sdnotify
+from edgeproxy import eventloop, sdnotify
 from edgeproxy.config import ConfigError
 from edgeproxy.logs import setup_logging
 
@@ -84,7 +84,13 @@ def _run(cfg: GatewayConfig, path: Path) -> int:
         await serve(cfg, stop, path, own_logging=True)
 
     try:
-        asyncio.run(main())
+        choice = eventloop.choose("gateway", cfg.event_loop)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    log.info("event loop: %s", choice.describe())
+    try:
+        eventloop.run(main(), choice)
     except (StoreError, LinkTlsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,12 +8,13 @@ Local users are API clients: each open WebSocket is one resource (a `Session`). 
 and every bounce for a local user is first kept in the store's inbox (committed once per
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
-closed and nothing waits in memory but one batch per socket. Presence and subscription events
-are not stored: the latest per contact waits in the session (`Session.notify`). Everything local
-users send is kept in the outbox (SQLite, gateway/link.py) until the edge acknowledges it,
-across link drops and restarts of either daemon; when the outbox is full the caller gets
-LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it needs the link
-now, and its answer.
+closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
+up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
+events are not stored: the latest per contact waits in the session (`Session.notify`).
+Everything local users send is kept in the outbox (SQLite, gateway/link.py) until the edge
+acknowledges it, across link drops and restarts of either daemon; when the outbox is full the
+caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it
+needs the link now, and its answer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -60,7 +62,7 @@ from edgeproxy.xmlstream import (
 )
 
 from . import rules
-from .link import DEFAULT_OUTBOX_LIMIT, Outbound
+from .link import DEFAULT_OUTBOX_LIMIT, Outbound, message_id
 from .linktls import describe_failure
 from .live import log_message, log_message_fields
 from .rules import NO_CONTACT, Decision, Direction, Kind, SubState
@@ -87,6 +89,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for TCP (and TLS) to the edge's component port
 # sockets is open (it may drain and acknowledge); then they bounce as for an offline user.
 HOLD_TIMEOUT = 30.0
 _SM_FROM_EDGE = frozenset({"enabled", "resumed", "failed", "r", "a"})  # XEP-0198 3-5
+_LINK_STANZAS = frozenset({"message", "presence", "iq"})  # RFC 6120 4.7 (XEP-0114)
 _COUNTED = frozenset(f"{{{NS}}}{name}" for name in ("message", "presence", "iq"))
 _STANZA_STARTS = ("<message", "<presence", "<iq")
 
@@ -96,6 +99,9 @@ CLOSE_USER_REMOVED = (1008, "user removed")
 CLOSE_TOKEN_REPLACED = (1008, "token replaced")
 WATCH_INTERVAL = 1.0  # seconds between looks for user changes made by `gateway user ...`
 EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound per socket
+# committed events kept in memory for a socket that keeps up (Session.live); beyond, it reads
+# them from the store when it drains
+LIVE_MAX = 2 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 
 
@@ -105,17 +111,22 @@ MESSAGE_TYPES = ("chat", "normal", "headline")  # what local users send (RFC 612
 MAX_STANZA_BYTES = 1 << 20
 MAX_STANZA_CHARS = MAX_STANZA_BYTES // 4  # below this many characters it fits in any UTF-8
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# a body that is all XML Chars and needs no escaping in character data (the common one)
+_PLAIN_BODY = re.compile("[\t\n\x20-\x25\x27-\x3b\x3d\x3f-\ud7ff\ue000-\ufffd"
+                         "\U00010000-\U0010ffff]*")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """One message a local user sends, checked and written as text, not kept yet."""
 
-    id: str
+    id: str  # random; send_messages adds the outbox row to a partner's message's id (link.py)
     to: JID
     type: str
     body: str
-    text: str  # the stanza as it goes into the outbox and onto the link
+    tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
+    to_text: str = ""  # str(to)
+    local: bool = False  # to a user of our own domain: no edge involved
 
 
 class Refused(Exception):
@@ -156,7 +167,9 @@ class Session:
 
     `sent`: every stored event for this resource up to this id has been taken for the socket;
     `acked`: the client acknowledged up to this id; `ready` is set when there is something to
-    take (a stored event, a notice) or the session was closed.
+    take (a stored event, a notice) or the session was closed. `live`: while the socket keeps
+    up, the events committed since it last took (their texts, in order), so it takes them
+    without reading back what was just written; None while it is behind (it reads the store).
     """
 
     def __init__(self, user: str, domain: str, resource: str, close: CloseSocket,
@@ -167,9 +180,10 @@ class Session:
         self.token_hash = token_hash  # of the token the socket was opened with ("" = none)
         self.first_live = first_live  # events up to this id were stored before it connected
         self.sent = self.acked = 0
+        self.live: list[tuple[int, str]] | None = None
         self.notices: dict[str, str] = {}  # JSON events not stored, the latest per contact
-        # the socket's own messages by state (sent, accepted): [{"id", "ref"}, ...]
-        self.states: dict[str, list[dict[str, Any]]] = {}
+        # the socket's own messages by state (sent, accepted): ['{"id": .., "ref": ..}', ...]
+        self.states: dict[str, list[str]] = {}
         self.ready = asyncio.Event()
         self.closed = False
         # Everyone this resource sent available presence to: they get unavailable when it goes
@@ -186,10 +200,15 @@ class Session:
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
         self.ready.set()
 
-    def status(self, state: str, msg_id: str, ref: Any) -> None:
-        """One of this socket's messages changed state; gathered into one event per state."""
-        self.states.setdefault(state, []).append({"id": msg_id, "ref": ref})
-        self.ready.set()
+    def status(self, state: str, item: str) -> None:
+        """One of this socket's messages changed state; gathered into one event per state.
+        `item` is its `{"id": .., "ref": ..}` as JSON (status_item), made once per message."""
+        items = self.states.get(state)
+        if items is None:
+            self.states[state] = [item]
+            self.ready.set()
+        else:
+            items.append(item)
 
     def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -241,6 +260,8 @@ class Gateway(ComponentXMPP):
         self._out: list[bytes] = []  # written to the link at the end of this loop turn
         self._flush_scheduled = False
         self._write_paused = False  # the transport's buffer is full (asyncio pause_writing)
+        # the rules' answer for a plain message per (to, from), during one read (_plain_route)
+        self._routes: dict[tuple[str, str], tuple[str, str, str] | None] = {}
         # the edge's stanzas waiting, in order, while a local user's inbox is full (_hold)
         self._held: list[Element] = []
         self._holding: asyncio.TimerHandle | None = None
@@ -268,6 +289,9 @@ class Gateway(ComponentXMPP):
         self.backoff = min_backoff  # doubles after each failed attempt, up to max_backoff
         self.sessions: dict[str, dict[str, Session]] = {}  # user -> resource -> session
         self.refused: dict[str, int] = {}  # user -> events refused since the inbox filled
+        # events kept for online users in the open batch: (user, resource, seq, JSON); the
+        # sockets get them once committed (_publish)
+        self._kept: list[tuple[str, str | None, int, str]] = []
         self.inbox_kept = self.inbox_refused = 0  # since start, for metrics
         store.batch_commits(self._schedule_commit)
         self.watch_interval = WATCH_INTERVAL
@@ -278,11 +302,14 @@ class Gateway(ComponentXMPP):
         self._refused = False  # the link that just ended was refused (LINK_REFUSALS)
         # Lync EnableXmppAccess off ([gateway] federation_denied): invisible to partners
         self.federation_denied: frozenset[str] = frozenset()
-        # outbox row -> [session, message id, client ref, told 'sent'] for messages sent over
-        # a WebSocket, until the edge acknowledges them
+        # outbox row -> [session, status_item, told 'sent'] for messages sent over a
+        # WebSocket, until the edge acknowledges them
         self._tracked: dict[int, list[Any]] = {}
         self._ids: list[str] = []  # random message ids, made 512 at a time
+        # an addressee as given -> (its JID as text, as an attribute, is it local)
+        self._to_attrs: dict[str, tuple[str, str, bool]] = {}
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
+        self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
@@ -353,6 +380,7 @@ class Gateway(ComponentXMPP):
         """The edge's bytes: parsed by the edge's own XML stream parser; the connector turns its
         events into actions (the stanzas themselves, as raw bytes with their attributes)."""
         self.last_heard = time.monotonic()
+        self._routes.clear()
         parser = self._parser
         if parser is None:
             return
@@ -376,6 +404,14 @@ class Gateway(ComponentXMPP):
         if connector is None:
             return
         for ev in events:
+            if type(ev) is Element and ev.name in _LINK_STANZAS and ev.ns == NS \
+                    and connector.authenticated and not connector.closed:
+                # a stanza on the open link: what connector.receive() would hand back as is
+                if self._held or not self._stanza(ev):
+                    self._hold(ev)
+                if self._connector is not connector:
+                    return
+                continue
             for action in connector.receive(ev):
                 if type(action) is Element:
                     if self._held or not self._stanza(action):
@@ -406,6 +442,7 @@ class Gateway(ComponentXMPP):
                 if self._counting:
                     self.outbound.handled()
                 return True
+        self._routes.clear()  # what the rules see may change now
         self._may_wait = True
         try:
             self._spawn_event(el.xml())
@@ -564,6 +601,8 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._want_ack:  # the turn's <r/>, in the same write as its stanzas
+            self._request_ack()
         self._flush_scheduled = False
         if self._out and self.transport is not None:
             self.transport.write(b"".join(self._out))
@@ -573,6 +612,13 @@ class Gateway(ComponentXMPP):
         """Write the outbox rows not written on this link yet, in id order; one <r/> after."""
         if not self.sm_active or self._write_paused:
             return
+        if self.outbound.uncommitted:  # nothing goes to the edge that is not on disk
+            try:
+                self.commit_point()
+            except StoreError as exc:
+                log.error("cannot commit the outbox (%s): not writing it to the edge yet", exc)
+                return
+            self.outbound.uncommitted = False
         rows = self.outbound.unsent(self._last_row)
         if not rows:
             return
@@ -581,8 +627,9 @@ class Gateway(ComponentXMPP):
         self.outbound.written([row for row, _ in rows])
         self._last_row = rows[-1][0]
         if not self._want_ack:
-            self._want_ack = True
-            self.loop.call_soon(self._request_ack)
+            self._want_ack = True  # one <r/> after the rows of this turn: _flush writes it
+            if not self._flush_scheduled:  # the rows did not go through _raw (tests)
+                self.loop.call_soon(self._request_ack)
 
     def _transmit(self, text: str) -> None:
         self._raw(text.encode())
@@ -691,12 +738,11 @@ class Gateway(ComponentXMPP):
                 with contextlib.suppress(TimeoutError):
                     await self.wait_until("disconnected", 1.0)
 
-    def emit(self, stanza: Any, *, user: str | None = None) -> None:
+    def emit(self, stanza: Any) -> None:
         """Keep one stanza in the outbox (durable before the caller answers) and send it when
         the link is ready; LinkDown when the outbox is full."""
         text = tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True)
-        row = self.outbound.add(text, user=user, msg_id=stanza["id"] or None,
-                                to=str(stanza["to"]))
+        row = self.outbound.add(text)
         if row is None:
             raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} stanzas "
                            "are already waiting; try again when it is back")
@@ -724,6 +770,32 @@ class Gateway(ComponentXMPP):
         retried).
         """
         self.store.commit()
+        if self._kept:
+            self._publish()
+
+    def _publish(self) -> None:
+        """The events of the batch just committed, to the sockets that may take them: straight
+        into the list of each socket that keeps up (no read back from the store); a socket
+        that is behind reads them from the store. Only committed events are ever sent, so a
+        seq a client has seen survives a crash."""
+        kept, self._kept = self._kept, []
+        woken = set()
+        for user, resource, seq, event in kept:
+            sessions = self.sessions.get(user)
+            if not sessions:
+                continue
+            text = f'{{"seq": {seq}, ' + event[1:]
+            for session in ([sessions[resource]] if resource in sessions else []) \
+                    if resource else sessions.values():
+                live = session.live
+                if live is not None and seq > session.sent:
+                    if seq > session.first_live and len(live) < LIVE_MAX:
+                        live.append((seq, text))
+                    else:
+                        session.live = None  # read from the store
+                if session not in woken:
+                    woken.add(session)
+                    session.ready.set()
 
     # rules --------------------------------------------------------------------------------------
 
@@ -822,7 +894,7 @@ class Gateway(ComponentXMPP):
         """`_keep` with the texts made; with `may_wait`, None (nothing refused) when the inbox
         is full while a socket of the user's is open: it may drain (`_hold`)."""
         try:
-            self.store.add_event(user, kind, stanza, event, resource)
+            seq = self.store.add_event(user, kind, stanza, event, resource)
         except InboxFull as exc:
             if may_wait and self.sessions.get(user) and not self._hold_expired_now:
                 return None
@@ -837,13 +909,8 @@ class Gateway(ComponentXMPP):
         if user in self.refused:
             log.warning("inbox of %s@%s takes events again; %d were refused while it was full",
                         user, self.domain, self.refused.pop(user))
-        sessions = self.sessions.get(user)
-        if sessions:
-            if resource:
-                sessions[resource].ready.set()
-            else:
-                for session in sessions.values():
-                    session.ready.set()
+        if user in self.sessions:
+            self._kept.append((user, resource, seq, event))  # for its sockets, once committed
         return True
 
     # inbound: the hot path (a plain message, from the link's raw bytes) ------------------------
@@ -862,19 +929,18 @@ class Gateway(ComponentXMPP):
         plain = _PLAIN_MESSAGE.match(el.raw)
         if plain is None:
             return False
-        to, frm = _jid_parts(attrs.get("to", "")), _jid_parts(attrs.get("from", ""))
-        if to is None or frm is None or not to[0] or not frm[1]:
+        key = (attrs.get("to", ""), attrs.get("from", ""))
+        try:
+            route = self._routes[key]
+        except KeyError:
+            route = self._routes[key] = self._plain_route(*key)
+        if route is None:
             return False
-        user, resource = to[0], to[2]
+        user, resource, head = route
         sessions = self.sessions.get(user)
-        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
-                          bool(sessions) or self.store.user_exists(user))
-        if v.outcome.decision is not Decision.DELIVER:
-            return False
         mid = attrs.get("id")
         # what message_event() makes, in json.dumps' own form
-        event = (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
-                 f'{_json_str(to[4])}, "id": {_json_str(mid) if mid else "null"}, "type": '
+        event = (f'{head}{_json_str(mid) if mid else "null"}, "type": '
                  f'{_json_str(mtype or "normal")}, "body": '
                  f'{_json_str(plain.group(1).decode())}}}')
         # the raw stanza, in the link's namespace (it declares none itself: self_contained)
@@ -887,6 +953,22 @@ class Gateway(ComponentXMPP):
         if not kept:
             self._error(self._build_stanza(el.xml()), "resource-constraint", "wait")
         return True
+
+    def _plain_route(self, to_attr: str, from_attr: str) -> tuple[str, str, str] | None:
+        """For a plain message from `from_attr` to `to_attr`: (user, resource, the event's
+        text up to its id) if the rules deliver it, else None. Kept for one read of the link
+        (`_routes`): within it nothing but the slixmpp path (which clears it) changes what the
+        rules see."""
+        to, frm = _jid_parts(to_attr), _jid_parts(from_attr)
+        if to is None or frm is None or not to[0] or not frm[1]:
+            return None
+        user = to[0]
+        v = self._verdict(user, frm[3], frm[1], Direction.INBOUND, Kind.MESSAGE,
+                          bool(self.sessions.get(user)) or self.store.user_exists(user))
+        if v.outcome.decision is not Decision.DELIVER:
+            return None
+        return user, to[2], (f'{{"event": "message", "from": {_json_str(frm[4])}, "to": '
+                             f'{_json_str(to[4])}, "id": ')
 
     def _hold(self, el: Element) -> None:
         """Keep one of the edge's stanzas, in order, until the full inbox drains (a client
@@ -901,6 +983,7 @@ class Gateway(ComponentXMPP):
 
     def _release_held(self) -> None:
         """Room again: handle the held stanzas in order, until one has to wait again."""
+        self._routes.clear()
         held = self._held
         done = 0
         while done < len(held):
@@ -1103,14 +1186,26 @@ class Gateway(ComponentXMPP):
         out = list(session.notices.values())
         session.notices.clear()
         for state, items in session.states.items():
-            out.append(json.dumps({"event": "status", "state": state, "messages": items}))
+            out.append(f'{{"event": "status", "state": "{state}", "messages": '
+                       f'[{", ".join(items)}]}}')
         session.states.clear()
-        rows = self.store.events(session.user, session.sent, session.resource, limit)
+        live = session.live
+        if live is not None:
+            if live:
+                taken = live[:limit]
+                del live[:limit]
+                session.sent = taken[-1][0]
+                out += [text for _, text in taken]
+            return out
+        committed = self.store.committed
+        rows = self.store.events(session.user, session.sent, session.resource, limit,
+                                 upto=committed)
         out += [self._event_text(row, row.id <= session.first_live) for row in rows]
         if rows:
             session.sent = rows[-1].id
-        if len(rows) < limit:  # all of them: later ids not for this resource need no look
-            session.sent = max(session.sent, self.store.last_event_id(session.user))
+        if len(rows) < limit:  # all of them: the socket keeps up from here (`live`), and the
+            session.sent = max(session.sent, committed)  # ids not for it need no look
+            session.live = []
         return out
 
     def _event_text(self, row: StoredEvent, offline: bool) -> str:
@@ -1142,7 +1237,7 @@ class Gateway(ComponentXMPP):
 
     def read_inbox(self, user: str, after: int, limit: int) -> tuple[list[str], bool]:
         """REST: up to `limit` stored events after seq `after`, and whether more follow."""
-        rows = self.store.events(user, after, None, limit + 1)
+        rows = self.store.events(user, after, None, limit + 1, upto=self.store.committed)
         return [self._event_text(row, True) for row in rows[:limit]], len(rows) > limit
 
     def ack_inbox(self, user: str, upto: int) -> int:
@@ -1164,6 +1259,7 @@ class Gateway(ComponentXMPP):
             del self.sessions[user]
         if self.store.release_resource(user, resource):
             for other in self.sessions.get(user, {}).values():
+                other.live = None  # the copies are in the store only
                 other.ready.set()
         self._delete_acked(user)
         full = session.jid
@@ -1299,7 +1395,8 @@ class Gateway(ComponentXMPP):
         jid = checked or self.parse_jid(to)
         if mtype not in MESSAGE_TYPES:
             raise ValueError("type must be chat, normal or headline")
-        if _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
+        plain = _PLAIN_BODY.fullmatch(body) is not None
+        if not plain and _NOT_XML_CHAR.search(body):  # XML 1.0 2.2 Char; RFC 6120 11.1
             raise ValueError("body holds a character XML cannot carry (a control character "
                              "other than tab, newline and carriage return, or a lone "
                              "surrogate)")
@@ -1312,14 +1409,19 @@ class Gateway(ComponentXMPP):
                 raise
             if memo is not None:
                 memo[to] = jid
-        msg_id = self._new_id()
         frm = f"{user}@{self.domain}"
-        text = (f'<message to="{_escape_attr(str(jid))}" from="{frm}" id="{msg_id}" '
-                f'type="{mtype}"><body>{_escape(body)}</body></message>')
-        if len(text) > MAX_STANZA_CHARS and len(text.encode()) > MAX_STANZA_BYTES:
+        known = self._to_attrs.get(to)
+        if known is None:
+            if len(self._to_attrs) >= 4096:
+                self._to_attrs.clear()
+            text = str(jid)
+            known = self._to_attrs[to] = (text, _escape_attr(text), jid.domain == self.domain)
+        tail = (f' to="{known[1]}" from="{frm}" type="{mtype}"><body>'
+                f'{body if plain else _escape(body)}</body></message>')
+        if len(tail) > MAX_STANZA_CHARS - 64 and len(tail.encode()) > MAX_STANZA_BYTES - 64:
             raise ValueError(f"the message is larger than the component link carries "
                              f"({MAX_STANZA_BYTES} bytes as a stanza)")
-        return Outgoing(msg_id, jid, mtype, body, text)
+        return Outgoing(self._new_id(), jid, mtype, body, tail, known[0], known[2])
 
     def _new_id(self) -> str:
         """A message id as random as secrets.token_hex(8), from one urandom call per 512
@@ -1337,18 +1439,26 @@ class Gateway(ComponentXMPP):
         requests and sockets sent in it (one write and one <r/> for all). With `session`,
         that WebSocket is told when each one is sent and when the edge has it
         (`Session.status`), by its id and the client's `refs`."""
-        remote = [m for m in messages if m.to.domain != self.domain]
+        remote = [m for m in messages if not m.local]
         if remote:
-            rows = self.outbound.add_many([(m.text, user, m.id, str(m.to)) for m in remote])
+            # XEP-0198 counts in outbox row order; each id names its row (link.message_id)
+            first = self.outbound.next_row
+            items = []
+            for row, m in enumerate(remote, first):
+                msg_id = message_id(m.id, row)
+                items.append((f'<message id="{msg_id}"{m.tail}', user, msg_id, m.to_text))
+            rows = self.outbound.add_many(items, commit=not soon)
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
                                "stanzas are already waiting; try again when it is back")
+            for m, item in zip(remote, items, strict=True):
+                m.id = item[2]
             if session is not None:
-                ref_of = dict(zip((m.id for m in messages), refs or [None] * len(messages),
+                ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
                                   strict=True))
                 for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, m.id, ref_of[m.id], False]
-        for m in messages:
+                    self._tracked[row] = [session, status_item(m.id, ref_of[id(m)]), False]
+        for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
                                    m.body)
@@ -1364,19 +1474,47 @@ class Gateway(ComponentXMPP):
             self.loop.call_soon(self._pump_turn)
 
     def _pump_turn(self) -> None:
+        """The end of the turn's sends: one commit for all of them (group commit), the
+        waiting requests answered, then one write of the new rows to the edge."""
         self._pump_soon = False
+        waiters, self._durable = self._durable, []
+        try:
+            self.commit_point()
+        except StoreError as exc:  # the batch stays open and is retried (_commit_turn)
+            log.error("cannot commit the messages sent in this turn: %s", exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        self.outbound.uncommitted = False
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self._pump()
+
+    def durable(self) -> asyncio.Future[None]:
+        """Done once what was sent so far in this turn is committed (one commit at the end of
+        the turn for every request of it); StoreError if that commit fails."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._durable.append(waiter)
+        if not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_turn)
+        return waiter
 
     def _message_states(self, state: str, rows: list[int]) -> None:
         """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
+        if not self._tracked:
+            return
+        tracked_rows = self._tracked
         for row in rows:
-            tracked = self._tracked.get(row) if state == "sent" else self._tracked.pop(row, None)
-            if tracked is None or (state == "sent" and tracked[3]):
+            tracked = tracked_rows.get(row) if state == "sent" else tracked_rows.pop(row, None)
+            if tracked is None or (state == "sent" and tracked[2]):
                 continue  # not from a socket, or written again after a resumption
-            tracked[3] = True
+            tracked[2] = True
             session = tracked[0]
             if not session.closed:
-                session.status(state, tracked[1], tracked[2])
+                session.status(state, tracked[1])
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
@@ -1511,6 +1649,19 @@ def _jid_parts(value: str) -> tuple[str, str, str, str, str] | None:
         return None
     return jid.user, jid.domain, jid.resource, jid.bare, jid.full
 _PLAIN_TAGS = {f"{{{NS}}}message": "message"}
+
+
+def json_ref(ref: Any) -> str:
+    """A client's ref (an int or a string, gateway/api.py _valid_ref; None) as JSON, without
+    json.dumps' machinery."""
+    if type(ref) is int:
+        return str(ref)
+    return "null" if ref is None else encode_basestring_ascii(ref)
+
+
+def status_item(msg_id: str, ref: Any) -> str:
+    """One message of a status event, as JSON: its id (ours: [0-9a-f-]) and the client's ref."""
+    return f'{{"id": "{msg_id}", "ref": {json_ref(ref)}}}'
 
 
 def _escape(text: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeproxy import eventloop
 from edgeproxy.config import (
     ConfigError,
     LogSettings,
@@ -26,7 +27,7 @@ from .store import InboxLimits
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
           "offline_messages", "offline_bytes", "subscription_refresh_interval",
           "federation_denied", "tls", "certificate", "private_key", "edge_ca", "edge_name",
-          "access_log"}
+          "access_log", "event_loop"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
@@ -64,6 +65,8 @@ class GatewayConfig:
         return self.edge_name or self.component_host
     # aiohttp's access log line for the message endpoints too (off: they are the hot path)
     access_log: bool = False
+    # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
+    event_loop: str = eventloop.DEFAULT
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -137,6 +140,9 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         problems.append("[gateway] access_log: must be true or false (an access log line for "
                         f"every message request too; got {access_log!r})")
         access_log = False
+    event_loop = section.get("event_loop", eventloop.DEFAULT)
+    if (loop_problem := eventloop.problem("gateway", event_loop)) is not None:
+        problems.append(loop_problem)
     partners = PartnerTable()
     try:
         partners = load_partner_table(raw)
@@ -152,7 +158,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         subscription_refresh_interval=float(refresh), log=log,
         federation_denied=frozenset(u.lower() for u in denied), tls=tls,
         certificate=certificate, private_key=private_key, edge_ca=edge_ca, edge_name=edge_name,
-        access_log=access_log,
+        access_log=access_log, event_loop=event_loop,
     )
 
 

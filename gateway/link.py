@@ -12,9 +12,17 @@ a row leaves the outbox only in the transaction that also records the edge's h. 
 the rows still in the outbox, in id order, are exactly the ones written after that h; the edge's
 `<resumed h=''/>` says how many of those it had.
 
-Message status (`status(id)`): queued (in the outbox) -> sent (written to the edge) -> accepted
-(the edge acknowledged it: it now writes it to the partner's stream or bounces it back) ->
-bounced (an error came back for it, with the condition).
+Message status (`status(id)`): queued (in the outbox) -> sent (written to the edge on this link)
+-> accepted (the edge acknowledged it: it now writes it to the partner's stream or bounces it
+back) -> bounced (an error came back for it, with the condition).
+
+One row per message (schema 5): the outbox row carries the message's sender, id and addressee,
+and its state is derived, not written per message: a row at or below the `released`
+watermark is accepted (the edge's `<a h=''/>` moves the watermark, blanks the released rows'
+stanzas by id range and records when, in one statement each), a row written on the current
+link and not yet released is sent, any other is queued; a bounce is a row in a small table.
+The message id carries its row (`<random>-<row in hex>`), so a status lookup or a bounce finds
+the row by its primary key, with no index on the id.
 """
 
 from __future__ import annotations
@@ -29,30 +37,74 @@ from pathlib import Path
 from edgeproxy.link import Inbox, Outbox, delta
 
 DEFAULT_OUTBOX_LIMIT = 10000  # stanzas waiting for the edge; beyond that the API answers 503
+TAIL_MAX = 20000  # rows kept in memory for the next write; beyond that they are read back
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     stanza TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    user TEXT,
+    msg_id TEXT,
+    to_jid TEXT
 );
 CREATE TABLE IF NOT EXISTS link_state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS message_status (
-    user TEXT NOT NULL,
-    id TEXT NOT NULL,
-    to_jid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    condition TEXT,
+CREATE TABLE IF NOT EXISTS outbox_bounces (
+    id INTEGER PRIMARY KEY,
+    condition TEXT NOT NULL,
     text TEXT,
-    outbox_id INTEGER,
-    updated REAL NOT NULL,
-    PRIMARY KEY (user, id)
+    updated REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS message_status_outbox ON message_status(outbox_id);
+CREATE TABLE IF NOT EXISTS outbox_releases (
+    upto INTEGER PRIMARY KEY,
+    at REAL NOT NULL
+)
 """
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def upgrade_outbox(db: sqlite3.Connection) -> None:
+    """Store schema step 5 (gateway/store.py runs it inside its migration's transaction): the
+    outbox of schema <= 4 (rows deleted once acknowledged, each message's state a row of
+    `message_status`) becomes one row per message. The rows still in the outbox keep their
+    ids and are exactly the unreleased ones, so the watermark starts right below the first;
+    `message_status` stays, read-only but for bounces, for the messages sent before."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "outbox" not in tables or "user" in _columns(db, "outbox"):
+        return
+    for column in ("user", "msg_id", "to_jid"):
+        db.execute(f"ALTER TABLE outbox ADD COLUMN {column} TEXT")
+    first = db.execute("SELECT min(id) FROM outbox").fetchone()[0]
+    if first is None:
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        released = seq[0] if seq else 0
+    else:
+        released = first - 1
+    db.execute("CREATE TABLE IF NOT EXISTS link_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT OR REPLACE INTO link_state (key, value) VALUES ('released', ?)",
+               (str(released),))
+
+
+def message_id(random: str, row: int) -> str:
+    """The id of the message kept in outbox row `row`: random (unique across stores), then
+    the row, so that the row is found by its key."""
+    return f"{random}-{row:x}"
+
+
+def row_of(msg_id: str) -> int | None:
+    head, sep, tail = msg_id.rpartition("-")
+    if not sep or not head or not tail or len(tail) > 15:
+        return None
+    try:
+        return int(tail, 16)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +134,11 @@ class Outbound:
             self._db = sqlite3.connect(str(db), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-        for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT a batch
-            if statement.strip():
-                self._db.execute(statement)
+        with self._atomic(commit=False):
+            upgrade_outbox(self._db)  # a file no store has migrated yet (tools, tests)
+            for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT a batch
+                if statement.strip():
+                    self._db.execute(statement)
         state = dict(self._db.execute("SELECT key, value FROM link_state"))
         self.link_id: str | None = state.get("link_id")
         self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
@@ -96,7 +150,20 @@ class Outbound:
         # counters, then our h); our own transactions end the store's batch too
         self.prepare_commit: Callable[[], None] | None = None
         self.sent: Outbox[int] = Outbox(int(state.get("acked_h", "0")))
-        self.waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        # rows up to here are released: the edge has them (accepted)
+        self.released = int(state.get("released", "0"))
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        top = self._db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0
+        self.next_row = max(top, seq[0] if seq else 0, self.released) + 1
+        self.waiting = self._db.execute("SELECT count(*) FROM outbox WHERE id > ?",
+                                        (self.released,)).fetchone()[0]
+        # The rows added after `_tail_after`, all of them, in id order: the next write takes
+        # them from here instead of reading back what was just inserted
+        self._tail: list[tuple[int, str]] = []
+        self._tail_after = -1  # none known: the next write reads SQLite
+        self._written_at: list[tuple[int, float]] = []  # (last row of a write, when): 'sent'
+        # rows added inside the store's open batch, not committed yet (add_many commit=False)
+        self.uncommitted = False
         # told which rows went out ('sent') and which the edge acknowledged ('accepted'), so
         # the gateway can tell a sender's open WebSocket (gateway/api.py status events)
         self.on_state: Callable[[str, list[int]], None] | None = None
@@ -106,59 +173,71 @@ class Outbound:
             self._db.close()
 
     # -- rows --------------------------------------------------------------------------------------
-    def add(self, stanza: str, *, user: str | None = None, msg_id: str | None = None,
-            to: str = "", force: bool = False) -> int | None:
+    def add(self, stanza: str, *, force: bool = False) -> int | None:
         """Keep a stanza until the edge acknowledges it; None if the outbox is full (`force`:
-        the protocol's own few stanzas, iq answers, go in regardless)."""
+        the protocol's own few stanzas, iq answers, go in regardless). Committed at once."""
         if self.waiting >= self.limit and not force:
             return None
-        now = time.time()
+        row = self.next_row
         with self._atomic():
             self._prepare_commit()  # this commits the open batch too: with what goes with it
-            row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
-                                   (stanza, now)).lastrowid
-            if user is not None and msg_id:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO message_status (user, id, to_jid, state, outbox_id, "
-                    "updated) VALUES (?, ?, ?, 'queued', ?, ?)", (user, msg_id, to, row, now))
-        self.waiting += 1
+            self._db.execute("INSERT INTO outbox (id, stanza, created) VALUES (?, ?, ?)",
+                             (row, stanza, time.time()))
+        self._added([(row, stanza)])
         return row
 
-    def add_many(self, items: Sequence[tuple[str, str, str, str]]) -> list[int] | None:
+    def add_many(self, items: Sequence[tuple[str, str, str, str]], *,
+                 commit: bool = True) -> list[int] | None:
         """Keep several of a user's messages, (stanza, user, msg_id, to) each, in one
-        transaction: all of them or, if the outbox cannot take them all, none (None)."""
+        transaction: all of them or, if the outbox cannot take them all, none (None). Their
+        rows are `next_row`, `next_row + 1`, ... (the ids carry them: `message_id`). Without
+        `commit` they join the store's open batch: the caller commits (Gateway.durable)
+        before it answers and before they are written to the edge."""
         if self.waiting + len(items) > self.limit:
             return None
-        now = time.time()
-        rows: list[int] = []
-        with self._atomic():
-            for item in items:
-                row = self._db.execute("INSERT INTO outbox (stanza, created) VALUES (?, ?)",
-                                       (item[0], now)).lastrowid
-                assert row is not None
-                rows.append(row)
+        now, first = time.time(), self.next_row
+        rows = list(range(first, first + len(items)))
+        if not commit and self.begin is not None:
+            self.begin()  # the store's batch, before the savepoint (which would open its own)
+        with self._atomic(commit=commit):
+            if commit:
+                self._prepare_commit()
             self._db.executemany(
-                "INSERT OR REPLACE INTO message_status (user, id, to_jid, state, outbox_id, "
-                "updated) VALUES (?, ?, ?, 'queued', ?, ?)",
-                [(user, msg_id, to, row, now)
-                 for (_, user, msg_id, to), row in zip(items, rows, strict=True)])
-        self.waiting += len(rows)
+                "INSERT INTO outbox (id, stanza, created, user, msg_id, to_jid) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(row, stanza, now, user, msg_id, to)
+                 for row, (stanza, user, msg_id, to) in zip(rows, items, strict=True)])
+        if not commit:
+            self.uncommitted = True
+        self._added([(row, item[0]) for row, item in zip(rows, items, strict=True)])
         return rows
 
+    def _added(self, rows: list[tuple[int, str]]) -> None:
+        self.next_row = rows[-1][0] + 1
+        self.waiting += len(rows)
+        if self._tail_after >= 0:
+            self._tail.extend(rows)
+            if len(self._tail) > TAIL_MAX:  # the link is down long: read them back later
+                self._tail.clear()
+                self._tail_after = -1
+
     def unsent(self, after: int = 0) -> list[tuple[int, str]]:
-        """Rows in the order they go to the edge."""
-        return list(self._db.execute("SELECT id, stanza FROM outbox WHERE id > ? ORDER BY id",
-                                     (after,)))
+        """The rows not released yet after row `after`, in the order they go to the edge."""
+        if after == self._tail_after:
+            rows, self._tail = self._tail, []
+        else:
+            rows = list(self._db.execute("SELECT id, stanza FROM outbox WHERE id > ? "
+                                         "ORDER BY id", (max(after, self.released),)))
+            self._tail = []
+        self._tail_after = rows[-1][0] if rows else max(after, self.released, self.next_row - 1)
+        return rows
 
     def written(self, rows: list[int]) -> None:
-        """These rows went out on the link, in this order (one status update for the batch)."""
-        for row in rows:
-            self.sent.sent(row)
-        now = time.time()
-        with self._atomic(commit=False):
-            self._db.executemany("UPDATE message_status SET state = 'sent', updated = ? "
-                                 "WHERE outbox_id = ? AND state = 'queued'",
-                                 [(now, row) for row in rows])
+        """These rows went out on the link, in this order: they are 'sent' (no SQL: the state
+        is derived from the link's own count)."""
+        self.sent.unacked.extend(rows)  # Outbox.sent, for the whole write
+        if rows:
+            self._written_at.append((rows[-1], time.time()))
         if self.on_state is not None:
             self.on_state("sent", rows)
 
@@ -169,6 +248,7 @@ class Outbound:
         self.inbox = Inbox()
         self._h_saved = 0
         self.sent.restart()
+        self._written_at.clear()
         self._save(link_id=link_id, h_in="0", acked_h="0")
 
     def acked(self, h: int) -> int:
@@ -183,7 +263,9 @@ class Outbound:
         n = delta(h, self.sent.acked_h)
         if self.sent.unacked:  # the same process: we know exactly what was written
             return self.acked(h)
-        rows = [r for r, _ in self.unsent()[:n]]  # after a restart: rows went out in id order
+        # after a restart: rows went out in id order
+        rows = [r for (r,) in self._db.execute(
+            "SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (self.released, n))]
         self.sent.acked_h = h
         self._release(rows, h)
         return len(rows)
@@ -191,6 +273,7 @@ class Outbound:
     def rewind(self) -> None:
         """After a resumption: what is still unacknowledged is written again by the caller."""
         self.sent.rewind()
+        self._written_at.clear()
 
     def handled(self) -> None:
         """One more of the edge's stanzas is handled: our h, written in the same transaction as
@@ -212,18 +295,70 @@ class Outbound:
             self._h_saved = self.inbox.h
 
     # -- status ------------------------------------------------------------------------------------
+    def _row(self, user: str, msg_id: str) -> tuple[int, str, float] | None:
+        """The outbox row of one of the user's messages: (row, to, created)."""
+        row = row_of(msg_id)
+        if row is None:
+            return None
+        found = self._db.execute("SELECT user, msg_id, to_jid, created FROM outbox "
+                                 "WHERE id = ?", (row,)).fetchone()
+        if found is None or found[0] != user or found[1] != msg_id:
+            return None
+        return row, found[2], found[3]
+
+    def _legacy(self) -> bool:
+        """The store was made before schema 5: its older messages' states are rows of
+        message_status."""
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                "name = 'message_status'").fetchone() is not None
+
     def bounced(self, user: str, msg_id: str, condition: str, text: str | None) -> bool:
         """An error came back for one of the user's messages."""
+        found = self._row(user, msg_id)
+        if found is not None:
+            self._db.execute("INSERT OR REPLACE INTO outbox_bounces (id, condition, text, "
+                             "updated) VALUES (?, ?, ?, ?)",
+                             (found[0], condition, text, time.time()))
+            return True
+        if not self._legacy():
+            return False
         cur = self._db.execute(
             "UPDATE message_status SET state = 'bounced', condition = ?, text = ?, updated = ? "
             "WHERE user = ? AND id = ?", (condition, text, time.time(), user, msg_id))
         return cur.rowcount > 0
 
     def status(self, user: str, msg_id: str) -> MessageStatus | None:
-        row = self._db.execute(
-            "SELECT id, to_jid, state, condition, text, updated FROM message_status "
+        found = self._row(user, msg_id)
+        if found is not None:
+            row, to, created = found
+            bounce = self._db.execute("SELECT condition, text, updated FROM outbox_bounces "
+                                      "WHERE id = ?", (row,)).fetchone()
+            if bounce is not None:
+                return MessageStatus(msg_id, to, "bounced", *bounce)
+            state, updated = self._state(row, created)
+            return MessageStatus(msg_id, to, state, None, None, updated)
+        if not self._legacy():
+            return None
+        old = self._db.execute(
+            "SELECT id, to_jid, state, condition, text, updated, outbox_id FROM message_status "
             "WHERE user = ? AND id = ?", (user, msg_id)).fetchone()
-        return MessageStatus(*row) if row else None
+        if old is None:
+            return None
+        if old[2] in ("queued", "sent") and old[6] is not None:  # its row moves on
+            state, updated = self._state(old[6], old[5])
+            return MessageStatus(old[0], old[1], state, None, None, updated)
+        return MessageStatus(*old[:6])
+
+    def _state(self, row: int, created: float) -> tuple[str, float]:
+        """queued, sent or accepted, and since when, from the row's place against the link's
+        counts."""
+        if row <= self.released:
+            at = self._db.execute("SELECT at FROM outbox_releases WHERE upto >= ? "
+                                  "ORDER BY upto LIMIT 1", (row,)).fetchone()
+            return "accepted", at[0] if at else created
+        if self.sent.unacked and row <= self.sent.unacked[-1]:
+            return "sent", next((t for upto, t in self._written_at if upto >= row), created)
+        return "queued", created
 
     # -- internals ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -243,17 +378,27 @@ class Outbound:
         self._db.execute("RELEASE outbound")
         if commit and self._db.in_transaction:
             self._db.commit()
+            self.uncommitted = False
 
     def _release(self, rows: list[int], h: int) -> None:
+        """The rows leave the outbox, a prefix of what is unreleased in id order: the
+        watermark moves past them in the transaction that records the edge's h (so after a
+        crash the rows above it are exactly those written after that h); their stanzas are
+        blanked (no longer needed) by id range, and the time is kept for their status."""
         now = time.time()
+        upto = max(rows[-1], self.released) if rows else self.released
         with self._atomic():
             self._prepare_commit()
-            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in rows])
-            self._db.executemany("UPDATE message_status SET state = 'accepted', updated = ? "
-                                 "WHERE outbox_id = ? AND state IN ('queued', 'sent')",
-                                 [(now, r) for r in rows])
-            self._save(acked_h=str(h))
+            if upto > self.released:
+                self._db.execute("UPDATE outbox SET stanza = '' WHERE id > ? AND id <= ?",
+                                 (self.released, upto))
+                self._db.execute("INSERT OR REPLACE INTO outbox_releases (upto, at) "
+                                 "VALUES (?, ?)", (upto, now))
+            self._save(acked_h=str(h), released=str(upto))
+        self.released = upto
         self.waiting -= len(rows)
+        if self._written_at and self._written_at[0][0] <= upto:
+            self._written_at = [w for w in self._written_at if w[0] > upto]
         if self.on_state is not None and rows:
             self.on_state("accepted", rows)
 

@@ -21,6 +21,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgeproxy import eventloop
+
 from .component import Gateway
 
 
@@ -72,7 +74,8 @@ def add_routes(app: web.Application, gateway: Gateway, websockets: Callable[[], 
     ProcessCollector(registry=registry)
 
     async def health(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "link_up": gateway.link_up})
+        return web.json_response({"status": "ok", "link_up": gateway.link_up,
+                                  "event_loop": eventloop.running()})
 
     async def ready(_request: web.Request) -> web.Response:
         body = {"ready": gateway.link_up, "link_up": gateway.link_up,

@@ -23,7 +23,7 @@ import pytest
 
 from edgeproxy.xmlstream import NS_SERVER, StreamClosed, StreamOpened, XmlStreamParser
 from edgeproxy.xmlstream import stream_header as header_bytes
-from tests.conftest import require_netns
+from tests.conftest import SUITE_LOOP, require_netns
 from tests.edges import write_daemon_config
 
 ADDRESS = "127.0.14.1"
@@ -59,7 +59,8 @@ type = "federated"
 class Daemon:
     """One daemon process with its own NOTIFY_SOCKET, as systemd starts a Type=notify unit."""
 
-    def __init__(self, tmp: Path, program: str, config: Path):
+    def __init__(self, tmp: Path, program: str, config: Path,
+                 env: dict[str, str] | None = None):
         self.notify_path = tmp / f"{program}.notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
@@ -67,7 +68,8 @@ class Daemon:
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", program, "run", "-c", str(config)],
-            env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
+            env={**(os.environ if env is None else env),
+                 "NOTIFY_SOCKET": str(self.notify_path)},
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def next_notification(self, timeout: float = WAIT) -> set[str]:
@@ -106,8 +108,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(tmp: Path, program: str, config: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp, program, config)
+def daemon(tmp: Path, program: str, config: Path,
+           env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    d = Daemon(tmp, program, config, env)
     try:
         yield d
     finally:
@@ -123,6 +126,9 @@ def test_edge_is_ready_healthy_and_closes_streams_on_sigterm(tmp_path):
     config = write_config(tmp_path)
     with daemon(tmp_path, "edgeproxy", config) as edge:
         assert "STATUS=serving contoso.test" in edge.wait_ready()
+        # the loop it runs on, logged once (edgeproxy.eventloop)
+        assert edge.output().count(" event loop: ") == 1, edge.output()
+        assert f" event loop: {SUITE_LOOP.name} " in edge.output(), edge.output()
 
         check = healthcheck("edgeproxy", config)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -206,7 +212,9 @@ def test_gateway_health_follows_the_component_link(tmp_path):
         with daemon(tmp_path, "gateway", config) as gw:
             assert "STATUS=API on 127.0.14.1:8080" in gw.wait_ready()
             _wait_link(url, True)
-            assert _health(url) == {"status": "ok", "link_up": True}
+            assert _health(url) == {"status": "ok", "link_up": True,
+                                    "event_loop": SUITE_LOOP.name}
+            assert f" event loop: {SUITE_LOOP.name} " in gw.output(), gw.output()
             check = healthcheck("gateway", config)
             assert check.returncode == 0, check.stdout + check.stderr
             assert check.stdout == (f"healthy: {url}: API answers, component link to the edge "
@@ -226,3 +234,31 @@ def test_gateway_health_follows_the_component_link(tmp_path):
     check = healthcheck("gateway", config)
     assert check.returncode == 1
     assert check.stdout.startswith(f"unhealthy: {url}: ") and "refused" in check.stdout
+
+
+@pytest.mark.parametrize("name", ["asyncio", "uvloop"])
+def test_both_daemons_run_on_the_loop_their_file_names(tmp_path, name):
+    """`[edge] event_loop` and `[gateway] event_loop`, with no EDGE_EVENT_LOOP to override them:
+    each daemon logs the loop once, the gateway's /health names it, both stop on SIGTERM."""
+    config = write_config(tmp_path)
+    setting = f'event_loop = "{name}"\n'
+    config.write_text(config.read_text()
+                      .replace('dialback_secret = "daemon-test-secret"\n',
+                               'dialback_secret = "daemon-test-secret"\n' + setting)
+                      .replace('api_listen = "', setting + 'api_listen = "'))
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_EVENT_LOOP"}
+    said = f' event loop: {name} '
+    with daemon(tmp_path, "edgeproxy", config, env) as edge:
+        edge.wait_ready()
+        assert edge.output().count(" event loop: ") == 1 and said in edge.output(), edge.output()
+        assert f'([edge] event_loop = "{name}")' in edge.output(), edge.output()
+        with daemon(tmp_path, "gateway", config, env) as gw:
+            gw.wait_ready()
+            url = f"http://{ADDRESS}:8080/health"
+            _wait_link(url, True)
+            assert _health(url)["event_loop"] == name
+            assert f'([gateway] event_loop = "{name}")' in gw.output(), gw.output()
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(WAIT) == 0, gw.output()
+        edge.proc.send_signal(signal.SIGTERM)
+        assert edge.proc.wait(WAIT) == 0, edge.output()

@@ -18,7 +18,7 @@ from edgeproxy.config import load_edge_config
 from edgeproxy.devcerts import CertificateAuthority
 from edgeproxy.server import Edge
 from tests.admin.helpers import TOKEN, AdminClient, write_edge_file
-from tests.conftest import require_netns
+from tests.conftest import SUITE_LOOP, require_netns
 from tests.edges import Component
 from tests.servers.dnsmasq import Dnsmasq
 
@@ -53,7 +53,8 @@ async def api(edge):
 async def test_health_ready_metrics_answer_on_loopback_without_credentials(edge):
     anon = AdminClient(BASE, token=None)
     try:
-        assert (await anon.call("GET", "/health"))["status"] == "ok"
+        health = await anon.call("GET", "/health")
+        assert health["status"] == "ok" and health["event_loop"] == SUITE_LOOP.name
         ready = await anon.call("GET", "/ready")
         assert ready["ready"] is True and ready["listeners"] == 2
         metrics = await anon.call("GET", "/metrics")

@@ -11,7 +11,7 @@ import aiohttp
 
 from edgeproxy.devcerts import CertificateAuthority
 from edgeproxy.server import Edge
-from tests.conftest import require_netns
+from tests.conftest import SUITE_LOOP, require_netns
 from tests.e2e import API_PORT, RunningGateway, running_gateway
 from tests.edges import edge_config
 
@@ -44,7 +44,8 @@ async def _scenario(edge: Edge, gw: RunningGateway, http: aiohttp.ClientSession)
     """Returns True once it has stopped the edge itself."""
     await gw.api.add_user("bob")
     status, body = await get(http, "/health")
-    assert (status, body) == (200, '{"status": "ok", "link_up": true}')
+    assert (status, body) == (200, '{"status": "ok", "link_up": true, "event_loop": '
+                                   f'"{SUITE_LOOP.name}"}}')
     status, body = await get(http, "/ready")
     assert status == 200 and '"ready": true' in body
     status, metrics = await get(http, "/metrics")

@@ -105,6 +105,7 @@ class Events(list):
         self.gw, self.session = gw, session
 
     def take(self) -> list[dict]:
+        self.gw.commit_point()  # the event-loop turn ends first: only committed events go out
         new = [json.loads(t) for t in self.gw.take_events(self.session, 1 << 30)]
         self.extend(new)
         return new

@@ -213,27 +213,111 @@ def test_inbox_counters_are_committed_with_the_rows_of_each_batch(path):
     store.close()
 
 
-def test_schema_2_becomes_3_with_its_counters(path):
-    """A version 2 file (counted by a trigger per row) keeps its counts; new rows are counted
-    by the store from then on."""
-    store = SqliteStore(path)
-    store.add_user("bob")
-    store.add_event("bob", "message", "", '{"n": 0}')
-    store.close()
+def _old_file(path, version: int, events: int) -> None:
+    """A file as a gateway of that schema version wrote it (its own CREATE statements), with
+    bob and `events` inbox rows counted as that version counted them."""
+    from gateway.store import _SCHEMA, _SCHEMA_2, _SCHEMA_3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TRIGGER inbox_added AFTER INSERT ON inbox BEGIN
-            UPDATE users SET inbox_count = inbox_count + 1, inbox_bytes = inbox_bytes + NEW.size
-            WHERE name = NEW.user;
-        END;
-        PRAGMA user_version = 2;
-    """)
+    db.executescript(_SCHEMA + _SCHEMA_2 + (_SCHEMA_3 if version == 3 else "")
+                     + "INSERT INTO users(name, token_hash, created) VALUES ('bob', 'h', 1.0);"
+                     + f"PRAGMA user_version={version};")
+    for n in range(events):
+        db.execute("INSERT INTO inbox(user, kind, resource, stanza, event, size, stamp) "
+                   "VALUES ('bob', 'message', NULL, '', ?, 8, 2.0)", (f'{{"n": {n}}}',))
+    if version == 3:  # schema 3's store counted its adds itself
+        db.execute("UPDATE users SET inbox_count = ?, inbox_bytes = ?", (events, 8 * events))
+    db.commit()
     db.close()
+
+
+def test_schema_2_becomes_4_with_its_counters(path):
+    """A version 2 file (counted by triggers) keeps its events and counts; from then on the
+    store counts adds and removals itself."""
+    _old_file(path, 2, 1)
     store = SqliteStore(path)
     store.add_event("bob", "message", "", '{"n": 1}')
     store.close()
     counters, rows = _file_counts(path)
     assert counters == rows == (2, 16)
+    store = SqliteStore(path)
+    assert store.ack_events("bob", 1, None) == 1
+    store.close()
+    assert _file_counts(path) == ((1, 8), (1, 8))
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
     db.close()
+
+
+def test_schema_3_becomes_4_and_no_seq_is_used_twice(path):
+    """Issue 10: ids no longer come from AUTOINCREMENT but from the store's counter; a client
+    ignores a seq it has acknowledged, so the migration carries on after the highest id ever
+    given out (sqlite_sequence), even when every event was acknowledged and deleted."""
+    _old_file(path, 3, 5)
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM inbox")  # all acknowledged (schema 3's trigger counted it)
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    assert store.inbox_usage("bob") == (0, 0)
+    assert store.add_event("bob", "message", "", '{"n": 5}') == 6
+    store.close()
+
+
+def test_seqs_are_never_reused_after_every_event_is_gone(path):
+    """A seq is never given out twice, across restarts (the counter is in the file), even when
+    the inbox is empty: the highest id is not enough."""
+    store = SqliteStore(path)
+    store.add_user("bob")
+    store.batch_commits(lambda: None)
+    ids = [store.add_event("bob", "message", "", f'{{"n": {n}}}') for n in range(3)]
+    assert store.ack_events("bob", ids[-1], None) == 3
+    store.commit()
+    store.close()
+    store = SqliteStore(path)
+    assert store.events("bob", 0, None, 10) == []
+    assert store.add_event("bob", "message", "", '{"n": 3}') == ids[-1] + 1
+    assert store.inbox_usage("bob") == (1, 8)
+    store.close()
+    assert _file_counts(path) == ((1, 8), (1, 8))
+    store = SqliteStore(path)  # a user removed with the highest ids, then added again
+    assert store.remove_user("bob")
+    store.add_user("bob")
+    store.close()
+    store = SqliteStore(path)
+    assert store.add_event("bob", "message", "", '{"n": 4}') == ids[-1] + 2
+    store.close()
+
+
+def test_token_cache_forgets_replaced_and_removed_tokens(path):
+    """user_for_token remembers the tokens that worked (every API request asks); a token this
+    store replaces or removes stops working at once, and one replaced or removed by another
+    process (`gateway user token|remove`) once the store looks again (token_recheck)."""
+    store = SqliteStore(path)
+    old = store.add_user("bob")
+    assert store.user_for_token(old) == "bob" and store.user_for_token(old) == "bob"
+    new = store.set_token("bob")
+    assert store.user_for_token(old) is None and store.user_for_token(new) == "bob"
+    carl = store.add_user("carl")
+    assert store.user_for_token(carl) == "carl"
+    store.commit()
+    assert store.remove_user("carl")
+    assert store.user_for_token(carl) is None
+    store.commit()
+
+    store.token_recheck = 0.0  # look at every call (the default: every 50 ms)
+    assert store.user_for_token(new) == "bob"
+    other = sqlite3.connect(path)  # the command line, in another process
+    other.execute("UPDATE users SET token_hash = 'replaced' WHERE name = 'bob'")
+    other.commit()
+    assert store.user_for_token(new) is None
+    other.execute("UPDATE users SET token_hash = ? WHERE name = 'bob'", (hash_token(new),))
+    other.commit()
+    assert store.user_for_token(new) == "bob"
+    other.execute("DELETE FROM users WHERE name = 'bob'")
+    other.commit()
+    other.close()
+    assert store.user_for_token(new) is None
+    store.close()
