@@ -518,17 +518,15 @@ class Peer(Target):
         assert self.bob is not None
         msg = ("<message to='" + ALICE + "' type='chat' id='o{n}'><body>{stamp} " + BODY +
                "</body></message>")
-        sent = 0
-        while sent < n:
-            while sent - reader.count > WINDOW - BATCH:
-                reader.changed.clear()
-                await asyncio.wait_for(reader.changed.wait(), 60)
-            count = min(BATCH, n - sent)
+        bob = self.bob
+
+        async def send(start: int, count: int) -> None:
             stamp = time.monotonic_ns()
-            self.bob.send("".join(msg.format(n=i, stamp=stamp)
-                                  for i in range(sent, sent + count)).encode())
-            sent += count
-            await self.bob.drained.wait()
+            bob.send("".join(msg.format(n=i, stamp=stamp)
+                             for i in range(start, start + count)).encode())
+            await bob.drained.wait()
+
+        await send_windowed(reader, n, send)
 
     async def stop(self) -> None:
         if self.bob is not None:
@@ -538,6 +536,20 @@ class Peer(Target):
 
 # ---------------------------------------------------------------------------------------------
 # The jobs
+
+
+async def send_windowed(reader: Reader, n: int,
+                        send: Callable[[int, int], Awaitable[None]]) -> None:
+    """`send(start, count)` n messages BATCH at a time, never more than WINDOW sent and not yet
+    read by bob."""
+    sent = 0
+    while sent < n:
+        while sent - reader.count > WINDOW - BATCH:
+            reader.changed.clear()
+            await asyncio.wait_for(reader.changed.wait(), 60)
+        count = min(BATCH, n - sent)
+        await send(sent, count)
+        sent += count
 
 
 async def job_burst(w: Wire, reader: Reader, n: int) -> float:
@@ -554,15 +566,12 @@ async def job_burst(w: Wire, reader: Reader, n: int) -> float:
 async def job_windowed(w: Wire, reader: Reader, n: int) -> float:
     reader.reset()
     t0 = time.monotonic()
-    sent = 0
-    while sent < n:
-        while sent - reader.count > WINDOW - BATCH:
-            reader.changed.clear()
-            await asyncio.wait_for(reader.changed.wait(), 60)
-        count = min(BATCH, n - sent)
-        w.send(burst(sent, count, time.monotonic_ns()))
-        sent += count
+
+    async def send(start: int, count: int) -> None:
+        w.send(burst(start, count, time.monotonic_ns()))
         await w.w.drain()
+
+    await send_windowed(reader, n, send)
     await reader.wait_for(n, 300)
     return n / (reader.last - t0)
 

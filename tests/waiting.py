@@ -25,3 +25,19 @@ async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str =
 
 async def _value(v: Any) -> Any:
     return await v if isinstance(v, Awaitable) else v
+
+
+async def first(timeout: float, **waits: Awaitable[Any]) -> tuple[str, Any]:
+    """The name and result of whichever of `waits` finishes first without an error (the others
+    are cancelled); fails naming every one that did not, when none did within `timeout`."""
+    tasks = {asyncio.ensure_future(w): name for name, w in waits.items()}
+    done, pending = await asyncio.wait(tasks, timeout=timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for t in done:
+        if t.exception() is None:
+            return tasks[t], t.result()
+    raise AssertionError(f"none of {', '.join(waits)} within {timeout:g} s" + "".join(
+        f"; {tasks[t]}: {t.exception()}" for t in done))

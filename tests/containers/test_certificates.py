@@ -35,7 +35,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ from tests.interop.harness import DEFECTS, EXPIRED, IN, OUT, SELF_SIGNED, SERVER
 from tests.interop.matrix import Cells
 from tests.interop.test_certificates import EXPECTED, REASON, slug
 from tests.servers import TestClient
+from tests.waiting import first
 
 THEIRS, OURS = "theirs", "ours"
 LENIENT, STRICT = "lenient", "strict"
@@ -184,19 +185,6 @@ async def _seen_event(b: Bob, timeout: float, **fields: Any) -> dict[str, Any]:
         await asyncio.sleep(0.1)
 
 
-async def _first(**waits: Awaitable[Any]) -> tuple[str, Any]:
-    tasks = {asyncio.ensure_future(w): name for name, w in waits.items()}
-    done, pending = await asyncio.wait(tasks, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
-    for t in pending:
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for t in done:
-        if t.exception() is None:
-            return tasks[t], t.result()
-    raise AssertionError(f"none of {', '.join(waits)} within {WAIT:g} s" + "".join(
-        f"; {tasks[t]}: {t.exception()}" for t in done))
-
-
 def _label(found: list[tuple[str, str]], direction: str) -> str:
     # "dialback-over-valid-certificate" (XEP-0344) is dialback too.
     labels = {label.split("-over-")[0] for label, _ in found}
@@ -210,7 +198,7 @@ def _label(found: list[tuple[str, str]], direction: str) -> str:
 async def _alice_to_bob(fed: Any, b: Bob, a: Any, peer: h.Peer, mark: int) -> Seen:
     body = f"certificates: hello from {peer.domain}"
     a.send_chat(BOB, body)
-    which, got = await _first(delivered=_seen_event(b, WAIT + 5, event="message", body=body),
+    which, got = await first(WAIT, delivered=_seen_event(b, WAIT + 5, event="message", body=body),
                               bounced=a.wait_for_bounce(WAIT + 5))
     if which == "bounced":
         err = got["error"]
@@ -222,7 +210,7 @@ async def _alice_to_bob(fed: Any, b: Bob, a: Any, peer: h.Peer, mark: int) -> Se
 async def _bob_to_alice(fed: Any, b: Bob, a: Any, peer: h.Peer, mark: int) -> Seen:
     body = f"certificates: hello to {peer.domain}"
     mid = await b.send(peer.jid, body)
-    which, got = await _first(delivered=a.wait_for_message(WAIT + 5),
+    which, got = await first(WAIT, delivered=a.wait_for_message(WAIT + 5),
                               bounced=_seen_event(b, WAIT + 5, event="error", id=mid))
     if which == "bounced":
         assert a.messages.empty(), a.messages.get_nowait()

@@ -24,10 +24,9 @@ each scenario with a refusal ends with `world.forget_failures()`.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from tests.interop import harness as h
 from tests.interop.harness import BOB, EXPIRED, IN, OUT, SELF_SIGNED, SERVER_ONLY, WRONG_NAME
 from tests.interop.matrix import Cells
 from tests.interop.test_matrix import MODES
+from tests.waiting import first
 
 pytestmark = pytest.mark.interop
 
@@ -186,24 +186,10 @@ async def _scenario(world: h.World, side: str, defect: str, policy: str, server:
 
 # --- one direction each ------------------------------------------------------------------------
 
-async def _first(**waits: Awaitable[Any]) -> tuple[str, Any]:
-    """The name and result of whichever of `waits` finishes first (the others are cancelled)."""
-    tasks = {asyncio.ensure_future(w): name for name, w in waits.items()}
-    done, pending = await asyncio.wait(tasks, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
-    for t in pending:
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for t in done:
-        if t.exception() is None:
-            return tasks[t], t.result()
-    raise AssertionError(f"none of {', '.join(waits)} within {WAIT:g} s" + "".join(
-        f"; {tasks[t]}: {t.exception()}" for t in done))
-
-
 async def _alice_to_bob(bob: h.LocalSide, alice: Any, peer: h.Peer) -> Seen:
     body = f"certificates: hello from {peer.name}"
     alice.send_chat(BOB, body)
-    which, got = await _first(delivered=bob.ws.expect("message", timeout=WAIT + 5, body=body),
+    which, got = await first(WAIT, delivered=bob.ws.expect("message", timeout=WAIT + 5, body=body),
                               bounced=alice.wait_for_bounce(WAIT + 5))
     if which == "bounced":
         assert not [e for e in bob.ws.seen if e.get("event") == "message"], bob.ws.seen
@@ -217,7 +203,7 @@ async def _alice_to_bob(bob: h.LocalSide, alice: Any, peer: h.Peer) -> Seen:
 async def _bob_to_alice(bob: h.LocalSide, alice: Any, peer: h.Peer) -> Seen:
     body = f"certificates: hello to {peer.name}"
     await bob.send(peer.jid, body)  # 202: accepted; a failure comes back on the WebSocket
-    which, got = await _first(delivered=alice.wait_for_message(WAIT + 5),
+    which, got = await first(WAIT, delivered=alice.wait_for_message(WAIT + 5),
                               bounced=bob.ws.expect("error", timeout=WAIT + 5))
     if which == "bounced":
         assert alice.messages.empty(), alice.messages.get_nowait()
