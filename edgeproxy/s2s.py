@@ -172,6 +172,9 @@ class Timeouts:
     establishment: float = 60.0  # header to authenticated
     inactivity: float = 600.0  # no stanza or negotiation data in either direction
     keepalive: float = 60.0  # RFC 6120 4.6.1: whitespace after this long without sending
+    # XEP-0220 2.1.2: a verify-only stream "SHOULD" close right after its answer; ours linger
+    # this long with nothing pending, so that a burst of keys shares one stream
+    verify_idle: float = 2.0
 
 
 @dataclass(slots=True)
@@ -335,12 +338,14 @@ class OutState(Enum):
     WAIT_SASL_FEATURES = auto()  # 6.4.6: the features of the post-SASL stream
     WAIT_DIALBACK = auto()  # XEP-0220 2.1: our <db:result/> key sent
     READY = auto()  # authenticated: stanzas flow
+    VERIFYING = auto()  # XEP-0220 2.1.2: a verify-only stream, open: <db:verify/> only
     CLOSED = auto()
 
 
 # Our <db:verify/> requests may go out once the stream is past TLS negotiation (XEP-0220 2.3).
 _DB_READY = frozenset({OutState.WAIT_SASL, OutState.WAIT_SASL_HEADER,
-                       OutState.WAIT_SASL_FEATURES, OutState.WAIT_DIALBACK, OutState.READY})
+                       OutState.WAIT_SASL_FEATURES, OutState.WAIT_DIALBACK, OutState.READY,
+                       OutState.VERIFYING})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,9 +831,15 @@ class OutboundS2s:
     sasl_failure: str = ""  # the condition of the peer's SASL <failure/>, if it sent one
     method: AuthMethod | None = None
     verifies: list[tuple[str, str, str, str]] = field(default_factory=list)  # not yet sent
-    sent_verifies: set[tuple[str, str, str]] = field(default_factory=set)
+    # (local, remote, stream id) -> when it was sent, in sending order (the first is the oldest)
+    sent_verifies: dict[tuple[str, str, str], float] = field(default_factory=dict)
     tried: list[str] = field(default_factory=list)
     created: float = 0.0  # on the shell's clock
+    # XEP-0220 2.1.2: a stream opened only to verify keys: no <db:result/> of ours, never
+    # authenticated; closes when idle (Timeouts.verify_idle) or when an answer is late
+    verify_only: bool = False
+    peer_errors: bool = False  # its features advertised dialback errors (XEP-0220 2.4.2)
+    idle_since: float = 0.0  # verify-only: when the last pending verification was answered
     timers: StreamTimers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -837,12 +848,36 @@ class OutboundS2s:
     def next_deadline(self) -> float | None:
         if self.state is OutState.CLOSED:
             return None
+        if self.verify_only:
+            return self._verify_deadline()
         return min(at for at, _ in self.timers.deadlines(self.authenticated,
                                                          self.partner.keepalive))
+
+    def _verify_deadline(self) -> float:
+        """A verify-only stream: open within the establishment timeout; then each answer
+        within it too (XEP-0220 2.1.1 allows a timeout on dialback operations), and the
+        close once nothing is pending for `verify_idle`."""
+        t = self.timers.timeouts
+        if self.state is not OutState.VERIFYING:
+            return self.created + t.establishment
+        if self.sent_verifies:
+            return next(iter(self.sent_verifies.values())) + t.establishment
+        return self.idle_since + t.verify_idle
 
     def handle_timer(self, now: float) -> list[Action]:
         if self.state is OutState.CLOSED:
             return []
+        if self.verify_only:
+            if now < self._verify_deadline():
+                return []
+            t = self.timers.timeouts
+            if self.state is not OutState.VERIFYING:
+                return self.fail("connection-timeout",
+                                 f"verify stream not open within {t.establishment:g} s")
+            if self.sent_verifies:
+                return self.fail("connection-timeout", f"{self.remote} did not answer a "
+                                 f"<db:verify/> within {t.establishment:g} s")
+            return self.quiet_close(f"verify stream idle for {t.verify_idle:g} s")
         timer = self.timers.due(now, self.authenticated, self.partner.keepalive)
         out = _timer_actions(self, timer)
         if timer is Timer.KEEPALIVE:
@@ -908,20 +943,43 @@ class OutboundS2s:
                     f"{self.partner.domain} allows only SASL EXTERNAL", condition="not-authorized")
         return self.start()
 
-    def request_verify(self, local: str, remote: str, stream_id: str, key: str) -> list[Action]:
+    def request_verify(self, local: str, remote: str, stream_id: str, key: str,
+                       now: float | None = None) -> list[Action]:
         """Send a <db:verify/> to this (authoritative) server once the stream allows it."""
         self.verifies.append((local, remote, stream_id, key))
-        return self._flush_verifies()
+        return self._flush_verifies(now=now)
 
-    def _flush_verifies(self, ready: bool = False) -> list[Action]:
+    @property
+    def pending_verifies(self) -> int:
+        """Verifications asked for and not answered yet (queued or sent)."""
+        return len(self.verifies) + len(self.sent_verifies)
+
+    def _flush_verifies(self, ready: bool = False, now: float | None = None) -> list[Action]:
         if not ready and self.state not in _DB_READY:
             return []
+        at = self.timers.last_activity if now is None else now  # receive() just set it
         out: list[Action] = []
         for local, remote, sid, key in self.verifies:
-            self.sent_verifies.add((local, remote, sid))
+            self.sent_verifies[(local, remote, sid)] = at
             out.append(Send(_db("verify", local, remote, id_=sid, text=key)))
         self.verifies.clear()
         return out
+
+    def _verifying(self, features: ET.Element | None) -> list[Action]:
+        """XEP-0220 2.1.2: the verify-only stream is open; the queued keys go out. The server
+        must speak dialback (2.4.1 its header, or 2.4.2 its feature); with the <errors/> of
+        2.4.2 it may verify keys of other sender domains too (2.6.2, target multiplexing)."""
+        feature = None if features is None else features.find(
+            f"{{{NS_DIALBACK_FEATURES}}}dialback")
+        if not self.peer_dialback and feature is None:
+            return self._fail(f"{self.remote} does not support dialback (no jabber:server:"
+                              "dialback on its header, no dialback feature): it cannot verify "
+                              "our partners' keys")
+        self.peer_errors = feature is not None and feature.find(
+            f"{{{NS_DIALBACK_FEATURES}}}errors") is not None
+        self.state = OutState.VERIFYING
+        self.idle_since = self.timers.last_activity
+        return self._flush_verifies()
 
     def receive(self, event: StreamOpened | Element | StreamClosed) -> list[Action]:
         if self.state is OutState.CLOSED:
@@ -940,12 +998,16 @@ class OutboundS2s:
             except ValueError as exc:
                 return self._fail(f"{self.remote} answered with {exc}")
             if version != "1.0":  # pre-1.0 peer (RFC 6120 4.7.5): no features, dialback only
+                if self.verify_only:
+                    return self._verifying(None)
                 return self._authenticate(None) + self._flush_verifies()
             self.state = (OutState.WAIT_SASL_FEATURES if self.state is OutState.WAIT_SASL_HEADER
                           else OutState.WAIT_FEATURES)
             return []
         if isinstance(event, StreamClosed):
-            was_ready = self.authenticated
+            # an idle verify-only stream may be closed by either side (XEP-0220 2.1.2)
+            was_ready = self.authenticated or (self.state is OutState.VERIFYING
+                                               and not self.pending_verifies)
             self.state = OutState.CLOSED
             return [Close(f"{self.remote} closed the stream", None,
                           bounce=None if was_ready else "remote-server-timeout",
@@ -976,6 +1038,8 @@ class OutboundS2s:
             if p.tls is Negotiation.REQUIRED:
                 return self._fail(f"partner {p.domain} requires TLS, but {self.remote} did not "
                                   "offer STARTTLS")
+        if self.verify_only:
+            return self._verifying(tree)
         return self._flush_verifies(ready=True) + self._authenticate(tree)
 
     def _on_sasl_features(self, el: Element) -> list[Action]:
@@ -1069,7 +1133,9 @@ class OutboundS2s:
             log.warning("outbound %s -> %s: ignoring unsolicited db:verify answer", self.local,
                         self.remote)
             return []
-        self.sent_verifies.discard((to, frm, sid))
+        del self.sent_verifies[(to, frm, sid)]
+        if not self.sent_verifies:
+            self.idle_since = self.timers.last_activity  # receive() just set it
         t = el.attrs.get("type")
         outcome = t if t in ("valid", "invalid") else _dialback_error_condition(el)
         return [DialbackVerifyAnswer(to, frm, sid, outcome)]

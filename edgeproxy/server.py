@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, assert_never, cast
+from typing import Any, TypeVar, assert_never, cast
 
 from cryptography import x509
 
@@ -64,6 +64,7 @@ from .s2s import (
     DialbackVerifyAnswer,
     InboundS2s,
     OutboundS2s,
+    OutState,
     RestartStream,
     S2sContext,
     Send,
@@ -85,6 +86,9 @@ from .xmlstream import (
 log = logging.getLogger("edgeproxy")
 
 CONNECT_TIMEOUT = 10.0
+# XEP-0220 2.1.2: at most this many keys wait for their answer on one verify stream; the next
+# one opens another stream to the same address (memory stays bounded under any peer)
+VERIFY_STREAM_PENDING = 64
 CLOSE_GRACE = 2.0
 # How long an inbound stream we closed as idle waits for the partner's close tag, reading what
 # it sent before it saw ours (RFC 6120 4.4 step 3: "a reasonable amount of time")
@@ -971,6 +975,9 @@ class ComponentConnection(StreamConnection):
             self.edge.router.component_down(self.machine.domain, self)
 
 
+_C = TypeVar("_C", bound=StreamConnection)
+
+
 class OutboundConnection(StreamConnection):
     __slots__ = ("session", "machine", "direct_tls", "connected")
     kind = "outbound"
@@ -1047,7 +1054,7 @@ class OutboundConnection(StreamConnection):
                             None if self.machine.authenticated else "remote-server-timeout")
 
 
-def _factory(conn: OutboundConnection) -> Callable[[], OutboundConnection]:
+def _factory(conn: _C) -> Callable[[], _C]:
     return lambda: conn
 
 
@@ -1084,6 +1091,12 @@ class OutboundSession:
     @property
     def pair(self) -> tuple[str, str]:
         return (self.local, self.remote)
+
+    @property
+    def dialing(self) -> bool:
+        """Its stream is open or being opened: a key to verify may ride it."""
+        return (self.conn is not None and not self.conn.closing) or (
+            self.connecting is not None and not self.connecting.done())
 
     def ensure_connecting(self) -> None:
         if (self.conn is None or self.conn.closing) and (
@@ -1170,6 +1183,178 @@ class OutboundSession:
             inbound.dialback_answer(req.local, req.remote, db_condition)
 
 
+class VerifyConnection(StreamConnection):
+    """A stream to an authoritative server opened only to verify dialback keys (XEP-0220
+    2.1.2: "MAY open a separate connection ... for the sole purpose of doing key verification";
+    no <db:result/> of ours, no stream feature but dialback's). Only for partners with
+    tls = "not-supported" (their keys travel in the clear anyway, and the stream's identity is
+    its address from DNS, nothing else). One of `Verifier.streams[(local, ip, port)]`: once
+    the server has advertised dialback errors, the keys of every partner domain whose DNS
+    resolution gives that address and port travel on it too (2.6.2, target multiplexing);
+    before that, only those of the domain it was opened for. It closes when idle
+    (Timeouts.verify_idle); if it fails, each key still waiting on it gets its dialback error,
+    and only those."""
+
+    __slots__ = ("verifier", "address", "machine", "waiting")
+    kind = "verify"
+
+    def __init__(self, edge: Edge, verifier: Verifier, address: tuple[str, str, int],
+                 remote: str, partner: Partner):
+        super().__init__(edge)
+        self.verifier = verifier
+        self.address = address  # (local domain, IP, port)
+        self.machine = OutboundS2s(edge.s2s_ctx, address[0], remote, partner,
+                                   created=self.created, verify_only=True)
+        self.timers = self.machine.timers
+        # (local, remote, stream id) -> the inbound stream whose key it is
+        self.waiting: dict[tuple[str, str, str], InboundConnection] = {}
+        self.stream = XmppStream(self.machine.receive, self.machine.fail,
+                                 new_parser=self._new_parser, timers=self.timers)
+
+    def label(self) -> str:
+        return (f"verify {self.address[0]} -> [{self.address[1]}]:{self.address[2]} "
+                f"(opened for {self.machine.remote})")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.run(self.machine.start())
+
+    def takes(self, remote: str) -> bool:
+        """May a key of sender domain `remote` (resolved to this address) go on this stream?"""
+        m = self.machine
+        if self.closing or self.transport is None or \
+                m.pending_verifies >= VERIFY_STREAM_PENDING:
+            return False
+        if remote == m.remote:
+            return m.state is not OutState.CLOSED
+        return m.state is OutState.VERIFYING and m.peer_errors  # XEP-0220 2.6.2
+
+    def ask(self, inbound: InboundConnection, req: DialbackVerify) -> None:
+        self.waiting[(req.local, req.remote, req.stream_id)] = inbound
+        self.run(self.machine.request_verify(req.local, req.remote, req.stream_id, req.key,
+                                             now=self.edge.clock()))
+        self.arm_timer()
+
+    def next_deadline(self) -> float | None:
+        return self.machine.next_deadline()
+
+    def handle_timer(self, now: float) -> Sequence[StreamAction]:
+        return self.machine.handle_timer(now)
+
+    def handle_action(self, action: Effect) -> None:
+        match action:
+            case DialbackVerifyAnswer(local, remote, sid, outcome):
+                inbound = self.waiting.pop((local, remote, sid), None)
+                if inbound is None:
+                    return
+                # a valid key is logged by the inbound stream it authenticates, right after
+                log.log(logging.DEBUG if outcome == "valid" else logging.INFO,
+                        "dialback: authoritative server says key of %s for %s is %s",
+                        remote, local, outcome)
+                inbound.dialback_answer(local, remote, outcome)
+            case Authenticated() | Deliver() | DialbackVerify() | ComponentAuthenticated() | \
+                    LinkControl():
+                raise AssertionError(f"{action!r} on a verify stream")
+            case _:
+                assert_never(action)
+
+    def on_close(self, action: Close) -> None:
+        super().on_close(action)
+        self._gone()
+
+    def abort(self, reason: str) -> None:
+        super().abort(reason)
+        self._gone()
+
+    def on_lost(self, reason: str) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
+        """XEP-0220 2.1.2: keys pending on a closed stream have failed, "treated like an
+        error response": <remote-server-timeout/> once the stream was open (2.5: the server
+        "closed the stream without verifying"), <remote-connection-failed/> before."""
+        self.verifier.forget(self)
+        if not self.waiting:
+            return
+        condition = ("remote-server-timeout" if self.machine.stream_id or
+                     self.machine.state is OutState.VERIFYING else "remote-connection-failed")
+        waiting, self.waiting = self.waiting, {}
+        for (local, remote, _sid), inbound in waiting.items():
+            log.info("dialback: key of %s for %s not verified: %s closed (%s)", remote, local,
+                     self.label(), condition)
+            inbound.dialback_answer(local, remote, condition)
+
+
+class Verifier:
+    """Dialback keys of partners with tls = "not-supported", verified on shared verify-only
+    streams (`VerifyConnection`): per key, the sender domain is resolved (SRV, else A/AAAA;
+    answers cached within their TTL, dns.py) and the key goes on an open stream to the first
+    address that answers, to which a stream may carry it, else on a new one."""
+
+    def __init__(self, edge: Edge):
+        self.edge = edge
+        self.streams: dict[tuple[str, str, int], list[VerifyConnection]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self, inbound: InboundConnection, req: DialbackVerify, partner: Partner) -> None:
+        task = asyncio.get_running_loop().create_task(self._request(inbound, req, partner))
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, conn: VerifyConnection) -> None:
+        streams = self.streams.get(conn.address)
+        if streams is not None and conn in streams:
+            streams.remove(conn)
+            if not streams:
+                del self.streams[conn.address]
+
+    async def _request(self, inbound: InboundConnection, req: DialbackVerify,
+                       partner: Partner) -> None:
+        edge, loop = self.edge, asyncio.get_running_loop()
+        try:
+            targets = await edge.resolver.resolve(req.remote, partner.proxy_fqdn,
+                                                  direct_tls=False)
+        except DnsError as exc:
+            log.info("dialback: cannot verify the key of %s for %s: DNS: %s", req.remote,
+                     req.local, exc.text)
+            inbound.dialback_answer(req.local, req.remote, "remote-server-not-found")
+            return
+        errors = []
+        for target in targets:
+            if target.direct_tls:
+                continue
+            try:  # the A fallback's addresses came with the target (dns.py)
+                addresses = (list(target.addresses) if target.addresses else
+                             await edge.resolver.addresses(target.host))
+            except DnsError as exc:
+                errors.append(f"{target.host}: {exc.text}")
+                continue
+            for ip in addresses:
+                if inbound.closing:  # the partner gave up meanwhile: nothing to verify
+                    return
+                key = (req.local, ip, target.port)
+                conn = next((c for c in self.streams.get(key, ()) if c.takes(req.remote)), None)
+                if conn is None:
+                    conn = VerifyConnection(edge, self, key, req.remote, partner)
+                    try:
+                        await asyncio.wait_for(loop.create_connection(
+                            _factory(conn), ip, target.port), CONNECT_TIMEOUT)
+                    except (OSError, TimeoutError) as exc:
+                        errors.append(f"{ip}:{target.port}: {exc or 'timeout'}")
+                        continue
+                    if conn.closing:
+                        errors.append(f"{ip}:{target.port}: closed at once")
+                        continue
+                    log.info("%s: connected (%s), to verify dialback keys", conn.label(),
+                             target.source)
+                    self.streams.setdefault(key, []).append(conn)
+                conn.ask(inbound, req)
+                return
+        log.info("dialback: cannot verify the key of %s for %s: could not connect: %s",
+                 req.remote, req.local, "; ".join(errors) or "no usable target")
+        inbound.dialback_answer(req.local, req.remote, "remote-connection-failed")
+
+
 @dataclass(slots=True)
 class LinkSession:
     """The edge's side of one XEP-0198 session of a gateway link, kept across a disconnect so
@@ -1198,6 +1383,7 @@ class Router:
         self.components: dict[str, ComponentConnection] = {}
         self.sessions: dict[tuple[str, str], OutboundSession] = {}
         self.link_sessions: dict[str, LinkSession] = {}  # local domain -> its gateway's session
+        self.verifier = Verifier(edge)  # dialback keys of plain-TCP partners (XEP-0220 2.1.2)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -1295,6 +1481,13 @@ class Router:
         if partner is None:  # s2s refused it already; defensive
             inbound.dialback_answer(req.local, req.remote, "forbidden")
             return
+        s = self.sessions.get((req.local, req.remote))
+        if partner.tls is Negotiation.NOT_SUPPORTED and (s is None or not s.dialing):
+            # no stream of the pair to reuse (XEP-0220 2.1.2): a shared verify-only one
+            self.verifier.request(inbound, req, partner)
+            return
+        # the pair's own outbound stream carries it (and, for a partner with TLS, is held to
+        # the partner's TLS policy and pins: the verify-only streams are not)
         self.session(req.local, req.remote, partner).request_verify(inbound, req)
 
     def dialback_answered(self, ans: DialbackVerifyAnswer) -> None:

@@ -29,6 +29,7 @@ from edgeproxy.s2s import (
     InboundS2s,
     InState,
     OutboundS2s,
+    OutState,
     RestartStream,
     S2sContext,
     Send,
@@ -626,3 +627,126 @@ def test_no_keepalive_between_sasl_success_and_our_new_header():
     assert m.next_deadline() == 1610  # inactivity only
     m.state = InState.SASL_DONE
     assert m.handle_timer(1041) == [Send(b" ")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify-only streams (XEP-0220 2.1.2): the receiving server's stream to an authoritative one,
+# carrying <db:verify/> only, for several sender domains once errors are advertised (2.6.2)
+
+PLAIN = dict(tls=Negotiation.NOT_SUPPORTED, sasl=Negotiation.NOT_SUPPORTED, dialback=True)
+F_SECRET = "fabrikam-secret"
+
+
+def verify_link(authority_domains=("fabrikam.test", "chat.fabrikam.test"), now=100.0):
+    """contoso.test's verify-only stream to the server authoritative for `authority_domains`
+    (a real InboundS2s knowing their secret)."""
+    at_c = Partner("fabrikam.test", **PLAIN)
+    c = S2sContext(frozenset({"contoso.test"}), PartnerTable([at_c]), DialbackKeys("c"), False,
+                   TIMEOUTS)
+    f = S2sContext(frozenset(authority_domains), PartnerTable([Partner("contoso.test", **PLAIN)]),
+                   DialbackKeys(F_SECRET), False, TIMEOUTS)
+    out = OutboundS2s(c, "contoso.test", "fabrikam.test", at_c, verify_only=True, created=now)
+    return Link(out, InboundS2s(f), None, None, None)
+
+
+def answers(side: Side) -> dict[tuple[str, str, str], str]:
+    return {(a.local, a.remote, a.stream_id): a.outcome for a in side.log
+            if isinstance(a, DialbackVerifyAnswer)}
+
+
+def test_verify_only_stream_carries_keys_of_several_sender_domains():
+    link = verify_link()
+    keys = DialbackKeys(F_SECRET)
+    out = link.o.machine
+    # queued before the stream is open: they go out with the server's features
+    link.handle("o", out.request_verify("contoso.test", "fabrikam.test", "s1",
+                                        keys.key("contoso.test", "fabrikam.test", "s1")))
+    assert out.pending_verifies == 1
+    link.start()
+    assert out.state is OutState.VERIFYING and out.peer_errors
+    # 2.6.2: chat.fabrikam.test resolves to the same server: its key rides the same stream
+    for remote, sid, key in [("chat.fabrikam.test", "s2", keys.key("contoso.test",
+                                                                   "chat.fabrikam.test", "s2")),
+                             ("fabrikam.test", "s3", "forged")]:
+        link.handle("o", out.request_verify("contoso.test", remote, sid, key, now=101.0))
+    assert answers(link.o) == {("contoso.test", "fabrikam.test", "s1"): "valid",
+                               ("contoso.test", "chat.fabrikam.test", "s2"): "valid",
+                               ("contoso.test", "fabrikam.test", "s3"): "invalid"}
+    # nothing of ours to authenticate on it: no <db:result/>, never "authenticated"
+    sent = b"".join(a.data for a in link.o.log if isinstance(a, Send))
+    assert b"db:result" not in sent and sent.count(b"<db:verify") == 3
+    assert not link.authenticated(link.o) and not out.authenticated and not link.closed
+    assert out.pending_verifies == 0
+    # an answer nobody asked for on this stream is dropped (XEP-0220 3.1)
+    p = XmlStreamParser()
+    p.feed(b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+           b"xmlns:stream='http://etherx.jabber.org/streams'>")
+    (el,) = p.feed(b"<db:verify from='fabrikam.test' to='contoso.test' id='s9' type='valid'/>")
+    assert out.receive(el) == []
+
+
+def test_verify_only_stream_without_dialback_errors_takes_no_other_domain():
+    """XEP-0220 2.6.2: target multiplexing only after <errors/> (2.4.2); Prosody 0.12 sends a
+    bare <dialback/>: the shell then opens one stream per sender domain."""
+    link = verify_link()
+    out = link.o.machine
+    out.start()  # the server's reply is fed by hand: a bare <dialback/> feature
+    p = XmlStreamParser()
+    events = p.feed(b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+                    b"xmlns:stream='http://etherx.jabber.org/streams' from='fabrikam.test' "
+                    b"id='x' version='1.0'><stream:features><dialback "
+                    b"xmlns='urn:xmpp:features:dialback'/></stream:features>")
+    for ev in events:
+        assert [a for a in out.receive(ev) if isinstance(a, Close)] == []
+    assert out.state is OutState.VERIFYING and not out.peer_errors
+
+
+def test_verify_only_stream_refuses_a_server_without_dialback():
+    link = verify_link()
+    out = link.o.machine
+    out.start()
+    events = XmlStreamParser().feed(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+        b"from='fabrikam.test' id='x' version='1.0'><stream:features/>")
+    closes = [a for ev in events for a in out.receive(ev) if isinstance(a, Close)]
+    assert len(closes) == 1 and closes[0].failed and "does not support dialback" in \
+        closes[0].reason
+
+
+def test_verify_only_stream_deadlines_answer_timeout_and_idle_close():
+    keys = DialbackKeys(F_SECRET)
+    # not open within the establishment timeout
+    link = verify_link(now=100.0)
+    out = link.o.machine
+    out.start()
+    assert out.next_deadline() == 160
+    assert out.handle_timer(159) == []
+    (close,) = out.handle_timer(160)
+    assert close.condition == "connection-timeout" and close.failed
+
+    # open, one key answered: the stream closes quietly verify_idle after the answer
+    link = verify_link(now=100.0)
+    out = link.o.machine
+    out.timers.received(100.0, False)
+    link.start()
+    assert out.state is OutState.VERIFYING
+    assert out.next_deadline() == 100.0 + TIMEOUTS.verify_idle
+    out.timers.received(110.0, False)  # what the shell's read does before the answer
+    link.handle("o", out.request_verify("contoso.test", "fabrikam.test", "s1",
+                                        keys.key("contoso.test", "fabrikam.test", "s1"),
+                                        now=110.0))
+    assert answers(link.o)
+    assert out.next_deadline() == 110.0 + TIMEOUTS.verify_idle
+    (close,) = out.handle_timer(112.0)
+    assert close.condition is None and not close.failed and "idle" in close.reason
+
+    # a key the server never answers: the stream fails at its establishment timeout
+    link = verify_link(now=100.0)
+    out = link.o.machine
+    link.start()
+    out.request_verify("contoso.test", "fabrikam.test", "s1", "k", now=120.0)  # not pumped
+    out.request_verify("contoso.test", "fabrikam.test", "s2", "k", now=130.0)
+    assert out.pending_verifies == 2
+    assert out.next_deadline() == 180.0  # the oldest one's
+    (close,) = out.handle_timer(180.0)
+    assert close.condition == "connection-timeout" and "did not answer" in close.reason
