@@ -1285,6 +1285,17 @@ class VerifyConnection(StreamConnection):
             inbound.dialback_answer(local, remote, condition)
 
 
+_K = TypeVar("_K")
+
+
+def _discard(index: dict[_K, list[VerifyConnection]], key: _K, conn: VerifyConnection) -> None:
+    streams = index.get(key)
+    if streams is not None and conn in streams:
+        streams.remove(conn)
+        if not streams:
+            del index[key]
+
+
 class Verifier:
     """Dialback keys of partners with tls = "not-supported", verified on shared verify-only
     streams (`VerifyConnection`): per key, the sender domain is resolved (SRV, else A/AAAA;
@@ -1293,7 +1304,12 @@ class Verifier:
 
     def __init__(self, edge: Edge):
         self.edge = edge
-        self.streams: dict[tuple[str, str, int], list[VerifyConnection]] = {}
+        # the open streams per (local, IP, port, the sender domain each was opened for) ...
+        self.streams: dict[tuple[str, str, int, str], list[VerifyConnection]] = {}
+        # ... and per (local, IP, port) those that may carry other domains' keys too (2.6.2):
+        # a stream leaves this list once it is open without dialback errors, so that a server
+        # that never advertises them does not make every key look at all its streams
+        self.shared: dict[tuple[str, str, int], list[VerifyConnection]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request(self, inbound: InboundConnection, req: DialbackVerify, partner: Partner) -> None:
@@ -1302,11 +1318,28 @@ class Verifier:
         task.add_done_callback(self._tasks.discard)
 
     def forget(self, conn: VerifyConnection) -> None:
-        streams = self.streams.get(conn.address)
-        if streams is not None and conn in streams:
-            streams.remove(conn)
-            if not streams:
-                del self.streams[conn.address]
+        _discard(self.streams, (*conn.address, conn.machine.remote), conn)
+        _discard(self.shared, conn.address, conn)
+
+    def _open_stream(self, address: tuple[str, str, int], remote: str) -> VerifyConnection | None:
+        """An open stream to `address` that may carry a key of `remote`, if there is one."""
+        for c in self.streams.get((*address, remote), ()):
+            if c.takes(remote):
+                return c
+        shared = self.shared.get(address)
+        if shared:
+            for c in list(shared):
+                if c.machine.state is OutState.VERIFYING and not c.machine.peer_errors:
+                    shared.remove(c)  # open without dialback errors: its own domain's only
+                elif c.takes(remote):
+                    return c
+            if not shared:
+                del self.shared[address]
+        return None
+
+    def _add(self, conn: VerifyConnection) -> None:
+        self.streams.setdefault((*conn.address, conn.machine.remote), []).append(conn)
+        self.shared.setdefault(conn.address, []).append(conn)
 
     async def _request(self, inbound: InboundConnection, req: DialbackVerify,
                        partner: Partner) -> None:
@@ -1333,7 +1366,7 @@ class Verifier:
                 if inbound.closing:  # the partner gave up meanwhile: nothing to verify
                     return
                 key = (req.local, ip, target.port)
-                conn = next((c for c in self.streams.get(key, ()) if c.takes(req.remote)), None)
+                conn = self._open_stream(key, req.remote)
                 if conn is None:
                     conn = VerifyConnection(edge, self, key, req.remote, partner)
                     try:
@@ -1347,7 +1380,7 @@ class Verifier:
                         continue
                     log.info("%s: connected (%s), to verify dialback keys", conn.label(),
                              target.source)
-                    self.streams.setdefault(key, []).append(conn)
+                    self._add(conn)
                 conn.ask(inbound, req)
                 return
         log.info("dialback: cannot verify the key of %s for %s: could not connect: %s",
