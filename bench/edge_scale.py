@@ -51,6 +51,7 @@ from edgeproxy.dialback import DialbackKeys, new_stream_id  # noqa: E402
 from edgeproxy.tls import TlsContexts, TlsSession  # noqa: E402
 from edgeproxy.xmlstream import (  # noqa: E402
     NS_DIALBACK,
+    NS_DIALBACK_FEATURES,
     NS_SASL,
     NS_SERVER,
     NS_TLS,
@@ -182,8 +183,13 @@ class Stream:
         assert result.attrs.get("type") == "valid", result.raw
 
 
-async def authoritative(keys: DialbackKeys) -> asyncio.AbstractServer:
-    """The partners' authoritative server (XEP-0220 step 3): answers the edge's db:verify."""
+async def authoritative(keys: DialbackKeys, errors: bool = True) -> asyncio.AbstractServer:
+    """The partners' authoritative server (XEP-0220 step 3): answers the edge's db:verify.
+    With `errors` it advertises dialback errors (XEP-0220 2.4.2, as ejabberd and
+    bench/streams.py do), so the edge may verify the keys of every partner domain on one
+    stream (2.6.2); without, one stream per domain (as against Prosody 0.12)."""
+    features = (f"<stream:features><dialback xmlns='{NS_DIALBACK_FEATURES}'><errors/>"
+                "</dialback></stream:features>" if errors else "<stream:features/>").encode()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
@@ -197,7 +203,7 @@ async def authoritative(keys: DialbackKeys) -> asyncio.AbstractServer:
                 if isinstance(ev, StreamOpened):
                     writer.write(stream_header(content_ns=NS_SERVER, from_=ev.attrs.get("to"),
                                                to=ev.attrs.get("from"), id_=new_stream_id(),
-                                               dialback=True) + b"<stream:features/>")
+                                               dialback=True) + features)
                 elif isinstance(ev, Element) and ev.name == "result":
                     writer.write(f"<db:result xmlns:db='{NS_DIALBACK}' from='{ev.attrs['to']}' "
                                  f"to='{ev.attrs['from']}' type='valid'/>".encode())
@@ -331,7 +337,8 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
     with open(tmp / "edge.log", "wb") as log:
         edge = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=log)
     keys = DialbackKeys(PARTNER_SECRET)
-    server = await authoritative(keys) if args.dialback else None
+    server = (await authoritative(keys, errors=not args.no_dialback_errors) if args.dialback
+              else None)
     contexts = TlsContexts(None, (tmp / "client.crt", tmp / "client.key"))
     streams: list[Stream] = []
     rows = []
@@ -413,6 +420,10 @@ async def main() -> None:
                     "dnsmasq on 127.0.0.53 answering every *.partners.test with its address, no "
                     "SRV records, TTL 0: the A fallback of RFC 6120 3.2.2 per set-up) instead "
                     "of proxy_fqdn")
+    ap.add_argument("--no-dialback-errors", action="store_true",
+                    help="with --dialback: the authoritative server does not advertise dialback "
+                    "errors (XEP-0220 2.4.2), so the edge opens one verify stream per partner "
+                    "domain instead of sharing one (2.6.2)")
     ap.add_argument("--log-level", default="warning",
                     help="the edge's [log] level (bench/streams.py runs it at info)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
