@@ -3,11 +3,13 @@ the A/AAAA fallback and the configured `proxy_fqdn` mapping (RFC 6120 3.2.3, Lyn
 
 The nameservers are the configuration's; /etc/resolv.conf is read (by dnspython) only when
 none are configured. The A, AAAA and SRV questions of the dialer go out as plain RFC 1035 UDP
-queries of our own (`_StubQuery`: one fresh socket and a random id per query, the answer
-checked against the question, RFC 5452); dnspython's resolver takes over whatever that path
-does not cover (a truncated answer, which it asks again over TCP; a name that is not ASCII; a
-nameserver that is not plain DNS). dnspython cost about 0.6 ms of CPU per query, three queries
-per dialback set-up to a new partner: most of that set-up's CPU (issue 11, docs/benchmarks.md).
+queries of our own (`_StubQuery`: one fresh socket per resolution, a random id per
+question, each answer checked against its question, RFC 5452; the SRV questions and the
+domain's AAAA and A for the fallback go out together, one round trip); dnspython's resolver
+takes over whatever that path does not cover (a truncated answer, which it asks again over
+TCP; a name that is not ASCII; a nameserver that is not plain DNS). dnspython cost about
+0.6 ms of CPU per query, three queries per dialback set-up to a new partner: most of that
+set-up's CPU (issue 11, docs/benchmarks.md).
 This module knows nothing about streams or TLS: it returns ordered `Target`s and the dialer
 connects to them in that order.
 """
@@ -23,7 +25,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -293,59 +295,109 @@ class _Unsupported(Exception):
 
 
 class _StubQuery:
-    """One question to the nameservers in turn over UDP (RFC 1035 4.2.1). Each attempt has its
-    own socket, connected to the nameserver (only its answers are read), on an ephemeral port
-    the kernel picks, with a random 16-bit id; anything that is not the answer to the question
-    is dropped (RFC 5452 9.1)."""
+    """Questions to the nameservers in turn over UDP (RFC 1035 4.2.1). The questions of one
+    resolution (the SRV names and the domain's AAAA and A, asked together) share one socket,
+    connected to the nameserver (only its answers are read), on an ephemeral port the kernel
+    picks for it, each question with its own random 16-bit id; anything that is not the answer
+    to one of them is dropped (RFC 5452 9.1: id and question checked). A socket per resolution
+    rather than per question: three sockets, reader registrations and timers fewer per dialback
+    set-up to a new partner (issue 11), and the port is still unpredictable (RFC 5452 9.2)."""
 
     def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float):
         self.nameservers = list(nameservers)
         self.timeout = timeout
 
     async def ask(self, name: str, rdtype: str) -> StubAnswer:
-        """The answer of the first nameserver that gives one (NOERROR or NXDOMAIN); each gets
-        an equal share of what is left of `timeout`. TimeoutError when none answered in time,
-        OSError or DnsWireError (of the last one) when every one failed, `_Unsupported`."""
-        code = RDTYPES[rdtype]
+        (answer,) = await self.ask_many([(name, rdtype)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def ask_many(self, questions: Sequence[tuple[str, str]]
+                       ) -> list[StubAnswer | BaseException]:
+        """Per question, the answer of the first nameserver that gives one (NOERROR or
+        NXDOMAIN); each nameserver gets an equal share of what is left of `timeout` and is
+        asked only what the ones before did not answer. Otherwise the question's error:
+        TimeoutError when none answered in time, OSError or DnsWireError (of the last one)
+        when every one failed, ValueError for a name DNS cannot carry, `_Unsupported`."""
+        out: list[StubAnswer | BaseException] = [TimeoutError() for _ in questions]
+        pending = list(range(len(questions)))
         deadline = time.monotonic() + self.timeout
-        last: Exception = TimeoutError()
         for i, (ip, port) in enumerate(self.nameservers):
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or not pending:
                 break
             try:
-                answer = await self._attempt(ip, port, name, code,
-                                             left / (len(self.nameservers) - i))
-            except (OSError, DnsWireError, TimeoutError) as exc:
-                last = exc
+                got = await self._attempt(ip, port, [(questions[k][0], RDTYPES[questions[k][1]])
+                                                     for k in pending],
+                                          left / (len(self.nameservers) - i))
+            except (OSError, DnsWireError) as exc:
+                for k in pending:
+                    out[k] = exc
                 continue
-            if answer.truncated:
-                raise _Unsupported("truncated")
-            if answer.rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
-                return answer
-            last = OSError(f"{ip}:{port} answered rcode {answer.rcode}")
-        raise last
+            still = []
+            for k, answer in zip(pending, got, strict=True):
+                if answer is None:  # not answered in its share of the time
+                    still.append(k)
+                elif isinstance(answer, BaseException):
+                    out[k] = answer
+                elif answer.truncated:
+                    out[k] = _Unsupported("truncated")
+                elif answer.rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
+                    out[k] = answer
+                else:
+                    out[k] = OSError(f"{ip}:{port} answered rcode {answer.rcode}")
+                    still.append(k)
+            for k in still:
+                if not isinstance(out[k], OSError):
+                    out[k] = TimeoutError()
+            pending = still
+        return out
 
     @staticmethod
-    async def _attempt(ip: str, port: int, name: str, rdtype: int,
-                       timeout: float) -> StubAnswer:
-        qid = secrets.randbits(16)
-        query = encode_query(qid, name, rdtype)
+    async def _attempt(ip: str, port: int, questions: Sequence[tuple[str, int]],
+                       timeout: float) -> list[StubAnswer | BaseException | None]:
+        """One nameserver, one socket, every question: its answer, ValueError (a name DNS
+        cannot carry), or None when the time was up first."""
+        results: list[StubAnswer | BaseException | None] = [None] * len(questions)
+        asked: list[tuple[int, int, str, int]] = []  # (index, id, name, type)
+        ids: set[int] = set()
+        queries = []
+        for k, (name, rdtype) in enumerate(questions):
+            qid = secrets.randbits(16)
+            while qid in ids:
+                qid = secrets.randbits(16)
+            try:
+                queries.append(encode_query(qid, name, rdtype))
+            except ValueError as exc:
+                results[k] = exc
+                continue
+            ids.add(qid)
+            asked.append((k, qid, name, rdtype))
+        if not asked:
+            return results
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
             sock.connect((ip, port))  # a UDP connect: nothing is sent, only filtered
-            sock.send(query)
+            for query in queries:
+                sock.send(query)
             # a reader and a timer on one future: the cheapest wait asyncio has
-            done: asyncio.Future[StubAnswer] = loop.create_future()
+            done: asyncio.Future[None] = loop.create_future()
 
             def readable() -> None:
                 try:
                     while not done.done():
-                        answer = decode_answer(sock.recv(65535), qid, name, rdtype)
-                        if answer is not None:
-                            done.set_result(answer)
+                        data = sock.recv(65535)
+                        for j, (k, qid, name, rdtype) in enumerate(asked):
+                            answer = decode_answer(data, qid, name, rdtype)
+                            if answer is not None:
+                                results[k] = answer
+                                del asked[j]
+                                break
+                        if not asked:
+                            done.set_result(None)
                 except (BlockingIOError, InterruptedError):
                     pass
                 except (OSError, DnsWireError) as exc:
@@ -353,16 +405,17 @@ class _StubQuery:
 
             def expired() -> None:
                 if not done.done():
-                    done.set_exception(TimeoutError())
+                    done.set_result(None)  # what was answered stands; the rest is None
 
             fd = sock.fileno()
             loop.add_reader(fd, readable)
             timer = loop.call_later(timeout, expired)
             try:
-                return await done
+                await done
             finally:
                 timer.cancel()
                 loop.remove_reader(fd)
+        return results
 
 
 class PositiveCache(dns.resolver.Cache):
@@ -416,15 +469,18 @@ class S2sResolver:
             host, port = parse_proxy_fqdn(proxy_fqdn)
             return [Target(host, port, False, SOURCE_PROXY_FQDN)]
         domain = domain.rstrip(".").lower()
-        queries = [self._srv(f"_xmpp-server._tcp.{domain}", direct_tls=False)]
+        # One round trip: the SRV questions and, asked along, the domain's AAAA and A that the
+        # 3.2.1 fallback needs when there is no SRV record (used only then; a domain that
+        # publishes SRV records costs two small questions more, cached within their TTL).
+        questions = [(f"_xmpp-server._tcp.{domain}", "SRV")]
         if direct_tls:
-            queries.append(self._srv(f"_xmpps-server._tcp.{domain}", direct_tls=True))
-        results = await asyncio.gather(*queries, return_exceptions=True)
-        plain = results[0]
-        secure = results[1] if direct_tls else []
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, DnsError):
-                raise r
+            questions.append((f"_xmpps-server._tcp.{domain}", "SRV"))
+        fallback = _is_ip_literal(domain)
+        if not fallback:
+            questions += [(domain, "AAAA"), (domain, "A")]
+        results = await self._query_many(questions)
+        plain = self._srv_of(results[0], direct_tls=False)
+        secure = self._srv_of(results[1], direct_tls=True) if direct_tls else []
 
         # XEP-0368: a "." target on _xmpps-server means "no Direct TLS, use _xmpp-server".
         secure_records = [r for r in secure if r.host] if isinstance(secure, list) else []
@@ -447,7 +503,7 @@ class S2sResolver:
         # RFC 6120 3.2.1 fallback: no SRV answer at all -> the domain's A/AAAA on port 5269,
         # with STARTTLS (XEP-0368 has no Direct TLS fallback to A/AAAA).
         try:
-            found = await self.addresses(domain)
+            found = [domain] if fallback else _addresses_of(domain, results[-2:])
         except DnsError as e:
             if e.kind == "not-found":
                 raise DnsError("not-found",
@@ -462,67 +518,79 @@ class S2sResolver:
         host = host.rstrip(".")
         if _is_ip_literal(host):
             return [host]
-        results = await asyncio.gather(self._query(host, "AAAA"), self._query(host, "A"),
-                                       return_exceptions=True)
-        found: list[str] = []
-        errors: list[DnsError] = []
-        for r in results:
-            if isinstance(r, DnsError):
-                errors.append(r)
-            elif isinstance(r, BaseException):
-                raise r
-            else:
-                found.extend(rr.address for rr in r)
-        if found:
-            return found
-        hard = [e for e in errors if e.kind != "not-found"]
-        if hard:
-            raise hard[0]
-        raise DnsError("not-found", f"no A/AAAA records for {host}")
+        return _addresses_of(host, await self._query_many([(host, "AAAA"), (host, "A")]))
 
     async def srv_records(self, name: str, direct_tls: bool = False) -> list[SrvRecord]:
         """The SRV records of `name` as published, unordered (for diagnosis: probe and
         check-dns); [] when there are none, DnsError when the lookup failed."""
-        return await self._srv(name, direct_tls)
+        found = self._srv_of((await self._query_many([(name, "SRV")]))[0], direct_tls)
+        if isinstance(found, DnsError):
+            raise found
+        return found
 
-    async def _srv(self, name: str, direct_tls: bool) -> list[_Srv]:
-        """SRV records of `name` ([] when there are none); target "." becomes host ""."""
-        try:
-            rrset = await self._query(name, "SRV")
-        except DnsError as e:
-            if e.kind == "not-found":
-                return []
-            raise
+    @staticmethod
+    def _srv_of(rrset: list | DnsError, direct_tls: bool) -> list[_Srv] | DnsError:
+        """SRV records ([] when there are none); target "." becomes host ""."""
+        if isinstance(rrset, DnsError):
+            return [] if rrset.kind == "not-found" else rrset
         return [_Srv(rr.priority, rr.weight, _srv_target(rr.target), rr.port, direct_tls)
                 for rr in rrset]
 
     async def _query(self, name: str, rdtype: str) -> list:
         """The answer's records; DnsError for everything else (words say which server/name)."""
-        key = (name.lower(), rdtype)
-        if self._cache is not None:
-            hit = self._cache.get(key)
-            if hit is not None:
-                if hit[0] > time.monotonic():
-                    return hit[1]
-                del self._cache[key]
-        if self._stub.nameservers and name.isascii():
-            try:
-                return self._keep(key, await self._stub_query(name, rdtype))
-            except _Unsupported:
-                pass
-        return await self._dnspython_query(name, rdtype)
+        (found,) = await self._query_many([(name, rdtype)])
+        if isinstance(found, DnsError):
+            raise found
+        return found
 
-    async def _stub_query(self, name: str, rdtype: str) -> tuple[list, int]:
-        try:
-            answer = await self._stub.ask(name.rstrip("."), rdtype)
-        except TimeoutError:
+    async def _query_many(self, questions: Sequence[tuple[str, str]]) -> list[list | DnsError]:
+        """Each question's records (from the cache within their TTL, else asked: the stub's
+        together, dnspython's one by one), or its DnsError (words say which server/name)."""
+        out: list[list | DnsError | None] = [None] * len(questions)
+        stub: list[int] = []
+        now = time.monotonic()
+        for k, (name, rdtype) in enumerate(questions):
+            if self._cache is not None:
+                hit = self._cache.get((name.lower(), rdtype))
+                if hit is not None:
+                    if hit[0] > now:
+                        out[k] = hit[1]
+                        continue
+                    del self._cache[(name.lower(), rdtype)]
+            if self._stub.nameservers and name.isascii():
+                stub.append(k)
+        if stub:
+            answers = await self._stub.ask_many([(questions[k][0].rstrip("."), questions[k][1])
+                                                 for k in stub])
+            for k, answer in zip(stub, answers, strict=True):
+                if isinstance(answer, _Unsupported):
+                    continue  # dnspython's, below
+                name, rdtype = questions[k]
+                try:
+                    out[k] = self._keep((name.lower(), rdtype),
+                                        self._stub_result(name, rdtype, answer))
+                except DnsError as e:
+                    out[k] = e
+        for k, (name, rdtype) in enumerate(questions):
+            if out[k] is None:
+                try:
+                    out[k] = await self._dnspython_query(name, rdtype)
+                except DnsError as e:
+                    out[k] = e
+        return cast("list[list | DnsError]", out)  # every one filled above
+
+    def _stub_result(self, name: str, rdtype: str,
+                     answer: StubAnswer | BaseException) -> tuple[list, int]:
+        if isinstance(answer, TimeoutError):
             raise DnsError("timeout", f"no answer for {name} {rdtype} within "
-                                      f"{self.timeout:g} s from {self._servers()}") from None
-        except (OSError, DnsWireError) as e:
+                                      f"{self.timeout:g} s from {self._servers()}")
+        if isinstance(answer, (OSError, DnsWireError)):
             raise DnsError("failure", f"{name} {rdtype}: every nameserver failed "
-                                      f"({self._servers()}): {e}") from None
-        except ValueError as e:  # not a name DNS can carry (encode_query)
-            raise DnsError("failure", f"{name} {rdtype}: {e}") from None
+                                      f"({self._servers()}): {answer}")
+        if isinstance(answer, ValueError):  # not a name DNS can carry (encode_query)
+            raise DnsError("failure", f"{name} {rdtype}: {answer}")
+        if isinstance(answer, BaseException):
+            raise answer
         if answer.rcode == RCODE_NXDOMAIN:
             raise DnsError("not-found", f"{name} does not exist (NXDOMAIN)")
         if not answer.records:
@@ -562,6 +630,23 @@ class S2sResolver:
 
     def _servers(self) -> str:
         return ", ".join(str(ns) for ns in self._resolver.nameservers) or "no nameservers"
+
+
+def _addresses_of(host: str, results: Sequence[list | DnsError]) -> list[str]:
+    """The addresses in the AAAA and A answers of `host` (in that order), else its error."""
+    found: list[str] = []
+    errors: list[DnsError] = []
+    for r in results:
+        if isinstance(r, DnsError):
+            errors.append(r)
+        else:
+            found.extend(rr.address for rr in r)
+    if found:
+        return found
+    hard = [e for e in errors if e.kind != "not-found"]
+    if hard:
+        raise hard[0]
+    raise DnsError("not-found", f"no A/AAAA records for {host}")
 
 
 CACHE_SIZE = 20_000  # answers kept at most (a dialback burst of 10,000 partners: issue 11)

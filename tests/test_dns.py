@@ -352,6 +352,47 @@ async def test_answers_that_do_not_match_the_question_are_ignored():
         transport.close()
 
 
+async def test_one_resolution_is_one_socket_and_one_round_trip():
+    """The questions of one resolution go out together on one socket, each with its own id:
+    the SRV name and, for RFC 6120 3.2.1's fallback, the domain's AAAA and A. The server here
+    answers only once it has all three, in reverse order, after a spoofed answer (another id):
+    each answer still reaches its own question (RFC 5452 9.1)."""
+    seen: list[tuple[int, str, str]] = []  # (query id, name, type)
+    held: list[dns.message.Message] = []
+
+    def answer(query: dns.message.Message, _wire: bytes) -> list[bytes]:
+        q = query.question[0]
+        seen.append((query.id, q.name.to_text(), dns.rdatatype.to_text(q.rdtype)))
+        held.append(query)
+        if len(held) < 3:
+            return []
+        out = [_a_answer(held[-1], "127.6.6.6", qid=(held[-1].id + 1) % 65536)]
+        for held_query in reversed(held):  # SRV and AAAA: no records (NOERROR, no data)
+            out.append(_a_answer(held_query, "127.0.0.5"))
+        return out
+
+    transport, proto, addr = await fake_nameserver("127.0.0.94", answer)
+    sources: set[tuple[str, int]] = set()
+    original = proto.datagram_received
+
+    def record(data: bytes, source: tuple[str, int]) -> None:
+        sources.add(source)
+        original(data, source)
+
+    proto.datagram_received = record  # type: ignore[method-assign]
+    try:
+        r = S2sResolver([addr], timeout=2.0, cache=False)
+        [target] = await r.resolve("fabrikam.test", direct_tls=False)
+        assert (target.host, target.port, target.source, target.addresses) == (
+            "fabrikam.test", 5269, "fallback-a", ("127.0.0.5",))
+        assert sorted((name, kind) for _, name, kind in seen) == [
+            ("_xmpp-server._tcp.fabrikam.test.", "SRV"), ("fabrikam.test.", "A"),
+            ("fabrikam.test.", "AAAA")]
+        assert len({qid for qid, _, _ in seen}) == 3 and len(sources) == 1
+    finally:
+        transport.close()
+
+
 async def test_servfail_goes_on_to_the_next_nameserver(dnsmasq):
     """A nameserver that answers SERVFAIL (RFC 1035 4.1.1 rcode 2) is passed over for the next
     one configured, as dnspython did."""
