@@ -193,7 +193,7 @@ class Monitor:
                 "pairs": [{"local": lo, "remote": re, "method": m} for lo, re, m in st.pairs],
                 "mechanism": ", ".join(sorted({m for _, _, m in st.pairs})) or (
                     "component" if conn.is_authenticated() and conn.kind == "component"
-                    else "negotiating"),
+                    else _unpaired(conn)),
                 "authenticated": conn.is_authenticated(),
                 "tls_version": tls.version if tls is not None and tls.handshake_complete
                 else None,
@@ -226,6 +226,11 @@ class Monitor:
         return depths
 
 
+def _unpaired(conn: StreamConnection) -> str:
+    """The mechanism shown for a stream with no authenticated pair."""
+    return "verify-only" if conn.kind == "verify" else "negotiating"
+
+
 def _pair_of(conn: StreamConnection) -> tuple[str, str]:
     """(local, remote) domains of a connection, as far as they are known yet."""
     session = getattr(conn, "session", None)
@@ -234,6 +239,8 @@ def _pair_of(conn: StreamConnection) -> tuple[str, str]:
     machine: Any = getattr(conn, "machine", None)
     if conn.kind == "component":
         return getattr(machine, "domain", "") or "", ""
+    if conn.kind == "verify":  # a verify-only stream: the sender domain it was opened for
+        return machine.local, machine.remote
     return (getattr(machine, "local", "") or "", getattr(machine, "header_from", "") or "")
 
 
@@ -271,7 +278,7 @@ class _EdgeCollector(Collector):
                     links.add_metric([_pair_of(conn)[0]], 1)
                 continue
             partner = m._stream_partner(conn)
-            mech = st.pairs[0][2] if st.pairs else "negotiating"
+            mech = st.pairs[0][2] if st.pairs else _unpaired(conn)
             key = (partner, conn.kind, mech)
             counts[key] = counts.get(key, 0) + 1
             for kind, vin, vout in (("stanzas", st.stanzas_in, st.stanzas_out),

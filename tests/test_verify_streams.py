@@ -183,6 +183,9 @@ async def test_keys_of_several_sender_domains_share_one_verify_stream(tmp_path, 
         assert auth_a.results == []
         (vs,) = verify_streams(edge)
         assert not vs.is_authenticated() and vs.waiting == {}
+        (listed,) = [s for s in edge.monitor.streams() if s["direction"] == "verify"]
+        assert (listed["partner"], listed["mechanism"], listed["authenticated"]) == (
+            "p1.test", "verify-only", False)
         # no outbound stream of any pair was opened to verify the keys
         assert not edge.router.sessions
         # idle for Timeouts.verify_idle: the edge closes it (</stream:stream>, no error); the
