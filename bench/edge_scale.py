@@ -19,6 +19,10 @@ keys with the partners' secret (their proxy_fqdn points there).
 *.partners.test at 127.0.0.21, no SRV records, TTL 0), as bench/streams.py's dialback mode and a
 real deployment do: per set-up an SRV query and the A/AAAA fallback (RFC 6120 3.2.2).
 
+--callgrind DIR runs the edge under valgrind's callgrind and adds each step's instructions per
+set-up (counters zeroed before the step and dumped after it: `callgrind_control`), a count that
+repeats whatever the machine's load; use a small -n (valgrind runs Python ~50x slower).
+
 --profile DIR writes a cProfile (CPU time) of each step's set-ups in the edge to
 DIR/<edge>-<open>.pstats; --gc-stats adds the garbage collector's passes and CPU to each row.
 Every row gives the kernel's share (stime) of the step's CPU. With either, EDGE_SCALE_GC=a,b,c
@@ -217,6 +221,21 @@ async def authoritative(keys: DialbackKeys, errors: bool = True) -> asyncio.Abst
     return await asyncio.start_server(serve, AUTH_IP, 5269, backlog=1024)
 
 
+def callgrind_dump(where: Path, label: str, pid: int) -> int:
+    """Dump the edge's callgrind counters (zeroed before the step); its instructions since."""
+    before = set(where.glob(f"{label}.{pid}.out*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    for _ in range(600):
+        new = [f for f in set(where.glob(f"{label}.{pid}.out*")) - before
+               if "summary:" in f.read_text() or "totals:" in f.read_text()]
+        if new:
+            text = new[0].read_text()
+            line = next(x for x in text.splitlines() if x.startswith(("summary:", "totals:")))
+            return int(line.split()[1])
+        time.sleep(0.1)
+    raise RuntimeError("callgrind wrote no dump")
+
+
 # --tracemalloc: the edge under tracemalloc; SIGUSR1 writes its Python allocations by line
 # (OpenSSL's own memory is not among them: RSS less these is the C side).
 TRACEMALLOC = """
@@ -298,8 +317,8 @@ def proc_rss_kib(pid: int) -> int:
     return 0
 
 
-async def wait_listening() -> None:
-    for _ in range(300):
+async def wait_listening(tries: int = 300) -> None:
+    for _ in range(tries):
         try:
             _r, w = await asyncio.open_connection(EDGE_IP, 5269)
         except OSError:
@@ -334,6 +353,10 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
     cmd = ([sys.executable, "-c", TRACEMALLOC, str(config)] if args.tracemalloc else
            [sys.executable, "-c", PROFILE, str(config)] if watched else
            [sys.executable, "-m", "edgeproxy", "run", "-c", str(config)])
+    if args.callgrind:  # instructions, exactly: counters zeroed before each step, dumped after
+        args.callgrind.mkdir(parents=True, exist_ok=True)
+        cmd = ["valgrind", "--tool=callgrind", "--dump-instr=no",
+               f"--callgrind-out-file={args.callgrind.resolve()}/{label}.%p.out", *cmd]
     with open(tmp / "edge.log", "wb") as log:
         edge = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=log)
     keys = DialbackKeys(PARTNER_SECRET)
@@ -343,7 +366,7 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
     streams: list[Stream] = []
     rows = []
     try:
-        await wait_listening()
+        await wait_listening(3000 if args.callgrind else 300)
         await asyncio.sleep(0.5)
         sem = asyncio.Semaphore(args.in_flight)
 
@@ -365,12 +388,17 @@ async def run_one(label: str, tree: Path, tmp: Path, args: argparse.Namespace) -
                 edge.send_signal(signal.SIGUSR2)
                 await asyncio.sleep(0.2)
                 cpu = proc_cpu(edge.pid)
+            if args.callgrind:
+                subprocess.run(["callgrind_control", "-z", str(edge.pid)], check=True,
+                               capture_output=True)
             sys0 = proc_sys(edge.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(done, done + step)))
             wall = time.perf_counter() - t0
             done += step
             note = ""
+            if args.callgrind:
+                note = f" {callgrind_dump(args.callgrind, label, edge.pid) / step:,.0f} Ir/set-up"
             if watched:
                 edge.send_signal(signal.SIGUSR1)
                 note = " " + await _step_written(
@@ -420,6 +448,9 @@ async def main() -> None:
                     "dnsmasq on 127.0.0.53 answering every *.partners.test with its address, no "
                     "SRV records, TTL 0: the A fallback of RFC 6120 3.2.2 per set-up) instead "
                     "of proxy_fqdn")
+    ap.add_argument("--callgrind", type=Path, metavar="DIR",
+                    help="run the edge under valgrind --tool=callgrind (dumps in DIR) and print "
+                    "its instructions per set-up of each step (exact, load-independent)")
     ap.add_argument("--no-dialback-errors", action="store_true",
                     help="with --dialback: the authoritative server does not advertise dialback "
                     "errors (XEP-0220 2.4.2), so the edge opens one verify stream per partner "
