@@ -45,8 +45,9 @@ edge its `[edge.component]`; each partner is a `[[partner]]` of the edge. RLIMIT
 here before any SUT starts (children inherit it); each connection of the bench is bound to a
 source address of its own run (127.3.<run>.<i // 20000 + 1>), so ephemeral ports never run out.
 Where the hard fd limit cannot be raised (no CAP_SYS_RESOURCE) and 2N descriptors do not fit,
-the dialback mode runs at the largest N that does (a dialback stream takes two descriptors in
-the SUT and two in the bench); the bench says so.
+the dialback mode runs at the largest N that does (a dialback stream may take two descriptors
+in the SUT - Prosody keeps a stream to the authoritative server per partner, the edge did before
+its shared verify streams - and two in the bench); the bench says so.
 
 The machine is shared: wall-clock rates vary with its load (printed with every run); CPU time
 per set-up is the steadier figure. Run the peers and the edge in the same run, interleaved.
@@ -1049,8 +1050,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"--steps must be positive and end at N = {args.n}")
     args.steps = steps
     nofile = raise_nofile(4 * args.n + 4096)
-    # A dialback stream costs the SUT two descriptors (the edge and Prosody keep the stream to
-    # the authoritative server open) and the bench two (both ends of that stream): the hard
+    # A dialback stream may cost the SUT two descriptors (Prosody keeps a stream to the
+    # authoritative server open per partner) and the bench two (both ends of it): the hard
     # limit caps N there when it cannot be raised (no CAP_SYS_RESOURCE).
     n_db = args.n if 2 * args.n + 1000 <= nofile else (nofile - 1000) // 2 // 1000 * 1000
     args.mode_n = {"tls": args.n, "dialback": n_db}
