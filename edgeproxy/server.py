@@ -1317,6 +1317,11 @@ class Verifier:
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
+    def stop(self) -> None:
+        """The edge is stopping: no key is sent out any more (the streams close on their own)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def forget(self, conn: VerifyConnection) -> None:
         _discard(self.streams, (*conn.address, conn.machine.remote), conn)
         _discard(self.shared, conn.address, conn)
@@ -1957,6 +1962,7 @@ class Edge:
         partners = [c for c in self.connections if not isinstance(c, ComponentConnection)]
         for c in partners:
             c.shutdown_stream("edge shutting down")
+        self.router.verifier.stop()
         self.router.relay.shutdown("the edge is shutting down")
         self.router._apply()
         deadline = self.clock() + CLOSE_GRACE
