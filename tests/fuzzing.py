@@ -144,7 +144,7 @@ def snippets(stream_id: str = "sid") -> tuple[bytes, ...]:
 class Case:
     """One machine under test plus the bookkeeping the invariants need."""
 
-    role: str  # "in" | "out"
+    role: str  # "in" | "out" | "verify" (an outbound verify-only stream, XEP-0220 2.1.2)
     policy: int
     cert_ok: frozenset[str]  # domains the peer's certificate is valid for
     machine: InboundS2s | OutboundS2s = field(init=False)
@@ -169,7 +169,8 @@ class Case:
         if self.role == "in":
             self.machine = InboundS2s(ctx)
         else:
-            out = OutboundS2s(ctx, LOCAL, REMOTE, self.partner)
+            out = OutboundS2s(ctx, LOCAL, REMOTE, self.partner,
+                              verify_only=self.role == "verify")
             self.machine = out
             self._actions(out.start())
 
@@ -219,7 +220,7 @@ class Case:
     def _event(self, ev: Event) -> None:
         if self.closed:
             return
-        if isinstance(ev, Element) and self.role == "out":
+        if isinstance(ev, Element) and self.role != "in":
             if (ev.ns, ev.name) == (NS_SASL, "success"):
                 self.peer_said_valid = True
             if (ev.ns, ev.name) == (NS_DIALBACK, "result") and ev.attrs.get("type") == "valid":
@@ -228,7 +229,7 @@ class Case:
 
     def tls_up(self) -> None:
         """The TLS handshake the last StartTls asked for completes (or a spurious one)."""
-        if self.closed or (self.role == "out" and not self.tls_pending):
+        if self.closed or (self.role != "in" and not self.tls_pending):
             return  # our outbound header is out: only Direct TLS comes unasked, and before it
         was_pending, self.tls_pending = self.tls_pending, False
         if was_pending:
@@ -280,6 +281,8 @@ class Case:
             if self.close_sent and not isinstance(a, Deliver | Close):
                 raise Violation(f"{a!r} after our close tag")
             if isinstance(a, Send):
+                if self.role == "verify" and b"<db:result" in a.data:
+                    raise Violation(f"a <db:result/> on a verify-only stream: {a!r}")
                 self.our_stream += a.data
             elif isinstance(a, StartTls):
                 self.tls_pending = True
@@ -313,7 +316,7 @@ class Case:
         if a.condition not in STREAM_ERROR_CONDITIONS:
             raise Violation(f"not an RFC 6120 4.9.3 condition: {a.condition}")
         wire = bytes(self.our_stream) + stream_error(a.condition, a.reason)
-        if self.role == "out" and self.tls_pending:
+        if self.role != "in" and self.tls_pending:
             return  # nothing can be sent before the TLS handshake finishes
         try:
             events = XmlStreamParser(max_stanza_size=1 << 20).feed(wire)
@@ -324,6 +327,8 @@ class Case:
             raise Violation(f"stream error without our header first: {wire!r}")
 
     def _authenticated(self, a: Authenticated) -> None:
+        if self.role == "verify":
+            raise Violation(f"a verify-only stream authenticated: {a!r}")
         if not self.partner.allows(a.method):
             raise Violation(f"{a.method} is not allowed by the policy: {a!r}")
         if self.role == "out":
@@ -363,7 +368,8 @@ def fuzz_bytes(data: bytes) -> Case | None:
     """An atheris-style entry point: the bytes choose the case and its operations."""
     if len(data) < 3:
         return None
-    role = "in" if data[0] & 1 else "out"
+    # (bit 7 of an outbound case: verify-only; no input kept in test_fuzz.FOUND sets it)
+    role = "in" if data[0] & 1 else "verify" if data[0] & 0x80 else "out"
     policy = data[0] >> 1
     cert_ok = frozenset(d for i, d in enumerate((REMOTE, OTHER, LOCAL)) if data[1] >> i & 1)
     vocab = snippets()

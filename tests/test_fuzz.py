@@ -71,7 +71,8 @@ def test_random_element_sequences_parse_the_same_whole_or_split(
 
 
 @CI
-@given(st.sampled_from(["in", "out"]), st.integers(0, len(POLICIES) * 2 - 1), certificates,
+@given(st.sampled_from(["in", "out", "verify"]), st.integers(0, len(POLICIES) * 2 - 1),
+       certificates,
        st.lists(operation, max_size=25))
 def test_machines_under_random_operations_keep_their_invariants(
         role: str, policy: int, cert_ok: frozenset[str],
