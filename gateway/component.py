@@ -9,8 +9,13 @@ and every bounce for a local user is first kept in the store's inbox (committed 
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
 closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
-up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
-events are not stored: the latest per contact waits in the session (`Session.notify`).
+up, the committed events it has not taken yet, at most LIVE_MAX). The exception: a plain
+message for a user's one socket that keeps up is held in memory only (`_pending`), with our
+XEP-0198 h held below it until the client acknowledges it, so the edge keeps the stanza; what
+cannot wait is stored after all (`_spill`). Its seq comes from its link position, so a stanza
+the edge resends after a crash gets the same one (docs/delivery.md "Held in memory").
+Presence and subscription events are not stored: the latest per contact waits in the session
+(`Session.notify`).
 Everything local users send is kept in the outbox (SQLite, gateway/link.py) until the edge
 acknowledges it, across link drops and restarts of either daemon; when the outbox is full the
 caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it

@@ -12,7 +12,9 @@ clients acknowledges it (WebSocket `{"ack": seq}` or `POST /api/v1/inbox/ack`): 
 as received when it is committed here, and is gone only when a client said it has it. The
 `seq` clients see is the row id: increasing per user and never reused (a client ignores a
 `seq` it has acknowledged), from the store's own counter (its high-water mark `inbox_seq` is
-written by each batch that deletes events).
+written by each batch that deletes events) or given by the gateway, derived from the link
+position of the stanza (`add_event(seq=)`, docs/delivery.md "Held in memory"). Events the
+gateway holds in memory only count toward the limits too (`keep_in_memory`).
 
 Writes can be batched (`batch_commits`): the first write opens a transaction (BEGIN IMMEDIATE)
 and `commit()` ends it; the gateway commits once per event-loop turn and at its commit point.
