@@ -1051,37 +1051,41 @@ class Gateway(ComponentXMPP):
         then takes the stored path as every event did before."""
         position = self._position
         live = session.live
+        pending = self._pending
         if position is None or live is None or len(live) >= LIVE_MAX or self._kept \
-                or self._anchor_stale or len(self._pending) >= PENDING_MAX or session.closed:
+                or self._anchor_stale or len(pending) >= PENDING_MAX or session.closed:
             return False
-        offset = delta(position, self._seq_at)
+        offset = (position - self._seq_at) % H_MOD  # delta(position, at)
         if offset > self._seq_shown:  # beyond the committed reservation (or a new anchor)
             return False
-        size = len(el.raw) + _MESSAGE_NS_EXTRA + (
+        raw = el.raw
+        size = len(raw) + _MESSAGE_NS_EXTRA + (
             len(event) if event.isascii() else len(event.encode()))
         try:
             self.store.keep_in_memory(user, size)
         except InboxFull:
             return False  # the stored path says so (held or bounced, as before)
         self._position_used = True
-        seq = self._seq_base + offset
-        self._last_link_seq = seq
+        self._last_link_seq = seq = self._seq_base + offset
         live.append((seq, f'{{"seq": {seq}, ' + event[1:]))
         session.ready.set()
-        pending = self._pending
         if not pending:
             self.outbound.held_from = position
             if self._pending_timer is None:
                 self._pending_head = None
                 self._pending_timer = self.loop.call_later(PENDING_TIME, self._pending_due)
-        pending.append((position, seq, session, user, resource, el.raw, event, size))
+        pending.append((position, seq, session, user, resource, raw, event, size))
+        if offset > self._seq_shown - (SEQ_RESERVE >> 1):
+            self._reserve(position)
+        return True
+
+    def _reserve(self, position: int) -> None:
+        """Half the anchor's reservation is used: extend it in this turn's batch (committed
+        before it is needed: _seq_shown moves at the commit)."""
         anchor = self.outbound.anchor
-        if anchor is not None and offset + (SEQ_RESERVE >> 1) > delta(anchor[2], anchor[0]):
-            # half the reservation used: extend it in this turn's batch (committed before
-            # it is needed: _seq_shown moves at the commit)
+        if anchor is not None and (anchor[2] - anchor[0]) % H_MOD <= self._seq_shown:
             self.outbound.anchor = (anchor[0], anchor[1], (position + SEQ_RESERVE) % H_MOD)
             self.store.begin_batch()
-        return True
 
     def _pending_due(self) -> None:
         """Every PENDING_TIME: what has waited a whole period for its client is stored."""
@@ -1117,15 +1121,20 @@ class Gateway(ComponentXMPP):
         are done (never stored); our h moves up to the next one not acknowledged."""
         pending = self._pending
         store = self.store
-        done = False
+        last_user, n, size = "", 0, 0
         while pending:
-            _position, seq, session, user, _resource, _raw, _event, size = pending[0]
-            if session.acked < seq:
+            head = pending[0]
+            if head[2].acked < head[1]:
                 break
             pending.popleft()
-            store.forget_in_memory(user, 1, size)
-            done = True
-        if done:
+            if head[3] != last_user:
+                if n:
+                    store.forget_in_memory(last_user, n, size)
+                last_user, n, size = head[3], 0, 0
+            n += 1
+            size += head[7]
+        if n:
+            store.forget_in_memory(last_user, n, size)
             self.outbound.held_from = pending[0][0] if pending else None
             self._h_moved()
 

@@ -618,13 +618,21 @@ class SqliteStore:
         acknowledgement ends it: gateway/component.py `_pending`) counts toward the user's
         limit like a stored one: InboxFull as add_event. It leaves by `forget_in_memory`
         (acknowledged) or by `add_event(from_memory=size)` (written after all)."""
-        self._charge(user, size)
+        usage = self._usage.get(user)
         memory = self._memory.get(user)
-        if memory is None:
-            self._memory[user] = [1, size]
-        else:
-            memory[0] += 1
-            memory[1] += size
+        if usage is None or memory is None or usage[0] >= self.limits.messages \
+                or usage[1] + size > self.limits.bytes:
+            self._charge(user, size)  # (the first, or InboxFull)
+            if memory is None:
+                self._memory[user] = [1, size]
+            else:
+                memory[0] += 1
+                memory[1] += size
+            return
+        usage[0] += 1
+        usage[1] += size
+        memory[0] += 1
+        memory[1] += size
 
     def forget_in_memory(self, user: str, n: int, size: int) -> None:
         """`n` in-memory events of `size` bytes in all were acknowledged: out of the count."""

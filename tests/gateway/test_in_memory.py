@@ -283,3 +283,35 @@ async def test_seqs_stay_in_order_across_stored_and_in_memory_events(tmp_path):
     assert stored(store) == [] and gw.outbound.h == 3 * n and not gw._pending
     done(gw)
     store.close()
+
+
+async def test_the_seq_reservation_is_extended_before_it_runs_out(tmp_path, monkeypatch):
+    """With a reservation of 8 positions: it is extended (committed) when half is used, so
+    the socket keeps getting its events from memory; a restart's counter goes above the
+    last reserved seq."""
+    monkeypatch.setattr(component, "SEQ_RESERVE", 8)
+    path = tmp_path / "gw.sqlite3"
+    gw, store, _t = await linked(path)
+    session = gw.user_online("bob")
+    take(gw, session)
+    seqs: list[int] = []
+    for k in range(10):
+        gw.data_received(b"".join(message(3 * k + i) for i in range(3)))
+        await turn()
+        events = take(gw, session)
+        assert [e["body"] for e in events] == [f"hello {3 * k + i}" for i in range(3)]
+        seqs += [e["seq"] for e in events]
+        gw.ack(session, seqs[-1])
+        await turn()
+    assert seqs == list(range(seqs[0], seqs[0] + 30))  # one anchor, every position
+    assert stored(store) == [] and gw.outbound.h == 30
+    at, base, until = gw.outbound.anchor or (0, 0, 0)
+    assert (at, base) == (1, seqs[0]) and until > 30
+    done(gw)
+    store.close()
+    store2 = SqliteStore(path)
+    gw2 = Gateway(DOMAIN, SECRET, "127.0.0.1", 9, store2, partner_table())
+    store2.add_user("carol")
+    gw2.send_user_message("carol", "bob@contoso.test", "after the restart")
+    assert stored(store2) == [base + until - 1 + 1]  # above seq(until)
+    store2.close()
