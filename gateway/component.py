@@ -111,9 +111,10 @@ LIVE_MAX = 2 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
 # Events for a socket that keeps up are held in memory only (`Gateway._pending`), not stored:
 # our h stops below the first one its client has not acknowledged, so the edge keeps the
-# stanza. At most this many at once, for at most ~2x PENDING_TIME seconds: then they are
+# stanza. At most this many at once (and in one socket's list: one read of the link is up to
+# ~1,400 stanzas, taken after the read), for at most ~2x PENDING_TIME seconds: then they are
 # stored (as every event was before) and h moves on (docs/delivery.md).
-PENDING_MAX = 1024
+PENDING_MAX = 4096
 PENDING_TIME = 0.25
 # Link positions whose seqs may be shown from memory per saved anchor (the store's ids go
 # above the last of them after a restart); extended, in the batch, when half is used.
@@ -495,6 +496,8 @@ class Gateway(ComponentXMPP):
                             self.outbound.inbox.h = position
                     return True
             self._routes.clear()  # what the rules see may change now
+            if self._pending:  # every stanza above our h is one held in memory (no other
+                self._spill()  # is handled twice after a crash): they are stored first
             self._may_wait = True
             try:
                 self._spawn_event(el.xml())
@@ -1052,7 +1055,7 @@ class Gateway(ComponentXMPP):
         position = self._position
         live = session.live
         pending = self._pending
-        if position is None or live is None or len(live) >= LIVE_MAX or self._kept \
+        if position is None or live is None or len(live) >= PENDING_MAX or self._kept \
                 or self._anchor_stale or len(pending) >= PENDING_MAX or session.closed:
             return False
         offset = (position - self._seq_at) % H_MOD  # delta(position, at)

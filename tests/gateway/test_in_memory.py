@@ -315,3 +315,23 @@ async def test_the_seq_reservation_is_extended_before_it_runs_out(tmp_path, monk
     gw2.send_user_message("carol", "bob@contoso.test", "after the restart")
     assert stored(store2) == [base + until - 1 + 1]  # above seq(until)
     store2.close()
+
+
+async def test_any_other_stanza_of_the_edge_stores_what_is_held_first(tmp_path):
+    """Every stanza above our h is an event held in memory: a presence (slixmpp's path, with
+    effects of its own) after one makes it stored, so after a crash it is not handled twice."""
+    gw, store, t = await linked(tmp_path / "gw.sqlite3")
+    session = gw.user_online("bob")
+    take(gw, session)
+    gw.data_received(message(0))
+    await turn()
+    [event] = [e for e in take(gw, session) if e["event"] == "message"]
+    assert stored(store) == [] and gw.outbound.h == 0
+    t.take()
+    gw.data_received(b"<presence from='alice@fabrikam.test/phone' to='bob@contoso.test'/>"
+                     b"<r xmlns='urn:xmpp:sm:3'/>")
+    await turn()
+    assert stored(store) == [event["seq"]]
+    assert acks(t)[-1] == 2 and not gw._pending
+    done(gw)
+    store.close()
