@@ -17,9 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given
-from hypothesis import strategies as st
-
 from gateway import component
 from gateway.component import Gateway, Session
 from gateway.store import InboxLimits, SqliteStore
@@ -338,27 +335,3 @@ async def test_any_other_stanza_of_the_edge_stores_what_is_held_first(tmp_path):
     assert acks(t)[-1] == 2 and not gw._pending
     done(gw)
     store.close()
-
-
-_PLAIN = re.compile(rb"<message\b[^>]*>[ \t\n]*<body>([^<&\r]*)</body>[ \t\n]*</message>\Z")
-_PIECES = [b"<message", b" to='b'", b">", b"<body>", b"</body>", b"</message>", b" ", b"\t",
-           b"\n", b"\r", b"&amp;", b"<", b"x", b"hello", b"<b/>", b"/>", b"'>'"]
-
-
-_SOME = st.lists(st.sampled_from(_PIECES), max_size=4).map(b"".join)
-
-
-@given(st.lists(st.sampled_from(_PIECES), max_size=12).map(b"".join)
-       | st.tuples(_SOME, _SOME, _SOME, _SOME).map(
-           lambda p: b"%s>%s<body>%s</body>%s</message>" % p))
-def test_the_plain_body_check_is_the_regex_it_replaced(tail):
-    raw = b"<message" + tail
-    match = _PLAIN.match(raw)
-    assert component._plain_body(raw) == (match.group(1) if match else None)
-
-
-def test_the_plain_body_of_typical_messages():
-    assert component._plain_body(message(1)) == b"hello 1"
-    assert component._plain_body(b"<message to='a'>\n <body></body>\n</message>") == b""
-    assert component._plain_body(b"<message to='a'><body>a&amp;b</body></message>") is None
-    assert component._plain_body(b"<message to='>'><body>a</body></message>") is None
