@@ -161,6 +161,9 @@ async def one_round(tmp: Path, n: int, per_read: int, profile: cProfile.Profile 
     left = store.inbox_usage("bob")[0]
     assert left == 0, f"{left} events left in the inbox"
     assert gw.outbound.inbox.h == total, f"h {gw.outbound.inbox.h}, expected {total}"
+    # the h the gateway may acknowledge (held below what a client has not acknowledged)
+    told = getattr(gw.outbound, "h", gw.outbound.inbox.h)
+    assert told == total, f"h to acknowledge {told}, expected {total}"
     pump.cancel()
     session.closed = True
     gw.user_offline(session)

@@ -9,8 +9,13 @@ and every bounce for a local user is first kept in the store's inbox (committed 
 event-loop turn, and at `commit_point()`), then taken by the user's sockets as they drain
 (`take_events`), and deleted only when a client acknowledges it (`ack`): a slow reader is never
 closed and nothing waits in memory but one batch per socket (and, for a socket that keeps
-up, the committed events it has not taken yet, at most LIVE_MAX). Presence and subscription
-events are not stored: the latest per contact waits in the session (`Session.notify`).
+up, the committed events it has not taken yet, at most LIVE_MAX). The exception: a plain
+message for a user's one socket that keeps up is held in memory only (`_pending`), with our
+XEP-0198 h held below it until the client acknowledges it, so the edge keeps the stanza; what
+cannot wait is stored after all (`_spill`). Its seq comes from its link position, so a stanza
+the edge resends after a crash gets the same one (docs/delivery.md "Held in memory").
+Presence and subscription events are not stored: the latest per contact waits in the session
+(`Session.notify`).
 Everything local users send is kept in the outbox (SQLite, gateway/link.py) until the edge
 acknowledges it, across link drops and restarts of either daemon; when the outbox is full the
 caller gets LinkDown (API: 503). A ping (XEP-0199) does not wait for a link that is down: it
@@ -28,6 +33,7 @@ import re
 import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
@@ -48,7 +54,7 @@ from edgeproxy.component import (
     LinkControl,
     LinkRefused,
 )
-from edgeproxy.link import LINK_PING, LINK_TIMEOUT, set_tcp_user_timeout
+from edgeproxy.link import H_MOD, LINK_PING, LINK_TIMEOUT, delta, set_tcp_user_timeout
 from edgeproxy.partners import PartnerTable, PartnerType
 from edgeproxy.s2s import Close, Send
 from edgeproxy.xmlstream import (
@@ -103,6 +109,19 @@ EVENT_BATCH = 256  # stored events a socket takes at a time: the memory bound pe
 # them from the store when it drains
 LIVE_MAX = 2 * EVENT_BATCH
 MAX_NOTICES = 1000  # presence / subscription events waiting per socket (latest per contact)
+# Events for a socket that keeps up are held in memory only (`Gateway._pending`), not stored:
+# our h stops below the first one its client has not acknowledged, so the edge keeps the
+# stanza. At most this many at once (and in one socket's list: one read of the link is up to
+# ~1,400 stanzas, taken after the read), for at most ~2x PENDING_TIME seconds: then they are
+# stored (as every event was before) and h moves on (docs/delivery.md).
+PENDING_MAX = 4096
+PENDING_TIME = 0.25
+# Link positions whose seqs may be shown from memory per saved anchor (the store's ids go
+# above the last of them after a restart); extended, in the batch, when half is used.
+SEQ_RESERVE = 1 << 16
+ACK_DELAY = 0.01  # an unasked <a h=''/> after a client's acknowledgement moved our h
+_MESSAGE_NS_HEAD = f'<message xmlns="{NS}"'
+_MESSAGE_NS_EXTRA = len(_MESSAGE_NS_HEAD) - len("<message")
 
 
 MESSAGE_TYPES = ("chat", "normal", "headline")  # what local users send (RFC 6121 5.2.2)
@@ -311,6 +330,32 @@ class Gateway(ComponentXMPP):
         self._pump_soon = False  # the outbox is written at the end of this event-loop turn
         self._durable: list[asyncio.Future[None]] = []  # requests waiting for that commit
         self.outbound.on_state = self._message_states
+        # Events held in memory only, in link order: (position, seq, session, user, resource,
+        # raw stanza, event JSON without its seq, size); none stored, each counted toward its
+        # user's inbox limit (store.keep_in_memory) - docs/delivery.md "in memory"
+        self._pending: deque[tuple[int, int, Session, str, str | None, bytes, str, int]] = \
+            deque()
+        self._pending_timer: asyncio.TimerHandle | None = None
+        self._pending_head: object = None
+        self._position: int | None = None  # the link position of the stanza being handled
+        self._position_used = False  # its seq was given to an event
+        # The seq anchor (Outbound.anchor): seq(p) = _seq_base + delta(p, _seq_at); positions
+        # up to offset _seq_shown of it may be shown from memory (its `until` is committed);
+        # stale: an id was taken from the store's counter since, so the next event of the
+        # link starts a new anchor above it
+        self._seq_at = self._seq_base = 0
+        self._seq_shown = -1
+        self._anchor_stale = True
+        self._last_link_seq = 0  # the highest seq given from the anchor
+        self._seq_floor = 0  # after a restart: seq(until) of the saved anchor
+        anchor = self.outbound.anchor
+        if anchor is not None:
+            self._seq_at, self._seq_base = anchor[0], anchor[1]
+            self._seq_shown = delta(anchor[2], anchor[0])
+            self._seq_floor = anchor[1] + self._seq_shown
+            self._anchor_stale = False
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._h_told = -1  # the h of our last <a/>
         # slixmpp's built-in roster answers subscriptions and probes on its own: remove it.
         for name in ("IM", "IMError", "Presence"):
             self.remove_handler(name)
@@ -434,24 +479,36 @@ class Gateway(ComponentXMPP):
 
     def _stanza(self, el: Element) -> bool:
         """One of the edge's stanzas; False (nothing done, not counted) when it must wait."""
-        if el.name == "message":
-            done = self.on_message_element(el)
-            if done is None:
-                return False
-            if done:
-                if self._counting:
-                    self.outbound.handled()
-                return True
-        self._routes.clear()  # what the rules see may change now
-        self._may_wait = True
+        counting = self._counting
+        if counting:  # its position on the link: the count once it is handled
+            self._position = position = (self.outbound.inbox.h + 1) % H_MOD
+            self._position_used = False
         try:
-            self._spawn_event(el.xml())
+            if el.name == "message":
+                done = self.on_message_element(el)
+                if done is None:
+                    return False
+                if done:
+                    if counting:
+                        if self.outbound.held_from is None:
+                            self.outbound.handled()
+                        else:  # our h stays below an event held in memory: nothing to save
+                            self.outbound.inbox.h = position
+                    return True
+            self._routes.clear()  # what the rules see may change now
+            if self._pending:  # every stanza above our h is one held in memory (no other
+                self._spill()  # is handled twice after a crash): they are stored first
+            self._may_wait = True
+            try:
+                self._spawn_event(el.xml())
+            finally:
+                self._may_wait = False
+            if self._must_wait:
+                self._must_wait = False
+                return False
+            return True
         finally:
-            self._may_wait = False
-        if self._must_wait:
-            self._must_wait = False
-            return False
-        return True
+            self._position = None
 
     def _close_link(self, condition: str | None, text: str) -> None:
         """End the stream (with a stream error if `condition`) and the connection."""
@@ -476,6 +533,8 @@ class Gateway(ComponentXMPP):
     def connection_lost(self, exception: BaseException | None) -> None:
         self._connector = None
         self._parser = None
+        if self._pending:  # stored now: the next link starts (or resumes) from our full h
+            self._spill()
         self._held = []  # not counted in our h: the edge writes them again on the next link
         if self._holding is not None:
             self._holding.cancel()
@@ -498,7 +557,9 @@ class Gateway(ComponentXMPP):
         self.last_heard = time.monotonic()
         # XEP-0198 right after the handshake: resume the link we had, or start one
         if self.outbound.link_id:
-            self._raw(link.resume(self.outbound.link_id, self.outbound.inbox.h))
+            with contextlib.suppress(StoreError):  # the h we resume with is on disk
+                self.commit_point()
+            self._raw(link.resume(self.outbound.link_id, self.outbound.h))
         else:
             self._raw(link.enable())
         self._schedule_keepalive()
@@ -517,7 +578,11 @@ class Gateway(ComponentXMPP):
 
     def _sm_enabled(self, attrs: dict[str, str]) -> None:
         link_id = attrs.get("id", "")
-        self.outbound.new_link(link_id)
+        # the new link's positions start at 1: its seqs above every id given so far
+        base = max(self.store.last_seq, self._seq_floor, self._last_link_seq) + 1
+        self.outbound.new_link(link_id, (1, base, SEQ_RESERVE))
+        self._seq_at, self._seq_base, self._seq_shown = 1, base, SEQ_RESERVE - 1
+        self._anchor_stale = False
         log.info("component link to the edge is up (%s:%s), link %s; %d stanza(s) to send",
                  self.server_host, self.server_port, link_id, self.outbound.waiting)
         self._link_ready()
@@ -551,7 +616,27 @@ class Gateway(ComponentXMPP):
 
     def _sm_r(self, _attrs: dict[str, str]) -> None:
         self.commit_point()  # what we acknowledge is on disk first
-        self._raw(link.ack(self.outbound.inbox.h))
+        self._h_told = h = self.outbound.h
+        self._raw(link.ack(h))
+
+    def _h_moved(self) -> None:
+        """A client's acknowledgement (or storing what was in memory) moved our h: tell the
+        edge soon, unasked (XEP-0198 4 allows it), so it lets go of those stanzas without
+        waiting for its next <r/> (an idle link is asked only every LINK_PING)."""
+        if self._ack_timer is None and self.sm_active:
+            self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        if not self.sm_active or self.outbound.h == self._h_told:
+            return
+        try:
+            self.commit_point()  # what we acknowledge is on disk first
+        except StoreError as exc:
+            log.error("%s: not acknowledging to the edge yet", exc)
+            return
+        self._h_told = h = self.outbound.h
+        self._raw(link.ack(h))
 
     def _sm_a(self, attrs: dict[str, str]) -> None:
         try:
@@ -724,8 +809,10 @@ class Gateway(ComponentXMPP):
             self._keepalive.cancel()
         if self.transport is not None:
             if self.sm_active:  # our last count, so the edge can let go of what we have
+                if self._pending:
+                    self._spill()
                 self.commit_point()
-                self._raw(link.ack(self.outbound.inbox.h))
+                self._raw(link.ack(self.outbound.h))
             # RFC 6120 4.4: close our stream, wait (1 s at most) for the edge to close its own
             ended = asyncio.ensure_future(self.wait_until("disconnected", 1.0))
             await asyncio.sleep(0)
@@ -769,7 +856,13 @@ class Gateway(ComponentXMPP):
         StoreError if the commit fails: then acknowledge nothing (the batch stays open and is
         retried).
         """
+        if self.outbound.unsaved:  # our h moved with no write: it needs a batch of its own
+            self.store.begin_batch()
         self.store.commit()
+        if not self._anchor_stale:  # the anchor's `until` is on disk now
+            anchor = self.outbound.anchor
+            if anchor is not None and anchor[0] == self._seq_at:
+                self._seq_shown = delta(anchor[2], anchor[0])
         if self._kept:
             self._publish()
 
@@ -894,7 +987,8 @@ class Gateway(ComponentXMPP):
         """`_keep` with the texts made; with `may_wait`, None (nothing refused) when the inbox
         is full while a socket of the user's is open: it may drain (`_hold`)."""
         try:
-            seq = self.store.add_event(user, kind, stanza, event, resource)
+            seq = self.store.add_event(user, kind, stanza, event, resource,
+                                       seq=self._event_seq())
         except InboxFull as exc:
             if may_wait and self.sessions.get(user) and not self._hold_expired_now:
                 return None
@@ -912,6 +1006,140 @@ class Gateway(ComponentXMPP):
         if user in self.sessions:
             self._kept.append((user, resource, seq, event))  # for its sockets, once committed
         return True
+
+    # event ids: from the link position, or the store's counter (docs/delivery.md) -----------
+
+    def _event_seq(self) -> int | None:
+        """The seq of an event about to be stored: that of the link stanza being handled (its
+        position on the anchor), or None (the store's counter) for any other - a local user's
+        message, a bounce made here, a second event of one stanza. Whatever is held in memory
+        is stored first, so every stanza up to our h is stored or acknowledged (never a
+        stored event above a held one: after a crash the edge resends from h)."""
+        if self._pending:
+            self._spill()
+        position = self._position
+        if position is not None and not self._position_used:
+            self._position_used = True
+            return self._link_seq(position)
+        self._counter_ids()
+        return None
+
+    def _counter_ids(self) -> None:
+        """Ids are about to come from the store's counter: above every seq given from the
+        anchor (and after a restart, every one that may have been shown), and the link's next
+        event starts a new anchor above them. Nothing may be held in memory (`_spill`)."""
+        self.store.raise_seq(max(self._seq_floor, self._last_link_seq))
+        self._anchor_stale = True
+
+    def _link_seq(self, position: int) -> int:
+        """The seq of the link stanza at `position` (held or stored): base + its offset. A
+        stale anchor (an id came from the counter since) is replaced by one starting at this
+        position, written in this batch: nothing is shown from memory until it is committed."""
+        if self._anchor_stale:
+            base = max(self.store.last_seq, self._seq_floor, self._last_link_seq) + 1
+            self._seq_at, self._seq_base, self._seq_shown = position, base, -1
+            self.outbound.anchor = (position, base, (position + SEQ_RESERVE) % H_MOD)
+            self._anchor_stale = False
+            self.store.begin_batch()
+        seq = self._seq_base + delta(position, self._seq_at)
+        if seq > self._last_link_seq:
+            self._last_link_seq = seq
+        return seq
+
+    def _in_memory(self, user: str, session: Session, resource: str | None, el: Element,
+                   event: str) -> bool:
+        """Show a plain message's event to the user's one socket that keeps up, from memory:
+        nothing stored, our h held below it until its client acknowledges (`ack`) or it is
+        stored after all (`_spill`). False (nothing done) when that is not allowed: the event
+        then takes the stored path as every event did before."""
+        position = self._position
+        live = session.live
+        pending = self._pending
+        if position is None or live is None or len(live) >= PENDING_MAX or self._kept \
+                or self._anchor_stale or len(pending) >= PENDING_MAX or session.closed:
+            return False
+        offset = (position - self._seq_at) % H_MOD  # delta(position, at)
+        if offset > self._seq_shown:  # beyond the committed reservation (or a new anchor)
+            return False
+        raw = el.raw
+        size = len(raw) + _MESSAGE_NS_EXTRA + (
+            len(event) if event.isascii() else len(event.encode()))
+        try:
+            self.store.keep_in_memory(user, size)
+        except InboxFull:
+            return False  # the stored path says so (held or bounced, as before)
+        self._position_used = True
+        self._last_link_seq = seq = self._seq_base + offset
+        live.append((seq, f'{{"seq": {seq}, ' + event[1:]))
+        session.ready.set()
+        if not pending:
+            self.outbound.held_from = position
+            if self._pending_timer is None:
+                self._pending_head = None
+                self._pending_timer = self.loop.call_later(PENDING_TIME, self._pending_due)
+        pending.append((position, seq, session, user, resource, raw, event, size))
+        if offset > self._seq_shown - (SEQ_RESERVE >> 1):
+            self._reserve(position)
+        return True
+
+    def _reserve(self, position: int) -> None:
+        """Half the anchor's reservation is used: extend it in this turn's batch (committed
+        before it is needed: _seq_shown moves at the commit)."""
+        anchor = self.outbound.anchor
+        if anchor is not None and (anchor[2] - anchor[0]) % H_MOD <= self._seq_shown:
+            self.outbound.anchor = (anchor[0], anchor[1], (position + SEQ_RESERVE) % H_MOD)
+            self.store.begin_batch()
+
+    def _pending_due(self) -> None:
+        """Every PENDING_TIME: what has waited a whole period for its client is stored."""
+        self._pending_timer = None
+        pending = self._pending
+        if not pending:
+            return
+        if pending[0] is self._pending_head:
+            self._spill()
+            return
+        self._pending_head = pending[0]
+        self._pending_timer = self.loop.call_later(PENDING_TIME, self._pending_due)
+
+    def _spill(self) -> None:
+        """Store every event held in memory that its client has not acknowledged, with its
+        seq, in this turn's batch (it may still be in its socket's list, or taken: both stay
+        as they are, the row goes when the client acknowledges it). Our h is then no longer
+        held: it covers them once the batch commits."""
+        pending, self._pending = self._pending, deque()
+        store = self.store
+        for _position, seq, session, user, resource, raw, event, size in pending:
+            if session.acked >= seq:  # acknowledged, behind one that was not
+                store.forget_in_memory(user, 1, size)
+            else:
+                store.add_event(user, "message", _MESSAGE_NS_HEAD + raw[8:].decode(), event,
+                                resource, seq=seq, from_memory=size)
+        self.outbound.held_from = None
+        store.begin_batch()  # our h moves: written in this batch
+        self._h_moved()
+
+    def _acked_in_memory(self) -> None:
+        """A client acknowledged: the events held in memory it covers, from the oldest on,
+        are done (never stored); our h moves up to the next one not acknowledged."""
+        pending = self._pending
+        store = self.store
+        last_user, n, size = "", 0, 0
+        while pending:
+            head = pending[0]
+            if head[2].acked < head[1]:
+                break
+            pending.popleft()
+            if head[3] != last_user:
+                if n:
+                    store.forget_in_memory(last_user, n, size)
+                last_user, n, size = head[3], 0, 0
+            n += 1
+            size += head[7]
+        if n:
+            store.forget_in_memory(last_user, n, size)
+            self.outbound.held_from = pending[0][0] if pending else None
+            self._h_moved()
 
     # inbound: the hot path (a plain message, from the link's raw bytes) ------------------------
 
@@ -943,11 +1171,14 @@ class Gateway(ComponentXMPP):
         event = (f'{head}{_json_str(mid) if mid else "null"}, "type": '
                  f'{_json_str(mtype or "normal")}, "body": '
                  f'{_json_str(plain.group(1).decode())}}}')
+        to_resource = resource if sessions and resource in sessions else None
+        if sessions and len(sessions) == 1:  # one socket: it may take it from memory
+            for session in sessions.values():
+                if self._in_memory(user, session, to_resource, el, event):
+                    return True
         # the raw stanza, in the link's namespace (it declares none itself: self_contained)
-        stanza = f'<message xmlns="{NS}"' + el.raw[8:].decode()
-        kept = self._keep_text(user, "message", stanza, event,
-                               resource if sessions and resource in sessions else None,
-                               may_wait=True)
+        stanza = _MESSAGE_NS_HEAD + el.raw[8:].decode()
+        kept = self._keep_text(user, "message", stanza, event, to_resource, may_wait=True)
         if kept is None:
             return None
         if not kept:
@@ -1160,6 +1391,15 @@ class Gateway(ComponentXMPP):
         removed, token replaced); `token_hash` is that of the token it was opened with."""
         resource = "ws-" + secrets.token_hex(4)
         first = not self.sessions.get(user)
+        if not first and self._pending:
+            # what the user's socket holds in memory goes to the store, committed, so the new
+            # socket reads it too (RFC 6121 8.5.2.1.1: a message to the bare JID, to each)
+            self._spill()
+            try:
+                self.commit_point()
+            except StoreError as exc:
+                log.error("%s; the new socket of %s gets the earlier events once it commits",
+                          exc, user)
         if first:
             self.store.keep_roster(user)  # a message to an online user costs no query
         session = self.sessions.setdefault(user, {})[resource] = Session(
@@ -1224,7 +1464,10 @@ class Gateway(ComponentXMPP):
                              f"({session.sent})")
         if upto > session.acked:
             session.acked = upto
-            self._delete_acked(session.user)
+            if self._pending:
+                self._acked_in_memory()
+            if self.store.stored_events(session.user) != 0:  # no query when none is stored
+                self._delete_acked(session.user)
             if self._held:
                 self._release_held()
 
@@ -1257,7 +1500,12 @@ class Gateway(ComponentXMPP):
         del self.sessions[user][resource]
         if not self.sessions[user]:
             del self.sessions[user]
+        if self._pending:  # what this socket held in memory: stored (for any resource)
+            self._spill()
+        # the copies' ids come from the store's counter, above every seq given
+        self.store.raise_seq(max(self._seq_floor, self._last_link_seq))
         if self.store.release_resource(user, resource):
+            self._anchor_stale = True  # the link's next event: a new anchor above them
             for other in self.sessions.get(user, {}).values():
                 other.live = None  # the copies are in the store only
                 other.ready.set()

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeproxy.link import Inbox, Outbox, delta
+from edgeproxy.link import H_MOD, Inbox, Outbox, delta
 
 DEFAULT_OUTBOX_LIMIT = 10000  # stanzas waiting for the edge; beyond that the API answers 503
 TAIL_MAX = 20000  # rows kept in memory for the next write; beyond that they are read back
@@ -141,8 +141,20 @@ class Outbound:
                     self._db.execute(statement)
         state = dict(self._db.execute("SELECT key, value FROM link_state"))
         self.link_id: str | None = state.get("link_id")
-        self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we committed
+        self.inbox = Inbox(int(state.get("h_in", "0")))  # the edge's stanzas we handled
         self._h_saved = self.inbox.h
+        # The first of the edge's stanzas (its position, the count after it) whose event is
+        # held in memory only, not acknowledged by a client and not stored: our h stops below
+        # it (`h`). None: every stanza counted is stored or acknowledged.
+        self.held_from: int | None = None
+        # The link's seq anchor (gateway/component.py, docs/delivery.md): the event of the
+        # edge's stanza at position p has seq base + delta(p, at); positions up to `until`
+        # may be shown from memory (so after a restart the store's ids go above seq(until)).
+        self.anchor: tuple[int, int, int] | None = None
+        if {"seq_at", "seq_base", "seq_until"} <= state.keys():
+            self.anchor = (int(state["seq_at"]), int(state["seq_base"]),
+                           int(state["seq_until"]))
+        self._anchor_saved = self.anchor
         # Opens the store's batch for this turn (Gateway: SqliteStore.begin_batch); our h is
         # then written once, right before the batch commits (save_h), instead of per stanza.
         self.begin: Callable[[], bool] | None = None
@@ -242,14 +254,36 @@ class Outbound:
             self.on_state("sent", rows)
 
     # -- XEP-0198 ----------------------------------------------------------------------------------
-    def new_link(self, link_id: str) -> None:
-        """`<enabled/>`: a new session; every row still here goes out again in it."""
+    def new_link(self, link_id: str, anchor: tuple[int, int, int] | None = None) -> None:
+        """`<enabled/>`: a new session; every row still here goes out again in it. `anchor`:
+        the new link's seq anchor, saved with it."""
         self.link_id = link_id
         self.inbox = Inbox()
         self._h_saved = 0
+        self.held_from = None
         self.sent.restart()
         self._written_at.clear()
-        self._save(link_id=link_id, h_in="0", acked_h="0")
+        self.anchor = anchor
+        values = {"link_id": link_id, "h_in": "0", "acked_h": "0"}
+        if anchor is not None:
+            values.update(seq_at=str(anchor[0]), seq_base=str(anchor[1]),
+                          seq_until=str(anchor[2]))
+        with self._atomic():
+            self._prepare_commit()
+            self._save(**values)
+        self._anchor_saved = anchor
+
+    @property
+    def unsaved(self) -> bool:
+        """Our h or the seq anchor changed since they were last written."""
+        return self.h != self._h_saved or self.anchor != self._anchor_saved
+
+    @property
+    def h(self) -> int:
+        """The h we may acknowledge: every stanza up to it is stored (committed with it) or
+        acknowledged by a client; below `held_from` when an event is held in memory."""
+        held = self.held_from
+        return self.inbox.h if held is None else (held - 1) % H_MOD
 
     def acked(self, h: int) -> int:
         """The edge's `<a h=''/>`: the rows it covers leave the outbox. Returns how many."""
@@ -289,10 +323,17 @@ class Outbound:
             self.save_h()
 
     def save_h(self) -> None:
-        """Write our h if it changed; inside the open batch, right before it commits."""
-        if self.inbox.h != self._h_saved:
-            self._save(h_in=str(self.inbox.h))
-            self._h_saved = self.inbox.h
+        """Write our h (and the seq anchor) if it changed; inside the open batch, right before
+        it commits."""
+        h = self.h
+        if h != self._h_saved:
+            self._save(h_in=str(h))
+            self._h_saved = h
+        anchor = self.anchor
+        if anchor != self._anchor_saved and anchor is not None:
+            self._save(seq_at=str(anchor[0]), seq_base=str(anchor[1]),
+                       seq_until=str(anchor[2]))
+            self._anchor_saved = anchor
 
     # -- status ------------------------------------------------------------------------------------
     def _row(self, user: str, msg_id: str) -> tuple[int, str, float] | None:

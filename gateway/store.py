@@ -12,7 +12,9 @@ clients acknowledges it (WebSocket `{"ack": seq}` or `POST /api/v1/inbox/ack`): 
 as received when it is committed here, and is gone only when a client said it has it. The
 `seq` clients see is the row id: increasing per user and never reused (a client ignores a
 `seq` it has acknowledged), from the store's own counter (its high-water mark `inbox_seq` is
-written by each batch that deletes events).
+written by each batch that deletes events) or given by the gateway, derived from the link
+position of the stanza (`add_event(seq=)`, docs/delivery.md "Held in memory"). Events the
+gateway holds in memory only count toward the limits too (`keep_in_memory`).
 
 Writes can be batched (`batch_commits`): the first write opens a transaction (BEGIN IMMEDIATE)
 and `commit()` ends it; the gateway commits once per event-loop turn and at its commit point.
@@ -238,7 +240,14 @@ class Store(Protocol):
                     name: str | None = None) -> None: ...
     def remove_contact(self, user: str, jid: str) -> bool: ...
     def add_event(self, user: str, kind: str, stanza: str, event: str,
-                  resource: str | None = None) -> int: ...
+                  resource: str | None = None, *, seq: int | None = None,
+                  from_memory: int | None = None) -> int: ...
+    def keep_in_memory(self, user: str, size: int) -> None: ...
+    def forget_in_memory(self, user: str, n: int, size: int) -> None: ...
+    def stored_events(self, user: str) -> int | None: ...
+    @property
+    def last_seq(self) -> int: ...
+    def raise_seq(self, value: int) -> None: ...
     @property
     def committed(self) -> int: ...
     def events(self, user: str, after: int, resource: str | None,
@@ -283,6 +292,8 @@ class SqliteStore:
         # once, then counted here), and what the batch added (written to users at commit)
         self._usage: dict[str, list[int]] = {}
         self._added: dict[str, list[int]] = {}
+        # of _usage, the events the gateway holds in memory only (keep_in_memory): [n, bytes]
+        self._memory: dict[str, list[int]] = {}
         # inbox rows of the open batch not written yet, their values one after the other:
         # they go in multi-row INSERTs before any other inbox statement and before the commit
         self._rows: list[Any] = []
@@ -433,6 +444,7 @@ class SqliteStore:
         self._tokens.clear()
         self._rosters.pop(name, None)
         self._usage.pop(name, None)
+        self._memory.pop(name, None)
         self._added.pop(name, None)
         own = self._begin()
         if self._rows:
@@ -552,12 +564,41 @@ class SqliteStore:
     # inbox: messages and bounces until a client acknowledges them ----------------------------
 
     def add_event(self, user: str, kind: str, stanza: str, event: str,
-                  resource: str | None = None) -> int:
+                  resource: str | None = None, *, seq: int | None = None,
+                  from_memory: int | None = None) -> int:
         """Keep one event for the user; its id (the `seq`). InboxFull at the user's limit.
         `stanza` is the stanza as received when the caller has its text ("" if not); the
-        limit counts the bytes of both."""
-        size = (len(stanza) if stanza.isascii() else len(stanza.encode())) \
-            + (len(event) if event.isascii() else len(event.encode()))  # isascii(): O(1)
+        limit counts the bytes of both. `seq`: the id the caller derived (the gateway's link
+        position, gateway/component.py), above every id given out so far; else the next of
+        the store's counter. `from_memory`: the event was counted (`keep_in_memory`) with this
+        size: it is written now, with no second count and no limit (it is already in it)."""
+        if from_memory is None:
+            size = (len(stanza) if stanza.isascii() else len(stanza.encode())) \
+                + (len(event) if event.isascii() else len(event.encode()))  # isascii(): O(1)
+            self._charge(user, size)
+        else:
+            size = from_memory
+            memory = self._memory[user]
+            memory[0] -= 1
+            memory[1] -= size
+        own = self._begin()
+        if seq is None:
+            seq = self._seq = self._seq + 1
+        elif seq > self._seq:
+            self._seq = seq
+        self._rows += (seq, user, kind, resource, stanza, event, size, time.time())
+        added = self._added.get(user)
+        if added is None:
+            self._added[user] = [1, size]
+        else:
+            added[0] += 1
+            added[1] += size
+        if own:  # not batched: the counters go with the row
+            self.commit()
+        return seq
+
+    def _charge(self, user: str, size: int) -> None:
+        """One more event of `size` bytes in the user's inbox (InboxFull at its limit)."""
         usage = self._usage.get(user)
         if usage is None:
             usage = self._usage[user] = list(self._file_usage(user))
@@ -569,20 +610,57 @@ class SqliteStore:
             raise InboxFull(f"{user}'s unacknowledged messages and bounces take {used} bytes; "
                             f"{size} more would pass the limit of {self.limits.bytes} "
                             "([gateway] offline_bytes)")
-        own = self._begin()
-        self._seq += 1
-        self._rows += (self._seq, user, kind, resource, stanza, event, size, time.time())
+        usage[0] = count + 1
+        usage[1] = used + size
+
+    def keep_in_memory(self, user: str, size: int) -> None:
+        """An event the gateway holds in memory only (a client that keeps up takes it, its
+        acknowledgement ends it: gateway/component.py `_pending`) counts toward the user's
+        limit like a stored one: InboxFull as add_event. It leaves by `forget_in_memory`
+        (acknowledged) or by `add_event(from_memory=size)` (written after all)."""
+        usage = self._usage.get(user)
+        memory = self._memory.get(user)
+        if usage is None or memory is None or usage[0] >= self.limits.messages \
+                or usage[1] + size > self.limits.bytes:
+            self._charge(user, size)  # (the first, or InboxFull)
+            if memory is None:
+                self._memory[user] = [1, size]
+            else:
+                memory[0] += 1
+                memory[1] += size
+            return
         usage[0] += 1
         usage[1] += size
-        added = self._added.get(user)
-        if added is None:
-            self._added[user] = [1, size]
-        else:
-            added[0] += 1
-            added[1] += size
-        if own:  # not batched: the counters go with the row
-            self.commit()
+        memory[0] += 1
+        memory[1] += size
+
+    def forget_in_memory(self, user: str, n: int, size: int) -> None:
+        """`n` in-memory events of `size` bytes in all were acknowledged: out of the count."""
+        memory = self._memory[user]
+        memory[0] -= n
+        memory[1] -= size
+        usage = self._usage[user]
+        usage[0] -= n
+        usage[1] -= size
+
+    def stored_events(self, user: str) -> int | None:
+        """How many events the user has in the file (with this batch's), if known here
+        without a query; None if not."""
+        usage = self._usage.get(user)
+        if usage is None:
+            return None
+        memory = self._memory.get(user)
+        return usage[0] - (memory[0] if memory else 0)
+
+    @property
+    def last_seq(self) -> int:
+        """The highest id the store gave out or was given (`add_event(seq=)`)."""
         return self._seq
+
+    def raise_seq(self, value: int) -> None:
+        """Ids from the counter go above `value` from now on (the gateway's ids derived from
+        its link position may have been shown beyond what was stored)."""
+        self._seq = max(self._seq, value)
 
     def _flush_rows(self) -> None:
         """Write the batch's new inbox rows: one INSERT per ROWS_PER_INSERT rows costs a fifth
