@@ -40,6 +40,7 @@ from .component import (
     Session,
     StanzaError,
     json_ref,
+    status_item,
 )
 from .store import Contact, StoreError, hash_token
 
@@ -204,10 +205,13 @@ def _refusal(exc: Exception) -> dict[str, Any]:
     return {"ok": False, "error": str(exc), "condition": condition, "type": etype}
 
 
-def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
+def _state(out: Outgoing) -> str:
     # queued: in the outbox until the edge has it; delivered: a local user's inbox has it
-    return {"ok": True, "id": out.id,
-            "state": "delivered" if out.local else "queued"}
+    return "delivered" if out.local else "queued"
+
+
+def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
+    return {"ok": True, "id": out.id, "state": _state(out)}
 
 
 async def send_batch(request: web.Request) -> web.Response:
@@ -468,8 +472,11 @@ class ClientFrames:
     answered too and the socket stays open; more than BAD_FRAMES_MAX of them within
     BAD_FRAMES_WINDOW seconds is a flood and closes it (1008, RFC 6455 7.4.1)."""
 
-    def __init__(self, gw: Gateway, session: Session, frames: Frames):
+    def __init__(self, gw: Gateway, session: Session, frames: Frames, grouped: bool = False):
         self.gw, self.session, self.frames = gw, session, frames
+        # `GET /api/v1/ws?answers=grouped`: the accepted messages of a turn are answered
+        # together, one `answers` frame per run of them (docs/api.md)
+        self.grouped = grouped
         self.ops: list[tuple[str, Any, dict[str, Any]]] = []
         self._scheduled = False
         self._bad: list[float] = []
@@ -541,10 +548,6 @@ class ClientFrames:
             asyncio.get_running_loop().call_soon(self.run)
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
-        if result.get("ok") and "id" in result:  # the common one, written directly
-            self.frames.put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", '
-                            f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
-            return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
 
     def answer_bad(self, exc: BadFrame) -> None:
@@ -561,17 +564,19 @@ class ClientFrames:
         """Carry out the turn's ops in order; answer each once it is durable."""
         self._scheduled = False
         ops, self.ops = self.ops, []
-        answers: list[tuple[str, Any, dict[str, Any]]] = []
-        run: list[tuple[Any, Outgoing]] = []  # consecutive messages: one transaction
+        # in the order of the frames: an accepted message (its Outgoing) or another answer
+        answers: list[tuple[str, Any, dict[str, Any] | Outgoing]] = []
+        # consecutive messages: one transaction; a refused one keeps its place among them
+        run: list[tuple[Any, Outgoing | dict[str, Any]]] = []
         memo: dict[str, Any] = {}
+        prepare, user = self.gw.prepare_message, self.session.user
         for op, ref, frame in ops:
             if op == "message":
                 try:
                     to, body, mtype = frame["fields"]
-                    run.append((ref, self.gw.prepare_message(self.session.user, to, body, mtype,
-                                                             memo)))
+                    run.append((ref, prepare(user, to, body, mtype, memo)))
                 except (ValueError, Refused) as exc:
-                    answers.append((op, ref, _refusal(exc)))
+                    run.append((ref, _refusal(exc)))
                 continue
             self._send_run(run, answers)
             run, memo = [], {}  # a presence or subscription op may change the rules' answer
@@ -585,20 +590,61 @@ class ClientFrames:
         except StoreError as exc:  # nothing is answered as done that is not on disk
             log.error("cannot commit what %s sent: %s", self.session.jid, exc)
             answers = [(op, ref, _refusal(exc)) for op, ref, _ in answers]
+        if self.grouped:
+            self._answer_grouped(answers)
+            return
+        put = self.frames.put
         for op, ref, result in answers:
-            self._answer(op, ref, result)
+            if type(result) is Outgoing:  # the common one, written directly
+                put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", "ok": true, '
+                    f'"id": "{result.id}", "state": "{_state(result)}"}}')
+            else:
+                assert isinstance(result, dict)
+                self._answer(op, ref, result)
 
-    def _send_run(self, run: list[tuple[Any, Outgoing]],
-                  answers: list[tuple[str, Any, dict[str, Any]]]) -> None:
+    def _answer_grouped(self, answers: list[tuple[str, Any, dict[str, Any] | Outgoing]]) -> None:
+        """Each run of accepted messages in one `answers` frame, their `{"id", "ref"}` items
+        (made once per message, for its status events too) under their common state; any
+        other answer in its own `answer` frame, all in the order of the frames."""
+        items: list[str] = []
+        state = ""
+        for op, ref, result in answers:
+            if type(result) is Outgoing:
+                if not result.item:  # to a local user: no status events to share it with
+                    result.item = status_item(result.id, ref)
+                if _state(result) != state and items:
+                    self._put_group(state, items)
+                    items = []
+                state = _state(result)
+                items.append(result.item)
+                continue
+            if items:
+                self._put_group(state, items)
+                items = []
+            assert isinstance(result, dict)
+            self._answer(op, ref, result)
+        if items:
+            self._put_group(state, items)
+
+    def _put_group(self, state: str, items: list[str]) -> None:
+        self.frames.put(f'{{"event": "answers", "op": "message", "ok": true, "state": "{state}", '
+                        f'"messages": [{", ".join(items)}]}}')
+
+    def _send_run(self, run: list[tuple[Any, Outgoing | dict[str, Any]]],
+                  answers: list[tuple[str, Any, dict[str, Any] | Outgoing]]) -> None:
+        """Keep a run of messages in one transaction; their answers, in the frames' order."""
         if not run:
             return
+        taken = [(ref, out) for ref, out in run if type(out) is Outgoing]
         try:
-            self.gw.send_messages(self.session.user, [out for _, out in run], self.session,
-                                  [ref for ref, _ in run], soon=True)
+            self.gw.send_messages(self.session.user, [out for _, out in taken],
+                                  self.session, [ref for ref, _ in taken], soon=True)
         except (LinkDown, StoreError) as exc:
-            answers.extend(("message", ref, _refusal(exc)) for ref, _ in run)
+            refusal = _refusal(exc)
+            answers.extend(("message", ref, refusal if type(out) is Outgoing else out)
+                           for ref, out in run)
             return
-        answers.extend(("message", ref, _taken(self.gw, out)) for ref, out in run)
+        answers.extend(("message", ref, out) for ref, out in run)
 
     def _do(self, op: str, frame: dict[str, Any]) -> dict[str, Any]:
         gw, user = self.gw, self.session.user
@@ -627,6 +673,7 @@ class ClientFrames:
 
 
 _REF = frozenset({"op", "ref"})
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _MESSAGE_KEYS = OPS["message"] | _REF
 
 
@@ -649,6 +696,10 @@ async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """One WebSocket = one resource (a session, as a c2s stream is); the user is available
     while at least one is open."""
+    grouped = request.query.get("answers", "each")
+    if grouped not in ("each", "grouped"):
+        raise error(400, "answers must be each (one answer frame per op, the default) or "
+                         "grouped (the accepted messages of a read in one answers frame)")
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=WS_MAX_FRAME)
     await ws.prepare(request)
     gw, user = request.app[GATEWAY], request[USER]
@@ -662,17 +713,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     session = gw.user_online(user, close, hash_token(_bearer(request)))
     request.app[SOCKETS].add(ws)
     frames = Frames(request)
-    client = ClientFrames(gw, session, frames)
+    client = ClientFrames(gw, session, frames, grouped == "grouped")
     sender: asyncio.Task[None] | None = None
     try:
         frames.put(json.dumps({"event": "session", "jid": session.jid}))
         sender = asyncio.create_task(_pump(frames, gw, session))
-        async for msg in ws:
+        receive = ws.receive
+        while True:  # `async for msg in ws`, without its layer per frame
+            msg = await receive()
             if msg.type is WSMsgType.TEXT:
                 client.receive(msg.data)
             elif msg.type is WSMsgType.BINARY:
                 client.answer_bad(BadFrame("frames are JSON text frames (RFC 6455 5.6), not "
                                             "binary"))
+            elif msg.type in _CLOSED:
+                break
             if frames.busy:  # the client sends but does not read its answers: stop reading
                 await frames.drained()
     except ConnectionError:

@@ -127,6 +127,9 @@ class Outgoing:
     tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
     to_text: str = ""  # str(to)
     local: bool = False  # to a user of our own domain: no edge involved
+    # sent from a WebSocket: its `{"id": .., "ref": ..}` as JSON (status_item), made once for
+    # its answer and its status events
+    item: str = ""
 
 
 class Refused(Exception):
@@ -1454,10 +1457,11 @@ class Gateway(ComponentXMPP):
             for m, item in zip(remote, items, strict=True):
                 m.id = item[2]
             if session is not None:
-                ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
-                                  strict=True))
-                for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, status_item(m.id, ref_of[id(m)]), False]
+                tracked, next_row = self._tracked, iter(rows).__next__
+                for m, ref in zip(messages, refs or [None] * len(messages), strict=True):
+                    if not m.local:
+                        m.item = status_item(m.id, ref)
+                        tracked[next_row()] = [session, m.item, False]
         for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
