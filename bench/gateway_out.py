@@ -14,7 +14,8 @@ main by default, unpacked in a temporary directory) and then for this tree, the 
 - `single`: 16 keep-alive HTTP/1.1 connections, one `POST /api/v1/messages` at a time each;
 - `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each;
 - `ws`: one WebSocket session, message frames (zero mask key: RFC 6455 5.3 wants a random
-  one, the server cannot tell) written 200 at a time, at most --window unanswered.
+  one, the server cannot tell) written 200 at a time, at most --window unanswered;
+- `wsg`: the same with `?answers=grouped` (one `answers` frame per run of accepted messages).
 
 The baseline runs the modes of --baseline-modes too (all three by default; a tree from before
 session 4 has only `single`).
@@ -257,10 +258,12 @@ def client_frame(text: str) -> bytes:
     return struct.pack("!BBH", 0x81, 0x80 | 126, n) + b"\0\0\0\0" + data
 
 
-async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
+async def ws_session(token: str, n: int, window: int, c: Counters,
+                     grouped: bool = False) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     key = base64.b64encode(os.urandom(16)).decode()
-    w.write(f"GET /api/v1/ws HTTP/1.1\r\nHost: {c.host}\r\nUpgrade: websocket\r\n"
+    path = "/api/v1/ws?answers=grouped" if grouped else "/api/v1/ws"
+    w.write(f"GET {path} HTTP/1.1\r\nHost: {c.host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode())
     head = await r.readuntil(b"\r\n\r\n")
@@ -285,6 +288,14 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
             if b0 & 0x0F != 1:
                 continue
             frame = json.loads(payload)
+            if frame.get("event") == "answers":  # ?answers=grouped: accepted, many at once
+                in_flight -= len(frame["messages"])
+                done += len(frame["messages"])
+                if done == n:
+                    finished.set_result(None)
+                    return
+                room.set()
+                continue
             if frame.get("event") != "answer":
                 continue
             in_flight -= 1
@@ -387,7 +398,8 @@ class Daemons:
 
 async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -> None:
     """One local user sends n messages to c.to through the gateway's API at c.host:c.port:
-    `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session; returns
+    `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session (`wsg`:
+    with grouped answers); returns
     when every one was accepted into the outbox (c.retries: how many were sent again)."""
     if mode == "single":
         await asyncio.gather(*(single_worker(token, range(k, n, SINGLE_CONNECTIONS), c)
@@ -397,7 +409,7 @@ async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -
         await asyncio.gather(*(batch_worker(token, range(k * per, min(n, (k + 1) * per)), c)
                                for k in range(BATCH_CONNECTIONS)))
     else:
-        await ws_session(token, n, window, c)
+        await ws_session(token, n, window, c, grouped=mode == "wsg")
 
 
 async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
@@ -503,7 +515,8 @@ def main() -> None:
                     help="unanswered WebSocket frames at most (default 2000)")
     ap.add_argument("--baseline", default="main", help="git ref of the baseline (main)")
     ap.add_argument("--modes", default="single,batch,ws",
-                    help="this tree's send modes, comma-separated (default single,batch,ws)")
+                    help="this tree's send modes, comma-separated (default single,batch,ws; "
+                         "wsg: the WebSocket with ?answers=grouped)")
     ap.add_argument("--no-baseline", action="store_true", help="this tree only")
     ap.add_argument("--baseline-modes", default="single,batch,ws",
                     help="the modes the baseline runs too (default all three: main has the "

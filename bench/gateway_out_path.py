@@ -88,17 +88,18 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
     durable = getattr(gw, "durable", None)
     loop = asyncio.get_running_loop()
     h = 0
-    if mode == "ws":
+    if mode in ("ws", "wsg"):
         from gateway.api import ClientFrames
         session = gw.user_online("bob")
-        client = ClientFrames(gw, session, FrameSink())  # type: ignore[arg-type]
+        grouped = {"grouped": True} if mode == "wsg" else {}  # ?answers=grouped
+        client = ClientFrames(gw, session, FrameSink(), **grouped)  # type: ignore[arg-type]
         gw.take_events(session)
         frames = [json.dumps({"op": "message", "ref": i, "to": TO, "body": BODY % i})
                   for i in range(n)]
     start = time.process_time()
     for first in range(0, n, batch):
         count = min(n, first + batch) - first
-        if mode == "ws":  # what one read of the socket holds; the answers go in the next turn
+        if mode != "batch":  # what one read of the socket holds; the answers go in the next turn
             for text in frames[first:first + count]:
                 client.receive(text)
             await asyncio.sleep(0)
@@ -117,7 +118,7 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
         await asyncio.sleep(0)
         h += count
         gw._sm_a({"h": str(h % link.H_MOD)})
-        if mode == "ws":
+        if mode != "batch":
             gw.take_events(session)  # the status events (sent, accepted) as the socket has them
     cpu = time.process_time() - start
     assert gw.outbound.waiting == 0, gw.outbound.waiting
@@ -141,7 +142,8 @@ def main() -> None:
     ap.add_argument("--once", action="store_true", help="one run in this process, no report")
     ap.add_argument("--modes", default="batch,ws",
                     help="batch (send_messages, as the batch endpoint) and/or ws (frames into "
-                         "gateway.api.ClientFrames, answers and status events encoded)")
+                         "gateway.api.ClientFrames, answers and status events encoded); wsg: ws "
+                         "with ?answers=grouped")
     args = ap.parse_args()
     if args.once:
         cpu = once(args.n, args.batch, args.modes)
