@@ -71,7 +71,8 @@ def error(status: int, message: str, **fields: Any) -> web.HTTPException:
                                              content_type="application/json")
     cls: type[web.HTTPException] = {
         400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-        404: web.HTTPNotFound, 409: web.HTTPConflict, 502: web.HTTPBadGateway,
+        404: web.HTTPNotFound, 409: web.HTTPConflict, 410: web.HTTPGone,
+        502: web.HTTPBadGateway,
         503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
     }[status]
     return cls(text=text, content_type="application/json")
@@ -248,10 +249,17 @@ async def send_batch(request: web.Request) -> web.Response:
 
 
 async def message_status(request: web.Request) -> web.Response:
-    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced."""
-    status = request.app[GATEWAY].outbound.status(request[USER], request.match_info["id"])
+    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced;
+    410 once its status is past the outbox retention (pruned)."""
+    outbound, msg_id = request.app[GATEWAY].outbound, request.match_info["id"]
+    status = outbound.status(request[USER], msg_id)
+    if status is None and outbound.was_pruned(msg_id):  # RFC 9110 15.5.11: gone for good
+        raise error(410, f"the status of message {msg_id!r} is no longer kept: a message's "
+                         f"status is kept for {outbound.retention:g} s ([gateway] "
+                         "outbox_retention) after the edge accepted it or it bounced (a bounce "
+                         "also came to your inbox as an error event)", id=msg_id)
     if status is None:
-        raise error(404, f"no message {request.match_info['id']!r} from you")
+        raise error(404, f"no message {msg_id!r} from you")
     return web.json_response({"id": status.id, "to": status.to, "state": status.state,
                               "condition": status.condition, "text": status.text,
                               "updated": status.updated})
