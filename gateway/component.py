@@ -203,15 +203,16 @@ class Session:
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
         self.ready.set()
 
-    def status(self, state: str, item: str) -> None:
-        """One of this socket's messages changed state; gathered into one event per state.
-        `item` is its `{"id": .., "ref": ..}` as JSON (status_item), made once per message."""
-        items = self.states.get(state)
-        if items is None:
-            self.states[state] = [item]
+    def statuses(self, state: str, items: list[str]) -> None:
+        """Some of this socket's messages changed state; gathered into one event per state.
+        `items`: each one's `{"id": .., "ref": ..}` as JSON (status_item), made once per
+        message."""
+        known = self.states.get(state)
+        if known is None:
+            self.states[state] = items
             self.ready.set()
         else:
-            items.append(item)
+            known.extend(items)
 
     def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -1507,18 +1508,29 @@ class Gateway(ComponentXMPP):
         return waiter
 
     def _message_states(self, state: str, rows: list[int]) -> None:
-        """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
-        if not self._tracked:
-            return
+        """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge),
+        each socket's items of the call handed over at once."""
         tracked_rows = self._tracked
+        if not tracked_rows:
+            return
+        sent = state == "sent"
+        take = tracked_rows.get if sent else tracked_rows.pop
+        told: dict[Session, list[str]] = {}
+        last: Session | None = None
+        items: list[str] = []
         for row in rows:
-            tracked = tracked_rows.get(row) if state == "sent" else tracked_rows.pop(row, None)
-            if tracked is None or (state == "sent" and tracked[2]):
+            tracked = take(row, None)
+            if tracked is None or (sent and tracked[2]):
                 continue  # not from a socket, or written again after a resumption
             tracked[2] = True
             session = tracked[0]
+            if session is not last:
+                last = session
+                items = told.setdefault(session, [])
+            items.append(tracked[1])
+        for session, items in told.items():
             if not session.closed:
-                session.status(state, tracked[1])
+                session.statuses(state, items)
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.
