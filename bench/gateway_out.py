@@ -25,8 +25,10 @@ The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the e
 and its dialback key without checking it (XEP-0220: a sink may, it only receives), and counts
 `</message>`. The time runs from the first request to the sink's N-th message; the CPU is
 that of the edge and of the gateway over the same span, per message (with the gateway's
-kernel share, "sys"). `--floor` adds what aiohttp alone costs per single POST: a bare app
-(read the JSON body, answer 202 JSON, no middleware) on the same client, so the single POSTs'
+kernel share, "sys"), and how much of the span the gateway was runnable but waited for a
+CPU (/proc/<pid>/task/*/schedstat: the share the machine's other load took). `--floor` adds
+what aiohttp alone costs per single POST: a bare app (read the JSON body, answer 202 JSON, no
+middleware) on the same client, so the single POSTs'
 figure can be split into aiohttp's floor and the gateway's own work. The machine is shared
 and noisy: compare the ratios in one run, and note the load average printed with each line.
 """
@@ -293,6 +295,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters,
                 done += len(frame["messages"])
                 if done == n:
                     finished.set_result(None)
+                    room.set()  # the writer waits for room: it must see the end at once
                     return
                 room.set()
                 continue
@@ -303,6 +306,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters,
                 done += 1
                 if done == n:
                     finished.set_result(None)
+                    room.set()  # the writer waits for room: it must see the end at once
                     return
             elif frame["condition"] == "resource-constraint":
                 c.retries += 1
@@ -344,6 +348,7 @@ class Result:
     retries: int
     load: float
     client_cpu: float = 0.0  # this process: the clients and the sink (what may cap the rate)
+    gw_waited: float = 0.0  # seconds the gateway was runnable but waited for a CPU
 
     @property
     def rate(self) -> float:
@@ -355,7 +360,8 @@ class Result:
                 f" (sys {self.gw_sys / self.n * 1e6:5.1f})  total "
                 f"{(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}  client+sink "
                 f"{self.client_cpu / self.n * 1e6:5.1f}   retries {self.retries:5d}   load "
-                f"{self.load:.2f}")
+                f"{self.load:.2f}   gateway waited for a CPU "
+                f"{self.gw_waited / self.seconds:4.0%} of the time")
 
 
 class Daemons:
@@ -418,13 +424,24 @@ async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
     Sink.target = Sink.count + n
     Sink.reached.clear()
     cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
-    t0, mine0 = time.monotonic(), time.process_time()
+    t0, mine0, wait0 = time.monotonic(), time.process_time(), run_queue_wait(d.gateway.pid)
     await send(mode, token, n, c, window)
     await asyncio.wait_for(Sink.reached.wait(), 120)
     seconds, mine1 = time.monotonic() - t0, time.process_time()
     cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
     return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
-                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0], mine1 - mine0)
+                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0], mine1 - mine0,
+                  run_queue_wait(d.gateway.pid) - wait0)
+
+
+def run_queue_wait(pid: int) -> float:
+    """Seconds the process's threads were runnable but not running (/proc/<pid>/task/*/
+    schedstat, field 2): on a shared machine, the time the scheduler gave to others."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
 
 
 def proc_sys(pid: int) -> float:
