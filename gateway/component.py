@@ -626,8 +626,7 @@ class Gateway(ComponentXMPP):
         rows = self.outbound.unsent(self._last_row)
         if not rows:
             return
-        for _row, text in rows:
-            self._transmit(text)
+        self._transmit([text for _, text in rows])
         self.outbound.written([row for row, _ in rows])
         self._last_row = rows[-1][0]
         if not self._want_ack:
@@ -635,8 +634,9 @@ class Gateway(ComponentXMPP):
             if not self._flush_scheduled:  # the rows did not go through _raw (tests)
                 self.loop.call_soon(self._request_ack)
 
-    def _transmit(self, text: str) -> None:
-        self._raw(text.encode())
+    def _transmit(self, texts: list[str]) -> None:
+        """Outbox rows, in order, onto the link: joined and encoded once for the write."""
+        self._raw("".join(texts).encode())
 
     def _request_ack(self) -> None:
         self._want_ack = False
