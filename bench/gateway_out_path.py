@@ -69,7 +69,8 @@ class FrameSink:
         pass
 
 
-async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float, int]:
+async def run(n: int, batch: int, db: Path, mode: str = "batch",
+              retention: float | None = None) -> tuple[float, int]:
     """Send n messages; (CPU seconds, bytes written to the link)."""
     from edgeproxy import link
     from edgeproxy.partners import Partner, PartnerTable, PartnerType
@@ -85,6 +86,9 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
     gw.transport = sink  # type: ignore[assignment]
     gw.link_up = gw.sm_active = True
     gw.outbound.new_link("bench")
+    if retention is not None:  # --retention: the prunes' cost (0: rows go once accepted)
+        gw.outbound.retention = retention
+        gw.outbound._pruned_at = 0.0
     durable = getattr(gw, "durable", None)
     loop = asyncio.get_running_loop()
     h = 0
@@ -126,9 +130,9 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
     return cpu, sink.bytes
 
 
-def once(n: int, batch: int, mode: str) -> float:
+def once(n: int, batch: int, mode: str, retention: float | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db", mode))
+        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db", mode, retention))
     assert written > n * 100, written
     return cpu
 
@@ -144,9 +148,12 @@ def main() -> None:
                     help="batch (send_messages, as the batch endpoint) and/or ws (frames into "
                          "gateway.api.ClientFrames, answers and status events encoded); wsg: ws "
                          "with ?answers=grouped")
+    ap.add_argument("--retention", type=float,
+                    help="[gateway] outbox_retention for the run (0: every accepted row is "
+                         "pruned, once a second, within the measured span)")
     args = ap.parse_args()
     if args.once:
-        cpu = once(args.n, args.batch, args.modes)
+        cpu = once(args.n, args.batch, args.modes, args.retention)
         print(f"{cpu / args.n * 1e6:.2f}")
         return
     trees = ([("baseline", Path(args.tree).resolve())] if args.tree else []) + [("this", ROOT)]
@@ -155,9 +162,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, tree, mode in runs:
             env = {**os.environ, "PYTHONPATH": str(tree)}
+            extra = [] if args.retention is None else ["--retention", str(args.retention)]
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--once",
                                   "-n", str(args.n), "--batch", str(args.batch),
-                                  "--modes", mode],
+                                  "--modes", mode, *extra],
                                  env=env, cwd=tree, check=True, capture_output=True, text=True)
             us = float(out.stdout.split()[-1])
             results[name, mode].append(us)
