@@ -485,7 +485,8 @@ class ClientFrames:
         # `GET /api/v1/ws?answers=grouped`: the accepted messages of a turn are answered
         # together, one `answers` frame per run of them (docs/api.md)
         self.grouped = grouped
-        self.ops: list[tuple[str, Any, dict[str, Any]]] = []
+        # (op, ref, a message's (to, body, type) | another op's frame), in the frames' order
+        self.ops: list[tuple[str, Any, Any]] = []
         self._scheduled = False
         self._bad: list[float] = []
 
@@ -510,8 +511,7 @@ class ClientFrames:
             if (type(ref) is int or (type(ref) is str and 0 < len(ref) <= 256)) and \
                     type(to) is str and to and type(body) is str and body and \
                     mtype in MESSAGE_TYPES:
-                frame["fields"] = (to, body, mtype)
-                self.ops.append(("message", ref, frame))
+                self.ops.append(("message", ref, (to, body, mtype)))
                 if not self._scheduled:
                     self._scheduled = True
                     asyncio.get_running_loop().call_soon(self.run)
@@ -544,13 +544,19 @@ class ClientFrames:
             raise BadFrame(f"op {op!r} needs jid (a string)", ref)
         if op == "message":
             try:
-                frame = {**frame, "fields": _message_fields(frame, _REF)}
+                self._queue(op, ref, _message_fields(frame, _REF))
             except ValueError as exc:
                 raise BadFrame(str(exc), ref) from None
+            return
         for key in ("show", "status", "to", "name"):
-            if key in frame and op != "message" and not isinstance(frame[key], str):
+            if key in frame and not isinstance(frame[key], str):
                 raise BadFrame(f"{key} must be a string", ref)
-        self.ops.append((op, ref, frame))
+        self._queue(op, ref, frame)
+
+    def _queue(self, op: str, ref: Any, what: Any) -> None:
+        """An op to carry out at the end of the turn: a message's (to, body, type), or the
+        frame of another op."""
+        self.ops.append((op, ref, what))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.run)
@@ -581,7 +587,7 @@ class ClientFrames:
         for op, ref, frame in ops:
             if op == "message":
                 try:
-                    to, body, mtype = frame["fields"]
+                    to, body, mtype = frame
                     run.append((ref, prepare(user, to, body, mtype, memo)))
                 except (ValueError, Refused) as exc:
                     run.append((ref, _refusal(exc)))
