@@ -610,6 +610,10 @@ class ClientFrames:
         put = self.frames.put
         for op, ref, result in answers:
             if type(result) is Outgoing:  # the common one, written directly
+                if result.item:  # its {"id", "ref"}, made for its status events: reused
+                    put(f'{{"event": "answer", "op": "message", "ok": true, "state": "queued", '
+                        f'{result.item[1:]}')
+                    continue
                 put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", "ok": true, '
                     f'"id": "{result.id}", "state": "{_state(result)}"}}')
             else:

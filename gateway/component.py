@@ -1455,14 +1455,18 @@ class Gateway(ComponentXMPP):
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
                                "stanzas are already waiting; try again when it is back")
-            for m, item in zip(remote, items, strict=True):
-                m.id = item[2]
-            if session is not None:
-                tracked, next_row = self._tracked, iter(rows).__next__
-                for m, ref in zip(messages, refs or [None] * len(messages), strict=True):
-                    if not m.local:
-                        m.item = status_item(m.id, ref)
-                        tracked[next_row()] = [session, m.item, False]
+            if session is None:
+                for m, item in zip(remote, items, strict=True):
+                    m.id = item[2]
+            else:
+                refs = refs or [None] * len(messages)
+                if len(remote) < len(messages):
+                    refs = [ref for m, ref in zip(messages, refs, strict=True) if not m.local]
+                tracked = self._tracked
+                for m, item, ref, row in zip(remote, items, refs, rows, strict=True):
+                    m.id = item[2]
+                    m.item = status_item(m.id, ref)
+                    tracked[row] = [session, m.item, False]
         for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
