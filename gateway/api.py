@@ -7,7 +7,8 @@ docs/api.md lists every endpoint with examples.
 
 The WebSocket is the user's session, as a c2s stream is: the gateway's events go down it, and
 the client sends its messages, presence and subscription requests and answers up it, one JSON
-frame each with the client's `ref`, answered by one `answer` frame each (`ClientFrames`). What
+frame each with the client's `ref`, answered by one `answer` frame each, or with
+`?answers=grouped` a run of accepted messages by one `answers` frame (`ClientFrames`). What
 a socket's frames ask for in one event-loop turn is kept in one SQLite transaction and the
 answers, like every other frame for the socket, are written once per turn (`Frames`).
 """
