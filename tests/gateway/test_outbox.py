@@ -112,6 +112,24 @@ async def test_the_sends_of_one_turn_share_one_commit_before_the_link_has_them(s
     assert in_transaction == [False]  # one write of the five, after the commit
 
 
+async def test_a_batch_longer_than_one_insert_keeps_every_row_in_order(store):
+    """The rows of a batch go in multi-row INSERTs of ROWS_PER_INSERT: 250 rows are three of
+    them (100, 100, 50), every row with its own id, sender, addressee and stanza, in order."""
+    gw = CapturingGateway(store)
+    seen = traced(store)
+    out = [gw.prepare_message("bob", ALICE, f"m{i}") for i in range(250)]
+    gw.send_messages("bob", out, soon=True)
+    await gw.durable()
+    assert len([s for s in seen if s.lstrip().startswith("INSERT INTO outbox ")]) == 3
+    got = list(store.connection().execute("SELECT id, user, msg_id, to_jid, stanza FROM outbox "
+                                          "ORDER BY id"))
+    assert [(r[1], r[2], r[3]) for r in got] == [("bob", m.id, ALICE) for m in out]
+    assert [row_of(m.id) for m in out] == [r[0] for r in got]
+    assert all(f'id="{m.id}"' in r[4] and f"<body>m{i}</body>" in r[4]
+               for i, (m, r) in enumerate(zip(out, got, strict=True)))
+    assert [s["body"] for s in gw.sent] == [f"m{i}" for i in range(250)]
+
+
 async def test_a_full_outbox_takes_none_of_a_batch_and_keeps_the_earlier_rows(store):
     gw = CapturingGateway(store, queue_limit=3)
     gw.link_up = False
