@@ -174,6 +174,7 @@ class Outbound:
         self.pruned = int(state.get("pruned", "0"))
         self.retention = DEFAULT_RETENTION
         self._pruned_at = 0.0
+        self.pruned_rows = 0  # deleted by `prune` since start (metrics)
         seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         top = self._db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0
         # never a row number given out before, even when every row was pruned (the message ids
@@ -316,6 +317,7 @@ class Outbound:
             self._db.execute("DELETE FROM outbox_releases WHERE upto <= ?", (upto,))
             self._save(pruned=str(upto))
         self.pruned = upto
+        self.pruned_rows += gone
         return gone
 
     def was_pruned(self, msg_id: str) -> bool:

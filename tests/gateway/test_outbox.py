@@ -305,6 +305,7 @@ async def test_a_prune_takes_at_most_prune_max_rows_and_the_next_one_goes_on(sto
     gw.outbound.acked(7)
     age(store, "outbox_releases", "at", 20)
     assert [gw.outbound.prune() for _ in range(4)] == [3, 3, 1, 0]
+    assert gw.outbound.pruned_rows == 7  # xmpp_gateway_outbox_pruned_total
     assert rows(store) == [] and gw.outbound.pruned == row_of(ids[-1])
 
 
