@@ -32,8 +32,9 @@ Columns, per server, the median of --rounds rounds:
 - outbound msg/s and CPU us/msg: bob sends N to alice@partner.test; for us through the
   gateway's API (`--outbound rest`: `POST /api/v1/messages`, 64 requests in flight on
   keep-alive connections; `--outbound ws`: bob's own WebSocket session, `message` ops 200 at a
-  time, <= 2,000 unanswered; `--outbound batch`: `POST /api/v1/messages/batch` of 500 on 4
-  connections; `--outbound rest,ws,batch`: one edge + gateway per mode, in the same run), for
+  time, <= 2,000 unanswered; `--outbound wsg`: the same with `?answers=grouped`; `--outbound
+  batch`: `POST /api/v1/messages/batch` of 500 on 4 connections; `--outbound rest,ws,batch`:
+  one edge + gateway per mode, in the same run), for
   the peers over bob's c2s stream (<= 500 in flight). The receiving Prosody is the cap.
   `--no-inbound` leaves the inbound jobs out.
 
@@ -373,6 +374,11 @@ async def send_ws(target: OurDaemons, n: int, reader: Reader) -> None:
     await gateway_out.ws_session(target.token, n, 2000, _counters())
 
 
+async def send_wsg(target: OurDaemons, n: int, reader: Reader) -> None:
+    """`send_ws` with `?answers=grouped` (one `answers` frame per run of accepted messages)."""
+    await gateway_out.ws_session(target.token, n, 2000, _counters(), grouped=True)
+
+
 async def send_batch(target: OurDaemons, n: int, reader: Reader) -> None:
     """`POST /api/v1/messages/batch` of 500 on 4 keep-alive connections (raw HTTP/1.1)."""
     c, per = _counters(), -(-n // 4)
@@ -386,6 +392,7 @@ async def send_batch(target: OurDaemons, n: int, reader: Reader) -> None:
 OUTBOUND_MODES: dict[str, Callable[[OurDaemons, int, Reader], Awaitable[None]]] = {
     "rest": send_rest,
     "ws": send_ws,
+    "wsg": send_wsg,
     "batch": send_batch,
 }
 

@@ -14,7 +14,8 @@ main by default, unpacked in a temporary directory) and then for this tree, the 
 - `single`: 16 keep-alive HTTP/1.1 connections, one `POST /api/v1/messages` at a time each;
 - `batch`: 4 connections, `POST /api/v1/messages/batch` with 500 messages each;
 - `ws`: one WebSocket session, message frames (zero mask key: RFC 6455 5.3 wants a random
-  one, the server cannot tell) written 200 at a time, at most --window unanswered.
+  one, the server cannot tell) written 200 at a time, at most --window unanswered;
+- `wsg`: the same with `?answers=grouped` (one `answers` frame per run of accepted messages).
 
 The baseline runs the modes of --baseline-modes too (all three by default; a tree from before
 session 4 has only `single`).
@@ -24,8 +25,10 @@ The partner fabrikam.test is a raw S2S sink on 127.0.0.11:5269: it accepts the e
 and its dialback key without checking it (XEP-0220: a sink may, it only receives), and counts
 `</message>`. The time runs from the first request to the sink's N-th message; the CPU is
 that of the edge and of the gateway over the same span, per message (with the gateway's
-kernel share, "sys"). `--floor` adds what aiohttp alone costs per single POST: a bare app
-(read the JSON body, answer 202 JSON, no middleware) on the same client, so the single POSTs'
+kernel share, "sys"), and how much of the span the gateway was runnable but waited for a
+CPU (/proc/<pid>/task/*/schedstat: the share the machine's other load took). `--floor` adds
+what aiohttp alone costs per single POST: a bare app (read the JSON body, answer 202 JSON, no
+middleware) on the same client, so the single POSTs'
 figure can be split into aiohttp's floor and the gateway's own work. The machine is shared
 and noisy: compare the ratios in one run, and note the load average printed with each line.
 """
@@ -257,10 +260,12 @@ def client_frame(text: str) -> bytes:
     return struct.pack("!BBH", 0x81, 0x80 | 126, n) + b"\0\0\0\0" + data
 
 
-async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
+async def ws_session(token: str, n: int, window: int, c: Counters,
+                     grouped: bool = False) -> None:
     r, w = await asyncio.open_connection(c.host, c.port)
     key = base64.b64encode(os.urandom(16)).decode()
-    w.write(f"GET /api/v1/ws HTTP/1.1\r\nHost: {c.host}\r\nUpgrade: websocket\r\n"
+    path = "/api/v1/ws?answers=grouped" if grouped else "/api/v1/ws"
+    w.write(f"GET {path} HTTP/1.1\r\nHost: {c.host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode())
     head = await r.readuntil(b"\r\n\r\n")
@@ -285,6 +290,15 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
             if b0 & 0x0F != 1:
                 continue
             frame = json.loads(payload)
+            if frame.get("event") == "answers":  # ?answers=grouped: accepted, many at once
+                in_flight -= len(frame["messages"])
+                done += len(frame["messages"])
+                if done == n:
+                    finished.set_result(None)
+                    room.set()  # the writer waits for room: it must see the end at once
+                    return
+                room.set()
+                continue
             if frame.get("event") != "answer":
                 continue
             in_flight -= 1
@@ -292,6 +306,7 @@ async def ws_session(token: str, n: int, window: int, c: Counters) -> None:
                 done += 1
                 if done == n:
                     finished.set_result(None)
+                    room.set()  # the writer waits for room: it must see the end at once
                     return
             elif frame["condition"] == "resource-constraint":
                 c.retries += 1
@@ -332,6 +347,8 @@ class Result:
     gw_sys: float  # of which in the kernel (socket calls, the loopback's delivery)
     retries: int
     load: float
+    client_cpu: float = 0.0  # this process: the clients and the sink (what may cap the rate)
+    gw_waited: float = 0.0  # seconds the gateway was runnable but waited for a CPU
 
     @property
     def rate(self) -> float:
@@ -341,8 +358,10 @@ class Result:
         return (f"{self.tree:9s} {self.mode:7s} {self.rate:>8,.0f} msg/s   CPU us/msg: edge "
                 f"{self.edge_cpu / self.n * 1e6:6.1f}  gateway {self.gw_cpu / self.n * 1e6:6.1f}"
                 f" (sys {self.gw_sys / self.n * 1e6:5.1f})  total "
-                f"{(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}   retries "
-                f"{self.retries:5d}   load {self.load:.2f}")
+                f"{(self.edge_cpu + self.gw_cpu) / self.n * 1e6:6.1f}  client+sink "
+                f"{self.client_cpu / self.n * 1e6:5.1f}   retries {self.retries:5d}   load "
+                f"{self.load:.2f}   gateway waited for a CPU "
+                f"{self.gw_waited / self.seconds:4.0%} of the time")
 
 
 class Daemons:
@@ -385,7 +404,8 @@ class Daemons:
 
 async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -> None:
     """One local user sends n messages to c.to through the gateway's API at c.host:c.port:
-    `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session; returns
+    `single` POSTs on 16 connections, `batch` POSTs of 500 on 4, or one `ws` session (`wsg`:
+    with grouped answers); returns
     when every one was accepted into the outbox (c.retries: how many were sent again)."""
     if mode == "single":
         await asyncio.gather(*(single_worker(token, range(k, n, SINGLE_CONNECTIONS), c)
@@ -395,7 +415,7 @@ async def send(mode: str, token: str, n: int, c: Counters, window: int = 2000) -
         await asyncio.gather(*(batch_worker(token, range(k * per, min(n, (k + 1) * per)), c)
                                for k in range(BATCH_CONNECTIONS)))
     else:
-        await ws_session(token, n, window, c)
+        await ws_session(token, n, window, c, grouped=mode == "wsg")
 
 
 async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
@@ -404,13 +424,24 @@ async def run_mode(tree: str, mode: str, d: Daemons, token: str, n: int,
     Sink.target = Sink.count + n
     Sink.reached.clear()
     cpu0 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
-    t0 = time.monotonic()
+    t0, mine0, wait0 = time.monotonic(), time.process_time(), run_queue_wait(d.gateway.pid)
     await send(mode, token, n, c, window)
     await asyncio.wait_for(Sink.reached.wait(), 120)
-    seconds = time.monotonic() - t0
+    seconds, mine1 = time.monotonic() - t0, time.process_time()
     cpu1 = proc_cpu(d.edge.pid), proc_cpu(d.gateway.pid), proc_sys(d.gateway.pid)
     return Result(tree, mode, n, seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
-                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0])
+                  cpu1[2] - cpu0[2], c.retries, os.getloadavg()[0], mine1 - mine0,
+                  run_queue_wait(d.gateway.pid) - wait0)
+
+
+def run_queue_wait(pid: int) -> float:
+    """Seconds the process's threads were runnable but not running (/proc/<pid>/task/*/
+    schedstat, field 2): on a shared machine, the time the scheduler gave to others."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
 
 
 def proc_sys(pid: int) -> float:
@@ -501,7 +532,8 @@ def main() -> None:
                     help="unanswered WebSocket frames at most (default 2000)")
     ap.add_argument("--baseline", default="main", help="git ref of the baseline (main)")
     ap.add_argument("--modes", default="single,batch,ws",
-                    help="this tree's send modes, comma-separated (default single,batch,ws)")
+                    help="this tree's send modes, comma-separated (default single,batch,ws; "
+                         "wsg: the WebSocket with ?answers=grouped)")
     ap.add_argument("--no-baseline", action="store_true", help="this tree only")
     ap.add_argument("--baseline-modes", default="single,batch,ws",
                     help="the modes the baseline runs too (default all three: main has the "

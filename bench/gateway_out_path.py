@@ -69,7 +69,8 @@ class FrameSink:
         pass
 
 
-async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float, int]:
+async def run(n: int, batch: int, db: Path, mode: str = "batch",
+              retention: float | None = None) -> tuple[float, int]:
     """Send n messages; (CPU seconds, bytes written to the link)."""
     from edgeproxy import link
     from edgeproxy.partners import Partner, PartnerTable, PartnerType
@@ -85,20 +86,24 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
     gw.transport = sink  # type: ignore[assignment]
     gw.link_up = gw.sm_active = True
     gw.outbound.new_link("bench")
+    if retention is not None:  # --retention: the prunes' cost (0: rows go once accepted)
+        gw.outbound.retention = retention
+        gw.outbound._pruned_at = 0.0
     durable = getattr(gw, "durable", None)
     loop = asyncio.get_running_loop()
     h = 0
-    if mode == "ws":
+    if mode in ("ws", "wsg"):
         from gateway.api import ClientFrames
         session = gw.user_online("bob")
-        client = ClientFrames(gw, session, FrameSink())  # type: ignore[arg-type]
+        grouped = {"grouped": True} if mode == "wsg" else {}  # ?answers=grouped
+        client = ClientFrames(gw, session, FrameSink(), **grouped)  # type: ignore[arg-type]
         gw.take_events(session)
         frames = [json.dumps({"op": "message", "ref": i, "to": TO, "body": BODY % i})
                   for i in range(n)]
     start = time.process_time()
     for first in range(0, n, batch):
         count = min(n, first + batch) - first
-        if mode == "ws":  # what one read of the socket holds; the answers go in the next turn
+        if mode != "batch":  # what one read of the socket holds; the answers go in the next turn
             for text in frames[first:first + count]:
                 client.receive(text)
             await asyncio.sleep(0)
@@ -117,7 +122,7 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
         await asyncio.sleep(0)
         h += count
         gw._sm_a({"h": str(h % link.H_MOD)})
-        if mode == "ws":
+        if mode != "batch":
             gw.take_events(session)  # the status events (sent, accepted) as the socket has them
     cpu = time.process_time() - start
     assert gw.outbound.waiting == 0, gw.outbound.waiting
@@ -125,9 +130,9 @@ async def run(n: int, batch: int, db: Path, mode: str = "batch") -> tuple[float,
     return cpu, sink.bytes
 
 
-def once(n: int, batch: int, mode: str) -> float:
+def once(n: int, batch: int, mode: str, retention: float | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db", mode))
+        cpu, written = asyncio.run(run(n, batch, Path(tmp) / "gw.db", mode, retention))
     assert written > n * 100, written
     return cpu
 
@@ -141,10 +146,14 @@ def main() -> None:
     ap.add_argument("--once", action="store_true", help="one run in this process, no report")
     ap.add_argument("--modes", default="batch,ws",
                     help="batch (send_messages, as the batch endpoint) and/or ws (frames into "
-                         "gateway.api.ClientFrames, answers and status events encoded)")
+                         "gateway.api.ClientFrames, answers and status events encoded); wsg: ws "
+                         "with ?answers=grouped")
+    ap.add_argument("--retention", type=float,
+                    help="[gateway] outbox_retention for the run (0: every accepted row is "
+                         "pruned, once a second, within the measured span)")
     args = ap.parse_args()
     if args.once:
-        cpu = once(args.n, args.batch, args.modes)
+        cpu = once(args.n, args.batch, args.modes, args.retention)
         print(f"{cpu / args.n * 1e6:.2f}")
         return
     trees = ([("baseline", Path(args.tree).resolve())] if args.tree else []) + [("this", ROOT)]
@@ -153,9 +162,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, tree, mode in runs:
             env = {**os.environ, "PYTHONPATH": str(tree)}
+            extra = [] if args.retention is None else ["--retention", str(args.retention)]
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--once",
                                   "-n", str(args.n), "--batch", str(args.batch),
-                                  "--modes", mode],
+                                  "--modes", mode, *extra],
                                  env=env, cwd=tree, check=True, capture_output=True, text=True)
             us = float(out.stdout.split()[-1])
             results[name, mode].append(us)

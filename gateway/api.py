@@ -7,7 +7,8 @@ docs/api.md lists every endpoint with examples.
 
 The WebSocket is the user's session, as a c2s stream is: the gateway's events go down it, and
 the client sends its messages, presence and subscription requests and answers up it, one JSON
-frame each with the client's `ref`, answered by one `answer` frame each (`ClientFrames`). What
+frame each with the client's `ref`, answered by one `answer` frame each, or with
+`?answers=grouped` a run of accepted messages by one `answers` frame (`ClientFrames`). What
 a socket's frames ask for in one event-loop turn is kept in one SQLite transaction and the
 answers, like every other frame for the socket, are written once per turn (`Frames`).
 """
@@ -40,6 +41,7 @@ from .component import (
     Session,
     StanzaError,
     json_ref,
+    status_item,
 )
 from .store import Contact, StoreError, hash_token
 
@@ -70,7 +72,8 @@ def error(status: int, message: str, **fields: Any) -> web.HTTPException:
                                              content_type="application/json")
     cls: type[web.HTTPException] = {
         400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-        404: web.HTTPNotFound, 409: web.HTTPConflict, 502: web.HTTPBadGateway,
+        404: web.HTTPNotFound, 409: web.HTTPConflict, 410: web.HTTPGone,
+        502: web.HTTPBadGateway,
         503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
     }[status]
     return cls(text=text, content_type="application/json")
@@ -204,10 +207,13 @@ def _refusal(exc: Exception) -> dict[str, Any]:
     return {"ok": False, "error": str(exc), "condition": condition, "type": etype}
 
 
-def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
+def _state(out: Outgoing) -> str:
     # queued: in the outbox until the edge has it; delivered: a local user's inbox has it
-    return {"ok": True, "id": out.id,
-            "state": "delivered" if out.local else "queued"}
+    return "delivered" if out.local else "queued"
+
+
+def _taken(gw: Gateway, out: Outgoing) -> dict[str, Any]:
+    return {"ok": True, "id": out.id, "state": _state(out)}
 
 
 async def send_batch(request: web.Request) -> web.Response:
@@ -244,10 +250,17 @@ async def send_batch(request: web.Request) -> web.Response:
 
 
 async def message_status(request: web.Request) -> web.Response:
-    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced."""
-    status = request.app[GATEWAY].outbound.status(request[USER], request.match_info["id"])
+    """Where one of the user's messages is: queued, sent, accepted (by the edge) or bounced;
+    410 once its status is past the outbox retention (pruned)."""
+    outbound, msg_id = request.app[GATEWAY].outbound, request.match_info["id"]
+    status = outbound.status(request[USER], msg_id)
+    if status is None and outbound.was_pruned(msg_id):  # RFC 9110 15.5.11: gone for good
+        raise error(410, f"the status of message {msg_id!r} is no longer kept: a message's "
+                         f"status is kept for {outbound.retention:g} s ([gateway] "
+                         "outbox_retention) after the edge accepted it or it bounced (a bounce "
+                         "also came to your inbox as an error event)", id=msg_id)
     if status is None:
-        raise error(404, f"no message {request.match_info['id']!r} from you")
+        raise error(404, f"no message {msg_id!r} from you")
     return web.json_response({"id": status.id, "to": status.to, "state": status.state,
                               "condition": status.condition, "text": status.text,
                               "updated": status.updated})
@@ -468,9 +481,13 @@ class ClientFrames:
     answered too and the socket stays open; more than BAD_FRAMES_MAX of them within
     BAD_FRAMES_WINDOW seconds is a flood and closes it (1008, RFC 6455 7.4.1)."""
 
-    def __init__(self, gw: Gateway, session: Session, frames: Frames):
+    def __init__(self, gw: Gateway, session: Session, frames: Frames, grouped: bool = False):
         self.gw, self.session, self.frames = gw, session, frames
-        self.ops: list[tuple[str, Any, dict[str, Any]]] = []
+        # `GET /api/v1/ws?answers=grouped`: the accepted messages of a turn are answered
+        # together, one `answers` frame per run of them (docs/api.md)
+        self.grouped = grouped
+        # (op, ref, a message's (to, body, type) | another op's frame), in the frames' order
+        self.ops: list[tuple[str, Any, Any]] = []
         self._scheduled = False
         self._bad: list[float] = []
 
@@ -495,8 +512,7 @@ class ClientFrames:
             if (type(ref) is int or (type(ref) is str and 0 < len(ref) <= 256)) and \
                     type(to) is str and to and type(body) is str and body and \
                     mtype in MESSAGE_TYPES:
-                frame["fields"] = (to, body, mtype)
-                self.ops.append(("message", ref, frame))
+                self.ops.append(("message", ref, (to, body, mtype)))
                 if not self._scheduled:
                     self._scheduled = True
                     asyncio.get_running_loop().call_soon(self.run)
@@ -529,22 +545,24 @@ class ClientFrames:
             raise BadFrame(f"op {op!r} needs jid (a string)", ref)
         if op == "message":
             try:
-                frame = {**frame, "fields": _message_fields(frame, _REF)}
+                self._queue(op, ref, _message_fields(frame, _REF))
             except ValueError as exc:
                 raise BadFrame(str(exc), ref) from None
+            return
         for key in ("show", "status", "to", "name"):
-            if key in frame and op != "message" and not isinstance(frame[key], str):
+            if key in frame and not isinstance(frame[key], str):
                 raise BadFrame(f"{key} must be a string", ref)
-        self.ops.append((op, ref, frame))
+        self._queue(op, ref, frame)
+
+    def _queue(self, op: str, ref: Any, what: Any) -> None:
+        """An op to carry out at the end of the turn: a message's (to, body, type), or the
+        frame of another op."""
+        self.ops.append((op, ref, what))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.run)
 
     def _answer(self, op: str | None, ref: Any, result: dict[str, Any]) -> None:
-        if result.get("ok") and "id" in result:  # the common one, written directly
-            self.frames.put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", '
-                            f'"ok": true, "id": "{result["id"]}", "state": "{result["state"]}"}}')
-            return
         self.frames.put(json.dumps({"event": "answer", "ref": ref, "op": op, **result}))
 
     def answer_bad(self, exc: BadFrame) -> None:
@@ -561,17 +579,19 @@ class ClientFrames:
         """Carry out the turn's ops in order; answer each once it is durable."""
         self._scheduled = False
         ops, self.ops = self.ops, []
-        answers: list[tuple[str, Any, dict[str, Any]]] = []
-        run: list[tuple[Any, Outgoing]] = []  # consecutive messages: one transaction
+        # in the order of the frames: an accepted message (its Outgoing) or another answer
+        answers: list[tuple[str, Any, dict[str, Any] | Outgoing]] = []
+        # consecutive messages: one transaction; a refused one keeps its place among them
+        run: list[tuple[Any, Outgoing | dict[str, Any]]] = []
         memo: dict[str, Any] = {}
+        prepare, user = self.gw.prepare_message, self.session.user
         for op, ref, frame in ops:
             if op == "message":
                 try:
-                    to, body, mtype = frame["fields"]
-                    run.append((ref, self.gw.prepare_message(self.session.user, to, body, mtype,
-                                                             memo)))
+                    to, body, mtype = frame
+                    run.append((ref, prepare(user, to, body, mtype, memo)))
                 except (ValueError, Refused) as exc:
-                    answers.append((op, ref, _refusal(exc)))
+                    run.append((ref, _refusal(exc)))
                 continue
             self._send_run(run, answers)
             run, memo = [], {}  # a presence or subscription op may change the rules' answer
@@ -585,20 +605,65 @@ class ClientFrames:
         except StoreError as exc:  # nothing is answered as done that is not on disk
             log.error("cannot commit what %s sent: %s", self.session.jid, exc)
             answers = [(op, ref, _refusal(exc)) for op, ref, _ in answers]
+        if self.grouped:
+            self._answer_grouped(answers)
+            return
+        put = self.frames.put
         for op, ref, result in answers:
-            self._answer(op, ref, result)
+            if type(result) is Outgoing:  # the common one, written directly
+                if result.item:  # its {"id", "ref"}, made for its status events: reused
+                    put(f'{{"event": "answer", "op": "message", "ok": true, "state": "queued", '
+                        f'{result.item[1:]}')
+                    continue
+                put(f'{{"event": "answer", "ref": {json_ref(ref)}, "op": "message", "ok": true, '
+                    f'"id": "{result.id}", "state": "{_state(result)}"}}')
+            else:
+                assert isinstance(result, dict)
+                self._answer(op, ref, result)
 
-    def _send_run(self, run: list[tuple[Any, Outgoing]],
-                  answers: list[tuple[str, Any, dict[str, Any]]]) -> None:
+    def _answer_grouped(self, answers: list[tuple[str, Any, dict[str, Any] | Outgoing]]) -> None:
+        """Each run of accepted messages in one `answers` frame, their `{"id", "ref"}` items
+        (made once per message, for its status events too) under their common state; any
+        other answer in its own `answer` frame, all in the order of the frames."""
+        items: list[str] = []
+        state = ""
+        for op, ref, result in answers:
+            if type(result) is Outgoing:
+                if not result.item:  # to a local user: no status events to share it with
+                    result.item = status_item(result.id, ref)
+                if _state(result) != state and items:
+                    self._put_group(state, items)
+                    items = []
+                state = _state(result)
+                items.append(result.item)
+                continue
+            if items:
+                self._put_group(state, items)
+                items = []
+            assert isinstance(result, dict)
+            self._answer(op, ref, result)
+        if items:
+            self._put_group(state, items)
+
+    def _put_group(self, state: str, items: list[str]) -> None:
+        self.frames.put(f'{{"event": "answers", "op": "message", "ok": true, "state": "{state}", '
+                        f'"messages": [{", ".join(items)}]}}')
+
+    def _send_run(self, run: list[tuple[Any, Outgoing | dict[str, Any]]],
+                  answers: list[tuple[str, Any, dict[str, Any] | Outgoing]]) -> None:
+        """Keep a run of messages in one transaction; their answers, in the frames' order."""
         if not run:
             return
+        taken = [(ref, out) for ref, out in run if type(out) is Outgoing]
         try:
-            self.gw.send_messages(self.session.user, [out for _, out in run], self.session,
-                                  [ref for ref, _ in run], soon=True)
+            self.gw.send_messages(self.session.user, [out for _, out in taken],
+                                  self.session, [ref for ref, _ in taken], soon=True)
         except (LinkDown, StoreError) as exc:
-            answers.extend(("message", ref, _refusal(exc)) for ref, _ in run)
+            refusal = _refusal(exc)
+            answers.extend(("message", ref, refusal if type(out) is Outgoing else out)
+                           for ref, out in run)
             return
-        answers.extend(("message", ref, _taken(self.gw, out)) for ref, out in run)
+        answers.extend(("message", ref, out) for ref, out in run)
 
     def _do(self, op: str, frame: dict[str, Any]) -> dict[str, Any]:
         gw, user = self.gw, self.session.user
@@ -627,6 +692,7 @@ class ClientFrames:
 
 
 _REF = frozenset({"op", "ref"})
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _MESSAGE_KEYS = OPS["message"] | _REF
 
 
@@ -649,6 +715,10 @@ async def _pump(frames: Frames, gw: Gateway, session: Session) -> None:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """One WebSocket = one resource (a session, as a c2s stream is); the user is available
     while at least one is open."""
+    grouped = request.query.get("answers", "each")
+    if grouped not in ("each", "grouped"):
+        raise error(400, "answers must be each (one answer frame per op, the default) or "
+                         "grouped (the accepted messages of a read in one answers frame)")
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=WS_MAX_FRAME)
     await ws.prepare(request)
     gw, user = request.app[GATEWAY], request[USER]
@@ -662,17 +732,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     session = gw.user_online(user, close, hash_token(_bearer(request)))
     request.app[SOCKETS].add(ws)
     frames = Frames(request)
-    client = ClientFrames(gw, session, frames)
+    client = ClientFrames(gw, session, frames, grouped == "grouped")
     sender: asyncio.Task[None] | None = None
     try:
         frames.put(json.dumps({"event": "session", "jid": session.jid}))
         sender = asyncio.create_task(_pump(frames, gw, session))
-        async for msg in ws:
+        receive = ws.receive
+        while True:  # `async for msg in ws`, without its layer per frame
+            msg = await receive()
             if msg.type is WSMsgType.TEXT:
                 client.receive(msg.data)
             elif msg.type is WSMsgType.BINARY:
                 client.answer_bad(BadFrame("frames are JSON text frames (RFC 6455 5.6), not "
                                             "binary"))
+            elif msg.type in _CLOSED:
+                break
             if frames.busy:  # the client sends but does not read its answers: stop reading
                 await frames.drained()
     except ConnectionError:

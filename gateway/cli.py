@@ -41,6 +41,7 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event, path: Path | None = Non
                       cfg.partners, ssl_context=ssl_context,
                       ssl_server_name=server_name(cfg))
     gateway.federation_denied, gateway.log_bodies = cfg.federation_denied, cfg.log.message_bodies
+    gateway.outbound.retention = cfg.outbox_retention
     refresh = SubscriptionRefresh(gateway, cfg.subscription_refresh_interval)
     live = GatewayReload(path, cfg, gateway, refresh, own_logging=own_logging) if path else None
     app = make_app(gateway, cfg.admin_token)

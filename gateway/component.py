@@ -146,6 +146,9 @@ class Outgoing:
     tail: str  # the stanza after `<message id=""`, as it goes into the outbox and the link
     to_text: str = ""  # str(to)
     local: bool = False  # to a user of our own domain: no edge involved
+    # sent from a WebSocket: its `{"id": .., "ref": ..}` as JSON (status_item), made once for
+    # its answer and its status events
+    item: str = ""
 
 
 class Refused(Exception):
@@ -219,15 +222,16 @@ class Session:
             log.debug("%s is not reading: dropped the oldest notice (%s)", self.jid, dropped)
         self.ready.set()
 
-    def status(self, state: str, item: str) -> None:
-        """One of this socket's messages changed state; gathered into one event per state.
-        `item` is its `{"id": .., "ref": ..}` as JSON (status_item), made once per message."""
-        items = self.states.get(state)
-        if items is None:
-            self.states[state] = [item]
+    def statuses(self, state: str, items: list[str]) -> None:
+        """Some of this socket's messages changed state; gathered into one event per state.
+        `items`: each one's `{"id": .., "ref": ..}` as JSON (status_item), made once per
+        message."""
+        known = self.states.get(state)
+        if known is None:
+            self.states[state] = items
             self.ready.set()
         else:
-            items.append(item)
+            known.extend(items)
 
     def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -707,8 +711,7 @@ class Gateway(ComponentXMPP):
         rows = self.outbound.unsent(self._last_row)
         if not rows:
             return
-        for _row, text in rows:
-            self._transmit(text)
+        self._transmit([text for _, text in rows])
         self.outbound.written([row for row, _ in rows])
         self._last_row = rows[-1][0]
         if not self._want_ack:
@@ -716,8 +719,9 @@ class Gateway(ComponentXMPP):
             if not self._flush_scheduled:  # the rows did not go through _raw (tests)
                 self.loop.call_soon(self._request_ack)
 
-    def _transmit(self, text: str) -> None:
-        self._raw(text.encode())
+    def _transmit(self, texts: list[str]) -> None:
+        """Outbox rows, in order, onto the link: joined and encoded once for the write."""
+        self._raw("".join(texts).encode())
 
     def _request_ack(self) -> None:
         self._want_ack = False
@@ -1699,13 +1703,18 @@ class Gateway(ComponentXMPP):
             if rows is None:
                 raise LinkDown(f"the link to the edge is down and {self.outbound.waiting} "
                                "stanzas are already waiting; try again when it is back")
-            for m, item in zip(remote, items, strict=True):
-                m.id = item[2]
-            if session is not None:
-                ref_of = dict(zip(map(id, messages), refs or [None] * len(messages),
-                                  strict=True))
-                for m, row in zip(remote, rows, strict=True):
-                    self._tracked[row] = [session, status_item(m.id, ref_of[id(m)]), False]
+            if session is None:
+                for m, item in zip(remote, items, strict=True):
+                    m.id = item[2]
+            else:
+                refs = refs or [None] * len(messages)
+                if len(remote) < len(messages):
+                    refs = [ref for m, ref in zip(messages, refs, strict=True) if not m.local]
+                tracked = self._tracked
+                for m, item, ref, row in zip(remote, items, refs, rows, strict=True):
+                    m.id = item[2]
+                    m.item = status_item(m.id, ref)
+                    tracked[row] = [session, m.item, False]
         for m in messages if self.log_bodies or len(remote) < len(messages) else ():
             if self.log_bodies:
                 log_message_fields("outbound", f"{user}@{self.domain}", str(m.to), m.type,
@@ -1751,18 +1760,29 @@ class Gateway(ComponentXMPP):
         return waiter
 
     def _message_states(self, state: str, rows: list[int]) -> None:
-        """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge)."""
-        if not self._tracked:
-            return
+        """Outbound.on_state: tell the sending WebSocket (sent, then accepted by the edge),
+        each socket's items of the call handed over at once."""
         tracked_rows = self._tracked
+        if not tracked_rows:
+            return
+        sent = state == "sent"
+        take = tracked_rows.get if sent else tracked_rows.pop
+        told: dict[Session, list[str]] = {}
+        last: Session | None = None
+        items: list[str] = []
         for row in rows:
-            tracked = tracked_rows.get(row) if state == "sent" else tracked_rows.pop(row, None)
-            if tracked is None or (state == "sent" and tracked[2]):
+            tracked = take(row, None)
+            if tracked is None or (sent and tracked[2]):
                 continue  # not from a socket, or written again after a resumption
             tracked[2] = True
             session = tracked[0]
+            if session is not last:
+                last = session
+                items = told.setdefault(session, [])
+            items.append(tracked[1])
+        for session, items in told.items():
             if not session.closed:
-                session.status(state, tracked[1])
+                session.statuses(state, items)
 
     async def ping(self, user: str, jid: JID, timeout: float) -> float:
         """XEP-0199 ping from user@domain/api; the round trip in seconds.

@@ -22,15 +22,17 @@ from edgeproxy.config import (
 )
 from edgeproxy.partners import PartnerTable, normalize_domain, parse_host_port
 
+from .link import DEFAULT_RETENTION
 from .store import InboxLimits
 
 _KNOWN = {"domain", "component", "secret", "database", "api_listen", "admin_token",
           "offline_messages", "offline_bytes", "subscription_refresh_interval",
           "federation_denied", "tls", "certificate", "private_key", "edge_ca", "edge_name",
-          "access_log", "event_loop"}
+          "access_log", "event_loop", "outbox_retention"}
 # The smallest byte budget: one stanza as large as the component link carries (1 MiB) fits.
 MIN_OFFLINE_BYTES = 1 << 20
 MAX_OFFLINE_MESSAGES = 10_000_000
+MAX_RETENTION = 10 * 366 * 86400  # ten years: beyond, say so instead of keeping rows forever
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,9 @@ class GatewayConfig:
     access_log: bool = False
     # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
     event_loop: str = eventloop.DEFAULT
+    # seconds an outbox row stays once its fate is final (accepted by the edge, or bounced),
+    # for its status (GET /api/v1/messages/{id}); then it is deleted (gateway/link.py prune)
+    outbox_retention: float = DEFAULT_RETENTION
 
 
 def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -140,6 +145,13 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         problems.append("[gateway] access_log: must be true or false (an access log line for "
                         f"every message request too; got {access_log!r})")
         access_log = False
+    retention = section.get("outbox_retention", DEFAULT_RETENTION)
+    if isinstance(retention, bool) or not isinstance(retention, int | float) \
+            or not 0 <= retention <= MAX_RETENTION:
+        problems.append("[gateway] outbox_retention: must be a number of seconds from 0 to "
+                        f"{MAX_RETENTION} (how long a sent message's status stays readable "
+                        f"once the edge accepted it or it bounced; got {retention!r})")
+        retention = DEFAULT_RETENTION
     event_loop = section.get("event_loop", eventloop.DEFAULT)
     if (loop_problem := eventloop.problem("gateway", event_loop)) is not None:
         problems.append(loop_problem)
@@ -158,7 +170,7 @@ def gateway_config_from_mapping(raw: Mapping[str, Any], base: Path) -> GatewayCo
         subscription_refresh_interval=float(refresh), log=log,
         federation_denied=frozenset(u.lower() for u in denied), tls=tls,
         certificate=certificate, private_key=private_key, edge_ca=edge_ca, edge_name=edge_name,
-        access_log=access_log, event_loop=event_loop,
+        access_log=access_log, event_loop=event_loop, outbox_retention=float(retention),
     )
 
 

@@ -36,7 +36,7 @@ RESTART_ONLY = ("domain", "component_host", "component_port", "secret", "databas
                 "api_port", "admin_token",
                 # the link's TLS context is built at the start (gateway/linktls.py)
                 "tls", "certificate", "private_key", "edge_ca", "edge_name",
-                "access_log", "event_loop")
+                "access_log", "event_loop", "outbox_retention")
 
 
 def log_message(gateway: Gateway, direction: str, msg: Any) -> None:

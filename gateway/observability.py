@@ -54,6 +54,9 @@ class _GatewayCollector(Collector):
         yield GaugeMetricFamily("xmpp_gateway_link_queue_depth", "Stanzas in the outbox: "
                                 "waiting for the edge's acknowledgement (XEP-0198)",
                                 value=gw.outbound.waiting)
+        yield CounterMetricFamily("xmpp_gateway_outbox_pruned", "Outbox rows deleted since "
+                                  "start, their fate final for [gateway] outbox_retention",
+                                  value=gw.outbound.pruned_rows)
         yield GaugeMetricFamily("xmpp_gateway_user_sessions", "Online resources of local "
                                 "users", value=sum(len(r) for r in gw.sessions.values()))
         yield GaugeMetricFamily("xmpp_gateway_websockets", "Open user WebSockets",

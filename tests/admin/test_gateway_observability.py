@@ -53,6 +53,7 @@ async def _scenario(edge: Edge, gw: RunningGateway, http: aiohttp.ClientSession)
     assert re.search(r"^xmpp_gateway_link_up 1\.0$", metrics, re.M), metrics
     assert re.search(r"^xmpp_gateway_users 1\.0$", metrics, re.M)
     assert re.search(r"^xmpp_gateway_link_queue_depth 0\.0$", metrics, re.M)
+    assert re.search(r"^xmpp_gateway_outbox_pruned_total 0\.0$", metrics, re.M)
     assert "process_resident_memory_bytes" in metrics
 
     await edge.stop()  # the link goes down; the gateway keeps answering, not ready

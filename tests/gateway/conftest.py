@@ -57,9 +57,10 @@ class CapturingGateway(Gateway):
     def send(self, data: Any, use_filters: bool = True) -> None:
         self.sent.append(data)
 
-    def _transmit(self, text: str) -> None:
-        xml = ET.fromstring(f"<w xmlns='jabber:component:accept'>{text}</w>")[0]
-        self.sent.append(self._build_stanza(xml))
+    def _transmit(self, texts: list[str]) -> None:
+        for text in texts:
+            xml = ET.fromstring(f"<w xmlns='jabber:component:accept'>{text}</w>")[0]
+            self.sent.append(self._build_stanza(xml))
 
     def feed(self, xml: str) -> list[Any]:
         """Dispatch one inbound stanza as the live link does (the edge's XML stream parser,

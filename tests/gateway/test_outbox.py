@@ -1,6 +1,8 @@
 """The outbox, one row per message (store schema 5): the message's state derived from the link's
 counts, the edge's acknowledgement releasing a range of rows in a fixed number of statements,
-the group commit of the sends of one event-loop turn, and a schema 3 store migrating.
+the group commit of the sends of one event-loop turn, a schema 3 store migrating, and the
+retention: rows whose fate is final are pruned, their status answered as such, and no row
+number (so no message id) ever comes back.
 
 A real SqliteStore in tmp_path; the link to the edge is the CapturingGateway's (conftest)."""
 
@@ -8,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.api import make_app
 from gateway.component import LinkDown
+from gateway.config import gateway_config_from_mapping
 from gateway.link import Outbound, row_of
 from gateway.store import SCHEMA_VERSION, SqliteStore
 
-from .conftest import CapturingGateway
+from .conftest import ADMIN, CapturingGateway, auth
 
 ALICE = "alice@fabrikam.test"
 
@@ -89,9 +95,9 @@ async def test_the_sends_of_one_turn_share_one_commit_before_the_link_has_them(s
     in_transaction: list[bool] = []
     transmit = gw._transmit
 
-    def check(text: str) -> None:
+    def check(texts: list[str]) -> None:
         in_transaction.append(store.connection().in_transaction)
-        transmit(text)
+        transmit(texts)
 
     gw._transmit = check  # type: ignore[method-assign]
     seen = traced(store)
@@ -103,7 +109,25 @@ async def test_the_sends_of_one_turn_share_one_commit_before_the_link_has_them(s
     await asyncio.gather(*waiters)
     assert [s for s in seen if s.strip().upper() == "COMMIT"] == ["COMMIT"]
     assert [s["body"] for s in gw.sent] == ["0", "1", "2", "3", "4"]
-    assert in_transaction == [False] * 5
+    assert in_transaction == [False]  # one write of the five, after the commit
+
+
+async def test_a_batch_longer_than_one_insert_keeps_every_row_in_order(store):
+    """The rows of a batch go in multi-row INSERTs of ROWS_PER_INSERT: 250 rows are three of
+    them (100, 100, 50), every row with its own id, sender, addressee and stanza, in order."""
+    gw = CapturingGateway(store)
+    seen = traced(store)
+    out = [gw.prepare_message("bob", ALICE, f"m{i}") for i in range(250)]
+    gw.send_messages("bob", out, soon=True)
+    await gw.durable()
+    assert len([s for s in seen if s.lstrip().startswith("INSERT INTO outbox ")]) == 3
+    got = list(store.connection().execute("SELECT id, user, msg_id, to_jid, stanza FROM outbox "
+                                          "ORDER BY id"))
+    assert [(r[1], r[2], r[3]) for r in got] == [("bob", m.id, ALICE) for m in out]
+    assert [row_of(m.id) for m in out] == [r[0] for r in got]
+    assert all(f'id="{m.id}"' in r[4] and f"<body>m{i}</body>" in r[4]
+               for i, (m, r) in enumerate(zip(out, got, strict=True)))
+    assert [s["body"] for s in gw.sent] == [f"m{i}" for i in range(250)]
 
 
 async def test_a_full_outbox_takes_none_of_a_batch_and_keeps_the_earlier_rows(store):
@@ -188,3 +212,118 @@ async def test_a_schema_3_store_migrates_its_outbox_and_the_old_states(tmp_path)
     assert out.status("bob", "old4").condition == "remote-server-timeout"
     assert out.status("carl", "old4") is None
     store.close()
+
+
+# retention ------------------------------------------------------------------------------------
+
+def age(store: SqliteStore, table: str, column: str, seconds: float) -> None:
+    """Make what the table recorded `seconds` older (instead of waiting that long)."""
+    store.connection().execute(f"UPDATE {table} SET {column} = {column} - ?", (seconds,))
+
+
+def rows(store: SqliteStore) -> list[int]:
+    return [r for (r,) in store.connection().execute("SELECT id FROM outbox ORDER BY id")]
+
+
+async def test_final_rows_are_pruned_after_the_retention_and_the_status_says_so(store):
+    """Accepted (and bounced) rows older than the retention are deleted, oldest first; a row
+    not acknowledged yet stays whatever its age, and so does an old one whose bounce is
+    recent, until that bounce is as old. The status endpoint answers 410 for a pruned id
+    (not 404), and still 404 for an id that never was."""
+    gw = CapturingGateway(store)
+    token = store.set_token("bob")  # the fixture's store has bob
+    out = gw.outbound
+    out.retention = 100.0
+    ids = [gw.send_user_message("bob", ALICE, str(i)) for i in range(4)]
+    out.acked(3)  # the edge has the first three; the fourth is only sent
+    assert out.prune() == 0  # nothing is 100 s old
+    assert out.bounced("bob", ids[1], "remote-server-not-found", None)  # a fresh bounce
+    age(store, "outbox_releases", "at", 150)
+    age(store, "outbox", "created", 150)
+    assert out.prune() == 2  # 0 and 2; 1 has a bounce of just now; 3 is not released
+    assert rows(store) == [row_of(ids[1]), row_of(ids[3])]
+    assert out.status("bob", ids[0]) is None and out.was_pruned(ids[0])
+    assert out.status("bob", ids[1]).state == "bounced"
+    assert out.status("bob", ids[3]).state == "sent"
+    async with TestClient(TestServer(make_app(gw, ADMIN), host="127.0.0.1")) as api:
+        resp = await api.get(f"/api/v1/messages/{ids[0]}", headers=auth(token))
+        body = await resp.json()
+        assert resp.status == 410 and body["id"] == ids[0] and "100 s" in body["error"]
+        resp = await api.get(f"/api/v1/messages/{ids[1]}", headers=auth(token))
+        assert resp.status == 200 and (await resp.json())["state"] == "bounced"
+        never = "0" * 16 + f"-{row_of(ids[3]) + 5:x}"
+        resp = await api.get(f"/api/v1/messages/{never}", headers=auth(token))
+        assert resp.status == 404
+    age(store, "outbox_bounces", "updated", 150)
+    out.acked(4)
+    age(store, "outbox_releases", "at", 150)
+    assert out.prune() == 2  # the bounced one, now old, and the fourth
+    assert rows(store) == []
+    assert all(out.was_pruned(i) for i in ids)
+    for table in ("outbox_bounces", "outbox_releases"):
+        assert store.connection().execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
+async def test_no_message_id_is_given_twice_after_every_row_was_pruned(tmp_path):
+    """The ids end in the row number: once every row is pruned - the highest too - and the
+    gateway restarts, SQLite would hand out the deleted max rowid again (without its
+    sqlite_sequence, as a table made without AUTOINCREMENT has none). The watermarks
+    in link_state keep it from coming back: new rows, and ids, follow the old ones."""
+    path = tmp_path / "gateway.sqlite3"
+    store = SqliteStore(path)
+    store.add_user("bob")
+    gw = CapturingGateway(store)
+    gw.outbound.retention = 0.0
+    ids = [gw.send_user_message("bob", ALICE, str(i)) for i in range(5)]
+    gw.outbound._pruned_at = 0.0
+    gw.outbound.acked(5)  # with retention 0, the acknowledgement's prune takes them all
+    assert rows(store) == []
+    store.connection().execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+    store.close()
+    for _ in range(2):  # restarts
+        store = SqliteStore(path)
+        gw = CapturingGateway(store)
+        new = gw.send_user_message("bob", ALICE, "after")
+        assert new not in ids and row_of(new) == max(map(row_of, ids)) + 1
+        ids.append(new)
+        gw.outbound.retention = 0.0
+        gw.outbound.acked(gw.outbound.sent.acked_h + 1)  # h counts on across restarts
+        assert rows(store) == []
+        store.connection().execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+        store.close()
+    assert len(set(ids)) == len({row_of(i) for i in ids}) == 7
+
+
+async def test_a_prune_takes_at_most_prune_max_rows_and_the_next_one_goes_on(store,
+                                                                          monkeypatch):
+    """One prune is one short transaction (a bounded pause of the event loop): at most
+    PRUNE_MAX rows; the next prune goes on from there."""
+    monkeypatch.setattr("gateway.link.PRUNE_MAX", 3)
+    gw = CapturingGateway(store)
+    gw.outbound.retention = 10.0
+    ids = [gw.send_user_message("bob", ALICE, str(i)) for i in range(7)]
+    gw.outbound.acked(7)
+    age(store, "outbox_releases", "at", 20)
+    assert [gw.outbound.prune() for _ in range(4)] == [3, 3, 1, 0]
+    assert gw.outbound.pruned_rows == 7  # xmpp_gateway_outbox_pruned_total
+    assert rows(store) == [] and gw.outbound.pruned == row_of(ids[-1])
+
+
+async def test_the_default_retention_keeps_statuses_for_a_day(store):
+    gw = CapturingGateway(store)
+    msg_id = gw.send_user_message("bob", ALICE, "x")
+    gw.outbound.acked(1)
+    assert gw.outbound.prune(time.time() + 86400 - 60) == 0
+    assert gw.outbound.status("bob", msg_id).state == "accepted"
+    assert gw.outbound.prune(time.time() + 86400 + 60) == 1
+
+
+def test_outbox_retention_is_checked(tmp_path):
+    base = {"domain": "contoso.test", "secret": "s"}
+    cfg = gateway_config_from_mapping({"gateway": {**base, "outbox_retention": 3600}}, tmp_path)
+    assert cfg.outbox_retention == 3600.0
+    assert gateway_config_from_mapping({"gateway": base}, tmp_path).outbox_retention == 86400
+    for bad in (-1, "1d", True, 10 ** 12):
+        with pytest.raises(Exception, match="outbox_retention"):
+            gateway_config_from_mapping({"gateway": {**base, "outbox_retention": bad}},
+                                        tmp_path)

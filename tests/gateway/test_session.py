@@ -133,6 +133,66 @@ async def test_messages_wait_when_the_outbox_cannot_take_them(store):
         await ws.close()
 
 
+async def test_a_refused_message_is_answered_in_its_place_among_accepted_ones(api, token):
+    """The answers come in the order of the frames (docs/api.md), also when a refused message
+    sits among accepted ones handled in the same turn (it had been answered first)."""
+    ws = await session(api, token)
+    refs: list[Any] = [0, 1, "x", 2]
+    for ref in refs:  # one socket read for all of them
+        to = "eve@unlisted.test" if ref == "x" else ALICE
+        await ws.send_json({"op": "message", "ref": ref, "to": to, "body": "hi"})
+    got = [await answer(ws) for _ in refs]
+    assert [(a["ref"], a["ok"]) for a in got] == [(0, True), (1, True), ("x", False),
+                                                   (2, True)]
+    await ws.close()
+
+
+async def test_grouped_answers_carry_each_message_id_and_state_in_order(api, gw, token):
+    """`?answers=grouped`: the accepted messages of one read are answered by one `answers`
+    frame (their ids and refs under the common state), a refusal between them by its own
+    `answer` frame, in the order of the frames; each message keeps its id, its state and its
+    later status events. An unknown value of `answers` is refused before the upgrade."""
+    resp = await api.get("/api/v1/ws?answers=some", headers=auth(token))
+    assert resp.status == 400 and "answers must be" in (await resp.json())["error"]
+    gw.store.add_user("dave")
+    ws = await api.ws_connect("/api/v1/ws?answers=grouped", headers=auth(token))
+    assert (await ws.receive_json(timeout=15))["event"] == "session"
+    frames = [{"op": "message", "ref": n, "to": ALICE, "body": f"m{n}"} for n in range(3)]
+    frames.append({"op": "message", "ref": "x", "to": "eve@unlisted.test", "body": "no"})
+    frames += [{"op": "message", "ref": n, "to": ALICE, "body": f"m{n}"} for n in (3, 4)]
+    frames.append({"op": "message", "ref": "local", "to": "dave@contoso.test", "body": "hi"})
+    for frame in frames:  # one socket read for all of them, as a busy client sends
+        await ws.send_json(frame)
+    got: list[dict[str, Any]] = []
+    while sum(len(a.get("messages", [None])) for a in got) < len(frames):
+        frame = await ws.receive_json(timeout=15)
+        if frame["event"] in ("answer", "answers"):
+            got.append(frame)
+    refs = [m["ref"] if a["event"] == "answers" else a["ref"]
+            for a in got for m in a.get("messages", [a])]
+    assert refs == [0, 1, 2, "x", 3, 4, "local"]  # the order of the frames
+    for a in got:
+        if a["event"] == "answer":
+            assert (a["ref"], a["ok"], a["condition"]) == ("x", False, "not-allowed")
+        else:
+            assert a["ok"] and a["op"] == "message"
+            assert a["state"] == ("delivered" if a["messages"][0]["ref"] == "local"
+                                  else "queued")
+            assert all(set(m) == {"id", "ref"} for m in a["messages"])
+    ids = [m["id"] for a in got if a["event"] == "answers" and a["state"] == "queued"
+           for m in a["messages"]]
+    assert [(s["id"], s["body"]) for s in gw.sent] == list(zip(ids, ["m0", "m1", "m2", "m3",
+                                                                     "m4"], strict=True))
+    sent: list[dict[str, Any]] = []
+    while len(sent) < 5:  # the status events are those of the ungrouped socket
+        frame = await ws.receive_json(timeout=15)
+        if frame["event"] == "status":
+            assert frame["state"] == "sent"
+            sent += frame["messages"]
+    assert sent == [{"id": i, "ref": r} for i, r in zip(ids, [0, 1, 2, 3, 4], strict=True)]
+    await ws.close()
+
+
 # batch ----------------------------------------------------------------------------------------
 
 async def post_batch(api: TestClient, token: str, body: Any, status: int) -> dict[str, Any]:
