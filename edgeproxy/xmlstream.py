@@ -103,6 +103,12 @@ _UNPREFIXED_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT})
 _RESCAN_FREE: Final = 1024  # partial tokens up to this size are re-parsed on every '>'
 _PLAIN_ATTRS: Final = frozenset({"to", "from", "type", "id"})
 _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_separator=" "
+# expat's names of the usual depth-1 elements -> (namespace, local name): a lookup instead of a
+# split per stanza. Fixed, so a peer's names never grow it; any other name is split.
+_QNAMES: Final[dict[str, tuple[str, str]]] = {
+    f"{ns} {local}": (ns, local)
+    for ns in (NS_SERVER, NS_CLIENT, NS_COMPONENT) for local in ("message", "presence", "iq")
+}
 
 # A start tag from its '<' to the first '>' outside quotes (the unrolled-loop form keeps re fast).
 _START_TAG = re.compile(rb"<[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
@@ -639,6 +645,7 @@ class XmlStreamParser:
         return p
 
     def _on_start(self, name: str, attrs: dict[str, str]) -> None:
+        # Called for every element (a stanza with a body is two calls): the common cases first.
         d = self._depth + 1
         self._depth = d
         if attrs and len(attrs) > self.max_attributes:
@@ -646,45 +653,39 @@ class XmlStreamParser:
                 "policy-violation",
                 f"element has {len(attrs)} attributes (limit {self.max_attributes})",
             )
-        if d == 2:
+        if d > 2:
+            if d > self._depth_limit:
+                raise XmlStreamError(
+                    "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
+                )
+        elif d == 2:
             start = self._parser.CurrentByteIndex + self._delta
             if start != self._mark:
                 self._check_gap(start)
             self._mark = self._stanza_start = start
             self._stanza_name = name
             self._stanza_attrs = attrs
-        elif d == 1:
+        else:
             self._open_stream(name, attrs)
-        elif d > self._depth_limit:
-            raise XmlStreamError(
-                "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
-            )
 
     def _on_end(self, name: str) -> None:
         d = self._depth
         self._depth = d - 1
-        if d == 2:
-            self._end_stanza()
-        elif d == 1:
-            idx = self._parser.CurrentByteIndex + self._delta
-            if self._header_raw.endswith(b"/>"):
-                pass  # <stream:stream .../>: opened and closed by one tag (found by bench/fuzz.py)
-            else:
-                if idx != self._mark:
-                    self._check_gap(idx)
-                self._mark = self._buf.index(b">", idx - self._base) + 1 + self._base
-            self._closed = True
-            self._events.append(StreamClosed())
-
-    def _end_stanza(self) -> None:
+        if d != 2:
+            if d == 1:
+                self._close_stream()
+            return
+        # The end of a stanza (depth 1 element), inline: this runs once per stanza.
         buf, base, start = self._buf, self._base, self._stanza_start
         i = self._parser.CurrentByteIndex + self._delta - base
         # expat's index is just past '/>' for an empty-element tag but at '</' for an end tag
-        # (TLS.md section 4); tell them apart without scanning in the common cases.
-        if not buf.startswith(b"/>", i - 2):
+        # (TLS.md section 4). Just past '/>' is at the end tag too when its last child is an
+        # empty element (a '<' follows its start tag: none can appear inside a tag) or when
+        # its text ends with '/>' (the quote-aware scan tells; '>' may be in a value).
+        if buf[i - 1] != 0x3E or buf[i - 2] != 0x2F or buf.find(b"<", start - base + 1, i) >= 0:
             end = buf.index(b">", i) + 1 + base
-        elif not buf.startswith(b"</", i):
-            end = i + base
+        elif buf.find(b">", start - base, i - 1) < 0:
+            end = i + base  # one empty-element tag with no '>' in its values
         else:
             tag = _START_TAG.match(buf, start - base)
             end = base + (i if tag is not None and tag.end() == i else buf.index(b">", i) + 1)
@@ -698,22 +699,10 @@ class XmlStreamParser:
             raw = self._chunk[start - chunk_start : end - chunk_start]
         else:
             raw = bytes(buf[start - base : end - base])
-        # expat names are "uri local" or, when the element is prefixed, "uri local prefix".
-        parts = self._stanza_name.split(" ")
-        if len(parts) == 2:
-            ns, local = parts
-        elif len(parts) == 1:
-            ns, local = "", parts[0]
-        else:
-            ns, local = parts[0], parts[1]
-            if ns in _UNPREFIXED_NAMESPACES:
-                # RFC 6120 4.8.5: content-namespace elements are never prefixed
-                raise XmlStreamError(
-                    "bad-namespace-prefix",
-                    f"<{parts[2]}:{local}/> in the content namespace {ns} must not be prefixed",
-                )
+        qname = _QNAMES.get(self._stanza_name)
+        ns, local = qname if qname is not None else _split_name(self._stanza_name)
         attrs = self._stanza_attrs
-        if not attrs.keys() <= _PLAIN_ATTRS:
+        if not _PLAIN_ATTRS.issuperset(attrs):
             attrs = _qualify_attrs(attrs)
         # Self-contained unless it declares its own default namespace (its namespace then
         # differs from the stream's, or it redeclares the same) or uses a header prefix.
@@ -736,6 +725,17 @@ class XmlStreamParser:
         if ns in _STOP_NAMESPACES:
             self._cut = end
             raise _Stop
+
+    def _close_stream(self) -> None:
+        idx = self._parser.CurrentByteIndex + self._delta
+        if self._header_raw.endswith(b"/>"):
+            pass  # <stream:stream .../>: opened and closed by one tag (found by bench/fuzz.py)
+        else:
+            if idx != self._mark:
+                self._check_gap(idx)
+            self._mark = self._buf.index(b">", idx - self._base) + 1 + self._base
+        self._closed = True
+        self._events.append(StreamClosed())
 
     def _check_gap(self, upto: int) -> None:
         gap = self._buf[self._mark - self._base : upto - self._base]
@@ -821,6 +821,24 @@ class XmlStreamParser:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """expat's element name -> (namespace, local name); "uri local", "uri local prefix" (a
+    prefixed element) or "local" (no namespace)."""
+    parts = name.split(" ")
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    if len(parts) == 1:
+        return "", name
+    ns, local = parts[0], parts[1]
+    if ns in _UNPREFIXED_NAMESPACES:
+        # RFC 6120 4.8.5: content-namespace elements are never prefixed
+        raise XmlStreamError(
+            "bad-namespace-prefix",
+            f"<{parts[2]}:{local}/> in the content namespace {ns} must not be prefixed",
+        )
+    return ns, local
 
 
 def _qualify_attrs(attrs: dict[str, str]) -> dict[str, str]:
