@@ -625,7 +625,10 @@ class XmlStreamParser:
             setattr(self._parser, name, None)
 
     def _new_expat(self) -> expat.XMLParserType:
-        p = expat.ParserCreate("UTF-8", " ")
+        # intern=None: pyexpat would otherwise keep every distinct element and attribute name
+        # the peer ever sent in a dict for the parser's life (unbounded memory, issue 11), and
+        # looking each name up there costs more than making the string.
+        p = expat.ParserCreate("UTF-8", " ", intern=None)
         p.namespace_prefixes = True  # names carry their prefix: "uri local prefix"
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         if hasattr(p, "SetReparseDeferralEnabled"):
