@@ -145,6 +145,13 @@ def test_element_convenience_properties_and_qualified_attributes() -> None:
         b"<presence\n  to = \"b@y\"\n/>",
         b"<iq></iq\n>",
         b"<presence/>",
+        # the end handler's index is just past '/>' of the last child, at the stanza's '</'
+        b"<message><request xmlns='urn:xmpp:receipts'/></message>",
+        b"<message><a/>x/></message>",  # a child, then text ending in '/>'
+        b"<presence x='>'/>",  # self-closing with a '>' in a value
+        b"<presence x='>' y='/>'/>",
+        b"<message x='/>'><b/></message >",
+        b"<message><![CDATA[<a/>]]></message>",
     ],
 )
 def test_raw_bytes_are_exact_for_awkward_tags(stanza: bytes, size: int | None) -> None:
@@ -945,3 +952,13 @@ def test_restricted_xml_after_shed_is_still_refused() -> None:
     with pytest.raises(XmlStreamError) as info:
         parser.feed(b"<!-- no -->")
     assert info.value.condition == "restricted-xml"
+
+
+def test_the_parser_keeps_no_table_of_the_names_a_peer_sent() -> None:
+    # pyexpat's default intern dict would hold every distinct element and attribute name of
+    # the stream for the parser's life: unbounded memory under a peer inventing names.
+    parser = XmlStreamParser()
+    data = HEADER + b"".join(b"<message a%d='1'><x%d xmlns='urn:x'/></message>" % (i, i)
+                             for i in range(200))
+    assert len(elements(parser.feed(data))) == 200
+    assert parser._parser.intern is None
