@@ -101,6 +101,10 @@ STANZA_ERROR_TYPES: Final = frozenset({"auth", "cancel", "continue", "modify", "
 _STOP_NAMESPACES: Final = frozenset({NS_TLS, NS_SASL})
 _UNPREFIXED_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT})
 _RESCAN_FREE: Final = 1024  # partial tokens up to this size are re-parsed on every '>'
+# Expat keeps a record of every distinct attribute name and namespace prefix it has seen, for
+# its life (~60-100 bytes each): a stream is given a fresh expat at the first stanza boundary
+# after this many bytes, so a peer inventing names cannot grow it without bound (~26 us each).
+_RENEW_AFTER = 262144
 _PLAIN_ATTRS: Final = frozenset({"to", "from", "type", "id"})
 _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_separator=" "
 # expat's names of the usual depth-1 elements -> (namespace, local name): a lookup instead of a
@@ -163,6 +167,10 @@ class XmlStreamError(Exception):
 
 class _Stop(Exception):
     """Raised from an expat handler to halt parsing right after a TLS/SASL element."""
+
+
+class _Renew(Exception):
+    """Raised from the end handler to replace expat at a stanza boundary (see _RENEW_AFTER)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +301,7 @@ class XmlStreamParser:
                  "_error", "_opened", "_closed", "_priming", "_cut", "_header_raw", "_ns_decls",
                  "_context", "_prefix_probes", "_top_default_decl", "_partial", "_scan_token",
                  "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser",
-                 "_undecided")
+                 "_born", "_undecided")
 
     def __init__(
         self,
@@ -342,6 +350,7 @@ class XmlStreamParser:
         self._content_ns = ""
         self._chunk = b""  # the bytes last given to expat, and their stream offset
         self._chunk_start = 0
+        self._born = 0  # the stream offset where the current expat started
         self._parser = self._new_expat()
 
     # -- public API ---------------------------------------------------------------------------
@@ -395,6 +404,7 @@ class XmlStreamParser:
         finally:
             self._priming = False
         self._delta = at - len(self._header_raw)
+        self._born = at
         self._depth, self._mark = 1, mark
         self._partial = 0
         self._scan_token = self._scan_pos = -1
@@ -433,7 +443,16 @@ class XmlStreamParser:
             self._chunk_start = self._given
             self._given = self._end
             try:
-                self._parser.Parse(chunk, False)
+                while True:
+                    try:
+                        self._parser.Parse(chunk, False)
+                        break
+                    except _Renew:  # a fresh expat for the rest of the chunk
+                        cut = self._cut
+                        chunk = chunk[cut - self._chunk_start :]
+                        self._chunk, self._chunk_start = chunk, cut
+                        self.release()
+                        self._prime(cut)
             except _Stop:
                 self._stop()
             except expat.ExpatError as exc:
@@ -728,6 +747,9 @@ class XmlStreamParser:
         if ns in _STOP_NAMESPACES:
             self._cut = end
             raise _Stop
+        if end - self._born > _RENEW_AFTER:
+            self._cut = end
+            raise _Renew
 
     def _close_stream(self) -> None:
         idx = self._parser.CurrentByteIndex + self._delta
