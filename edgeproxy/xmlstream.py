@@ -48,6 +48,14 @@ Parse, so chunks without a '>' are not parsed at all, and a partial token longer
 only re-parsed when a quote-aware scan sees a '>' that can end it or its size has doubled:
 a tag trickled in byte by byte costs linear, not quadratic, time.
 
+Per-stanza cost (docs/benchmarks.md, "Session 6, parser"): expat's start and end callbacks are
+the floor (the depth and attribute limits need every start tag, the end handler finds the
+stanza's end); the stanza's end is handled inline in the end handler, the usual names come
+from a fixed table, and pyexpat runs without its intern dict. Memory per busy stream stays
+bounded under a peer inventing names: no intern dict, and a fresh expat (primed with the
+header) at the first stanza boundary after `_RENEW_AFTER` bytes, because expat keeps every
+distinct attribute name and prefix it has seen for its life.
+
 Stop points: after a depth-1 element in NS_TLS or NS_SASL, `feed()` stops (`stopped`), keeping
 the unparsed bytes in `leftover`, so TLS bytes never reach expat (TLS.md section 4).
 """
