@@ -48,6 +48,14 @@ Parse, so chunks without a '>' are not parsed at all, and a partial token longer
 only re-parsed when a quote-aware scan sees a '>' that can end it or its size has doubled:
 a tag trickled in byte by byte costs linear, not quadratic, time.
 
+Per-stanza cost (docs/benchmarks.md, "Session 6, parser"): expat's start and end callbacks are
+the floor (the depth and attribute limits need every start tag, the end handler finds the
+stanza's end); the stanza's end is handled inline in the end handler, the usual names come
+from a fixed table, and pyexpat runs without its intern dict. Memory per busy stream stays
+bounded under a peer inventing names: no intern dict, and a fresh expat (primed with the
+header) at the first stanza boundary after `_RENEW_AFTER` bytes, because expat keeps every
+distinct attribute name and prefix it has seen for its life.
+
 Stop points: after a depth-1 element in NS_TLS or NS_SASL, `feed()` stops (`stopped`), keeping
 the unparsed bytes in `leftover`, so TLS bytes never reach expat (TLS.md section 4).
 """
@@ -101,8 +109,18 @@ STANZA_ERROR_TYPES: Final = frozenset({"auth", "cancel", "continue", "modify", "
 _STOP_NAMESPACES: Final = frozenset({NS_TLS, NS_SASL})
 _UNPREFIXED_NAMESPACES: Final = frozenset({NS_SERVER, NS_CLIENT})
 _RESCAN_FREE: Final = 1024  # partial tokens up to this size are re-parsed on every '>'
+# Expat keeps a record of every distinct attribute name and namespace prefix it has seen, for
+# its life (~60-100 bytes each): a stream is given a fresh expat at the first stanza boundary
+# after this many bytes, so a peer inventing names cannot grow it without bound (~26 us each).
+_RENEW_AFTER = 262144
 _PLAIN_ATTRS: Final = frozenset({"to", "from", "type", "id"})
 _STREAM_QNAME: Final = NS_STREAMS + " stream"  # expat's name with namespace_separator=" "
+# expat's names of the usual depth-1 elements -> (namespace, local name): a lookup instead of a
+# split per stanza. Fixed, so a peer's names never grow it; any other name is split.
+_QNAMES: Final[dict[str, tuple[str, str]]] = {
+    f"{ns} {local}": (ns, local)
+    for ns in (NS_SERVER, NS_CLIENT, NS_COMPONENT) for local in ("message", "presence", "iq")
+}
 
 # A start tag from its '<' to the first '>' outside quotes (the unrolled-loop form keeps re fast).
 _START_TAG = re.compile(rb"<[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
@@ -157,6 +175,10 @@ class XmlStreamError(Exception):
 
 class _Stop(Exception):
     """Raised from an expat handler to halt parsing right after a TLS/SASL element."""
+
+
+class _Renew(Exception):
+    """Raised from the end handler to replace expat at a stanza boundary (see _RENEW_AFTER)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +309,7 @@ class XmlStreamParser:
                  "_error", "_opened", "_closed", "_priming", "_cut", "_header_raw", "_ns_decls",
                  "_context", "_prefix_probes", "_top_default_decl", "_partial", "_scan_token",
                  "_scan_pos", "_scan_quote", "_content_ns", "_chunk", "_chunk_start", "_parser",
-                 "_undecided")
+                 "_born", "_undecided")
 
     def __init__(
         self,
@@ -336,6 +358,7 @@ class XmlStreamParser:
         self._content_ns = ""
         self._chunk = b""  # the bytes last given to expat, and their stream offset
         self._chunk_start = 0
+        self._born = 0  # the stream offset where the current expat started
         self._parser = self._new_expat()
 
     # -- public API ---------------------------------------------------------------------------
@@ -389,6 +412,7 @@ class XmlStreamParser:
         finally:
             self._priming = False
         self._delta = at - len(self._header_raw)
+        self._born = at
         self._depth, self._mark = 1, mark
         self._partial = 0
         self._scan_token = self._scan_pos = -1
@@ -427,7 +451,16 @@ class XmlStreamParser:
             self._chunk_start = self._given
             self._given = self._end
             try:
-                self._parser.Parse(chunk, False)
+                while True:
+                    try:
+                        self._parser.Parse(chunk, False)
+                        break
+                    except _Renew:  # a fresh expat for the rest of the chunk
+                        cut = self._cut
+                        chunk = chunk[cut - self._chunk_start :]
+                        self._chunk, self._chunk_start = chunk, cut
+                        self.release()
+                        self._prime(cut)
             except _Stop:
                 self._stop()
             except expat.ExpatError as exc:
@@ -619,7 +652,10 @@ class XmlStreamParser:
             setattr(self._parser, name, None)
 
     def _new_expat(self) -> expat.XMLParserType:
-        p = expat.ParserCreate("UTF-8", " ")
+        # intern=None: pyexpat would otherwise keep every distinct element and attribute name
+        # the peer ever sent in a dict for the parser's life (unbounded memory, issue 11), and
+        # looking each name up there costs more than making the string.
+        p = expat.ParserCreate("UTF-8", " ", intern=None)
         p.namespace_prefixes = True  # names carry their prefix: "uri local prefix"
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         if hasattr(p, "SetReparseDeferralEnabled"):
@@ -639,6 +675,7 @@ class XmlStreamParser:
         return p
 
     def _on_start(self, name: str, attrs: dict[str, str]) -> None:
+        # Called for every element (a stanza with a body is two calls): the common cases first.
         d = self._depth + 1
         self._depth = d
         if attrs and len(attrs) > self.max_attributes:
@@ -646,45 +683,39 @@ class XmlStreamParser:
                 "policy-violation",
                 f"element has {len(attrs)} attributes (limit {self.max_attributes})",
             )
-        if d == 2:
+        if d > 2:
+            if d > self._depth_limit:
+                raise XmlStreamError(
+                    "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
+                )
+        elif d == 2:
             start = self._parser.CurrentByteIndex + self._delta
             if start != self._mark:
                 self._check_gap(start)
             self._mark = self._stanza_start = start
             self._stanza_name = name
             self._stanza_attrs = attrs
-        elif d == 1:
+        else:
             self._open_stream(name, attrs)
-        elif d > self._depth_limit:
-            raise XmlStreamError(
-                "policy-violation", f"stanza nested deeper than {self.max_depth} levels"
-            )
 
     def _on_end(self, name: str) -> None:
         d = self._depth
         self._depth = d - 1
-        if d == 2:
-            self._end_stanza()
-        elif d == 1:
-            idx = self._parser.CurrentByteIndex + self._delta
-            if self._header_raw.endswith(b"/>"):
-                pass  # <stream:stream .../>: opened and closed by one tag (found by bench/fuzz.py)
-            else:
-                if idx != self._mark:
-                    self._check_gap(idx)
-                self._mark = self._buf.index(b">", idx - self._base) + 1 + self._base
-            self._closed = True
-            self._events.append(StreamClosed())
-
-    def _end_stanza(self) -> None:
+        if d != 2:
+            if d == 1:
+                self._close_stream()
+            return
+        # The end of a stanza (depth 1 element), inline: this runs once per stanza.
         buf, base, start = self._buf, self._base, self._stanza_start
         i = self._parser.CurrentByteIndex + self._delta - base
         # expat's index is just past '/>' for an empty-element tag but at '</' for an end tag
-        # (TLS.md section 4); tell them apart without scanning in the common cases.
-        if not buf.startswith(b"/>", i - 2):
+        # (TLS.md section 4). Just past '/>' is at the end tag too when its last child is an
+        # empty element (a '<' follows its start tag: none can appear inside a tag) or when
+        # its text ends with '/>' (the quote-aware scan tells; '>' may be in a value).
+        if buf[i - 1] != 0x3E or buf[i - 2] != 0x2F or buf.find(b"<", start - base + 1, i) >= 0:
             end = buf.index(b">", i) + 1 + base
-        elif not buf.startswith(b"</", i):
-            end = i + base
+        elif buf.find(b">", start - base, i - 1) < 0:
+            end = i + base  # one empty-element tag with no '>' in its values
         else:
             tag = _START_TAG.match(buf, start - base)
             end = base + (i if tag is not None and tag.end() == i else buf.index(b">", i) + 1)
@@ -698,22 +729,10 @@ class XmlStreamParser:
             raw = self._chunk[start - chunk_start : end - chunk_start]
         else:
             raw = bytes(buf[start - base : end - base])
-        # expat names are "uri local" or, when the element is prefixed, "uri local prefix".
-        parts = self._stanza_name.split(" ")
-        if len(parts) == 2:
-            ns, local = parts
-        elif len(parts) == 1:
-            ns, local = "", parts[0]
-        else:
-            ns, local = parts[0], parts[1]
-            if ns in _UNPREFIXED_NAMESPACES:
-                # RFC 6120 4.8.5: content-namespace elements are never prefixed
-                raise XmlStreamError(
-                    "bad-namespace-prefix",
-                    f"<{parts[2]}:{local}/> in the content namespace {ns} must not be prefixed",
-                )
+        qname = _QNAMES.get(self._stanza_name)
+        ns, local = qname if qname is not None else _split_name(self._stanza_name)
         attrs = self._stanza_attrs
-        if not attrs.keys() <= _PLAIN_ATTRS:
+        if not _PLAIN_ATTRS.issuperset(attrs):
             attrs = _qualify_attrs(attrs)
         # Self-contained unless it declares its own default namespace (its namespace then
         # differs from the stream's, or it redeclares the same) or uses a header prefix.
@@ -736,6 +755,20 @@ class XmlStreamParser:
         if ns in _STOP_NAMESPACES:
             self._cut = end
             raise _Stop
+        if end - self._born > _RENEW_AFTER:
+            self._cut = end
+            raise _Renew
+
+    def _close_stream(self) -> None:
+        idx = self._parser.CurrentByteIndex + self._delta
+        if self._header_raw.endswith(b"/>"):
+            pass  # <stream:stream .../>: opened and closed by one tag (found by bench/fuzz.py)
+        else:
+            if idx != self._mark:
+                self._check_gap(idx)
+            self._mark = self._buf.index(b">", idx - self._base) + 1 + self._base
+        self._closed = True
+        self._events.append(StreamClosed())
 
     def _check_gap(self, upto: int) -> None:
         gap = self._buf[self._mark - self._base : upto - self._base]
@@ -821,6 +854,24 @@ class XmlStreamParser:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """expat's element name -> (namespace, local name); "uri local", "uri local prefix" (a
+    prefixed element) or "local" (no namespace)."""
+    parts = name.split(" ")
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    if len(parts) == 1:
+        return "", name
+    ns, local = parts[0], parts[1]
+    if ns in _UNPREFIXED_NAMESPACES:
+        # RFC 6120 4.8.5: content-namespace elements are never prefixed
+        raise XmlStreamError(
+            "bad-namespace-prefix",
+            f"<{parts[2]}:{local}/> in the content namespace {ns} must not be prefixed",
+        )
+    return ns, local
 
 
 def _qualify_attrs(attrs: dict[str, str]) -> dict[str, str]:

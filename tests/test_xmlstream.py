@@ -145,6 +145,13 @@ def test_element_convenience_properties_and_qualified_attributes() -> None:
         b"<presence\n  to = \"b@y\"\n/>",
         b"<iq></iq\n>",
         b"<presence/>",
+        # the end handler's index is just past '/>' of the last child, at the stanza's '</'
+        b"<message><request xmlns='urn:xmpp:receipts'/></message>",
+        b"<message><a/>x/></message>",  # a child, then text ending in '/>'
+        b"<presence x='>'/>",  # self-closing with a '>' in a value
+        b"<presence x='>' y='/>'/>",
+        b"<message x='/>'><b/></message >",
+        b"<message><![CDATA[<a/>]]></message>",
     ],
 )
 def test_raw_bytes_are_exact_for_awkward_tags(stanza: bytes, size: int | None) -> None:
@@ -945,3 +952,65 @@ def test_restricted_xml_after_shed_is_still_refused() -> None:
     with pytest.raises(XmlStreamError) as info:
         parser.feed(b"<!-- no -->")
     assert info.value.condition == "restricted-xml"
+
+
+def test_the_parser_keeps_no_table_of_the_names_a_peer_sent() -> None:
+    # pyexpat's default intern dict would hold every distinct element and attribute name of
+    # the stream for the parser's life: unbounded memory under a peer inventing names.
+    parser = XmlStreamParser()
+    data = HEADER + b"".join(b"<message a%d='1'><x%d xmlns='urn:x'/></message>" % (i, i)
+                             for i in range(200))
+    assert len(elements(parser.feed(data))) == 200
+    assert parser._parser.intern is None
+
+
+@pytest.mark.parametrize("size", [None, 1000, 4099])
+def test_expat_is_renewed_at_a_stanza_boundary_and_nothing_changes(
+        size: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edgeproxy.xmlstream._RENEW_AFTER", 3000)
+    stanzas = [b"<message to='b@y' id='%d'><body>%d</body><x xmlns='urn:x'/></message>" % (i, i)
+               for i in range(200)]
+    stanzas[50] = b"<presence to='b@y'/>"
+    stanzas[51] = b"<message xmlns:db='urn:local' db:x='1'><db:y/></message>"
+    made = []
+    new_expat = XmlStreamParser._new_expat
+    monkeypatch.setattr(XmlStreamParser, "_new_expat", lambda self: made.append(1) or
+                        new_expat(self))
+    parser = XmlStreamParser()
+    events = feed_all(parser, HEADER + b" ".join(stanzas) + b"</stream:stream>", size)
+    assert [e.raw for e in elements(events)] == stanzas
+    assert all(e.self_contained for e in elements(events))
+    assert isinstance(events[-1], StreamClosed)
+    assert len(made) >= 4  # the first and a fresh one every ~3000 bytes of ~15,000
+
+
+def test_errors_after_a_renewal_report_stream_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    good = b"<message to='b@y'><body>hello</body></message>" * 10
+    data = HEADER + good + b"<message><a></b></message>"
+    once = stream_error_of(data)  # one expat for the whole stream
+    monkeypatch.setattr("edgeproxy.xmlstream._RENEW_AFTER", 100)
+    for size in SPLITS:
+        err = stream_error_of(data, size)
+        assert (err.condition, err.text) == (once.condition, once.text) == (
+            "not-well-formed", f"mismatched tag at byte {len(HEADER) + len(good) + 14}")
+
+
+def test_invented_names_do_not_grow_a_busy_parser() -> None:
+    import tracemalloc
+    parser = XmlStreamParser()
+    parser.feed(HEADER)
+    batch = 5000
+
+    def invented(k: int) -> bytes:
+        return b"".join(b"<message a%d_%d='1' xmlns:p%d_%d='urn:x'/>" % (k, i, k, i)
+                        for i in range(batch))
+    parser.feed(invented(0))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for k in range(1, 8):  # ~1.6 MB of names never seen twice (~6 MB kept without renewal)
+            assert len(parser.feed(invented(k))) == batch
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 2_000_000, f"{grown} bytes kept"
