@@ -72,6 +72,7 @@ from .s2s import (
     Timeouts,
 )
 from .stream import TlsEstablished, TransportFailed, XmppStream
+from .timerwheel import TimerWheel
 from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
@@ -122,7 +123,7 @@ class StreamConnection(asyncio.Protocol):
     """
 
     # Thousands at once (issue 11): no per-instance __dict__. A new attribute goes here.
-    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer",
+    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer_key",
                  "_timer_at", "_flush_scheduled", "_paused", "_pending", "stream", "sent_close",
                  "stats", "revocation", "revocation_refusal", "_revocation_hold",
                  "_revocation_timer")
@@ -137,7 +138,7 @@ class StreamConnection(asyncio.Protocol):
         # The machine's timers (None: the component link): fed with what is received and sent.
         # Outbound streams receive next to nothing, so inactivity counts both directions.
         self.timers: StreamTimers | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key: int | None = None  # its bucket on edge.stream_timers (timerwheel)
         self._timer_at = math.inf
         self._flush_scheduled = False
         self._paused = False
@@ -150,7 +151,7 @@ class StreamConnection(asyncio.Protocol):
         self.revocation: ChainStatus | None = None
         self.revocation_refusal: str | None = None
         self._revocation_hold = False
-        self._revocation_timer: asyncio.TimerHandle | None = None
+        self._revocation_timer: int | None = None  # its bucket on edge.revocation_timers
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -231,10 +232,11 @@ class StreamConnection(asyncio.Protocol):
         self.closing = True
         self._pending = None
         if self._revocation_timer is not None:
-            self._revocation_timer.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
+            self._revocation_timer = None
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+            self._timer_key = None
         self.edge.monitor.lost(self, f"connection lost ({exc})" if exc else "connection closed")
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
         self.edge.router.connection_gone(self)
@@ -462,13 +464,15 @@ class StreamConnection(asyncio.Protocol):
         if until is None or self.closing:
             return
         delay = (until - self.edge.revocation.clock()).total_seconds()
-        self._revocation_timer = asyncio.get_running_loop().call_later(
-            max(1.0, delay), self.recheck_revocation)
+        if self._revocation_timer is not None:
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
+        self._revocation_timer = self.edge.revocation_timers.add(
+            self, self.edge.clock() + max(1.0, delay))
 
     def recheck_revocation(self) -> None:
         """The re-check timer's callback (tests on a fake clock call it after moving it)."""
         if self._revocation_timer is not None:
-            self._revocation_timer.cancel()
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
             self._revocation_timer = None
         tls = self.tls
         if self.closing or tls is None or tls.peer_certificate is None \
@@ -495,37 +499,37 @@ class StreamConnection(asyncio.Protocol):
                         self.label(), status.describe(), extra=self.log_fields())
         self._arm_revocation_recheck(status)
 
-    # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
+    # -- timers: the core's next deadline, on the edge's timer wheel (one loop timer for all
+    # streams, edgeproxy.timerwheel) -------------------------------------------------------------
     def arm_timer(self) -> None:
-        """Arm the loop timer for the next deadline when it is earlier than the one armed.
+        """Arm the timer for the next deadline when it is earlier than the one armed.
         Activity only moves deadlines later, so a timer that fires early just re-arms."""
         if self.closing:
             return
         deadline = self.next_deadline()
         if deadline is None or deadline >= self._timer_at:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
+        wheel = self.edge.stream_timers
+        if self._timer_key is not None:
+            wheel.discard(self, self._timer_key)
         self._timer_at = deadline
-        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
-                                   self.timer_fired)
+        self._timer_key = wheel.add(self, deadline)
 
     def rearm_timer(self) -> None:
         """The stream is authenticated: its establishment deadline (RFC 6120 4.3, Lync
         StreamEstablishmentTimeout) is gone and the next one is much later. The armed timer
         would fire only to re-arm, once per stream a minute after its set-up (3,300 of them in
         a step of 1,000 set-ups at 5,000 open); it is moved now instead."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, math.inf
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+        self._timer_key, self._timer_at = None, math.inf
         self.arm_timer()
 
     def timer_fired(self) -> None:
-        """The loop timer's callback (tests on a fake clock call it after advancing it)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, math.inf
+        """The timer wheel's callback (tests on a fake clock call it after advancing it)."""
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+        self._timer_key, self._timer_at = None, math.inf
         if self.closing:
             return
         self.run(self.handle_timer(self.edge.clock()))
@@ -1394,6 +1398,11 @@ class Edge:
         self.monitor = Monitor(self)
         self.router.relay.on_bounce = self.monitor.bounced
         self.connections: set[StreamConnection] = set()
+        # every stream's next deadline and revocation re-check, each wheel behind one loop timer
+        self.stream_timers: TimerWheel[StreamConnection] = TimerWheel(
+            clock, StreamConnection.timer_fired)
+        self.revocation_timers: TimerWheel[StreamConnection] = TimerWheel(
+            clock, StreamConnection.recheck_revocation)
         self.s2s_count = 0  # server-to-server connections among them (Lync ConnectionLimit)
         # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit)
         self._partner_streams: dict[str, set[InboundConnection]] = {}
@@ -1752,6 +1761,8 @@ class Edge:
             if c.transport is not None:
                 c.transport.abort()
         self.router.stop_timer()
+        self.stream_timers.stop()
+        self.revocation_timers.stop()
         await self.revocation.close()
         for s in self.servers:
             await s.wait_closed()
