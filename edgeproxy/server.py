@@ -546,8 +546,10 @@ class InboundConnection(StreamConnection):
         self.machine = InboundS2s(edge.s2s_ctx, created=self.created)
         self.timers = self.machine.timers
         self.direct_tls = direct_tls
-        self.partners: set[str] = set()
-        self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
+        # tuples: nearly every stream has one partner and one pair (issue 11: an empty set is
+        # 216 bytes, thousands of streams)
+        self.partners: tuple[str, ...] = ()
+        self.methods: tuple[tuple[str, AuthMethod], ...] = ()  # (remote, method) per pair
         self._refusal = ""
         self.stream = self._make_stream(self.machine.receive)
 
@@ -631,9 +633,10 @@ class InboundConnection(StreamConnection):
                                 f"has {limit} stream(s) open here ({setting})",
                                 "policy-violation"))
             return
-        self.partners.add(key)
+        if key not in self.partners:
+            self.partners += (key,)
         self.edge.partner_stream_added(key, self)
-        self.methods.append((action.remote, action.method))
+        self.methods += ((action.remote, action.method),)
         self.rearm_timer()
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
@@ -1404,8 +1407,9 @@ class Edge:
         self.revocation_timers: TimerWheel[StreamConnection] = TimerWheel(
             clock, StreamConnection.recheck_revocation)
         self.s2s_count = 0  # server-to-server connections among them (Lync ConnectionLimit)
-        # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit)
-        self._partner_streams: dict[str, set[InboundConnection]] = {}
+        # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit):
+        # the stream itself while it is the partner's only one (most are: a set is 216 bytes)
+        self._partner_streams: dict[str, InboundConnection | set[InboundConnection]] = {}
         self.servers: list[asyncio.AbstractServer | Listener] = []
         self.fd_budget: FdBudget | None = None  # the S2S listeners' share of descriptors
         self.admin: AdminListener | None = None
@@ -1640,20 +1644,32 @@ class Edge:
             self.s2s_count -= 1
         if self.fd_budget is not None:
             self.fd_budget.released()
+        index = self._partner_streams
         for key in getattr(conn, "partners", ()):
-            streams = self._partner_streams.get(key)
-            if streams is not None:
+            streams = index.get(key)
+            if streams is conn:
+                del index[key]
+            elif isinstance(streams, set):
                 streams.discard(conn)  # type: ignore[arg-type]
                 if not streams:
-                    del self._partner_streams[key]
+                    del index[key]
 
     def partner_stream_added(self, partner_domain: str, conn: InboundConnection) -> None:
-        if conn in self.connections:
-            self._partner_streams.setdefault(partner_domain, set()).add(conn)
+        if conn not in self.connections:
+            return
+        index = self._partner_streams
+        streams = index.get(partner_domain)
+        if streams is None:
+            index[partner_domain] = conn
+        elif isinstance(streams, set):
+            streams.add(conn)
+        elif streams is not conn:
+            index[partner_domain] = {streams, conn}
 
     def partner_connections(self, partner_domain: str) -> int:
         """Open inbound streams with a pair of the partner authenticated (its limit's count)."""
-        return len(self._partner_streams.get(partner_domain, ()))
+        streams = self._partner_streams.get(partner_domain)
+        return 0 if streams is None else len(streams) if isinstance(streams, set) else 1
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
