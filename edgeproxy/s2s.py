@@ -23,6 +23,7 @@ import base64
 import binascii
 import logging
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -515,7 +516,9 @@ class InboundS2s:
         to = (ev.attrs.get("to") or "").lower().rstrip(".")
         frm = ev.attrs.get("from")
         self.header_from = frm.lower().rstrip(".") if frm else None
-        self.local = to if to in self.ctx.local_domains else sorted(self.ctx.local_domains)[0]
+        # interned: one string per local domain, not one per stream (issue 11)
+        self.local = sys.intern(to) if to in self.ctx.local_domains else \
+            sorted(self.ctx.local_domains)[0]
         return to
 
     def _on_header(self, ev: StreamOpened) -> list[Action]:

@@ -160,21 +160,7 @@ class StreamConnection(asyncio.Protocol):
     def check_certificate(self, tls: TlsSession) -> CertChecker:
         """The checker of the peer's certificate for a domain: chain and name, and the pins
         of the domain's partner (issue 15), which are read at each check (a reload counts)."""
-        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-        edge = self.edge
-
-        def check(domain: str) -> CertificateCheck:
-            partner = edge.cfg.partners.lookup(domain)
-            pins = partner.pin_sha256 if partner is not None else ()
-            result = _revocation_verdict(
-                verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
-                                   pin_only=partner is not None and partner.trust is Trust.PIN),
-                self.revocation_refusal)
-            if leaf is not None and partner is not None and not partner.is_default:
-                edge.saw_certificate(partner.domain, leaf, result, self.kind, self.peer)
-            return result
-
-        return check
+        return PeerCertificateCheck(self, tls.peer_certificate, tls.peer_intermediates)
 
     def handle_action(self, action: Effect) -> None:
         """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
@@ -534,6 +520,31 @@ class StreamConnection(asyncio.Protocol):
             return
         self.run(self.handle_timer(self.edge.clock()))
         self.arm_timer()
+
+
+class PeerCertificateCheck:
+    """`StreamConnection.check_certificate`'s checker, which the machine keeps for the stream's
+    life (later domains, XEP-0344): an object with three slots, not a closure with its cells
+    (issue 11: ~300 bytes less per stream)."""
+
+    __slots__ = ("conn", "leaf", "chain")
+
+    def __init__(self, conn: StreamConnection, leaf: x509.Certificate | None,
+                 chain: tuple[x509.Certificate, ...]):
+        self.conn, self.leaf, self.chain = conn, leaf, chain
+
+    def __call__(self, domain: str) -> CertificateCheck:
+        conn, leaf = self.conn, self.leaf
+        edge = conn.edge
+        partner = edge.cfg.partners.lookup(domain)
+        pins = partner.pin_sha256 if partner is not None else ()
+        result = _revocation_verdict(
+            verify_certificate(leaf, self.chain, domain, edge.trust, pins=pins,
+                               pin_only=partner is not None and partner.trust is Trust.PIN),
+            conn.revocation_refusal)
+        if leaf is not None and partner is not None and not partner.is_default:
+            edge.saw_certificate(partner.domain, leaf, result, conn.kind, conn.peer)
+        return result
 
 
 class InboundConnection(StreamConnection):
