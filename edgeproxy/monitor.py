@@ -11,6 +11,7 @@ Metric names (prefix `xmpp_edge_`) are documented in docs/admin.md.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -92,10 +93,12 @@ class Monitor:
             st.authenticated_at = now
             self.setup.labels(conn.kind).observe(max(0.0, now - st.opened))
         tls = _tls_text(conn)
+        reason = f"authenticated via {action.label} ({tls or 'no TLS'})"
+        # one string per (method, TLS version and cipher), not one per stream: each stream
+        # keeps its Attempt (issue 11); a note (a pin mismatch's fallback) is the stream's own
+        reason = f"{reason}; {action.note}" if action.note else sys.intern(reason)
         attempt = Attempt(st.opened, conn.kind, action.local, action.remote, conn.peer,
-                          Outcome.AUTHENTICATED, f"authenticated via {action.label} "
-                          f"({tls or 'no TLS'})" + (f"; {action.note}" if action.note else ""),
-                          now - st.opened, action.label, tls)
+                          Outcome.AUTHENTICATED, reason, now - st.opened, action.label, tls)
         st.attempts.append(self.history.record(self._partner_of(action.remote), attempt))
 
     def closing(self, conn: StreamConnection, reason: str, condition: str | None) -> None:
@@ -241,7 +244,7 @@ def _tls_text(conn: StreamConnection) -> str:
     tls = conn.tls
     if tls is None or not tls.handshake_complete:
         return ""
-    return " ".join(x for x in (tls.version, tls.cipher) if x)
+    return sys.intern(" ".join(x for x in (tls.version, tls.cipher) if x))  # a few per edge
 
 
 class _EdgeCollector(Collector):

@@ -210,6 +210,13 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        # asyncio's socket transports keep both addresses as tuples in their extras for the
+        # connection's life (~270 bytes; issue 11): the edge reads the peer once, here, and
+        # the socket (which has both) stays. uvloop's transports have no such dict.
+        extra = getattr(transport, "_extra", None)
+        if type(extra) is dict:
+            extra.pop("peername", None)
+            extra.pop("sockname", None)
         self.edge.track(self)
         self.arm_timer()
 
