@@ -96,8 +96,11 @@ class XmppStream(Generic[A]):
         if tls.handshake_complete and not self._tls_reported:
             self._tls_reported = True
             yield TlsEstablished(tls)
-            if self._tls_ready is not None and self._check_certificate is not None:
-                yield from self._tls_ready(self._check_certificate(tls))
+            ready, check = self._tls_ready, self._check_certificate
+            # used once per stream: not kept as bound methods for its life (issue 11)
+            self._tls_ready = self._check_certificate = None
+            if ready is not None and check is not None:
+                yield from ready(check(tls))
         if plain and not self.closed:
             yield from self._plaintext(plain, now)
         if tls.peer_closed and not self.closed:
@@ -146,6 +149,7 @@ class XmppStream(Generic[A]):
         self.parser.release()
         self.parser = self._new_parser()
         self.tls = self._make_tls()
+        self._make_tls = None  # once per stream: the machine refuses a second <starttls/>
         if leftover:
             yield from self._tls_data(self.tls, leftover, now)
 

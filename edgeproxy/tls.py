@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -384,8 +385,10 @@ class TlsSession:
     def _on_handshake_complete(self) -> None:
         conn = self._conn
         self.handshake_complete = True
-        self.version = conn.get_protocol_version_name()
-        self.cipher = conn.get_cipher_name()
+        # a handful of distinct values per edge: one string each, not one per stream (issue 11)
+        self.version = sys.intern(conn.get_protocol_version_name())
+        cipher = conn.get_cipher_name()
+        self.cipher = sys.intern(cipher) if cipher is not None else None
         self.alpn_protocol = conn.get_alpn_proto_negotiated() or None
         peer = conn.get_peer_certificate()
         leaf = _certificates.get(peer) if peer is not None else None
@@ -398,6 +401,8 @@ class TlsSession:
             self.server_name = raw.decode("ascii", "replace").lower() if raw else None
             if self.server_name in self._sni_domains:  # SNI chose the certificate
                 self.local_domain = self.server_name
+            elif self.server_name is not None and self.server_name == self.local_domain:
+                self.server_name = self.local_domain  # the same string (issue 11)
         pending, self._pending_plaintext = self._pending_plaintext or (), None
         for chunk in pending:
             self._write(chunk)
