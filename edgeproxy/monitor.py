@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -40,11 +40,12 @@ class StreamStats:
     bytes_out: int = 0
     stanzas_in: int = 0
     stanzas_out: int = 0
-    pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (local, remote, method)
+    # tuples: a stream has one pair and one attempt, nearly always (issue 11: no lists each)
+    pairs: tuple[tuple[str, str, str], ...] = ()  # (local, remote, method)
     authenticated_at: float | None = None
     close_reason: str = ""  # the first reason given for closing (later ones are consequences)
     close_condition: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: tuple[Attempt, ...] = ()
     failure_recorded: bool = False
     done: bool = False
 
@@ -88,7 +89,7 @@ class Monitor:
     def authenticated(self, conn: StreamConnection, action: Authenticated) -> None:
         st = conn.stats
         now = self.wall()
-        st.pairs.append((action.local, action.remote, action.label))
+        st.pairs += ((action.local, action.remote, action.label),)
         if st.authenticated_at is None:
             st.authenticated_at = now
             self.setup.labels(conn.kind).observe(max(0.0, now - st.opened))
@@ -99,7 +100,7 @@ class Monitor:
         reason = f"{reason}; {action.note}" if action.note else sys.intern(reason)
         attempt = Attempt(st.opened, conn.kind, action.local, action.remote, conn.peer,
                           Outcome.AUTHENTICATED, reason, now - st.opened, action.label, tls)
-        st.attempts.append(self.history.record(self._partner_of(action.remote), attempt))
+        st.attempts += (self.history.record(self._partner_of(action.remote), attempt),)
 
     def closing(self, conn: StreamConnection, reason: str, condition: str | None) -> None:
         st = conn.stats
