@@ -53,7 +53,7 @@ def fill(edge: Edge, n: int) -> None:
             assert partner is not None
             session = edge.router.session("contoso.test", remote, partner)
             conn = OutboundConnection(edge, session, direct_tls=False)
-        conn.stats.pairs.append(("contoso.test", remote, "sasl-external"))
+        conn.stats.pairs += (("contoso.test", remote, "sasl-external"),)
         conn.stats.stanzas_in = conn.stats.stanzas_out = 1000 + i
         conn.stats.bytes_in = conn.stats.bytes_out = 187_000 + i
         edge.connections.add(conn)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeproxy.config import load_edge_config  # noqa: E402
 from edgeproxy.devcerts import CertificateAuthority  # noqa: E402
+from edgeproxy.s2s import with_pair  # noqa: E402
 from edgeproxy.server import SM_GRACE, ComponentConnection, Edge, InboundConnection  # noqa: E402
 
 LOCAL, PEER, SECRET = "contoso.test", "fabrikam.test", "bench-secret"
@@ -137,7 +138,7 @@ async def one_round(edge: Edge, n: int, acked: bool, profile: cProfile.Profile |
     inbound.data_received(b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
                           b"xmlns:stream='http://etherx.jabber.org/streams' "
                           b"from='fabrikam.test' to='contoso.test' version='1.0'>")
-    inbound.machine.verified.add((LOCAL, PEER))
+    inbound.machine.verified = with_pair(inbound.machine.verified, (LOCAL, PEER))
     await turn()
 
     stanza = (b"<message from='alice@fabrikam.test/r' to='bob@contoso.test' type='chat' "

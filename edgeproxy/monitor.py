@@ -11,9 +11,10 @@ Metric names (prefix `xmpp_edge_`) are documented in docs/admin.md.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -39,11 +40,12 @@ class StreamStats:
     bytes_out: int = 0
     stanzas_in: int = 0
     stanzas_out: int = 0
-    pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (local, remote, method)
+    # tuples: a stream has one pair and one attempt, nearly always (issue 11: no lists each)
+    pairs: tuple[tuple[str, str, str], ...] = ()  # (local, remote, method)
     authenticated_at: float | None = None
     close_reason: str = ""  # the first reason given for closing (later ones are consequences)
     close_condition: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: tuple[Attempt, ...] = ()
     failure_recorded: bool = False
     done: bool = False
 
@@ -87,16 +89,18 @@ class Monitor:
     def authenticated(self, conn: StreamConnection, action: Authenticated) -> None:
         st = conn.stats
         now = self.wall()
-        st.pairs.append((action.local, action.remote, action.label))
+        st.pairs += ((action.local, action.remote, action.label),)
         if st.authenticated_at is None:
             st.authenticated_at = now
             self.setup.labels(conn.kind).observe(max(0.0, now - st.opened))
         tls = _tls_text(conn)
+        reason = f"authenticated via {action.label} ({tls or 'no TLS'})"
+        # one string per (method, TLS version and cipher), not one per stream: each stream
+        # keeps its Attempt (issue 11); a note (a pin mismatch's fallback) is the stream's own
+        reason = f"{reason}; {action.note}" if action.note else sys.intern(reason)
         attempt = Attempt(st.opened, conn.kind, action.local, action.remote, conn.peer,
-                          Outcome.AUTHENTICATED, f"authenticated via {action.label} "
-                          f"({tls or 'no TLS'})" + (f"; {action.note}" if action.note else ""),
-                          now - st.opened, action.label, tls)
-        st.attempts.append(self.history.record(self._partner_of(action.remote), attempt))
+                          Outcome.AUTHENTICATED, reason, now - st.opened, action.label, tls)
+        st.attempts += (self.history.record(self._partner_of(action.remote), attempt),)
 
     def closing(self, conn: StreamConnection, reason: str, condition: str | None) -> None:
         st = conn.stats
@@ -248,7 +252,7 @@ def _tls_text(conn: StreamConnection) -> str:
     tls = conn.tls
     if tls is None or not tls.handshake_complete:
         return ""
-    return " ".join(x for x in (tls.version, tls.cipher) if x)
+    return sys.intern(" ".join(x for x in (tls.version, tls.cipher) if x))  # a few per edge
 
 
 class _EdgeCollector(Collector):

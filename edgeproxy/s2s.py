@@ -23,6 +23,7 @@ import base64
 import binascii
 import logging
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -289,6 +290,33 @@ def _text(el: Element) -> str:
     return (el.xml().text or "").strip()
 
 
+# A stream's domain pairs (verified, being verified): a tuple while few - one pair, after SASL,
+# is what nearly every stream holds, 48 bytes against an empty set's 216 (issue 11: thousands
+# of streams) - and a set once a peer multiplexes many (XEP-0220 piggybacking), so that the
+# membership test of every stanza stays O(1).
+Pair = tuple[str, str]
+Pairs = tuple[Pair, ...] | set[Pair]
+_FEW_PAIRS = 8
+
+
+def with_pair(pairs: Pairs, pair: Pair) -> Pairs:
+    if type(pairs) is set:
+        pairs.add(pair)
+        return pairs
+    if pair in pairs:
+        return pairs
+    if len(pairs) < _FEW_PAIRS:
+        return (*pairs, pair)
+    return {*pairs, pair}
+
+
+def without_pair(pairs: Pairs, pair: Pair) -> Pairs:
+    if type(pairs) is set:
+        pairs.discard(pair)
+        return pairs
+    return tuple(p for p in pairs if p != pair)
+
+
 class InState(Enum):
     """Where a received stream is (RFC 6120 4.3): the stream it is on and what is still open.
 
@@ -363,8 +391,8 @@ class InboundS2s:
     partner: Partner | None = None
     cert_check: CertChecker | None = None
     sasl_attempts: int = 0
-    verified: set[tuple[str, str]] = field(default_factory=set)  # (local, remote) pairs
-    pending: set[tuple[str, str]] = field(default_factory=set)  # pairs being verified
+    verified: Pairs = ()  # (local, remote) pairs
+    pending: Pairs = ()  # pairs being verified
     created: float = 0.0  # on the shell's clock
     fallback: str = ""  # why SASL EXTERNAL was refused and dialback used (a pin mismatch)
     timers: StreamTimers = field(init=False)
@@ -464,7 +492,7 @@ class InboundS2s:
         """The authoritative server answered (or could not be asked): valid/invalid/condition."""
         if (local, remote) not in self.pending or self.state in _ENDED:
             return []
-        self.pending.discard((local, remote))
+        self.pending = without_pair(self.pending, (local, remote))
         if outcome == "valid":
             return self._grant(local, remote, self._dialback_method(), "dialback")
         if outcome == "invalid":
@@ -493,7 +521,9 @@ class InboundS2s:
         to = (ev.attrs.get("to") or "").lower().rstrip(".")
         frm = ev.attrs.get("from")
         self.header_from = frm.lower().rstrip(".") if frm else None
-        self.local = to if to in self.ctx.local_domains else sorted(self.ctx.local_domains)[0]
+        # interned: one string per local domain, not one per stream (issue 11)
+        self.local = sys.intern(to) if to in self.ctx.local_domains else \
+            sorted(self.ctx.local_domains)[0]
         return to
 
     def _on_header(self, ev: StreamOpened) -> list[Action]:
@@ -587,8 +617,7 @@ class InboundS2s:
         # is discarded: pairs verified by TCP dialback, and verifications still under way
         # (their answer would land in the new stream before its header; found by bench/fuzz.py).
         self.state = InState.TLS_STARTING
-        self.verified.clear()
-        self.pending.clear()
+        self.verified = self.pending = ()
         return [Send(f"<proceed xmlns='{NS_TLS}'/>".encode()), StartTls()]
 
     def _refuse_starttls(self, el: Element) -> list[Action]:
@@ -633,7 +662,7 @@ class InboundS2s:
         if not check.ok:  # re-checked at use (XEP-0344 4: guard against renegotiation)
             return [Send(_sasl_failure("not-authorized"))]
         self.state = InState.WAIT_SASL_HEADER
-        self.pending.clear()  # their answers belong to the stream that just ended (6.4.6)
+        self.pending = ()  # their answers belong to the stream that just ended (6.4.6)
         out = self._grant(self.local, self.header_from, AuthMethod.SASL_EXTERNAL,
                           "sasl-external", notify=False)
         return out + [Send(f"<success xmlns='{NS_SASL}'/>".encode()), RestartStream()]
@@ -691,7 +720,7 @@ class InboundS2s:
                                    "dialback-over-valid-certificate")
             if check.pin_mismatch and partner is not None:  # no shortcut: the authoritative
                 self._pin_fallback(partner, check)  # server must say valid
-        self.pending.add((local, remote))
+        self.pending = with_pair(self.pending, (local, remote))
         return [DialbackVerify(local, remote, self.stream_id, key)]
 
     def _on_db_verify(self, el: Element) -> list[Action]:
@@ -712,7 +741,7 @@ class InboundS2s:
 
     def _grant(self, local: str, remote: str, method: AuthMethod, label: str,
                notify: bool = True) -> list[Action]:
-        self.verified.add((local, remote))
+        self.verified = with_pair(self.verified, (local, remote))
         # Authenticated first: the shell may still refuse the pair (partner connection limit)
         # and close the stream before the peer is told 'valid'.
         note = self.fallback if method is not AuthMethod.SASL_EXTERNAL else ""

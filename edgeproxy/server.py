@@ -73,6 +73,7 @@ from .s2s import (
     Timeouts,
 )
 from .stream import TlsEstablished, TransportFailed, XmppStream
+from .timerwheel import TimerWheel
 from .tls import TlsContexts, TlsError, TlsSession
 from .xmlstream import (
     NS_COMPONENT,
@@ -126,7 +127,7 @@ class StreamConnection(asyncio.Protocol):
     """
 
     # Thousands at once (issue 11): no per-instance __dict__. A new attribute goes here.
-    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer",
+    __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer_key",
                  "_timer_at", "_flush_scheduled", "_paused", "_pending", "stream", "sent_close",
                  "stats", "revocation", "revocation_refusal", "_revocation_hold",
                  "_revocation_timer")
@@ -141,7 +142,7 @@ class StreamConnection(asyncio.Protocol):
         # The machine's timers (None: the component link): fed with what is received and sent.
         # Outbound streams receive next to nothing, so inactivity counts both directions.
         self.timers: StreamTimers | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key: int | None = None  # its bucket on edge.stream_timers (timerwheel)
         self._timer_at = math.inf
         self._flush_scheduled = False
         self._paused = False
@@ -154,7 +155,7 @@ class StreamConnection(asyncio.Protocol):
         self.revocation: ChainStatus | None = None
         self.revocation_refusal: str | None = None
         self._revocation_hold = False
-        self._revocation_timer: asyncio.TimerHandle | None = None
+        self._revocation_timer: int | None = None  # its bucket on edge.revocation_timers
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -163,21 +164,7 @@ class StreamConnection(asyncio.Protocol):
     def check_certificate(self, tls: TlsSession) -> CertChecker:
         """The checker of the peer's certificate for a domain: chain and name, and the pins
         of the domain's partner (issue 15), which are read at each check (a reload counts)."""
-        leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
-        edge = self.edge
-
-        def check(domain: str) -> CertificateCheck:
-            partner = edge.cfg.partners.lookup(domain)
-            pins = partner.pin_sha256 if partner is not None else ()
-            result = _revocation_verdict(
-                verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
-                                   pin_only=partner is not None and partner.trust is Trust.PIN),
-                self.revocation_refusal)
-            if leaf is not None and partner is not None and not partner.is_default:
-                edge.saw_certificate(partner.domain, leaf, result, self.kind, self.peer)
-            return result
-
-        return check
+        return PeerCertificateCheck(self, tls.peer_certificate, tls.peer_intermediates)
 
     def handle_action(self, action: Effect) -> None:
         """Actions of the machine that are not about bytes (Deliver, Authenticated, ...)."""
@@ -227,6 +214,13 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        # asyncio's socket transports keep both addresses as tuples in their extras for the
+        # connection's life (~270 bytes; issue 11): the edge reads the peer once, here, and
+        # the socket (which has both) stays. uvloop's transports have no such dict.
+        extra = getattr(transport, "_extra", None)
+        if type(extra) is dict:
+            extra.pop("peername", None)
+            extra.pop("sockname", None)
         self.edge.track(self)
         self.arm_timer()
 
@@ -235,10 +229,11 @@ class StreamConnection(asyncio.Protocol):
         self.closing = True
         self._pending = None
         if self._revocation_timer is not None:
-            self._revocation_timer.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
+            self._revocation_timer = None
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+            self._timer_key = None
         self.edge.monitor.lost(self, f"connection lost ({exc})" if exc else "connection closed")
         self.on_lost(f"connection lost ({exc})" if exc else "connection closed")
         self.edge.router.connection_gone(self)
@@ -466,13 +461,15 @@ class StreamConnection(asyncio.Protocol):
         if until is None or self.closing:
             return
         delay = (until - self.edge.revocation.clock()).total_seconds()
-        self._revocation_timer = asyncio.get_running_loop().call_later(
-            max(1.0, delay), self.recheck_revocation)
+        if self._revocation_timer is not None:
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
+        self._revocation_timer = self.edge.revocation_timers.add(
+            self, self.edge.clock() + max(1.0, delay))
 
     def recheck_revocation(self) -> None:
         """The re-check timer's callback (tests on a fake clock call it after moving it)."""
         if self._revocation_timer is not None:
-            self._revocation_timer.cancel()
+            self.edge.revocation_timers.discard(self, self._revocation_timer)
             self._revocation_timer = None
         tls = self.tls
         if self.closing or tls is None or tls.peer_certificate is None \
@@ -499,41 +496,66 @@ class StreamConnection(asyncio.Protocol):
                         self.label(), status.describe(), extra=self.log_fields())
         self._arm_revocation_recheck(status)
 
-    # -- timers: one loop.call_at per connection, at the core's next deadline ------------------
+    # -- timers: the core's next deadline, on the edge's timer wheel (one loop timer for all
+    # streams, edgeproxy.timerwheel) -------------------------------------------------------------
     def arm_timer(self) -> None:
-        """Arm the loop timer for the next deadline when it is earlier than the one armed.
+        """Arm the timer for the next deadline when it is earlier than the one armed.
         Activity only moves deadlines later, so a timer that fires early just re-arms."""
         if self.closing:
             return
         deadline = self.next_deadline()
         if deadline is None or deadline >= self._timer_at:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
+        wheel = self.edge.stream_timers
+        if self._timer_key is not None:
+            wheel.discard(self, self._timer_key)
         self._timer_at = deadline
-        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self.edge.clock()),
-                                   self.timer_fired)
+        self._timer_key = wheel.add(self, deadline)
 
     def rearm_timer(self) -> None:
         """The stream is authenticated: its establishment deadline (RFC 6120 4.3, Lync
         StreamEstablishmentTimeout) is gone and the next one is much later. The armed timer
         would fire only to re-arm, once per stream a minute after its set-up (3,300 of them in
         a step of 1,000 set-ups at 5,000 open); it is moved now instead."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, math.inf
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+        self._timer_key, self._timer_at = None, math.inf
         self.arm_timer()
 
     def timer_fired(self) -> None:
-        """The loop timer's callback (tests on a fake clock call it after advancing it)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, math.inf
+        """The timer wheel's callback (tests on a fake clock call it after advancing it)."""
+        if self._timer_key is not None:
+            self.edge.stream_timers.discard(self, self._timer_key)
+        self._timer_key, self._timer_at = None, math.inf
         if self.closing:
             return
         self.run(self.handle_timer(self.edge.clock()))
         self.arm_timer()
+
+
+class PeerCertificateCheck:
+    """`StreamConnection.check_certificate`'s checker, which the machine keeps for the stream's
+    life (later domains, XEP-0344): an object with three slots, not a closure with its cells
+    (issue 11: ~300 bytes less per stream)."""
+
+    __slots__ = ("conn", "leaf", "chain")
+
+    def __init__(self, conn: StreamConnection, leaf: x509.Certificate | None,
+                 chain: tuple[x509.Certificate, ...]):
+        self.conn, self.leaf, self.chain = conn, leaf, chain
+
+    def __call__(self, domain: str) -> CertificateCheck:
+        conn, leaf = self.conn, self.leaf
+        edge = conn.edge
+        partner = edge.cfg.partners.lookup(domain)
+        pins = partner.pin_sha256 if partner is not None else ()
+        result = _revocation_verdict(
+            verify_certificate(leaf, self.chain, domain, edge.trust, pins=pins,
+                               pin_only=partner is not None and partner.trust is Trust.PIN),
+            conn.revocation_refusal)
+        if leaf is not None and partner is not None and not partner.is_default:
+            edge.saw_certificate(partner.domain, leaf, result, conn.kind, conn.peer)
+        return result
 
 
 class InboundConnection(StreamConnection):
@@ -546,8 +568,10 @@ class InboundConnection(StreamConnection):
         self.machine = InboundS2s(edge.s2s_ctx, created=self.created)
         self.timers = self.machine.timers
         self.direct_tls = direct_tls
-        self.partners: set[str] = set()
-        self.methods: list[tuple[str, AuthMethod]] = []  # (remote, method) per verified pair
+        # tuples: nearly every stream has one partner and one pair (issue 11: an empty set is
+        # 216 bytes, thousands of streams)
+        self.partners: tuple[str, ...] = ()
+        self.methods: tuple[tuple[str, AuthMethod], ...] = ()  # (remote, method) per pair
         self._refusal = ""
         self.stream = self._make_stream(self.machine.receive)
 
@@ -631,9 +655,10 @@ class InboundConnection(StreamConnection):
                                 f"has {limit} stream(s) open here ({setting})",
                                 "policy-violation"))
             return
-        self.partners.add(key)
+        if key not in self.partners:
+            self.partners += (key,)
         self.edge.partner_stream_added(key, self)
-        self.methods.append((action.remote, action.method))
+        self.methods += ((action.remote, action.method),)
         self.rearm_timer()
         tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
@@ -1625,9 +1650,15 @@ class Edge:
         self.monitor = Monitor(self)
         self.router.relay.on_bounce = self.monitor.bounced
         self.connections: set[StreamConnection] = set()
+        # every stream's next deadline and revocation re-check, each wheel behind one loop timer
+        self.stream_timers: TimerWheel[StreamConnection] = TimerWheel(
+            clock, StreamConnection.timer_fired)
+        self.revocation_timers: TimerWheel[StreamConnection] = TimerWheel(
+            clock, StreamConnection.recheck_revocation)
         self.s2s_count = 0  # server-to-server connections among them (Lync ConnectionLimit)
-        # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit)
-        self._partner_streams: dict[str, set[InboundConnection]] = {}
+        # partner -> its inbound streams with an authenticated pair (PartnerConnectionLimit):
+        # the stream itself while it is the partner's only one (most are: a set is 216 bytes)
+        self._partner_streams: dict[str, InboundConnection | set[InboundConnection]] = {}
         self.servers: list[asyncio.AbstractServer | Listener] = []
         self.fd_budget: FdBudget | None = None  # the S2S listeners' share of descriptors
         self.admin: AdminListener | None = None
@@ -1862,20 +1893,32 @@ class Edge:
             self.s2s_count -= 1
         if self.fd_budget is not None:
             self.fd_budget.released()
+        index = self._partner_streams
         for key in getattr(conn, "partners", ()):
-            streams = self._partner_streams.get(key)
-            if streams is not None:
+            streams = index.get(key)
+            if streams is conn:
+                del index[key]
+            elif isinstance(streams, set):
                 streams.discard(conn)  # type: ignore[arg-type]
                 if not streams:
-                    del self._partner_streams[key]
+                    del index[key]
 
     def partner_stream_added(self, partner_domain: str, conn: InboundConnection) -> None:
-        if conn in self.connections:
-            self._partner_streams.setdefault(partner_domain, set()).add(conn)
+        if conn not in self.connections:
+            return
+        index = self._partner_streams
+        streams = index.get(partner_domain)
+        if streams is None:
+            index[partner_domain] = conn
+        elif isinstance(streams, set):
+            streams.add(conn)
+        elif streams is not conn:
+            index[partner_domain] = {streams, conn}
 
     def partner_connections(self, partner_domain: str) -> int:
         """Open inbound streams with a pair of the partner authenticated (its limit's count)."""
-        return len(self._partner_streams.get(partner_domain, ()))
+        streams = self._partner_streams.get(partner_domain)
+        return 0 if streams is None else len(streams) if isinstance(streams, set) else 1
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1984,6 +2027,8 @@ class Edge:
             if c.transport is not None:
                 c.transport.abort()
         self.router.stop_timer()
+        self.stream_timers.stop()
+        self.revocation_timers.stop()
         await self.revocation.close()
         for s in self.servers:
             await s.wait_closed()

@@ -70,7 +70,9 @@ class XmppStream(Generic[A]):
         self.tls: TlsSession | None = None
         self._tls_reported = False
         self._out: list[bytes] = []  # plaintext XML not yet handed to TLS / the wire
-        self._wire: list[bytes] = []  # bytes for the wire that must not be encrypted
+        # bytes for the wire that must not be encrypted (only around STARTTLS and the close:
+        # no list kept the rest of the time, issue 11)
+        self._wire: list[bytes] | None = None
         self.closed = False
 
     # -- input ----------------------------------------------------------------------------------
@@ -96,8 +98,11 @@ class XmppStream(Generic[A]):
         if tls.handshake_complete and not self._tls_reported:
             self._tls_reported = True
             yield TlsEstablished(tls)
-            if self._tls_ready is not None and self._check_certificate is not None:
-                yield from self._tls_ready(self._check_certificate(tls))
+            ready, check = self._tls_ready, self._check_certificate
+            # used once per stream: not kept as bound methods for its life (issue 11)
+            self._tls_ready = self._check_certificate = None
+            if ready is not None and check is not None:
+                yield from ready(check(tls))
         if plain and not self.closed:
             yield from self._plaintext(plain, now)
         if tls.peer_closed and not self.closed:
@@ -141,11 +146,12 @@ class XmppStream(Generic[A]):
         """RFC 6120 5.4.3.3: after <proceed/> the stream is gone; TLS takes the transport."""
         assert self._make_tls is not None, "StartTls on a stream without TLS"
         leftover = self.parser.leftover  # bytes in the same read as <starttls/> / <proceed/>
-        self._wire.append(b"".join(self._out))  # what we sent so far goes out in plaintext
+        self._wire = [*(self._wire or ()), b"".join(self._out)]  # out in plaintext, first
         self._out.clear()
         self.parser.release()
         self.parser = self._new_parser()
         self.tls = self._make_tls()
+        self._make_tls = None  # once per stream: the machine refuses a second <starttls/>
         if leftover:
             yield from self._tls_data(self.tls, leftover, now)
 
@@ -160,8 +166,9 @@ class XmppStream(Generic[A]):
 
     def data_to_send(self) -> bytes:
         """Everything for the wire: plaintext sent before TLS, then TLS records."""
-        wire = b"".join(self._wire) if self._wire else b""
-        self._wire.clear()
+        wire = b""
+        if self._wire is not None:
+            wire, self._wire = b"".join(self._wire), None
         if self.tls is None:
             data = b"".join(self._out)
             self._out.clear()
@@ -178,6 +185,6 @@ class XmppStream(Generic[A]):
         if self.tls is not None:
             pending = self.data_to_send()
             if pending:
-                self._wire.append(pending)
+                self._wire = [*(self._wire or ()), pending]
             with contextlib.suppress(TlsError):
                 self.tls.close()

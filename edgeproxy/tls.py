@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -289,13 +290,14 @@ class TlsSession:
         self.handshake_complete = False
         self.peer_closed = False  # close_notify received
         self.peer_certificate: x509.Certificate | None = None
-        self.peer_intermediates: list[x509.Certificate] = []
+        self.peer_intermediates: tuple[x509.Certificate, ...] = ()
         self.peer_ocsp_response: bytes | None = None  # stapled by the server (client side only)
         self.version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: bytes | None = None
         self.server_name: str | None = server_name
-        self._pending_plaintext: list[bytes] = []  # written before the handshake completed
+        # written before the handshake completed; None after it (one list less per stream)
+        self._pending_plaintext: list[bytes] | None = []
         self._closed = False
         self._eof = False
         self._error: TlsError | None = None
@@ -383,21 +385,25 @@ class TlsSession:
     def _on_handshake_complete(self) -> None:
         conn = self._conn
         self.handshake_complete = True
-        self.version = conn.get_protocol_version_name()
-        self.cipher = conn.get_cipher_name()
+        # a handful of distinct values per edge: one string each, not one per stream (issue 11)
+        self.version = sys.intern(conn.get_protocol_version_name())
+        cipher = conn.get_cipher_name()
+        self.cipher = sys.intern(cipher) if cipher is not None else None
         self.alpn_protocol = conn.get_alpn_proto_negotiated() or None
         peer = conn.get_peer_certificate()
         leaf = _certificates.get(peer) if peer is not None else None
         chain = [_certificates.get(c) for c in conn.get_peer_cert_chain() or []]
         self.peer_certificate = leaf
         # server side: chain excludes the leaf; client side: leaf first (pitfall 1)
-        self.peer_intermediates = [c for c in chain if c != leaf]
+        self.peer_intermediates = tuple(c for c in chain if c != leaf)
         if self.server_side:
             raw = conn.get_servername()
             self.server_name = raw.decode("ascii", "replace").lower() if raw else None
             if self.server_name in self._sni_domains:  # SNI chose the certificate
                 self.local_domain = self.server_name
-        pending, self._pending_plaintext = self._pending_plaintext, []
+            elif self.server_name is not None and self.server_name == self.local_domain:
+                self.server_name = self.local_domain  # the same string (issue 11)
+        pending, self._pending_plaintext = self._pending_plaintext or (), None
         for chunk in pending:
             self._write(chunk)
 
@@ -430,6 +436,7 @@ class TlsSession:
         if not plaintext:
             return
         if not self.handshake_complete:
+            assert self._pending_plaintext is not None
             self._pending_plaintext.append(bytes(plaintext))
             return
         self._write(plaintext)

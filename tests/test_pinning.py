@@ -242,6 +242,28 @@ async def test_a_save_reads_the_file_again_only_when_another_process_wrote_it(tm
         edge.get("b.test").names)
 
 
+async def test_a_saved_entry_is_kept_as_its_line_and_read_back_whole(tmp_path):
+    """Issue 11: once written, a partner's entry is held as its line of the file (one string,
+    not the object and its strings); get() gives the same entry back, and a change of the
+    certificate is still recognised against it."""
+    from edgeproxy.fingerprints import describe
+    from edgeproxy.identity import TrustStore, verify_certificate
+    path = tmp_path / "edge.toml.certificates.json"
+    book = PartnerCertificates(path)
+    check = verify_certificate(CERT_F.cert, CERT_F.chain, F[0], TrustStore([CA.root.cert]))
+    seen = describe(CERT_F.cert, check, partner=F[0], source="inbound", peer="[::1]:5269",
+                    when=1000.0)
+    assert book.record(seen)
+    assert isinstance(book._seen[F[0]], str)  # the line, as in the file
+    assert book.get(F[0]) == seen
+    assert not book.record(describe(CERT_F.cert, check, partner=F[0], source="inbound",
+                                    peer="[::1]:5269", when=1001.0))  # unchanged
+    assert book.record(describe(CERT_C.cert, check, partner=F[0], source="inbound",
+                                peer="", when=1002.0))  # another certificate: written
+    assert PartnerCertificates(path).get(F[0]).fingerprint == book.get(F[0]).fingerprint != \
+        seen.fingerprint
+
+
 async def test_unwritable_directory_keeps_the_certificates_in_memory(tmp_path, caplog):
     """A read-only configuration directory: one warning, the entry still served from memory."""
     from edgeproxy.fingerprints import describe

@@ -750,3 +750,19 @@ def test_verify_only_stream_deadlines_answer_timeout_and_idle_close():
     assert out.next_deadline() == 180.0  # the oldest one's
     (close,) = out.handle_timer(180.0)
     assert close.condition == "connection-timeout" and "did not answer" in close.reason
+
+
+def test_a_streams_pairs_are_a_tuple_while_few_and_a_set_beyond() -> None:
+    """InboundS2s.verified / pending (issue 11: 48 bytes for the usual single pair)."""
+    from edgeproxy.s2s import _FEW_PAIRS, with_pair, without_pair
+
+    pairs: tuple[tuple[str, str], ...] | set[tuple[str, str]] = ()
+    for i in range(_FEW_PAIRS):
+        pairs = with_pair(pairs, ("contoso.test", f"p{i}.test"))
+        pairs = with_pair(pairs, ("contoso.test", f"p{i}.test"))  # twice: kept once
+    assert type(pairs) is tuple and len(pairs) == _FEW_PAIRS
+    pairs = with_pair(pairs, ("contoso.test", "many.test"))
+    assert type(pairs) is set and len(pairs) == _FEW_PAIRS + 1
+    pairs = without_pair(pairs, ("contoso.test", "p0.test"))
+    assert ("contoso.test", "p0.test") not in pairs and ("contoso.test", "p1.test") in pairs
+    assert without_pair((("a", "b"), ("a", "c")), ("a", "b")) == (("a", "c"),)

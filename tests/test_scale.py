@@ -175,4 +175,5 @@ async def test_authenticated_stream_timer_moves_past_the_establishment_deadline(
         for c in authenticated():
             deadline = c.next_deadline()
             assert deadline is not None and deadline > c.created + establishment, c.label()
-            assert c._timer is not None and c._timer_at == deadline, c.label()
+            assert c._timer_at == deadline, c.label()
+            assert c._timer_key == edge.stream_timers.key(deadline), c.label()

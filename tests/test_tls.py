@@ -143,7 +143,7 @@ def test_no_client_certificate(server_contexts, pki):
     client.send(b"hi")
     _, got = transfer(client, server)
     assert got == b"hi" and server.handshake_complete
-    assert server.peer_certificate is None and server.peer_intermediates == []
+    assert server.peer_certificate is None and server.peer_intermediates == ()
     check = verify_certificate(server.peer_certificate, server.peer_intermediates, REMOTE,
                                pki.trust)
     assert not check.ok and check.reason == "no certificate presented"
