@@ -35,7 +35,13 @@ from .dns import DnsError, S2sResolver
 from .fdlimit import nofile_limits, open_descriptors, raise_nofile_limit
 from .fdlimit import reserve as fd_reserve
 from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
-from .identity import CertificateCheck, TrustStore, fingerprint_sha256, verify_certificate
+from .identity import (
+    CertificateCheck,
+    TrustStore,
+    fingerprint_sha256,
+    holds_at,
+    verify_certificate,
+)
 from .link import LINK_PING, LINK_TIMEOUT, Inbox, SmError, set_tcp_user_timeout
 from .linktls import LinkTls, peer_description
 from .listener import FdBudget, Listener
@@ -161,14 +167,26 @@ class StreamConnection(asyncio.Protocol):
         of the domain's partner (issue 15), which are read at each check (a reload counts)."""
         leaf, chain = tls.peer_certificate, list(tls.peer_intermediates)
         edge = self.edge
+        # The stream's last verdict and what it was asked: a set-up checks its one certificate
+        # for the same domain twice (the features' offer of EXTERNAL, RFC 6120 6.4.1, and the
+        # <auth/> itself, XEP-0178 3), and the chain's signatures were a quarter of the edge's
+        # CPU per set-up. Kept per stream, never shared between streams or certificates.
+        last: tuple[tuple[object, ...], CertificateCheck] | None = None
 
         def check(domain: str) -> CertificateCheck:
+            nonlocal last
             partner = edge.cfg.partners.lookup(domain)
             pins = partner.pin_sha256 if partner is not None else ()
-            result = _revocation_verdict(
-                verify_certificate(leaf, chain, domain, edge.trust, pins=pins,
-                                   pin_only=partner is not None and partner.trust is Trust.PIN),
-                self.revocation_refusal)
+            pin_only = partner is not None and partner.trust is Trust.PIN
+            now = dt.datetime.now(dt.UTC)
+            asked = (domain, pins, pin_only, edge.trust)  # a reload may change pins or trust
+            if last is not None and last[0] == asked and holds_at(last[1], now):
+                verdict = last[1]
+            else:
+                verdict = verify_certificate(leaf, chain, domain, edge.trust, now, pins=pins,
+                                             pin_only=pin_only)
+                last = (asked, verdict)
+            result = _revocation_verdict(verdict, self.revocation_refusal)
             if leaf is not None and partner is not None and not partner.is_default:
                 edge.saw_certificate(partner.domain, leaf, result, self.kind, self.peer)
             return result
