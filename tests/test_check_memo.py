@@ -100,6 +100,8 @@ def test_features_then_auth_verify_the_chain_once(verifies: list[str]):
     assert first.ok and second == first
     assert verifies == [DOMAIN]
     assert stand.seen == [DOMAIN, DOMAIN]  # the certificate book still hears of each check
+    # reused once, then dropped (an open stream keeps no verdict): a third ask verifies
+    assert check(DOMAIN) == first and verifies == [DOMAIN, DOMAIN]
 
 
 def test_another_domain_or_changed_pins_or_trust_verify_again(verifies: list[str]):
@@ -108,14 +110,16 @@ def test_another_domain_or_changed_pins_or_trust_verify_again(verifies: list[str
     check = checker(stand, issued)
     assert check(DOMAIN).ok and check(OTHER).ok and check(DOMAIN).ok
     assert verifies == [DOMAIN, OTHER, DOMAIN]  # only the last question is kept
+    assert check(DOMAIN).ok and verifies == [DOMAIN, OTHER, DOMAIN]  # ... and reused
+    assert check(DOMAIN).ok and len(verifies) == 4  # kept again
     stand.partners[DOMAIN].pin_sha256 = ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",)  # reload
     pinned = check(DOMAIN)
     assert not pinned.ok and pinned.pin_mismatch
-    assert verifies == [DOMAIN, OTHER, DOMAIN, DOMAIN]
+    assert verifies == [DOMAIN, OTHER, DOMAIN, DOMAIN, DOMAIN]
     stand.edge.trust = TrustStore([CertificateAuthority("Other Root").root.cert])  # reload
     stand.partners[DOMAIN].pin_sha256 = ()
     assert not check(DOMAIN).chain_ok
-    assert verifies[-1] == DOMAIN and len(verifies) == 5
+    assert verifies[-1] == DOMAIN and len(verifies) == 6
 
 
 def test_a_refused_revocation_status_applies_to_the_kept_verdict(verifies: list[str]):
