@@ -147,3 +147,26 @@ def test_an_expired_window_verifies_again(verifies: list[str], monkeypatch: pyte
     late = check(DOMAIN)
     assert not late.ok and "expired" in late.reason
     assert verifies == [DOMAIN, DOMAIN]
+
+
+# --- the revocation issuer path: CA-to-CA links verified once (edgeproxy.revocation) --------
+
+def test_issuer_path_keeps_only_ca_links_and_not_a_look_alike():
+    from edgeproxy import revocation
+    ca = CertificateAuthority("Links Test")
+    assert ca.intermediate is not None
+    first, second = ca.issue("a.test"), ca.issue("b.test")
+    anchors = [ca.root.cert]
+    revocation._CA_LINKS.clear()
+    path = revocation.issuer_path(first.cert, list(first.chain), anchors)
+    assert path == [(first.cert, ca.intermediate.cert), (ca.intermediate.cert, ca.root.cert)]
+    assert list(revocation._CA_LINKS) == [(ca.intermediate.cert, ca.root.cert)]  # no leaf
+    assert revocation.issuer_path(second.cert, list(second.chain), anchors)[1] == \
+        (ca.intermediate.cert, ca.root.cert)
+    assert len(revocation._CA_LINKS) == 1
+    # an intermediate of the same name under another root is not taken for the kept one
+    other = CertificateAuthority("Links Test")  # same names, other keys
+    forged = other.issue("c.test")
+    assert revocation.issuer_path(forged.cert, list(forged.chain), anchors) == []
+    # and a leaf signed by another key under the kept intermediate's name finds no issuer
+    assert revocation.issuer_path(forged.cert, list(first.chain), anchors) == []
