@@ -177,12 +177,43 @@ def issuer_path(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate
         if cert in anchor_set:
             return out
         issuer = next((c for c in pool if c.subject == cert.issuer and c != cert
-                       and _issued_by(cert, c)), None)
+                       and _path_link(cert, c)), None)
         if issuer is None:
             return []
         out.append((cert, issuer))
         cert = issuer
     return []
+
+
+# (CA certificate, the CA certificate whose key signed it) pairs of issuer paths, signature
+# verified: an intermediate serves every partner its CA issued to, so a partner's first stream
+# verifies only its own leaf's signature here (issue 11, set-up CPU). Keyed by both whole
+# certificates (equality is the DER), never holding a partner's end-entity certificate.
+_CA_LINKS: OrderedDict[tuple[x509.Certificate, x509.Certificate], None] = OrderedDict()
+_CA_LINKS_SIZE = 1024
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _path_link(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`cert` is issued by `issuer` (its signature); CA-to-CA links are verified once."""
+    if not _is_ca(cert):
+        return _issued_by(cert, issuer)
+    link = (cert, issuer)
+    if link in _CA_LINKS:
+        _CA_LINKS.move_to_end(link)
+        return True
+    if not _issued_by(cert, issuer):
+        return False
+    _CA_LINKS[link] = None
+    if len(_CA_LINKS) > _CA_LINKS_SIZE:
+        _CA_LINKS.popitem(last=False)
+    return True
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
