@@ -1,6 +1,6 @@
 """The parser alone, per stanza, for callgrind (a script, not a test).
 
-    PY=/root/.pyenv/versions/3.11.7/bin/python3
+    PY=$(python3 -c 'import sys; print(sys.executable)')  # the real binary, not pyenv's shim
     valgrind --tool=callgrind --callgrind-out-file=/dev/null $PY bench/parse_cost.py -n 2000
     valgrind --tool=callgrind --callgrind-out-file=/dev/null $PY bench/parse_cost.py -n 12000
     # (difference) / 10000 = instructions per stanza; --rich: a message with a body and two

@@ -1,7 +1,7 @@
 """The TLS + SASL EXTERNAL set-up path in one process, without sockets (issue 11).
 
     python3 bench/setup_path.py [-n 1000] [--rounds 5] [--partners 1000] [--profile]
-    EDGE_TREE=/tmp/tls-base python3 bench/setup_path.py ...   # another tree's edge, same script
+    EDGE_TREE=<baseline> python3 bench/setup_path.py ...   # another tree's edge, same script
 
 A script, not a test. `bench/streams.py` and `bench/edge_scale.py` measure set-ups between real
 sockets against a separate edge process; on this shared 2-core machine their wall rates swing,
@@ -17,7 +17,7 @@ every set-up is checked to end authenticated.
 
 What it prints: the edge's CPU per set-up (best and median of the rounds). For exact counts run
 it under callgrind with --rounds 1 and compare the two trees' totals (the client's share is the
-same in both): `valgrind --tool=callgrind --callgrind-out-file=/tmp/x.out python3
+same in both): `valgrind --tool=callgrind --callgrind-out-file=x.out python3
 bench/setup_path.py -n 200 --rounds 1`.
 """
 
