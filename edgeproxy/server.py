@@ -203,11 +203,14 @@ class StreamConnection(asyncio.Protocol):
                 "stream": getattr(m, "stream_id", "") or ""}
 
     def next_deadline(self) -> float | None:
-        """When the stream's next timer falls due, on the edge's clock (None: no timer)."""
-        return None
+        """When the stream's next timer falls due, on the edge's clock (None: no timer): the
+        sans-I/O machine's deadline, for the subclasses that have one."""
+        machine = getattr(self, "machine", None)
+        return None if machine is None else machine.next_deadline()
 
     def handle_timer(self, now: float) -> Sequence[StreamAction]:
-        return []
+        machine = getattr(self, "machine", None)
+        return [] if machine is None else machine.handle_timer(now)
 
     @property
     def tls(self) -> TlsSession | None:
@@ -640,12 +643,6 @@ class InboundConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return bool(self.machine.verified)
 
-    def next_deadline(self) -> float | None:
-        return self.machine.next_deadline()
-
-    def handle_timer(self, now: float) -> Sequence[StreamAction]:
-        return self.machine.handle_timer(now)
-
     def deliver(self, action: Deliver) -> None:
         self.stats.stanzas_in += 1
         self.edge.router.from_partner(action.element, action.local, action.remote, self)
@@ -1061,12 +1058,6 @@ class OutboundConnection(StreamConnection):
     def is_authenticated(self) -> bool:
         return self.machine.authenticated
 
-    def next_deadline(self) -> float | None:
-        return self.machine.next_deadline()
-
-    def handle_timer(self, now: float) -> Sequence[StreamAction]:
-        return self.machine.handle_timer(now)
-
     def handle_action(self, action: Effect) -> None:
         match action:
             case Authenticated(label=label):
@@ -1279,12 +1270,6 @@ class VerifyConnection(StreamConnection):
         self.run(self.machine.request_verify(req.local, req.remote, req.stream_id, req.key,
                                              now=self.edge.clock()))
         self.arm_timer()
-
-    def next_deadline(self) -> float | None:
-        return self.machine.next_deadline()
-
-    def handle_timer(self, now: float) -> Sequence[StreamAction]:
-        return self.machine.handle_timer(now)
 
     def handle_action(self, action: Effect) -> None:
         match action:
