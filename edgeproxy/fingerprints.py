@@ -39,7 +39,7 @@ from typing import Any
 
 from cryptography import x509
 
-from .identity import CertificateCheck, fingerprint_sha256, is_self_signed, spki_sha256
+from .identity import CertificateCheck, book_facts, fingerprint_sha256, spki_sha256
 
 log = logging.getLogger("edgeproxy")
 
@@ -87,11 +87,11 @@ def book_path(config_path: Path | None) -> Path | None:
 
 def describe(cert: x509.Certificate, check: CertificateCheck, *, partner: str, source: str,
              peer: str, when: float) -> SeenCertificate:
+    subject, issuer, not_after, self_signed = book_facts(cert)
     return SeenCertificate(
         partner=partner, spki_sha256=spki_sha256(cert), fingerprint=fingerprint_sha256(cert),
-        subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
-        names=tuple(check.names), not_after=cert.not_valid_after_utc.isoformat(),
-        self_signed=is_self_signed(cert),
+        subject=subject, issuer=issuer, names=tuple(check.names), not_after=not_after,
+        self_signed=self_signed,
         chain_ok=check.chain_ok, identity_ok=check.identity_ok, pinned=bool(check.pin_ok),
         source=source, peer=peer,
         seen_at=when)

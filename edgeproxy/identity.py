@@ -101,6 +101,16 @@ def _load_pem_file(path: Path, *, strict: bool) -> list[x509.Certificate]:
     return certs
 
 
+_PATHS_SIZE = 4096  # chains whose validation a TrustStore keeps
+
+
+@dataclass(frozen=True, slots=True)
+class _ValidPath:
+    path: tuple[x509.Certificate, ...]  # leaf first, the anchor last
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+
 class TrustStore:
     """Trust anchors, built once (a `Store` of ~150 roots costs ~0.2 ms, TLS.md section 6)."""
 
@@ -109,6 +119,36 @@ class TrustStore:
             raise ValueError("no trust anchors: give at least one CA certificate")
         self.anchors: tuple[x509.Certificate, ...] = tuple(anchors)
         self.store: Store = Store(list(self.anchors))
+        # chain (SHA-256 of the leaf, then of each intermediate sent) -> the path it was
+        # validated on to one of these anchors, and the window in which every certificate of
+        # that path is within its dates (`valid_paths`)
+        self._paths: dict[tuple[bytes, ...], _ValidPath] = {}
+
+    def known_path(self, chain: tuple[bytes, ...], now: dt.datetime) -> _ValidPath | None:
+        """The path a chain was validated on, when that validation holds at `now`.
+
+        Path validation (RFC 5280 6.1) depends on the certificates, the anchors, the policy
+        (fixed in this module) and the time; time only through the validity dates of the
+        path's certificates (6.1.3 (a)(2)). So a path validated once validates again at any
+        `now` inside all its dates, with this store: the second stream of a partner, or a
+        partner presenting a certificate other partners share (a host's wildcard), skips the
+        signatures (issue 11: a quarter of a TLS set-up's own CPU). Only successes are kept;
+        a reload builds a new store, and with it an empty cache. Revocation is not decided
+        here (revocation.py asks again at every stream)."""
+        known = self._paths.get(chain)
+        if known is not None and known.valid_from <= now <= known.valid_until:
+            return known
+        return None
+
+    def remember_path(self, chain: tuple[bytes, ...],
+                      path: Sequence[x509.Certificate]) -> _ValidPath:
+        known = _ValidPath(tuple(path), max(c.not_valid_before_utc for c in path),
+                           min(c.not_valid_after_utc for c in path))
+        paths = self._paths
+        if chain not in paths and len(paths) >= _PATHS_SIZE:
+            del paths[next(iter(paths))]  # the oldest goes: bounded, O(1)
+        paths[chain] = known
+        return known
 
     @classmethod
     def load(cls, ca_files: Sequence[Path] = (), use_system: bool = True) -> TrustStore:
@@ -198,6 +238,60 @@ def _der_string(data: bytes, tag: int) -> str:
     return body.decode("ascii" if tag == _TAG_IA5STRING else "utf-8")
 
 
+# --- facts of a certificate -----------------------------------------------------------------------
+
+_FACTS_SIZE = 4096  # as many as tls.py's shared peer certificates
+
+
+class _Facts:
+    """What never changes about one certificate object, worked out when first asked: its
+    SHA-256 fingerprint, its key's pin, the identities it presents, what the certificate book
+    records of it (issue 11: a TLS set-up asked for the fingerprint five times and parsed the
+    names twice). Keyed by the object (tls.py hands every stream of a certificate the same
+    one); each entry keeps its certificate alive, so an id is never reused while it is here."""
+
+    __slots__ = ("cert", "digest", "spki", "ids", "names", "described")
+
+    def __init__(self, cert: x509.Certificate):
+        self.cert = cert
+        self.digest: bytes | None = None
+        self.spki: str | None = None
+        self.ids: _Identities | ValueError | None = None
+        self.names: tuple[str, ...] | None = None
+        self.described: tuple[str, str, str, bool] | None = None
+
+
+_facts: dict[int, _Facts] = {}
+
+
+def _facts_of(cert: x509.Certificate) -> _Facts:
+    facts = _facts.get(id(cert))
+    if facts is None or facts.cert is not cert:
+        facts = _Facts(cert)
+        if len(_facts) >= _FACTS_SIZE:  # the oldest goes (insertion order): bounded, O(1)
+            del _facts[next(iter(_facts))]
+        _facts[id(cert)] = facts
+    return facts
+
+
+def certificate_digest(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the DER: the key of caches about this certificate (revocation.py)."""
+    facts = _facts_of(cert)
+    if facts.digest is None:
+        facts.digest = cert.fingerprint(hashes.SHA256())
+    return facts.digest
+
+
+def book_facts(cert: x509.Certificate) -> tuple[str, str, str, bool]:
+    """Subject, issuer (RFC 4514), notAfter (ISO 8601) and self-signed: for the certificate
+    book (fingerprints.describe)."""
+    facts = _facts_of(cert)
+    if facts.described is None:
+        facts.described = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(),
+                           cert.not_valid_after_utc.isoformat(), is_self_signed(cert))
+    return facts.described
+
+
 # --- names ---------------------------------------------------------------------------------------
 
 def _to_a_label(name: str) -> str | None:
@@ -226,6 +320,21 @@ class _Identities:
 
 
 def _identities(cert: x509.Certificate) -> _Identities:
+    """The identities `cert` presents (raises ValueError on a malformed extension, every time)."""
+    facts = _facts_of(cert)
+    ids = facts.ids
+    if ids is None:
+        try:
+            ids = _read_identities(cert)
+        except ValueError as e:
+            ids = e
+        facts.ids = ids
+    if isinstance(ids, ValueError):
+        raise ids
+    return ids
+
+
+def _read_identities(cert: x509.Certificate) -> _Identities:
     dns: list[str] = []
     srv: list[str] = []
     xmpp: list[str] = []
@@ -271,12 +380,16 @@ def _dns_matches(presented: str, reference: str) -> bool:
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     """Identities in the certificate, in the words used by `CertificateCheck.matched`."""
-    try:
-        ids = _identities(cert)
-    except ValueError as e:  # a malformed extension surfaces when cryptography parses it
-        return (f"(unparsable extensions: {e})",)
-    return (*(f"DNS-ID {n}" for n in ids.dns), *(f"SRV-ID {n}" for n in ids.srv),
-            *(f"XmppAddr {n}" for n in ids.xmpp), *(f"CN {n}" for n in ids.cn))
+    facts = _facts_of(cert)
+    if facts.names is None:
+        try:
+            ids = _identities(cert)
+        except ValueError as e:  # a malformed extension surfaces when cryptography parses it
+            facts.names = (f"(unparsable extensions: {e})",)
+        else:
+            facts.names = (*(f"DNS-ID {n}" for n in ids.dns), *(f"SRV-ID {n}" for n in ids.srv),
+                           *(f"XmppAddr {n}" for n in ids.xmpp), *(f"CN {n}" for n in ids.cn))
+    return facts.names
 
 
 def match_identity(cert: x509.Certificate, domain: str) -> str | None:
@@ -308,15 +421,18 @@ def match_identity(cert: x509.Certificate, domain: str) -> str | None:
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return certificate_digest(cert).hex(":").upper()
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
     """The pin of a certificate: base64 SHA-256 of its DER SubjectPublicKeyInfo (RFC 7469 2.4,
     the value of `[[partner]] pin_sha256`; `openssl x509 -pubkey | openssl pkey -pubin -outform
     der | openssl dgst -sha256 -binary | base64` prints the same)."""
-    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+    facts = _facts_of(cert)
+    if facts.spki is None:
+        der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        facts.spki = base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+    return facts.spki
 
 
 # --- chain ---------------------------------------------------------------------------------------
@@ -409,19 +525,25 @@ def verify_certificate(leaf: x509.Certificate | None, intermediates: Sequence[x5
     pin_ok = (spki in pin_set) if pin_set or pin_only else None  # pin_only: never unpinned
 
     chain_reason = ""
-    path: Sequence[x509.Certificate] = (leaf,)
+    valid_from = valid_until = None
     if not pin_only:
-        # A verifier per check: without .time() it freezes "now" at build time (pitfall 9).
-        # (Building one costs ~1 us; the verify itself, two ECDSA signatures here, ~180 us.)
-        verifier = (PolicyBuilder().store(trust.store).time(now)
-                    .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-                    .build_client_verifier())
-        try:
-            path = verifier.verify(leaf, list(intermediates)).chain
-        except VerificationError as e:
-            chain_reason = _chain_reason(leaf, intermediates, now, str(e))
-        except ValueError as e:  # malformed extensions are reported as ValueError while parsing
-            chain_reason = f"certificate cannot be parsed: {e}"
+        chain = (certificate_digest(leaf), *map(certificate_digest, intermediates))
+        known = trust.known_path(chain, now)
+        if known is None:
+            # A verifier per check: without .time() it freezes "now" at build time (pitfall
+            # 9). (Building one costs ~1 us; the verify, two ECDSA signatures here, ~180 us.)
+            verifier = (PolicyBuilder().store(trust.store).time(now)
+                        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                        .build_client_verifier())
+            try:
+                verified = verifier.verify(leaf, list(intermediates))
+                known = trust.remember_path(chain, verified.chain)
+            except VerificationError as e:
+                chain_reason = _chain_reason(leaf, intermediates, now, str(e))
+            except ValueError as e:  # malformed extensions: a ValueError while parsing
+                chain_reason = f"certificate cannot be parsed: {e}"
+        if known is not None:
+            valid_from, valid_until = known.valid_from, known.valid_until
     elif now > leaf.not_valid_after_utc:  # RFC 6120 13.7.2: a pin does not make it unexpired
         chain_reason = (f"certificate has expired (not valid after "
                         f"{_date(leaf.not_valid_after_utc)})")
@@ -445,9 +567,7 @@ def verify_certificate(leaf: x509.Certificate | None, intermediates: Sequence[x5
     # without pins the first failure, as before; a pin mismatch comes first, with the rest
     reason = "; ".join(reasons) if pin_reason else (reasons[0] if reasons else "")
     ok = chain_ok and matched is not None and pin_ok is not False
-    valid_from = valid_until = None
-    if chain_ok:
-        valid_from = max(c.not_valid_before_utc for c in path)
-        valid_until = min(c.not_valid_after_utc for c in path)
+    if chain_ok and pin_only:  # the leaf alone: its dates
+        valid_from, valid_until = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     return CertificateCheck(ok, chain_ok, matched is not None, reason, matched, names,
                             pin_ok, pin_set, spki, valid_from, valid_until)

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
+from .identity import certificate_digest
+
 log = logging.getLogger("edgeproxy.revocation")
 
 DEFAULT_TIMEOUT = 5.0  # seconds per fetch
@@ -470,8 +472,7 @@ class _Lru(Generic[K, V]):
         return len(self._items)
 
 
-def _cert_key(cert: x509.Certificate) -> bytes:
-    return cert.fingerprint(hashes.SHA256())
+_cert_key = certificate_digest  # SHA-256 of the DER, worked out once per certificate
 
 
 @dataclass
