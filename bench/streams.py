@@ -28,7 +28,11 @@ Modes, configured alike in every SUT (what each one's config says is in its writ
 - `tls`: STARTTLS (RFC 6120 5) + SASL EXTERNAL (RFC 6120 6, XEP-0178), the client certificate a
   wildcard `*.p.test` from a test CA (edgeproxy.devcerts; EKU serverAuth + clientAuth, no
   XmppAddr: ejabberd 23.01 crashes on it, shared/INTEROP.md); partner domains `p<i>.p.test`.
-  TLS and SASL required, dialback off. The bench's TLS is Python's ssl (OpenSSL) over memory
+  TLS and SASL required, dialback off. `--certificates own` gives each partner its own
+  certificate for `p<i>.p.test` instead (made before the run): then no SUT can reuse what it
+  learnt of one partner's certificate for the next (the edge keeps a validated chain's path
+  and a certificate's parsed facts, identity.py), and every set-up is a partner's first with its
+  certificate. The bench's TLS is Python's ssl (OpenSSL) over memory
   BIOs; it still costs 2-3 ms of CPU per set-up (printed as "bench"), as much as a SUT, so on a
   2-core machine the rates are bounded by the machine: compare CPU per set-up first.
 - `dialback`: plain TCP + XEP-0220 dialback, TLS not offered (the edge's `tls =
@@ -665,9 +669,33 @@ class Bench:
         self.client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.client_ctx.load_verify_locations(self.ca_file)
         self.client_ctx.load_cert_chain(wcrt, wkey)
+        # --certificates own: partner i presents its own certificate for p<i>.p.test. The
+        # certificates and their client contexts (~0.9 ms and ~27 KiB each) are made here,
+        # before any SUT starts, so the bench's CPU per set-up stays what it is with the
+        # shared one. The bench does not check the SUT's certificate then (no SUT's figure
+        # depends on it).
+        self.own_contexts: list[ssl.SSLContext] = []
+        if args.certificates == "own" and "tls" in args.modes:
+            started = time.monotonic()
+            pem = tmp / "own.pem"
+            for i in range(args.mode_n["tls"]):
+                issued = self.ca.issue(f"p{i}.{TLS_ZONE}")
+                pem.write_bytes(issued.cert_pem(True) + issued.key_pem())
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                ctx.load_cert_chain(pem)
+                self.own_contexts.append(ctx)
+            pem.unlink()
+            print(f"  {len(self.own_contexts):,} partner certificates and their client contexts "
+                  f"made in {time.monotonic() - started:.1f} s (--certificates own)", flush=True)
         self.keys = DialbackKeys(PEER_SECRET)
         self.run_index = 0
         self.zones: dict[str, tuple[str, str]] = {}  # target -> (zone, authoritative ip)
+
+    def tls_context(self, i: int) -> ssl.SSLContext:
+        """The client context of partner i: the shared wildcard's, or its own."""
+        return self.own_contexts[i] if self.own_contexts else self.client_ctx
 
     def zone(self, target: str) -> tuple[str, str]:
         if target not in self.zones:
@@ -706,7 +734,7 @@ class Bench:
                 await asyncio.wait_for(loop.create_connection(
                     lambda: p, address, 5269, local_addr=(src, 0)), SETUP_TIMEOUT)
                 if mode == "tls":
-                    await setup_tls(p, self.client_ctx)
+                    await setup_tls(p, self.tls_context(i))
                 else:
                     await setup_dialback(p, self.keys)
             except (OSError, TimeoutError, SetupFailed) as exc:
@@ -996,6 +1024,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(its <config>.certificates.json is rewritten whole for every new "
                          "partner's certificate, O(partners) per TLS set-up)")
     ap.add_argument("--modes", default="tls,dialback", help="tls, dialback or both")
+    ap.add_argument("--certificates", choices=("shared", "own"), default="shared",
+                    help="tls mode: every partner presents the one wildcard *.p.test (shared, "
+                         "the default) or its own certificate for p<i>.p.test (own: nothing a "
+                         "SUT keeps about a certificate serves a second partner)")
     ap.add_argument("--parallel", type=int, default=16, help="set-ups in flight (default 16)")
     ap.add_argument("--probe", type=int, default=200,
                     help="set-ups per probe at each step, sequential and in parallel")
@@ -1061,7 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dialback: N = {n_db:,} (RLIMIT_NOFILE {nofile} cannot be raised: each dialback "
               "stream takes 2 descriptors in the SUT and 2 in the bench)")
     print(f"streams bench: N = {args.n:,}, steps {steps}, targets {targets}, modes "
-          f"{args.modes}, {args.parallel} in flight, probes of {args.probe}; "
+          f"{args.modes} (certificates {args.certificates}), {args.parallel} in flight, "
+          f"probes of {args.probe}; "
           f"{os.cpu_count()} CPUs, RLIMIT_NOFILE {nofile}, load average {load_average()}")
     for label, tree in args.edge_trees.items():
         if label in targets:

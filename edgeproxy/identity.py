@@ -105,7 +105,7 @@ _PATHS_SIZE = 4096  # chains whose validation a TrustStore keeps
 
 
 @dataclass(frozen=True, slots=True)
-class _ValidPath:
+class ValidPath:
     path: tuple[x509.Certificate, ...]  # leaf first, the anchor last
     valid_from: dt.datetime
     valid_until: dt.datetime
@@ -122,9 +122,30 @@ class TrustStore:
         # chain (SHA-256 of the leaf, then of each intermediate sent) -> the path it was
         # validated on to one of these anchors, and the window in which every certificate of
         # that path is within its dates (`valid_paths`)
-        self._paths: dict[tuple[bytes, ...], _ValidPath] = {}
+        self._paths: dict[tuple[bytes, ...], ValidPath] = {}
 
-    def known_path(self, chain: tuple[bytes, ...], now: dt.datetime) -> _ValidPath | None:
+    def validate(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
+                 now: dt.datetime) -> ValidPath | str:
+        """The path `leaf` (with the `intermediates` its peer sent) validates on to one of these
+        anchors at `now`, or why it does not, in words (`known_path`: kept while in date)."""
+        chain = (certificate_digest(leaf), *map(certificate_digest, intermediates))
+        known = self.known_path(chain, now)
+        if known is not None:
+            return known
+        # A verifier per validation: without .time() it freezes "now" at build time (TLS.md
+        # pitfall 9). (Building one costs ~1 us; the verify, two ECDSA signatures, ~180 us.)
+        verifier = (PolicyBuilder().store(self.store).time(now)
+                    .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                    .build_client_verifier())
+        try:
+            verified = verifier.verify(leaf, list(intermediates))
+        except VerificationError as e:
+            return _chain_reason(leaf, intermediates, now, str(e))
+        except ValueError as e:  # malformed extensions: a ValueError while parsing
+            return f"certificate cannot be parsed: {e}"
+        return self.remember_path(chain, verified.chain)
+
+    def known_path(self, chain: tuple[bytes, ...], now: dt.datetime) -> ValidPath | None:
         """The path a chain was validated on, when that validation holds at `now`.
 
         Path validation (RFC 5280 6.1) depends on the certificates, the anchors, the policy
@@ -141,8 +162,8 @@ class TrustStore:
         return None
 
     def remember_path(self, chain: tuple[bytes, ...],
-                      path: Sequence[x509.Certificate]) -> _ValidPath:
-        known = _ValidPath(tuple(path), max(c.not_valid_before_utc for c in path),
+                      path: Sequence[x509.Certificate]) -> ValidPath:
+        known = ValidPath(tuple(path), max(c.not_valid_before_utc for c in path),
                            min(c.not_valid_after_utc for c in path))
         paths = self._paths
         if chain not in paths and len(paths) >= _PATHS_SIZE:
@@ -527,23 +548,11 @@ def verify_certificate(leaf: x509.Certificate | None, intermediates: Sequence[x5
     chain_reason = ""
     valid_from = valid_until = None
     if not pin_only:
-        chain = (certificate_digest(leaf), *map(certificate_digest, intermediates))
-        known = trust.known_path(chain, now)
-        if known is None:
-            # A verifier per check: without .time() it freezes "now" at build time (pitfall
-            # 9). (Building one costs ~1 us; the verify, two ECDSA signatures here, ~180 us.)
-            verifier = (PolicyBuilder().store(trust.store).time(now)
-                        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-                        .build_client_verifier())
-            try:
-                verified = verifier.verify(leaf, list(intermediates))
-                known = trust.remember_path(chain, verified.chain)
-            except VerificationError as e:
-                chain_reason = _chain_reason(leaf, intermediates, now, str(e))
-            except ValueError as e:  # malformed extensions: a ValueError while parsing
-                chain_reason = f"certificate cannot be parsed: {e}"
-        if known is not None:
-            valid_from, valid_until = known.valid_from, known.valid_until
+        validated = trust.validate(leaf, intermediates, now)
+        if isinstance(validated, str):
+            chain_reason = validated
+        else:
+            valid_from, valid_until = validated.valid_from, validated.valid_until
     elif now > leaf.not_valid_after_utc:  # RFC 6120 13.7.2: a pin does not make it unexpired
         chain_reason = (f"certificate has expired (not valid after "
                         f"{_date(leaf.not_valid_after_utc)})")

@@ -499,13 +499,20 @@ class RevocationChecker:
         self._paths = _Lru(self.cache_size)
 
     def _path(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
-              anchors: Sequence[x509.Certificate]) -> list[tuple[x509.Certificate,
-                                                                x509.Certificate]]:
+              anchors: Sequence[x509.Certificate],
+              validated: Sequence[x509.Certificate] | None = None,
+              ) -> list[tuple[x509.Certificate, x509.Certificate]]:
         key = _cert_key(leaf)
         hit = self._paths.get(key)
         if hit is not None and hit[0] is anchors:  # the same trust store (a reload makes anew)
             return hit[1]
-        path = issuer_path(leaf, intermediates, anchors)
+        if validated is not None and validated[0] is leaf and validated[-1] in anchors:
+            # the path the chain was just validated on (identity.TrustStore.validate), leaf
+            # to anchor: its signatures are verified already (issue 11, a new partner's
+            # set-up verified its leaf's signature here once more)
+            path = list(zip(validated[:-1], validated[1:], strict=True))
+        else:
+            path = issuer_path(leaf, intermediates, anchors)
         if path:  # a path that did not reach an anchor may with the next intermediates sent
             self._paths.put(key, (anchors, path))
         return path
@@ -519,11 +526,13 @@ class RevocationChecker:
 
     def cached_chain(self, leaf: x509.Certificate | None,
                      intermediates: Sequence[x509.Certificate],
-                     anchors: Sequence[x509.Certificate]) -> ChainStatus | None:
-        """The chain's status from the cache alone, or None when something must be fetched."""
+                     anchors: Sequence[x509.Certificate],
+                     validated: Sequence[x509.Certificate] | None = None) -> ChainStatus | None:
+        """The chain's status from the cache alone, or None when something must be fetched.
+        validated: the path (leaf first, anchor last) the chain was validated on, if it was."""
         if leaf is None:
             return NOT_CHECKED
-        path = self._path(leaf, intermediates, anchors)
+        path = self._path(leaf, intermediates, anchors, validated)
         if not path:
             return NOT_CHECKED
         found = [self.cached(c) for c, _ in path]
@@ -534,11 +543,12 @@ class RevocationChecker:
     async def check_chain(self, leaf: x509.Certificate | None,
                           intermediates: Sequence[x509.Certificate],
                           anchors: Sequence[x509.Certificate],
-                          stapled: bytes | None = None) -> ChainStatus:
+                          stapled: bytes | None = None,
+                          validated: Sequence[x509.Certificate] | None = None) -> ChainStatus:
         """The status of every certificate from the leaf up to (not including) the anchor."""
         if leaf is None:
             return NOT_CHECKED
-        path = self._path(leaf, intermediates, anchors)
+        path = self._path(leaf, intermediates, anchors, validated)
         if not path:
             return NOT_CHECKED
         statuses = await asyncio.gather(*(

@@ -38,6 +38,7 @@ from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
 from .identity import (
     CertificateCheck,
     TrustStore,
+    certificate_digest,
     fingerprint_sha256,
     holds_at,
     verify_certificate,
@@ -100,6 +101,7 @@ CLOSE_GRACE = 2.0
 # How long an inbound stream we closed as idle waits for the partner's close tag, reading what
 # it sent before it saw ours (RFC 6120 4.4 step 3: "a reasonable amount of time")
 CLOSE_LINGER = 10.0
+NOTES_KEPT = 4096  # Edge.first_note: the certificates whose once-only notes were logged
 CERT_CHECK_INTERVAL = 3600.0  # seconds between expiry checks (the warning itself is daily)
 SM_GRACE = 0.5  # seconds after the handshake in which a gateway enables XEP-0198, or never
 # How long the gateway that holds a domain's link has to answer an <r/> when another connection
@@ -115,6 +117,17 @@ ACK_AFTER = 0.005
 Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
           | LinkControl)
 StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
+
+
+def tls_text(tls: TlsSession | None, direct_tls: bool = False) -> str:
+    """How a stream is protected, for its log lines: "TLSv1.3, TLS_AES_256_GCM_SHA384" (and
+    ", ALPN xmpp-server" when ALPN was agreed), after "Direct TLS, " on a XEP-0368 listener."""
+    if tls is None:
+        return "no TLS"
+    text = f"{tls.version}, {tls.cipher}" if tls.cipher else f"{tls.version}"
+    if tls.alpn_protocol:
+        text += f", ALPN {tls.alpn_protocol.decode('ascii', 'replace')}"
+    return f"Direct TLS, {text}" if direct_tls else text
 
 
 def _call_later() -> Callable[[float, Callable[[], object]], asyncio.TimerHandle] | None:
@@ -324,9 +337,10 @@ class StreamConnection(asyncio.Protocol):
             case StartTls() | RestartStream():  # the stream object switches; bytes must flow
                 self._schedule_flush()
             case TlsEstablished(tls):
-                log.info("%s: TLS established (%s, %s%s)", self.label(), tls.version, tls.cipher,
-                         f", ALPN {tls.alpn_protocol.decode()}" if tls.alpn_protocol else "",
-                         extra=self.log_fields())
+                # debug: the stream's one INFO line, once authenticated, names version and cipher
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: TLS established (%s)", self.label(), tls_text(tls),
+                              extra=self.log_fields())
                 self.check_revocation(tls)
             case TransportFailed(reason):
                 self.flush()  # a TLS alert may be waiting
@@ -425,15 +439,20 @@ class StreamConnection(asyncio.Protocol):
         checker, mode = self.edge.revocation, self.edge.revocation_mode
         if mode is Mode.OFF or not self.checks_revocation or tls.peer_certificate is None:
             return
-        leaf, chain, anchors = tls.peer_certificate, tls.peer_intermediates, self.edge.trust.anchors
-        cached = checker.cached_chain(leaf, chain, anchors)
+        trust = self.edge.trust
+        leaf, chain, anchors = tls.peer_certificate, tls.peer_intermediates, trust.anchors
+        # the chain's path, validated now (and kept: the stream's own check finds it), gives
+        # the issuers whose answers count without verifying their signatures again
+        validated = trust.validate(leaf, chain, dt.datetime.now(dt.UTC))
+        path = None if isinstance(validated, str) else validated.path
+        cached = checker.cached_chain(leaf, chain, anchors, path)
         if cached is not None:
             self._revocation_known(cached)
             return
         self.pause_reading()
         self._revocation_hold = True
         task = asyncio.get_running_loop().create_task(
-            checker.check_chain(leaf, chain, anchors, tls.peer_ocsp_response))
+            checker.check_chain(leaf, chain, anchors, tls.peer_ocsp_response, path))
         task.add_done_callback(self._revocation_checked)
 
     def _revocation_checked(self, task: asyncio.Task[ChainStatus]) -> None:
@@ -455,10 +474,18 @@ class StreamConnection(asyncio.Protocol):
             log.warning("%s: certificate not accepted for authentication: %s", self.label(), why,
                         extra=self.log_fields())
         elif status.status is Status.UNKNOWN:
-            log.log(logging.INFO if status.uncheckable else logging.WARNING,
-                    "%s: revocation status unknown, accepted ([edge] revocation = "
-                    "\"soft-fail\"): %s", self.label(), status.describe(),
-                    extra=self.log_fields())
+            if not status.uncheckable:
+                level = logging.WARNING
+            elif self.tls is not None and self.tls.peer_certificate is not None and \
+                    self.edge.first_note(certificate_digest(self.tls.peer_certificate)):
+                level = logging.INFO  # a CA that names no source: news once per certificate
+            else:
+                level = logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "%s: revocation status unknown, accepted ([edge] revocation = "
+                        "\"soft-fail\"): %s%s", self.label(), status.describe(),
+                        "; said once per certificate, later streams log it at debug"
+                        if level == logging.INFO else "", extra=self.log_fields())
         else:
             log.info("%s: revocation: %s", self.label(), status.describe(),
                      extra=self.log_fields())
@@ -609,11 +636,20 @@ class InboundConnection(StreamConnection):
                         extra=self.log_fields())
             self.stream = self._make_stream(self._refuse_at_header)
             self._refusal = f"this edge's connection_limit ({limit}) is reached; try later"
-        else:
-            log.info("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
-                     extra=self.log_fields())
+        elif log.isEnabledFor(logging.DEBUG):  # INFO once it authenticates, or when it closes
+            log.debug("%s: connected%s", self.label(), " (Direct TLS)" if self.direct_tls else "",
+                      extra=self.log_fields())
         if self.direct_tls:
             self.stream.start_tls_now(self.make_tls())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing and not self.sent_close and not self.machine.verified:
+            # "connected" is a debug line: a stream that never authenticated and was not
+            # closed by us (which logs why) still leaves one INFO line
+            log.info("%s: %s before it authenticated (%d bytes read)", self.label(),
+                     f"connection lost ({exc})" if exc else "closed by the peer",
+                     self.stats.bytes_in, extra=self.log_fields())
+        super().connection_lost(exc)
 
     def _make_stream(self, receive: Callable[[Any], Sequence[Any]]) -> XmppStream[Any]:
         return XmppStream(receive, self.machine.fail, new_parser=self._new_parser,
@@ -677,10 +713,9 @@ class InboundConnection(StreamConnection):
         self.edge.partner_stream_added(key, self)
         self.methods += ((action.remote, action.method),)
         self.rearm_timer()
-        tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
         log.info("%s: authenticated %s -> %s via %s (%s)%s", self.label(), action.remote,
-                 action.local, action.label, tls, f"; {action.note}" if action.note else "",
-                 extra=self.log_fields())
+                 action.local, action.label, tls_text(self.tls, self.direct_tls),
+                 f"; {action.note}" if action.note else "", extra=self.log_fields())
         self.edge.monitor.authenticated(self, action)
 
     def on_close(self, action: Close) -> None:
@@ -1061,9 +1096,8 @@ class OutboundConnection(StreamConnection):
     def handle_action(self, action: Effect) -> None:
         match action:
             case Authenticated(label=label):
-                tls = f"{self.tls.version}" if self.tls is not None else "no TLS"
-                log.info("%s: authenticated via %s (%s)", self.label(), label, tls,
-                         extra=self.log_fields())
+                log.info("%s: authenticated via %s (%s)", self.label(), label,
+                         tls_text(self.tls), extra=self.log_fields())
                 self.edge.monitor.authenticated(self, action)
                 self.rearm_timer()
                 self.session.ready(self)
@@ -1635,6 +1669,7 @@ class Edge:
         self.revocation_mode = Mode(cfg.revocation)
         self.stapler = Stapler(self.revocation, self._publish_staple)
         self.revocation_counts: collections.Counter[str] = collections.Counter()
+        self._noted: dict[bytes, None] = {}  # first_note: what was logged once at INFO
         self.local_domains = frozenset(cfg.domains)
         self.tls_contexts = (TlsContexts(None, (cfg.certificate, cfg.private_key))
                              if cfg.certificate and cfg.private_key else None)
@@ -1677,6 +1712,18 @@ class Edge:
         self._cert_timer: asyncio.TimerHandle | None = None
         # issue 15: each partner's certificate as last seen ("pin current certificate")
         self.partner_certificates = PartnerCertificates(book_path(cfg.path))
+
+    def first_note(self, key: bytes) -> bool:
+        """True the first time `key` is noted (a certificate's digest: what is said once per
+        certificate). Bounded: once NOTES_KEPT keys are kept the oldest is forgotten, and may
+        be said once more."""
+        noted = self._noted
+        if key in noted:
+            return False
+        if len(noted) >= NOTES_KEPT:
+            del noted[next(iter(noted))]
+        noted[key] = None
+        return True
 
     def saw_certificate(self, partner: str, cert: x509.Certificate, check: CertificateCheck,
                         source: str, peer: str = "") -> None:

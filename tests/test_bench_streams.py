@@ -49,3 +49,21 @@ def test_streams_bench_sets_up_and_delivers_50_streams_to_the_edge(tmp_path: Pat
     assert result["authoritative"]["verified"] == N
     assert result["authoritative"]["refused"] == 0
     assert "| edge, tls |" in proc.stdout and "| edge, dialback |" in proc.stdout
+
+
+def test_streams_bench_with_a_certificate_per_partner(tmp_path: Path) -> None:
+    """--certificates own: each partner p<i>.p.test presents its own certificate, and SASL
+    EXTERNAL still authenticates every one (the name is its exact DNS-ID, not the wildcard)."""
+    out = tmp_path / "own.json"
+    n = 20
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "streams.py"), "-n", str(n), "--targets", "edge",
+         "--modes", "tls", "--certificates", "own", "--probe", "3", "--idle", "0.2",
+         "--dns", "127.0.0.155", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{n} partner certificates and their client contexts made" in proc.stdout
+    assert "(certificates own)" in proc.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["mode"] == "tls" and run["failures"] == [], run["failures"][:3]
+    assert (run["delivered"], run["duplicates"], run["bounced"]) == (n, 0, 0)

@@ -162,3 +162,39 @@ def test_the_facts_table_is_bounded_and_never_mixes_certificates(monkeypatch: py
     assert fingerprint_sha256(again) == fingerprint_sha256(certs[0])
     assert all(f.cert is not None for f in identity._facts.values())
 
+
+
+# --- revocation takes the validated path (edgeproxy.revocation) ----------------------------------
+
+def test_revocation_takes_the_validated_path_instead_of_verifying_signatures_again(
+        monkeypatch: pytest.MonkeyPatch):
+    from edgeproxy import revocation
+    verified: list[x509.Certificate] = []
+    real = revocation._issued_by
+
+    def counting(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        verified.append(cert)
+        return real(cert, issuer)
+    monkeypatch.setattr(revocation, "_issued_by", counting)
+    revocation._CA_LINKS.clear()
+    assert CA.intermediate is not None
+    leaf = CA.issue("fabrikam.test")
+    trust = TrustStore([CA.root.cert])
+    validated = trust.validate(leaf.cert, list(leaf.chain), NOW)
+    assert not isinstance(validated, str)
+    checker = revocation.RevocationChecker()
+    # nothing cached yet: something must be fetched (None), but the path is known
+    assert checker.cached_chain(leaf.cert, list(leaf.chain), trust.anchors,
+                                validated.path) is None
+    assert checker._path(leaf.cert, list(leaf.chain), trust.anchors) == [
+        (leaf.cert, CA.intermediate.cert), (CA.intermediate.cert, CA.root.cert)]
+    assert verified == []  # no signature verified again
+    # without a validated path (or with one that ends at no anchor of this store) it is found
+    # by name and signature, as before
+    other = CA.issue("northwind.test")
+    foreign = TrustStore([CertificateAuthority("Foreign").root.cert])
+    fake_path = (other.cert, *other.chain, foreign.anchors[0])
+    checker.cached_chain(other.cert, list(other.chain), trust.anchors, fake_path)
+    assert checker._path(other.cert, list(other.chain), trust.anchors)[0] == \
+        (other.cert, CA.intermediate.cert)
+    assert verified[0] is other.cert

@@ -111,7 +111,7 @@ async def test_untrusted_certificate_falls_back_to_dialback(dns, tmp_path, caplo
                         cert=OTHER_CA.issue(F[0]))
     async with running(cfg_c, C[1]) as (_, comp_c), running(cfg_f, F[1]) as (_, comp_f):
         await exchange(comp_c, comp_f, C[0], F[0], "dialback carries it")
-    assert "via dialback (TLSv1.3)" in caplog.text
+    assert "via dialback (TLSv1.3, TLS_" in caplog.text
     assert "not offering SASL EXTERNAL" in caplog.text
 
 

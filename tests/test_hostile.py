@@ -297,7 +297,7 @@ async def test_bad_certificate_dialback_partner_falls_back_to_dialback(
         assert h.auth.asked == [(CONTOSO, FAB, p.stream_id)]  # really verified, not by cert
         await h.still_serves()
     assert "not offering SASL EXTERNAL: " in caplog.text and reason in caplog.text
-    assert "via dialback (TLSv1.3)" in caplog.text
+    assert "via dialback (TLSv1.3, TLS_" in caplog.text
 
 
 @pytest.mark.parametrize("policy", [SASL_ONLY, SASL_OR_DIALBACK], ids=["sasl-only", "dialback"])

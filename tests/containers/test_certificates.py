@@ -191,7 +191,7 @@ def _label(found: list[tuple[str, str]], direction: str) -> str:
     assert len(labels) == 1, f"delivered, but our log shows {found or 'no'} authenticated " \
                              f"stream(s) {direction}"
     tls = {t for _, t in found}
-    assert all(t.startswith("TLS") for t in tls), found
+    assert all(h.uses_tls(t) for t in tls), found
     return labels.pop()
 
 

@@ -253,6 +253,12 @@ def our_inbound(text: str, peer: Peer) -> list[tuple[str, str]]:
                       r"\(([^)]*)\)", text)
 
 
+def uses_tls(how: str) -> bool:
+    """The protection of an authenticated line ("TLSv1.3, <cipher>", "Direct TLS, TLSv1.3, ...",
+    "no TLS") is TLS."""
+    return how.removeprefix("Direct TLS, ").startswith("TLS")
+
+
 def our_outbound(text: str, peer: Peer) -> list[tuple[str, str]]:
     return re.findall(rf"outbound {re.escape(EDGE)} -> {re.escape(peer.domain)} \([^)]*\): "
                       r"authenticated via (\S+) \(([^)]*)\)", text)
@@ -260,9 +266,9 @@ def our_outbound(text: str, peer: Peer) -> list[tuple[str, str]]:
 
 def inbound_direct_tls(text: str, peer: Peer) -> list[bool]:
     """For each inbound stream the peer authenticated on: did it arrive on Direct TLS?"""
-    ids = re.findall(rf"inbound (\S+) {re.escape(peer.domain)} -> {re.escape(EDGE)}: "
-                     "authenticated", text)
-    return [f"inbound {i}: connected (Direct TLS)" in text for i in ids]
+    how = re.findall(rf"inbound \S+ {re.escape(peer.domain)} -> {re.escape(EDGE)}: "
+                     r"authenticated \S+ -> \S+ via \S+ \(([^)]*)\)", text)
+    return [h.startswith("Direct TLS, ") for h in how]
 
 
 def outbound_targets(text: str, peer: Peer) -> list[str]:
@@ -293,7 +299,7 @@ def assert_authenticated(server: Any, peer: Peer, direction: str, our_log: str, 
     assert labels == {label}, f"our log says {found}, expected {label}"
     encryption = {t for _, t in found}
     if tls:
-        assert all(t.startswith("TLS") for t in encryption), f"our {direction} stream: {found}"
+        assert all(uses_tls(t) for t in encryption), f"our {direction} stream: {found}"
     else:
         assert encryption == {"no TLS"}, f"our {direction} stream used TLS: {found}"
     expected = PEER_SEES[(label, direction)]
