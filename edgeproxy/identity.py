@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -103,6 +104,17 @@ def _load_pem_file(path: Path, *, strict: bool) -> list[x509.Certificate]:
 
 _PATHS_SIZE = 4096  # chains whose validation a TrustStore keeps
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def bounded_put(table: dict[K, V], key: K, value: V, size: int) -> None:
+    """table[key] = value; once `size` keys are kept, a new key pushes out the oldest
+    (insertion order): a bounded table in O(1), for what may be computed again."""
+    if key not in table and len(table) >= size:
+        del table[next(iter(table))]
+    table[key] = value
+
 
 @dataclass(frozen=True, slots=True)
 class ValidPath:
@@ -121,15 +133,15 @@ class TrustStore:
         self.store: Store = Store(list(self.anchors))
         # chain (SHA-256 of the leaf, then of each intermediate sent) -> the path it was
         # validated on to one of these anchors, and the window in which every certificate of
-        # that path is within its dates (`valid_paths`)
+        # that path is within its dates (`_known_path`)
         self._paths: dict[tuple[bytes, ...], ValidPath] = {}
 
     def validate(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
                  now: dt.datetime) -> ValidPath | str:
         """The path `leaf` (with the `intermediates` its peer sent) validates on to one of these
-        anchors at `now`, or why it does not, in words (`known_path`: kept while in date)."""
+        anchors at `now`, or why it does not, in words (`_known_path`: kept while in date)."""
         chain = (certificate_digest(leaf), *map(certificate_digest, intermediates))
-        known = self.known_path(chain, now)
+        known = self._known_path(chain, now)
         if known is not None:
             return known
         # A verifier per validation: without .time() it freezes "now" at build time (TLS.md
@@ -143,9 +155,9 @@ class TrustStore:
             return _chain_reason(leaf, intermediates, now, str(e))
         except ValueError as e:  # malformed extensions: a ValueError while parsing
             return f"certificate cannot be parsed: {e}"
-        return self.remember_path(chain, verified.chain)
+        return self._remember_path(chain, verified.chain)
 
-    def known_path(self, chain: tuple[bytes, ...], now: dt.datetime) -> ValidPath | None:
+    def _known_path(self, chain: tuple[bytes, ...], now: dt.datetime) -> ValidPath | None:
         """The path a chain was validated on, when that validation holds at `now`.
 
         Path validation (RFC 5280 6.1) depends on the certificates, the anchors, the policy
@@ -161,14 +173,11 @@ class TrustStore:
             return known
         return None
 
-    def remember_path(self, chain: tuple[bytes, ...],
-                      path: Sequence[x509.Certificate]) -> ValidPath:
+    def _remember_path(self, chain: tuple[bytes, ...],
+                       path: Sequence[x509.Certificate]) -> ValidPath:
         known = ValidPath(tuple(path), max(c.not_valid_before_utc for c in path),
-                           min(c.not_valid_after_utc for c in path))
-        paths = self._paths
-        if chain not in paths and len(paths) >= _PATHS_SIZE:
-            del paths[next(iter(paths))]  # the oldest goes: bounded, O(1)
-        paths[chain] = known
+                          min(c.not_valid_after_utc for c in path))
+        bounded_put(self._paths, chain, known, _PATHS_SIZE)
         return known
 
     @classmethod
@@ -271,14 +280,13 @@ class _Facts:
     names twice). Keyed by the object (tls.py hands every stream of a certificate the same
     one); each entry keeps its certificate alive, so an id is never reused while it is here."""
 
-    __slots__ = ("cert", "digest", "spki", "ids", "names", "described")
+    __slots__ = ("cert", "digest", "spki", "ids", "described")
 
     def __init__(self, cert: x509.Certificate):
         self.cert = cert
         self.digest: bytes | None = None
         self.spki: str | None = None
         self.ids: _Identities | ValueError | None = None
-        self.names: tuple[str, ...] | None = None
         self.described: tuple[str, str, str, bool] | None = None
 
 
@@ -289,9 +297,7 @@ def _facts_of(cert: x509.Certificate) -> _Facts:
     facts = _facts.get(id(cert))
     if facts is None or facts.cert is not cert:
         facts = _Facts(cert)
-        if len(_facts) >= _FACTS_SIZE:  # the oldest goes (insertion order): bounded, O(1)
-            del _facts[next(iter(_facts))]
-        _facts[id(cert)] = facts
+        bounded_put(_facts, id(cert), facts, _FACTS_SIZE)
     return facts
 
 
@@ -401,16 +407,12 @@ def _dns_matches(presented: str, reference: str) -> bool:
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     """Identities in the certificate, in the words used by `CertificateCheck.matched`."""
-    facts = _facts_of(cert)
-    if facts.names is None:
-        try:
-            ids = _identities(cert)
-        except ValueError as e:  # a malformed extension surfaces when cryptography parses it
-            facts.names = (f"(unparsable extensions: {e})",)
-        else:
-            facts.names = (*(f"DNS-ID {n}" for n in ids.dns), *(f"SRV-ID {n}" for n in ids.srv),
-                           *(f"XmppAddr {n}" for n in ids.xmpp), *(f"CN {n}" for n in ids.cn))
-    return facts.names
+    try:
+        ids = _identities(cert)
+    except ValueError as e:  # a malformed extension surfaces when cryptography parses it
+        return (f"(unparsable extensions: {e})",)
+    return (*(f"DNS-ID {n}" for n in ids.dns), *(f"SRV-ID {n}" for n in ids.srv),
+            *(f"XmppAddr {n}" for n in ids.xmpp), *(f"CN {n}" for n in ids.cn))
 
 
 def match_identity(cert: x509.Certificate, domain: str) -> str | None:

@@ -472,9 +472,6 @@ class _Lru(Generic[K, V]):
         return len(self._items)
 
 
-_cert_key = certificate_digest  # SHA-256 of the DER, worked out once per certificate
-
-
 @dataclass
 class RevocationChecker:
     """The edge's one checker: the cache, the fetches in flight, the counters for /metrics."""
@@ -502,7 +499,7 @@ class RevocationChecker:
               anchors: Sequence[x509.Certificate],
               validated: Sequence[x509.Certificate] | None = None,
               ) -> list[tuple[x509.Certificate, x509.Certificate]]:
-        key = _cert_key(leaf)
+        key = certificate_digest(leaf)
         hit = self._paths.get(key)
         if hit is not None and hit[0] is anchors:  # the same trust store (a reload makes anew)
             return hit[1]
@@ -519,7 +516,7 @@ class RevocationChecker:
 
     def cached(self, cert: x509.Certificate) -> CertStatus | None:
         """The cached answer for `cert` while it holds (until its nextUpdate)."""
-        hit = self._statuses.get(_cert_key(cert))
+        hit = self._statuses.get(certificate_digest(cert))
         if hit is not None and self.clock() < hit.valid_until:
             return hit
         return None
@@ -559,7 +556,7 @@ class RevocationChecker:
     async def status(self, cert: x509.Certificate, issuer: x509.Certificate,
                      stapled: bytes | None = None) -> CertStatus:
         """One certificate's status: from the cache, or learned once however many ask."""
-        key = _cert_key(cert)
+        key = certificate_digest(cert)
         hit = self.cached(cert)
         # A staple never overrides a known revocation: a revoked server may go on stapling the
         # "good" response it fetched before (valid until that response's nextUpdate).

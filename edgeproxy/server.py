@@ -38,6 +38,7 @@ from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
 from .identity import (
     CertificateCheck,
     TrustStore,
+    bounded_put,
     certificate_digest,
     fingerprint_sha256,
     holds_at,
@@ -1717,12 +1718,9 @@ class Edge:
         """True the first time `key` is noted (a certificate's digest: what is said once per
         certificate). Bounded: once NOTES_KEPT keys are kept the oldest is forgotten, and may
         be said once more."""
-        noted = self._noted
-        if key in noted:
+        if key in self._noted:
             return False
-        if len(noted) >= NOTES_KEPT:
-            del noted[next(iter(noted))]
-        noted[key] = None
+        bounded_put(self._noted, key, None, NOTES_KEPT)
         return True
 
     def saw_certificate(self, partner: str, cert: x509.Certificate, check: CertificateCheck,
