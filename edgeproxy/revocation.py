@@ -524,15 +524,19 @@ class RevocationChecker:
     def cached_chain(self, leaf: x509.Certificate | None,
                      intermediates: Sequence[x509.Certificate],
                      anchors: Sequence[x509.Certificate],
-                     validated: Sequence[x509.Certificate] | None = None) -> ChainStatus | None:
+                     validated: Sequence[x509.Certificate] | None = None,
+                     stapled: bytes | None = None) -> ChainStatus | None:
         """The chain's status from the cache alone, or None when something must be fetched.
-        validated: the path (leaf first, anchor last) the chain was validated on, if it was."""
+        validated: the path (leaf first, anchor last) the chain was validated on, if it was.
+        A certificate that names no source has its answer here too, without I/O (a private
+        PKI's partners: no task, no pause of the stream), unless a staple may say more."""
         if leaf is None:
             return NOT_CHECKED
         path = self._path(leaf, intermediates, anchors, validated)
         if not path:
             return NOT_CHECKED
-        found = [self.cached(c) for c, _ in path]
+        found = [self.cached(c) or (self._sourceless(c) if c is not leaf or not stapled
+                                    else None) for c, _ in path]
         if any(s is None for s in found):
             return None
         return _chain([s for s in found if s is not None])
@@ -592,6 +596,15 @@ class RevocationChecker:
         finally:
             del self._inflight[key]
 
+    def _sourceless(self, cert: x509.Certificate) -> CertStatus | None:
+        """The answer for a certificate that names no OCSP responder and no CRL, kept like a
+        fetched one; None when it names one (the answer must be fetched)."""
+        if ocsp_urls(cert) or crl_urls(cert):
+            return None
+        found = _no_source(cert)
+        self._statuses.put(certificate_digest(cert), found)
+        return found
+
     async def _learn(self, cert: x509.Certificate, issuer: x509.Certificate) -> CertStatus:
         subject = cert.subject.rfc4514_string()
         tried: list[str] = []
@@ -619,9 +632,8 @@ class RevocationChecker:
                 return crl_status(crl, cert, self.clock(), f"CRL {url}")
             except (FetchError, ValueError) as exc:
                 tried.append(f"CRL {url}: {exc}")
-        if not tried:  # nothing will change before the certificate does: no re-checks
-            return CertStatus(Status.UNKNOWN, NO_SOURCE, cert.not_valid_after_utc,
-                              "the certificate names no OCSP responder and no CRL", subject)
+        if not tried:
+            return _no_source(cert)
         return CertStatus(Status.UNKNOWN, "no source answered", self.clock() + FAILURE_TTL,
                           "; ".join(tried), subject)
 
@@ -631,6 +643,13 @@ class RevocationChecker:
 
     async def close(self) -> None:
         await self.fetcher.close()
+
+
+def _no_source(cert: x509.Certificate) -> CertStatus:
+    """Unknown, and nothing will change before the certificate does: no re-checks."""
+    return CertStatus(Status.UNKNOWN, NO_SOURCE, cert.not_valid_after_utc,
+                      "the certificate names no OCSP responder and no CRL",
+                      cert.subject.rfc4514_string())
 
 
 def _chain(statuses: list[CertStatus]) -> ChainStatus:

@@ -446,7 +446,7 @@ class StreamConnection(asyncio.Protocol):
         # the issuers whose answers count without verifying their signatures again
         validated = trust.validate(leaf, chain, dt.datetime.now(dt.UTC))
         path = None if isinstance(validated, str) else validated.path
-        cached = checker.cached_chain(leaf, chain, anchors, path)
+        cached = checker.cached_chain(leaf, chain, anchors, path, tls.peer_ocsp_response)
         if cached is not None:
             self._revocation_known(cached)
             return

@@ -137,6 +137,37 @@ async def test_no_source_in_the_certificate_is_unknown(pki, responder, wall):
     assert "names no OCSP responder and no CRL" in s.certificates[0].detail
 
 
+async def test_a_certificate_that_names_no_source_is_answered_without_a_fetch(pki, responder,
+                                                                              wall):
+    """RFC 5280 4.2.2.1 / 4.2.1.13: a certificate with neither AIA OCSP nor CRL distribution
+    points has no one to ask. Its answer (unknown, nothing will change before the certificate
+    does) comes from cached_chain without I/O, so the stream is not paused for it; a
+    certificate that names a source, or a leaf with a staple, still goes the way of the fetch."""
+    c = checker(wall)
+    try:
+        first = pki.issue("first.test", ocsp_url=None, crl_url=None)
+        # the intermediate names the responder: fetched once, then cached
+        assert c.cached_chain(first.cert, list(first.chain), [pki.root.cert]) is None
+        await status_of(c, pki, first)
+        fetches = c.fetches
+        bare = pki.issue("bare.test", ocsp_url=None, crl_url=None)
+        known = c.cached_chain(bare.cert, list(bare.chain), [pki.root.cert])
+        assert known is not None and known.status is rv.Status.UNKNOWN
+        assert [s.source for s in known.certificates][0] == rv.NO_SOURCE
+        assert "names no OCSP responder and no CRL" in known.certificates[0].detail
+        assert c.fetches == fetches  # nothing asked for it
+        assert c.cached(bare.cert) is known.certificates[0]  # kept like a fetched answer
+        # a staple may say more about the leaf: left to check_chain, which parses it
+        stapled = pki.issue("stapled.test", ocsp_url=None, crl_url=None)
+        assert c.cached_chain(stapled.cert, list(stapled.chain), [pki.root.cert],
+                              stapled=b"a staple") is None
+        # a leaf that names a responder must be asked
+        named = pki.issue("named.test")
+        assert c.cached_chain(named.cert, list(named.chain), [pki.root.cert]) is None
+    finally:
+        await c.close()
+
+
 async def test_cache_holds_until_next_update_and_is_bounded(pki, responder, wall):
     a, b, c3 = pki.issue("a.test"), pki.issue("b.test"), pki.issue("c.test")
     c = checker(wall, cache_size=3)  # a's leaf, the intermediate, b's leaf
