@@ -104,11 +104,13 @@ def _describe(error: SSL.Error, *, server_side: bool, handshaking: bool) -> str:
     return f"handshake failed: {reason}" if handshaking else f"TLS error: {reason}"
 
 
-def _accept_any_certificate(conn: SSL.Connection, cert: object, errno: int, depth: int,
-                            ok: int) -> bool:
-    # OpenSSL's verdict is ignored on purpose (it says "unsuitable certificate purpose" for
-    # serverAuth-only client certificates); identity.verify_certificate judges afterwards.
-    return True
+# The server's verify callback, in OpenSSL's own terms: accept every certificate. OpenSSL's
+# verdict is ignored on purpose (it says "unsuitable certificate purpose" for serverAuth-only
+# client certificates); identity.verify_certificate judges after the handshake. Not through
+# pyOpenSSL's set_verify: its wrapper makes eight calls into OpenSSL for each certificate of the
+# chain, each of which lets another thread take the GIL, and the handshake may run on a worker
+# thread (edgeproxy.handshakes); this one takes the GIL once per call and returns.
+_ACCEPT_ANY_CERTIFICATE = _ffi.callback("int (*)(int, X509_STORE_CTX *)", lambda ok, store: 1)
 
 
 def _keep_stapled_ocsp(conn: SSL.Connection, response: bytes, data: object) -> bool:
@@ -165,10 +167,10 @@ class TlsContexts:
         self.staples: dict[Path, bytes] = {}
         for domain, (chain, key) in (certificates or {}).items():
             name = _a_label(domain)
-            self._server[name] = self._server_context(chain, key)
+            self._server[name] = self._server_context(chain, key, sni=True)
             self._client[name] = self._client_context((chain, key))
         self._server_default: SSL.Context | None = (
-            self._server_context(*default) if default else None)
+            self._server_context(*default, sni=bool(certificates)) if default else None)
         self._client_default = self._client_context(default)
 
     def _base(self, method: int) -> SSL.Context:
@@ -202,11 +204,12 @@ class TlsContexts:
         except SSL.Error as e:
             raise ValueError(mismatch) from e
 
-    def _server_context(self, chain: Path, key: Path) -> SSL.Context:
+    def _server_context(self, chain: Path, key: Path, sni: bool) -> SSL.Context:
         ctx = self._base(SSL.TLS_SERVER_METHOD)
         self._load(ctx, chain, key)
         # Request, do not require, a client certificate; accept anything (TLS.md section 1).
-        ctx.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+        _lib.SSL_CTX_set_verify(ctx._context,  # type: ignore[attr-defined]
+                                SSL.VERIFY_PEER, _ACCEPT_ANY_CERTIFICATE)
         # No resumption: a resumed session has no peer chain to verify again.
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_options(SSL.OP_NO_TICKET)
@@ -215,7 +218,8 @@ class TlsContexts:
         # Stapling (RFC 6066 8): only when the client asked; b"" = nothing to staple.
         ctx.set_ocsp_server_callback(
             lambda conn, path: self.staples.get(path, b"") if path else b"", chain)
-        ctx.set_tlsext_servername_callback(self._on_server_name)
+        if sni:  # with one certificate there is nothing for SNI to choose
+            ctx.set_tlsext_servername_callback(self._on_server_name)
         return ctx
 
     def _client_context(self, cert: tuple[Path, Path] | None) -> SSL.Context:
@@ -264,6 +268,10 @@ class TlsContexts:
         return self._client.get(_a_label(local_domain), self._client_default)
 
 
+# what TlsSession.handshake_step found: complete, wants more bytes, or the failure
+HandshakeOutcome = bool | Exception
+
+
 def _is_ip_literal(name: str) -> bool:
     try:
         ipaddress.ip_address(name.strip("[]"))
@@ -278,7 +286,8 @@ class TlsSession:
     __slots__ = ("_conn", "server_side", "direct_tls", "local_domain", "handshake_complete",
                  "peer_closed", "peer_certificate", "peer_intermediates", "peer_ocsp_response",
                  "version", "cipher", "alpn_protocol", "server_name", "_pending_plaintext",
-                 "_closed", "_eof", "_error", "_sni_domains", "_into_carried", "_from_carried")
+                 "_closed", "_eof", "_error", "_sni_domains", "_into_carried", "_from_carried",
+                 "busy")
 
     def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
                  server_name: str | None = None, direct_tls: bool = False):
@@ -304,6 +313,8 @@ class TlsSession:
         self._sni_domains: frozenset[str] = frozenset()
         self._into_carried = 0  # bytes through each memory BIO since it was made (_BIO_KEEP)
         self._from_carried = 0
+        # a handshake step runs on another thread: nothing but it may touch the SSL object
+        self.busy = False
 
     @classmethod
     def server(cls, contexts: TlsContexts, local_domain: str | None, *,
@@ -335,7 +346,7 @@ class TlsSession:
             conn.set_alpn_protos([ALPN_XMPP_SERVER])
         conn.request_ocsp()  # status_request (RFC 6066 8): a stapled OCSP response, if any
         session = cls(conn, server_side=False, local_domain=local_domain, server_name=sni)
-        session._handshake()  # queue the ClientHello
+        session.finish_step(session.handshake_step())  # queue the ClientHello
         return session
 
     # --- input ---------------------------------------------------------------------------------
@@ -345,6 +356,19 @@ class TlsSession:
 
         Raises TlsError on a fatal error; any alert is then waiting in data_to_send().
         """
+        if not self.take(data):
+            return b""
+        if not self.handshake_complete and not self.finish_step(self.handshake_step()):
+            return b""
+        return self.read()
+
+    # receive_data in three parts, for a shell that runs the handshake's public-key work on
+    # another thread (edgeproxy.handshakes): take(data); handshake_step() there; then, back
+    # on the loop, finish_step(outcome) and read(). Only handshake_step may run elsewhere,
+    # and nothing else may touch the session meanwhile (`busy`).
+
+    def take(self, data: bytes) -> bool:
+        """The bytes into TLS (b"" = TCP EOF). False: nothing more to do with them."""
         if self._error is not None:
             raise self._error
         if data:
@@ -353,10 +377,51 @@ class TlsSession:
         elif not self._eof:
             self._eof = True
             if self.peer_closed:
-                return b""
+                return False
             self._conn.bio_shutdown()
-        if not self.handshake_complete and not self._handshake():
-            return b""
+        return True
+
+    def handshake_step(self) -> HandshakeOutcome:
+        """Advance the handshake on what was taken: True when it completed, False when it
+        needs more bytes, else the exception. Safe on a worker thread while `busy`: it touches
+        only the SSL object, and OpenSSL's error queue is the calling thread's, so the error
+        is read here. Straight to OpenSSL, not through pyOpenSSL's Python wrapper: a worker
+        thread takes the GIL as seldom as it can (edgeproxy.handshakes)."""
+        conn = self._conn
+        ssl = conn._ssl  # type: ignore[attr-defined]
+        result = _lib.SSL_do_handshake(ssl)
+        if result == 1:
+            return True
+        if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:  # no error queued
+            return False
+        try:  # the slow path: pyOpenSSL turns it into its exception (callbacks' ones first)
+            conn._raise_ssl_error(ssl, result)  # type: ignore[attr-defined]
+        except SSL.WantReadError:
+            return False
+        except Exception as e:  # SSL.Error, _NoApplicationProtocol, or a bug: raised on the loop
+            return e
+        return True
+
+    def finish_step(self, outcome: HandshakeOutcome) -> bool:
+        """Back on the loop: what handshake_step returned. True when the handshake is complete;
+        raises TlsError when it failed."""
+        if outcome is True:
+            self._on_handshake_complete()
+            return True
+        if outcome is False:
+            return False
+        assert isinstance(outcome, Exception)
+        if isinstance(outcome, SSL.Error):
+            raise self._fail(outcome) from outcome
+        if isinstance(outcome, _NoApplicationProtocol):
+            offered = ", ".join(p.decode("ascii", "replace") for p in outcome.offered) or "nothing"
+            self._error = TlsError(f"peer offered ALPN {offered}, not xmpp-server (XEP-0368): "
+                                   "refused with no_application_protocol (RFC 7301 3.2)")
+            raise self._error from outcome
+        raise outcome
+
+    def read(self) -> bytes:
+        """The application data decrypted so far (after the handshake)."""
         plaintext = self._read_plaintext()
         if self._into_carried > _BIO_KEEP and not self._eof:
             self._renew_read_bio()
@@ -366,21 +431,6 @@ class TlsSession:
         self._error = TlsError(_describe(error, server_side=self.server_side,
                                          handshaking=not self.handshake_complete))
         return self._error
-
-    def _handshake(self) -> bool:
-        try:
-            self._conn.do_handshake()
-        except SSL.WantReadError:
-            return False
-        except SSL.Error as e:
-            raise self._fail(e) from e
-        except _NoApplicationProtocol as e:
-            offered = ", ".join(p.decode("ascii", "replace") for p in e.offered) or "nothing"
-            self._error = TlsError(f"peer offered ALPN {offered}, not xmpp-server (XEP-0368): "
-                                   "refused with no_application_protocol (RFC 7301 3.2)")
-            raise self._error from e
-        self._on_handshake_complete()
-        return True
 
     def _on_handshake_complete(self) -> None:
         conn = self._conn
@@ -452,7 +502,10 @@ class TlsSession:
             raise self._fail(e) from e
 
     def data_to_send(self) -> bytes:
-        """Everything pending for the wire (handshake records, alerts, app data, tickets)."""
+        """Everything pending for the wire (handshake records, alerts, app data, tickets);
+        nothing while a handshake step runs on another thread (`busy`)."""
+        if self.busy:
+            return b""
         out = []
         read = self._conn.bio_read
         while True:
