@@ -57,6 +57,9 @@ The machine is shared: wall-clock rates vary with its load (printed with every r
 per set-up is the steadier figure. Run the peers and the edge in the same run, interleaved.
 --edge-loops asyncio,uvloop measures every edge on both event loops (EDGE_EVENT_LOOP,
 edgeproxy.eventloop), as targets LABEL-asyncio and LABEL-uvloop; `--targets edge` takes both.
+--edge-setting LABEL:KEY=VALUE adds an [edge] line to one edge's configuration: `--edge
+main=. --edge threads=. --edge-setting threads:tls_threads=1` measures the handshakes on a
+worker thread (edgeproxy.handshakes) beside the loop in the same run.
 --no-certificate-book keeps the edge from writing the partners' certificates file
 (edgeproxy.fingerprints), which it rewrites whole for each new partner: O(partners) per TLS
 set-up, the largest cost of a set-up at thousands of partners (docs/benchmarks.md "uvloop").
@@ -482,7 +485,7 @@ class EdgeServer(ServerProcess):
 
 
 def edge_config(workdir: Path, address: str, mode: str, domains: Sequence[str],
-                crt: Path, key: Path, ca: Path, dns: str) -> str:
+                crt: Path, key: Path, ca: Path, dns: str, extra: Sequence[str] = ()) -> str:
     """As a deployment would say it: one [[partner]] per domain, the mode's policy (TLS and SASL
     required without dialback, or dialback without TLS), limits above N."""
     if mode == "tls":
@@ -493,6 +496,7 @@ def edge_config(workdir: Path, address: str, mode: str, domains: Sequence[str],
     # Lync ConnectionLimit counts streams in and out: dialback adds one to the authoritative
     # server per partner. Not more: the edge refuses a limit the fd limit cannot hold.
     limit = (1 if mode == "tls" else 2) * len(domains) + 100
+    settings = "".join(f"{line}\n" for line in extra)  # --edge-setting
     return f"""
 [edge]
 domains = ["{LOCAL}"]
@@ -505,7 +509,7 @@ dialback_secret = "secret-of-contoso"
 connection_limit = {limit}
 # the bench may take longer than the default 600 s to open and check 10,000 streams
 stream_inactivity_timeout = 3600
-
+{settings}
 [edge.component]
 listen = "{address}:5347"
 secret = "{COMPONENT_SECRET}"
@@ -716,7 +720,8 @@ class Bench:
             return BenchEjabberd(workdir, mode, self.server_cert, self.ca_file, dns)
         tree = self.args.edge_trees[target]
         cfg = edge_config(workdir, ADDRESSES["edge"], mode, self.domains(target, mode),
-                          self.crt, self.key, self.ca_file, dns)
+                          self.crt, self.key, self.ca_file, dns,
+                          self.args.edge_settings.get(target, ()))
         return EdgeServer(workdir, ADDRESSES["edge"], tree, cfg, self.args.edge_loop[target],
                           certificate_book=not self.args.no_certificate_book)
 
@@ -1016,6 +1021,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--edge", action="append", default=[], metavar="LABEL=TREE",
                     help="an edge to measure from that source tree (PYTHONPATH); repeatable; "
                          "default edge=<this tree>")
+    ap.add_argument("--edge-setting", action="append", default=[], metavar="LABEL:KEY=VALUE",
+                    help="an [edge] line for the edge LABEL's configuration, e.g. "
+                         "main-t1:tls_threads=1 (repeatable)")
     ap.add_argument("--edge-loops", default="", metavar="LOOP,LOOP",
                     help="measure every --edge once per event loop (asyncio, uvloop: "
                          "EDGE_EVENT_LOOP), as LABEL-LOOP; default: the edge's own choice")
@@ -1051,6 +1059,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit("run me inside the test network namespace: scripts/netns-run python3 "
                  "bench/streams.py")
     args.edge_trees = parse_edges(args.edge)
+    args.edge_settings = {}
+    for item in args.edge_setting:
+        label, _, line = item.partition(":")
+        key, eq, value = line.partition("=")
+        if label not in args.edge_trees or not eq or not key.strip():
+            sys.exit(f"--edge-setting {item!r}: LABEL:KEY=VALUE with LABEL one of --edge")
+        args.edge_settings.setdefault(label, []).append(f"{key.strip()} = {value.strip()}")
     args.edge_loop = dict.fromkeys(args.edge_trees)
     loops = [x.strip() for x in args.edge_loops.split(",") if x.strip()]
     if not set(loops) <= {"asyncio", "uvloop"}:

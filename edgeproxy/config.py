@@ -145,12 +145,19 @@ class EdgeConfig:
     ocsp_staple_fetch: bool = True
     # "asyncio" | "uvloop" | "auto" (edgeproxy.eventloop; $EDGE_EVENT_LOOP overrides it)
     event_loop: str = eventloop.DEFAULT
+    # threads that run the TLS handshakes' OpenSSL work off the event loop
+    # (edgeproxy.handshakes); 0, the default: all of it on the loop
+    tls_threads: int = 0
 
     def partner_limit(self, domain: str) -> int:
         p = self.partners.lookup(domain)
         if p is not None and p.connection_limit is not None:
             return p.connection_limit
         return self.partner_connection_limit
+
+
+# [edge] tls_threads: more threads than cores only add hand-overs of the GIL
+MAX_TLS_THREADS = 64
 
 
 class _Reader:
@@ -394,6 +401,10 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
     if staple_file is not None and certificate is None:
         e.problem("ocsp_staple", "a staple needs [edge] certificate")
     event_loop = e.string("event_loop", eventloop.DEFAULT)
+    tls_threads = e.integer("tls_threads", 0)
+    if tls_threads > MAX_TLS_THREADS:
+        e.problem("tls_threads", f"must be at most {MAX_TLS_THREADS} (got {tls_threads})")
+        tls_threads = 0
     if (loop_problem := eventloop.problem("edge", event_loop)) is not None:
         problems.append(loop_problem)
 
@@ -483,7 +494,7 @@ def edge_config_from_mapping(raw: Mapping[str, Any], base: Path,
         component_wait=component_wait, public_addresses=tuple(public_addresses), log=log,
         admin=admin, revocation=revocation, revocation_timeout=revocation_timeout,
         ocsp_staple_file=staple_file, ocsp_staple_fetch=staple == "auto",
-        event_loop=event_loop,
+        event_loop=event_loop, tls_threads=tls_threads,
     )
 
 

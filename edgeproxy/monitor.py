@@ -323,6 +323,11 @@ class _EdgeCollector(Collector):
         for result, n in sorted(getattr(m.edge, "revocation_counts", {}).items()):
             checks.add_metric([result], n)
         yield checks
+        handshakes = getattr(m.edge, "handshakes", None)
+        if handshakes is not None:
+            yield CounterMetricFamily("xmpp_edge_tls_handshake_steps", "TLS handshake steps "
+                                      "run on the [edge] tls_threads worker threads",
+                                      value=handshakes.steps)
         revocation = getattr(m.edge, "revocation", None)
         if revocation is not None:
             yield CounterMetricFamily("xmpp_edge_revocation_fetches", "OCSP and CRL requests "

@@ -81,7 +81,7 @@ def restart_only_changes(old: EdgeConfig, new: EdgeConfig) -> list[str]:
     """Settings a running edge cannot take over live (the listening sockets, the local
     domains): they apply at the next start, and the reload says so."""
     out = []
-    for name in ("domains", "listen", "direct_tls_listen", "event_loop"):
+    for name in ("domains", "listen", "direct_tls_listen", "event_loop", "tls_threads"):
         if getattr(old, name) != getattr(new, name):
             out.append(f"[edge] {name}")
     if (old.component and old.component.listen) != (new.component and new.component.listen):

@@ -35,6 +35,7 @@ from .dns import DnsError, S2sResolver
 from .fdlimit import nofile_limits, open_descriptors, raise_nofile_limit
 from .fdlimit import reserve as fd_reserve
 from .fingerprints import PartnerCertificates, book_path, describe, trustworthy
+from .handshakes import HandshakeStep, HandshakeWorkers
 from .identity import (
     CertificateCheck,
     TrustStore,
@@ -117,7 +118,8 @@ ACK_AFTER = 0.005
 # What a stream's machine may ask the shell for besides bytes (Send) and closing (Close).
 Effect = (Authenticated | DialbackVerify | DialbackVerifyAnswer | Deliver | ComponentAuthenticated
           | LinkControl)
-StreamAction = Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed | Effect
+StreamAction = (Send | StartTls | RestartStream | Close | TlsEstablished | TransportFailed
+                | HandshakeStep | Effect)
 
 
 def tls_text(tls: TlsSession | None, direct_tls: bool = False) -> str:
@@ -150,7 +152,7 @@ class StreamConnection(asyncio.Protocol):
     __slots__ = ("edge", "transport", "peer", "closing", "created", "timers", "_timer_key",
                  "_timer_at", "_flush_scheduled", "_paused", "_pending", "stream", "sent_close",
                  "stats", "revocation", "revocation_refusal", "_revocation_hold",
-                 "_revocation_timer")
+                 "_revocation_timer", "_handshaking")
     kind = "stream"
 
     def __init__(self, edge: Edge):
@@ -176,6 +178,8 @@ class StreamConnection(asyncio.Protocol):
         self.revocation_refusal: str | None = None
         self._revocation_hold = False
         self._revocation_timer: int | None = None  # its bucket on edge.revocation_timers
+        # a TLS handshake step runs on a worker thread (edgeproxy.handshakes): reading waits
+        self._handshaking = False
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -269,6 +273,9 @@ class StreamConnection(asyncio.Protocol):
         if self._pending is not None:  # data while paused (already read by the transport)
             actions = itertools.chain(self._pending, actions)
             self._pending = None
+        if self._handshaking:  # the TLS session is another thread's until the step is back
+            self._pending = actions
+            return
         self._drain(actions)
 
     def _drain(self, actions: Iterator[StreamAction]) -> None:
@@ -295,7 +302,8 @@ class StreamConnection(asyncio.Protocol):
         self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self._paused or self.closing or self.transport is None or self._revocation_hold:
+        if not self._paused or self.closing or self.transport is None or \
+                self._revocation_hold or self._handshaking:
             return
         self._paused = False
         # after the relay's current action list: handling the stanzas that waited feeds it again
@@ -337,6 +345,12 @@ class StreamConnection(asyncio.Protocol):
                 self.send(data)
             case StartTls() | RestartStream():  # the stream object switches; bytes must flow
                 self._schedule_flush()
+            case HandshakeStep():
+                workers = self.edge.handshakes
+                assert workers is not None, "a stream offloads only when the edge has workers"
+                self._handshaking = True
+                self.pause_reading()  # the rest of this read waits in _pending
+                workers.submit(action, self._handshake_stepped)
             case TlsEstablished(tls):
                 # debug: the stream's one INFO line, once authenticated, names version and cipher
                 if log.isEnabledFor(logging.DEBUG):
@@ -350,6 +364,14 @@ class StreamConnection(asyncio.Protocol):
                 self.on_close(action)
             case _:
                 self.handle_action(action)
+
+    def _handshake_stepped(self, step: HandshakeStep) -> None:
+        """The worker ran the step (on the loop again): the stream reads on where it paused."""
+        self._handshaking = False
+        if self.closing:
+            return
+        self._paused = False  # at once, not a loop turn later: the step's answer is waiting
+        self._resume()
 
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
@@ -655,7 +677,8 @@ class InboundConnection(StreamConnection):
     def _make_stream(self, receive: Callable[[Any], Sequence[Any]]) -> XmppStream[Any]:
         return XmppStream(receive, self.machine.fail, new_parser=self._new_parser,
                           make_tls=self.make_tls, tls_ready=self.machine.tls_established,
-                          check_certificate=self.check_certificate, timers=self.timers)
+                          check_certificate=self.check_certificate, timers=self.timers,
+                          offload=self.edge.handshakes is not None)
 
     def _refuse_at_header(self, event: Any) -> Sequence[Any]:
         """The machine's receive() for a stream over connection_limit: the initial header is
@@ -1072,7 +1095,8 @@ class OutboundConnection(StreamConnection):
         self.stream = XmppStream(self.machine.receive, self.machine.fail,
                                  new_parser=self._new_parser, make_tls=self.make_tls,
                                  tls_ready=self.machine.tls_established,
-                                 check_certificate=self.check_certificate, timers=self.timers)
+                                 check_certificate=self.check_certificate, timers=self.timers,
+                                 offload=self.edge.handshakes is not None)
 
     def label(self) -> str:
         return f"outbound {self.session.local} -> {self.session.remote} ({self.peer})"
@@ -1713,6 +1737,9 @@ class Edge:
         self._cert_timer: asyncio.TimerHandle | None = None
         # issue 15: each partner's certificate as last seen ("pin current certificate")
         self.partner_certificates = PartnerCertificates(book_path(cfg.path))
+        # threads for the TLS handshakes' OpenSSL work (edgeproxy.handshakes), made by
+        # start(); without them every handshake runs on the loop
+        self.handshakes: HandshakeWorkers | None = None
 
     def first_note(self, key: bytes) -> bool:
         """True the first time `key` is noted (a certificate's digest: what is said once per
@@ -1973,6 +2000,8 @@ class Edge:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
+        if cfg.tls_threads and self.handshakes is None:
+            self.handshakes = HandshakeWorkers(loop, cfg.tls_threads)
         # issue 11: the S2S listeners pause a little before the descriptors run out
         soft, _hard = nofile_limits()
         budget = self.fd_budget = FdBudget(soft, open_descriptors(), fd_reserve(soft),
@@ -2080,6 +2109,8 @@ class Edge:
         self.stream_timers.stop()
         self.revocation_timers.stop()
         await self.revocation.close()
+        if self.handshakes is not None:
+            self.handshakes.close()
         for s in self.servers:
             await s.wait_closed()
 

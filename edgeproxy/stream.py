@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .handshakes import HandshakeStep
 from .s2s import CertChecker, RestartStream, StartTls, StreamTimers
 from .tls import TlsError, TlsSession
 from .xmlstream import Event, StreamOpened, XmlStreamError, XmlStreamParser
@@ -42,6 +43,9 @@ class TransportFailed:
     reason: str
 
 
+# what the stack itself asks of the shell, among the machine's actions
+StackAction = TlsEstablished | TransportFailed | HandshakeStep
+
 A = TypeVar("A")
 
 
@@ -50,7 +54,7 @@ class XmppStream(Generic[A]):
 
     __slots__ = ("_receive", "_fail", "_new_parser", "_make_tls", "_tls_ready",
                  "_check_certificate", "timers", "parser", "tls", "_tls_reported", "_out",
-                 "_wire", "closed")  # one per connection, thousands at once (issue 11)
+                 "_wire", "closed", "offload")  # one per connection, thousands at once (issue 11)
 
     def __init__(self, receive: Callable[[Event], Sequence[A]],
                  fail: Callable[[str, str], Sequence[A]], *,
@@ -58,7 +62,7 @@ class XmppStream(Generic[A]):
                  make_tls: Callable[[], TlsSession] | None = None,
                  tls_ready: Callable[[CertChecker], Sequence[A]] | None = None,
                  check_certificate: Callable[[TlsSession], CertChecker] | None = None,
-                 timers: StreamTimers | None = None) -> None:
+                 timers: StreamTimers | None = None, offload: bool = False) -> None:
         self._receive = receive  # the machine's receive(event)
         self._fail = fail  # the machine's fail(condition, text): XML errors, limits
         self._new_parser = new_parser
@@ -74,11 +78,13 @@ class XmppStream(Generic[A]):
         # no list kept the rest of the time, issue 11)
         self._wire: list[bytes] | None = None
         self.closed = False
+        # the TLS handshake's steps go to the shell as HandshakeStep actions, to run on a
+        # worker thread (edgeproxy.handshakes), instead of running inside receive_data
+        self.offload = offload
 
     # -- input ----------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> Iterator[A | TlsEstablished |
-                                                                TransportFailed]:
+    def receive_data(self, data: bytes, now: float) -> Iterator[A | StackAction]:
         """Bytes from the socket (b"" = EOF); an iterator of the actions they lead to, lazy.
         (Not a generator itself: one generator level less per stanza on the relay's path.)"""
         if self.closed:
@@ -87,10 +93,17 @@ class XmppStream(Generic[A]):
             return self._plaintext(data, now)
         return self._tls_data(self.tls, data, now)
 
-    def _tls_data(self, tls: TlsSession, data: bytes, now: float) -> Iterator[
-            A | TlsEstablished | TransportFailed]:
+    def _tls_data(self, tls: TlsSession, data: bytes, now: float) -> Iterator[A | StackAction]:
         try:
-            plain = tls.receive_data(data)
+            if self.offload and not tls.handshake_complete:
+                plain = b""
+                if tls.take(data):
+                    step = HandshakeStep(tls)
+                    yield step  # the shell asks for the next action once the step ran
+                    if tls.finish_step(step.outcome):
+                        plain = tls.read()
+            else:
+                plain = tls.receive_data(data)
         except TlsError as exc:
             self.closed = True
             yield TransportFailed(f"TLS failed: {exc.reason}")
@@ -109,8 +122,7 @@ class XmppStream(Generic[A]):
             self.closed = True
             yield TransportFailed("peer closed TLS")
 
-    def _plaintext(self, data: bytes, now: float) -> Iterator[A | TlsEstablished |
-                                                              TransportFailed]:
+    def _plaintext(self, data: bytes, now: float) -> Iterator[A | StackAction]:
         if self.timers is not None:
             self.timers.received(now, data.isspace())
         parser = self.parser
@@ -142,7 +154,7 @@ class XmppStream(Generic[A]):
                 yield from self._receive(ev)
             yield from self._fail(exc.condition, exc.text)
 
-    def _start_tls(self, now: float) -> Iterator[A | TlsEstablished | TransportFailed]:
+    def _start_tls(self, now: float) -> Iterator[A | StackAction]:
         """RFC 6120 5.4.3.3: after <proceed/> the stream is gone; TLS takes the transport."""
         assert self._make_tls is not None, "StartTls on a stream without TLS"
         leftover = self.parser.leftover  # bytes in the same read as <starttls/> / <proceed/>

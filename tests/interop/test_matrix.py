@@ -219,3 +219,34 @@ def _not_direct_tls(peer: h.Peer, direction: str, log: str) -> None:
     else:
         dialed = h.outbound_targets(log, peer)
         assert dialed and not any("Direct TLS" in d for d in dialed), dialed
+
+
+@pytest.mark.parametrize("mode", ["sasl", "direct-tls"])
+async def test_handshakes_on_worker_threads_federate(world: h.World, mode: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """[edge] tls_threads (edgeproxy.handshakes): with the handshakes' OpenSSL work on worker
+    threads, the peer's streams to us (STARTTLS or Direct TLS, its certificate judged after the
+    handshake, SASL EXTERNAL) and ours to it set up as on the loop: a message each way."""
+    m = MODES[mode]
+    peer = world.peer
+    world.use(m.setup)
+    entry = h.partner(peer.domain, *m.partner, ptype=m.ptype)
+    async with h.local_side(tmp_path, caplog, [entry], ca=m.ca, direct_tls=m.direct_tls,
+                            tls_threads=2) as bob, peer.client() as alice:
+        workers = bob.edge.handshakes
+        assert workers is not None and workers.threads == 2
+        alice.send_chat(BOB, f"{mode}: in, handshakes on threads")
+        got = await bob.ws.expect("message", timeout=20)
+        assert got["body"] == f"{mode}: in, handshakes on threads", got
+        await bob.send(peer.jid, f"{mode}: out, handshakes on threads")
+        reply = await alice.wait_for_message(20)
+        assert reply.body == f"{mode}: out, handshakes on threads", reply
+        log = bob.our_log()
+        inbound, outbound = h.our_inbound(log, peer), h.our_outbound(log, peer)
+        assert inbound and {how for how, _ in inbound} == {"sasl-external"}, log
+        assert outbound and {how for how, _ in outbound} == {"sasl-external"}, log
+        assert all(h.uses_tls(tls) for _, tls in inbound + outbound), log
+        # both streams' handshakes went through the threads: the inbound's two steps (the
+        # ClientHello, the client's flight with its certificate), the outbound's one (the
+        # server's flight) at least
+        assert workers.steps >= 3, workers.steps
