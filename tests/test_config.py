@@ -8,6 +8,7 @@ import pytest
 
 from edgeproxy.config import ConfigError, load_edge_config
 from edgeproxy.devcerts import write_dev_certificates
+from edgeproxy.reload import restart_only_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +102,24 @@ def test_example_config_is_valid(tmp_path):
     write_dev_certificates(tmp_path / "var" / "certs", ["contoso.test"])
     cfg = load_edge_config(tmp_path / "config" / "edge.example.toml")
     assert cfg.component is not None and cfg.component.listen.port == 5347
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("-1", "[edge] tls_threads: must be at least 0 (got -1)"),
+    ("65", "[edge] tls_threads: must be at most 64 (got 65)"),
+    ('"auto"', "[edge] tls_threads: must be a whole number (got 'auto')"),
+    ("true", "[edge] tls_threads: must be a whole number (got True)"),
+])
+def test_tls_threads_must_be_a_whole_number_up_to_64(tmp_path, certs, value, problem):
+    """[edge] tls_threads (edgeproxy.handshakes; tests/test_handshake_workers.py)."""
+    with pytest.raises(ConfigError) as e:
+        load_edge_config(write(tmp_path, certs, f"tls_threads = {value}"))
+    assert problem in e.value.problems
+
+
+def test_tls_threads_defaults_to_none_and_applies_at_a_restart(tmp_path, certs):
+    old = load_edge_config(write(tmp_path, certs, ""))
+    assert old.tls_threads == 0
+    new = load_edge_config(write(tmp_path, certs, "tls_threads = 2"))
+    assert new.tls_threads == 2
+    assert restart_only_changes(old, new) == ["[edge] tls_threads"]

@@ -6,23 +6,19 @@ which carries on where the read paused); while a step runs nothing else touches 
 (bytes that arrive wait, writes give nothing); a stream that ends during a step - the peer gone,
 or its set-up deadline passed - loses nothing else and leaves the edge serving; a failed
 handshake fails as on the loop (RFC 8446 6: a fatal alert, then the close; RFC 7301 3.2 for
-Direct TLS without xmpp-server). And the setting: a whole number 0-64, applied at a restart.
+Direct TLS without xmpp-server: tests/test_hostile_protocol.py, with and without threads). The
+setting itself (a whole number 0-64, applied at a restart): tests/test_config.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
-from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
-from edgeproxy.config import ConfigError, load_edge_config
-from edgeproxy.devcerts import write_dev_certificates
 from edgeproxy.handshakes import HandshakeStep, HandshakeWorkers
-from edgeproxy.reload import restart_only_changes
 from edgeproxy.server import InboundConnection
 from edgeproxy.tls import TlsSession
 from edgeproxy.xmlstream import NS_SASL, NS_TLS
@@ -30,7 +26,6 @@ from tests.conftest import require_netns
 from tests.hostile import (  # noqa: F401 - the fixtures 'auth' and 'h'
     CA,
     CONTOSO,
-    EDGE_IP,
     FAB,
     SASL_ONLY,
     Harness,
@@ -42,7 +37,6 @@ from tests.hostile import (  # noqa: F401 - the fixtures 'auth' and 'h'
 )
 
 pytestmark = pytest.mark.usefixtures("_in_netns")
-DIRECT_TLS = 5270  # tests/edges.edge_config's Direct TLS port
 
 
 @pytest.fixture(scope="module")
@@ -204,22 +198,6 @@ async def test_a_handshake_that_fails_on_a_worker_fails_as_on_the_loop(
     assert "TLS failed: handshake failed" in caplog.text
 
 
-async def test_direct_tls_alpn_refusal_on_a_worker(h: Harness) -> None:
-    """RFC 7301 3.2 / XEP-0368 3, as tests/test_hostile_protocol.py checks on the loop: the
-    ALPN callback's refusal, raised on the worker, still ends the handshake with
-    no_application_protocol."""
-    async with h.edge_running(direct_tls=True, tls_threads=1) as edge:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        ctx.set_alpn_protocols(["h2"])
-        with pytest.raises(ssl.SSLError, match="no application protocol"):
-            _, writer = await asyncio.wait_for(asyncio.open_connection(
-                EDGE_IP, DIRECT_TLS, ssl=ctx, server_hostname=CONTOSO), 10)
-            writer.close()
-        assert edge.handshakes is not None and edge.handshakes.steps >= 1
-        await h.still_serves()
-
-
 async def test_after_close_a_step_runs_at_once() -> None:
     """A stream that sets up while the edge stops (its threads are told to end) still gets its
     handshake: the step runs on the caller's thread."""
@@ -237,48 +215,3 @@ async def test_after_close_a_step_runs_at_once() -> None:
     assert done == [step] and step.outcome is True and not step.session.busy
     with pytest.raises(ValueError, match="at least one thread"):
         HandshakeWorkers(asyncio.get_running_loop(), 0)
-
-
-# --- the setting ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    write_dev_certificates(d, ["contoso.test"])
-    return d
-
-
-def config_with(tmp_path: Path, certs: Path, line: str) -> Path:
-    p = tmp_path / "edge.toml"
-    p.write_text(f"""
-[edge]
-domains = ["contoso.test"]
-listen = ["127.0.0.1:5269"]
-certificate = "{certs}/contoso.test.crt"
-private_key = "{certs}/contoso.test.key"
-dialback_secret = "s3cr3t"
-{line}
-""")
-    return p
-
-
-@pytest.mark.parametrize(("value", "problem"), [
-    ("-1", "[edge] tls_threads: must be at least 0 (got -1)"),
-    ("65", "[edge] tls_threads: must be at most 64 (got 65)"),
-    ('"auto"', "[edge] tls_threads: must be a whole number (got 'auto')"),
-    ("true", "[edge] tls_threads: must be a whole number (got True)"),
-])
-def test_tls_threads_must_be_a_whole_number_up_to_64(tmp_path: Path, certs: Path, value: str,
-                                                     problem: str) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_edge_config(config_with(tmp_path, certs, f"tls_threads = {value}"))
-    assert problem in e.value.problems
-
-
-def test_tls_threads_defaults_to_none_and_applies_at_a_restart(tmp_path: Path,
-                                                               certs: Path) -> None:
-    old = load_edge_config(config_with(tmp_path, certs, ""))
-    assert old.tls_threads == 0
-    new = load_edge_config(config_with(tmp_path, certs, "tls_threads = 2"))
-    assert new.tls_threads == 2
-    assert restart_only_changes(old, new) == ["[edge] tls_threads"]

@@ -155,11 +155,14 @@ async def test_malformed_version_gets_unsupported_version(h: Harness) -> None:
 # Direct TLS (XEP-0368, RFC 7301)
 
 
+@pytest.mark.parametrize("tls_threads", [0, 1])
 async def test_direct_tls_alpn_without_xmpp_server_gets_no_application_protocol(
-        h: Harness) -> None:
+        h: Harness, tls_threads: int) -> None:
     """RFC 7301 3.2: offered protocols the server does not support end the handshake with the
-    fatal no_application_protocol alert; XEP-0368 3 names xmpp-server for s2s Direct TLS."""
-    async with h.edge_running(direct_tls=True):
+    fatal no_application_protocol alert; XEP-0368 3 names xmpp-server for s2s Direct TLS. The
+    same with the handshake on a worker thread ([edge] tls_threads), where the ALPN
+    callback's refusal is raised."""
+    async with h.edge_running(direct_tls=True, tls_threads=tls_threads) as edge:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         ctx.set_alpn_protocols(["h2"])
@@ -167,6 +170,8 @@ async def test_direct_tls_alpn_without_xmpp_server_gets_no_application_protocol(
             _, writer = await asyncio.wait_for(asyncio.open_connection(
                 EDGE_IP, DIRECT_TLS, ssl=ctx, server_hostname=CONTOSO), 10)
             writer.close()
+        if tls_threads:
+            assert edge.handshakes is not None and edge.handshakes.steps >= 1
         await h.still_serves()
 
 
