@@ -38,6 +38,7 @@ class HandshakeStep:
 
     session: TlsSession
     outcome: HandshakeOutcome = False
+    cancelled: bool = False  # its stream closed while it waited: not worth a handshake
 
 
 Done = Callable[[HandshakeStep], None]
@@ -76,7 +77,8 @@ class HandshakeWorkers:
         get, call_back = self._queue.get, self._loop.call_soon_threadsafe
         while (item := get()) is not None:
             step, done = item
-            step.outcome = step.session.handshake_step()  # catches what OpenSSL raises
+            if not step.cancelled:  # a backlog of closed streams costs no signatures
+                step.outcome = step.session.handshake_step()  # catches what OpenSSL raises
             try:
                 call_back(self._finish, step, done)
             except RuntimeError:  # the loop is closed: nobody waits for the answer

@@ -535,8 +535,7 @@ class RevocationChecker:
         path = self._path(leaf, intermediates, anchors, validated)
         if not path:
             return NOT_CHECKED
-        found = [self.cached(c) or (self._sourceless(c) if c is not leaf or not stapled
-                                    else None) for c, _ in path]
+        found = [self._known(c, stapled if c is leaf else None) for c, _ in path]
         if any(s is None for s in found):
             return None
         return _chain([s for s in found if s is not None])
@@ -596,10 +595,23 @@ class RevocationChecker:
         finally:
             del self._inflight[key]
 
+    def _known(self, cert: x509.Certificate, stapled: bytes | None) -> CertStatus | None:
+        """What is known of `cert` without I/O: its cached answer, or that it names no source;
+        None when something must be fetched - or parsed: a staple may say more than an
+        answer that is only unknown (status() reads it)."""
+        hit = self.cached(cert)
+        if stapled:
+            return hit if hit is not None and hit.status is not Status.UNKNOWN else None
+        return hit or self._sourceless(cert)
+
     def _sourceless(self, cert: x509.Certificate) -> CertStatus | None:
         """The answer for a certificate that names no OCSP responder and no CRL, kept like a
-        fetched one; None when it names one (the answer must be fetched)."""
-        if ocsp_urls(cert) or crl_urls(cert):
+        fetched one; None when it names one (the answer must be fetched), or when its
+        extensions do not parse (the fetch path's task says why)."""
+        try:
+            if ocsp_urls(cert) or crl_urls(cert):
+                return None
+        except (ValueError, x509.DuplicateExtension):  # extensions that do not parse
             return None
         found = _no_source(cert)
         self._statuses.put(certificate_digest(cert), found)

@@ -178,8 +178,9 @@ class StreamConnection(asyncio.Protocol):
         self.revocation_refusal: str | None = None
         self._revocation_hold = False
         self._revocation_timer: int | None = None  # its bucket on edge.revocation_timers
-        # a TLS handshake step runs on a worker thread (edgeproxy.handshakes): reading waits
-        self._handshaking = False
+        # the TLS handshake step running on a worker thread (edgeproxy.handshakes): reading
+        # waits until it is back
+        self._handshaking: HandshakeStep | None = None
 
     # -- to override ---------------------------------------------------------------------------
     def _new_parser(self) -> XmlStreamParser:
@@ -255,6 +256,7 @@ class StreamConnection(asyncio.Protocol):
         self.edge.untrack(self)
         self.closing = True
         self._pending = None
+        self._cancel_step()
         if self._revocation_timer is not None:
             self.edge.revocation_timers.discard(self, self._revocation_timer)
             self._revocation_timer = None
@@ -273,7 +275,7 @@ class StreamConnection(asyncio.Protocol):
         if self._pending is not None:  # data while paused (already read by the transport)
             actions = itertools.chain(self._pending, actions)
             self._pending = None
-        if self._handshaking:  # the TLS session is another thread's until the step is back
+        if self._handshaking is not None:  # the TLS session is the worker's until it is back
             self._pending = actions
             return
         self._drain(actions)
@@ -303,7 +305,7 @@ class StreamConnection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         if not self._paused or self.closing or self.transport is None or \
-                self._revocation_hold or self._handshaking:
+                self._revocation_hold or self._handshaking is not None:
             return
         self._paused = False
         # after the relay's current action list: handling the stanzas that waited feeds it again
@@ -348,7 +350,7 @@ class StreamConnection(asyncio.Protocol):
             case HandshakeStep():
                 workers = self.edge.handshakes
                 assert workers is not None, "a stream offloads only when the edge has workers"
-                self._handshaking = True
+                self._handshaking = action
                 self.pause_reading()  # the rest of this read waits in _pending
                 workers.submit(action, self._handshake_stepped)
             case TlsEstablished(tls):
@@ -367,11 +369,21 @@ class StreamConnection(asyncio.Protocol):
 
     def _handshake_stepped(self, step: HandshakeStep) -> None:
         """The worker ran the step (on the loop again): the stream reads on where it paused."""
-        self._handshaking = False
+        self._handshaking = None
         if self.closing:
             return
         self._paused = False  # at once, not a loop turn later: the step's answer is waiting
-        self._resume()
+        try:
+            self._resume()
+        except Exception:  # as asyncio does when data_received raises: this stream ends
+            log.exception("%s: failed after its TLS handshake step", self.label(),
+                          extra=self.log_fields())
+            self.abort("internal error after the TLS handshake step")
+
+    def _cancel_step(self) -> None:
+        """The stream is closing: a step still queued for it need not run."""
+        if self._handshaking is not None:
+            self._handshaking.cancelled = True
 
     def on_close(self, action: Close) -> None:
         level = logging.WARNING if action.failed else logging.INFO
@@ -415,6 +427,7 @@ class StreamConnection(asyncio.Protocol):
             return
         self.closing = True
         self._pending = None
+        self._cancel_step()
         self.stream.close()
         self.flush()
         if self.transport is not None:
@@ -430,6 +443,7 @@ class StreamConnection(asyncio.Protocol):
         self.edge.monitor.closing(self, reason, None)
         self.closing = True
         self._pending = None
+        self._cancel_step()
         if self.transport is not None:
             self.transport.close()
 
@@ -2111,6 +2125,7 @@ class Edge:
         await self.revocation.close()
         if self.handshakes is not None:
             self.handshakes.close()
+            self.handshakes = None  # a later start() makes new ones
         for s in self.servers:
             await s.wait_closed()
 

@@ -120,24 +120,42 @@ def _keep_stapled_ocsp(conn: SSL.Connection, response: bytes, data: object) -> b
     return True  # the handshake goes on; revocation.py checks the response after it
 
 
-class _NoApplicationProtocol(Exception):
-    """Raised in the ALPN callback: pyOpenSSL then answers with a fatal alert, which OpenSSL
-    sends as no_application_protocol (RFC 7301 3.2), and re-raises this from the handshake."""
+def _offered_protocols(wire: bytes) -> list[bytes]:
+    """The ALPN extension's ProtocolNameList (RFC 7301 3.1): one length byte before each."""
+    out, i = [], 0
+    while i < len(wire):
+        n = wire[i]
+        out.append(wire[i + 1:i + 1 + n])
+        i += 1 + n
+    return out
 
-    def __init__(self, offered: list[bytes]):
-        super().__init__(offered)
-        self.offered = offered
 
-
-def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:  # bytes or NO_OVERLAP
+def _select_alpn(ssl: Any, out: Any, outlen: Any, offered_wire: Any, inlen: int,
+                 arg: Any) -> int:
+    offered = _offered_protocols(bytes(_ffi.buffer(offered_wire, inlen)))
     if ALPN_XMPP_SERVER in offered:
-        return ALPN_XMPP_SERVER
-    session = conn.get_app_data()
+        out[0] = _XMPP_SERVER
+        outlen[0] = len(ALPN_XMPP_SERVER)
+        return int(_lib.SSL_TLSEXT_ERR_OK)
+    conn = SSL.Connection._reverse_mapping.get(ssl)  # type: ignore[attr-defined]
+    session = conn.get_app_data() if conn is not None else None
     if isinstance(session, TlsSession) and session.direct_tls:
         # XEP-0368 3: Direct TLS s2s speaks xmpp-server; RFC 7301 3.2: a server that supports
-        # none of the client's protocols MUST refuse with no_application_protocol.
-        raise _NoApplicationProtocol(offered)
-    return SSL.NO_OVERLAPPING_PROTOCOLS  # STARTTLS: ALPN plays no part (RFC 6120 5.4)
+        # none of the client's protocols MUST refuse with no_application_protocol (the alert
+        # OpenSSL sends for this answer). Noted on the session, read by finish_step.
+        session.alpn_refused = tuple(offered)
+        return int(_lib.SSL_TLSEXT_ERR_ALERT_FATAL)
+    return int(_lib.SSL_TLSEXT_ERR_NOACK)  # STARTTLS: ALPN plays no part (RFC 6120 5.4)
+
+
+# The server's ALPN callback in OpenSSL's terms, not pyOpenSSL's set_alpn_select_callback: that
+# one keeps what a callback raises in a list of the *context*, shared by every stream, which the
+# next call into OpenSSL on any of them raises - another stream's, when the handshake runs on a
+# worker thread (edgeproxy.handshakes). An unexpected exception refuses the handshake.
+_XMPP_SERVER = _ffi.new("unsigned char[]", ALPN_XMPP_SERVER)  # what `out` points to: kept
+_ALPN_SELECT = _ffi.callback("int (*)(SSL *, unsigned char **, unsigned char *, "
+                             "const unsigned char *, unsigned int, void *)", _select_alpn,
+                             error=int(_lib.SSL_TLSEXT_ERR_ALERT_FATAL))
 
 
 def _a_label(domain: str) -> str:
@@ -214,7 +232,8 @@ class TlsContexts:
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_options(SSL.OP_NO_TICKET)
         # On every context: the one switched to by SNI supplies the ALPN callback (pitfall 3).
-        ctx.set_alpn_select_callback(_select_alpn)
+        _lib.SSL_CTX_set_alpn_select_cb(ctx._context,  # type: ignore[attr-defined]
+                                        _ALPN_SELECT, _ffi.NULL)
         # Stapling (RFC 6066 8): only when the client asked; b"" = nothing to staple.
         ctx.set_ocsp_server_callback(
             lambda conn, path: self.staples.get(path, b"") if path else b"", chain)
@@ -287,7 +306,7 @@ class TlsSession:
                  "peer_closed", "peer_certificate", "peer_intermediates", "peer_ocsp_response",
                  "version", "cipher", "alpn_protocol", "server_name", "_pending_plaintext",
                  "_closed", "_eof", "_error", "_sni_domains", "_into_carried", "_from_carried",
-                 "busy")
+                 "busy", "alpn_refused")
 
     def __init__(self, conn: SSL.Connection, *, server_side: bool, local_domain: str | None,
                  server_name: str | None = None, direct_tls: bool = False):
@@ -315,6 +334,7 @@ class TlsSession:
         self._from_carried = 0
         # a handshake step runs on another thread: nothing but it may touch the SSL object
         self.busy = False
+        self.alpn_refused: tuple[bytes, ...] | None = None  # Direct TLS without xmpp-server
 
     @classmethod
     def server(cls, contexts: TlsContexts, local_domain: str | None, *,
@@ -389,6 +409,7 @@ class TlsSession:
         thread takes the GIL as seldom as it can (edgeproxy.handshakes)."""
         conn = self._conn
         ssl = conn._ssl  # type: ignore[attr-defined]
+        _lib.ERR_clear_error()  # nothing another session left on this thread's queue counts
         result = _lib.SSL_do_handshake(ssl)
         if result == 1:
             return True
@@ -398,7 +419,7 @@ class TlsSession:
             conn._raise_ssl_error(ssl, result)  # type: ignore[attr-defined]
         except SSL.WantReadError:
             return False
-        except Exception as e:  # SSL.Error, _NoApplicationProtocol, or a bug: raised on the loop
+        except Exception as e:  # SSL.Error, or a bug: raised on the loop
             return e
         return True
 
@@ -411,13 +432,14 @@ class TlsSession:
         if outcome is False:
             return False
         assert isinstance(outcome, Exception)
+        if isinstance(outcome, SSL.Error) and self.alpn_refused is not None:
+            offered = ", ".join(p.decode("ascii", "replace") for p in self.alpn_refused)
+            self._error = TlsError(f"peer offered ALPN {offered or 'nothing'}, not xmpp-server "
+                                   "(XEP-0368): refused with no_application_protocol "
+                                   "(RFC 7301 3.2)")
+            raise self._error from outcome
         if isinstance(outcome, SSL.Error):
             raise self._fail(outcome) from outcome
-        if isinstance(outcome, _NoApplicationProtocol):
-            offered = ", ".join(p.decode("ascii", "replace") for p in outcome.offered) or "nothing"
-            self._error = TlsError(f"peer offered ALPN {offered}, not xmpp-server (XEP-0368): "
-                                   "refused with no_application_protocol (RFC 7301 3.2)")
-            raise self._error from outcome
         raise outcome
 
     def read(self) -> bytes:

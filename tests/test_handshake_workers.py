@@ -180,6 +180,54 @@ async def test_a_set_up_deadline_during_a_step_closes_the_stream_and_nothing_els
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
 
+async def test_steps_of_streams_closed_while_they_waited_are_not_run(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker, held by the first stream's step; the second stream's step waits in the queue.
+    Both set-up deadlines pass: the waiting step is dropped without a handshake (a backlog of
+    streams that are gone costs no signatures)."""
+    gate = StepGate(monkeypatch, hold=True)
+    async with h.edge_running(SASL_ONLY, tls_threads=1) as edge:
+        first, _ = await client_hello_sent(h)
+        assert await asyncio.to_thread(gate.entered.wait, 5)
+        second, _ = await client_hello_sent(h)
+        await h.accepted(first)
+        await h.accepted(second)
+        await wait_for(lambda: all(c._handshaking is not None for c in inbound(h)))
+        h.advance(edge.cfg.stream_establishment_timeout + 1)
+        await first.closed()
+        await second.closed()
+        gate.release.set()
+        await wait_for(lambda: edge.handshakes is not None and edge.handshakes.steps == 2)
+        assert len(gate.threads) == 1  # the second step never reached OpenSSL
+        await sasl_success(h)
+
+
+async def test_a_failure_after_a_step_ends_that_stream_and_says_why(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """What follows a step runs in a loop callback, not in data_received: a bug there must end
+    the stream (as asyncio ends one whose data_received raised), not leave it half set up."""
+    real = TlsSession._on_handshake_complete
+    broken = {"on": True}
+
+    def failing(session: TlsSession) -> None:
+        if session.server_side and broken["on"]:
+            raise RuntimeError("a bug after the handshake")
+        real(session)
+    monkeypatch.setattr(TlsSession, "_on_handshake_complete", failing)
+    async with h.edge_running(SASL_ONLY, tls_threads=1):
+        p, session = await client_hello_sent(h)
+        deadline = asyncio.get_running_loop().time() + 5
+        p.tls = session
+        while not session.handshake_complete:
+            await p._read(deadline)
+        await p.closed()
+        await wait_for(lambda: not inbound(h))
+        broken["on"] = False
+        await sasl_success(h)
+    assert "failed after its TLS handshake step" in caplog.text
+    assert "RuntimeError: a bug after the handshake" in caplog.text
+
+
 async def test_a_handshake_that_fails_on_a_worker_fails_as_on_the_loop(
         h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     """RFC 8446 6.2: an error in the handshake ends it with a fatal alert and the close."""

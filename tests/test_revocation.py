@@ -157,6 +157,9 @@ async def test_a_certificate_that_names_no_source_is_answered_without_a_fetch(pk
         assert "names no OCSP responder and no CRL" in known.certificates[0].detail
         assert c.fetches == fetches  # nothing asked for it
         assert c.cached(bare.cert) is known.certificates[0]  # kept like a fetched answer
+        # ... but an answer that is only unknown does not hide a staple that may say more
+        assert c.cached_chain(bare.cert, list(bare.chain), [pki.root.cert],
+                              stapled=b"a staple") is None
         # a staple may say more about the leaf: left to check_chain, which parses it
         stapled = pki.issue("stapled.test", ocsp_url=None, crl_url=None)
         assert c.cached_chain(stapled.cert, list(stapled.chain), [pki.root.cert],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.x509.oid import NameOID
+from OpenSSL._util import lib as _lib
 
 from edgeproxy.devcerts import EKU_CLIENT, EKU_SERVER, CertificateAuthority, Issued
 from edgeproxy.identity import TrustStore, verify_certificate
@@ -241,6 +242,33 @@ def test_direct_tls_refuses_alpn_without_xmpp_server_with_no_application_protoco
     assert [e.reason for e in server_error] == [
         "peer offered ALPN h2, http/1.1, not xmpp-server (XEP-0368): refused with "
         "no_application_protocol (RFC 7301 3.2)"]
+
+
+def test_an_alpn_refusal_is_its_own_streams_and_no_other_ones(server_contexts, pki):
+    """The refusal above, with the handshake step run apart from its finish (as on a worker
+    thread, edgeproxy.handshakes) while another stream of the same context reads and writes:
+    nothing of the refusal reaches that stream (pyOpenSSL's own ALPN callback kept it in a
+    list of the context, raised by the next call into OpenSSL on any stream of it)."""
+    other, client = pair(server_contexts, pki)
+    transfer(client, other)
+    assert other.handshake_complete and client.handshake_complete
+    refused = TlsSession.server(server_contexts, None, direct_tls=True)
+    sslobj, _, outgoing = _stdlib_client(["h2"])
+    with contextlib.suppress(ssl.SSLWantReadError):
+        sslobj.do_handshake()
+    assert refused.take(outgoing.read())
+    # the C part of the worker's step, where the refusal happens, before the worker has the
+    # GIL back to read its outcome; meanwhile the loop serves the other stream
+    assert _lib.SSL_do_handshake(refused._conn._ssl) != 1
+    client.send(b"<presence/>")
+    assert other.receive_data(client.data_to_send()) == b"<presence/>"
+    other.send(b"<presence/>")
+    assert client.receive_data(other.data_to_send()) == b"<presence/>"
+    outcome = refused.handshake_step()  # the rest of the worker's step
+    assert isinstance(outcome, Exception)
+    with pytest.raises(TlsError, match="peer offered ALPN h2, not xmpp-server"):
+        refused.finish_step(outcome)
+    assert refused.data_to_send()[:1] == b"\x15"  # its alert, for its own peer
 
 
 def test_direct_tls_accepts_xmpp_server_among_others_and_no_alpn(server_contexts):
