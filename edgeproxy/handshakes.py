@@ -20,15 +20,12 @@ their callbacks per step, twice per set-up; here it is one queue put and one loo
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .tls import HandshakeOutcome, TlsSession
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)

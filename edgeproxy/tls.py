@@ -432,15 +432,14 @@ class TlsSession:
         if outcome is False:
             return False
         assert isinstance(outcome, Exception)
-        if isinstance(outcome, SSL.Error) and self.alpn_refused is not None:
-            offered = ", ".join(p.decode("ascii", "replace") for p in self.alpn_refused)
-            self._error = TlsError(f"peer offered ALPN {offered or 'nothing'}, not xmpp-server "
-                                   "(XEP-0368): refused with no_application_protocol "
-                                   "(RFC 7301 3.2)")
-            raise self._error from outcome
-        if isinstance(outcome, SSL.Error):
+        if not isinstance(outcome, SSL.Error):
+            raise outcome  # a bug, raised where it can be seen
+        if self.alpn_refused is None:
             raise self._fail(outcome) from outcome
-        raise outcome
+        offered = ", ".join(p.decode("ascii", "replace") for p in self.alpn_refused)
+        self._error = TlsError(f"peer offered ALPN {offered or 'nothing'}, not xmpp-server "
+                               "(XEP-0368): refused with no_application_protocol (RFC 7301 3.2)")
+        raise self._error from outcome
 
     def read(self) -> bytes:
         """The application data decrypted so far (after the handshake)."""
